@@ -1,0 +1,242 @@
+//! The pure functions of the hot path: hashing, zero detection, compression
+//! and verified decompression of blocks. Both sides use these.
+
+use crate::DecodeError;
+
+/// BLAKE3 of a raw block: the end-to-end identity of its content.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BlockHash(pub [u8; 32]);
+
+impl BlockHash {
+    /// Hash a raw block.
+    pub fn of(data: &[u8]) -> Self {
+        Self(*blake3::hash(data).as_bytes())
+    }
+
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lowercase hex, for messages and JSON.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+}
+
+impl std::fmt::Debug for BlockHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockHash({})", &self.to_hex()[..16])
+    }
+}
+
+/// How a block's payload is encoded. Values are on the wire and on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Encoding {
+    /// All-zero block; no payload.
+    Zero = 0,
+    /// Payload is the raw block.
+    Raw = 1,
+    /// Payload is a zstd frame of the raw block.
+    Zstd = 2,
+}
+
+impl Encoding {
+    /// Decode the wire byte.
+    pub fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        match v {
+            0 => Ok(Self::Zero),
+            1 => Ok(Self::Raw),
+            2 => Ok(Self::Zstd),
+            _ => Err(DecodeError::Invalid("block encoding")),
+        }
+    }
+}
+
+/// Why a block could not be decoded or verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlockError {
+    /// The zstd payload is corrupt or would decompress past `raw_len`.
+    #[error("compressed block does not decompress to its declared {raw_len} bytes")]
+    Decompress {
+        /// Declared raw length.
+        raw_len: u32,
+    },
+    /// The payload length does not fit the encoding.
+    #[error("block payload length does not match its encoding")]
+    Length,
+    /// BLAKE3 of the decoded block differs from the declared hash.
+    #[error("block content does not match its BLAKE3 hash")]
+    HashMismatch,
+}
+
+/// Is every byte of `data` zero? Fast: compares 64-byte chunks.
+pub fn is_zero(data: &[u8]) -> bool {
+    let (chunks, tail) = data.split_at(data.len() - data.len() % 64);
+    chunks.chunks_exact(64).all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+/// Hash of an all-zero block of `len` bytes, cached for the common lengths.
+pub fn zero_hash(len: usize) -> BlockHash {
+    static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+    if len <= ZEROS.len() {
+        return BlockHash::of(&ZEROS[..len]);
+    }
+    let mut hasher = blake3::Hasher::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len());
+        hasher.update(&ZEROS[..n]);
+        left -= n;
+    }
+    BlockHash(*hasher.finalize().as_bytes())
+}
+
+/// A reusable block encoder: one per worker thread.
+pub struct Encoder {
+    compressor: zstd::bulk::Compressor<'static>,
+    out: Vec<u8>,
+}
+
+impl Encoder {
+    /// An encoder at zstd `level` (1 is the fast default).
+    pub fn new(level: i32) -> std::io::Result<Self> {
+        Ok(Self { compressor: zstd::bulk::Compressor::new(level)?, out: Vec::new() })
+    }
+
+    /// Encode a non-zero raw block: zstd if that saves space, raw otherwise.
+    /// The returned slice borrows this encoder's buffer (or `raw`).
+    pub fn encode<'a>(&'a mut self, raw: &'a [u8]) -> (Encoding, &'a [u8]) {
+        let bound = zstd::zstd_safe::compress_bound(raw.len());
+        self.out.clear();
+        self.out.reserve(bound);
+        match self.compressor.compress_to_buffer(raw, &mut self.out) {
+            Ok(n) if n < raw.len() => (Encoding::Zstd, &self.out[..n]),
+            _ => (Encoding::Raw, raw),
+        }
+    }
+}
+
+/// A reusable, bounded block decoder: one per worker thread.
+pub struct Decoder {
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+impl Decoder {
+    /// A new decoder.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { decompressor: zstd::bulk::Decompressor::new()? })
+    }
+
+    /// Decode `payload` into `out` (cleared first), never growing it past
+    /// `raw_len`, and check that BLAKE3 of the result is `hash`.
+    pub fn decode(
+        &mut self,
+        encoding: Encoding,
+        payload: &[u8],
+        raw_len: u32,
+        hash: &BlockHash,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BlockError> {
+        let raw = raw_len as usize;
+        if raw > crate::limits::MAX_BLOCK_SIZE as usize {
+            return Err(BlockError::Length);
+        }
+        out.clear();
+        match encoding {
+            Encoding::Zero => {
+                if !payload.is_empty() {
+                    return Err(BlockError::Length);
+                }
+                out.resize(raw, 0);
+            }
+            Encoding::Raw => {
+                if payload.len() != raw {
+                    return Err(BlockError::Length);
+                }
+                out.extend_from_slice(payload);
+            }
+            Encoding::Zstd => {
+                // The capacity bounds the output: zstd stops with an error
+                // rather than write past it.
+                out.reserve_exact(raw);
+                let n = self
+                    .decompressor
+                    .decompress_to_buffer(payload, out)
+                    .map_err(|_| BlockError::Decompress { raw_len })?;
+                if n != raw {
+                    return Err(BlockError::Decompress { raw_len });
+                }
+            }
+        }
+        if BlockHash::of(out) != *hash {
+            return Err(BlockError::HashMismatch);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut b = vec![0u8; 65536 + 7];
+        assert!(is_zero(&b));
+        b[65536 + 3] = 1;
+        assert!(!is_zero(&b));
+        b[65536 + 3] = 0;
+        b[100] = 1;
+        assert!(!is_zero(&b));
+        assert_eq!(zero_hash(b.len()), BlockHash::of(&vec![0u8; b.len()]));
+        assert_eq!(zero_hash(4 << 20), BlockHash::of(&vec![0u8; 4 << 20]));
+    }
+
+    #[test]
+    fn round_trip_compressible_and_random() {
+        let mut enc = Encoder::new(1).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let text: Vec<u8> = b"pilot light ".iter().cycle().take(65536).copied().collect();
+        let mut x = 0x1234_5678_u64;
+        let random: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for (data, want) in [(&text, Encoding::Zstd), (&random, Encoding::Raw)] {
+            let hash = BlockHash::of(data);
+            let (e, payload) = enc.encode(data);
+            assert_eq!(e, want);
+            let payload = payload.to_vec();
+            let mut out = Vec::new();
+            dec.decode(e, &payload, data.len() as u32, &hash, &mut out).unwrap();
+            assert_eq!(&out, data);
+        }
+    }
+
+    #[test]
+    fn bomb_is_bounded_by_declared_length() {
+        let big = vec![0u8; 4 << 20];
+        let bomb = zstd::bulk::compress(&big, 19).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let mut out = Vec::new();
+        let err = dec.decode(Encoding::Zstd, &bomb, 4096, &BlockHash::of(&big[..4096]), &mut out);
+        assert_eq!(err, Err(BlockError::Decompress { raw_len: 4096 }));
+        assert!(out.capacity() < 1 << 20, "decoder reserved {} bytes", out.capacity());
+    }
+
+    #[test]
+    fn wrong_hash_is_rejected() {
+        let mut dec = Decoder::new().unwrap();
+        let mut out = Vec::new();
+        let err = dec.decode(Encoding::Raw, b"abcd", 4, &BlockHash::of(b"abce"), &mut out);
+        assert_eq!(err, Err(BlockError::HashMismatch));
+    }
+}

@@ -1,0 +1,607 @@
+//! Frames: the typed messages of the protocol and their byte encoding (see the
+//! crate docs for the layout).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::block::{BlockHash, Encoding};
+use crate::limits::{
+    MAGIC, MAX_BODY_LEN, MAX_ERROR_LEN, MAX_HASHES_PER_FRAME, MAX_NAME_LEN, MAX_STREAMS,
+    MAX_VOLUMES, VERSION,
+};
+use crate::reader::Reader;
+use crate::DecodeError;
+
+/// Length of the fixed frame header.
+pub const HEADER_LEN: usize = 16;
+/// Length of the trailing CRC.
+pub const CRC_LEN: usize = 4;
+
+/// Frame kinds. Values are on the wire: never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+#[allow(missing_docs)]
+pub enum Kind {
+    Hello = 1,
+    Error = 2,
+    Open = 3,
+    Welcome = 4,
+    Join = 5,
+    Joined = 6,
+    Block = 7,
+    Received = 8,
+    EndPoint = 9,
+    Durable = 10,
+    GetHashes = 11,
+    Hashes = 12,
+    HashesEnd = 13,
+    Goodbye = 14,
+}
+
+impl Kind {
+    /// The kind for a wire byte.
+    pub fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        Ok(match v {
+            1 => Self::Hello,
+            2 => Self::Error,
+            3 => Self::Open,
+            4 => Self::Welcome,
+            5 => Self::Join,
+            6 => Self::Joined,
+            7 => Self::Block,
+            8 => Self::Received,
+            9 => Self::EndPoint,
+            10 => Self::Durable,
+            11 => Self::GetHashes,
+            12 => Self::Hashes,
+            13 => Self::HashesEnd,
+            14 => Self::Goodbye,
+            other => return Err(DecodeError::UnknownKind(other)),
+        })
+    }
+}
+
+/// Error codes carried by [`Frame::Error`]. Values are on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+#[non_exhaustive]
+#[allow(missing_docs)]
+pub enum ErrorCode {
+    Protocol = 1,
+    Unauthorized = 2,
+    BadBlock = 3,
+    Storage = 4,
+    Busy = 5,
+    Timeout = 6,
+    Superseded = 7,
+    Shutdown = 8,
+    Other = 0xffff,
+}
+
+impl ErrorCode {
+    /// The code for a wire value; unknown values map to `Other`.
+    pub fn from_u16(v: u16) -> Self {
+        match v {
+            1 => Self::Protocol,
+            2 => Self::Unauthorized,
+            3 => Self::BadBlock,
+            4 => Self::Storage,
+            5 => Self::Busy,
+            6 => Self::Timeout,
+            7 => Self::Superseded,
+            8 => Self::Shutdown,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether an agent should reconnect and try again after this error.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::Storage | Self::Busy | Self::Timeout | Self::Shutdown)
+    }
+}
+
+/// How a point was made consistent. Values are on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Consistency {
+    /// Data was not read from one instant.
+    Fuzzy = 0,
+    /// All volumes were read from one instant (reflink clone, frozen fs).
+    CrashConsistent = 1,
+}
+
+impl Consistency {
+    /// Decode the wire byte.
+    pub fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        match v {
+            0 => Ok(Self::Fuzzy),
+            1 => Ok(Self::CrashConsistent),
+            _ => Err(DecodeError::Invalid("consistency")),
+        }
+    }
+
+    /// The label shown to users.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Fuzzy => "fuzzy",
+            Self::CrashConsistent => "crash-consistent",
+        }
+    }
+}
+
+/// Commit mode of a session. Values are on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CommitMode {
+    /// Wait for each point to be durable before the next.
+    Sync = 0,
+    /// Pipeline points; durability is acknowledged as it comes.
+    Async = 1,
+}
+
+impl CommitMode {
+    /// Decode the wire byte.
+    pub fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        match v {
+            0 => Ok(Self::Sync),
+            1 => Ok(Self::Async),
+            _ => Err(DecodeError::Invalid("commit mode")),
+        }
+    }
+
+    /// The label shown to users.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Async => "async",
+        }
+    }
+}
+
+/// A volume as an agent declares it when it opens a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDecl {
+    /// Volume name, `[a-z0-9._-]{1,64}`.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Block size in bytes.
+    pub block_size: u32,
+}
+
+/// One block of a point on a data stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockFrame {
+    /// The agent's tag of the point this block belongs to.
+    pub tag: u64,
+    /// Index of the volume in the session's `Open`.
+    pub volume: u16,
+    /// How `payload` encodes the block.
+    pub encoding: Encoding,
+    /// Block index within the volume.
+    pub index: u64,
+    /// Length of the raw block.
+    pub raw_len: u32,
+    /// BLAKE3 of the raw block.
+    pub hash: BlockHash,
+    /// Encoded block (empty for a zero block).
+    pub payload: Bytes,
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Frame {
+    Hello { version: u16, features: u32 },
+    Error { code: ErrorCode, message: String },
+    Open { streams: u16, commit: CommitMode, volumes: Vec<VolumeDecl> },
+    Welcome { session: u64, store_id: [u8; 16], last_point: u64 },
+    Join { session: u64 },
+    Joined,
+    Block(BlockFrame),
+    Received { seq: u64 },
+    EndPoint { tag: u64, blocks: u64, created_ms: i64, consistency: Consistency, commit: CommitMode },
+    Durable { tag: u64, point: u64 },
+    GetHashes { volume: u16 },
+    Hashes { volume: u16, start: u64, hashes: Vec<BlockHash> },
+    HashesEnd { volume: u16, point: u64, blocks: u64 },
+    Goodbye,
+}
+
+impl Frame {
+    /// The `Hello` this build sends.
+    pub fn hello() -> Self {
+        Self::Hello { version: VERSION, features: 0 }
+    }
+
+    /// This frame's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Hello { .. } => Kind::Hello,
+            Self::Error { .. } => Kind::Error,
+            Self::Open { .. } => Kind::Open,
+            Self::Welcome { .. } => Kind::Welcome,
+            Self::Join { .. } => Kind::Join,
+            Self::Joined => Kind::Joined,
+            Self::Block(_) => Kind::Block,
+            Self::Received { .. } => Kind::Received,
+            Self::EndPoint { .. } => Kind::EndPoint,
+            Self::Durable { .. } => Kind::Durable,
+            Self::GetHashes { .. } => Kind::GetHashes,
+            Self::Hashes { .. } => Kind::Hashes,
+            Self::HashesEnd { .. } => Kind::HashesEnd,
+            Self::Goodbye => Kind::Goodbye,
+        }
+    }
+
+    /// Append this frame, numbered `seq`, to `dst`. Only appends.
+    ///
+    /// Callers keep bodies within the limits (names, message lengths, hashes
+    /// per frame); an over-long error message is cut at a character boundary.
+    pub fn encode(&self, seq: u64, dst: &mut BytesMut) {
+        let start = dst.len();
+        dst.put_bytes(0, HEADER_LEN);
+        self.encode_body(dst);
+        let body_len = dst.len() - start - HEADER_LEN;
+        let header = &mut dst[start..start + HEADER_LEN];
+        // INVARIANT: bodies we build are far below 4 GiB.
+        let len = u32::try_from(body_len).unwrap_or(u32::MAX);
+        header[0..4].copy_from_slice(&len.to_le_bytes());
+        header[4] = self.kind() as u8;
+        header[5] = 0;
+        header[6..8].copy_from_slice(&0u16.to_le_bytes());
+        header[8..16].copy_from_slice(&seq.to_le_bytes());
+        let crc = crc32fast::hash(&dst[start..]);
+        dst.put_u32_le(crc);
+    }
+
+    fn encode_body(&self, dst: &mut BytesMut) {
+        match self {
+            Self::Hello { version, features } => {
+                dst.put_slice(&MAGIC);
+                dst.put_u16_le(*version);
+                dst.put_u32_le(*features);
+            }
+            Self::Error { code, message } => {
+                let mut end = message.len().min(MAX_ERROR_LEN);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                dst.put_u16_le(*code as u16);
+                dst.put_u16_le(end as u16);
+                dst.put_slice(&message.as_bytes()[..end]);
+            }
+            Self::Open { streams, commit, volumes } => {
+                dst.put_u16_le(*streams);
+                dst.put_u8(*commit as u8);
+                dst.put_u16_le(volumes.len() as u16);
+                for v in volumes {
+                    let name = &v.name.as_bytes()[..v.name.len().min(MAX_NAME_LEN)];
+                    dst.put_u8(name.len() as u8);
+                    dst.put_slice(name);
+                    dst.put_u64_le(v.size);
+                    dst.put_u32_le(v.block_size);
+                }
+            }
+            Self::Welcome { session, store_id, last_point } => {
+                dst.put_u64_le(*session);
+                dst.put_slice(store_id);
+                dst.put_u64_le(*last_point);
+            }
+            Self::Join { session } => dst.put_u64_le(*session),
+            Self::Joined | Self::Goodbye => {}
+            Self::Block(b) => {
+                b.encode_header(dst);
+                dst.put_slice(&b.payload);
+            }
+            Self::Received { seq } => dst.put_u64_le(*seq),
+            Self::EndPoint { tag, blocks, created_ms, consistency, commit } => {
+                dst.put_u64_le(*tag);
+                dst.put_u64_le(*blocks);
+                dst.put_i64_le(*created_ms);
+                dst.put_u8(*consistency as u8);
+                dst.put_u8(*commit as u8);
+            }
+            Self::Durable { tag, point } => {
+                dst.put_u64_le(*tag);
+                dst.put_u64_le(*point);
+            }
+            Self::GetHashes { volume } => dst.put_u16_le(*volume),
+            Self::Hashes { volume, start, hashes } => {
+                dst.put_u16_le(*volume);
+                dst.put_u64_le(*start);
+                for h in hashes {
+                    dst.put_slice(h.as_bytes());
+                }
+            }
+            Self::HashesEnd { volume, point, blocks } => {
+                dst.put_u16_le(*volume);
+                dst.put_u64_le(*point);
+                dst.put_u64_le(*blocks);
+            }
+        }
+    }
+
+    /// Decode one frame from the front of `src`.
+    ///
+    /// Returns `Ok(None)` when `src` does not yet hold a whole frame (and
+    /// reserves room for it once its length is known and allowed). The length
+    /// is checked against [`MAX_BODY_LEN`] before anything is reserved.
+    /// Returns the frame's `seq` with it.
+    pub fn decode(src: &mut BytesMut) -> Result<Option<(u64, Frame)>, DecodeError> {
+        if src.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let mut len_bytes = [0u8; 4];
+        len_bytes.copy_from_slice(&src[0..4]);
+        let body_len = u32::from_le_bytes(len_bytes) as usize;
+        if body_len > MAX_BODY_LEN {
+            return Err(DecodeError::TooLarge(body_len));
+        }
+        // The kind is checked early so that garbage fails fast.
+        Kind::from_u8(src[4])?;
+        let total = HEADER_LEN + body_len + CRC_LEN;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let frame = src.split_to(total).freeze();
+        Self::parse(frame).map(Some)
+    }
+
+    /// Parse exactly one whole frame (header, body, CRC).
+    pub fn parse(frame: Bytes) -> Result<(u64, Frame), DecodeError> {
+        if frame.len() < HEADER_LEN + CRC_LEN {
+            return Err(DecodeError::Truncated("frame"));
+        }
+        let crc_at = frame.len() - CRC_LEN;
+        let mut crc_bytes = [0u8; 4];
+        crc_bytes.copy_from_slice(&frame[crc_at..]);
+        if crc32fast::hash(&frame[..crc_at]) != u32::from_le_bytes(crc_bytes) {
+            return Err(DecodeError::BadCrc);
+        }
+        let mut head = Reader::new(&frame[..HEADER_LEN], "header");
+        let body_len = head.u32()? as usize;
+        if body_len != crc_at - HEADER_LEN {
+            return Err(DecodeError::Truncated("frame"));
+        }
+        let kind = Kind::from_u8(head.u8()?)?;
+        if head.u8()? != 0 || head.u16()? != 0 {
+            return Err(DecodeError::Reserved);
+        }
+        let seq = head.u64()?;
+        let body = frame.slice(HEADER_LEN..crc_at);
+        Ok((seq, Self::parse_body(kind, body)?))
+    }
+
+    fn parse_body(kind: Kind, body: Bytes) -> Result<Frame, DecodeError> {
+        let frame = match kind {
+            Kind::Hello => {
+                let mut r = Reader::new(&body, "Hello");
+                if r.array::<8>()? != MAGIC {
+                    return Err(DecodeError::BadMagic);
+                }
+                let version = r.u16()?;
+                let features = r.u32()?;
+                r.finish()?;
+                Frame::Hello { version, features }
+            }
+            Kind::Error => {
+                let mut r = Reader::new(&body, "Error");
+                let code = ErrorCode::from_u16(r.u16()?);
+                let len = usize::from(r.u16()?);
+                if len > MAX_ERROR_LEN {
+                    return Err(DecodeError::Invalid("error message length"));
+                }
+                let msg = r.take(len)?;
+                r.finish()?;
+                let message = String::from_utf8_lossy(msg).into_owned();
+                Frame::Error { code, message }
+            }
+            Kind::Open => {
+                let mut r = Reader::new(&body, "Open");
+                let streams = r.u16()?;
+                if streams == 0 || streams > MAX_STREAMS {
+                    return Err(DecodeError::Invalid("stream count"));
+                }
+                let commit = CommitMode::from_u8(r.u8()?)?;
+                let count = usize::from(r.u16()?);
+                if count == 0 || count > MAX_VOLUMES {
+                    return Err(DecodeError::Invalid("volume count"));
+                }
+                let mut volumes = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let name_len = usize::from(r.u8()?);
+                    let name = std::str::from_utf8(r.take(name_len)?)
+                        .map_err(|_| DecodeError::Invalid("volume name"))?;
+                    if !crate::limits::valid_name(name) {
+                        return Err(DecodeError::Invalid("volume name"));
+                    }
+                    let size = r.u64()?;
+                    let block_size = r.u32()?;
+                    if !crate::limits::valid_block_size(block_size) {
+                        return Err(DecodeError::Invalid("block size"));
+                    }
+                    if size > crate::limits::MAX_VOLUME_SIZE {
+                        return Err(DecodeError::Invalid("volume size"));
+                    }
+                    volumes.push(VolumeDecl { name: name.to_owned(), size, block_size });
+                }
+                r.finish()?;
+                Frame::Open { streams, commit, volumes }
+            }
+            Kind::Welcome => {
+                let mut r = Reader::new(&body, "Welcome");
+                let session = r.u64()?;
+                let store_id = r.array()?;
+                let last_point = r.u64()?;
+                r.finish()?;
+                Frame::Welcome { session, store_id, last_point }
+            }
+            Kind::Join => {
+                let mut r = Reader::new(&body, "Join");
+                let session = r.u64()?;
+                r.finish()?;
+                Frame::Join { session }
+            }
+            Kind::Joined => {
+                Reader::new(&body, "Joined").finish()?;
+                Frame::Joined
+            }
+            Kind::Goodbye => {
+                Reader::new(&body, "Goodbye").finish()?;
+                Frame::Goodbye
+            }
+            Kind::Block => Frame::Block(BlockFrame::parse(body)?),
+            Kind::Received => {
+                let mut r = Reader::new(&body, "Received");
+                let seq = r.u64()?;
+                r.finish()?;
+                Frame::Received { seq }
+            }
+            Kind::EndPoint => {
+                let mut r = Reader::new(&body, "EndPoint");
+                let tag = r.u64()?;
+                let blocks = r.u64()?;
+                let created_ms = r.i64()?;
+                let consistency = Consistency::from_u8(r.u8()?)?;
+                let commit = CommitMode::from_u8(r.u8()?)?;
+                r.finish()?;
+                Frame::EndPoint { tag, blocks, created_ms, consistency, commit }
+            }
+            Kind::Durable => {
+                let mut r = Reader::new(&body, "Durable");
+                let tag = r.u64()?;
+                let point = r.u64()?;
+                r.finish()?;
+                Frame::Durable { tag, point }
+            }
+            Kind::GetHashes => {
+                let mut r = Reader::new(&body, "GetHashes");
+                let volume = r.u16()?;
+                r.finish()?;
+                Frame::GetHashes { volume }
+            }
+            Kind::Hashes => {
+                let mut r = Reader::new(&body, "Hashes");
+                let volume = r.u16()?;
+                let start = r.u64()?;
+                let n = r.remaining() / 32;
+                if r.remaining() % 32 != 0 {
+                    return Err(DecodeError::TrailingData("Hashes"));
+                }
+                if n > MAX_HASHES_PER_FRAME {
+                    return Err(DecodeError::Invalid("hash count"));
+                }
+                let mut hashes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    hashes.push(BlockHash(r.array()?));
+                }
+                r.finish()?;
+                Frame::Hashes { volume, start, hashes }
+            }
+            Kind::HashesEnd => {
+                let mut r = Reader::new(&body, "HashesEnd");
+                let volume = r.u16()?;
+                let point = r.u64()?;
+                let blocks = r.u64()?;
+                r.finish()?;
+                Frame::HashesEnd { volume, point, blocks }
+            }
+        };
+        Ok(frame)
+    }
+}
+
+impl BlockFrame {
+    /// Append the fixed part of a `Block` body (everything but the payload).
+    pub fn encode_header(&self, dst: &mut BytesMut) {
+        dst.put_u64_le(self.tag);
+        dst.put_u16_le(self.volume);
+        dst.put_u8(self.encoding as u8);
+        dst.put_u8(0);
+        dst.put_u64_le(self.index);
+        dst.put_u32_le(self.raw_len);
+        dst.put_slice(self.hash.as_bytes());
+    }
+
+    fn parse(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(&body, "Block");
+        let tag = r.u64()?;
+        let volume = r.u16()?;
+        let encoding = Encoding::from_u8(r.u8()?)?;
+        if r.u8()? != 0 {
+            return Err(DecodeError::Reserved);
+        }
+        let index = r.u64()?;
+        let raw_len = r.u32()?;
+        if raw_len == 0 || raw_len > crate::limits::MAX_BLOCK_SIZE {
+            return Err(DecodeError::Invalid("block length"));
+        }
+        let hash = BlockHash(r.array()?);
+        let payload_len = r.rest().len();
+        match encoding {
+            Encoding::Zero if payload_len != 0 => return Err(DecodeError::TrailingData("zero block")),
+            Encoding::Raw if payload_len != raw_len as usize => {
+                return Err(DecodeError::Invalid("raw block length"))
+            }
+            Encoding::Zstd if payload_len == 0 || payload_len > raw_len as usize => {
+                return Err(DecodeError::Invalid("compressed block length"))
+            }
+            _ => {}
+        }
+        let payload = body.slice(body.len() - payload_len..);
+        Ok(Self { tag, volume, encoding, index, raw_len, hash, payload })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_kind_is_rejected_before_the_body_arrives() {
+        let mut buf = BytesMut::from(&[4u8, 0, 0, 0, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..]);
+        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::UnknownKind(99)));
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_reserving() {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(u32::MAX);
+        buf.put_u8(Kind::Block as u8);
+        buf.put_bytes(0, 11);
+        let cap = buf.capacity();
+        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::TooLarge(u32::MAX as usize)));
+        assert_eq!(buf.capacity(), cap);
+    }
+
+    #[test]
+    fn corrupted_byte_fails_the_crc() {
+        let mut buf = BytesMut::new();
+        Frame::Durable { tag: 1, point: 2 }.encode(0, &mut buf);
+        buf[HEADER_LEN + 3] ^= 1;
+        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::BadCrc));
+    }
+
+    #[test]
+    fn bad_version_magic() {
+        let mut buf = BytesMut::new();
+        let mut body = BytesMut::new();
+        body.put_slice(b"NOTLIGHT");
+        body.put_u16_le(1);
+        body.put_u32_le(0);
+        raw_frame(Kind::Hello as u8, &body, &mut buf);
+        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::BadMagic));
+    }
+
+    fn raw_frame(kind: u8, body: &[u8], dst: &mut BytesMut) {
+        let start = dst.len();
+        dst.put_u32_le(body.len() as u32);
+        dst.put_u8(kind);
+        dst.put_bytes(0, 3);
+        dst.put_u64_le(0);
+        dst.put_slice(body);
+        let crc = crc32fast::hash(&dst[start..]);
+        dst.put_u32_le(crc);
+    }
+}

@@ -1,0 +1,84 @@
+//! The pilotlight wire protocol, sans I/O.
+//!
+//! Everything that crosses the wire between `pilotlight-agent` and
+//! `pilotlight-receiver` is defined here, together with the pure functions of
+//! the hot path that both sides share (block hashing, compression and
+//! verification). Nothing in this crate performs I/O; [`codec`] is the one thin
+//! adapter to `tokio_util::codec`.
+//!
+//! # Connections
+//!
+//! Every connection is TLS 1.3 with mutual authentication (see the receiver's
+//! PKI). An agent opens one *control* connection and `streams` *data*
+//! connections. Each connection starts with a [`frame::Hello`] in both
+//! directions. Then:
+//!
+//! ```text
+//! control:  agent -> Open{streams, volumes}       receiver -> Welcome{session, store, last point}
+//!           agent -> GetHashes{volume}            receiver -> Hashes{..}* HashesEnd{..}
+//!           agent -> EndPoint{tag, blocks, ..}    receiver -> Durable{tag, point}
+//! data:     agent -> Join{session}                receiver -> Joined
+//!           agent -> Block{tag, volume, index..}  receiver -> Received{seq}
+//! any:      either side -> Error{code, message} and the connection closes
+//! ```
+//!
+//! A point is identified during transfer by the agent's `tag` (a sequence
+//! number within the session); the receiver assigns the durable point id when
+//! it commits and returns both in `Durable`.
+//!
+//! # Frame layout
+//!
+//! All integers are little-endian. No `usize` is ever on the wire.
+//!
+//! ```text
+//!  0      4      5       6          8                16          16+len       20+len
+//!  +------+------+-------+----------+----------------+-------------+-----------+
+//!  | len  | kind | flags | reserved |      seq       |  body[len]  |   crc32   |
+//!  | u32  |  u8  |  u8   |  u16 = 0 |      u64       |             |    u32    |
+//!  +------+------+-------+----------+----------------+-------------+-----------+
+//! ```
+//!
+//! `len` is the body length and is checked against [`limits::MAX_BODY_LEN`]
+//! before any memory is reserved. `crc32` (IEEE, `crc32fast`) covers the header
+//! and the body; TLS protects the bytes in transit, the CRC catches our own
+//! framing bugs. `seq` numbers the frames of one direction of one connection,
+//! starting at 0. `flags` and `reserved` must be zero in version 1.
+//!
+//! # Bodies (version 1)
+//!
+//! ```text
+//! Hello      (1)  magic[8] = "PLTLIGHT" | version u16 | features u32
+//! Error      (2)  code u16 | msg_len u16 | msg[msg_len] (UTF-8)
+//! Open       (3)  streams u16 | commit u8 | count u16 | count x VolumeDecl
+//!                 VolumeDecl = name_len u8 | name[name_len] | size u64 | block_size u32
+//! Welcome    (4)  session u64 | store_id[16] | last_point u64 (0 = none)
+//! Join       (5)  session u64
+//! Joined     (6)  (empty)
+//! Block      (7)  tag u64 | volume u16 | encoding u8 | reserved u8 | index u64
+//!                 | raw_len u32 | hash[32] | payload[..]
+//! Received   (8)  seq u64   (every frame up to seq on this stream is applied)
+//! EndPoint   (9)  tag u64 | blocks u64 | created_ms i64 | consistency u8 | commit u8
+//! Durable   (10)  tag u64 | point u64
+//! GetHashes (11)  volume u16
+//! Hashes    (12)  volume u16 | start u64 | hash[32] x n
+//! HashesEnd (13)  volume u16 | point u64 | blocks u64
+//! Goodbye   (14)  (empty)
+//! ```
+//!
+//! Block `encoding`: 0 = all-zero block (empty payload), 1 = raw (payload is the
+//! block), 2 = zstd (payload decompresses to exactly `raw_len` bytes). `hash` is
+//! BLAKE3 of the raw block, the end-to-end identity of the data: the receiver
+//! recomputes it after decompressing into a buffer of at most `raw_len` bytes.
+
+pub mod block;
+pub mod codec;
+pub mod error;
+pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod limits;
+mod reader;
+
+pub use block::{BlockError, BlockHash, Encoding};
+pub use error::DecodeError;
+pub use frame::{Frame, Kind};

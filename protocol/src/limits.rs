@@ -1,0 +1,94 @@
+//! Named limits shared by both sides. Every one is checked before memory is
+//! reserved for what it bounds.
+
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+
+/// The connection magic. Never change it: it identifies pilotlight on the wire.
+pub const MAGIC: [u8; 8] = *b"PLTLIGHT";
+
+/// Smallest block size a volume may use.
+pub const MIN_BLOCK_SIZE: u32 = 4 * 1024;
+/// Largest block size a volume may use.
+pub const MAX_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
+/// Default block size.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+
+/// Fixed part of a `Block` body before the payload.
+pub const BLOCK_HEADER_LEN: usize = 8 + 2 + 1 + 1 + 8 + 4 + 32;
+/// Largest frame body: a raw block of the largest size with its header.
+pub const MAX_BODY_LEN: usize = MAX_BLOCK_SIZE as usize + BLOCK_HEADER_LEN;
+/// Most hashes in one `Hashes` frame.
+pub const MAX_HASHES_PER_FRAME: usize = 16 * 1024;
+/// Most volumes an agent may declare in one session.
+pub const MAX_VOLUMES: usize = 64;
+/// Most data streams of one session.
+pub const MAX_STREAMS: u16 = 16;
+/// Longest error message carried on the wire.
+pub const MAX_ERROR_LEN: usize = 1024;
+/// Longest volume or server name.
+pub const MAX_NAME_LEN: usize = 64;
+/// Largest volume size accepted (64 TiB).
+pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
+
+/// Is `name` a valid server or volume name (`[a-z0-9._-]{1,64}`)?
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// Is `size` an allowed block size (a power of two from 4 KiB to 4 MiB)?
+pub fn valid_block_size(size: u32) -> bool {
+    size.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&size)
+}
+
+/// Number of blocks of a volume of `size` bytes with blocks of `block_size`.
+pub fn block_count(size: u64, block_size: u32) -> u64 {
+    size.div_ceil(u64::from(block_size.max(1)))
+}
+
+/// Length of block `index` of a volume (the last block may be short).
+pub fn block_len(size: u64, block_size: u32, index: u64) -> u32 {
+    let start = index.saturating_mul(u64::from(block_size));
+    let len = size.saturating_sub(start).min(u64::from(block_size));
+    // INVARIANT: len <= block_size, which is a u32.
+    u32::try_from(len).unwrap_or(block_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "db-01", "vol.0_x", &"a".repeat(64)] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in ["", "A", "a/b", "..", ".", "a b", &"a".repeat(65), "é"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn block_sizes() {
+        assert!(valid_block_size(4096));
+        assert!(valid_block_size(4 << 20));
+        assert!(!valid_block_size(2048));
+        assert!(!valid_block_size(8 << 20));
+        assert!(!valid_block_size(65535));
+    }
+
+    #[test]
+    fn short_last_block() {
+        assert_eq!(block_count(10, 4096), 1);
+        assert_eq!(block_len(10, 4096, 0), 10);
+        assert_eq!(block_count(8192, 4096), 2);
+        assert_eq!(block_len(8192 + 1, 4096, 2), 1);
+        assert_eq!(block_len(8192, 4096, 2), 0);
+    }
+}
