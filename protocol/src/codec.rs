@@ -9,6 +9,8 @@ use crate::{DecodeError, Frame};
 #[derive(Debug, Default)]
 pub struct FrameCodec {
     next_seq: u64,
+    next_in: u64,
+    last_in: u64,
 }
 
 /// Errors of the codec: a socket error or a decode error.
@@ -27,7 +29,17 @@ impl tokio_util::codec::Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, CodecError> {
-        Ok(Frame::decode(src)?)
+        match Frame::decode(src)? {
+            None => Ok(None),
+            Some((seq, frame)) => {
+                if seq != self.next_in {
+                    return Err(DecodeError::Invalid("frame sequence number").into());
+                }
+                self.last_in = seq;
+                self.next_in += 1;
+                Ok(Some((seq, frame)))
+            }
+        }
     }
 }
 
@@ -45,5 +57,10 @@ impl FrameCodec {
     /// The seq the next encoded frame will carry.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// The seq of the last decoded frame.
+    pub fn last_seq(&self) -> u64 {
+        self.last_in
     }
 }

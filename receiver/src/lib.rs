@@ -1,0 +1,21 @@
+//! pilotlight receiver: the TLS server that agents replicate to, the point
+//! store (content-addressed packs + SQLite catalog), staging volumes, and the
+//! operator commands (init, enroll, revoke, points, restore, verify).
+//!
+//! The binary `pilotlight-receiver` is a thin CLI over this library; tests
+//! call [`server::run`] and the command functions directly.
+
+pub mod admin;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod pack;
+pub mod pki;
+pub mod restore;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod verify;
+
+pub use config::ReceiverConfig;
+pub use error::ReceiveError;

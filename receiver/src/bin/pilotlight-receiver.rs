@@ -1,1 +1,323 @@
-fn main() {}
+//! `pilotlight-receiver`: the staging-host side of pilotlight.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pilotlight_receiver::restore::{PointSel, RestoreRequest};
+use pilotlight_receiver::{admin, restore, server, verify, ReceiverConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Receive block-level replication from pilotlight agents, keep recovery
+/// points, and restore them.
+#[derive(Parser)]
+#[command(name = "pilotlight-receiver", version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a receiver directory: CA, server certificate, receiver.toml.
+    Init {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address agents connect to (host:port).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Issue an agent identity (one PEM file) for a server.
+    Enroll {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Server name ([a-z0-9._-]{1,64}).
+        #[arg(long)]
+        server: String,
+        /// Where to write the identity (created with mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Refuse a server's current identity from now on.
+    Revoke {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Server name.
+        #[arg(long)]
+        server: String,
+    },
+    /// Serve agents until SIGINT or SIGTERM.
+    Serve {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on (overrides receiver.toml).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Print the bound address to stdout once listening.
+        #[arg(long)]
+        print_addr: bool,
+    },
+    /// Show each server's replication state.
+    Status {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List recovery points.
+    Points {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Only this server's points.
+        #[arg(long)]
+        server: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a volume of a recovery point to a file or block device.
+    Restore {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Server name.
+        #[arg(long)]
+        server: String,
+        /// Volume name.
+        #[arg(long)]
+        volume: String,
+        /// Point id.
+        #[arg(long, group = "which")]
+        point: Option<i64>,
+        /// The latest point at or before this time (RFC 3339).
+        #[arg(long, group = "which")]
+        at: Option<String>,
+        /// The newest point.
+        #[arg(long, group = "which")]
+        latest: bool,
+        /// Target file or block device.
+        #[arg(long)]
+        to: PathBuf,
+        /// Overwrite an existing target.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-read and re-hash every block the points need.
+    Verify {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Only this server's points.
+        #[arg(long)]
+        server: Option<String>,
+        /// Only this point.
+        #[arg(long)]
+        point: Option<i64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pilotlight-receiver: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Init { dir, listen } => {
+            admin::init(&dir, listen.as_deref())?;
+            println!("initialized receiver directory {}", dir.display());
+        }
+        Cmd::Enroll { dir, server, out } => {
+            admin::enroll(&dir, &server, &out)?;
+            println!("wrote identity of server {server} to {}", out.display());
+        }
+        Cmd::Revoke { dir, server } => {
+            admin::revoke(&dir, &server)?;
+            println!("revoked the identity of server {server}");
+        }
+        Cmd::Serve { dir, listen, print_addr } => serve(dir, listen, print_addr)?,
+        Cmd::Status { dir, json } => status(&dir, json)?,
+        Cmd::Points { dir, server, json } => {
+            let points = admin::points(&dir, server.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&points)?);
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{:>6}  {:<20} {:<25} {:<16} {:<6} volumes", "point", "server", "created", "consistency", "commit")?;
+                for p in points {
+                    let vols: Vec<String> =
+                        p.volumes.iter().map(|v| format!("{}({} changed)", v.name, human(v.changed_bytes))).collect();
+                    writeln!(out, "{:>6}  {:<20} {:<25} {:<16} {:<6} {}", p.id, p.server, p.created, p.consistency, p.commit, vols.join(" "))?;
+                }
+            }
+        }
+        Cmd::Restore { dir, server, volume, point, at, latest, to, force } => {
+            let sel = match (point, at, latest) {
+                (Some(id), None, false) => PointSel::Id(id),
+                (None, Some(t), false) => {
+                    let t = time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                        .with_context(|| format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z"))?;
+                    PointSel::At(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+                }
+                (None, None, true) => PointSel::Latest,
+                _ => anyhow::bail!("say which point to restore: one of --point ID, --at RFC3339 or --latest"),
+            };
+            let req = RestoreRequest { server, volume, point: sel, to, force, progress: true };
+            let report = restore::restore(&dir, &req)?;
+            println!(
+                "restored point {} of {}/{} ({} bytes) to {}",
+                report.point,
+                req.server,
+                req.volume,
+                report.size,
+                req.to.display()
+            );
+        }
+        Cmd::Verify { dir, server, point, json } => {
+            let report = verify::verify(&dir, server.as_deref(), point, !json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for d in &report.damaged {
+                    println!("DAMAGED point {} server {} volume {} block {}: {}", d.point, d.server, d.volume, d.block, d.error);
+                }
+                println!(
+                    "{}: {} points, {} stored blocks checked, {} damaged block references",
+                    if report.ok { "ok" } else { "DAMAGED" },
+                    report.points_checked,
+                    report.blocks_checked,
+                    report.damaged.len()
+                );
+            }
+            if !report.ok {
+                if !json {
+                    eprintln!("pilotlight-receiver: verify found damaged blocks");
+                }
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(dir: PathBuf, listen: Option<String>, print_addr: bool) -> anyhow::Result<()> {
+    let cfg = ReceiverConfig::load(&dir)?;
+    let addr = listen.unwrap_or_else(|| cfg.listen.clone());
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        if print_addr {
+            println!("{}", listener.local_addr()?);
+            std::io::stdout().flush()?;
+        }
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            s.cancel();
+        });
+        server::run(listener, dir, cfg, shutdown).await?;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let points = admin::points(dir, None)?;
+    let store = pilotlight_receiver::store::Store::open(dir)?;
+    let servers = store.catalog()?.servers()?;
+    let mut rows = Vec::new();
+    for s in servers {
+        let mine: Vec<_> = points.iter().filter(|p| p.server == s.name).collect();
+        let last = mine.last();
+        rows.push(serde_json::json!({
+            "server": s.name,
+            "enrolled": s.cert_serial.is_some(),
+            "revoked": s.revoked,
+            "points": mine.len(),
+            "last_point": last.map(|p| p.id),
+            "last_point_time": last.map(|p| p.created.clone()),
+            "lag_seconds": last.map(|p| (time::OffsetDateTime::now_utc().unix_timestamp() * 1000 - p.created_ms).max(0) as f64 / 1000.0),
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<20} {:>7} {:>10}  last point time", "server", "points", "last point");
+        for r in rows {
+            println!(
+                "{:<20} {:>7} {:>10}  {}",
+                r["server"].as_str().unwrap_or(""),
+                r["points"],
+                r["last_point"].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                r["last_point_time"].as_str().unwrap_or("-")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,78 @@
+//! Operator commands that manage the receiver directory: `init`, `enroll`,
+//! `revoke`, `points`.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use pilotlight_protocol::limits::valid_name;
+
+use crate::catalog::{Catalog, PointInfo};
+use crate::config::{ReceiverConfig, CONFIG_FILE};
+use crate::store::{Store, CATALOG_FILE};
+use crate::{pki, ReceiveError};
+
+/// Create a receiver directory: CA, server certificate, `receiver.toml`,
+/// an empty catalog and the `packs/` and `staging/` folders.
+pub fn init(dir: &Path, listen: Option<&str>) -> Result<(), ReceiveError> {
+    if dir.join(CONFIG_FILE).exists() || dir.join("ca.pem").exists() {
+        return Err(ReceiveError::Refused(format!("{} is already a receiver directory", dir.display())));
+    }
+    for sub in ["", "packs", "staging"] {
+        let p = dir.join(sub);
+        std::fs::create_dir_all(&p).map_err(|e| ReceiveError::storage(&p, e))?;
+    }
+    let mut cfg = ReceiverConfig::default();
+    if let Some(l) = listen {
+        cfg.listen = l.to_owned();
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    if let Ok(addr) = cfg.listen.parse::<std::net::SocketAddr>() {
+        if !addr.ip().is_unspecified() {
+            ips.push(addr.ip());
+        }
+    }
+    pki::create_ca(dir, &ips)?;
+    let text = toml::to_string_pretty(&cfg).map_err(|e| ReceiveError::Config(format!("writing {CONFIG_FILE}: {e}")))?;
+    let header = "# pilotlight receiver configuration. Flags on the command line override these keys.\n";
+    pki::write_new(&dir.join(CONFIG_FILE), format!("{header}{text}").as_bytes(), 0o644)?;
+    let mut cat = Catalog::open(&dir.join(CATALOG_FILE))?;
+    cat.store_id()?;
+    crate::store::sync_dir(dir)?;
+    Ok(())
+}
+
+/// Issue an identity for `server` into `out` (mode 0600). A new enrollment
+/// supersedes the server's previous identity.
+pub fn enroll(dir: &Path, server: &str, out: &Path) -> Result<(), ReceiveError> {
+    if !valid_name(server) {
+        return Err(ReceiveError::Refused(format!(
+            "{server:?} is not a valid server name (use 1 to 64 of a-z, 0-9, '.', '_', '-')"
+        )));
+    }
+    let store = Store::open(dir)?;
+    let (pem, serial) = pki::issue_identity(dir, server)?;
+    pki::write_new(out, pem.as_bytes(), 0o600)?;
+    store.catalog()?.set_identity(server, &serial)?;
+    Ok(())
+}
+
+/// Refuse the current identity of `server` from now on.
+pub fn revoke(dir: &Path, server: &str) -> Result<(), ReceiveError> {
+    let store = Store::open(dir)?;
+    if !store.catalog()?.revoke(server)? {
+        return Err(ReceiveError::NotFound(format!("there is no server named {server} on this receiver")));
+    }
+    Ok(())
+}
+
+/// The points of one server or of all.
+pub fn points(dir: &Path, server: Option<&str>) -> Result<Vec<PointInfo>, ReceiveError> {
+    let store = Store::open(dir)?;
+    if let Some(s) = server {
+        if store.catalog()?.server(s)?.is_none() {
+            return Err(ReceiveError::NotFound(format!("there is no server named {s} on this receiver")));
+        }
+    }
+    let points = store.catalog()?.points(server)?;
+    Ok(points)
+}

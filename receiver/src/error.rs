@@ -1,0 +1,96 @@
+//! The receiver's error type, split by cause.
+
+use std::path::PathBuf;
+
+use pilotlight_protocol::frame::ErrorCode;
+use pilotlight_protocol::{BlockError, DecodeError};
+
+/// Everything that can go wrong in the receiver.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// A socket or TLS failure talking to a peer.
+    #[error("connection failed: {0}")]
+    Net(#[source] std::io::Error),
+    /// The peer sent bytes that are not valid frames.
+    #[error("bad frame from peer: {0}")]
+    Decode(#[from] DecodeError),
+    /// The peer sent a valid frame at the wrong time or with wrong values.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// A block failed verification.
+    #[error("block {index} of volume {volume} rejected: {source}")]
+    BadBlock {
+        /// Volume name.
+        volume: String,
+        /// Block index.
+        index: u64,
+        /// What was wrong.
+        source: BlockError,
+    },
+    /// The peer is not allowed to do this.
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
+    /// The peer was too slow.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// A newer session of the same server took over.
+    #[error("superseded by a newer session of the same server")]
+    Superseded,
+    /// The receiver is shutting down.
+    #[error("receiver is shutting down")]
+    Shutdown,
+    /// The receiver is at its session limit.
+    #[error("receiver is busy: {0}")]
+    Busy(&'static str),
+    /// A disk operation on the store failed.
+    #[error("storage I/O error on {path}: {source}")]
+    Storage {
+        /// The file involved.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The catalog database failed.
+    #[error("catalog error: {0}")]
+    Catalog(#[from] rusqlite::Error),
+    /// Stored data is damaged.
+    #[error("store is damaged: {0}")]
+    Corrupt(String),
+    /// A configuration or key file problem.
+    #[error("{0}")]
+    Config(String),
+    /// Something the user asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A user request that cannot be carried out as given.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ReceiveError {
+    /// Shorthand for a storage error on `path`.
+    pub fn storage(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Storage { path: path.into(), source }
+    }
+
+    /// Whether the agent may reconnect and try the same again.
+    pub fn is_retryable(&self) -> bool {
+        self.code().is_retryable()
+    }
+
+    /// The wire code reported to the peer for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Net(_) | Self::Decode(_) | Self::Protocol(_) => ErrorCode::Protocol,
+            Self::BadBlock { .. } => ErrorCode::BadBlock,
+            Self::Unauthorized(_) => ErrorCode::Unauthorized,
+            Self::Timeout(_) => ErrorCode::Timeout,
+            Self::Superseded => ErrorCode::Superseded,
+            Self::Shutdown => ErrorCode::Shutdown,
+            Self::Busy(_) => ErrorCode::Busy,
+            Self::Storage { .. } | Self::Catalog(_) | Self::Corrupt(_) => ErrorCode::Storage,
+            Self::Config(_) | Self::NotFound(_) | Self::Refused(_) => ErrorCode::Other,
+        }
+    }
+}

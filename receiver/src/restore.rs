@@ -1,0 +1,255 @@
+//! Restore a point of a volume to a file or a block device, checking every
+//! block's BLAKE3 as it is written.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{IsTerminal, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use pilotlight_protocol::limits::{block_count, block_len};
+use pilotlight_protocol::BlockHash;
+
+use crate::catalog::{PointInfo, PointVolumeInfo};
+use crate::pack::BlockLoc;
+use crate::store::{sync_dir, BlockFetcher, Store};
+use crate::ReceiveError;
+
+/// Which point to restore.
+#[derive(Debug, Clone, Copy)]
+pub enum PointSel {
+    /// A point by id.
+    Id(i64),
+    /// The latest point created at or before this time (ms since the epoch).
+    At(i64),
+    /// The newest point.
+    Latest,
+}
+
+/// What to restore, and where.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    /// Server name.
+    pub server: String,
+    /// Volume name.
+    pub volume: String,
+    /// Which point.
+    pub point: PointSel,
+    /// Target file or block device.
+    pub to: PathBuf,
+    /// Overwrite an existing target.
+    pub force: bool,
+    /// Show a progress bar (only if stderr is a terminal).
+    pub progress: bool,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    /// The restored point.
+    pub point: i64,
+    /// Bytes of the volume.
+    pub size: u64,
+    /// Blocks written with data.
+    pub blocks_written: u64,
+}
+
+/// Find a point of `server` by selector; errors name what is missing.
+pub fn resolve_point(store: &Store, server: &str, sel: PointSel) -> Result<PointInfo, ReceiveError> {
+    let cat = store.catalog()?;
+    if cat.server(server)?.is_none() {
+        return Err(ReceiveError::NotFound(format!("there is no server named {server} on this receiver")));
+    }
+    let points = cat.points(Some(server))?;
+    let found = match sel {
+        PointSel::Id(id) => points.into_iter().find(|p| p.id == id),
+        PointSel::At(ms) => points.into_iter().filter(|p| p.created_ms <= ms).next_back(),
+        PointSel::Latest => points.into_iter().next_back(),
+    };
+    found.ok_or_else(|| match sel {
+        PointSel::Id(id) => ReceiveError::NotFound(format!("server {server} has no point {id}")),
+        PointSel::At(ms) => ReceiveError::NotFound(format!(
+            "server {server} has no point at or before {}",
+            crate::catalog::rfc3339(ms)
+        )),
+        PointSel::Latest => ReceiveError::NotFound(format!("server {server} has no points yet")),
+    })
+}
+
+/// The data blocks of a volume at a point: `(index, hash, location)`.
+pub fn point_blocks(store: &Store, vol: &PointVolumeInfo, point: i64) -> Result<Vec<(u64, Option<(BlockHash, BlockLoc)>)>, ReceiveError> {
+    let map = store.catalog()?.block_map(vol.volume_id, point, 0)?;
+    let mut locs: HashMap<BlockHash, BlockLoc> = HashMap::new();
+    let cat = store.catalog()?;
+    let mut out = Vec::with_capacity(map.len());
+    for (index, hash) in map {
+        if block_len(vol.size, vol.block_size, index) == 0 {
+            continue;
+        }
+        let entry = match hash {
+            None => None,
+            Some(h) => {
+                let loc = match locs.get(&h) {
+                    Some(l) => *l,
+                    None => {
+                        let l = cat.block(&h)?.ok_or_else(|| {
+                            ReceiveError::Corrupt(format!("block {} of point {point} is not stored", h.to_hex()))
+                        })?;
+                        locs.insert(h, l);
+                        l
+                    }
+                };
+                Some((h, loc))
+            }
+        };
+        out.push((index, entry));
+    }
+    Ok(out)
+}
+
+/// Restore one volume of one point.
+pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, ReceiveError> {
+    let store = Store::open(dir)?;
+    let point = resolve_point(&store, &req.server, req.point)?;
+    let Some(vol) = point.volumes.iter().find(|v| v.name == req.volume).cloned() else {
+        let cat = store.catalog()?;
+        let known = cat.server(&req.server)?.map(|s| cat.volume(s.id, &req.volume)).transpose()?.flatten();
+        return Err(ReceiveError::NotFound(match known {
+            Some(_) => format!("volume {} is not part of point {} of server {}", req.volume, point.id, req.server),
+            None => format!("server {} has no volume named {}", req.server, req.volume),
+        }));
+    };
+    let blocks = point_blocks(&store, &vol, point.id)?;
+
+    let meta = std::fs::metadata(&req.to);
+    let is_device = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
+    if meta.is_ok() && !req.force {
+        return Err(ReceiveError::Refused(format!(
+            "{} already exists; pass --force to overwrite it",
+            req.to.display()
+        )));
+    }
+    let (file, tmp) = if is_device {
+        let mut f = File::options().write(true).open(&req.to).map_err(|e| ReceiveError::storage(&req.to, e))?;
+        let dev_size = f.seek(SeekFrom::End(0)).map_err(|e| ReceiveError::storage(&req.to, e))?;
+        if dev_size < vol.size {
+            return Err(ReceiveError::Refused(format!(
+                "{} holds {dev_size} bytes but volume {} is {} bytes",
+                req.to.display(),
+                vol.name,
+                vol.size
+            )));
+        }
+        (f, None)
+    } else {
+        let name = req.to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = req.to.with_file_name(format!(".{name}.pilotlight-partial"));
+        let f = File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| ReceiveError::storage(&tmp, e))?;
+        f.set_len(vol.size).map_err(|e| ReceiveError::storage(&tmp, e))?;
+        (f, Some(tmp))
+    };
+    let path = tmp.clone().unwrap_or_else(|| req.to.clone());
+
+    // Work: every data block; on a device also every zero block, since the
+    // device's old content must not show through.
+    let mut work: Vec<(u64, Option<(BlockHash, BlockLoc)>)> = Vec::new();
+    if is_device {
+        let mut it = blocks.into_iter().peekable();
+        for i in 0..block_count(vol.size, vol.block_size) {
+            match it.peek() {
+                Some((idx, _)) if *idx == i => work.extend(it.next()),
+                _ => work.push((i, None)),
+            }
+        }
+    } else {
+        work = blocks.into_iter().filter(|(_, e)| e.is_some()).collect();
+    }
+
+    let bar = progress_bar(req.progress, vol.size);
+    let next = AtomicUsize::new(0);
+    let written = AtomicU64::new(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let chunk = 64usize;
+    let result: Result<(), ReceiveError> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> Result<(), ReceiveError> {
+                    let mut fetch = BlockFetcher::new(dir)?;
+                    let mut buf = Vec::new();
+                    let zeros = vec![0u8; vol.block_size as usize];
+                    loop {
+                        let start = next.fetch_add(chunk, Ordering::Relaxed);
+                        let Some(items) = work.get(start..(start + chunk).min(work.len())) else { break };
+                        if items.is_empty() {
+                            break;
+                        }
+                        for (index, entry) in items {
+                            let offset = index * u64::from(vol.block_size);
+                            let len = block_len(vol.size, vol.block_size, *index) as usize;
+                            let data: &[u8] = match entry {
+                                Some((h, loc)) => {
+                                    fetch.fetch(loc, h, &mut buf).map_err(|e| {
+                                        ReceiveError::Corrupt(format!("block {index} of volume {}: {e}", vol.name))
+                                    })?;
+                                    written.fetch_add(1, Ordering::Relaxed);
+                                    &buf
+                                }
+                                None => zeros.get(..len).unwrap_or(&zeros),
+                            };
+                            file.write_all_at(data, offset).map_err(|e| ReceiveError::storage(&path, e))?;
+                            if let Some(b) = &bar {
+                                b.inc(len as u64);
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| Err(ReceiveError::Corrupt("restore worker panicked".into())));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    });
+    if let Err(e) = result {
+        if let Some(t) = &tmp {
+            let _ = std::fs::remove_file(t);
+        }
+        return Err(e);
+    }
+    file.sync_all().map_err(|e| ReceiveError::storage(&path, e))?;
+    if let Some(t) = &tmp {
+        std::fs::rename(t, &req.to).map_err(|e| ReceiveError::storage(&req.to, e))?;
+        if let Some(parent) = req.to.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(RestoreReport { point: point.id, size: vol.size, blocks_written: written.into_inner() })
+}
+
+/// A byte progress bar on stderr, only when asked for and stderr is a terminal.
+pub fn progress_bar(wanted: bool, total: u64) -> Option<indicatif::ProgressBar> {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    Some(bar)
+}

@@ -1,0 +1,155 @@
+//! A replication session: one agent's control connection and the points it
+//! has in flight, shared with its data streams.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pilotlight_protocol::frame::CommitMode;
+use pilotlight_protocol::BlockHash;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::BlockRef;
+use crate::pack::BlockLoc;
+use crate::ReceiveError;
+
+/// A volume as the session declared it, with its catalog row.
+#[derive(Debug, Clone)]
+pub struct SessionVolume {
+    /// Name.
+    pub name: String,
+    /// Size declared for this session.
+    pub size: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Catalog row id.
+    pub volume_id: i64,
+}
+
+/// A point being received.
+#[derive(Default)]
+pub struct PendingPoint {
+    /// Changed blocks.
+    pub refs: Vec<BlockRef>,
+    /// Blocks first written for this point.
+    pub new_blocks: Vec<(BlockHash, BlockLoc)>,
+    /// Packs written for this point: file and end of the last record.
+    pub packs: HashMap<u64, (Arc<File>, u64)>,
+    /// Blocks received so far.
+    pub received: u64,
+}
+
+/// Mutable state of a session.
+#[derive(Default)]
+pub struct SessionState {
+    /// Tag of the last committed point (0 = none yet).
+    pub committed_tag: u64,
+    /// Points being received, by tag.
+    pub pending: BTreeMap<u64, PendingPoint>,
+    /// Hashes written to packs by uncommitted points of this session.
+    pub pending_hashes: HashSet<BlockHash>,
+    /// Data streams joined so far.
+    pub streams_joined: u16,
+}
+
+/// One agent session.
+pub struct Session {
+    /// Random session id, used by data streams to join.
+    pub id: u64,
+    /// Server row id.
+    pub server_id: i64,
+    /// Server name.
+    pub server: String,
+    /// Declared commit mode.
+    pub commit: CommitMode,
+    /// Declared data streams.
+    pub streams: u16,
+    /// Declared volumes, in the agent's order.
+    pub volumes: Vec<SessionVolume>,
+    state: Mutex<SessionState>,
+    /// Woken whenever a block is recorded.
+    pub progress: Notify,
+    /// Cancelled when the session ends, for whatever reason.
+    pub cancel: CancellationToken,
+    /// Most points that may be pending at once.
+    pub max_pending: usize,
+}
+
+impl Session {
+    /// A new session.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        server_id: i64,
+        server: String,
+        commit: CommitMode,
+        streams: u16,
+        volumes: Vec<SessionVolume>,
+        cancel: CancellationToken,
+        max_pending: usize,
+    ) -> Self {
+        Self {
+            id,
+            server_id,
+            server,
+            commit,
+            streams,
+            volumes,
+            state: Mutex::new(SessionState::default()),
+            progress: Notify::new(),
+            cancel,
+            max_pending,
+        }
+    }
+
+    /// Lock the state.
+    pub fn state(&self) -> Result<MutexGuard<'_, SessionState>, ReceiveError> {
+        self.state.lock().map_err(|_| ReceiveError::Corrupt("session lock poisoned".into()))
+    }
+
+    /// Check that a block for `tag` may be accepted now.
+    pub fn check_tag(&self, tag: u64) -> Result<(), ReceiveError> {
+        let st = self.state()?;
+        if tag <= st.committed_tag {
+            return Err(ReceiveError::Protocol(format!("block for point tag {tag}, which is already committed")));
+        }
+        if tag - st.committed_tag > self.max_pending as u64 {
+            return Err(ReceiveError::Protocol(format!(
+                "block for point tag {tag}: more than {} points in flight",
+                self.max_pending
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether a hash is already written by an uncommitted point.
+    pub fn has_pending(&self, hash: &BlockHash) -> Result<bool, ReceiveError> {
+        Ok(self.state()?.pending_hashes.contains(hash))
+    }
+
+    /// Record a received block of point `tag`.
+    pub fn record(
+        &self,
+        tag: u64,
+        r: BlockRef,
+        new: Option<(BlockHash, BlockLoc, Arc<File>)>,
+    ) -> Result<(), ReceiveError> {
+        {
+            let mut st = self.state()?;
+            if let Some((h, _, _)) = &new {
+                st.pending_hashes.insert(*h);
+            }
+            let p = st.pending.entry(tag).or_default();
+            p.refs.push(r);
+            p.received += 1;
+            if let Some((h, loc, file)) = new {
+                let e = p.packs.entry(loc.pack).or_insert((file, 0));
+                e.1 = e.1.max(loc.end());
+                p.new_blocks.push((h, loc));
+            }
+        }
+        self.progress.notify_waiters();
+        Ok(())
+    }
+}

@@ -1,0 +1,264 @@
+//! The point store: catalog + packs + the in-memory block index, and the
+//! staging images derived from them.
+//!
+//! Commit order (the durability contract): pack data fsynced → catalog
+//! transaction committed → `DURABLE` sent → staging image updated. A crash at
+//! any step leaves every acknowledged point restorable; [`Store::open_for_serve`]
+//! cuts unfinished pack tails and brings staging images up to date.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use pilotlight_protocol::block::Decoder;
+use pilotlight_protocol::limits::block_len;
+use pilotlight_protocol::BlockHash;
+
+use crate::catalog::Catalog;
+use crate::pack::{pack_path, parse_pack_name, BlockLoc, PackReader};
+use crate::ReceiveError;
+
+/// Name of the catalog file in the receiver directory.
+pub const CATALOG_FILE: &str = "catalog.db";
+
+/// The store of one receiver directory.
+pub struct Store {
+    dir: PathBuf,
+    catalog: Mutex<Catalog>,
+    index: RwLock<HashMap<BlockHash, BlockLoc>>,
+    next_pack: AtomicU64,
+    store_id: [u8; 16],
+}
+
+impl Store {
+    /// Open the store for reading and for commands that do not replicate
+    /// (restore, verify, points). Makes no repairs.
+    pub fn open(dir: &Path) -> Result<Self, ReceiveError> {
+        let db = dir.join(CATALOG_FILE);
+        if !db.exists() {
+            return Err(ReceiveError::NotFound(format!(
+                "{} is not a receiver directory (no {CATALOG_FILE}; run `pilotlight-receiver init`)",
+                dir.display()
+            )));
+        }
+        let mut catalog = Catalog::open(&db)?;
+        let store_id = catalog.store_id()?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            catalog: Mutex::new(catalog),
+            index: RwLock::new(HashMap::new()),
+            next_pack: AtomicU64::new(1),
+            store_id,
+        })
+    }
+
+    /// Open the store to serve: cut unfinished pack tails, drop packs no
+    /// commit reached, load the block index and repair staging images.
+    pub fn open_for_serve(dir: &Path) -> Result<Self, ReceiveError> {
+        let store = Self::open(dir)?;
+        std::fs::create_dir_all(dir.join("packs")).map_err(|e| ReceiveError::storage(dir.join("packs"), e))?;
+        let committed: HashMap<u64, u64> = store.catalog()?.packs()?.into_iter().collect();
+        let mut max_id = committed.keys().copied().max().unwrap_or(0);
+        let packs_dir = dir.join("packs");
+        let entries = std::fs::read_dir(&packs_dir).map_err(|e| ReceiveError::storage(&packs_dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| ReceiveError::storage(&packs_dir, e))?;
+            let Some(id) = entry.file_name().to_str().and_then(parse_pack_name) else { continue };
+            max_id = max_id.max(id);
+            let path = entry.path();
+            match committed.get(&id) {
+                None => {
+                    tracing::info!(pack = id, "removing pack that no commit reached");
+                    std::fs::remove_file(&path).map_err(|e| ReceiveError::storage(&path, e))?;
+                }
+                Some(&len) => {
+                    let f = File::options().write(true).open(&path).map_err(|e| ReceiveError::storage(&path, e))?;
+                    let actual = f.metadata().map_err(|e| ReceiveError::storage(&path, e))?.len();
+                    if actual > len {
+                        tracing::info!(pack = id, cut = actual - len, "cutting unfinished pack tail");
+                        f.set_len(len).map_err(|e| ReceiveError::storage(&path, e))?;
+                        f.sync_all().map_err(|e| ReceiveError::storage(&path, e))?;
+                    } else if actual < len {
+                        return Err(ReceiveError::Corrupt(format!(
+                            "pack {} is {actual} bytes but the catalog committed {len}",
+                            path.display()
+                        )));
+                    }
+                }
+            }
+        }
+        sync_dir(&packs_dir)?;
+        store.next_pack.store(max_id + 1, Ordering::SeqCst);
+        let blocks = store.catalog()?.all_blocks()?;
+        {
+            let mut index = store.index.write().map_err(|_| poisoned())?;
+            index.extend(blocks);
+        }
+        let servers = store.catalog()?.servers()?;
+        for s in servers {
+            let Some(latest) = store.catalog()?.latest_point(s.id)? else { continue };
+            store.update_staging(&s.name, s.id, latest)?;
+        }
+        Ok(store)
+    }
+
+    /// The receiver directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// This store's random id (lets an agent tell receivers apart).
+    pub fn store_id(&self) -> [u8; 16] {
+        self.store_id
+    }
+
+    /// Lock the catalog. Use from blocking contexts only.
+    pub fn catalog(&self) -> Result<MutexGuard<'_, Catalog>, ReceiveError> {
+        self.catalog.lock().map_err(|_| poisoned())
+    }
+
+    /// Where a committed block with `hash` is, if it is stored.
+    pub fn lookup(&self, hash: &BlockHash) -> Option<BlockLoc> {
+        self.index.read().ok().and_then(|i| i.get(hash).copied())
+    }
+
+    /// Add committed blocks to the index.
+    pub fn index_blocks(&self, blocks: &[(BlockHash, BlockLoc)]) -> Result<(), ReceiveError> {
+        let mut index = self.index.write().map_err(|_| poisoned())?;
+        for (h, loc) in blocks {
+            index.entry(*h).or_insert(*loc);
+        }
+        Ok(())
+    }
+
+    /// A fresh pack id.
+    pub fn alloc_pack_id(&self) -> u64 {
+        self.next_pack.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Path of a server's staging image of `volume`.
+    pub fn staging_path(&self, server: &str, volume: &str) -> PathBuf {
+        self.dir.join("staging").join(server).join(format!("{volume}.img"))
+    }
+
+    /// Bring the staging image of every volume of a server up to `point`,
+    /// applying only the blocks that changed after the point each image is
+    /// known to equal.
+    pub fn update_staging(&self, server: &str, server_id: i64, point: i64) -> Result<(), ReceiveError> {
+        let volumes = self.catalog()?.volumes(server_id)?;
+        let mut fetch = BlockFetcher::new(&self.dir)?;
+        let mut buf = Vec::new();
+        for v in volumes {
+            if v.staging_point == point {
+                continue;
+            }
+            let map = self.catalog()?.block_map(v.id, point, v.staging_point)?;
+            let path = self.staging_path(server, &v.name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| ReceiveError::storage(parent, e))?;
+            }
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| ReceiveError::storage(&path, e))?;
+            if v.staging_point == 0 {
+                file.set_len(0).map_err(|e| ReceiveError::storage(&path, e))?;
+            }
+            file.set_len(v.size).map_err(|e| ReceiveError::storage(&path, e))?;
+            for (index, hash) in map {
+                let offset = index * u64::from(v.block_size);
+                let len = block_len(v.size, v.block_size, index);
+                if len == 0 {
+                    continue;
+                }
+                match hash {
+                    None => punch_hole(&file, offset, u64::from(len)).map_err(|e| ReceiveError::storage(&path, e))?,
+                    Some(h) => {
+                        let loc = self.locate(&h)?;
+                        fetch.fetch(&loc, &h, &mut buf)?;
+                        file.write_all_at(&buf, offset).map_err(|e| ReceiveError::storage(&path, e))?;
+                    }
+                }
+            }
+            file.sync_data().map_err(|e| ReceiveError::storage(&path, e))?;
+            self.catalog()?.set_staging_point(v.id, point)?;
+        }
+        Ok(())
+    }
+
+    /// Location of a block that a committed point references.
+    pub fn locate(&self, hash: &BlockHash) -> Result<BlockLoc, ReceiveError> {
+        if let Some(loc) = self.lookup(hash) {
+            return Ok(loc);
+        }
+        self.catalog()?
+            .block(hash)?
+            .ok_or_else(|| ReceiveError::Corrupt(format!("block {} is referenced but not stored", hash.to_hex())))
+    }
+}
+
+/// Reads, decompresses and verifies stored blocks. One per thread.
+pub struct BlockFetcher {
+    reader: PackReader,
+    decoder: Decoder,
+    payload: Vec<u8>,
+}
+
+impl BlockFetcher {
+    /// A fetcher over the packs of `dir`.
+    pub fn new(dir: &Path) -> Result<Self, ReceiveError> {
+        let decoder = Decoder::new().map_err(|e| ReceiveError::storage(dir, e))?;
+        Ok(Self { reader: PackReader::new(dir), decoder, payload: Vec::new() })
+    }
+
+    /// The raw block `hash` stored at `loc`, checked against its BLAKE3.
+    pub fn fetch(&mut self, loc: &BlockLoc, hash: &BlockHash, out: &mut Vec<u8>) -> Result<(), ReceiveError> {
+        self.reader.read(loc, hash, &mut self.payload)?;
+        self.decoder
+            .decode(loc.encoding, &self.payload, loc.raw_len, hash, out)
+            .map_err(|e| ReceiveError::Corrupt(format!("block {} in pack {}: {e}", hash.to_hex(), loc.pack)))
+    }
+}
+
+/// Deallocate a byte range of a file, or write zeros where holes are not
+/// supported.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(std::io::Error::other("range too large"));
+    };
+    match fallocate(file, flags, off, l) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            let zeros = vec![0u8; 1 << 20];
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], offset + done)?;
+                done += n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// fsync a directory, making renames and creations in it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), ReceiveError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| ReceiveError::storage(dir, e))
+}
+
+/// Path helper for tests and tools.
+pub fn pack_file(dir: &Path, id: u64) -> PathBuf {
+    pack_path(dir, id)
+}
+
+fn poisoned() -> ReceiveError {
+    ReceiveError::Corrupt("a store lock was poisoned by a panic".into())
+}
