@@ -1,0 +1,88 @@
+//! pilotlight agent: finds the blocks of a server's volumes that changed since
+//! the last durable point, and streams them to the receiver.
+//!
+//! The binary `pilotlight-agent` is a thin CLI over [`run`].
+
+pub mod consistency;
+pub mod error;
+pub mod identity;
+pub mod link;
+mod replicate;
+pub mod scan;
+pub mod state;
+pub mod status;
+pub mod volume;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use consistency::ConsistencyMode;
+pub use error::AgentError;
+pub use pilotlight_protocol::frame::CommitMode;
+pub use replicate::{run, PointReport};
+pub use volume::VolumeSpec;
+
+/// Tracking method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Track {
+    /// Read and hash every block each cycle.
+    Scan,
+}
+
+/// Everything `run` needs. Defaults live in [`AgentConfig::new`].
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `host:port` of the receiver.
+    pub receiver: String,
+    /// Identity file from `pilotlight-receiver enroll`.
+    pub identity: PathBuf,
+    /// Directory for the agent's durable state.
+    pub state_dir: PathBuf,
+    /// Volumes to replicate.
+    pub volumes: Vec<VolumeSpec>,
+    /// Tracking method.
+    pub track: Track,
+    /// Commit mode.
+    pub commit: CommitMode,
+    /// Time between points in continuous mode.
+    pub interval: Duration,
+    /// Make one point and stop.
+    pub once: bool,
+    /// How points are made consistent.
+    pub consistency: ConsistencyMode,
+    /// Parallel data streams.
+    pub streams: u16,
+    /// Block size for volumes new to the receiver.
+    pub block_size: u32,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// Scan worker threads (0 = one per core).
+    pub workers: usize,
+    /// Most points sent but not yet durable in async mode.
+    pub max_async_pending: usize,
+    /// Connection attempts of `--once` before giving up.
+    pub once_attempts: u32,
+}
+
+impl AgentConfig {
+    /// A configuration with the documented defaults.
+    pub fn new(receiver: String, identity: PathBuf, state_dir: PathBuf, volumes: Vec<VolumeSpec>) -> Self {
+        Self {
+            receiver,
+            identity,
+            state_dir,
+            volumes,
+            track: Track::Scan,
+            commit: CommitMode::Sync,
+            interval: Duration::from_secs(60),
+            once: false,
+            consistency: ConsistencyMode::Auto,
+            streams: 2,
+            block_size: pilotlight_protocol::limits::DEFAULT_BLOCK_SIZE,
+            zstd_level: 1,
+            workers: 0,
+            max_async_pending: 4,
+            once_attempts: 3,
+        }
+    }
+}

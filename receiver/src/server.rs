@@ -294,7 +294,10 @@ impl Connection {
                     blocking(move || store.update_staging(&name, sid, point)).await?;
                 }
                 Frame::GetHashes { volume } => self.send_hashes(wr, session, volume).await?,
-                Frame::Goodbye => return Ok(()),
+                Frame::Goodbye => {
+                    session.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Ok(());
+                }
                 other => return Err(unexpected(&other, "EndPoint, GetHashes or Goodbye")),
             }
         }
@@ -431,7 +434,9 @@ impl Connection {
         let result = loop {
             tokio::select! {
                 biased;
-                () = session.cancel.cancelled() => break Err(ReceiveError::Superseded),
+                () = session.cancel.cancelled() => {
+                    break if session.ended.load(std::sync::atomic::Ordering::SeqCst) { Ok(()) } else { Err(ReceiveError::Superseded) };
+                }
                 ack = ack_rx.recv() => match ack {
                     Some(Ok(seq)) => {
                         if let Err(e) = send(wr, &Frame::Received { seq }).await {

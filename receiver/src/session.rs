@@ -74,6 +74,8 @@ pub struct Session {
     pub cancel: CancellationToken,
     /// Most points that may be pending at once.
     pub max_pending: usize,
+    /// Set when the agent ended the session with Goodbye.
+    pub ended: std::sync::atomic::AtomicBool,
 }
 
 impl Session {
@@ -100,6 +102,7 @@ impl Session {
             progress: Notify::new(),
             cancel,
             max_pending,
+            ended: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

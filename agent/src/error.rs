@@ -1,0 +1,71 @@
+//! The agent's error type, split by cause.
+
+use std::path::PathBuf;
+
+use pilotlight_protocol::frame::ErrorCode;
+use pilotlight_protocol::DecodeError;
+
+/// Everything that can go wrong in the agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Reading a source volume failed.
+    #[error("cannot read volume {volume} ({path}): {source}")]
+    Source {
+        /// Volume name.
+        volume: String,
+        /// Its path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The agent's state directory failed.
+    #[error("state directory {path}: {source}")]
+    State {
+        /// The file involved.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Connecting to or talking with the receiver failed.
+    #[error("connection to the receiver failed: {0}")]
+    Net(#[source] std::io::Error),
+    /// The receiver sent bytes that are not valid frames.
+    #[error("bad frame from the receiver: {0}")]
+    Decode(#[from] DecodeError),
+    /// The receiver sent something unexpected.
+    #[error("protocol violation by the receiver: {0}")]
+    Protocol(String),
+    /// The receiver reported an error and closed the session.
+    #[error("receiver refused: {message}")]
+    Remote {
+        /// The receiver's error code.
+        code: ErrorCode,
+        /// The receiver's sentence.
+        message: String,
+    },
+    /// Consistency could not be established as asked.
+    #[error("consistency: {0}")]
+    Consistency(String),
+    /// Bad configuration or identity.
+    #[error("{0}")]
+    Config(String),
+    /// A volume changed size while replicating.
+    #[error("volume {0} changed size; reconnecting to declare the new size")]
+    Resized(String),
+    /// Stopped by the caller.
+    #[error("stopped")]
+    Stopped,
+}
+
+impl AgentError {
+    /// Whether reconnecting and trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Net(_) | Self::Resized(_) => true,
+            Self::Remote { code, .. } => code.is_retryable() || *code == ErrorCode::Superseded,
+            Self::Decode(_) | Self::Protocol(_) => true,
+            Self::Source { .. } | Self::State { .. } | Self::Consistency(_) | Self::Config(_) | Self::Stopped => false,
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The agent's connections to the receiver: one control connection and N data
+//! streams over TLS 1.3, with an in-flight byte window.
+//!
+//! ```text
+//! scan workers -(async_channel, bounded)-> data stream tasks -> TLS
+//!     ^ window permits (Semaphore) released when the receiver acks RECEIVED
+//! control: cycle driver -> EndPoint / GetHashes; reader task -> Durable, Hashes
+//! ```
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pilotlight_protocol::codec::{CodecError, FrameCodec};
+use pilotlight_protocol::frame::{BlockFrame, CommitMode, VolumeDecl};
+use pilotlight_protocol::limits::VERSION;
+use pilotlight_protocol::{DecodeError, Frame};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::RECEIVER_NAME;
+use crate::AgentError;
+
+/// Bytes of block frames that may be sent but not yet acknowledged.
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+/// Depth of the queue from scan workers to the data streams.
+pub const SEND_QUEUE: usize = 32;
+/// Depth of the queue of control frames from the receiver.
+const CONTROL_QUEUE: usize = 64;
+/// Time allowed to connect and finish the handshakes.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A TCP stream that counts the bytes written to the wire (TLS included).
+pub struct Counted {
+    inner: TcpStream,
+    written: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+type Stream = TlsStream<Counted>;
+type Reader = FramedRead<ReadHalf<Stream>, FrameCodec>;
+type Writer = FramedWrite<WriteHalf<Stream>, FrameCodec>;
+
+/// A block on its way, holding its share of the in-flight window.
+pub struct Outgoing {
+    /// The block.
+    pub block: BlockFrame,
+    /// Released when the receiver acknowledges it.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// How to connect.
+pub struct LinkConfig {
+    /// `host:port` of the receiver.
+    pub receiver: String,
+    /// TLS client configuration from the identity.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Data streams.
+    pub streams: u16,
+    /// Commit mode.
+    pub commit: CommitMode,
+    /// Volumes to declare.
+    pub volumes: Vec<VolumeDecl>,
+    /// Counter of bytes written to the network.
+    pub wire_bytes: Arc<AtomicU64>,
+}
+
+/// An open session with the receiver.
+pub struct Link {
+    ctrl_wr: Writer,
+    ctrl_rx: mpsc::Receiver<Result<Frame, AgentError>>,
+    /// Where scan workers put blocks.
+    pub data_tx: async_channel::Sender<Outgoing>,
+    /// The in-flight window.
+    pub window: Arc<Semaphore>,
+    tasks: JoinSet<()>,
+    reader: JoinSet<()>,
+    cancel: CancellationToken,
+    first_error: Arc<Mutex<Option<AgentError>>>,
+    /// Session id.
+    pub session: u64,
+    /// Receiver store id.
+    pub store_id: [u8; 16],
+    /// The receiver's last durable point of this server (0 = none).
+    pub last_point: u64,
+}
+
+fn codec_err(e: CodecError) -> AgentError {
+    match e {
+        CodecError::Io(e) => AgentError::Net(e),
+        CodecError::Decode(d) => AgentError::Decode(d),
+    }
+}
+
+async fn read_frame(rd: &mut Reader) -> Result<Frame, AgentError> {
+    match rd.next().await {
+        None => Err(AgentError::Net(io::Error::new(io::ErrorKind::UnexpectedEof, "receiver closed the connection"))),
+        Some(Err(e)) => Err(codec_err(e)),
+        Some(Ok((_, Frame::Error { code, message }))) => Err(AgentError::Remote { code, message }),
+        Some(Ok((_, f))) => Ok(f),
+    }
+}
+
+async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer), AgentError> {
+    let tcp = TcpStream::connect(&cfg.receiver).await.map_err(AgentError::Net)?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(RECEIVER_NAME).map_err(|e| AgentError::Config(format!("server name: {e}")))?;
+    let tls = TlsConnector::from(cfg.tls.clone())
+        .connect(name, Counted { inner: tcp, written: cfg.wire_bytes.clone() })
+        .await
+        .map_err(AgentError::Net)?;
+    let (r, w) = tokio::io::split(tls);
+    let mut rd = FramedRead::new(r, FrameCodec::default());
+    let mut wr = FramedWrite::new(w, FrameCodec::default());
+    wr.send(&Frame::hello()).await.map_err(codec_err)?;
+    match read_frame(&mut rd).await? {
+        Frame::Hello { version, .. } if version == VERSION => Ok((rd, wr)),
+        Frame::Hello { version, .. } => Err(DecodeError::BadVersion { got: version, supported: VERSION }.into()),
+        other => Err(AgentError::Protocol(format!("expected Hello, got {:?}", other.kind()))),
+    }
+}
+
+impl Link {
+    /// Connect the control connection and all data streams.
+    pub async fn connect(cfg: &LinkConfig) -> Result<Self, AgentError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(cfg))
+            .await
+            .map_err(|_| AgentError::Net(io::Error::new(io::ErrorKind::TimedOut, "connecting to the receiver timed out")))?
+    }
+
+    async fn connect_inner(cfg: &LinkConfig) -> Result<Self, AgentError> {
+        let (mut crd, mut cwr) = open_stream(cfg).await?;
+        let open = Frame::Open { streams: cfg.streams, commit: cfg.commit, volumes: cfg.volumes.clone() };
+        cwr.send(&open).await.map_err(codec_err)?;
+        let (session, store_id, last_point) = match read_frame(&mut crd).await? {
+            Frame::Welcome { session, store_id, last_point } => (session, store_id, last_point),
+            other => return Err(AgentError::Protocol(format!("expected Welcome, got {:?}", other.kind()))),
+        };
+        let cancel = CancellationToken::new();
+        let first_error = Arc::new(Mutex::new(None));
+        let window = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
+        let (data_tx, data_rx) = async_channel::bounded::<Outgoing>(SEND_QUEUE);
+        let mut tasks = JoinSet::new();
+        for _ in 0..cfg.streams {
+            let (mut rd, mut wr) = open_stream(cfg).await?;
+            wr.send(&Frame::Join { session }).await.map_err(codec_err)?;
+            match read_frame(&mut rd).await? {
+                Frame::Joined => {}
+                other => return Err(AgentError::Protocol(format!("expected Joined, got {:?}", other.kind()))),
+            }
+            let fail = Failer { cancel: cancel.clone(), first_error: first_error.clone(), chan: data_tx.clone(), window: window.clone() };
+            tasks.spawn(data_stream(rd, wr, data_rx.clone(), cancel.clone(), fail));
+        }
+        let (ctrl_tx, ctrl_rx) = mpsc::channel(CONTROL_QUEUE);
+        let fail = Failer { cancel: cancel.clone(), first_error: first_error.clone(), chan: data_tx.clone(), window: window.clone() };
+        let mut reader = JoinSet::new();
+        reader.spawn(control_reader(crd, ctrl_tx, cancel.clone(), fail));
+        Ok(Self { ctrl_wr: cwr, ctrl_rx, data_tx, window, tasks, reader, cancel, first_error, session, store_id, last_point })
+    }
+
+    /// Send a control frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), AgentError> {
+        self.ctrl_wr.send(frame).await.map_err(codec_err)
+    }
+
+    /// The next control frame from the receiver; fails when any stream fails.
+    pub async fn recv(&mut self) -> Result<Frame, AgentError> {
+        tokio::select! {
+            f = self.ctrl_rx.recv() => match f {
+                Some(r) => r,
+                None => Err(self.take_error()),
+            },
+            () = self.cancel.cancelled() => Err(self.take_error()),
+        }
+    }
+
+    /// The error that broke the link.
+    pub fn take_error(&self) -> AgentError {
+        self.first_error
+            .lock()
+            .ok()
+            .and_then(|mut e| e.take())
+            .unwrap_or_else(|| AgentError::Net(io::Error::new(io::ErrorKind::BrokenPipe, "link to the receiver closed")))
+    }
+
+    /// End the session politely: the data streams say Goodbye and wait for
+    /// their last acks, then the control connection says Goodbye.
+    pub async fn close(mut self) {
+        self.data_tx.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+            let _ = self.ctrl_wr.send(&Frame::Goodbye).await;
+            let _ = self.ctrl_wr.get_mut().shutdown().await;
+        })
+        .await;
+        self.cancel.cancel();
+        self.tasks.abort_all();
+        self.reader.abort_all();
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.data_tx.close();
+        self.window.close();
+    }
+}
+
+struct Failer {
+    cancel: CancellationToken,
+    first_error: Arc<Mutex<Option<AgentError>>>,
+    chan: async_channel::Sender<Outgoing>,
+    window: Arc<Semaphore>,
+}
+
+impl Failer {
+    fn fail(&self, e: AgentError) {
+        if let Ok(mut slot) = self.first_error.lock() {
+            slot.get_or_insert(e);
+        }
+        self.chan.close();
+        self.window.close();
+        self.cancel.cancel();
+    }
+}
+
+async fn data_stream(
+    mut rd: Reader,
+    mut wr: Writer,
+    rx: async_channel::Receiver<Outgoing>,
+    cancel: CancellationToken,
+    fail: Failer,
+) {
+    let mut in_flight: VecDeque<(u64, OwnedSemaphorePermit)> = VecDeque::new();
+    let result: Result<(), AgentError> = async {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                msg = rx.recv() => match msg {
+                    Ok(o) => {
+                        let mut batch = Some(o);
+                        while let Some(o) = batch.take() {
+                            let seq = wr.encoder().next_seq();
+                            wr.feed(&Frame::Block(o.block)).await.map_err(codec_err)?;
+                            in_flight.push_back((seq, o.permit));
+                            if in_flight.len() % 16 != 0 {
+                                batch = rx.try_recv().ok();
+                            }
+                        }
+                        wr.flush().await.map_err(codec_err)?;
+                    }
+                    Err(_) => {
+                        // Closed: the session is ending. Wait for the last acks.
+                        wr.send(&Frame::Goodbye).await.map_err(codec_err)?;
+                        while !in_flight.is_empty() {
+                            ack(read_frame(&mut rd).await?, &mut in_flight)?;
+                        }
+                        return Ok(());
+                    }
+                },
+                f = read_frame(&mut rd) => ack(f?, &mut in_flight)?,
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        fail.fail(e);
+    }
+}
+
+fn ack(frame: Frame, in_flight: &mut VecDeque<(u64, OwnedSemaphorePermit)>) -> Result<(), AgentError> {
+    match frame {
+        Frame::Received { seq } => {
+            while in_flight.front().is_some_and(|(s, _)| *s <= seq) {
+                in_flight.pop_front();
+            }
+            Ok(())
+        }
+        other => Err(AgentError::Protocol(format!("unexpected {:?} on a data stream", other.kind()))),
+    }
+}
+
+async fn control_reader(
+    mut rd: Reader,
+    tx: mpsc::Sender<Result<Frame, AgentError>>,
+    cancel: CancellationToken,
+    fail: Failer,
+) {
+    loop {
+        let f = tokio::select! {
+            () = cancel.cancelled() => return,
+            f = read_frame(&mut rd) => f,
+        };
+        match f {
+            Ok(frame) => {
+                if tx.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                fail.fail(e);
+                return;
+            }
+        }
+    }
+}

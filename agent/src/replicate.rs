@@ -1,0 +1,361 @@
+//! The replication loop: connect, agree on the base with the receiver, run
+//! cycles, advance the durable state on `DURABLE`, reconnect on failure.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pilotlight_protocol::frame::{CommitMode, Consistency, VolumeDecl};
+use pilotlight_protocol::limits::block_count;
+use pilotlight_protocol::{BlockHash, Frame};
+use tokio_util::sync::CancellationToken;
+
+use crate::consistency::prepare;
+use crate::link::{Link, LinkConfig};
+use crate::scan::{scan, zero_table, ScanJob, Sink};
+use crate::state::{AgentState, VolumeHashes};
+use crate::status::{ms_rfc3339, Status, StatusVolume};
+use crate::{identity, volume, AgentConfig, AgentError};
+
+/// First reconnect delay in continuous mode.
+const BACKOFF_START: Duration = Duration::from_millis(500);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// A point the receiver acknowledged durable.
+#[derive(Debug, Clone)]
+pub struct PointReport {
+    /// The receiver's point id.
+    pub point: u64,
+    /// How consistent it is.
+    pub consistency: Consistency,
+    /// Blocks sent for it.
+    pub blocks_sent: u64,
+    /// Encoded payload bytes sent.
+    pub payload_bytes: u64,
+    /// Bytes written to the network while sending it (TLS included).
+    pub wire_bytes: u64,
+    /// Bytes read from the volumes.
+    pub bytes_read: u64,
+}
+
+struct Pending {
+    tag: u64,
+    changes: Vec<Vec<(u64, BlockHash)>>,
+    report: PointReport,
+    created_ms: i64,
+}
+
+struct Volume {
+    name: String,
+    path: std::path::PathBuf,
+    size: u64,
+    block_size: u32,
+    is_device: bool,
+}
+
+/// Replicate until `shutdown` (or, with `once`, until one point is durable).
+/// Returns the points made durable, oldest first.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Vec<PointReport>, AgentError> {
+    let tls = identity::client_config(&cfg.identity)?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|e| AgentError::State { path: cfg.state_dir.clone(), source: e })?;
+    let mut reports = Vec::new();
+    let mut attempt = 0u32;
+    let mut backoff = BACKOFF_START;
+    let mut status = Status { receiver: cfg.receiver.clone(), state: "initial-sync".into(), ..Status::default() };
+    loop {
+        let mut r = Replicator { cfg: &cfg, reports: &mut reports, status: &mut status, shutdown: &shutdown, durable_this_session: false, store_id: [0; 16] };
+        let result = r.session(tls.clone()).await;
+        let progressed = r.durable_this_session;
+        match result {
+            Ok(()) => {
+                status.state = "stopped".into();
+                status.pending_points = 0;
+                let _ = status.save(&cfg.state_dir);
+                return Ok(reports);
+            }
+            Err(AgentError::Stopped) if shutdown.is_cancelled() => {
+                status.state = "stopped".into();
+                let _ = status.save(&cfg.state_dir);
+                return Ok(reports);
+            }
+            Err(e) if e.is_retryable() => {
+                if progressed {
+                    attempt = 0;
+                    backoff = BACKOFF_START;
+                }
+                attempt += 1;
+                if cfg.once && attempt >= cfg.once_attempts {
+                    return Err(e);
+                }
+                status.state = "disconnected".into();
+                status.last_error = Some(e.to_string());
+                let _ = status.save(&cfg.state_dir);
+                let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+                tracing::warn!(cause = %e, retry_in = ?(backoff + jitter), "replication interrupted; reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff + jitter) => {}
+                    () = shutdown.cancelled() => return Ok(reports),
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+struct Replicator<'a> {
+    cfg: &'a AgentConfig,
+    reports: &'a mut Vec<PointReport>,
+    status: &'a mut Status,
+    shutdown: &'a CancellationToken,
+    durable_this_session: bool,
+    store_id: [u8; 16],
+}
+
+impl Replicator<'_> {
+    /// The hashes each volume's next point is compared against: the local
+    /// state when it matches the receiver's last durable point, otherwise the
+    /// receiver's own hashes (checksum resync), or zeros when the receiver has
+    /// nothing of this server.
+    async fn base(&mut self, link: &mut Link, vols: &[Volume], local: Option<AgentState>) -> Result<Vec<Vec<BlockHash>>, AgentError> {
+        self.store_id = link.store_id;
+        let mut out = Vec::with_capacity(vols.len());
+        for (i, v) in vols.iter().enumerate() {
+            let count = block_count(v.size, v.block_size) as usize;
+            if link.last_point == 0 {
+                out.push(zero_table(v.size, v.block_size));
+                continue;
+            }
+            let trusted = local
+                .as_ref()
+                .filter(|s| s.store_id == link.store_id && s.last_point == link.last_point)
+                .and_then(|s| s.volumes.iter().find(|h| h.name == v.name && h.size == v.size && h.block_size == v.block_size))
+                .filter(|h| h.hashes.len() == count);
+            if let Some(h) = trusted {
+                out.push(h.hashes.clone());
+                continue;
+            }
+            tracing::info!(volume = %v.name, "local state does not match the receiver; fetching its block hashes");
+            let idx = i as u16;
+            link.send(&Frame::GetHashes { volume: idx }).await?;
+            let mut table = zero_table(v.size, v.block_size);
+            loop {
+                match link.recv().await? {
+                    Frame::Hashes { volume, start, hashes } if volume == idx => {
+                        for (k, h) in hashes.into_iter().enumerate() {
+                            if let Some(slot) = usize::try_from(start).ok().and_then(|s| table.get_mut(s + k)) {
+                                *slot = h;
+                            }
+                        }
+                    }
+                    Frame::HashesEnd { volume, .. } if volume == idx => break,
+                    other => {
+                        return Err(AgentError::Protocol(format!("unexpected {:?} while fetching hashes", other.kind())))
+                    }
+                }
+            }
+            out.push(table);
+        }
+        Ok(out)
+    }
+
+    fn probe(&self) -> Result<Vec<Volume>, AgentError> {
+        let mut vols = Vec::new();
+        for spec in &self.cfg.volumes {
+            let (size, is_device) = volume::probe(&spec.name, &spec.path)?;
+            vols.push(Volume {
+                name: spec.name.clone(),
+                path: spec.path.clone(),
+                size,
+                block_size: self.cfg.block_size,
+                is_device,
+            });
+        }
+        Ok(vols)
+    }
+
+    async fn session(&mut self, tls: Arc<rustls::ClientConfig>) -> Result<(), AgentError> {
+        let mut vols = self.probe()?;
+        let local = AgentState::load(&self.cfg.state_dir)?;
+        // Keep the block size a volume was first replicated with.
+        if let Some(st) = &local {
+            for v in &mut vols {
+                if let Some(h) = st.volumes.iter().find(|h| h.name == v.name) {
+                    v.block_size = h.block_size;
+                }
+            }
+        }
+        let wire = Arc::new(AtomicU64::new(0));
+        let decls: Vec<VolumeDecl> =
+            vols.iter().map(|v| VolumeDecl { name: v.name.clone(), size: v.size, block_size: v.block_size }).collect();
+        let link_cfg = LinkConfig {
+            receiver: self.cfg.receiver.clone(),
+            tls,
+            streams: self.cfg.streams,
+            commit: self.cfg.commit,
+            volumes: decls,
+            wire_bytes: wire.clone(),
+        };
+        let mut link = Link::connect(&link_cfg).await?;
+        tracing::info!(session = link.session, last_point = link.last_point, "connected to the receiver");
+        self.status.volumes =
+            vols.iter().map(|v| StatusVolume { name: v.name.clone(), path: v.path.display().to_string(), size: v.size }).collect();
+        let mut durable = self.base(&mut link, &vols, local).await?;
+        let mut view = durable.clone();
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut tag = 0u64;
+        let workers = if self.cfg.workers == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            self.cfg.workers
+        };
+        loop {
+            if self.shutdown.is_cancelled() {
+                self.drain(&mut link, &mut pending, &mut durable, &vols, usize::MAX).await?;
+                link.close().await;
+                return Ok(());
+            }
+            tag += 1;
+            let wire_before = wire.load(Ordering::Relaxed);
+            let sources: Vec<_> = vols.iter().map(|v| (v.name.clone(), v.path.clone(), v.is_device)).collect();
+            let mode = self.cfg.consistency.clone();
+            let mut snapshot = tokio::task::spawn_blocking(move || prepare(&mode, &sources))
+                .await
+                .map_err(|e| AgentError::Protocol(format!("snapshot task failed: {e}")))??;
+            let created_ms = now_ms();
+            let consistency = snapshot.consistency;
+            let mut report =
+                PointReport { point: 0, consistency, blocks_sent: 0, payload_bytes: 0, wire_bytes: 0, bytes_read: 0 };
+            let mut changes = Vec::with_capacity(vols.len());
+            for (i, v) in vols.iter().enumerate() {
+                let (size, _) = volume::probe(&v.name, &v.path)?;
+                if size != v.size {
+                    return Err(AgentError::Resized(v.name.clone()));
+                }
+                let path = snapshot.paths.get(i).cloned().unwrap_or_else(|| v.path.clone());
+                let base = std::mem::take(&mut view[i]);
+                let (tx, window, stop) = (link.data_tx.clone(), link.window.clone(), self.shutdown.clone());
+                let (name, vsize, bs, level) = (v.name.clone(), v.size, v.block_size, self.cfg.zstd_level);
+                let rt = tokio::runtime::Handle::current();
+                let (base, result) = tokio::task::spawn_blocking(move || {
+                    let job = ScanJob { vol_idx: i as u16, name: &name, path: &path, size: vsize, block_size: bs, base: &base, tag };
+                    let sink = Sink { tx: &tx, window: &window, rt: &rt, stop: &stop };
+                    let r = scan(&job, &sink, workers, level);
+                    (base, r)
+                })
+                .await
+                .map_err(|e| AgentError::Protocol(format!("scan task failed: {e}")))?;
+                view[i] = base;
+                let result = match result {
+                    Err(AgentError::Net(_)) => return Err(link.take_error()),
+                    r => r?,
+                };
+                report.blocks_sent += result.changed.len() as u64;
+                report.payload_bytes += result.payload_bytes;
+                report.bytes_read += result.bytes_read;
+                changes.push(result.changed);
+            }
+            snapshot.release_freeze();
+            drop(snapshot);
+            link.send(&Frame::EndPoint { tag, blocks: report.blocks_sent, created_ms, consistency, commit: self.cfg.commit })
+                .await?;
+            for (table, ch) in view.iter_mut().zip(&changes) {
+                for &(i, h) in ch {
+                    if let Some(slot) = table.get_mut(i as usize) {
+                        *slot = h;
+                    }
+                }
+            }
+            report.wire_bytes = wire.load(Ordering::Relaxed) - wire_before;
+            pending.push_back(Pending { tag, changes, report, created_ms });
+            self.status.pending_points = pending.len();
+            let keep = if self.cfg.once || self.cfg.commit == CommitMode::Sync { 0 } else { self.cfg.max_async_pending.max(1) - 1 };
+            self.drain(&mut link, &mut pending, &mut durable, &vols, keep).await?;
+            if self.cfg.once {
+                link.close().await;
+                return Ok(());
+            }
+            // Wait for the next cycle, taking acks as they come.
+            let sleep = tokio::time::sleep(self.cfg.interval);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    () = self.shutdown.cancelled() => break,
+                    f = link.recv() => self.on_frame(f?, &mut pending, &mut durable, &vols)?,
+                }
+            }
+        }
+    }
+
+    /// Wait until at most `keep` points are pending.
+    async fn drain(
+        &mut self,
+        link: &mut Link,
+        pending: &mut VecDeque<Pending>,
+        durable: &mut [Vec<BlockHash>],
+        vols: &[Volume],
+        keep: usize,
+    ) -> Result<(), AgentError> {
+        while pending.len() > keep {
+            let f = link.recv().await?;
+            self.on_frame(f, pending, durable, vols)?;
+        }
+        Ok(())
+    }
+
+    fn on_frame(
+        &mut self,
+        frame: Frame,
+        pending: &mut VecDeque<Pending>,
+        durable: &mut [Vec<BlockHash>],
+        vols: &[Volume],
+    ) -> Result<(), AgentError> {
+        let Frame::Durable { tag, point } = frame else {
+            return Err(AgentError::Protocol(format!("unexpected {:?} on the control connection", frame.kind())));
+        };
+        let Some(p) = pending.pop_front().filter(|p| p.tag == tag) else {
+            return Err(AgentError::Protocol(format!("Durable for tag {tag}, which is not the oldest pending point")));
+        };
+        for (table, ch) in durable.iter_mut().zip(&p.changes) {
+            for &(i, h) in ch {
+                if let Some(slot) = table.get_mut(i as usize) {
+                    *slot = h;
+                }
+            }
+        }
+        let state = AgentState {
+            store_id: self.store_id,
+            last_point: point,
+            volumes: vols
+                .iter()
+                .zip(durable.iter())
+                .map(|(v, h)| VolumeHashes { name: v.name.clone(), size: v.size, block_size: v.block_size, hashes: h.clone() })
+                .collect(),
+        };
+        state.save(&self.cfg.state_dir)?;
+        self.durable_this_session = true;
+        let mut report = p.report;
+        report.point = point;
+        tracing::info!(point, blocks = report.blocks_sent, bytes = report.payload_bytes, "point durable");
+        self.status.state = "continuous".into();
+        self.status.last_point = Some(point);
+        self.status.last_point_time = Some(ms_rfc3339(p.created_ms));
+        self.status.last_point_lag_seconds = Some((now_ms() - p.created_ms).max(0) as f64 / 1000.0);
+        self.status.pending_points = pending.len();
+        self.status.last_error = None;
+        self.status.save(&self.cfg.state_dir)?;
+        self.reports.push(report);
+        if self.reports.len() > 10_000 {
+            self.reports.drain(..5_000);
+        }
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,204 @@
+//! The scan tracker and the read → hash → compress pipeline.
+//!
+//! Worker threads (one per core) take chunks of about 1 MiB of a volume, read
+//! them with `pread`, hash every block with BLAKE3, compare with the hashes of
+//! the last point, and compress changed blocks with zstd. Changed blocks go to
+//! the data streams holding a share of the in-flight window.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use pilotlight_protocol::block::{is_zero, zero_hash, Encoder};
+use pilotlight_protocol::frame::BlockFrame;
+use pilotlight_protocol::limits::{block_count, block_len, BLOCK_HEADER_LEN};
+use pilotlight_protocol::{BlockHash, Encoding};
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::link::Outgoing;
+use crate::AgentError;
+
+/// Bytes read per work unit.
+const CHUNK_BYTES: u64 = 1 << 20;
+
+/// One volume to scan in one cycle.
+pub struct ScanJob<'a> {
+    /// Index of the volume in the session.
+    pub vol_idx: u16,
+    /// Volume name (for errors).
+    pub name: &'a str,
+    /// What to read (the volume or its clone).
+    pub path: &'a Path,
+    /// Volume size.
+    pub size: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Hashes of the last point.
+    pub base: &'a [BlockHash],
+    /// The point's tag.
+    pub tag: u64,
+}
+
+/// What a scan found and sent.
+#[derive(Debug, Default)]
+pub struct ScanResult {
+    /// Changed blocks and their new hashes.
+    pub changed: Vec<(u64, BlockHash)>,
+    /// Encoded payload bytes sent.
+    pub payload_bytes: u64,
+    /// Bytes read from the volume.
+    pub bytes_read: u64,
+}
+
+/// Where scan workers send, and what stops them.
+pub struct Sink<'a> {
+    /// Data stream queue.
+    pub tx: &'a async_channel::Sender<Outgoing>,
+    /// In-flight window.
+    pub window: &'a Arc<Semaphore>,
+    /// Runtime handle to wait on the window from worker threads.
+    pub rt: &'a Handle,
+    /// Stops the scan.
+    pub stop: &'a CancellationToken,
+}
+
+/// Scan one volume with `workers` threads (blocking; call from a blocking task).
+pub fn scan(job: &ScanJob<'_>, sink: &Sink<'_>, workers: usize, level: i32) -> Result<ScanResult, AgentError> {
+    let src_err = |e| AgentError::Source { volume: job.name.to_owned(), path: job.path.to_owned(), source: e };
+    let file = File::open(job.path).map_err(src_err)?;
+    let blocks = block_count(job.size, job.block_size);
+    if job.base.len() as u64 != blocks {
+        return Err(AgentError::Protocol(format!("hash table of volume {} does not match its size", job.name)));
+    }
+    let per_chunk = (CHUNK_BYTES / u64::from(job.block_size)).max(1);
+    let chunks = blocks.div_ceil(per_chunk);
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<AgentError>> = Mutex::new(None);
+    let full_zero = zero_hash(job.block_size as usize);
+    let results: Vec<ScanResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = ScanResult::default();
+                    let r = worker(job, sink, &file, &next, chunks, per_chunk, full_zero, level, &failed, &mut out);
+                    if let Err(e) = r {
+                        failed.store(true, Ordering::Relaxed);
+                        if let Ok(mut slot) = first_error.lock() {
+                            slot.get_or_insert(e);
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    if let Some(e) = first_error.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    if results.len() != workers.max(1) {
+        return Err(AgentError::Protocol("a scan worker panicked".into()));
+    }
+    let mut total = ScanResult::default();
+    for r in results {
+        total.changed.extend(r.changed);
+        total.payload_bytes += r.payload_bytes;
+        total.bytes_read += r.bytes_read;
+    }
+    Ok(total)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    job: &ScanJob<'_>,
+    sink: &Sink<'_>,
+    file: &File,
+    next: &AtomicU64,
+    chunks: u64,
+    per_chunk: u64,
+    full_zero: BlockHash,
+    level: i32,
+    failed: &AtomicBool,
+    out: &mut ScanResult,
+) -> Result<(), AgentError> {
+    let src_err = |e| AgentError::Source { volume: job.name.to_owned(), path: job.path.to_owned(), source: e };
+    let mut encoder = Encoder::new(level).map_err(src_err)?;
+    let bs = u64::from(job.block_size);
+    let mut buf = vec![0u8; (per_chunk * bs) as usize];
+    loop {
+        if failed.load(Ordering::Relaxed) || sink.stop.is_cancelled() {
+            return Err(AgentError::Stopped);
+        }
+        let chunk = next.fetch_add(1, Ordering::Relaxed);
+        if chunk >= chunks {
+            return Ok(());
+        }
+        let first = chunk * per_chunk;
+        let offset = first * bs;
+        let len = (job.size - offset).min(per_chunk * bs) as usize;
+        let data = buf.get_mut(..len).ok_or_else(|| AgentError::Protocol("chunk larger than its buffer".into()))?;
+        file.read_exact_at(data, offset).map_err(src_err)?;
+        out.bytes_read += len as u64;
+        for (i, block) in data.chunks(job.block_size as usize).enumerate() {
+            let index = first + i as u64;
+            let blen = block_len(job.size, job.block_size, index) as usize;
+            let block = block.get(..blen).unwrap_or(block);
+            let zero = is_zero(block);
+            let hash = match (zero, blen == job.block_size as usize) {
+                (true, true) => full_zero,
+                (true, false) => zero_hash(blen),
+                (false, _) => BlockHash::of(block),
+            };
+            let Some(old) = job.base.get(index as usize) else { continue };
+            if *old == hash {
+                continue;
+            }
+            let (encoding, payload) = if zero {
+                (Encoding::Zero, Bytes::new())
+            } else {
+                let (e, p) = encoder.encode(block);
+                (e, Bytes::copy_from_slice(p))
+            };
+            out.payload_bytes += payload.len() as u64;
+            let cost = u32::try_from(payload.len() + BLOCK_HEADER_LEN).unwrap_or(u32::MAX);
+            let permit = sink
+                .rt
+                .block_on(sink.window.clone().acquire_many_owned(cost))
+                .map_err(|_| AgentError::Net(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "link closed")))?;
+            let frame = BlockFrame {
+                tag: job.tag,
+                volume: job.vol_idx,
+                encoding,
+                index,
+                raw_len: blen as u32,
+                hash,
+                payload,
+            };
+            sink.tx
+                .send_blocking(Outgoing { block: frame, permit })
+                .map_err(|_| AgentError::Net(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "link closed")))?;
+            out.changed.push((index, hash));
+        }
+    }
+}
+
+/// Hashes of an all-zero volume (the base when the receiver has nothing).
+pub fn zero_table(size: u64, block_size: u32) -> Vec<BlockHash> {
+    let full = zero_hash(block_size as usize);
+    (0..block_count(size, block_size))
+        .map(|i| {
+            let len = block_len(size, block_size, i);
+            if len == block_size {
+                full
+            } else {
+                zero_hash(len as usize)
+            }
+        })
+        .collect()
+}

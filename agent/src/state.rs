@@ -1,0 +1,172 @@
+//! The agent's durable state: for every volume, the BLAKE3 of each block as of
+//! the last point the receiver acknowledged `DURABLE`.
+//!
+//! ```text
+//! state.bin: magic "PLAGST01" | version u32 = 1 | store_id [16] | last_point u64
+//!            | volumes u32 | volume* | blake3 of everything before [32]
+//! volume:    name_len u8 | name | size u64 | block_size u32 | blocks u64 | hash [32] x blocks
+//! ```
+//!
+//! Written atomically: a new file is written and fsynced, renamed over the old
+//! one, and the directory fsynced. A file that fails its checksum is ignored
+//! (the agent then asks the receiver for its hashes).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use pilotlight_protocol::BlockHash;
+
+use crate::AgentError;
+
+const MAGIC: [u8; 8] = *b"PLAGST01";
+const VERSION: u32 = 1;
+/// File name of the state in the state directory.
+pub const STATE_FILE: &str = "state.bin";
+
+/// Hashes of one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeHashes {
+    /// Volume name.
+    pub name: String,
+    /// Volume size.
+    pub size: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Hash of every block.
+    pub hashes: Vec<BlockHash>,
+}
+
+/// The agent's durable state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentState {
+    /// Receiver store the state refers to.
+    pub store_id: [u8; 16],
+    /// Last durable point (0 = none).
+    pub last_point: u64,
+    /// Per-volume hashes.
+    pub volumes: Vec<VolumeHashes>,
+}
+
+fn state_err(path: &Path, e: std::io::Error) -> AgentError {
+    AgentError::State { path: path.to_owned(), source: e }
+}
+
+impl AgentState {
+    /// Load the state from `dir`; `None` if there is none or it is damaged.
+    pub fn load(dir: &Path) -> Result<Option<Self>, AgentError> {
+        let path = dir.join(STATE_FILE);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(state_err(&path, e)),
+        };
+        match Self::parse(&data) {
+            Some(s) => Ok(Some(s)),
+            None => {
+                tracing::warn!(path = %path.display(), "agent state is damaged; will resynchronise from the receiver");
+                Ok(None)
+            }
+        }
+    }
+
+    fn parse(data: &[u8]) -> Option<Self> {
+        let (body, sum) = data.split_at(data.len().checked_sub(32)?);
+        if blake3::hash(body).as_bytes() != sum {
+            return None;
+        }
+        let mut r = body;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            if r.len() < n {
+                return None;
+            }
+            let (h, t) = r.split_at(n);
+            r = t;
+            Some(h)
+        };
+        if take(8)? != MAGIC || u32::from_le_bytes(take(4)?.try_into().ok()?) != VERSION {
+            return None;
+        }
+        let store_id: [u8; 16] = take(16)?.try_into().ok()?;
+        let last_point = u64::from_le_bytes(take(8)?.try_into().ok()?);
+        let count = u32::from_le_bytes(take(4)?.try_into().ok()?);
+        let mut volumes = Vec::new();
+        for _ in 0..count {
+            let name_len = usize::from(*take(1)?.first()?);
+            let name = String::from_utf8(take(name_len)?.to_vec()).ok()?;
+            let size = u64::from_le_bytes(take(8)?.try_into().ok()?);
+            let block_size = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            let blocks = u64::from_le_bytes(take(8)?.try_into().ok()?);
+            let bytes = take(usize::try_from(blocks).ok()?.checked_mul(32)?)?;
+            let hashes = bytes.chunks_exact(32).filter_map(|c| c.try_into().ok().map(BlockHash)).collect();
+            volumes.push(VolumeHashes { name, size, block_size, hashes });
+        }
+        Some(Self { store_id, last_point, volumes })
+    }
+
+    fn serialize(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.store_id);
+        out.extend_from_slice(&self.last_point.to_le_bytes());
+        out.extend_from_slice(&(self.volumes.len() as u32).to_le_bytes());
+        for v in &self.volumes {
+            out.push(v.name.len() as u8);
+            out.extend_from_slice(v.name.as_bytes());
+            out.extend_from_slice(&v.size.to_le_bytes());
+            out.extend_from_slice(&v.block_size.to_le_bytes());
+            out.extend_from_slice(&(v.hashes.len() as u64).to_le_bytes());
+            for h in &v.hashes {
+                out.extend_from_slice(h.as_bytes());
+            }
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    /// Write the state to `dir` atomically (write, fsync, rename, fsync dir).
+    pub fn save(&self, dir: &Path) -> Result<(), AgentError> {
+        write_atomic(dir, STATE_FILE, &self.serialize())
+    }
+}
+
+/// Write `name` in `dir` atomically.
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<(), AgentError> {
+    std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+    let path: PathBuf = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = File::create(&tmp).map_err(|e| state_err(&tmp, e))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| state_err(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(|e| state_err(&path, e))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| state_err(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = AgentState {
+            store_id: [7; 16],
+            last_point: 42,
+            volumes: vec![VolumeHashes {
+                name: "root".into(),
+                size: 3 * 4096 + 5,
+                block_size: 4096,
+                hashes: vec![BlockHash([1; 32]), BlockHash([2; 32]), BlockHash([3; 32]), BlockHash([4; 32])],
+            }],
+        };
+        s.save(dir.path()).unwrap();
+        assert_eq!(AgentState::load(dir.path()).unwrap(), Some(s));
+        let p = dir.path().join(STATE_FILE);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[40] ^= 1;
+        std::fs::write(&p, bytes).unwrap();
+        assert_eq!(AgentState::load(dir.path()).unwrap(), None);
+    }
+}

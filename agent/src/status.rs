@@ -1,0 +1,75 @@
+//! `status.json` in the state directory: what the agent last did, for
+//! `pilotlight-agent status`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::write_atomic;
+use crate::AgentError;
+
+/// File name in the state directory.
+pub const STATUS_FILE: &str = "status.json";
+
+/// The agent's last reported status.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// `initial-sync`, `continuous`, `disconnected` or `stopped`.
+    pub state: String,
+    /// Receiver address.
+    pub receiver: String,
+    /// Last durable point id.
+    pub last_point: Option<u64>,
+    /// When the last durable point was taken (RFC 3339).
+    pub last_point_time: Option<String>,
+    /// Seconds between taking the last durable point and its ack.
+    pub last_point_lag_seconds: Option<f64>,
+    /// Points sent and not yet durable.
+    pub pending_points: usize,
+    /// Last error, if the agent is retrying.
+    pub last_error: Option<String>,
+    /// Volumes: name, size, block size.
+    pub volumes: Vec<StatusVolume>,
+    /// When this status was written (RFC 3339).
+    pub updated: String,
+}
+
+/// A volume in the status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusVolume {
+    /// Name.
+    pub name: String,
+    /// Path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl Status {
+    /// Write to the state directory.
+    pub fn save(&mut self, dir: &Path) -> Result<(), AgentError> {
+        self.updated = now_rfc3339();
+        let text = serde_json::to_vec_pretty(self).map_err(|e| AgentError::Config(format!("status: {e}")))?;
+        write_atomic(dir, STATUS_FILE, &text)
+    }
+
+    /// Read from the state directory.
+    pub fn load(dir: &Path) -> Result<Self, AgentError> {
+        let path = dir.join(STATUS_FILE);
+        let text = std::fs::read(&path).map_err(|e| AgentError::State { path: path.clone(), source: e })?;
+        serde_json::from_slice(&text).map_err(|e| AgentError::Config(format!("{} is not valid: {e}", path.display())))
+    }
+}
+
+/// Now, RFC 3339 UTC.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// RFC 3339 of milliseconds since the epoch.
+pub fn ms_rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
