@@ -44,7 +44,9 @@ impl std::str::FromStr for ConsistencyMode {
             "none" => Ok(Self::None),
             _ => match s.strip_prefix("freeze:") {
                 Some(m) if !m.is_empty() => Ok(Self::Freeze(PathBuf::from(m))),
-                _ => Err(format!("{s:?} is not one of auto, reflink, freeze:MOUNT, none")),
+                _ => Err(format!(
+                    "{s:?} is not one of auto, reflink, freeze:MOUNT, none"
+                )),
             },
         }
     }
@@ -63,7 +65,12 @@ pub struct Snapshot {
 
 impl Snapshot {
     fn live(paths: Vec<PathBuf>) -> Self {
-        Self { paths, consistency: Consistency::Fuzzy, clones: vec![], frozen: None }
+        Self {
+            paths,
+            consistency: Consistency::Fuzzy,
+            clones: vec![],
+            frozen: None,
+        }
     }
 
     /// Thaw a frozen filesystem now (reading is done). Idempotent.
@@ -88,7 +95,10 @@ impl Drop for Snapshot {
 }
 
 fn clone_path(src: &Path) -> PathBuf {
-    let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = src
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     src.with_file_name(format!(".{name}.pilotlight-clone"))
 }
 
@@ -108,17 +118,32 @@ fn reflink(src: &Path) -> std::io::Result<PathBuf> {
 }
 
 /// Prepare the sources of one cycle.
-pub fn prepare(mode: &ConsistencyMode, sources: &[(String, PathBuf, bool)]) -> Result<Snapshot, AgentError> {
-    let live = || sources.iter().map(|(_, p, _)| p.clone()).collect::<Vec<_>>();
+pub fn prepare(
+    mode: &ConsistencyMode,
+    sources: &[(String, PathBuf, bool)],
+) -> Result<Snapshot, AgentError> {
+    let live = || {
+        sources
+            .iter()
+            .map(|(_, p, _)| p.clone())
+            .collect::<Vec<_>>()
+    };
     match mode {
         ConsistencyMode::None => Ok(Snapshot::live(live())),
         ConsistencyMode::Auto | ConsistencyMode::Reflink => {
             let strict = *mode == ConsistencyMode::Reflink;
-            let mut snap = Snapshot { paths: Vec::new(), consistency: Consistency::Fuzzy, clones: vec![], frozen: None };
+            let mut snap = Snapshot {
+                paths: Vec::new(),
+                consistency: Consistency::Fuzzy,
+                clones: vec![],
+                frozen: None,
+            };
             for (name, path, is_device) in sources {
                 if *is_device {
                     if strict {
-                        return Err(AgentError::Consistency(format!("volume {name} is a block device; it cannot be reflinked")));
+                        return Err(AgentError::Consistency(format!(
+                            "volume {name} is a block device; it cannot be reflinked"
+                        )));
                     }
                     return Ok(Snapshot::live(live()));
                 }
@@ -128,7 +153,10 @@ pub fn prepare(mode: &ConsistencyMode, sources: &[(String, PathBuf, bool)]) -> R
                         snap.paths.push(c);
                     }
                     Err(e) if strict => {
-                        return Err(AgentError::Consistency(format!("cannot reflink {}: {e}", path.display())));
+                        return Err(AgentError::Consistency(format!(
+                            "cannot reflink {}: {e}",
+                            path.display()
+                        )));
                     }
                     Err(e) => {
                         tracing::debug!(cause = %e, "no reflink support; point will be fuzzy");
@@ -146,13 +174,20 @@ pub fn prepare(mode: &ConsistencyMode, sources: &[(String, PathBuf, bool)]) -> R
             Ok(snap)
         }
         ConsistencyMode::Freeze(mount) => {
-            let dir = File::open(mount)
-                .map_err(|e| AgentError::Consistency(format!("cannot open mount {}: {e}", mount.display())))?;
+            let dir = File::open(mount).map_err(|e| {
+                AgentError::Consistency(format!("cannot open mount {}: {e}", mount.display()))
+            })?;
             let mut arg: libc::c_int = 0;
             // SAFETY: FIFREEZE on a directory fd we opened; arg is a valid int.
-            unsafe { fifreeze(dir.as_raw_fd(), &mut arg) }
-                .map_err(|e| AgentError::Consistency(format!("cannot freeze {}: {e}", mount.display())))?;
-            Ok(Snapshot { paths: live(), consistency: Consistency::CrashConsistent, clones: vec![], frozen: Some(dir) })
+            unsafe { fifreeze(dir.as_raw_fd(), &mut arg) }.map_err(|e| {
+                AgentError::Consistency(format!("cannot freeze {}: {e}", mount.display()))
+            })?;
+            Ok(Snapshot {
+                paths: live(),
+                consistency: Consistency::CrashConsistent,
+                clones: vec![],
+                frozen: Some(dir),
+            })
         }
     }
 }

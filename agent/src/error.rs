@@ -65,7 +65,11 @@ impl AgentError {
             Self::Net(_) | Self::Resized(_) => true,
             Self::Remote { code, .. } => code.is_retryable() || *code == ErrorCode::Superseded,
             Self::Decode(_) | Self::Protocol(_) => true,
-            Self::Source { .. } | Self::State { .. } | Self::Consistency(_) | Self::Config(_) | Self::Stopped => false,
+            Self::Source { .. }
+            | Self::State { .. }
+            | Self::Consistency(_)
+            | Self::Config(_)
+            | Self::Stopped => false,
         }
     }
 }

@@ -21,14 +21,19 @@ pub fn client_config(path: &Path) -> Result<Arc<ClientConfig>, AgentError> {
     let pem = std::fs::read(path)
         .map_err(|e| AgentError::Config(format!("cannot read identity {}: {e}", path.display())))?;
     let bad = |what: &str| AgentError::Config(format!("identity {} {what}", path.display()));
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|_| bad("has a malformed certificate"))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad("has a malformed certificate"))?;
     let [agent, ca, ..] = certs.as_slice() else {
-        return Err(bad("must hold the agent certificate and the CA certificate"));
+        return Err(bad(
+            "must hold the agent certificate and the CA certificate",
+        ));
     };
     let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| bad("has no private key"))?;
     let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).map_err(|_| bad("has an unusable CA certificate"))?;
+    roots
+        .add(ca.clone())
+        .map_err(|_| bad("has an unusable CA certificate"))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -66,7 +66,12 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// A configuration with the documented defaults.
-    pub fn new(receiver: String, identity: PathBuf, state_dir: PathBuf, volumes: Vec<VolumeSpec>) -> Self {
+    pub fn new(
+        receiver: String,
+        identity: PathBuf,
+        state_dir: PathBuf,
+        volumes: Vec<VolumeSpec>,
+    ) -> Self {
         Self {
             receiver,
             identity,

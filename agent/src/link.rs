@@ -49,13 +49,21 @@ pub struct Counted {
 }
 
 impl AsyncRead for Counted {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Counted {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             self.written.fetch_add(*n as u64, Ordering::Relaxed);
@@ -127,7 +135,10 @@ fn codec_err(e: CodecError) -> AgentError {
 
 async fn read_frame(rd: &mut Reader) -> Result<Frame, AgentError> {
     match rd.next().await {
-        None => Err(AgentError::Net(io::Error::new(io::ErrorKind::UnexpectedEof, "receiver closed the connection"))),
+        None => Err(AgentError::Net(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "receiver closed the connection",
+        ))),
         Some(Err(e)) => Err(codec_err(e)),
         Some(Ok((_, Frame::Error { code, message }))) => Err(AgentError::Remote { code, message }),
         Some(Ok((_, f))) => Ok(f),
@@ -135,11 +146,20 @@ async fn read_frame(rd: &mut Reader) -> Result<Frame, AgentError> {
 }
 
 async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer), AgentError> {
-    let tcp = TcpStream::connect(&cfg.receiver).await.map_err(AgentError::Net)?;
+    let tcp = TcpStream::connect(&cfg.receiver)
+        .await
+        .map_err(AgentError::Net)?;
     let _ = tcp.set_nodelay(true);
-    let name = ServerName::try_from(RECEIVER_NAME).map_err(|e| AgentError::Config(format!("server name: {e}")))?;
+    let name = ServerName::try_from(RECEIVER_NAME)
+        .map_err(|e| AgentError::Config(format!("server name: {e}")))?;
     let tls = TlsConnector::from(cfg.tls.clone())
-        .connect(name, Counted { inner: tcp, written: cfg.wire_bytes.clone() })
+        .connect(
+            name,
+            Counted {
+                inner: tcp,
+                written: cfg.wire_bytes.clone(),
+            },
+        )
         .await
         .map_err(AgentError::Net)?;
     let (r, w) = tokio::io::split(tls);
@@ -148,8 +168,15 @@ async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer), AgentError> {
     wr.send(&Frame::hello()).await.map_err(codec_err)?;
     match read_frame(&mut rd).await? {
         Frame::Hello { version, .. } if version == VERSION => Ok((rd, wr)),
-        Frame::Hello { version, .. } => Err(DecodeError::BadVersion { got: version, supported: VERSION }.into()),
-        other => Err(AgentError::Protocol(format!("expected Hello, got {:?}", other.kind()))),
+        Frame::Hello { version, .. } => Err(DecodeError::BadVersion {
+            got: version,
+            supported: VERSION,
+        }
+        .into()),
+        other => Err(AgentError::Protocol(format!(
+            "expected Hello, got {:?}",
+            other.kind()
+        ))),
     }
 }
 
@@ -158,16 +185,34 @@ impl Link {
     pub async fn connect(cfg: &LinkConfig) -> Result<Self, AgentError> {
         tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(cfg))
             .await
-            .map_err(|_| AgentError::Net(io::Error::new(io::ErrorKind::TimedOut, "connecting to the receiver timed out")))?
+            .map_err(|_| {
+                AgentError::Net(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connecting to the receiver timed out",
+                ))
+            })?
     }
 
     async fn connect_inner(cfg: &LinkConfig) -> Result<Self, AgentError> {
         let (mut crd, mut cwr) = open_stream(cfg).await?;
-        let open = Frame::Open { streams: cfg.streams, commit: cfg.commit, volumes: cfg.volumes.clone() };
+        let open = Frame::Open {
+            streams: cfg.streams,
+            commit: cfg.commit,
+            volumes: cfg.volumes.clone(),
+        };
         cwr.send(&open).await.map_err(codec_err)?;
         let (session, store_id, last_point) = match read_frame(&mut crd).await? {
-            Frame::Welcome { session, store_id, last_point } => (session, store_id, last_point),
-            other => return Err(AgentError::Protocol(format!("expected Welcome, got {:?}", other.kind()))),
+            Frame::Welcome {
+                session,
+                store_id,
+                last_point,
+            } => (session, store_id, last_point),
+            other => {
+                return Err(AgentError::Protocol(format!(
+                    "expected Welcome, got {:?}",
+                    other.kind()
+                )))
+            }
         };
         let cancel = CancellationToken::new();
         let first_error = Arc::new(Mutex::new(None));
@@ -179,16 +224,43 @@ impl Link {
             wr.send(&Frame::Join { session }).await.map_err(codec_err)?;
             match read_frame(&mut rd).await? {
                 Frame::Joined => {}
-                other => return Err(AgentError::Protocol(format!("expected Joined, got {:?}", other.kind()))),
+                other => {
+                    return Err(AgentError::Protocol(format!(
+                        "expected Joined, got {:?}",
+                        other.kind()
+                    )))
+                }
             }
-            let fail = Failer { cancel: cancel.clone(), first_error: first_error.clone(), chan: data_tx.clone(), window: window.clone() };
+            let fail = Failer {
+                cancel: cancel.clone(),
+                first_error: first_error.clone(),
+                chan: data_tx.clone(),
+                window: window.clone(),
+            };
             tasks.spawn(data_stream(rd, wr, data_rx.clone(), cancel.clone(), fail));
         }
         let (ctrl_tx, ctrl_rx) = mpsc::channel(CONTROL_QUEUE);
-        let fail = Failer { cancel: cancel.clone(), first_error: first_error.clone(), chan: data_tx.clone(), window: window.clone() };
+        let fail = Failer {
+            cancel: cancel.clone(),
+            first_error: first_error.clone(),
+            chan: data_tx.clone(),
+            window: window.clone(),
+        };
         let mut reader = JoinSet::new();
         reader.spawn(control_reader(crd, ctrl_tx, cancel.clone(), fail));
-        Ok(Self { ctrl_wr: cwr, ctrl_rx, data_tx, window, tasks, reader, cancel, first_error, session, store_id, last_point })
+        Ok(Self {
+            ctrl_wr: cwr,
+            ctrl_rx,
+            data_tx,
+            window,
+            tasks,
+            reader,
+            cancel,
+            first_error,
+            session,
+            store_id,
+            last_point,
+        })
     }
 
     /// Send a control frame.
@@ -213,7 +285,12 @@ impl Link {
             .lock()
             .ok()
             .and_then(|mut e| e.take())
-            .unwrap_or_else(|| AgentError::Net(io::Error::new(io::ErrorKind::BrokenPipe, "link to the receiver closed")))
+            .unwrap_or_else(|| {
+                AgentError::Net(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "link to the receiver closed",
+                ))
+            })
     }
 
     /// End the session politely: the data streams say Goodbye and wait for
@@ -302,7 +379,10 @@ async fn data_stream(
     }
 }
 
-fn ack(frame: Frame, in_flight: &mut VecDeque<(u64, OwnedSemaphorePermit)>) -> Result<(), AgentError> {
+fn ack(
+    frame: Frame,
+    in_flight: &mut VecDeque<(u64, OwnedSemaphorePermit)>,
+) -> Result<(), AgentError> {
     match frame {
         Frame::Received { seq } => {
             while in_flight.front().is_some_and(|(s, _)| *s <= seq) {
@@ -310,7 +390,10 @@ fn ack(frame: Frame, in_flight: &mut VecDeque<(u64, OwnedSemaphorePermit)>) -> R
             }
             Ok(())
         }
-        other => Err(AgentError::Protocol(format!("unexpected {:?} on a data stream", other.kind()))),
+        other => Err(AgentError::Protocol(format!(
+            "unexpected {:?} on a data stream",
+            other.kind()
+        ))),
     }
 }
 

@@ -57,16 +57,32 @@ struct Volume {
 
 /// Replicate until `shutdown` (or, with `once`, until one point is durable).
 /// Returns the points made durable, oldest first.
-pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Vec<PointReport>, AgentError> {
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: CancellationToken,
+) -> Result<Vec<PointReport>, AgentError> {
     let tls = identity::client_config(&cfg.identity)?;
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| AgentError::State { path: cfg.state_dir.clone(), source: e })?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| AgentError::State {
+        path: cfg.state_dir.clone(),
+        source: e,
+    })?;
     let mut reports = Vec::new();
     let mut attempt = 0u32;
     let mut backoff = BACKOFF_START;
-    let mut status = Status { receiver: cfg.receiver.clone(), state: "initial-sync".into(), ..Status::default() };
+    let mut status = Status {
+        receiver: cfg.receiver.clone(),
+        state: "initial-sync".into(),
+        ..Status::default()
+    };
     loop {
-        let mut r = Replicator { cfg: &cfg, reports: &mut reports, status: &mut status, shutdown: &shutdown, durable_this_session: false, store_id: [0; 16] };
+        let mut r = Replicator {
+            cfg: &cfg,
+            reports: &mut reports,
+            status: &mut status,
+            shutdown: &shutdown,
+            durable_this_session: false,
+            store_id: [0; 16],
+        };
         let result = r.session(tls.clone()).await;
         let progressed = r.durable_this_session;
         match result {
@@ -93,7 +109,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<Vec<Po
                 status.state = "disconnected".into();
                 status.last_error = Some(e.to_string());
                 let _ = status.save(&cfg.state_dir);
-                let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+                let jitter = Duration::from_millis(
+                    rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1),
+                );
                 tracing::warn!(cause = %e, retry_in = ?(backoff + jitter), "replication interrupted; reconnecting");
                 tokio::select! {
                     () = tokio::time::sleep(backoff + jitter) => {}
@@ -120,7 +138,12 @@ impl Replicator<'_> {
     /// state when it matches the receiver's last durable point, otherwise the
     /// receiver's own hashes (checksum resync), or zeros when the receiver has
     /// nothing of this server.
-    async fn base(&mut self, link: &mut Link, vols: &[Volume], local: Option<AgentState>) -> Result<Vec<Vec<BlockHash>>, AgentError> {
+    async fn base(
+        &mut self,
+        link: &mut Link,
+        vols: &[Volume],
+        local: Option<AgentState>,
+    ) -> Result<Vec<Vec<BlockHash>>, AgentError> {
         self.store_id = link.store_id;
         let mut out = Vec::with_capacity(vols.len());
         for (i, v) in vols.iter().enumerate() {
@@ -132,7 +155,11 @@ impl Replicator<'_> {
             let trusted = local
                 .as_ref()
                 .filter(|s| s.store_id == link.store_id && s.last_point == link.last_point)
-                .and_then(|s| s.volumes.iter().find(|h| h.name == v.name && h.size == v.size && h.block_size == v.block_size))
+                .and_then(|s| {
+                    s.volumes.iter().find(|h| {
+                        h.name == v.name && h.size == v.size && h.block_size == v.block_size
+                    })
+                })
                 .filter(|h| h.hashes.len() == count);
             if let Some(h) = trusted {
                 out.push(h.hashes.clone());
@@ -144,16 +171,26 @@ impl Replicator<'_> {
             let mut table = zero_table(v.size, v.block_size);
             loop {
                 match link.recv().await? {
-                    Frame::Hashes { volume, start, hashes } if volume == idx => {
+                    Frame::Hashes {
+                        volume,
+                        start,
+                        hashes,
+                    } if volume == idx => {
                         for (k, h) in hashes.into_iter().enumerate() {
-                            if let Some(slot) = usize::try_from(start).ok().and_then(|s| table.get_mut(s + k)) {
+                            if let Some(slot) = usize::try_from(start)
+                                .ok()
+                                .and_then(|s| table.get_mut(s + k))
+                            {
                                 *slot = h;
                             }
                         }
                     }
                     Frame::HashesEnd { volume, .. } if volume == idx => break,
                     other => {
-                        return Err(AgentError::Protocol(format!("unexpected {:?} while fetching hashes", other.kind())))
+                        return Err(AgentError::Protocol(format!(
+                            "unexpected {:?} while fetching hashes",
+                            other.kind()
+                        )))
                     }
                 }
             }
@@ -189,8 +226,14 @@ impl Replicator<'_> {
             }
         }
         let wire = Arc::new(AtomicU64::new(0));
-        let decls: Vec<VolumeDecl> =
-            vols.iter().map(|v| VolumeDecl { name: v.name.clone(), size: v.size, block_size: v.block_size }).collect();
+        let decls: Vec<VolumeDecl> = vols
+            .iter()
+            .map(|v| VolumeDecl {
+                name: v.name.clone(),
+                size: v.size,
+                block_size: v.block_size,
+            })
+            .collect();
         let link_cfg = LinkConfig {
             receiver: self.cfg.receiver.clone(),
             tls,
@@ -200,9 +243,19 @@ impl Replicator<'_> {
             wire_bytes: wire.clone(),
         };
         let mut link = Link::connect(&link_cfg).await?;
-        tracing::info!(session = link.session, last_point = link.last_point, "connected to the receiver");
-        self.status.volumes =
-            vols.iter().map(|v| StatusVolume { name: v.name.clone(), path: v.path.display().to_string(), size: v.size }).collect();
+        tracing::info!(
+            session = link.session,
+            last_point = link.last_point,
+            "connected to the receiver"
+        );
+        self.status.volumes = vols
+            .iter()
+            .map(|v| StatusVolume {
+                name: v.name.clone(),
+                path: v.path.display().to_string(),
+                size: v.size,
+            })
+            .collect();
         let mut durable = self.base(&mut link, &vols, local).await?;
         let mut view = durable.clone();
         let mut pending: VecDeque<Pending> = VecDeque::new();
@@ -212,37 +265,70 @@ impl Replicator<'_> {
         } else {
             self.cfg.workers
         };
+        // The first point of a session also pays for the connection.
+        let mut wire_before = 0;
         loop {
             if self.shutdown.is_cancelled() {
-                self.drain(&mut link, &mut pending, &mut durable, &vols, usize::MAX).await?;
+                self.drain(&mut link, &mut pending, &mut durable, &vols, 0)
+                    .await?;
                 link.close().await;
                 return Ok(());
             }
             tag += 1;
-            let wire_before = wire.load(Ordering::Relaxed);
-            let sources: Vec<_> = vols.iter().map(|v| (v.name.clone(), v.path.clone(), v.is_device)).collect();
+            let sources: Vec<_> = vols
+                .iter()
+                .map(|v| (v.name.clone(), v.path.clone(), v.is_device))
+                .collect();
             let mode = self.cfg.consistency.clone();
             let mut snapshot = tokio::task::spawn_blocking(move || prepare(&mode, &sources))
                 .await
                 .map_err(|e| AgentError::Protocol(format!("snapshot task failed: {e}")))??;
             let created_ms = now_ms();
             let consistency = snapshot.consistency;
-            let mut report =
-                PointReport { point: 0, consistency, blocks_sent: 0, payload_bytes: 0, wire_bytes: 0, bytes_read: 0 };
+            let mut report = PointReport {
+                point: 0,
+                consistency,
+                blocks_sent: 0,
+                payload_bytes: 0,
+                wire_bytes: 0,
+                bytes_read: 0,
+            };
             let mut changes = Vec::with_capacity(vols.len());
             for (i, v) in vols.iter().enumerate() {
                 let (size, _) = volume::probe(&v.name, &v.path)?;
                 if size != v.size {
                     return Err(AgentError::Resized(v.name.clone()));
                 }
-                let path = snapshot.paths.get(i).cloned().unwrap_or_else(|| v.path.clone());
+                let path = snapshot
+                    .paths
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| v.path.clone());
                 let base = std::mem::take(&mut view[i]);
-                let (tx, window, stop) = (link.data_tx.clone(), link.window.clone(), self.shutdown.clone());
-                let (name, vsize, bs, level) = (v.name.clone(), v.size, v.block_size, self.cfg.zstd_level);
+                let (tx, window, stop) = (
+                    link.data_tx.clone(),
+                    link.window.clone(),
+                    self.shutdown.clone(),
+                );
+                let (name, vsize, bs, level) =
+                    (v.name.clone(), v.size, v.block_size, self.cfg.zstd_level);
                 let rt = tokio::runtime::Handle::current();
                 let (base, result) = tokio::task::spawn_blocking(move || {
-                    let job = ScanJob { vol_idx: i as u16, name: &name, path: &path, size: vsize, block_size: bs, base: &base, tag };
-                    let sink = Sink { tx: &tx, window: &window, rt: &rt, stop: &stop };
+                    let job = ScanJob {
+                        vol_idx: i as u16,
+                        name: &name,
+                        path: &path,
+                        size: vsize,
+                        block_size: bs,
+                        base: &base,
+                        tag,
+                    };
+                    let sink = Sink {
+                        tx: &tx,
+                        window: &window,
+                        rt: &rt,
+                        stop: &stop,
+                    };
                     let r = scan(&job, &sink, workers, level);
                     (base, r)
                 })
@@ -251,6 +337,14 @@ impl Replicator<'_> {
                 view[i] = base;
                 let result = match result {
                     Err(AgentError::Net(_)) => return Err(link.take_error()),
+                    Err(AgentError::Stopped) if self.shutdown.is_cancelled() => {
+                        // Abandon this cycle; finish the points already sent.
+                        drop(snapshot);
+                        self.drain(&mut link, &mut pending, &mut durable, &vols, 0)
+                            .await?;
+                        link.close().await;
+                        return Ok(());
+                    }
                     r => r?,
                 };
                 report.blocks_sent += result.changed.len() as u64;
@@ -260,8 +354,14 @@ impl Replicator<'_> {
             }
             snapshot.release_freeze();
             drop(snapshot);
-            link.send(&Frame::EndPoint { tag, blocks: report.blocks_sent, created_ms, consistency, commit: self.cfg.commit })
-                .await?;
+            link.send(&Frame::EndPoint {
+                tag,
+                blocks: report.blocks_sent,
+                created_ms,
+                consistency,
+                commit: self.cfg.commit,
+            })
+            .await?;
             for (table, ch) in view.iter_mut().zip(&changes) {
                 for &(i, h) in ch {
                     if let Some(slot) = table.get_mut(i as usize) {
@@ -269,11 +369,23 @@ impl Replicator<'_> {
                     }
                 }
             }
-            report.wire_bytes = wire.load(Ordering::Relaxed) - wire_before;
-            pending.push_back(Pending { tag, changes, report, created_ms });
+            let wire_now = wire.load(Ordering::Relaxed);
+            report.wire_bytes = wire_now - wire_before;
+            wire_before = wire_now;
+            pending.push_back(Pending {
+                tag,
+                changes,
+                report,
+                created_ms,
+            });
             self.status.pending_points = pending.len();
-            let keep = if self.cfg.once || self.cfg.commit == CommitMode::Sync { 0 } else { self.cfg.max_async_pending.max(1) - 1 };
-            self.drain(&mut link, &mut pending, &mut durable, &vols, keep).await?;
+            let keep = if self.cfg.once || self.cfg.commit == CommitMode::Sync {
+                0
+            } else {
+                self.cfg.max_async_pending.max(1) - 1
+            };
+            self.drain(&mut link, &mut pending, &mut durable, &vols, keep)
+                .await?;
             if self.cfg.once {
                 link.close().await;
                 return Ok(());
@@ -315,10 +427,15 @@ impl Replicator<'_> {
         vols: &[Volume],
     ) -> Result<(), AgentError> {
         let Frame::Durable { tag, point } = frame else {
-            return Err(AgentError::Protocol(format!("unexpected {:?} on the control connection", frame.kind())));
+            return Err(AgentError::Protocol(format!(
+                "unexpected {:?} on the control connection",
+                frame.kind()
+            )));
         };
         let Some(p) = pending.pop_front().filter(|p| p.tag == tag) else {
-            return Err(AgentError::Protocol(format!("Durable for tag {tag}, which is not the oldest pending point")));
+            return Err(AgentError::Protocol(format!(
+                "Durable for tag {tag}, which is not the oldest pending point"
+            )));
         };
         for (table, ch) in durable.iter_mut().zip(&p.changes) {
             for &(i, h) in ch {
@@ -333,14 +450,24 @@ impl Replicator<'_> {
             volumes: vols
                 .iter()
                 .zip(durable.iter())
-                .map(|(v, h)| VolumeHashes { name: v.name.clone(), size: v.size, block_size: v.block_size, hashes: h.clone() })
+                .map(|(v, h)| VolumeHashes {
+                    name: v.name.clone(),
+                    size: v.size,
+                    block_size: v.block_size,
+                    hashes: h.clone(),
+                })
                 .collect(),
         };
         state.save(&self.cfg.state_dir)?;
         self.durable_this_session = true;
         let mut report = p.report;
         report.point = point;
-        tracing::info!(point, blocks = report.blocks_sent, bytes = report.payload_bytes, "point durable");
+        tracing::info!(
+            point,
+            blocks = report.blocks_sent,
+            bytes = report.payload_bytes,
+            "point durable"
+        );
         self.status.state = "continuous".into();
         self.status.last_point = Some(point);
         self.status.last_point_time = Some(ms_rfc3339(p.created_ms));
@@ -357,5 +484,6 @@ impl Replicator<'_> {
 }
 
 fn now_ms() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
 }

@@ -68,12 +68,24 @@ pub struct Sink<'a> {
 }
 
 /// Scan one volume with `workers` threads (blocking; call from a blocking task).
-pub fn scan(job: &ScanJob<'_>, sink: &Sink<'_>, workers: usize, level: i32) -> Result<ScanResult, AgentError> {
-    let src_err = |e| AgentError::Source { volume: job.name.to_owned(), path: job.path.to_owned(), source: e };
+pub fn scan(
+    job: &ScanJob<'_>,
+    sink: &Sink<'_>,
+    workers: usize,
+    level: i32,
+) -> Result<ScanResult, AgentError> {
+    let src_err = |e| AgentError::Source {
+        volume: job.name.to_owned(),
+        path: job.path.to_owned(),
+        source: e,
+    };
     let file = File::open(job.path).map_err(src_err)?;
     let blocks = block_count(job.size, job.block_size);
     if job.base.len() as u64 != blocks {
-        return Err(AgentError::Protocol(format!("hash table of volume {} does not match its size", job.name)));
+        return Err(AgentError::Protocol(format!(
+            "hash table of volume {} does not match its size",
+            job.name
+        )));
     }
     let per_chunk = (CHUNK_BYTES / u64::from(job.block_size)).max(1);
     let chunks = blocks.div_ceil(per_chunk);
@@ -86,7 +98,10 @@ pub fn scan(job: &ScanJob<'_>, sink: &Sink<'_>, workers: usize, level: i32) -> R
             .map(|_| {
                 s.spawn(|| {
                     let mut out = ScanResult::default();
-                    let r = worker(job, sink, &file, &next, chunks, per_chunk, full_zero, level, &failed, &mut out);
+                    let r = worker(
+                        job, sink, &file, &next, chunks, per_chunk, full_zero, level, &failed,
+                        &mut out,
+                    );
                     if let Err(e) = r {
                         failed.store(true, Ordering::Relaxed);
                         if let Ok(mut slot) = first_error.lock() {
@@ -127,7 +142,11 @@ fn worker(
     failed: &AtomicBool,
     out: &mut ScanResult,
 ) -> Result<(), AgentError> {
-    let src_err = |e| AgentError::Source { volume: job.name.to_owned(), path: job.path.to_owned(), source: e };
+    let src_err = |e| AgentError::Source {
+        volume: job.name.to_owned(),
+        path: job.path.to_owned(),
+        source: e,
+    };
     let mut encoder = Encoder::new(level).map_err(src_err)?;
     let bs = u64::from(job.block_size);
     let mut buf = vec![0u8; (per_chunk * bs) as usize];
@@ -142,7 +161,9 @@ fn worker(
         let first = chunk * per_chunk;
         let offset = first * bs;
         let len = (job.size - offset).min(per_chunk * bs) as usize;
-        let data = buf.get_mut(..len).ok_or_else(|| AgentError::Protocol("chunk larger than its buffer".into()))?;
+        let data = buf
+            .get_mut(..len)
+            .ok_or_else(|| AgentError::Protocol("chunk larger than its buffer".into()))?;
         file.read_exact_at(data, offset).map_err(src_err)?;
         out.bytes_read += len as u64;
         for (i, block) in data.chunks(job.block_size as usize).enumerate() {
@@ -155,7 +176,9 @@ fn worker(
                 (true, false) => zero_hash(blen),
                 (false, _) => BlockHash::of(block),
             };
-            let Some(old) = job.base.get(index as usize) else { continue };
+            let Some(old) = job.base.get(index as usize) else {
+                continue;
+            };
             if *old == hash {
                 continue;
             }
@@ -170,7 +193,12 @@ fn worker(
             let permit = sink
                 .rt
                 .block_on(sink.window.clone().acquire_many_owned(cost))
-                .map_err(|_| AgentError::Net(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "link closed")))?;
+                .map_err(|_| {
+                    AgentError::Net(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "link closed",
+                    ))
+                })?;
             let frame = BlockFrame {
                 tag: job.tag,
                 volume: job.vol_idx,
@@ -181,8 +209,16 @@ fn worker(
                 payload,
             };
             sink.tx
-                .send_blocking(Outgoing { block: frame, permit })
-                .map_err(|_| AgentError::Net(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "link closed")))?;
+                .send_blocking(Outgoing {
+                    block: frame,
+                    permit,
+                })
+                .map_err(|_| {
+                    AgentError::Net(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "link closed",
+                    ))
+                })?;
             out.changed.push((index, hash));
         }
     }

@@ -49,7 +49,10 @@ pub struct AgentState {
 }
 
 fn state_err(path: &Path, e: std::io::Error) -> AgentError {
-    AgentError::State { path: path.to_owned(), source: e }
+    AgentError::State {
+        path: path.to_owned(),
+        source: e,
+    }
 }
 
 impl AgentState {
@@ -98,10 +101,22 @@ impl AgentState {
             let block_size = u32::from_le_bytes(take(4)?.try_into().ok()?);
             let blocks = u64::from_le_bytes(take(8)?.try_into().ok()?);
             let bytes = take(usize::try_from(blocks).ok()?.checked_mul(32)?)?;
-            let hashes = bytes.chunks_exact(32).filter_map(|c| c.try_into().ok().map(BlockHash)).collect();
-            volumes.push(VolumeHashes { name, size, block_size, hashes });
+            let hashes = bytes
+                .chunks_exact(32)
+                .filter_map(|c| c.try_into().ok().map(BlockHash))
+                .collect();
+            volumes.push(VolumeHashes {
+                name,
+                size,
+                block_size,
+                hashes,
+            });
         }
-        Some(Self { store_id, last_point, volumes })
+        Some(Self {
+            store_id,
+            last_point,
+            volumes,
+        })
     }
 
     fn serialize(&self) -> Vec<u8> {
@@ -138,10 +153,14 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<(), AgentErro
     let path: PathBuf = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = File::create(&tmp).map_err(|e| state_err(&tmp, e))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| state_err(&tmp, e))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| state_err(&tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(|e| state_err(&path, e))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| state_err(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| state_err(dir, e))
 }
 
 #[cfg(test)]
@@ -158,7 +177,12 @@ mod tests {
                 name: "root".into(),
                 size: 3 * 4096 + 5,
                 block_size: 4096,
-                hashes: vec![BlockHash([1; 32]), BlockHash([2; 32]), BlockHash([3; 32]), BlockHash([4; 32])],
+                hashes: vec![
+                    BlockHash([1; 32]),
+                    BlockHash([2; 32]),
+                    BlockHash([3; 32]),
+                    BlockHash([4; 32]),
+                ],
             }],
         };
         s.save(dir.path()).unwrap();

@@ -49,27 +49,37 @@ impl Status {
     /// Write to the state directory.
     pub fn save(&mut self, dir: &Path) -> Result<(), AgentError> {
         self.updated = now_rfc3339();
-        let text = serde_json::to_vec_pretty(self).map_err(|e| AgentError::Config(format!("status: {e}")))?;
+        let text = serde_json::to_vec_pretty(self)
+            .map_err(|e| AgentError::Config(format!("status: {e}")))?;
         write_atomic(dir, STATUS_FILE, &text)
     }
 
     /// Read from the state directory.
     pub fn load(dir: &Path) -> Result<Self, AgentError> {
         let path = dir.join(STATUS_FILE);
-        let text = std::fs::read(&path).map_err(|e| AgentError::State { path: path.clone(), source: e })?;
-        serde_json::from_slice(&text).map_err(|e| AgentError::Config(format!("{} is not valid: {e}", path.display())))
+        let text = std::fs::read(&path).map_err(|e| AgentError::State {
+            path: path.clone(),
+            source: e,
+        })?;
+        serde_json::from_slice(&text)
+            .map_err(|e| AgentError::Config(format!("{} is not valid: {e}", path.display())))
     }
 }
 
 /// Now, RFC 3339 UTC.
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// RFC 3339 of milliseconds since the epoch.
 pub fn ms_rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }

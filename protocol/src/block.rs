@@ -75,7 +75,9 @@ pub enum BlockError {
 /// Is every byte of `data` zero? Fast: compares 64-byte chunks.
 pub fn is_zero(data: &[u8]) -> bool {
     let (chunks, tail) = data.split_at(data.len() - data.len() % 64);
-    chunks.chunks_exact(64).all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
+    chunks
+        .chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
         && tail.iter().all(|&b| b == 0)
 }
 
@@ -104,7 +106,10 @@ pub struct Encoder {
 impl Encoder {
     /// An encoder at zstd `level` (1 is the fast default).
     pub fn new(level: i32) -> std::io::Result<Self> {
-        Ok(Self { compressor: zstd::bulk::Compressor::new(level)?, out: Vec::new() })
+        Ok(Self {
+            compressor: zstd::bulk::Compressor::new(level)?,
+            out: Vec::new(),
+        })
     }
 
     /// Encode a non-zero raw block: zstd if that saves space, raw otherwise.
@@ -128,7 +133,9 @@ pub struct Decoder {
 impl Decoder {
     /// A new decoder.
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { decompressor: zstd::bulk::Decompressor::new()? })
+        Ok(Self {
+            decompressor: zstd::bulk::Decompressor::new()?,
+        })
     }
 
     /// Decode `payload` into `out` (cleared first), never growing it past
@@ -200,7 +207,12 @@ mod tests {
     fn round_trip_compressible_and_random() {
         let mut enc = Encoder::new(1).unwrap();
         let mut dec = Decoder::new().unwrap();
-        let text: Vec<u8> = b"pilot light ".iter().cycle().take(65536).copied().collect();
+        let text: Vec<u8> = b"pilot light "
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
         let mut x = 0x1234_5678_u64;
         let random: Vec<u8> = (0..65536)
             .map(|_| {
@@ -216,7 +228,8 @@ mod tests {
             assert_eq!(e, want);
             let payload = payload.to_vec();
             let mut out = Vec::new();
-            dec.decode(e, &payload, data.len() as u32, &hash, &mut out).unwrap();
+            dec.decode(e, &payload, data.len() as u32, &hash, &mut out)
+                .unwrap();
             assert_eq!(&out, data);
         }
     }
@@ -227,9 +240,19 @@ mod tests {
         let bomb = zstd::bulk::compress(&big, 19).unwrap();
         let mut dec = Decoder::new().unwrap();
         let mut out = Vec::new();
-        let err = dec.decode(Encoding::Zstd, &bomb, 4096, &BlockHash::of(&big[..4096]), &mut out);
+        let err = dec.decode(
+            Encoding::Zstd,
+            &bomb,
+            4096,
+            &BlockHash::of(&big[..4096]),
+            &mut out,
+        );
         assert_eq!(err, Err(BlockError::Decompress { raw_len: 4096 }));
-        assert!(out.capacity() < 1 << 20, "decoder reserved {} bytes", out.capacity());
+        assert!(
+            out.capacity() < 1 << 20,
+            "decoder reserved {} bytes",
+            out.capacity()
+        );
     }
 
     #[test]

@@ -95,7 +95,10 @@ impl ErrorCode {
 
     /// Whether an agent should reconnect and try again after this error.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::Storage | Self::Busy | Self::Timeout | Self::Shutdown)
+        matches!(
+            self,
+            Self::Storage | Self::Busy | Self::Timeout | Self::Shutdown
+        )
     }
 }
 
@@ -191,26 +194,66 @@ pub struct BlockFrame {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub enum Frame {
-    Hello { version: u16, features: u32 },
-    Error { code: ErrorCode, message: String },
-    Open { streams: u16, commit: CommitMode, volumes: Vec<VolumeDecl> },
-    Welcome { session: u64, store_id: [u8; 16], last_point: u64 },
-    Join { session: u64 },
+    Hello {
+        version: u16,
+        features: u32,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Open {
+        streams: u16,
+        commit: CommitMode,
+        volumes: Vec<VolumeDecl>,
+    },
+    Welcome {
+        session: u64,
+        store_id: [u8; 16],
+        last_point: u64,
+    },
+    Join {
+        session: u64,
+    },
     Joined,
     Block(BlockFrame),
-    Received { seq: u64 },
-    EndPoint { tag: u64, blocks: u64, created_ms: i64, consistency: Consistency, commit: CommitMode },
-    Durable { tag: u64, point: u64 },
-    GetHashes { volume: u16 },
-    Hashes { volume: u16, start: u64, hashes: Vec<BlockHash> },
-    HashesEnd { volume: u16, point: u64, blocks: u64 },
+    Received {
+        seq: u64,
+    },
+    EndPoint {
+        tag: u64,
+        blocks: u64,
+        created_ms: i64,
+        consistency: Consistency,
+        commit: CommitMode,
+    },
+    Durable {
+        tag: u64,
+        point: u64,
+    },
+    GetHashes {
+        volume: u16,
+    },
+    Hashes {
+        volume: u16,
+        start: u64,
+        hashes: Vec<BlockHash>,
+    },
+    HashesEnd {
+        volume: u16,
+        point: u64,
+        blocks: u64,
+    },
     Goodbye,
 }
 
 impl Frame {
     /// The `Hello` this build sends.
     pub fn hello() -> Self {
-        Self::Hello { version: VERSION, features: 0 }
+        Self::Hello {
+            version: VERSION,
+            features: 0,
+        }
     }
 
     /// This frame's kind.
@@ -270,7 +313,11 @@ impl Frame {
                 dst.put_u16_le(end as u16);
                 dst.put_slice(&message.as_bytes()[..end]);
             }
-            Self::Open { streams, commit, volumes } => {
+            Self::Open {
+                streams,
+                commit,
+                volumes,
+            } => {
                 dst.put_u16_le(*streams);
                 dst.put_u8(*commit as u8);
                 dst.put_u16_le(volumes.len() as u16);
@@ -282,7 +329,11 @@ impl Frame {
                     dst.put_u32_le(v.block_size);
                 }
             }
-            Self::Welcome { session, store_id, last_point } => {
+            Self::Welcome {
+                session,
+                store_id,
+                last_point,
+            } => {
                 dst.put_u64_le(*session);
                 dst.put_slice(store_id);
                 dst.put_u64_le(*last_point);
@@ -294,7 +345,13 @@ impl Frame {
                 dst.put_slice(&b.payload);
             }
             Self::Received { seq } => dst.put_u64_le(*seq),
-            Self::EndPoint { tag, blocks, created_ms, consistency, commit } => {
+            Self::EndPoint {
+                tag,
+                blocks,
+                created_ms,
+                consistency,
+                commit,
+            } => {
                 dst.put_u64_le(*tag);
                 dst.put_u64_le(*blocks);
                 dst.put_i64_le(*created_ms);
@@ -306,14 +363,22 @@ impl Frame {
                 dst.put_u64_le(*point);
             }
             Self::GetHashes { volume } => dst.put_u16_le(*volume),
-            Self::Hashes { volume, start, hashes } => {
+            Self::Hashes {
+                volume,
+                start,
+                hashes,
+            } => {
                 dst.put_u16_le(*volume);
                 dst.put_u64_le(*start);
                 for h in hashes {
                     dst.put_slice(h.as_bytes());
                 }
             }
-            Self::HashesEnd { volume, point, blocks } => {
+            Self::HashesEnd {
+                volume,
+                point,
+                blocks,
+            } => {
                 dst.put_u16_le(*volume);
                 dst.put_u64_le(*point);
                 dst.put_u64_le(*blocks);
@@ -424,10 +489,18 @@ impl Frame {
                     if size > crate::limits::MAX_VOLUME_SIZE {
                         return Err(DecodeError::Invalid("volume size"));
                     }
-                    volumes.push(VolumeDecl { name: name.to_owned(), size, block_size });
+                    volumes.push(VolumeDecl {
+                        name: name.to_owned(),
+                        size,
+                        block_size,
+                    });
                 }
                 r.finish()?;
-                Frame::Open { streams, commit, volumes }
+                Frame::Open {
+                    streams,
+                    commit,
+                    volumes,
+                }
             }
             Kind::Welcome => {
                 let mut r = Reader::new(&body, "Welcome");
@@ -435,7 +508,11 @@ impl Frame {
                 let store_id = r.array()?;
                 let last_point = r.u64()?;
                 r.finish()?;
-                Frame::Welcome { session, store_id, last_point }
+                Frame::Welcome {
+                    session,
+                    store_id,
+                    last_point,
+                }
             }
             Kind::Join => {
                 let mut r = Reader::new(&body, "Join");
@@ -466,7 +543,13 @@ impl Frame {
                 let consistency = Consistency::from_u8(r.u8()?)?;
                 let commit = CommitMode::from_u8(r.u8()?)?;
                 r.finish()?;
-                Frame::EndPoint { tag, blocks, created_ms, consistency, commit }
+                Frame::EndPoint {
+                    tag,
+                    blocks,
+                    created_ms,
+                    consistency,
+                    commit,
+                }
             }
             Kind::Durable => {
                 let mut r = Reader::new(&body, "Durable");
@@ -497,7 +580,11 @@ impl Frame {
                     hashes.push(BlockHash(r.array()?));
                 }
                 r.finish()?;
-                Frame::Hashes { volume, start, hashes }
+                Frame::Hashes {
+                    volume,
+                    start,
+                    hashes,
+                }
             }
             Kind::HashesEnd => {
                 let mut r = Reader::new(&body, "HashesEnd");
@@ -505,7 +592,11 @@ impl Frame {
                 let point = r.u64()?;
                 let blocks = r.u64()?;
                 r.finish()?;
-                Frame::HashesEnd { volume, point, blocks }
+                Frame::HashesEnd {
+                    volume,
+                    point,
+                    blocks,
+                }
             }
         };
         Ok(frame)
@@ -540,7 +631,9 @@ impl BlockFrame {
         let hash = BlockHash(r.array()?);
         let payload_len = r.rest().len();
         match encoding {
-            Encoding::Zero if payload_len != 0 => return Err(DecodeError::TrailingData("zero block")),
+            Encoding::Zero if payload_len != 0 => {
+                return Err(DecodeError::TrailingData("zero block"))
+            }
             Encoding::Raw if payload_len != raw_len as usize => {
                 return Err(DecodeError::Invalid("raw block length"))
             }
@@ -550,7 +643,15 @@ impl BlockFrame {
             _ => {}
         }
         let payload = body.slice(body.len() - payload_len..);
-        Ok(Self { tag, volume, encoding, index, raw_len, hash, payload })
+        Ok(Self {
+            tag,
+            volume,
+            encoding,
+            index,
+            raw_len,
+            hash,
+            payload,
+        })
     }
 }
 
@@ -571,7 +672,10 @@ mod tests {
         buf.put_u8(Kind::Block as u8);
         buf.put_bytes(0, 11);
         let cap = buf.capacity();
-        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::TooLarge(u32::MAX as usize)));
+        assert_eq!(
+            Frame::decode(&mut buf),
+            Err(DecodeError::TooLarge(u32::MAX as usize))
+        );
         assert_eq!(buf.capacity(), cap);
     }
 

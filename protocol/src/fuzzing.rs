@@ -23,7 +23,9 @@ pub fn decode_frames(data: &[u8]) {
 /// length taken from the input; it must never panic nor grow its buffer past
 /// the declared length.
 pub fn decode_block(data: &[u8]) {
-    let Some((&len_byte, rest)) = data.split_first() else { return };
+    let Some((&len_byte, rest)) = data.split_first() else {
+        return;
+    };
     let raw_len = (u32::from(len_byte) + 1) * 512;
     let Ok(mut dec) = Decoder::new() else { return };
     let mut out = Vec::new();

@@ -15,7 +15,10 @@ use crate::{pki, ReceiveError};
 /// an empty catalog and the `packs/` and `staging/` folders.
 pub fn init(dir: &Path, listen: Option<&str>) -> Result<(), ReceiveError> {
     if dir.join(CONFIG_FILE).exists() || dir.join("ca.pem").exists() {
-        return Err(ReceiveError::Refused(format!("{} is already a receiver directory", dir.display())));
+        return Err(ReceiveError::Refused(format!(
+            "{} is already a receiver directory",
+            dir.display()
+        )));
     }
     for sub in ["", "packs", "staging"] {
         let p = dir.join(sub);
@@ -32,9 +35,15 @@ pub fn init(dir: &Path, listen: Option<&str>) -> Result<(), ReceiveError> {
         }
     }
     pki::create_ca(dir, &ips)?;
-    let text = toml::to_string_pretty(&cfg).map_err(|e| ReceiveError::Config(format!("writing {CONFIG_FILE}: {e}")))?;
-    let header = "# pilotlight receiver configuration. Flags on the command line override these keys.\n";
-    pki::write_new(&dir.join(CONFIG_FILE), format!("{header}{text}").as_bytes(), 0o644)?;
+    let text = toml::to_string_pretty(&cfg)
+        .map_err(|e| ReceiveError::Config(format!("writing {CONFIG_FILE}: {e}")))?;
+    let header =
+        "# pilotlight receiver configuration. Flags on the command line override these keys.\n";
+    pki::write_new(
+        &dir.join(CONFIG_FILE),
+        format!("{header}{text}").as_bytes(),
+        0o644,
+    )?;
     let mut cat = Catalog::open(&dir.join(CATALOG_FILE))?;
     cat.store_id()?;
     crate::store::sync_dir(dir)?;
@@ -60,7 +69,9 @@ pub fn enroll(dir: &Path, server: &str, out: &Path) -> Result<(), ReceiveError> 
 pub fn revoke(dir: &Path, server: &str) -> Result<(), ReceiveError> {
     let store = Store::open(dir)?;
     if !store.catalog()?.revoke(server)? {
-        return Err(ReceiveError::NotFound(format!("there is no server named {server} on this receiver")));
+        return Err(ReceiveError::NotFound(format!(
+            "there is no server named {server} on this receiver"
+        )));
     }
     Ok(())
 }
@@ -70,7 +81,9 @@ pub fn points(dir: &Path, server: Option<&str>) -> Result<Vec<PointInfo>, Receiv
     let store = Store::open(dir)?;
     if let Some(s) = server {
         if store.catalog()?.server(s)?.is_none() {
-            return Err(ReceiveError::NotFound(format!("there is no server named {s} on this receiver")));
+            return Err(ReceiveError::NotFound(format!(
+                "there is no server named {s} on this receiver"
+            )));
         }
     }
     let points = store.catalog()?.points(server)?;

@@ -212,20 +212,29 @@ impl Catalog {
 
     /// The store id, created on first use.
     pub fn store_id(&mut self) -> Result<[u8; 16], ReceiveError> {
-        let existing: Option<String> =
-            self.conn.query_row("SELECT value FROM meta WHERE key='store_id'", [], |r| r.get(0)).optional()?;
+        let existing: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key='store_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
         let hex = match existing {
             Some(h) => h,
             None => {
                 let id: [u8; 16] = rand::random();
                 let h = hex(&id);
-                self.conn.execute("INSERT INTO meta(key, value) VALUES('store_id', ?1)", params![h])?;
+                self.conn.execute(
+                    "INSERT INTO meta(key, value) VALUES('store_id', ?1)",
+                    params![h],
+                )?;
                 h
             }
         };
         let mut out = [0u8; 16];
         if hex.len() != 32 {
-            return Err(ReceiveError::Corrupt("store id in catalog is malformed".into()));
+            return Err(ReceiveError::Corrupt(
+                "store id in catalog is malformed".into(),
+            ));
         }
         for (i, o) in out.iter_mut().enumerate() {
             *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
@@ -246,7 +255,10 @@ impl Catalog {
 
     /// Revoke the current identity of `name`.
     pub fn revoke(&mut self, name: &str) -> Result<bool, ReceiveError> {
-        let n = self.conn.execute("UPDATE servers SET revoked=1, cert_serial=NULL WHERE name=?1", params![name])?;
+        let n = self.conn.execute(
+            "UPDATE servers SET revoked=1, cert_serial=NULL WHERE name=?1",
+            params![name],
+        )?;
         Ok(n > 0)
     }
 
@@ -254,17 +266,33 @@ impl Catalog {
     pub fn server(&self, name: &str) -> Result<Option<ServerRow>, ReceiveError> {
         Ok(self
             .conn
-            .query_row("SELECT id, name, cert_serial, revoked FROM servers WHERE name=?1", params![name], |r| {
-                Ok(ServerRow { id: r.get(0)?, name: r.get(1)?, cert_serial: r.get(2)?, revoked: r.get::<_, i64>(3)? != 0 })
-            })
+            .query_row(
+                "SELECT id, name, cert_serial, revoked FROM servers WHERE name=?1",
+                params![name],
+                |r| {
+                    Ok(ServerRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        cert_serial: r.get(2)?,
+                        revoked: r.get::<_, i64>(3)? != 0,
+                    })
+                },
+            )
             .optional()?)
     }
 
     /// All servers, by name.
     pub fn servers(&self) -> Result<Vec<ServerRow>, ReceiveError> {
-        let mut st = self.conn.prepare("SELECT id, name, cert_serial, revoked FROM servers ORDER BY name")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT id, name, cert_serial, revoked FROM servers ORDER BY name")?;
         let rows = st.query_map([], |r| {
-            Ok(ServerRow { id: r.get(0)?, name: r.get(1)?, cert_serial: r.get(2)?, revoked: r.get::<_, i64>(3)? != 0 })
+            Ok(ServerRow {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                cert_serial: r.get(2)?,
+                revoked: r.get::<_, i64>(3)? != 0,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -291,7 +319,13 @@ impl Catalog {
     }
 
     /// Find or create a volume; the block size of an existing volume is fixed.
-    pub fn ensure_volume(&mut self, server_id: i64, name: &str, block_size: u32, size: u64) -> Result<VolumeRow, ReceiveError> {
+    pub fn ensure_volume(
+        &mut self,
+        server_id: i64,
+        name: &str,
+        block_size: u32,
+        size: u64,
+    ) -> Result<VolumeRow, ReceiveError> {
         if let Some(v) = self.volume(server_id, name)? {
             if v.block_size != block_size {
                 return Err(ReceiveError::Protocol(format!(
@@ -311,14 +345,18 @@ impl Catalog {
 
     /// The newest point of a server.
     pub fn latest_point(&self, server_id: i64) -> Result<Option<i64>, ReceiveError> {
-        Ok(self
-            .conn
-            .query_row("SELECT max(id) FROM points WHERE server_id=?1", params![server_id], |r| r.get(0))?)
+        Ok(self.conn.query_row(
+            "SELECT max(id) FROM points WHERE server_id=?1",
+            params![server_id],
+            |r| r.get(0),
+        )?)
     }
 
     /// Record a point atomically; returns its id.
     pub fn commit_point(&mut self, p: &NewPoint<'_>) -> Result<i64, ReceiveError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO points(server_id, created_ms, consistency, commit_mode) VALUES(?1, ?2, ?3, ?4)",
             params![p.server_id, p.created_ms, p.consistency, p.commit],
@@ -331,9 +369,17 @@ impl Catalog {
             )?;
             for b in p.blocks {
                 let Some(&(volume_id, _)) = p.volumes.get(usize::from(b.volume)) else {
-                    return Err(ReceiveError::Corrupt(format!("block refers to undeclared volume {}", b.volume)));
+                    return Err(ReceiveError::Corrupt(format!(
+                        "block refers to undeclared volume {}",
+                        b.volume
+                    )));
                 };
-                ins.execute(params![volume_id, b.index as i64, point_id, b.hash.as_ref().map(|h| &h.0[..])])?;
+                ins.execute(params![
+                    volume_id,
+                    b.index as i64,
+                    point_id,
+                    b.hash.as_ref().map(|h| &h.0[..])
+                ])?;
                 if let Some(c) = counts.get_mut(usize::from(b.volume)) {
                     c.0 += 1;
                     c.1 += u64::from(b.raw_len);
@@ -344,7 +390,13 @@ impl Catalog {
             )?;
             let mut vs = tx.prepare_cached("UPDATE volumes SET size=?2 WHERE id=?1")?;
             for (&(volume_id, size), &(blocks, bytes)) in p.volumes.iter().zip(&counts) {
-                pv.execute(params![point_id, volume_id, size as i64, blocks as i64, bytes as i64])?;
+                pv.execute(params![
+                    point_id,
+                    volume_id,
+                    size as i64,
+                    blocks as i64,
+                    bytes as i64
+                ])?;
                 vs.execute(params![volume_id, size as i64])?;
             }
             let mut nb = tx.prepare_cached(
@@ -374,18 +426,28 @@ impl Catalog {
 
     /// Record that the staging image of a volume equals `point`.
     pub fn set_staging_point(&mut self, volume_id: i64, point: i64) -> Result<(), ReceiveError> {
-        self.conn.execute("UPDATE volumes SET staging_point=?2 WHERE id=?1", params![volume_id, point])?;
+        self.conn.execute(
+            "UPDATE volumes SET staging_point=?2 WHERE id=?1",
+            params![volume_id, point],
+        )?;
         Ok(())
     }
 
     /// Every stored block (hash and location), for the in-memory index.
     pub fn all_blocks(&self) -> Result<Vec<(BlockHash, BlockLoc)>, ReceiveError> {
-        let mut st = self.conn.prepare("SELECT hash, pack_id, offset, stored_len, raw_len, encoding FROM blocks")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT hash, pack_id, offset, stored_len, raw_len, encoding FROM blocks")?;
         let mut rows = st.query([])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
-            let Some(h) = hash_from_blob(Some(r.get(0)?))? else { continue };
-            out.push((h, block_loc(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)?));
+            let Some(h) = hash_from_blob(Some(r.get(0)?))? else {
+                continue;
+            };
+            out.push((
+                h,
+                block_loc(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)?,
+            ));
         }
         Ok(out)
     }
@@ -394,25 +456,41 @@ impl Catalog {
     pub fn block(&self, hash: &BlockHash) -> Result<Option<BlockLoc>, ReceiveError> {
         let row = self
             .conn
-            .prepare_cached("SELECT pack_id, offset, stored_len, raw_len, encoding FROM blocks WHERE hash=?1")?
+            .prepare_cached(
+                "SELECT pack_id, offset, stored_len, raw_len, encoding FROM blocks WHERE hash=?1",
+            )?
             .query_row(params![&hash.0[..]], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, u32>(3)?, r.get::<_, i64>(4)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, u32>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
             })
             .optional()?;
-        row.map(|(p, o, s, r, e)| block_loc(p, o, s, r, e)).transpose()
+        row.map(|(p, o, s, r, e)| block_loc(p, o, s, r, e))
+            .transpose()
     }
 
     /// Committed length of every pack.
     pub fn packs(&self) -> Result<Vec<(u64, u64)>, ReceiveError> {
         let mut st = self.conn.prepare("SELECT id, committed_len FROM packs")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Block contents of a volume at point `point`: `(index, hash)` in index
     /// order for every block that has a row (absent blocks are zeros; `None`
     /// hashes are zero blocks).
-    pub fn block_map(&self, volume_id: i64, point: i64, after: i64) -> Result<Vec<(u64, Option<BlockHash>)>, ReceiveError> {
+    pub fn block_map(
+        &self,
+        volume_id: i64,
+        point: i64,
+        after: i64,
+    ) -> Result<Vec<(u64, Option<BlockHash>)>, ReceiveError> {
         let mut st = self.conn.prepare_cached(
             "SELECT block_index, hash FROM point_blocks
              WHERE volume_id=?1 AND point_id<=?2 AND point_id>?3
@@ -480,8 +558,20 @@ fn volume_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeRow> {
     })
 }
 
-fn block_loc(pack: i64, offset: i64, stored_len: u32, raw_len: u32, encoding: i64) -> Result<BlockLoc, ReceiveError> {
-    Ok(BlockLoc { pack: pack as u64, offset: offset as u64, stored_len, raw_len, encoding: encoding_from_i64(encoding)? })
+fn block_loc(
+    pack: i64,
+    offset: i64,
+    stored_len: u32,
+    raw_len: u32,
+    encoding: i64,
+) -> Result<BlockLoc, ReceiveError> {
+    Ok(BlockLoc {
+        pack: pack as u64,
+        offset: offset as u64,
+        stored_len,
+        raw_len,
+        encoding: encoding_from_i64(encoding)?,
+    })
 }
 
 /// Lowercase hex of bytes.
@@ -493,5 +583,6 @@ pub fn hex(bytes: &[u8]) -> String {
 pub fn rfc3339(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }

@@ -71,7 +71,10 @@ pub enum ReceiveError {
 impl ReceiveError {
     /// Shorthand for a storage error on `path`.
     pub fn storage(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Storage { path: path.into(), source }
+        Self::Storage {
+            path: path.into(),
+            source,
+        }
     }
 
     /// Whether the agent may reconnect and try the same again.

@@ -64,7 +64,13 @@ pub fn parse_pack_name(name: &str) -> Option<u64> {
     name.strip_suffix(".pack")?.parse().ok()
 }
 
-fn encode_record_header(hash: &BlockHash, encoding: Encoding, raw_len: u32, stored_len: u32, out: &mut Vec<u8>) {
+fn encode_record_header(
+    hash: &BlockHash,
+    encoding: Encoding,
+    raw_len: u32,
+    stored_len: u32,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(&RECORD_MAGIC);
     out.push(encoding as u8);
     out.extend_from_slice(&[0, 0, 0]);
@@ -94,7 +100,11 @@ pub struct OpenPack {
 impl PackWriter {
     /// A writer that creates packs under `dir/packs`.
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_owned(), current: None, buf: Vec::with_capacity(RECORD_HEADER_LEN + (4 << 20)) }
+        Self {
+            dir: dir.to_owned(),
+            current: None,
+            buf: Vec::with_capacity(RECORD_HEADER_LEN + (4 << 20)),
+        }
     }
 
     /// Append one record; `next_id` allocates a pack id when a new pack is
@@ -107,7 +117,11 @@ impl PackWriter {
         payload: &[u8],
         next_id: impl FnOnce() -> u64,
     ) -> Result<(BlockLoc, OpenPack), ReceiveError> {
-        if self.current.as_ref().is_none_or(|p| p.len >= PACK_TARGET_LEN) {
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|p| p.len >= PACK_TARGET_LEN)
+        {
             let id = next_id();
             let path = pack_path(&self.dir, id);
             let file = File::options()
@@ -119,8 +133,13 @@ impl PackWriter {
             let mut head = Vec::with_capacity(PACK_HEADER_LEN as usize);
             head.extend_from_slice(&PACK_MAGIC);
             head.extend_from_slice(&0u64.to_le_bytes());
-            file.write_all_at(&head, 0).map_err(|e| ReceiveError::storage(&path, e))?;
-            self.current = Some(OpenPack { id, file: Arc::new(file), len: PACK_HEADER_LEN });
+            file.write_all_at(&head, 0)
+                .map_err(|e| ReceiveError::storage(&path, e))?;
+            self.current = Some(OpenPack {
+                id,
+                file: Arc::new(file),
+                len: PACK_HEADER_LEN,
+            });
         }
         let stored_len = u32::try_from(payload.len())
             .map_err(|_| ReceiveError::Protocol("payload too large".into()))?;
@@ -135,7 +154,13 @@ impl PackWriter {
             .write_all_at(&self.buf, offset)
             .map_err(|e| ReceiveError::storage(pack_path(&self.dir, pack.id), e))?;
         pack.len += self.buf.len() as u64;
-        let loc = BlockLoc { pack: pack.id, offset, stored_len, raw_len, encoding };
+        let loc = BlockLoc {
+            pack: pack.id,
+            offset,
+            stored_len,
+            raw_len,
+            encoding,
+        };
         Ok((loc, pack.clone()))
     }
 }
@@ -150,12 +175,21 @@ pub struct PackReader {
 impl PackReader {
     /// A reader of the packs under `dir/packs`.
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_owned(), files: HashMap::new(), header: [0; RECORD_HEADER_LEN] }
+        Self {
+            dir: dir.to_owned(),
+            files: HashMap::new(),
+            header: [0; RECORD_HEADER_LEN],
+        }
     }
 
     /// Read the payload of the record at `loc` into `out`, checking that its
     /// header matches what the catalog says (hash, lengths, encoding).
-    pub fn read(&mut self, loc: &BlockLoc, hash: &BlockHash, out: &mut Vec<u8>) -> Result<(), ReceiveError> {
+    pub fn read(
+        &mut self,
+        loc: &BlockLoc,
+        hash: &BlockHash,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ReceiveError> {
         let path = pack_path(&self.dir, loc.pack);
         if !self.files.contains_key(&loc.pack) {
             if self.files.len() > 64 {
@@ -167,7 +201,8 @@ impl PackReader {
         let Some(file) = self.files.get(&loc.pack) else {
             return Err(ReceiveError::Corrupt(format!("pack {} vanished", loc.pack)));
         };
-        file.read_exact_at(&mut self.header, loc.offset).map_err(|e| ReceiveError::storage(&path, e))?;
+        file.read_exact_at(&mut self.header, loc.offset)
+            .map_err(|e| ReceiveError::storage(&path, e))?;
         let h = &self.header;
         let ok = h[0..4] == RECORD_MAGIC
             && h[4] == loc.encoding as u8

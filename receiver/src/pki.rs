@@ -46,12 +46,17 @@ pub fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), ReceiveError
         .open(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                ReceiveError::Refused(format!("{} already exists; not overwriting it", path.display()))
+                ReceiveError::Refused(format!(
+                    "{} already exists; not overwriting it",
+                    path.display()
+                ))
             } else {
                 ReceiveError::storage(path, e)
             }
         })?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| ReceiveError::storage(path, e))
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| ReceiveError::storage(path, e))
 }
 
 fn serial() -> SerialNumber {
@@ -70,19 +75,28 @@ fn validity(params: &mut CertificateParams, years: i64) {
 /// added to the certificate beside the fixed name and localhost.
 pub fn create_ca(dir: &Path, extra_ips: &[IpAddr]) -> Result<(), ReceiveError> {
     let ca_key = KeyPair::generate().map_err(|e| cfg_err("generating the CA key", e))?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| cfg_err("CA parameters", e))?;
-    ca.distinguished_name.push(DnType::CommonName, "pilotlight receiver CA");
+    let mut ca =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| cfg_err("CA parameters", e))?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "pilotlight receiver CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     ca.serial_number = Some(serial());
     validity(&mut ca, 20);
-    let ca_cert = ca.self_signed(&ca_key).map_err(|e| cfg_err("signing the CA", e))?;
+    let ca_cert = ca
+        .self_signed(&ca_key)
+        .map_err(|e| cfg_err("signing the CA", e))?;
     let issuer = Issuer::new(ca, ca_key);
 
     let srv_key = KeyPair::generate().map_err(|e| cfg_err("generating the server key", e))?;
     let mut srv = CertificateParams::new(vec![RECEIVER_NAME.to_owned(), "localhost".to_owned()])
         .map_err(|e| cfg_err("server certificate parameters", e))?;
-    srv.distinguished_name.push(DnType::CommonName, RECEIVER_NAME);
+    srv.distinguished_name
+        .push(DnType::CommonName, RECEIVER_NAME);
     for ip in extra_ips.iter().chain(&[IpAddr::from([127, 0, 0, 1])]) {
         srv.subject_alt_names.push(SanType::IpAddress(*ip));
     }
@@ -90,12 +104,22 @@ pub fn create_ca(dir: &Path, extra_ips: &[IpAddr]) -> Result<(), ReceiveError> {
     srv.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     srv.serial_number = Some(serial());
     validity(&mut srv, 10);
-    let srv_cert = srv.signed_by(&srv_key, &issuer).map_err(|e| cfg_err("signing the server certificate", e))?;
+    let srv_cert = srv
+        .signed_by(&srv_key, &issuer)
+        .map_err(|e| cfg_err("signing the server certificate", e))?;
 
     write_new(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), 0o644)?;
-    write_new(&dir.join("ca.key"), issuer.key().serialize_pem().as_bytes(), 0o600)?;
+    write_new(
+        &dir.join("ca.key"),
+        issuer.key().serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_new(&dir.join("server.pem"), srv_cert.pem().as_bytes(), 0o644)?;
-    write_new(&dir.join("server.key"), srv_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(
+        &dir.join("server.key"),
+        srv_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     Ok(())
 }
 
@@ -105,19 +129,30 @@ pub fn issue_identity(dir: &Path, server: &str) -> Result<(String, String), Rece
     let ca_pem = read(&dir.join("ca.pem"))?;
     let ca_key_pem = read(&dir.join("ca.key"))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| cfg_err("reading ca.key", e))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| cfg_err("reading ca.pem", e))?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| cfg_err("reading ca.pem", e))?;
     let key = KeyPair::generate().map_err(|e| cfg_err("generating the agent key", e))?;
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| cfg_err("agent parameters", e))?;
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| cfg_err("agent parameters", e))?;
     params.distinguished_name.push(DnType::CommonName, server);
-    params.distinguished_name.push(DnType::OrganizationalUnitName, AGENT_OU);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, AGENT_OU);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let sn = serial();
     let serial_hex = crate::catalog::hex(&sn.to_bytes());
     params.serial_number = Some(sn);
     validity(&mut params, 10);
-    let cert = params.signed_by(&key, &issuer).map_err(|e| cfg_err("signing the agent certificate", e))?;
-    let pem = format!("{}{}{}", cert.pem(), ca_pem.trim_end().to_owned() + "\n", key.serialize_pem());
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| cfg_err("signing the agent certificate", e))?;
+    let pem = format!(
+        "{}{}{}",
+        cert.pem(),
+        ca_pem.trim_end().to_owned() + "\n",
+        key.serialize_pem()
+    );
     Ok((pem, serial_hex))
 }
 
@@ -145,9 +180,10 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, ReceiveError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| cfg_err("building the client verifier", e))?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(read(&dir.join("server.pem"))?.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| cfg_err("reading server.pem", e))?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(read(&dir.join("server.pem"))?.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| cfg_err("reading server.pem", e))?;
     let key = PrivateKeyDer::from_pem_slice(read(&dir.join("server.key"))?.as_bytes())
         .map_err(|e| cfg_err("reading server.key", e))?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
@@ -162,13 +198,19 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, ReceiveError> {
 
 /// The server name and serial (hex) of a verified agent certificate.
 pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Result<(String, String), ReceiveError> {
-    let der = certs.first().ok_or_else(|| ReceiveError::Unauthorized("no client certificate".into()))?;
+    let der = certs
+        .first()
+        .ok_or_else(|| ReceiveError::Unauthorized("no client certificate".into()))?;
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|_| ReceiveError::Unauthorized("client certificate does not parse".into()))?;
     let subject = cert.subject();
-    let is_agent = subject.iter_organizational_unit().any(|ou| ou.as_str().ok() == Some(AGENT_OU));
+    let is_agent = subject
+        .iter_organizational_unit()
+        .any(|ou| ou.as_str().ok() == Some(AGENT_OU));
     if !is_agent {
-        return Err(ReceiveError::Unauthorized("certificate is not an agent identity".into()));
+        return Err(ReceiveError::Unauthorized(
+            "certificate is not an agent identity".into(),
+        ));
     }
     let name = subject
         .iter_common_name()
@@ -176,7 +218,9 @@ pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Result<(String, String), R
         .and_then(|cn| cn.as_str().ok())
         .ok_or_else(|| ReceiveError::Unauthorized("agent certificate has no server name".into()))?;
     if !pilotlight_protocol::limits::valid_name(name) {
-        return Err(ReceiveError::Unauthorized(format!("agent certificate names an invalid server {name:?}")));
+        return Err(ReceiveError::Unauthorized(format!(
+            "agent certificate names an invalid server {name:?}"
+        )));
     }
     let serial = crate::catalog::hex(cert.raw_serial());
     Ok((name.to_owned(), serial))

@@ -56,15 +56,24 @@ pub struct RestoreReport {
 }
 
 /// Find a point of `server` by selector; errors name what is missing.
-pub fn resolve_point(store: &Store, server: &str, sel: PointSel) -> Result<PointInfo, ReceiveError> {
+pub fn resolve_point(
+    store: &Store,
+    server: &str,
+    sel: PointSel,
+) -> Result<PointInfo, ReceiveError> {
     let cat = store.catalog()?;
     if cat.server(server)?.is_none() {
-        return Err(ReceiveError::NotFound(format!("there is no server named {server} on this receiver")));
+        return Err(ReceiveError::NotFound(format!(
+            "there is no server named {server} on this receiver"
+        )));
     }
     let points = cat.points(Some(server))?;
     let found = match sel {
         PointSel::Id(id) => points.into_iter().find(|p| p.id == id),
-        PointSel::At(ms) => points.into_iter().filter(|p| p.created_ms <= ms).next_back(),
+        PointSel::At(ms) => points
+            .into_iter()
+            .filter(|p| p.created_ms <= ms)
+            .next_back(),
         PointSel::Latest => points.into_iter().next_back(),
     };
     found.ok_or_else(|| match sel {
@@ -78,7 +87,11 @@ pub fn resolve_point(store: &Store, server: &str, sel: PointSel) -> Result<Point
 }
 
 /// The data blocks of a volume at a point: `(index, hash, location)`.
-pub fn point_blocks(store: &Store, vol: &PointVolumeInfo, point: i64) -> Result<Vec<(u64, Option<(BlockHash, BlockLoc)>)>, ReceiveError> {
+pub fn point_blocks(
+    store: &Store,
+    vol: &PointVolumeInfo,
+    point: i64,
+) -> Result<Vec<(u64, Option<(BlockHash, BlockLoc)>)>, ReceiveError> {
     let map = store.catalog()?.block_map(vol.volume_id, point, 0)?;
     let mut locs: HashMap<BlockHash, BlockLoc> = HashMap::new();
     let cat = store.catalog()?;
@@ -94,7 +107,10 @@ pub fn point_blocks(store: &Store, vol: &PointVolumeInfo, point: i64) -> Result<
                     Some(l) => *l,
                     None => {
                         let l = cat.block(&h)?.ok_or_else(|| {
-                            ReceiveError::Corrupt(format!("block {} of point {point} is not stored", h.to_hex()))
+                            ReceiveError::Corrupt(format!(
+                                "block {} of point {point} is not stored",
+                                h.to_hex()
+                            ))
                         })?;
                         locs.insert(h, l);
                         l
@@ -114,9 +130,16 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
     let point = resolve_point(&store, &req.server, req.point)?;
     let Some(vol) = point.volumes.iter().find(|v| v.name == req.volume).cloned() else {
         let cat = store.catalog()?;
-        let known = cat.server(&req.server)?.map(|s| cat.volume(s.id, &req.volume)).transpose()?.flatten();
+        let known = cat
+            .server(&req.server)?
+            .map(|s| cat.volume(s.id, &req.volume))
+            .transpose()?
+            .flatten();
         return Err(ReceiveError::NotFound(match known {
-            Some(_) => format!("volume {} is not part of point {} of server {}", req.volume, point.id, req.server),
+            Some(_) => format!(
+                "volume {} is not part of point {} of server {}",
+                req.volume, point.id, req.server
+            ),
             None => format!("server {} has no volume named {}", req.server, req.volume),
         }));
     };
@@ -131,8 +154,13 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
         )));
     }
     let (file, tmp) = if is_device {
-        let mut f = File::options().write(true).open(&req.to).map_err(|e| ReceiveError::storage(&req.to, e))?;
-        let dev_size = f.seek(SeekFrom::End(0)).map_err(|e| ReceiveError::storage(&req.to, e))?;
+        let mut f = File::options()
+            .write(true)
+            .open(&req.to)
+            .map_err(|e| ReceiveError::storage(&req.to, e))?;
+        let dev_size = f
+            .seek(SeekFrom::End(0))
+            .map_err(|e| ReceiveError::storage(&req.to, e))?;
         if dev_size < vol.size {
             return Err(ReceiveError::Refused(format!(
                 "{} holds {dev_size} bytes but volume {} is {} bytes",
@@ -143,7 +171,11 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
         }
         (f, None)
     } else {
-        let name = req.to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = req
+            .to
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = req.to.with_file_name(format!(".{name}.pilotlight-partial"));
         let f = File::options()
             .write(true)
@@ -151,7 +183,8 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
             .truncate(true)
             .open(&tmp)
             .map_err(|e| ReceiveError::storage(&tmp, e))?;
-        f.set_len(vol.size).map_err(|e| ReceiveError::storage(&tmp, e))?;
+        f.set_len(vol.size)
+            .map_err(|e| ReceiveError::storage(&tmp, e))?;
         (f, Some(tmp))
     };
     let path = tmp.clone().unwrap_or_else(|| req.to.clone());
@@ -174,7 +207,9 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
     let bar = progress_bar(req.progress, vol.size);
     let next = AtomicUsize::new(0);
     let written = AtomicU64::new(0);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
     let chunk = 64usize;
     let result: Result<(), ReceiveError> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
@@ -185,7 +220,9 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
                     let zeros = vec![0u8; vol.block_size as usize];
                     loop {
                         let start = next.fetch_add(chunk, Ordering::Relaxed);
-                        let Some(items) = work.get(start..(start + chunk).min(work.len())) else { break };
+                        let Some(items) = work.get(start..(start + chunk).min(work.len())) else {
+                            break;
+                        };
                         if items.is_empty() {
                             break;
                         }
@@ -195,14 +232,18 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
                             let data: &[u8] = match entry {
                                 Some((h, loc)) => {
                                     fetch.fetch(loc, h, &mut buf).map_err(|e| {
-                                        ReceiveError::Corrupt(format!("block {index} of volume {}: {e}", vol.name))
+                                        ReceiveError::Corrupt(format!(
+                                            "block {index} of volume {}: {e}",
+                                            vol.name
+                                        ))
                                     })?;
                                     written.fetch_add(1, Ordering::Relaxed);
                                     &buf
                                 }
                                 None => zeros.get(..len).unwrap_or(&zeros),
                             };
-                            file.write_all_at(data, offset).map_err(|e| ReceiveError::storage(&path, e))?;
+                            file.write_all_at(data, offset)
+                                .map_err(|e| ReceiveError::storage(&path, e))?;
                             if let Some(b) = &bar {
                                 b.inc(len as u64);
                             }
@@ -214,7 +255,9 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
             .collect();
         let mut first = Ok(());
         for h in handles {
-            let r = h.join().unwrap_or_else(|_| Err(ReceiveError::Corrupt("restore worker panicked".into())));
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(ReceiveError::Corrupt("restore worker panicked".into())));
             if first.is_ok() {
                 first = r;
             }
@@ -227,7 +270,8 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
         }
         return Err(e);
     }
-    file.sync_all().map_err(|e| ReceiveError::storage(&path, e))?;
+    file.sync_all()
+        .map_err(|e| ReceiveError::storage(&path, e))?;
     if let Some(t) = &tmp {
         std::fs::rename(t, &req.to).map_err(|e| ReceiveError::storage(&req.to, e))?;
         if let Some(parent) = req.to.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -237,7 +281,11 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    Ok(RestoreReport { point: point.id, size: vol.size, blocks_written: written.into_inner() })
+    Ok(RestoreReport {
+        point: point.id,
+        size: vol.size,
+        blocks_written: written.into_inner(),
+    })
 }
 
 /// A byte progress bar on stderr, only when asked for and stderr is a terminal.

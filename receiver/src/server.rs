@@ -109,7 +109,10 @@ pub async fn run(
         }
     }
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after the shutdown grace period");
     }
     Ok(())
@@ -152,30 +155,47 @@ impl Connection {
         };
         if let Err(e) = result {
             match &e {
-                ReceiveError::Net(_) => tracing::info!(peer = %self.peer, cause = %e, "connection lost"),
+                ReceiveError::Net(_) => {
+                    tracing::info!(peer = %self.peer, cause = %e, "connection lost")
+                }
                 _ => tracing::warn!(peer = %self.peer, cause = %e, "session closed with an error"),
             }
-            let frame = Frame::Error { code: e.code(), message: e.to_string() };
+            let frame = Frame::Error {
+                code: e.code(),
+                message: e.to_string(),
+            };
             let _ = tokio::time::timeout(Duration::from_secs(2), wr.send(&frame)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), wr.get_mut().shutdown()).await;
     }
 
-    async fn session(&self, rd: &mut Reader, wr: &mut Writer, server: String, serial: String) -> Result<(), ReceiveError> {
+    async fn session(
+        &self,
+        rd: &mut Reader,
+        wr: &mut Writer,
+        server: String,
+        serial: String,
+    ) -> Result<(), ReceiveError> {
         let store = self.shared.store.clone();
         let name = server.clone();
         let row = blocking(move || store.catalog()?.server(&name)).await?;
         let server_id = match row {
             Some(r) if !r.revoked && r.cert_serial.as_deref() == Some(serial.as_str()) => r.id,
             Some(r) if r.revoked => {
-                return Err(ReceiveError::Unauthorized(format!("the identity of server {server} was revoked")))
+                return Err(ReceiveError::Unauthorized(format!(
+                    "the identity of server {server} was revoked"
+                )))
             }
             Some(_) => {
                 return Err(ReceiveError::Unauthorized(format!(
                     "this identity of server {server} was superseded by a newer enrollment"
                 )))
             }
-            None => return Err(ReceiveError::Unauthorized(format!("server {server} is not enrolled"))),
+            None => {
+                return Err(ReceiveError::Unauthorized(format!(
+                    "server {server} is not enrolled"
+                )))
+            }
         };
         let handshake = self.shared.cfg.handshake_timeout();
         match tokio::time::timeout(handshake, next(rd)).await {
@@ -183,7 +203,11 @@ impl Connection {
             Ok(f) => match f? {
                 Frame::Hello { version, .. } if version == VERSION => {}
                 Frame::Hello { version, .. } => {
-                    return Err(DecodeError::BadVersion { got: version, supported: VERSION }.into())
+                    return Err(DecodeError::BadVersion {
+                        got: version,
+                        supported: VERSION,
+                    }
+                    .into())
                 }
                 other => return Err(unexpected(&other, "Hello")),
             },
@@ -194,9 +218,14 @@ impl Connection {
             Ok(f) => f?,
         };
         let role = match first {
-            Frame::Open { streams, commit, volumes } => {
-                Role::Control(Box::new(self.open(server_id, &server, streams, commit, volumes).await?))
-            }
+            Frame::Open {
+                streams,
+                commit,
+                volumes,
+            } => Role::Control(Box::new(
+                self.open(server_id, &server, streams, commit, volumes)
+                    .await?,
+            )),
             Frame::Join { session } => {
                 self.data(rd, wr, server_id, session).await?;
                 Role::Data
@@ -220,7 +249,10 @@ impl Connection {
         let mut names = std::collections::HashSet::new();
         for d in &decls {
             if !names.insert(d.name.clone()) {
-                return Err(ReceiveError::Protocol(format!("volume {} declared twice", d.name)));
+                return Err(ReceiveError::Protocol(format!(
+                    "volume {} declared twice",
+                    d.name
+                )));
             }
         }
         let store = self.shared.store.clone();
@@ -230,25 +262,46 @@ impl Connection {
                 .iter()
                 .map(|d| {
                     let row = cat.ensure_volume(server_id, &d.name, d.block_size, d.size)?;
-                    Ok(SessionVolume { name: d.name.clone(), size: d.size, block_size: d.block_size, volume_id: row.id })
+                    Ok(SessionVolume {
+                        name: d.name.clone(),
+                        size: d.size,
+                        block_size: d.block_size,
+                        volume_id: row.id,
+                    })
                 })
                 .collect::<Result<Vec<_>, ReceiveError>>()
         })
         .await?;
         let cancel = self.cancel.child_token();
         let id: u64 = rand::random();
-        Ok(Session::new(id, server_id, server.to_owned(), commit, streams, volumes, cancel, self.shared.cfg.max_pending_points))
+        Ok(Session::new(
+            id,
+            server_id,
+            server.to_owned(),
+            commit,
+            streams,
+            volumes,
+            cancel,
+            self.shared.cfg.max_pending_points,
+        ))
     }
 
-    async fn control(&self, rd: &mut Reader, wr: &mut Writer, session: Arc<Session>) -> Result<(), ReceiveError> {
+    async fn control(
+        &self,
+        rd: &mut Reader,
+        wr: &mut Writer,
+        session: Arc<Session>,
+    ) -> Result<(), ReceiveError> {
         // Take over from an older session of the same server: cancel it and
         // wait until it has finished committing.
         let lock = {
             let mut active = self.shared.active.lock().map_err(|_| Shared::lock_err())?;
-            let entry = active.entry(session.server_id).or_insert_with(|| ActiveServer {
-                cancel: CancellationToken::new(),
-                lock: Arc::new(tokio::sync::Mutex::new(())),
-            });
+            let entry = active
+                .entry(session.server_id)
+                .or_insert_with(|| ActiveServer {
+                    cancel: CancellationToken::new(),
+                    lock: Arc::new(tokio::sync::Mutex::new(())),
+                });
             entry.cancel.cancel();
             entry.cancel = session.cancel.clone();
             entry.lock.clone()
@@ -257,14 +310,27 @@ impl Connection {
             g = lock.lock_owned() => g,
             () = session.cancel.cancelled() => return Err(ReceiveError::Superseded),
         };
-        self.shared.sessions.lock().map_err(|_| Shared::lock_err())?.insert(session.id, session.clone());
+        self.shared
+            .sessions
+            .lock()
+            .map_err(|_| Shared::lock_err())?
+            .insert(session.id, session.clone());
         let result = self.control_loop(rd, wr, &session).await;
         session.cancel.cancel();
-        self.shared.sessions.lock().map_err(|_| Shared::lock_err())?.remove(&session.id);
+        self.shared
+            .sessions
+            .lock()
+            .map_err(|_| Shared::lock_err())?
+            .remove(&session.id);
         result
     }
 
-    async fn control_loop(&self, rd: &mut Reader, wr: &mut Writer, session: &Arc<Session>) -> Result<(), ReceiveError> {
+    async fn control_loop(
+        &self,
+        rd: &mut Reader,
+        wr: &mut Writer,
+        session: &Arc<Session>,
+    ) -> Result<(), ReceiveError> {
         let store = self.shared.store.clone();
         let server_id = session.server_id;
         let last = blocking(move || store.catalog()?.latest_point(server_id)).await?;
@@ -286,16 +352,33 @@ impl Connection {
                 },
             };
             match frame {
-                Frame::EndPoint { tag, blocks, created_ms, consistency, commit } => {
-                    let point = self.commit(session, tag, blocks, created_ms, consistency, commit).await?;
-                    send(wr, &Frame::Durable { tag, point: point as u64 }).await?;
+                Frame::EndPoint {
+                    tag,
+                    blocks,
+                    created_ms,
+                    consistency,
+                    commit,
+                } => {
+                    let point = self
+                        .commit(session, tag, blocks, created_ms, consistency, commit)
+                        .await?;
+                    send(
+                        wr,
+                        &Frame::Durable {
+                            tag,
+                            point: point as u64,
+                        },
+                    )
+                    .await?;
                     let store = self.shared.store.clone();
                     let (name, sid) = (session.server.clone(), session.server_id);
                     blocking(move || store.update_staging(&name, sid, point)).await?;
                 }
                 Frame::GetHashes { volume } => self.send_hashes(wr, session, volume).await?,
                 Frame::Goodbye => {
-                    session.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+                    session
+                        .ended
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
                     return Ok(());
                 }
                 other => return Err(unexpected(&other, "EndPoint, GetHashes or Goodbye")),
@@ -313,7 +396,9 @@ impl Connection {
         commit: CommitMode,
     ) -> Result<i64, ReceiveError> {
         if tag != session.state()?.committed_tag + 1 {
-            return Err(ReceiveError::Protocol(format!("EndPoint for tag {tag} out of order")));
+            return Err(ReceiveError::Protocol(format!(
+                "EndPoint for tag {tag} out of order"
+            )));
         }
         let idle = self.shared.cfg.idle_timeout();
         let pending = loop {
@@ -342,10 +427,17 @@ impl Connection {
         let s = session.clone();
         let point = blocking(move || {
             for (id, (file, _)) in &pending.packs {
-                file.sync_data().map_err(|e| ReceiveError::storage(crate::store::pack_file(store.dir(), *id), e))?;
+                file.sync_data().map_err(|e| {
+                    ReceiveError::storage(crate::store::pack_file(store.dir(), *id), e)
+                })?;
             }
-            let volumes: Vec<(i64, u64)> = s.volumes.iter().map(|v| (v.volume_id, v.size)).collect();
-            let packs: Vec<(u64, u64)> = pending.packs.iter().map(|(id, (_, end))| (*id, *end)).collect();
+            let volumes: Vec<(i64, u64)> =
+                s.volumes.iter().map(|v| (v.volume_id, v.size)).collect();
+            let packs: Vec<(u64, u64)> = pending
+                .packs
+                .iter()
+                .map(|(id, (_, end))| (*id, *end))
+                .collect();
             let point = store.catalog()?.commit_point(&NewPoint {
                 server_id: s.server_id,
                 created_ms,
@@ -369,21 +461,39 @@ impl Connection {
         Ok(point)
     }
 
-    async fn send_hashes(&self, wr: &mut Writer, session: &Arc<Session>, volume: u16) -> Result<(), ReceiveError> {
+    async fn send_hashes(
+        &self,
+        wr: &mut Writer,
+        session: &Arc<Session>,
+        volume: u16,
+    ) -> Result<(), ReceiveError> {
         let Some(v) = session.volumes.get(usize::from(volume)).cloned() else {
-            return Err(ReceiveError::Protocol(format!("GetHashes for undeclared volume {volume}")));
+            return Err(ReceiveError::Protocol(format!(
+                "GetHashes for undeclared volume {volume}"
+            )));
         };
         let store = self.shared.store.clone();
         let server_id = session.server_id;
         let (point, size, map) = blocking(move || {
             let cat = store.catalog()?;
-            let Some(point) = cat.latest_point(server_id)? else { return Ok((0, 0, Vec::new())) };
+            let Some(point) = cat.latest_point(server_id)? else {
+                return Ok((0, 0, Vec::new()));
+            };
             let size = cat.volume(server_id, &v.name)?.map_or(0, |r| r.size);
             Ok((point, size, cat.block_map(v.volume_id, point, 0)?))
         })
         .await?;
-        let total = block_count(size, session.volumes.get(usize::from(volume)).map_or(1, |v| v.block_size));
-        let bs = session.volumes.get(usize::from(volume)).map_or(1, |v| v.block_size);
+        let total = block_count(
+            size,
+            session
+                .volumes
+                .get(usize::from(volume))
+                .map_or(1, |v| v.block_size),
+        );
+        let bs = session
+            .volumes
+            .get(usize::from(volume))
+            .map_or(1, |v| v.block_size);
         let mut map = map.into_iter().peekable();
         let zero_full = block::zero_hash(bs as usize);
         let mut start = 0u64;
@@ -392,7 +502,11 @@ impl Connection {
             let mut hashes = Vec::with_capacity((end - start) as usize);
             for i in start..end {
                 let len = block_len(size, bs, i);
-                let zero = if len == bs { zero_full } else { block::zero_hash(len as usize) };
+                let zero = if len == bs {
+                    zero_full
+                } else {
+                    block::zero_hash(len as usize)
+                };
                 while map.peek().is_some_and(|(idx, _)| *idx < i) {
                     map.next();
                 }
@@ -402,24 +516,55 @@ impl Connection {
                 };
                 hashes.push(h);
             }
-            send(wr, &Frame::Hashes { volume, start, hashes }).await?;
+            send(
+                wr,
+                &Frame::Hashes {
+                    volume,
+                    start,
+                    hashes,
+                },
+            )
+            .await?;
             start = end;
         }
-        send(wr, &Frame::HashesEnd { volume, point: point as u64, blocks: total }).await
+        send(
+            wr,
+            &Frame::HashesEnd {
+                volume,
+                point: point as u64,
+                blocks: total,
+            },
+        )
+        .await
     }
 
-    async fn data(&self, rd: &mut Reader, wr: &mut Writer, server_id: i64, session_id: u64) -> Result<(), ReceiveError> {
+    async fn data(
+        &self,
+        rd: &mut Reader,
+        wr: &mut Writer,
+        server_id: i64,
+        session_id: u64,
+    ) -> Result<(), ReceiveError> {
         let session = {
-            let sessions = self.shared.sessions.lock().map_err(|_| Shared::lock_err())?;
+            let sessions = self
+                .shared
+                .sessions
+                .lock()
+                .map_err(|_| Shared::lock_err())?;
             sessions.get(&session_id).cloned()
         };
         let Some(session) = session.filter(|s| s.server_id == server_id) else {
-            return Err(ReceiveError::Unauthorized(format!("no session {session_id:#x} of this server to join")));
+            return Err(ReceiveError::Unauthorized(format!(
+                "no session {session_id:#x} of this server to join"
+            )));
         };
         {
             let mut st = session.state()?;
             if st.streams_joined >= session.streams {
-                return Err(ReceiveError::Protocol(format!("more than the {} declared data streams", session.streams)));
+                return Err(ReceiveError::Protocol(format!(
+                    "more than the {} declared data streams",
+                    session.streams
+                )));
             }
             st.streams_joined += 1;
         }
@@ -428,7 +573,8 @@ impl Connection {
         let (ack_tx, mut ack_rx) = mpsc::channel::<Result<u64, ReceiveError>>(ACK_QUEUE);
         let store = self.shared.store.clone();
         let s = session.clone();
-        let applier = tokio::task::spawn_blocking(move || apply_loop(&s, &store, apply_rx, &ack_tx));
+        let applier =
+            tokio::task::spawn_blocking(move || apply_loop(&s, &store, apply_rx, &ack_tx));
         let idle = self.shared.cfg.idle_timeout();
         let mut apply_tx = Some(apply_tx);
         let result = loop {
@@ -469,7 +615,12 @@ impl Connection {
         drop(ack_rx);
         let _ = applier.await;
         if let Err(e) = &result {
-            if matches!(e, ReceiveError::BadBlock { .. } | ReceiveError::Protocol(_) | ReceiveError::Storage { .. }) {
+            if matches!(
+                e,
+                ReceiveError::BadBlock { .. }
+                    | ReceiveError::Protocol(_)
+                    | ReceiveError::Storage { .. }
+            ) {
                 // A bad stream poisons the whole session: nothing of it is committed.
                 session.cancel.cancel();
             }
@@ -513,7 +664,10 @@ fn apply_one(
     b: BlockFrame,
 ) -> Result<(), ReceiveError> {
     let Some(v) = session.volumes.get(usize::from(b.volume)) else {
-        return Err(ReceiveError::Protocol(format!("block for undeclared volume {}", b.volume)));
+        return Err(ReceiveError::Protocol(format!(
+            "block for undeclared volume {}",
+            b.volume
+        )));
     };
     let count = block_count(v.size, v.block_size);
     if b.index >= count {
@@ -531,17 +685,26 @@ fn apply_one(
     }
     decoder
         .decode(b.encoding, &b.payload, b.raw_len, &b.hash, buf)
-        .map_err(|source| ReceiveError::BadBlock { volume: v.name.clone(), index: b.index, source })?;
+        .map_err(|source| ReceiveError::BadBlock {
+            volume: v.name.clone(),
+            index: b.index,
+            source,
+        })?;
     let r = BlockRef {
         volume: b.volume,
         index: b.index,
         raw_len: b.raw_len,
         hash: (b.encoding != Encoding::Zero).then_some(b.hash),
     };
-    let new = if b.encoding == Encoding::Zero || store.lookup(&b.hash).is_some() || session.has_pending(&b.hash)? {
+    let new = if b.encoding == Encoding::Zero
+        || store.lookup(&b.hash).is_some()
+        || session.has_pending(&b.hash)?
+    {
         None
     } else {
-        let (loc, pack) = writer.append(&b.hash, b.encoding, b.raw_len, &b.payload, || store.alloc_pack_id())?;
+        let (loc, pack) = writer.append(&b.hash, b.encoding, b.raw_len, &b.payload, || {
+            store.alloc_pack_id()
+        })?;
         Some((b.hash, loc, pack.file))
     };
     session.record(b.tag, r, new)
@@ -555,21 +718,33 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ReceiveError::Corrupt(format!("blocking task failed: {e}")))?
 }
 
-async fn send<W: AsyncWrite + Unpin>(wr: &mut FramedWrite<W, FrameCodec>, frame: &Frame) -> Result<(), ReceiveError> {
+async fn send<W: AsyncWrite + Unpin>(
+    wr: &mut FramedWrite<W, FrameCodec>,
+    frame: &Frame,
+) -> Result<(), ReceiveError> {
     wr.send(frame).await.map_err(codec_err)
 }
 
-async fn next<R: AsyncRead + Unpin>(rd: &mut FramedRead<R, FrameCodec>) -> Result<Frame, ReceiveError> {
+async fn next<R: AsyncRead + Unpin>(
+    rd: &mut FramedRead<R, FrameCodec>,
+) -> Result<Frame, ReceiveError> {
     next_or_eof(rd).await?.ok_or_else(|| {
-        ReceiveError::Net(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "peer closed the connection"))
+        ReceiveError::Net(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "peer closed the connection",
+        ))
     })
 }
 
-async fn next_or_eof<R: AsyncRead + Unpin>(rd: &mut FramedRead<R, FrameCodec>) -> Result<Option<Frame>, ReceiveError> {
+async fn next_or_eof<R: AsyncRead + Unpin>(
+    rd: &mut FramedRead<R, FrameCodec>,
+) -> Result<Option<Frame>, ReceiveError> {
     match rd.next().await {
         None => Ok(None),
         Some(Ok((_, frame))) => match frame {
-            Frame::Error { code, message } => Err(ReceiveError::Protocol(format!("peer reported {code:?}: {message}"))),
+            Frame::Error { code, message } => Err(ReceiveError::Protocol(format!(
+                "peer reported {code:?}: {message}"
+            ))),
             f => Ok(Some(f)),
         },
         Some(Err(e)) => Err(codec_err(e)),
@@ -584,5 +759,8 @@ fn codec_err(e: CodecError) -> ReceiveError {
 }
 
 fn unexpected(frame: &Frame, wanted: &str) -> ReceiveError {
-    ReceiveError::Protocol(format!("unexpected {:?} frame; expected {wanted}", frame.kind()))
+    ReceiveError::Protocol(format!(
+        "unexpected {:?} frame; expected {wanted}",
+        frame.kind()
+    ))
 }

@@ -108,14 +108,18 @@ impl Session {
 
     /// Lock the state.
     pub fn state(&self) -> Result<MutexGuard<'_, SessionState>, ReceiveError> {
-        self.state.lock().map_err(|_| ReceiveError::Corrupt("session lock poisoned".into()))
+        self.state
+            .lock()
+            .map_err(|_| ReceiveError::Corrupt("session lock poisoned".into()))
     }
 
     /// Check that a block for `tag` may be accepted now.
     pub fn check_tag(&self, tag: u64) -> Result<(), ReceiveError> {
         let st = self.state()?;
         if tag <= st.committed_tag {
-            return Err(ReceiveError::Protocol(format!("block for point tag {tag}, which is already committed")));
+            return Err(ReceiveError::Protocol(format!(
+                "block for point tag {tag}, which is already committed"
+            )));
         }
         if tag - st.committed_tag > self.max_pending as u64 {
             return Err(ReceiveError::Protocol(format!(

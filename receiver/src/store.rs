@@ -59,14 +59,18 @@ impl Store {
     /// commit reached, load the block index and repair staging images.
     pub fn open_for_serve(dir: &Path) -> Result<Self, ReceiveError> {
         let store = Self::open(dir)?;
-        std::fs::create_dir_all(dir.join("packs")).map_err(|e| ReceiveError::storage(dir.join("packs"), e))?;
+        std::fs::create_dir_all(dir.join("packs"))
+            .map_err(|e| ReceiveError::storage(dir.join("packs"), e))?;
         let committed: HashMap<u64, u64> = store.catalog()?.packs()?.into_iter().collect();
         let mut max_id = committed.keys().copied().max().unwrap_or(0);
         let packs_dir = dir.join("packs");
-        let entries = std::fs::read_dir(&packs_dir).map_err(|e| ReceiveError::storage(&packs_dir, e))?;
+        let entries =
+            std::fs::read_dir(&packs_dir).map_err(|e| ReceiveError::storage(&packs_dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| ReceiveError::storage(&packs_dir, e))?;
-            let Some(id) = entry.file_name().to_str().and_then(parse_pack_name) else { continue };
+            let Some(id) = entry.file_name().to_str().and_then(parse_pack_name) else {
+                continue;
+            };
             max_id = max_id.max(id);
             let path = entry.path();
             match committed.get(&id) {
@@ -75,11 +79,22 @@ impl Store {
                     std::fs::remove_file(&path).map_err(|e| ReceiveError::storage(&path, e))?;
                 }
                 Some(&len) => {
-                    let f = File::options().write(true).open(&path).map_err(|e| ReceiveError::storage(&path, e))?;
-                    let actual = f.metadata().map_err(|e| ReceiveError::storage(&path, e))?.len();
+                    let f = File::options()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| ReceiveError::storage(&path, e))?;
+                    let actual = f
+                        .metadata()
+                        .map_err(|e| ReceiveError::storage(&path, e))?
+                        .len();
                     if actual > len {
-                        tracing::info!(pack = id, cut = actual - len, "cutting unfinished pack tail");
-                        f.set_len(len).map_err(|e| ReceiveError::storage(&path, e))?;
+                        tracing::info!(
+                            pack = id,
+                            cut = actual - len,
+                            "cutting unfinished pack tail"
+                        );
+                        f.set_len(len)
+                            .map_err(|e| ReceiveError::storage(&path, e))?;
                         f.sync_all().map_err(|e| ReceiveError::storage(&path, e))?;
                     } else if actual < len {
                         return Err(ReceiveError::Corrupt(format!(
@@ -99,7 +114,9 @@ impl Store {
         }
         let servers = store.catalog()?.servers()?;
         for s in servers {
-            let Some(latest) = store.catalog()?.latest_point(s.id)? else { continue };
+            let Some(latest) = store.catalog()?.latest_point(s.id)? else {
+                continue;
+            };
             store.update_staging(&s.name, s.id, latest)?;
         }
         Ok(store)
@@ -141,13 +158,21 @@ impl Store {
 
     /// Path of a server's staging image of `volume`.
     pub fn staging_path(&self, server: &str, volume: &str) -> PathBuf {
-        self.dir.join("staging").join(server).join(format!("{volume}.img"))
+        self.dir
+            .join("staging")
+            .join(server)
+            .join(format!("{volume}.img"))
     }
 
     /// Bring the staging image of every volume of a server up to `point`,
     /// applying only the blocks that changed after the point each image is
     /// known to equal.
-    pub fn update_staging(&self, server: &str, server_id: i64, point: i64) -> Result<(), ReceiveError> {
+    pub fn update_staging(
+        &self,
+        server: &str,
+        server_id: i64,
+        point: i64,
+    ) -> Result<(), ReceiveError> {
         let volumes = self.catalog()?.volumes(server_id)?;
         let mut fetch = BlockFetcher::new(&self.dir)?;
         let mut buf = Vec::new();
@@ -168,9 +193,11 @@ impl Store {
                 .open(&path)
                 .map_err(|e| ReceiveError::storage(&path, e))?;
             if v.staging_point == 0 {
-                file.set_len(0).map_err(|e| ReceiveError::storage(&path, e))?;
+                file.set_len(0)
+                    .map_err(|e| ReceiveError::storage(&path, e))?;
             }
-            file.set_len(v.size).map_err(|e| ReceiveError::storage(&path, e))?;
+            file.set_len(v.size)
+                .map_err(|e| ReceiveError::storage(&path, e))?;
             for (index, hash) in map {
                 let offset = index * u64::from(v.block_size);
                 let len = block_len(v.size, v.block_size, index);
@@ -178,15 +205,18 @@ impl Store {
                     continue;
                 }
                 match hash {
-                    None => punch_hole(&file, offset, u64::from(len)).map_err(|e| ReceiveError::storage(&path, e))?,
+                    None => punch_hole(&file, offset, u64::from(len))
+                        .map_err(|e| ReceiveError::storage(&path, e))?,
                     Some(h) => {
                         let loc = self.locate(&h)?;
                         fetch.fetch(&loc, &h, &mut buf)?;
-                        file.write_all_at(&buf, offset).map_err(|e| ReceiveError::storage(&path, e))?;
+                        file.write_all_at(&buf, offset)
+                            .map_err(|e| ReceiveError::storage(&path, e))?;
                     }
                 }
             }
-            file.sync_data().map_err(|e| ReceiveError::storage(&path, e))?;
+            file.sync_data()
+                .map_err(|e| ReceiveError::storage(&path, e))?;
             self.catalog()?.set_staging_point(v.id, point)?;
         }
         Ok(())
@@ -197,9 +227,12 @@ impl Store {
         if let Some(loc) = self.lookup(hash) {
             return Ok(loc);
         }
-        self.catalog()?
-            .block(hash)?
-            .ok_or_else(|| ReceiveError::Corrupt(format!("block {} is referenced but not stored", hash.to_hex())))
+        self.catalog()?.block(hash)?.ok_or_else(|| {
+            ReceiveError::Corrupt(format!(
+                "block {} is referenced but not stored",
+                hash.to_hex()
+            ))
+        })
     }
 }
 
@@ -214,15 +247,26 @@ impl BlockFetcher {
     /// A fetcher over the packs of `dir`.
     pub fn new(dir: &Path) -> Result<Self, ReceiveError> {
         let decoder = Decoder::new().map_err(|e| ReceiveError::storage(dir, e))?;
-        Ok(Self { reader: PackReader::new(dir), decoder, payload: Vec::new() })
+        Ok(Self {
+            reader: PackReader::new(dir),
+            decoder,
+            payload: Vec::new(),
+        })
     }
 
     /// The raw block `hash` stored at `loc`, checked against its BLAKE3.
-    pub fn fetch(&mut self, loc: &BlockLoc, hash: &BlockHash, out: &mut Vec<u8>) -> Result<(), ReceiveError> {
+    pub fn fetch(
+        &mut self,
+        loc: &BlockLoc,
+        hash: &BlockHash,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ReceiveError> {
         self.reader.read(loc, hash, &mut self.payload)?;
         self.decoder
             .decode(loc.encoding, &self.payload, loc.raw_len, hash, out)
-            .map_err(|e| ReceiveError::Corrupt(format!("block {} in pack {}: {e}", hash.to_hex(), loc.pack)))
+            .map_err(|e| {
+                ReceiveError::Corrupt(format!("block {} in pack {}: {e}", hash.to_hex(), loc.pack))
+            })
     }
 }
 
@@ -251,7 +295,9 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
 
 /// fsync a directory, making renames and creations in it durable.
 pub fn sync_dir(dir: &Path) -> Result<(), ReceiveError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| ReceiveError::storage(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ReceiveError::storage(dir, e))
 }
 
 /// Path helper for tests and tools.

@@ -44,16 +44,33 @@ pub struct VerifyReport {
 }
 
 /// Verify the points of `server` (or all), or just `point`.
-pub fn verify(dir: &Path, server: Option<&str>, point: Option<i64>, progress: bool) -> Result<VerifyReport, ReceiveError> {
+pub fn verify(
+    dir: &Path,
+    server: Option<&str>,
+    point: Option<i64>,
+    progress: bool,
+) -> Result<VerifyReport, ReceiveError> {
     let store = Store::open(dir)?;
     if let Some(s) = server {
         if store.catalog()?.server(s)?.is_none() {
-            return Err(ReceiveError::NotFound(format!("there is no server named {s} on this receiver")));
+            return Err(ReceiveError::NotFound(format!(
+                "there is no server named {s} on this receiver"
+            )));
         }
     }
-    let points: Vec<_> = store.catalog()?.points(server)?.into_iter().filter(|p| point.is_none_or(|id| p.id == id)).collect();
+    let points: Vec<_> = store
+        .catalog()?
+        .points(server)?
+        .into_iter()
+        .filter(|p| point.is_none_or(|id| p.id == id))
+        .collect();
     if let (Some(id), true) = (point, points.is_empty()) {
-        return Err(ReceiveError::NotFound(format!("there is no point {id}{}", server.map(|s| format!(" of server {s}")).unwrap_or_default())));
+        return Err(ReceiveError::NotFound(format!(
+            "there is no point {id}{}",
+            server
+                .map(|s| format!(" of server {s}"))
+                .unwrap_or_default()
+        )));
     }
     // Which (point, volume, block) need which stored block.
     let mut needs: Vec<(usize, usize, u64, BlockHash)> = Vec::new();
@@ -72,11 +89,15 @@ pub fn verify(dir: &Path, server: Option<&str>, point: Option<i64>, progress: bo
     let bad: Mutex<HashMap<BlockHash, String>> = Mutex::new(HashMap::new());
     let next = AtomicUsize::new(0);
     let bar = crate::restore::progress_bar(progress, list.len() as u64);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
-                let Ok(mut fetch) = BlockFetcher::new(dir) else { return };
+                let Ok(mut fetch) = BlockFetcher::new(dir) else {
+                    return;
+                };
                 let mut buf = Vec::new();
                 while let Some((h, loc)) = list.get(next.fetch_add(1, Ordering::Relaxed)) {
                     if let Err(e) = fetch.fetch(loc, h, &mut buf) {
@@ -94,11 +115,18 @@ pub fn verify(dir: &Path, server: Option<&str>, point: Option<i64>, progress: bo
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let bad = bad.into_inner().map_err(|_| ReceiveError::Corrupt("verify lock poisoned".into()))?;
+    let bad = bad
+        .into_inner()
+        .map_err(|_| ReceiveError::Corrupt("verify lock poisoned".into()))?;
     let mut damaged = Vec::new();
     for (pi, vi, index, h) in needs {
         if let Some(err) = bad.get(&h) {
-            let (Some(p), Some(v)) = (points.get(pi), points.get(pi).and_then(|p| p.volumes.get(vi))) else { continue };
+            let (Some(p), Some(v)) = (
+                points.get(pi),
+                points.get(pi).and_then(|p| p.volumes.get(vi)),
+            ) else {
+                continue;
+            };
             damaged.push(Damage {
                 point: p.id,
                 server: p.server.clone(),
@@ -109,5 +137,10 @@ pub fn verify(dir: &Path, server: Option<&str>, point: Option<i64>, progress: bo
             });
         }
     }
-    Ok(VerifyReport { ok: damaged.is_empty(), points_checked: points.len(), blocks_checked: list.len(), damaged })
+    Ok(VerifyReport {
+        ok: damaged.is_empty(),
+        points_checked: points.len(),
+        blocks_checked: list.len(),
+        damaged,
+    })
 }

@@ -1,3 +1,310 @@
 //! Shared helpers of the end-to-end tests and benchmarks (the root package's
-//! library): sample data, receiver and agent processes, and waiting on
-//! conditions with deadlines.
+//! library): sample data, an in-process receiver on 127.0.0.1, agent
+//! configurations, the real binaries, and byte-for-byte comparisons.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use pilotlight_agent::{AgentConfig, CommitMode, ConsistencyMode, PointReport, VolumeSpec};
+use pilotlight_receiver::restore::{PointSel, RestoreRequest};
+use pilotlight_receiver::ReceiverConfig;
+use rand::{Rng, RngCore, SeedableRng};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A receiver served in-process on 127.0.0.1 with an OS-chosen port.
+pub struct TestReceiver {
+    /// Receiver directory.
+    pub dir: PathBuf,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), pilotlight_receiver::ReceiveError>>,
+}
+
+impl TestReceiver {
+    /// Create a receiver directory under `root` (init) and serve it.
+    pub async fn create(root: &Path) -> Self {
+        let dir = root.join("receiver");
+        pilotlight_receiver::admin::init(&dir, Some("127.0.0.1:0")).expect("init receiver");
+        Self::serve(&dir).await
+    }
+
+    /// Serve an existing receiver directory.
+    pub async fn serve(dir: &Path) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let cfg = ReceiverConfig::load(dir).expect("config");
+        let task = tokio::spawn(pilotlight_receiver::server::run(
+            listener,
+            dir.to_owned(),
+            cfg,
+            shutdown.clone(),
+        ));
+        Self {
+            dir: dir.to_owned(),
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Enroll `server`; returns the identity file.
+    pub fn enroll(&self, server: &str) -> PathBuf {
+        let out = self
+            .dir
+            .parent()
+            .unwrap_or(&self.dir)
+            .join(format!("{server}.pem"));
+        pilotlight_receiver::admin::enroll(&self.dir, server, &out).expect("enroll");
+        out
+    }
+
+    /// Stop serving and wait for the server to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("receiver task")
+            .expect("receiver run");
+    }
+
+    /// Restore `volume` of `point` of `server` to `to` (replacing it).
+    pub fn restore(&self, server: &str, volume: &str, point: u64, to: &Path) {
+        let req = RestoreRequest {
+            server: server.into(),
+            volume: volume.into(),
+            point: PointSel::Id(point as i64),
+            to: to.to_owned(),
+            force: true,
+            progress: false,
+        };
+        pilotlight_receiver::restore::restore(&self.dir, &req).expect("restore");
+    }
+}
+
+/// An agent configuration for one server against `addr`, making one point.
+pub fn agent_config(
+    addr: SocketAddr,
+    identity: &Path,
+    state: &Path,
+    volumes: &[(&str, &Path)],
+) -> AgentConfig {
+    let vols = volumes
+        .iter()
+        .map(|(n, p)| VolumeSpec {
+            name: (*n).to_owned(),
+            path: p.to_path_buf(),
+        })
+        .collect();
+    let mut cfg = AgentConfig::new(
+        addr.to_string(),
+        identity.to_owned(),
+        state.to_owned(),
+        vols,
+    );
+    cfg.once = true;
+    cfg.commit = CommitMode::Sync;
+    cfg.consistency = ConsistencyMode::Auto;
+    cfg
+}
+
+/// Run the agent once and return the durable point.
+pub async fn replicate_once(cfg: &AgentConfig) -> PointReport {
+    let reports = pilotlight_agent::run(cfg.clone(), CancellationToken::new())
+        .await
+        .expect("agent run");
+    reports.last().cloned().expect("a durable point")
+}
+
+/// Fill `path` with `size` bytes of mixed data: a half random, a quarter
+/// zeros, a quarter text, in 64 KiB regions chosen by `seed`.
+pub fn sample_image(path: &Path, size: u64, seed: u64) {
+    let f = File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let region = 64 * 1024u64;
+    let mut buf = vec![0u8; region as usize];
+    let text = b"pilotlight keeps a warm copy of every disk; restores are checked byte for byte. ";
+    let mut off = 0;
+    while off < size {
+        let n = region.min(size - off) as usize;
+        let Some(data) = buf.get_mut(..n) else { break };
+        match rng.random_range(0..4u8) {
+            0 | 1 => rng.fill_bytes(data),
+            2 => {
+                off += n as u64;
+                continue;
+            }
+            _ => {
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = text[(i + off as usize) % text.len()];
+                }
+            }
+        }
+        f.write_all_at(data, off).expect("write image");
+        off += n as u64;
+    }
+    f.sync_all().expect("sync image");
+}
+
+/// Overwrite `count` random 4 KiB-aligned 4 KiB blocks of `path` with random
+/// data; returns their offsets.
+pub fn overwrite_random_4k(path: &Path, count: usize, seed: u64) -> Vec<u64> {
+    let f = File::options().write(true).open(path).expect("open image");
+    let size = f.metadata().expect("metadata").len();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut buf = [0u8; 4096];
+    let mut offsets = Vec::with_capacity(count);
+    for _ in 0..count {
+        let off = rng.random_range(0..size / 4096) * 4096;
+        rng.fill_bytes(&mut buf);
+        f.write_all_at(&buf, off).expect("overwrite");
+        offsets.push(off);
+    }
+    f.sync_all().expect("sync");
+    offsets
+}
+
+/// Panic unless the two files (or devices) hold the same `len` bytes; names
+/// the first differing offset.
+pub fn assert_same_bytes(a: &Path, b: &Path, len: u64) {
+    let mut fa = File::open(a).expect("open a");
+    let mut fb = File::open(b).expect("open b");
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < len {
+        let n = (len - off).min(ba.len() as u64) as usize;
+        fa.read_exact(&mut ba[..n]).expect("read a");
+        fb.read_exact(&mut bb[..n]).expect("read b");
+        if ba[..n] != bb[..n] {
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                off + i as u64
+            );
+        }
+        off += n as u64;
+    }
+}
+
+/// Size of a file.
+pub fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).expect("metadata").len()
+}
+
+/// Path of a workspace binary (`pilotlight-agent`, `pilotlight-receiver`),
+/// built by `cargo test --workspace` because their crates have integration
+/// tests.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo test --workspace` (or `cargo build --workspace --bins`) first",
+        p.display()
+    );
+    p
+}
+
+/// Run a binary to completion.
+pub fn run_bin(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("spawn binary")
+}
+
+/// Are we root (needed for loop devices)?
+pub fn is_root() -> bool {
+    nix_geteuid() == 0
+}
+
+fn nix_geteuid() -> u32 {
+    // `id -u` avoids an unsafe libc call in the test support crate.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// A loop device attached to a backing file, detached on drop.
+pub struct LoopDevice {
+    /// The device path, e.g. /dev/loop3.
+    pub path: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attach `backing`; `Err` says why loop devices are unavailable.
+    pub fn attach(backing: &Path) -> Result<Self, String> {
+        if !is_root() {
+            return Err("not running as root".into());
+        }
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(backing)
+            .output()
+            .map_err(|e| format!("losetup cannot run: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Ok(Self { path })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// Compressed size (zstd level 1) of the 64 KiB blocks of `path` that
+/// contain any of `offsets`, as the agent would send them.
+pub fn compressed_size_of_blocks(path: &Path, offsets: &[u64], block_size: u64) -> u64 {
+    let f = File::open(path).expect("open");
+    let size = f.metadata().expect("metadata").len();
+    let mut blocks: Vec<u64> = offsets.iter().map(|o| o / block_size).collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    let mut total = 0;
+    let mut buf = vec![0u8; block_size as usize];
+    for b in blocks {
+        let off = b * block_size;
+        let n = block_size.min(size - off) as usize;
+        f.read_exact_at(&mut buf[..n], off).expect("read");
+        let c = zstd::bulk::compress(&buf[..n], 1).expect("compress");
+        total += (c.len() as u64).min(n as u64);
+    }
+    total
+}
+
+/// Copy the first `len` bytes of a file or device to a new file.
+pub fn copy_bytes(src: &Path, dst: &Path, len: u64) {
+    let mut from = File::open(src).expect("open source");
+    let mut to = File::create(dst).expect("create copy");
+    let copied = std::io::copy(&mut (&mut from).take(len), &mut to).expect("copy");
+    assert_eq!(copied, len, "short copy of {}", src.display());
+}

@@ -90,7 +90,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -106,9 +108,23 @@ fn main() -> ExitCode {
 
 fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Run { receiver, identity, state, volumes, track, commit, interval, once, consistency, streams, block_size } => {
+        Cmd::Run {
+            receiver,
+            identity,
+            state,
+            volumes,
+            track,
+            commit,
+            interval,
+            once,
+            consistency,
+            streams,
+            block_size,
+        } => {
             if !pilotlight_protocol_valid_block_size(block_size) {
-                anyhow::bail!("--block-size {block_size} is not a power of two from 4096 to 4194304");
+                anyhow::bail!(
+                    "--block-size {block_size} is not a power of two from 4096 to 4194304"
+                );
             }
             let mut cfg = AgentConfig::new(receiver, identity, state, volumes);
             cfg.track = match track {
@@ -148,8 +164,16 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             } else {
                 println!("state:        {}", st.state);
                 println!("receiver:     {}", st.receiver);
-                println!("last point:   {}", st.last_point.map(|p| p.to_string()).unwrap_or_else(|| "-".into()));
-                println!("taken at:     {}", st.last_point_time.as_deref().unwrap_or("-"));
+                println!(
+                    "last point:   {}",
+                    st.last_point
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+                println!(
+                    "taken at:     {}",
+                    st.last_point_time.as_deref().unwrap_or("-")
+                );
                 println!("pending:      {}", st.pending_points);
                 if let Some(e) = &st.last_error {
                     println!("last error:   {e}");
@@ -169,7 +193,10 @@ fn pilotlight_protocol_valid_block_size(size: u32) -> bool {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut i), Ok(mut t)) => {
             tokio::select! {
                 _ = i.recv() => {}

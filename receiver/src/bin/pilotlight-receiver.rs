@@ -152,7 +152,9 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -173,7 +175,11 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             admin::revoke(&dir, &server)?;
             println!("revoked the identity of server {server}");
         }
-        Cmd::Serve { dir, listen, print_addr } => serve(dir, listen, print_addr)?,
+        Cmd::Serve {
+            dir,
+            listen,
+            print_addr,
+        } => serve(dir, listen, print_addr)?,
         Cmd::Status { dir, json } => status(&dir, json)?,
         Cmd::Points { dir, server, json } => {
             let points = admin::points(&dir, server.as_deref())?;
@@ -181,26 +187,67 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&points)?);
             } else {
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "{:>6}  {:<20} {:<25} {:<16} {:<6} volumes", "point", "server", "created", "consistency", "commit")?;
+                writeln!(
+                    out,
+                    "{:>6}  {:<20} {:<25} {:<16} {:<6} volumes",
+                    "point", "server", "created", "consistency", "commit"
+                )?;
                 for p in points {
-                    let vols: Vec<String> =
-                        p.volumes.iter().map(|v| format!("{}({} changed)", v.name, human(v.changed_bytes))).collect();
-                    writeln!(out, "{:>6}  {:<20} {:<25} {:<16} {:<6} {}", p.id, p.server, p.created, p.consistency, p.commit, vols.join(" "))?;
+                    let vols: Vec<String> = p
+                        .volumes
+                        .iter()
+                        .map(|v| format!("{}({} changed)", v.name, human(v.changed_bytes)))
+                        .collect();
+                    writeln!(
+                        out,
+                        "{:>6}  {:<20} {:<25} {:<16} {:<6} {}",
+                        p.id,
+                        p.server,
+                        p.created,
+                        p.consistency,
+                        p.commit,
+                        vols.join(" ")
+                    )?;
                 }
             }
         }
-        Cmd::Restore { dir, server, volume, point, at, latest, to, force } => {
+        Cmd::Restore {
+            dir,
+            server,
+            volume,
+            point,
+            at,
+            latest,
+            to,
+            force,
+        } => {
             let sel = match (point, at, latest) {
                 (Some(id), None, false) => PointSel::Id(id),
                 (None, Some(t), false) => {
-                    let t = time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
-                        .with_context(|| format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z"))?;
-                    PointSel::At(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+                    let t = time::OffsetDateTime::parse(
+                        &t,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .with_context(|| {
+                        format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z")
+                    })?;
+                    PointSel::At(
+                        i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX),
+                    )
                 }
                 (None, None, true) => PointSel::Latest,
-                _ => anyhow::bail!("say which point to restore: one of --point ID, --at RFC3339 or --latest"),
+                _ => anyhow::bail!(
+                    "say which point to restore: one of --point ID, --at RFC3339 or --latest"
+                ),
             };
-            let req = RestoreRequest { server, volume, point: sel, to, force, progress: true };
+            let req = RestoreRequest {
+                server,
+                volume,
+                point: sel,
+                to,
+                force,
+                progress: true,
+            };
             let report = restore::restore(&dir, &req)?;
             println!(
                 "restored point {} of {}/{} ({} bytes) to {}",
@@ -211,13 +258,21 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 req.to.display()
             );
         }
-        Cmd::Verify { dir, server, point, json } => {
+        Cmd::Verify {
+            dir,
+            server,
+            point,
+            json,
+        } => {
             let report = verify::verify(&dir, server.as_deref(), point, !json)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for d in &report.damaged {
-                    println!("DAMAGED point {} server {} volume {} block {}: {}", d.point, d.server, d.volume, d.block, d.error);
+                    println!(
+                        "DAMAGED point {} server {} volume {} block {}: {}",
+                        d.point, d.server, d.volume, d.block, d.error
+                    );
                 }
                 println!(
                     "{}: {} points, {} stored blocks checked, {} damaged block references",
@@ -243,7 +298,9 @@ fn serve(dir: PathBuf, listen: Option<String>, print_addr: bool) -> anyhow::Resu
     let addr = listen.unwrap_or_else(|| cfg.listen.clone());
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         if print_addr {
             println!("{}", listener.local_addr()?);
             std::io::stdout().flush()?;
@@ -261,7 +318,10 @@ fn serve(dir: PathBuf, listen: Option<String>, print_addr: bool) -> anyhow::Resu
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut i), Ok(mut t)) => {
             tokio::select! {
                 _ = i.recv() => {}
@@ -293,13 +353,19 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<20} {:>7} {:>10}  last point time", "server", "points", "last point");
+        println!(
+            "{:<20} {:>7} {:>10}  last point time",
+            "server", "points", "last point"
+        );
         for r in rows {
             println!(
                 "{:<20} {:>7} {:>10}  {}",
                 r["server"].as_str().unwrap_or(""),
                 r["points"],
-                r["last_point"].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                r["last_point"]
+                    .as_i64()
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 r["last_point_time"].as_str().unwrap_or("-")
             );
         }
