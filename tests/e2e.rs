@@ -1,5 +1,6 @@
 //! End to end: real agent and receiver over loopback TLS, real files and
 //! block devices; every restored point compared byte for byte.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::path::{Path, PathBuf};
 

@@ -354,7 +354,7 @@ async fn data_stream(
                             let seq = wr.encoder().next_seq();
                             wr.feed(&Frame::Block(o.block)).await.map_err(codec_err)?;
                             in_flight.push_back((seq, o.permit));
-                            if in_flight.len() % 16 != 0 {
+                            if !in_flight.len().is_multiple_of(16) {
                                 batch = rx.try_recv().ok();
                             }
                         }

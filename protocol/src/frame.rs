@@ -569,7 +569,7 @@ impl Frame {
                 let volume = r.u16()?;
                 let start = r.u64()?;
                 let n = r.remaining() / 32;
-                if r.remaining() % 32 != 0 {
+                if !r.remaining().is_multiple_of(32) {
                     return Err(DecodeError::TrailingData("Hashes"));
                 }
                 if n > MAX_HASHES_PER_FRAME {

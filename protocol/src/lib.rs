@@ -10,7 +10,7 @@
 //!
 //! Every connection is TLS 1.3 with mutual authentication (see the receiver's
 //! PKI). An agent opens one *control* connection and `streams` *data*
-//! connections. Each connection starts with a [`frame::Hello`] in both
+//! connections. Each connection starts with a `Hello` ([`Frame::Hello`]) in both
 //! directions. Then:
 //!
 //! ```text

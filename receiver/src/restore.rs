@@ -70,10 +70,7 @@ pub fn resolve_point(
     let points = cat.points(Some(server))?;
     let found = match sel {
         PointSel::Id(id) => points.into_iter().find(|p| p.id == id),
-        PointSel::At(ms) => points
-            .into_iter()
-            .filter(|p| p.created_ms <= ms)
-            .next_back(),
+        PointSel::At(ms) => points.into_iter().rfind(|p| p.created_ms <= ms),
         PointSel::Latest => points.into_iter().next_back(),
     };
     found.ok_or_else(|| match sel {
@@ -86,12 +83,15 @@ pub fn resolve_point(
     })
 }
 
+/// A block of a volume at a point: index, and hash and location unless zero.
+pub type PointBlock = (u64, Option<(BlockHash, BlockLoc)>);
+
 /// The data blocks of a volume at a point: `(index, hash, location)`.
 pub fn point_blocks(
     store: &Store,
     vol: &PointVolumeInfo,
     point: i64,
-) -> Result<Vec<(u64, Option<(BlockHash, BlockLoc)>)>, ReceiveError> {
+) -> Result<Vec<PointBlock>, ReceiveError> {
     let map = store.catalog()?.block_map(vol.volume_id, point, 0)?;
     let mut locs: HashMap<BlockHash, BlockLoc> = HashMap::new();
     let cat = store.catalog()?;
@@ -191,7 +191,7 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
 
     // Work: every data block; on a device also every zero block, since the
     // device's old content must not show through.
-    let mut work: Vec<(u64, Option<(BlockHash, BlockLoc)>)> = Vec::new();
+    let mut work: Vec<PointBlock> = Vec::new();
     if is_device {
         let mut it = blocks.into_iter().peekable();
         for i in 0..block_count(vol.size, vol.block_size) {

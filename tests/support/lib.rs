@@ -1,6 +1,9 @@
 //! Shared helpers of the end-to-end tests and benchmarks (the root package's
 //! library): sample data, an in-process receiver on 127.0.0.1, agent
 //! configurations, the real binaries, and byte-for-byte comparisons.
+//!
+//! This is test code: a failed step panics with a message, as a test should.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs::File;
 use std::io::Read;
@@ -307,4 +310,38 @@ pub fn copy_bytes(src: &Path, dst: &Path, len: u64) {
     let mut to = File::create(dst).expect("create copy");
     let copied = std::io::copy(&mut (&mut from).take(len), &mut to).expect("copy");
     assert_eq!(copied, len, "short copy of {}", src.display());
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `pilotlight-receiver serve` on 127.0.0.1 (OS-chosen port); returns
+/// the process and the address it printed.
+pub fn spawn_receiver(dir: &Path) -> (ChildGuard, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = Command::new(bin("pilotlight-receiver"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--print-addr", "--dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn receiver");
+    let stdout = child.stdout.take().expect("stdout");
+    let guard = ChildGuard(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read address");
+    let addr = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("receiver printed {line:?}, not an address"));
+    (guard, addr)
 }
