@@ -150,6 +150,11 @@ async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer), AgentError> {
         .await
         .map_err(AgentError::Net)?;
     let _ = tcp.set_nodelay(true);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
     let name = ServerName::try_from(RECEIVER_NAME)
         .map_err(|e| AgentError::Config(format!("server name: {e}")))?;
     let tls = TlsConnector::from(cfg.tls.clone())

@@ -34,6 +34,14 @@ pub enum ReceiveError {
     /// The peer was too slow.
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    /// Another connection of the same session failed; this is its error.
+    #[error("{message}")]
+    SessionFailed {
+        /// The failure's code.
+        code: ErrorCode,
+        /// The failure's sentence.
+        message: String,
+    },
     /// A newer session of the same server took over.
     #[error("superseded by a newer session of the same server")]
     Superseded,
@@ -90,6 +98,7 @@ impl ReceiveError {
             Self::Unauthorized(_) => ErrorCode::Unauthorized,
             Self::Timeout(_) => ErrorCode::Timeout,
             Self::Superseded => ErrorCode::Superseded,
+            Self::SessionFailed { code, .. } => *code,
             Self::Shutdown => ErrorCode::Shutdown,
             Self::Busy(_) => ErrorCode::Busy,
             Self::Storage { .. } | Self::Catalog(_) | Self::Corrupt(_) => ErrorCode::Storage,

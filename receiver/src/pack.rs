@@ -134,7 +134,14 @@ impl PackWriter {
             head.extend_from_slice(&PACK_MAGIC);
             head.extend_from_slice(&0u64.to_le_bytes());
             file.write_all_at(&head, 0)
+                .and_then(|()| file.sync_all())
                 .map_err(|e| ReceiveError::storage(&path, e))?;
+            // The new name must survive a power loss before any commit can
+            // reference it.
+            let packs = self.dir.join("packs");
+            File::open(&packs)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| ReceiveError::storage(&packs, e))?;
             self.current = Some(OpenPack {
                 id,
                 file: Arc::new(file),
@@ -162,6 +169,36 @@ impl PackWriter {
             encoding,
         };
         Ok((loc, pack.clone()))
+    }
+}
+
+impl PackWriter {
+    /// The pack this writer appends to, if it has one.
+    pub fn current_pack(&self) -> Option<u64> {
+        self.current.as_ref().map(|p| p.id)
+    }
+
+    /// Cut the current pack back to `committed` bytes: everything past it
+    /// belongs to points that will never commit. Returns false if the file
+    /// could not be cut (then the writer must not be reused).
+    pub fn rollback(&mut self, committed: u64) -> bool {
+        let Some(p) = self.current.as_mut() else {
+            return true;
+        };
+        let keep = committed.max(PACK_HEADER_LEN);
+        if p.len <= keep {
+            return true;
+        }
+        match p.file.set_len(keep) {
+            Ok(()) => {
+                p.len = keep;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(pack = p.id, cause = %e, "cannot cut an abandoned pack tail");
+                false
+            }
+        }
     }
 }
 

@@ -41,6 +41,9 @@ use crate::{pki, ReceiveError};
 const APPLY_QUEUE: usize = 8;
 /// Depth of the queue of acks from an applier (must exceed `APPLY_QUEUE` + 2).
 const ACK_QUEUE: usize = 64;
+/// How long a data stream may wait for the next point (TCP keepalive finds
+/// dead peers sooner).
+const BETWEEN_POINTS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Grace period for in-flight work at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -133,6 +136,7 @@ enum Role {
 impl Connection {
     async fn serve(self, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
         let _ = tcp.set_nodelay(true);
+        keepalive(&tcp);
         let handshake = self.shared.cfg.handshake_timeout();
         let tls = match tokio::time::timeout(handshake, self.tls.accept(tcp)).await {
             Ok(Ok(s)) => s,
@@ -283,6 +287,7 @@ impl Connection {
             volumes,
             cancel,
             self.shared.cfg.max_pending_points,
+            self.shared.store.clone(),
         ))
     }
 
@@ -344,7 +349,7 @@ impl Connection {
         loop {
             let frame = tokio::select! {
                 () = session.cancel.cancelled() => {
-                    return Err(if self.cancel.is_cancelled() { ReceiveError::Shutdown } else { ReceiveError::Superseded });
+                    return Err(if self.cancel.is_cancelled() { ReceiveError::Shutdown } else { session.cancel_reason() });
                 }
                 f = next_or_eof(rd) => match f? {
                     Some(f) => f,
@@ -419,7 +424,7 @@ impl Connection {
             }
             tokio::select! {
                 () = &mut notified => {}
-                () = session.cancel.cancelled() => return Err(ReceiveError::Superseded),
+                () = session.cancel.cancelled() => return Err(session.cancel_reason()),
                 () = tokio::time::sleep(idle) => return Err(ReceiveError::Timeout("waiting for the blocks of a point")),
             }
         };
@@ -449,6 +454,7 @@ impl Connection {
                 packs: &packs,
             })?;
             store.index_blocks(&pending.new_blocks)?;
+            store.note_committed(&packs)?;
             let mut st = s.state()?;
             st.committed_tag = tag;
             for (h, _) in &pending.new_blocks {
@@ -581,7 +587,7 @@ impl Connection {
             tokio::select! {
                 biased;
                 () = session.cancel.cancelled() => {
-                    break if session.ended.load(std::sync::atomic::Ordering::SeqCst) { Ok(()) } else { Err(ReceiveError::Superseded) };
+                    break if session.ended.load(std::sync::atomic::Ordering::SeqCst) { Ok(()) } else { Err(session.cancel_reason()) };
                 }
                 ack = ack_rx.recv() => match ack {
                     Some(Ok(seq)) => {
@@ -592,7 +598,7 @@ impl Connection {
                     Some(Err(e)) => break Err(e),
                     None => break Ok(()),
                 },
-                f = tokio::time::timeout(idle, next_or_eof(rd)), if apply_tx.is_some() => match f {
+                f = tokio::time::timeout(read_timeout(rd, &session, idle), next_or_eof(rd)), if apply_tx.is_some() => match f {
                     Err(_) => break Err(ReceiveError::Timeout("data stream idle")),
                     Ok(Err(e)) => break Err(e),
                     Ok(Ok(None)) | Ok(Ok(Some(Frame::Goodbye))) => apply_tx = None,
@@ -615,17 +621,29 @@ impl Connection {
         drop(ack_rx);
         let _ = applier.await;
         if let Err(e) = &result {
-            if matches!(
+            if !matches!(
                 e,
-                ReceiveError::BadBlock { .. }
-                    | ReceiveError::Protocol(_)
-                    | ReceiveError::Storage { .. }
+                ReceiveError::Superseded
+                    | ReceiveError::SessionFailed { .. }
+                    | ReceiveError::Shutdown
             ) {
-                // A bad stream poisons the whole session: nothing of it is committed.
-                session.cancel.cancel();
+                // A failed stream fails the whole session: nothing of it is committed.
+                session.fail(e);
             }
         }
         result
+    }
+}
+
+/// How long a data stream may stay silent: `idle` in the middle of a frame or
+/// of a point, otherwise (between points) as long as the connection lives.
+fn read_timeout(rd: &Reader, session: &Session, idle: Duration) -> Duration {
+    let busy =
+        !rd.read_buffer().is_empty() || session.state().map_or(true, |st| !st.pending.is_empty());
+    if busy {
+        idle
+    } else {
+        BETWEEN_POINTS_TIMEOUT
     }
 }
 
@@ -644,15 +662,16 @@ fn apply_loop(
             return;
         }
     };
-    let mut writer = PackWriter::new(store.dir());
+    let mut writer = store.take_writer();
     let mut buf = Vec::new();
     while let Some((seq, b)) = rx.blocking_recv() {
         let r = apply_one(session, store, &mut decoder, &mut writer, &mut buf, b).map(|()| seq);
         let failed = r.is_err();
         if ack.blocking_send(r).is_err() || failed {
-            return;
+            break;
         }
     }
+    session.retire_writer(writer);
 }
 
 fn apply_one(
@@ -763,4 +782,15 @@ fn unexpected(frame: &Frame, wanted: &str) -> ReceiveError {
         "unexpected {:?} frame; expected {wanted}",
         frame.kind()
     ))
+}
+
+/// Turn on TCP keepalive so that a vanished peer is noticed between points.
+pub fn keepalive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!(cause = %e, "cannot enable TCP keepalive");
+    }
 }

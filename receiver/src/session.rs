@@ -11,7 +11,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::BlockRef;
-use crate::pack::BlockLoc;
+use crate::pack::{BlockLoc, PackWriter};
+use crate::store::Store;
 use crate::ReceiveError;
 
 /// A volume as the session declared it, with its catalog row.
@@ -76,6 +77,23 @@ pub struct Session {
     pub max_pending: usize,
     /// Set when the agent ended the session with Goodbye.
     pub ended: std::sync::atomic::AtomicBool,
+    /// Pack writers of finished data streams, returned to the store when the
+    /// session is gone.
+    writers: Mutex<Vec<PackWriter>>,
+    store: Arc<Store>,
+    failure: Mutex<Option<(pilotlight_protocol::frame::ErrorCode, String)>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // No stream or commit of this session is running any more: whatever
+        // its writers wrote past the committed length is dead.
+        if let Ok(mut ws) = self.writers.lock() {
+            for w in ws.drain(..) {
+                self.store.return_writer(w);
+            }
+        }
+    }
 }
 
 impl Session {
@@ -90,6 +108,7 @@ impl Session {
         volumes: Vec<SessionVolume>,
         cancel: CancellationToken,
         max_pending: usize,
+        store: Arc<Store>,
     ) -> Self {
         Self {
             id,
@@ -103,6 +122,9 @@ impl Session {
             cancel,
             max_pending,
             ended: std::sync::atomic::AtomicBool::new(false),
+            writers: Mutex::new(Vec::new()),
+            store,
+            failure: Mutex::new(None),
         }
     }
 
@@ -111,6 +133,31 @@ impl Session {
         self.state
             .lock()
             .map_err(|_| ReceiveError::Corrupt("session lock poisoned".into()))
+    }
+
+    /// End the whole session because of `err` on one of its connections.
+    pub fn fail(&self, err: &ReceiveError) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert_with(|| (err.code(), err.to_string()));
+        }
+        self.cancel.cancel();
+    }
+
+    /// Why the session was cancelled: the failure of one of its connections,
+    /// or (none recorded) a newer session taking over.
+    pub fn cancel_reason(&self) -> ReceiveError {
+        match self.failure.lock().ok().and_then(|f| f.clone()) {
+            Some((code, message)) => ReceiveError::SessionFailed { code, message },
+            None => ReceiveError::Superseded,
+        }
+    }
+
+    /// Keep a finished data stream's pack writer until the session is gone.
+    pub fn retire_writer(&self, w: PackWriter) {
+        match self.writers.lock() {
+            Ok(mut ws) => ws.push(w),
+            Err(_) => drop(w),
+        }
     }
 
     /// Check that a block for `tag` may be accepted now.

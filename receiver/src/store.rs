@@ -18,7 +18,7 @@ use pilotlight_protocol::limits::block_len;
 use pilotlight_protocol::BlockHash;
 
 use crate::catalog::Catalog;
-use crate::pack::{pack_path, parse_pack_name, BlockLoc, PackReader};
+use crate::pack::{pack_path, parse_pack_name, BlockLoc, PackReader, PackWriter};
 use crate::ReceiveError;
 
 /// Name of the catalog file in the receiver directory.
@@ -31,6 +31,8 @@ pub struct Store {
     index: RwLock<HashMap<BlockHash, BlockLoc>>,
     next_pack: AtomicU64,
     store_id: [u8; 16],
+    writers: Mutex<Vec<PackWriter>>,
+    committed: Mutex<HashMap<u64, u64>>,
 }
 
 impl Store {
@@ -52,6 +54,8 @@ impl Store {
             index: RwLock::new(HashMap::new()),
             next_pack: AtomicU64::new(1),
             store_id,
+            writers: Mutex::new(Vec::new()),
+            committed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -107,6 +111,7 @@ impl Store {
         }
         sync_dir(&packs_dir)?;
         store.next_pack.store(max_id + 1, Ordering::SeqCst);
+        *store.committed.lock().map_err(|_| poisoned())? = committed;
         let blocks = store.catalog()?.all_blocks()?;
         {
             let mut index = store.index.write().map_err(|_| poisoned())?;
@@ -151,6 +156,42 @@ impl Store {
         Ok(())
     }
 
+    /// A pack writer for a data stream: one that an earlier stream returned
+    /// (so packs fill up instead of multiplying) or a new one.
+    pub fn take_writer(&self) -> PackWriter {
+        self.writers
+            .lock()
+            .ok()
+            .and_then(|mut w| w.pop())
+            .unwrap_or_else(|| PackWriter::new(&self.dir))
+    }
+
+    /// Give a writer back once its session is over: first cut its pack back
+    /// to what is committed, since anything past that belongs to points that
+    /// died with the session.
+    pub fn return_writer(&self, mut w: PackWriter) {
+        let committed = w
+            .current_pack()
+            .and_then(|id| self.committed.lock().ok().and_then(|c| c.get(&id).copied()))
+            .unwrap_or(0);
+        if !w.rollback(committed) {
+            return;
+        }
+        if let Ok(mut pool) = self.writers.lock() {
+            pool.push(w);
+        }
+    }
+
+    /// Record pack lengths a commit made durable.
+    pub fn note_committed(&self, packs: &[(u64, u64)]) -> Result<(), ReceiveError> {
+        let mut c = self.committed.lock().map_err(|_| poisoned())?;
+        for &(id, len) in packs {
+            let e = c.entry(id).or_insert(0);
+            *e = (*e).max(len);
+        }
+        Ok(())
+    }
+
     /// A fresh pack id.
     pub fn alloc_pack_id(&self) -> u64 {
         self.next_pack.fetch_add(1, Ordering::SeqCst)
@@ -176,12 +217,17 @@ impl Store {
         let volumes = self.catalog()?.volumes(server_id)?;
         let mut fetch = BlockFetcher::new(&self.dir)?;
         let mut buf = Vec::new();
-        for v in volumes {
+        for mut v in volumes {
+            let path = self.staging_path(server, &v.name);
+            // A staging image that is missing or of the wrong size is rebuilt.
+            let intact = std::fs::metadata(&path).is_ok_and(|m| m.len() == v.size);
+            if !intact {
+                v.staging_point = 0;
+            }
             if v.staging_point == point {
                 continue;
             }
             let map = self.catalog()?.block_map(v.id, point, v.staging_point)?;
-            let path = self.staging_path(server, &v.name);
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| ReceiveError::storage(parent, e))?;
             }

@@ -325,9 +325,15 @@ impl Drop for ChildGuard {
 /// Start `pilotlight-receiver serve` on 127.0.0.1 (OS-chosen port); returns
 /// the process and the address it printed.
 pub fn spawn_receiver(dir: &Path) -> (ChildGuard, SocketAddr) {
+    spawn_receiver_on(dir, "127.0.0.1:0")
+}
+
+/// Start `pilotlight-receiver serve` on `listen` (e.g. the port an earlier,
+/// killed receiver had).
+pub fn spawn_receiver_on(dir: &Path, listen: &str) -> (ChildGuard, SocketAddr) {
     use std::io::BufRead;
     let mut child = Command::new(bin("pilotlight-receiver"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--print-addr", "--dir"])
+        .args(["serve", "--listen", listen, "--print-addr", "--dir"])
         .arg(dir)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
@@ -344,4 +350,70 @@ pub fn spawn_receiver(dir: &Path) -> (ChildGuard, SocketAddr) {
         .parse()
         .unwrap_or_else(|_| panic!("receiver printed {line:?}, not an address"));
     (guard, addr)
+}
+
+/// A small ext4 filesystem in a file, loop-mounted; unmounted and detached on
+/// drop.
+pub struct SmallFs {
+    /// Mount point.
+    pub mount: PathBuf,
+    dev: Option<LoopDevice>,
+}
+
+impl SmallFs {
+    /// Make and mount an ext4 filesystem of `size` bytes at `root/mnt`.
+    pub fn create(root: &Path, size: u64) -> Result<Self, String> {
+        let img = root.join("smallfs.img");
+        File::create(&img)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| e.to_string())?;
+        let dev = LoopDevice::attach(&img)?;
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-O", "^has_journal"])
+            .arg(&dev.path)
+            .status()
+            .map_err(|e| format!("mkfs.ext4 cannot run: {e}"))?;
+        if !ok.success() {
+            return Err("mkfs.ext4 failed".into());
+        }
+        let mount = root.join("mnt");
+        std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
+        let ok = Command::new("mount")
+            .arg(&dev.path)
+            .arg(&mount)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !ok.success() {
+            return Err("mount failed".into());
+        }
+        Ok(Self {
+            mount,
+            dev: Some(dev),
+        })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        self.dev.take();
+    }
+}
+
+/// Fill the filesystem holding `path` with a file of zeros written until it
+/// is full, then give back `leave` bytes. Returns the filler's path.
+pub fn fill_filesystem(dir: &Path, leave: u64) -> PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut f = File::create(&filler).expect("filler");
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    while f.write_all(&chunk).is_ok() {
+        written += chunk.len() as u64;
+    }
+    let _ = f.sync_all();
+    f.set_len(written.saturating_sub(leave))
+        .expect("shrink filler");
+    f.sync_all().expect("sync filler");
+    filler
 }
