@@ -160,8 +160,9 @@ pub struct NewPoint<'a> {
     pub consistency: &'a str,
     /// Commit mode label.
     pub commit: &'a str,
-    /// `(volume row id, size)` of each volume in the session, by session index.
-    pub volumes: &'a [(i64, u64)],
+    /// `(name, block size, size)` of each volume in the session, by session
+    /// index. Volumes new to the catalog are created by the commit.
+    pub volumes: &'a [(&'a str, u32, u64)],
     /// Changed blocks.
     pub blocks: &'a [BlockRef],
     /// Blocks first stored by this point.
@@ -318,14 +319,14 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Find or create a volume; the block size of an existing volume is fixed.
-    pub fn ensure_volume(
-        &mut self,
+    /// Check a declared volume against the catalog: the block size of an
+    /// existing volume is fixed. Creates nothing (the first commit does).
+    pub fn check_volume(
+        &self,
         server_id: i64,
         name: &str,
         block_size: u32,
-        size: u64,
-    ) -> Result<VolumeRow, ReceiveError> {
+    ) -> Result<(), ReceiveError> {
         if let Some(v) = self.volume(server_id, name)? {
             if v.block_size != block_size {
                 return Err(ReceiveError::Protocol(format!(
@@ -333,14 +334,8 @@ impl Catalog {
                     v.block_size
                 )));
             }
-            return Ok(v);
         }
-        self.conn.execute(
-            "INSERT INTO volumes(server_id, name, block_size, size) VALUES(?1, ?2, ?3, ?4)",
-            params![server_id, name, block_size, size as i64],
-        )?;
-        self.volume(server_id, name)?
-            .ok_or_else(|| ReceiveError::Corrupt(format!("volume {name} vanished after insert")))
+        Ok(())
     }
 
     /// The newest point of a server.
@@ -362,13 +357,34 @@ impl Catalog {
             params![p.server_id, p.created_ms, p.consistency, p.commit],
         )?;
         let point_id = tx.last_insert_rowid();
+        let mut ids = Vec::with_capacity(p.volumes.len());
+        for &(name, block_size, size) in p.volumes {
+            let id: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM volumes WHERE server_id=?1 AND name=?2",
+                    params![p.server_id, name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let id = match id {
+                Some(id) => id,
+                None => {
+                    tx.execute(
+                        "INSERT INTO volumes(server_id, name, block_size, size) VALUES(?1, ?2, ?3, ?4)",
+                        params![p.server_id, name, block_size, size as i64],
+                    )?;
+                    tx.last_insert_rowid()
+                }
+            };
+            ids.push((id, size));
+        }
         {
             let mut counts = vec![(0u64, 0u64); p.volumes.len()];
             let mut ins = tx.prepare_cached(
                 "INSERT OR REPLACE INTO point_blocks(volume_id, block_index, point_id, hash) VALUES(?1, ?2, ?3, ?4)",
             )?;
             for b in p.blocks {
-                let Some(&(volume_id, _)) = p.volumes.get(usize::from(b.volume)) else {
+                let Some(&(volume_id, _)) = ids.get(usize::from(b.volume)) else {
                     return Err(ReceiveError::Corrupt(format!(
                         "block refers to undeclared volume {}",
                         b.volume
@@ -389,7 +405,7 @@ impl Catalog {
                 "INSERT INTO point_volumes(point_id, volume_id, size, changed_blocks, changed_bytes) VALUES(?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut vs = tx.prepare_cached("UPDATE volumes SET size=?2 WHERE id=?1")?;
-            for (&(volume_id, size), &(blocks, bytes)) in p.volumes.iter().zip(&counts) {
+            for (&(volume_id, size), &(blocks, bytes)) in ids.iter().zip(&counts) {
                 pv.execute(params![
                     point_id,
                     volume_id,

@@ -182,6 +182,16 @@ impl PackWriter {
     /// belongs to points that will never commit. Returns false if the file
     /// could not be cut (then the writer must not be reused).
     pub fn rollback(&mut self, committed: u64) -> bool {
+        if committed == 0 {
+            // Nothing in this pack was ever committed: remove it altogether.
+            if let Some(p) = self.current.take() {
+                let path = pack_path(&self.dir, p.id);
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(pack = p.id, cause = %e, "cannot remove an abandoned pack");
+                }
+            }
+            return true;
+        }
         let Some(p) = self.current.as_mut() else {
             return true;
         };

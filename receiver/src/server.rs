@@ -41,9 +41,6 @@ use crate::{pki, ReceiveError};
 const APPLY_QUEUE: usize = 8;
 /// Depth of the queue of acks from an applier (must exceed `APPLY_QUEUE` + 2).
 const ACK_QUEUE: usize = 64;
-/// How long a data stream may wait for the next point (TCP keepalive finds
-/// dead peers sooner).
-const BETWEEN_POINTS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Grace period for in-flight work at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -261,16 +258,15 @@ impl Connection {
         }
         let store = self.shared.store.clone();
         let volumes = blocking(move || {
-            let mut cat = store.catalog()?;
+            let cat = store.catalog()?;
             decls
                 .iter()
                 .map(|d| {
-                    let row = cat.ensure_volume(server_id, &d.name, d.block_size, d.size)?;
+                    cat.check_volume(server_id, &d.name, d.block_size)?;
                     Ok(SessionVolume {
                         name: d.name.clone(),
                         size: d.size,
                         block_size: d.block_size,
-                        volume_id: row.id,
                     })
                 })
                 .collect::<Result<Vec<_>, ReceiveError>>()
@@ -436,8 +432,11 @@ impl Connection {
                     ReceiveError::storage(crate::store::pack_file(store.dir(), *id), e)
                 })?;
             }
-            let volumes: Vec<(i64, u64)> =
-                s.volumes.iter().map(|v| (v.volume_id, v.size)).collect();
+            let volumes: Vec<(&str, u32, u64)> = s
+                .volumes
+                .iter()
+                .map(|v| (v.name.as_str(), v.block_size, v.size))
+                .collect();
             let packs: Vec<(u64, u64)> = pending
                 .packs
                 .iter()
@@ -485,8 +484,10 @@ impl Connection {
             let Some(point) = cat.latest_point(server_id)? else {
                 return Ok((0, 0, Vec::new()));
             };
-            let size = cat.volume(server_id, &v.name)?.map_or(0, |r| r.size);
-            Ok((point, size, cat.block_map(v.volume_id, point, 0)?))
+            let Some(row) = cat.volume(server_id, &v.name)? else {
+                return Ok((point, 0, Vec::new()));
+            };
+            Ok((point, row.size, cat.block_map(row.id, point, 0)?))
         })
         .await?;
         let total = block_count(
@@ -598,8 +599,10 @@ impl Connection {
                     Some(Err(e)) => break Err(e),
                     None => break Ok(()),
                 },
-                f = tokio::time::timeout(read_timeout(rd, &session, idle), next_or_eof(rd)), if apply_tx.is_some() => match f {
-                    Err(_) => break Err(ReceiveError::Timeout("data stream idle")),
+                f = tokio::time::timeout(idle, next_or_eof(rd)), if apply_tx.is_some() => match f {
+                    // Silence is fine between frames, not in the middle of one.
+                    Err(_) if stalled(rd) => break Err(ReceiveError::Timeout("data stream idle mid-transfer")),
+                    Err(_) => continue,
                     Ok(Err(e)) => break Err(e),
                     Ok(Ok(None)) | Ok(Ok(Some(Frame::Goodbye))) => apply_tx = None,
                     Ok(Ok(Some(Frame::Block(b)))) => {
@@ -635,16 +638,11 @@ impl Connection {
     }
 }
 
-/// How long a data stream may stay silent: `idle` in the middle of a frame or
-/// of a point, otherwise (between points) as long as the connection lives.
-fn read_timeout(rd: &Reader, session: &Session, idle: Duration) -> Duration {
-    let busy =
-        !rd.read_buffer().is_empty() || session.state().map_or(true, |st| !st.pending.is_empty());
-    if busy {
-        idle
-    } else {
-        BETWEEN_POINTS_TIMEOUT
-    }
+/// Whether a silent data stream is stuck: it is in the middle of a frame.
+/// Between frames silence is normal (an agent scanning a large disk may find
+/// nothing to send for minutes); TCP keepalive finds dead peers.
+fn stalled(rd: &Reader) -> bool {
+    !rd.read_buffer().is_empty()
 }
 
 /// The blocking half of a data stream: verify, deduplicate, append to a pack,

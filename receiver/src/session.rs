@@ -24,8 +24,6 @@ pub struct SessionVolume {
     pub size: u64,
     /// Block size.
     pub block_size: u32,
-    /// Catalog row id.
-    pub volume_id: i64,
 }
 
 /// A point being received.

@@ -37,6 +37,15 @@ impl TestReceiver {
         Self::serve(&dir).await
     }
 
+    /// Create a receiver directory with this configuration and serve it.
+    pub async fn create_with(root: &Path, cfg: &ReceiverConfig) -> Self {
+        let dir = root.join("receiver");
+        pilotlight_receiver::admin::init(&dir, Some("127.0.0.1:0")).expect("init receiver");
+        let text = toml::to_string(cfg).expect("config toml");
+        std::fs::write(dir.join("receiver.toml"), text).expect("write receiver.toml");
+        Self::serve(&dir).await
+    }
+
     /// Serve an existing receiver directory.
     pub async fn serve(dir: &Path) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
