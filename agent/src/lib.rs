@@ -11,6 +11,7 @@ mod replicate;
 pub mod scan;
 pub mod state;
 pub mod status;
+pub mod throttle;
 pub mod volume;
 
 use std::path::PathBuf;
@@ -62,6 +63,8 @@ pub struct AgentConfig {
     pub max_async_pending: usize,
     /// Connection attempts of `--once` before giving up.
     pub once_attempts: u32,
+    /// Cap on the send rate in megabits per second.
+    pub limit_mbps: Option<u32>,
 }
 
 impl AgentConfig {
@@ -88,6 +91,7 @@ impl AgentConfig {
             workers: 0,
             max_async_pending: 4,
             once_attempts: 3,
+            limit_mbps: None,
         }
     }
 }

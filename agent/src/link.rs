@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
 use pilotlight_protocol::frame::{BlockFrame, CommitMode, VolumeDecl};
-use pilotlight_protocol::limits::VERSION;
+use pilotlight_protocol::limits::{BLOCK_HEADER_LEN, VERSION};
 use pilotlight_protocol::{DecodeError, Frame};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
@@ -104,6 +104,8 @@ pub struct LinkConfig {
     pub volumes: Vec<VolumeDecl>,
     /// Counter of bytes written to the network.
     pub wire_bytes: Arc<AtomicU64>,
+    /// Send-rate cap shared by the data streams.
+    pub throttle: Option<Arc<crate::throttle::Throttle>>,
 }
 
 /// An open session with the receiver.
@@ -242,7 +244,14 @@ impl Link {
                 chan: data_tx.clone(),
                 window: window.clone(),
             };
-            tasks.spawn(data_stream(rd, wr, data_rx.clone(), cancel.clone(), fail));
+            tasks.spawn(data_stream(
+                rd,
+                wr,
+                data_rx.clone(),
+                cancel.clone(),
+                fail,
+                cfg.throttle.clone(),
+            ));
         }
         let (ctrl_tx, ctrl_rx) = mpsc::channel(CONTROL_QUEUE);
         let fail = Failer {
@@ -346,6 +355,7 @@ async fn data_stream(
     rx: async_channel::Receiver<Outgoing>,
     cancel: CancellationToken,
     fail: Failer,
+    throttle: Option<Arc<crate::throttle::Throttle>>,
 ) {
     let mut in_flight: VecDeque<(u64, OwnedSemaphorePermit)> = VecDeque::new();
     let result: Result<(), AgentError> = async {
@@ -357,6 +367,13 @@ async fn data_stream(
                         let mut batch = Some(o);
                         while let Some(o) = batch.take() {
                             let seq = wr.encoder().next_seq();
+                            if let Some(t) = &throttle {
+                                // Paced: each frame waits for its tokens and goes out at once.
+                                t.take(o.block.payload.len() + BLOCK_HEADER_LEN + 20).await;
+                                wr.send(&Frame::Block(o.block)).await.map_err(codec_err)?;
+                                in_flight.push_back((seq, o.permit));
+                                continue;
+                            }
                             wr.feed(&Frame::Block(o.block)).await.map_err(codec_err)?;
                             in_flight.push_back((seq, o.permit));
                             if !in_flight.len().is_multiple_of(16) {

@@ -241,6 +241,10 @@ impl Replicator<'_> {
             commit: self.cfg.commit,
             volumes: decls,
             wire_bytes: wire.clone(),
+            throttle: self
+                .cfg
+                .limit_mbps
+                .map(|m| Arc::new(crate::throttle::Throttle::new(m))),
         };
         let mut link = Link::connect(&link_cfg).await?;
         tracing::info!(
@@ -371,6 +375,8 @@ impl Replicator<'_> {
             }
             let wire_now = wire.load(Ordering::Relaxed);
             report.wire_bytes = wire_now - wire_before;
+            metrics::counter!("pilotlight_agent_wire_bytes_sent_total")
+                .increment(report.wire_bytes);
             wire_before = wire_now;
             pending.push_back(Pending {
                 tag,
@@ -462,6 +468,13 @@ impl Replicator<'_> {
         self.durable_this_session = true;
         let mut report = p.report;
         report.point = point;
+        let lag = (now_ms() - p.created_ms).max(0) as f64 / 1000.0;
+        metrics::counter!("pilotlight_agent_points_total").increment(1);
+        metrics::counter!("pilotlight_agent_blocks_sent_total").increment(report.blocks_sent);
+        metrics::counter!("pilotlight_agent_payload_bytes_sent_total")
+            .increment(report.payload_bytes);
+        metrics::gauge!("pilotlight_agent_lag_seconds").set(lag);
+        metrics::histogram!("pilotlight_agent_point_seconds").record(lag);
         tracing::info!(
             point,
             blocks = report.blocks_sent,

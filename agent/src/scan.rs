@@ -166,6 +166,7 @@ fn worker(
             .ok_or_else(|| AgentError::Protocol("chunk larger than its buffer".into()))?;
         file.read_exact_at(data, offset).map_err(src_err)?;
         out.bytes_read += len as u64;
+        metrics::counter!("pilotlight_agent_bytes_read_total").increment(len as u64);
         for (i, block) in data.chunks(job.block_size as usize).enumerate() {
             let index = first + i as u64;
             let blen = block_len(job.size, job.block_size, index) as usize;

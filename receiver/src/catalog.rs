@@ -440,6 +440,18 @@ impl Catalog {
         Ok(point_id)
     }
 
+    /// Bytes in packs of the distinct blocks a server's points reference.
+    pub fn stored_bytes(&self, server_id: i64) -> Result<u64, ReceiveError> {
+        let n: Option<i64> = self.conn.query_row(
+            "SELECT sum(b.stored_len) FROM blocks b WHERE b.hash IN
+               (SELECT DISTINCT pb.hash FROM point_blocks pb JOIN volumes v ON v.id = pb.volume_id
+                WHERE v.server_id = ?1 AND pb.hash IS NOT NULL)",
+            params![server_id],
+            |r| r.get(0),
+        )?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
     /// Record that the staging image of a volume equals `point`.
     pub fn set_staging_point(&mut self, volume_id: i64, point: i64) -> Result<(), ReceiveError> {
         self.conn.execute(

@@ -25,6 +25,8 @@ pub struct ReceiverConfig {
     pub idle_timeout_secs: u64,
     /// Most points of one session received but not yet committed.
     pub max_pending_points: usize,
+    /// Address to serve Prometheus metrics on (none by default).
+    pub metrics: Option<String>,
 }
 
 impl Default for ReceiverConfig {
@@ -35,6 +37,7 @@ impl Default for ReceiverConfig {
             handshake_timeout_secs: 10,
             idle_timeout_secs: 120,
             max_pending_points: 8,
+            metrics: None,
         }
     }
 }

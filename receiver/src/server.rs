@@ -57,6 +57,23 @@ struct Shared {
     cfg: ReceiverConfig,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     active: Mutex<HashMap<i64, ActiveServer>>,
+    live: Mutex<crate::live::Live>,
+}
+
+impl Shared {
+    /// Record that `server` connected (or, with `None`, disconnected).
+    fn set_live(&self, server: &str, since: Option<String>) {
+        let Ok(mut live) = self.live.lock() else {
+            return;
+        };
+        match since {
+            Some(t) => live.connected.insert(server.to_owned(), t),
+            None => live.connected.remove(server),
+        };
+        if let Err(e) = live.save(self.store.dir()) {
+            tracing::debug!(cause = %e, "cannot write live.json");
+        }
+    }
 }
 
 impl Shared {
@@ -84,7 +101,14 @@ pub async fn run(
         cfg,
         sessions: Mutex::new(HashMap::new()),
         active: Mutex::new(HashMap::new()),
+        live: Mutex::new(crate::live::Live {
+            pid: std::process::id(),
+            ..Default::default()
+        }),
     });
+    if let Ok(live) = shared.live.lock() {
+        let _ = live.save(shared.store.dir());
+    }
     tracing::info!(addr = ?listener.local_addr().ok(), "receiver serving");
     let tracker = TaskTracker::new();
     loop {
@@ -155,6 +179,8 @@ impl Connection {
             Err(e) => Err(e),
         };
         if let Err(e) = result {
+            let kind = format!("{:?}", e.code()).to_lowercase();
+            metrics::counter!("pilotlight_receiver_errors_total", "kind" => kind).increment(1);
             match &e {
                 ReceiveError::Net(_) => {
                     tracing::info!(peer = %self.peer, cause = %e, "connection lost")
@@ -316,7 +342,12 @@ impl Connection {
             .lock()
             .map_err(|_| Shared::lock_err())?
             .insert(session.id, session.clone());
+        metrics::gauge!("pilotlight_receiver_sessions").increment(1.0);
+        self.shared
+            .set_live(&session.server, Some(crate::catalog::rfc3339(now_ms())));
         let result = self.control_loop(rd, wr, &session).await;
+        self.shared.set_live(&session.server, None);
+        metrics::gauge!("pilotlight_receiver_sessions").decrement(1.0);
         session.cancel.cancel();
         self.shared
             .sessions
@@ -426,6 +457,7 @@ impl Connection {
         };
         let store = self.shared.store.clone();
         let s = session.clone();
+        let started = std::time::Instant::now();
         let point = blocking(move || {
             for (id, (file, _)) in &pending.packs {
                 file.sync_data().map_err(|e| {
@@ -463,6 +495,9 @@ impl Connection {
         })
         .await?;
         tracing::info!(server = %session.server, point, tag, blocks, "point durable");
+        metrics::counter!("pilotlight_receiver_points_total").increment(1);
+        metrics::histogram!("pilotlight_receiver_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
         Ok(point)
     }
 
@@ -724,6 +759,11 @@ fn apply_one(
         })?;
         Some((b.hash, loc, pack.file))
     };
+    metrics::counter!("pilotlight_receiver_bytes_received_total").increment(u64::from(b.raw_len));
+    if let Some((_, loc, _)) = &new {
+        metrics::counter!("pilotlight_receiver_bytes_stored_total")
+            .increment(u64::from(loc.stored_len));
+    }
     session.record(b.tag, r, new)
 }
 
@@ -791,4 +831,9 @@ pub fn keepalive(tcp: &TcpStream) {
     if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
         tracing::debug!(cause = %e, "cannot enable TCP keepalive");
     }
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
 }

@@ -1,80 +1,122 @@
 //! `pilotlight-agent`: the source-server side of pilotlight.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand};
 use pilotlight_agent::status::Status;
 use pilotlight_agent::{AgentConfig, CommitMode, ConsistencyMode, Track, VolumeSpec};
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 /// Replicate a server's disks, block by block, to a pilotlight receiver.
 #[derive(Parser)]
 #[command(name = "pilotlight-agent", version, about)]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    /// Log format on stderr (logs are filtered by RUST_LOG).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, clap::ValueEnum, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
 enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum TrackArg {
     Scan,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum CommitArg {
     Sync,
     Async,
 }
 
+/// `run` flags. Every flag has a key of the same name (with `_` for `-`) in
+/// the `--config` file; flags override the file. Defaults are in
+/// [`AgentConfig::new`].
+#[derive(clap::Args, Default)]
+struct RunArgs {
+    /// agent.toml with any of the keys below; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Receiver address (host:port).
+    #[arg(long)]
+    receiver: Option<String>,
+    /// Identity file from `pilotlight-receiver enroll`.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Directory for the agent's durable state.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// A volume to replicate, NAME=PATH (image file or block device). Repeatable.
+    #[arg(long = "volume")]
+    volumes: Vec<VolumeSpec>,
+    /// How changed blocks are found [default: scan].
+    #[arg(long, value_enum)]
+    track: Option<TrackArg>,
+    /// sync: wait for each point to be durable; async: pipeline points [default: sync].
+    #[arg(long, value_enum)]
+    commit: Option<CommitArg>,
+    /// Time between points, e.g. 30s, 5m [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    interval: Option<Duration>,
+    /// Make one durable point, print its id and exit.
+    #[arg(long)]
+    once: bool,
+    /// auto, reflink, freeze:MOUNT or none [default: auto].
+    #[arg(long)]
+    consistency: Option<ConsistencyMode>,
+    /// Parallel TLS data streams, 1 to 16 [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=16))]
+    streams: Option<u16>,
+    /// Block size for volumes new to the receiver: a power of two, 4 KiB to 4 MiB [default: 65536].
+    #[arg(long)]
+    block_size: Option<u32>,
+    /// Cap the send rate at N megabits per second.
+    #[arg(long)]
+    limit_mbps: Option<u32>,
+    /// Serve Prometheus metrics on this address (host:port).
+    #[arg(long)]
+    metrics: Option<String>,
+}
+
+/// The config file: the same keys as the flags.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    receiver: Option<String>,
+    identity: Option<PathBuf>,
+    state: Option<PathBuf>,
+    #[serde(default)]
+    volumes: BTreeMap<String, PathBuf>,
+    track: Option<TrackArg>,
+    commit: Option<CommitArg>,
+    interval: Option<String>,
+    once: Option<bool>,
+    consistency: Option<String>,
+    streams: Option<u16>,
+    block_size: Option<u32>,
+    limit_mbps: Option<u32>,
+    metrics: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Replicate volumes to a receiver.
-    Run {
-        /// Receiver address (host:port).
-        #[arg(long)]
-        receiver: String,
-        /// Identity file from `pilotlight-receiver enroll`.
-        #[arg(long)]
-        identity: PathBuf,
-        /// Directory for the agent's durable state.
-        #[arg(long)]
-        state: PathBuf,
-        /// A volume to replicate, NAME=PATH (image file or block device).
-        #[arg(long = "volume", required = true)]
-        volumes: Vec<VolumeSpec>,
-        /// How changed blocks are found.
-        #[arg(long, value_enum, default_value = "scan")]
-        track: TrackArg,
-        /// Wait for each point to be durable (sync) or pipeline points (async).
-        #[arg(long, value_enum, default_value = "sync")]
-        commit: CommitArg,
-        /// Time between points, e.g. 30s, 5m.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-        interval: Duration,
-        /// Make one durable point, print its id and exit.
-        #[arg(long)]
-        once: bool,
-        /// auto, reflink, freeze:MOUNT or none.
-        #[arg(long, default_value = "auto")]
-        consistency: ConsistencyMode,
-        /// Parallel TLS data streams.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
-        streams: u16,
-        /// Block size in bytes for volumes new to the receiver (power of two, 4 KiB to 4 MiB).
-        #[arg(long, default_value_t = 65536)]
-        block_size: u32,
-    },
+    Run(Box<RunArgs>),
     /// Show what the agent last did.
     Status {
         /// The agent's state directory.
@@ -84,20 +126,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let file = match &cli.cmd {
+        Cmd::Run(a) => match load_file(a.config.as_ref()) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("pilotlight-agent: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => FileConfig::default(),
+    };
+    let format = cli
+        .log_format
+        .or(file.log_format)
+        .unwrap_or(LogFormat::Text);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match cli.log_format {
+    match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    match run(cli.cmd) {
+    match run(cli.cmd, file) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pilotlight-agent: {e:#}");
@@ -106,49 +169,88 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cmd: Cmd) -> anyhow::Result<()> {
+fn load_file(path: Option<&PathBuf>) -> anyhow::Result<FileConfig> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config {} is not valid", path.display()))
+}
+
+fn config(a: RunArgs, f: FileConfig) -> anyhow::Result<(AgentConfig, Option<String>)> {
+    let need =
+        |what: &str| anyhow::anyhow!("--{what} is required (or `{what}` in the config file)");
+    let receiver = a.receiver.or(f.receiver).ok_or_else(|| need("receiver"))?;
+    let identity = a.identity.or(f.identity).ok_or_else(|| need("identity"))?;
+    let state = a.state.or(f.state).ok_or_else(|| need("state"))?;
+    let mut volumes = a.volumes;
+    if volumes.is_empty() {
+        for (name, path) in f.volumes {
+            volumes.push(
+                format!("{name}={}", path.display())
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
+    }
+    if volumes.is_empty() {
+        return Err(need("volume"));
+    }
+    let mut cfg = AgentConfig::new(receiver, identity, state, volumes);
+    if let Some(TrackArg::Scan) = a.track.or(f.track) {
+        cfg.track = Track::Scan;
+    }
+    if let Some(c) = a.commit.or(f.commit) {
+        cfg.commit = match c {
+            CommitArg::Sync => CommitMode::Sync,
+            CommitArg::Async => CommitMode::Async,
+        };
+    }
+    if let Some(i) = a.interval {
+        cfg.interval = i;
+    } else if let Some(i) = f.interval {
+        cfg.interval = humantime::parse_duration(&i).with_context(|| format!("interval {i:?}"))?;
+    }
+    cfg.once = a.once || f.once.unwrap_or(false);
+    if let Some(c) = a.consistency {
+        cfg.consistency = c;
+    } else if let Some(c) = f.consistency {
+        cfg.consistency = c.parse().map_err(anyhow::Error::msg)?;
+    }
+    if let Some(s) = a.streams.or(f.streams) {
+        anyhow::ensure!((1..=16).contains(&s), "streams must be 1 to 16");
+        cfg.streams = s;
+    }
+    if let Some(b) = a.block_size.or(f.block_size) {
+        anyhow::ensure!(
+            pilotlight_protocol::limits::valid_block_size(b),
+            "--block-size {b} is not a power of two from 4096 to 4194304"
+        );
+        cfg.block_size = b;
+    }
+    cfg.limit_mbps = a.limit_mbps.or(f.limit_mbps).filter(|&m| m > 0);
+    Ok((cfg, a.metrics.or(f.metrics)))
+}
+
+fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Run {
-            receiver,
-            identity,
-            state,
-            volumes,
-            track,
-            commit,
-            interval,
-            once,
-            consistency,
-            streams,
-            block_size,
-        } => {
-            if !pilotlight_protocol_valid_block_size(block_size) {
-                anyhow::bail!(
-                    "--block-size {block_size} is not a power of two from 4096 to 4194304"
-                );
-            }
-            let mut cfg = AgentConfig::new(receiver, identity, state, volumes);
-            cfg.track = match track {
-                TrackArg::Scan => Track::Scan,
-            };
-            cfg.commit = match commit {
-                CommitArg::Sync => CommitMode::Sync,
-                CommitArg::Async => CommitMode::Async,
-            };
-            cfg.interval = interval;
-            cfg.once = once;
-            cfg.consistency = consistency;
-            cfg.streams = streams;
-            cfg.block_size = block_size;
+        Cmd::Run(args) => {
+            let (cfg, metrics) = config(*args, file)?;
+            let once = cfg.once;
             let rt = tokio::runtime::Runtime::new()?;
             let reports = rt.block_on(async move {
+                if let Some(addr) = metrics {
+                    install_metrics(&addr)?;
+                }
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
                 tokio::spawn(async move {
                     wait_for_signal().await;
-                    tracing::info!("stopping: finishing the point in flight");
+                    tracing::info!("stopping: finishing the points in flight");
                     s.cancel();
                 });
-                pilotlight_agent::run(cfg, shutdown).await
+                Ok::<_, anyhow::Error>(pilotlight_agent::run(cfg, shutdown).await?)
             })?;
             if once {
                 match reports.last() {
@@ -183,12 +285,32 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "pilotlight-agent",
+                &mut std::io::stdout(),
+            );
+        }
+        Cmd::Man => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
     }
     Ok(())
 }
 
-fn pilotlight_protocol_valid_block_size(size: u32) -> bool {
-    size.is_power_of_two() && (4096..=4 << 20).contains(&size)
+fn install_metrics(addr: &str) -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("--metrics {addr:?} is not host:port"))?;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(&[
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0,
+        ])?
+        .install()
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    tracing::info!(%addr, "serving Prometheus metrics");
+    Ok(())
 }
 
 async fn wait_for_signal() {

@@ -68,10 +68,20 @@ enum Cmd {
         /// Address to listen on (overrides receiver.toml).
         #[arg(long)]
         listen: Option<String>,
+        /// Serve Prometheus metrics on this address (overrides receiver.toml).
+        #[arg(long)]
+        metrics: Option<String>,
         /// Print the bound address to stdout once listening.
         #[arg(long)]
         print_addr: bool,
     },
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
     /// Show each server's replication state.
     Status {
         /// Receiver directory.
@@ -178,8 +188,22 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Serve {
             dir,
             listen,
+            metrics,
             print_addr,
-        } => serve(dir, listen, print_addr)?,
+        } => serve(dir, listen, metrics, print_addr)?,
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "pilotlight-receiver",
+                &mut std::io::stdout(),
+            );
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+        }
         Cmd::Status { dir, json } => status(&dir, json)?,
         Cmd::Points { dir, server, json } => {
             let points = admin::points(&dir, server.as_deref())?;
@@ -293,11 +317,28 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(dir: PathBuf, listen: Option<String>, print_addr: bool) -> anyhow::Result<()> {
+fn serve(
+    dir: PathBuf,
+    listen: Option<String>,
+    metrics: Option<String>,
+    print_addr: bool,
+) -> anyhow::Result<()> {
     let cfg = ReceiverConfig::load(&dir)?;
     let addr = listen.unwrap_or_else(|| cfg.listen.clone());
+    let metrics = metrics.or_else(|| cfg.metrics.clone());
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        if let Some(m) = metrics {
+            let m: std::net::SocketAddr = m
+                .parse()
+                .with_context(|| format!("--metrics {m:?} is not host:port"))?;
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(m)
+                .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0])?
+                .install()
+                .with_context(|| format!("cannot serve metrics on {m}"))?;
+            tracing::info!(addr = %m, "serving Prometheus metrics");
+        }
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
@@ -336,35 +377,54 @@ fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let points = admin::points(dir, None)?;
     let store = pilotlight_receiver::store::Store::open(dir)?;
     let servers = store.catalog()?.servers()?;
+    let live = pilotlight_receiver::live::Live::load_running(dir);
+    let now_ms = i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(0);
     let mut rows = Vec::new();
     for s in servers {
         let mine: Vec<_> = points.iter().filter(|p| p.server == s.name).collect();
         let last = mine.last();
+        let stored = store.catalog()?.stored_bytes(s.id)?;
+        let state = match (&live, s.revoked) {
+            (_, true) => "revoked",
+            (None, _) => "receiver-stopped",
+            (Some(l), _) if l.connected.contains_key(&s.name) => "replicating",
+            (Some(_), _) if last.is_none() => "never-replicated",
+            (Some(_), _) => "disconnected",
+        };
         rows.push(serde_json::json!({
             "server": s.name,
-            "enrolled": s.cert_serial.is_some(),
-            "revoked": s.revoked,
+            "state": state,
+            "connected_since": live.as_ref().and_then(|l| l.connected.get(&s.name).cloned()),
             "points": mine.len(),
             "last_point": last.map(|p| p.id),
             "last_point_time": last.map(|p| p.created.clone()),
-            "lag_seconds": last.map(|p| (time::OffsetDateTime::now_utc().unix_timestamp() * 1000 - p.created_ms).max(0) as f64 / 1000.0),
+            "lag_seconds": last.map(|p| (now_ms - p.created_ms).max(0) as f64 / 1000.0),
+            "bytes_stored": stored,
+            "volumes": last.map(|p| p.volumes.iter().map(|v| serde_json::json!({"name": v.name, "size": v.size})).collect::<Vec<_>>()).unwrap_or_default(),
         }));
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!(
-            "{:<20} {:>7} {:>10}  last point time",
-            "server", "points", "last point"
+            "{:<20} {:<17} {:>7} {:>10} {:>10} {:>11}  last point time",
+            "server", "state", "points", "last point", "stored", "lag"
         );
         for r in rows {
             println!(
-                "{:<20} {:>7} {:>10}  {}",
+                "{:<20} {:<17} {:>7} {:>10} {:>10} {:>11}  {}",
                 r["server"].as_str().unwrap_or(""),
+                r["state"].as_str().unwrap_or(""),
                 r["points"],
                 r["last_point"]
                     .as_i64()
                     .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                human(r["bytes_stored"].as_u64().unwrap_or(0)),
+                r["lag_seconds"]
+                    .as_f64()
+                    .map(|l| format!("{l:.0} s"))
                     .unwrap_or_else(|| "-".into()),
                 r["last_point_time"].as_str().unwrap_or("-")
             );
