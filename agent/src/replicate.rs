@@ -265,7 +265,8 @@ impl Replicator<'_> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut tag = 0u64;
         let workers = if self.cfg.workers == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
+            // Reads are part of the work: more workers than cores keep the disk busy.
+            std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
         } else {
             self.cfg.workers
         };

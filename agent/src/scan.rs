@@ -24,7 +24,7 @@ use crate::link::Outgoing;
 use crate::AgentError;
 
 /// Bytes read per work unit.
-const CHUNK_BYTES: u64 = 1 << 20;
+const CHUNK_BYTES: u64 = 2 << 20;
 
 /// One volume to scan in one cycle.
 pub struct ScanJob<'a> {
