@@ -372,18 +372,29 @@ pub struct SmallFs {
 impl SmallFs {
     /// Make and mount an ext4 filesystem of `size` bytes at `root/mnt`.
     pub fn create(root: &Path, size: u64) -> Result<Self, String> {
+        Self::create_with(
+            root,
+            size,
+            &["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal"],
+        )
+    }
+
+    /// Make a filesystem with `mkfs` (program and arguments; the device is
+    /// appended) of `size` bytes and mount it at `root/mnt`.
+    pub fn create_with(root: &Path, size: u64, mkfs: &[&str]) -> Result<Self, String> {
         let img = root.join("smallfs.img");
         File::create(&img)
             .and_then(|f| f.set_len(size))
             .map_err(|e| e.to_string())?;
         let dev = LoopDevice::attach(&img)?;
-        let ok = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0", "-O", "^has_journal"])
+        let ok = Command::new(mkfs[0])
+            .args(&mkfs[1..])
             .arg(&dev.path)
+            .stdout(std::process::Stdio::null())
             .status()
-            .map_err(|e| format!("mkfs.ext4 cannot run: {e}"))?;
+            .map_err(|e| format!("{} cannot run: {e}", mkfs[0]))?;
         if !ok.success() {
-            return Err("mkfs.ext4 failed".into());
+            return Err(format!("{} failed", mkfs[0]));
         }
         let mount = root.join("mnt");
         std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
