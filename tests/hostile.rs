@@ -421,3 +421,52 @@ async fn unknown_protocol_version_is_named() {
     .await;
     w.good_agent_still_works(&before).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_stops_a_live_session() {
+    let w = world().await;
+    let id = w.enroll("live");
+    let img = w.root.join("live.img");
+    sample_image(&img, 2 << 20, 12);
+    let mut cfg = agent_config(
+        w.rcv.addr,
+        &id,
+        &w.root.join("live-state"),
+        &[("root", &img)],
+    );
+    cfg.once = false;
+    cfg.interval = Duration::from_millis(50);
+    let agent = tokio::spawn(pilotlight_agent::run(cfg, Default::default()));
+    let points = || {
+        pilotlight_receiver::admin::points(&w.rcv.dir, Some("live"))
+            .unwrap()
+            .len()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while points() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the live agent made no points"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pilotlight_receiver::admin::revoke(&w.rcv.dir, "live").unwrap();
+    let at_revoke = points();
+    let err = tokio::time::timeout(Duration::from_secs(30), agent)
+        .await
+        .expect("agent stopped")
+        .unwrap()
+        .unwrap_err();
+    match err {
+        AgentError::Remote {
+            code: ErrorCode::Unauthorized,
+            message,
+        } => assert!(message.contains("revoked"), "{message}"),
+        other => panic!("expected Unauthorized, got {other}"),
+    }
+    // At most a commit already past its check when the revocation landed.
+    assert!(
+        points() <= at_revoke + 1,
+        "points kept coming after the revocation"
+    );
+}

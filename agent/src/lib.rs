@@ -65,6 +65,8 @@ pub struct AgentConfig {
     pub once_attempts: u32,
     /// Cap on the send rate in megabits per second.
     pub limit_mbps: Option<u32>,
+    /// Counter of bytes read by scans, for a progress display.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl AgentConfig {
@@ -92,6 +94,7 @@ impl AgentConfig {
             max_async_pending: 4,
             once_attempts: 3,
             limit_mbps: None,
+            progress: None,
         }
     }
 }

@@ -318,6 +318,7 @@ impl Replicator<'_> {
                 let (name, vsize, bs, level) =
                     (v.name.clone(), v.size, v.block_size, self.cfg.zstd_level);
                 let rt = tokio::runtime::Handle::current();
+                let progress = self.cfg.progress.clone();
                 let (base, result) = tokio::task::spawn_blocking(move || {
                     let job = ScanJob {
                         vol_idx: i as u16,
@@ -333,6 +334,7 @@ impl Replicator<'_> {
                         window: &window,
                         rt: &rt,
                         stop: &stop,
+                        progress: progress.as_deref(),
                     };
                     let r = scan(&job, &sink, workers, level);
                     (base, r)

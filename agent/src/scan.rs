@@ -65,6 +65,8 @@ pub struct Sink<'a> {
     pub rt: &'a Handle,
     /// Stops the scan.
     pub stop: &'a CancellationToken,
+    /// Counts bytes read, for a progress display.
+    pub progress: Option<&'a AtomicU64>,
 }
 
 /// Scan one volume with `workers` threads (blocking; call from a blocking task).
@@ -167,6 +169,9 @@ fn worker(
         file.read_exact_at(data, offset).map_err(src_err)?;
         out.bytes_read += len as u64;
         metrics::counter!("pilotlight_agent_bytes_read_total").increment(len as u64);
+        if let Some(p) = sink.progress {
+            p.fetch_add(len as u64, Ordering::Relaxed);
+        }
         for (i, block) in data.chunks(job.block_size as usize).enumerate() {
             let index = first + i as u64;
             let blen = block_len(job.size, job.block_size, index) as usize;
@@ -186,6 +191,7 @@ fn worker(
             let (encoding, payload) = if zero {
                 (Encoding::Zero, Bytes::new())
             } else {
+                metrics::counter!("pilotlight_agent_bytes_compressed_total").increment(blen as u64);
                 let (e, p) = encoder.encode(block);
                 (e, Bytes::copy_from_slice(p))
             };

@@ -249,10 +249,13 @@ impl Connection {
                 streams,
                 commit,
                 volumes,
-            } => Role::Control(Box::new(
-                self.open(server_id, &server, streams, commit, volumes)
-                    .await?,
-            )),
+            } => {
+                let mut session = self
+                    .open(server_id, &server, streams, commit, volumes)
+                    .await?;
+                session.serial = serial.clone();
+                Role::Control(Box::new(session))
+            }
             Frame::Join { session } => {
                 self.data(rd, wr, server_id, session).await?;
                 Role::Data
@@ -474,7 +477,18 @@ impl Connection {
                 .iter()
                 .map(|(id, (_, end))| (*id, *end))
                 .collect();
-            let point = store.catalog()?.commit_point(&NewPoint {
+            let mut cat = store.catalog()?;
+            // An identity revoked or superseded while the session ran commits nothing more.
+            match cat.server(&s.server)? {
+                Some(r) if !r.revoked && r.cert_serial.as_deref() == Some(s.serial.as_str()) => {}
+                _ => {
+                    return Err(ReceiveError::Unauthorized(format!(
+                        "the identity of server {} was revoked or superseded",
+                        s.server
+                    )))
+                }
+            }
+            let point = cat.commit_point(&NewPoint {
                 server_id: s.server_id,
                 created_ms,
                 consistency: consistency.label(),

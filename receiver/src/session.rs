@@ -73,6 +73,8 @@ pub struct Session {
     pub cancel: CancellationToken,
     /// Most points that may be pending at once.
     pub max_pending: usize,
+    /// Serial (hex) of the identity that opened the session.
+    pub serial: String,
     /// Set when the agent ended the session with Goodbye.
     pub ended: std::sync::atomic::AtomicBool,
     /// Pack writers of finished data streams, returned to the store when the
@@ -119,6 +121,7 @@ impl Session {
             progress: Notify::new(),
             cancel,
             max_pending,
+            serial: String::new(),
             ended: std::sync::atomic::AtomicBool::new(false),
             writers: Mutex::new(Vec::new()),
             store,

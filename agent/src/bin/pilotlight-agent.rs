@@ -236,8 +236,9 @@ fn config(a: RunArgs, f: FileConfig) -> anyhow::Result<(AgentConfig, Option<Stri
 fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
     match cmd {
         Cmd::Run(args) => {
-            let (cfg, metrics) = config(*args, file)?;
+            let (mut cfg, metrics) = config(*args, file)?;
             let once = cfg.once;
+            let bar = initial_sync_bar(&mut cfg);
             let rt = tokio::runtime::Runtime::new()?;
             let reports = rt.block_on(async move {
                 if let Some(addr) = metrics {
@@ -250,6 +251,23 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
                     tracing::info!("stopping: finishing the points in flight");
                     s.cancel();
                 });
+                if let Some((bar, counter)) = bar {
+                    // Redraw until the first full scan is done, then get out of the way.
+                    tokio::spawn(async move {
+                        let total = bar.length().unwrap_or(0);
+                        loop {
+                            let done = counter
+                                .load(std::sync::atomic::Ordering::Relaxed)
+                                .min(total);
+                            bar.set_position(done);
+                            if done >= total {
+                                bar.finish_and_clear();
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    });
+                }
                 Ok::<_, anyhow::Error>(pilotlight_agent::run(cfg, shutdown).await?)
             })?;
             if once {
@@ -296,6 +314,37 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
         Cmd::Man => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
     }
     Ok(())
+}
+
+/// A progress bar of the first scan, only when stderr is a terminal.
+fn initial_sync_bar(
+    cfg: &mut AgentConfig,
+) -> Option<(
+    indicatif::ProgressBar,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+)> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let total: u64 = cfg
+        .volumes
+        .iter()
+        .filter_map(|v| {
+            pilotlight_agent::volume::probe(&v.name, &v.path)
+                .ok()
+                .map(|(s, _)| s)
+        })
+        .sum();
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    cfg.progress = Some(counter.clone());
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "scanning {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    Some((bar, counter))
 }
 
 fn install_metrics(addr: &str) -> anyhow::Result<()> {
