@@ -25,7 +25,7 @@ trap cleanup EXIT
 now() { date +%s.%N; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
 secs() { echo "$2 - $1" | bc; }
-ratio() { echo "scale=2; $1 / $2" | bc; }
+ratio() { printf '%.2f' "$(echo "scale=3; $1 / $2" | bc)"; }
 
 $BIN/pilotlight-receiver init --dir "$WORK/rcv" --listen 127.0.0.1:0 >/dev/null
 $BIN/pilotlight-receiver enroll --dir "$WORK/rcv" --server bench --out "$WORK/bench.pem" >/dev/null
@@ -126,6 +126,8 @@ CPU=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
     echo "| image | step | pilotlight | baseline | ratio | target |"
     echo "|---|---|---|---|---|---|"
     printf '%s' "$ROWS"
+    echo
+    echo "Numbers move by 10-20% between runs on this virtual disk; ratios are what to compare."
     echo
     echo "Criterion benchmarks of the hot path (delta hashing, block encode/decode, framing):"
     echo "\`cargo bench --bench hot_path\`."
