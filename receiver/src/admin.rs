@@ -89,3 +89,64 @@ pub fn points(dir: &Path, server: Option<&str>) -> Result<Vec<PointInfo>, Receiv
     let points = store.catalog()?.points(server)?;
     Ok(points)
 }
+
+/// What `prune` decided for one point.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PruneItem {
+    /// Server name.
+    pub server: String,
+    /// Point id.
+    pub point: i64,
+    /// Created (RFC 3339).
+    pub created: String,
+    /// Kept or removed.
+    pub keep: bool,
+    /// Why it is kept.
+    pub reasons: Vec<&'static str>,
+}
+
+/// Apply a retention policy to the points of one server or of all; with
+/// `dry_run`, only say what would go. Removed points' changes are folded into
+/// the next point, so every kept point restores exactly as before.
+pub fn prune(
+    dir: &Path,
+    server: Option<&str>,
+    policy: &crate::retention::Policy,
+    dry_run: bool,
+) -> Result<Vec<PruneItem>, ReceiveError> {
+    let store = Store::open(dir)?;
+    let servers = store.catalog()?.servers()?;
+    if let Some(s) = server {
+        if !servers.iter().any(|r| r.name == s) {
+            return Err(ReceiveError::NotFound(format!(
+                "there is no server named {s} on this receiver"
+            )));
+        }
+    }
+    let mut out = Vec::new();
+    for s in servers
+        .iter()
+        .filter(|s| server.is_none_or(|n| n == s.name))
+    {
+        let points = store.catalog()?.points(Some(&s.name))?;
+        let pairs: Vec<(i64, i64)> = points.iter().map(|p| (p.id, p.created_ms)).collect();
+        for v in crate::retention::select(&pairs, policy) {
+            let created = points
+                .iter()
+                .find(|p| p.id == v.id)
+                .map(|p| p.created.clone())
+                .unwrap_or_default();
+            if !v.keep && !dry_run {
+                store.catalog()?.delete_point(s.id, v.id)?;
+            }
+            out.push(PruneItem {
+                server: s.name.clone(),
+                point: v.id,
+                created,
+                keep: v.keep,
+                reasons: v.reasons,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS point_blocks(
     point_id INTEGER NOT NULL,
     hash BLOB,
     PRIMARY KEY(volume_id, block_index, point_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS point_blocks_by_point ON point_blocks(point_id);
 CREATE TABLE IF NOT EXISTS blocks(
     hash BLOB PRIMARY KEY,
     pack_id INTEGER NOT NULL,
@@ -534,6 +535,42 @@ impl Catalog {
             out.push((index, hash_from_blob(r.get(1)?)?));
         }
         Ok(out)
+    }
+
+    /// Delete point `id` of `server_id`, folding the blocks it changed into
+    /// the next point of the server (where that point did not change them
+    /// itself), so that every later point restores exactly as before. The
+    /// newest point cannot be deleted. Blocks stay in the store.
+    pub fn delete_point(&mut self, server_id: i64, id: i64) -> Result<(), ReceiveError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let next: Option<i64> = tx.query_row(
+            "SELECT min(id) FROM points WHERE server_id=?1 AND id>?2",
+            params![server_id, id],
+            |r| r.get(0),
+        )?;
+        let Some(next) = next else {
+            return Err(ReceiveError::Refused(format!(
+                "point {id} is the newest point; it is never pruned"
+            )));
+        };
+        tx.execute(
+            "INSERT OR IGNORE INTO point_blocks(volume_id, block_index, point_id, hash)
+             SELECT volume_id, block_index, ?2, hash FROM point_blocks WHERE point_id=?1",
+            params![id, next],
+        )?;
+        tx.execute("DELETE FROM point_blocks WHERE point_id=?1", params![id])?;
+        tx.execute("DELETE FROM point_volumes WHERE point_id=?1", params![id])?;
+        let n = tx.execute(
+            "DELETE FROM points WHERE id=?1 AND server_id=?2",
+            params![id, server_id],
+        )?;
+        if n != 1 {
+            return Err(ReceiveError::NotFound(format!("there is no point {id}")));
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Points, newest last, optionally of one server only.

@@ -27,6 +27,8 @@ pub struct ReceiverConfig {
     pub max_pending_points: usize,
     /// Address to serve Prometheus metrics on (none by default).
     pub metrics: Option<String>,
+    /// Which points `prune` keeps when no `--keep-*` flag is given.
+    pub retention: crate::retention::Policy,
 }
 
 impl Default for ReceiverConfig {
@@ -38,6 +40,7 @@ impl Default for ReceiverConfig {
             idle_timeout_secs: 120,
             max_pending_points: 8,
             metrics: None,
+            retention: crate::retention::Policy::default(),
         }
     }
 }

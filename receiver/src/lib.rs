@@ -13,6 +13,7 @@ pub mod live;
 pub mod pack;
 pub mod pki;
 pub mod restore;
+pub mod retention;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -75,6 +75,40 @@ enum Cmd {
         #[arg(long)]
         print_addr: bool,
     },
+    /// Remove recovery points by a retention policy (flags, or receiver.toml's
+    /// [retention]). The newest point of a server is always kept.
+    Prune {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Only this server's points.
+        #[arg(long)]
+        server: Option<String>,
+        /// Only say what would be removed, and why the rest stays.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep every point within this long of the newest (e.g. 1h, 2d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        keep_within: Option<std::time::Duration>,
+        /// Keep the newest N points.
+        #[arg(long)]
+        keep_last: Option<u32>,
+        /// Keep the newest point of each of the last N hours.
+        #[arg(long)]
+        keep_hourly: Option<u32>,
+        /// Keep the newest point of each of the last N days.
+        #[arg(long)]
+        keep_daily: Option<u32>,
+        /// Keep the newest point of each of the last N weeks.
+        #[arg(long)]
+        keep_weekly: Option<u32>,
+        /// Keep the newest point of each of the last N months.
+        #[arg(long)]
+        keep_monthly: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -191,6 +225,57 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             metrics,
             print_addr,
         } => serve(dir, listen, metrics, print_addr)?,
+        Cmd::Prune {
+            dir,
+            server,
+            dry_run,
+            keep_within,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            json,
+        } => {
+            let flags = [
+                keep_last,
+                keep_hourly,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+            ];
+            let policy = if keep_within.is_some() || flags.iter().any(Option::is_some) {
+                pilotlight_receiver::retention::Policy {
+                    keep_within,
+                    keep_last: keep_last.unwrap_or(0),
+                    keep_hourly: keep_hourly.unwrap_or(0),
+                    keep_daily: keep_daily.unwrap_or(0),
+                    keep_weekly: keep_weekly.unwrap_or(0),
+                    keep_monthly: keep_monthly.unwrap_or(0),
+                }
+            } else {
+                ReceiverConfig::load(&dir)?.retention
+            };
+            let items = admin::prune(&dir, server.as_deref(), &policy, dry_run)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                for i in &items {
+                    let verb = match (i.keep, dry_run) {
+                        (true, _) => "keep",
+                        (false, true) => "would remove",
+                        (false, false) => "removed",
+                    };
+                    println!(
+                        "{verb:>12} point {:>6} {:<20} {}  {}",
+                        i.point,
+                        i.server,
+                        i.created,
+                        i.reasons.join(",")
+                    );
+                }
+            }
+        }
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -1,0 +1,269 @@
+//! Retention: which recovery points to keep, counted as restic and Proxmox
+//! Backup Server count them. Pure: the policy applies to `(id, created)` pairs.
+//!
+//! - `keep_within`: every point created within this long of the newest point;
+//! - `keep_last N`: the newest N points;
+//! - `keep_hourly/daily/weekly/monthly N`: the newest point of each of the N
+//!   most recent hours/days/ISO weeks/months (UTC) that have points.
+//!
+//! The newest point is always kept.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A retention policy. `Default` is keep-within 1h, keep-hourly 24, keep-daily 7.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Keep every point within this long of the newest (humantime, e.g. "1h").
+    #[serde(with = "humantime_serde_opt")]
+    pub keep_within: Option<Duration>,
+    /// Keep the newest N points.
+    pub keep_last: u32,
+    /// Keep the newest point of each of the last N hours with points.
+    pub keep_hourly: u32,
+    /// ... days.
+    pub keep_daily: u32,
+    /// ... ISO weeks.
+    pub keep_weekly: u32,
+    /// ... months.
+    pub keep_monthly: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            keep_within: Some(Duration::from_secs(3600)),
+            keep_last: 0,
+            keep_hourly: 24,
+            keep_daily: 7,
+            keep_weekly: 0,
+            keep_monthly: 0,
+        }
+    }
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The verdict on one point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    /// Point id.
+    pub id: i64,
+    /// Whether it stays.
+    pub keep: bool,
+    /// Why it stays (empty when it goes).
+    pub reasons: Vec<&'static str>,
+}
+
+fn bucket(ms: i64, kind: &str) -> i64 {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    match kind {
+        "hourly" => ms.div_euclid(3_600_000),
+        "daily" => ms.div_euclid(86_400_000),
+        "weekly" => {
+            let (y, w, _) = t.to_iso_week_date();
+            i64::from(y) * 100 + i64::from(w)
+        }
+        _ => i64::from(t.year()) * 100 + i64::from(u8::from(t.month())),
+    }
+}
+
+/// Apply `policy` to points `(id, created_ms)` of one server.
+pub fn select(points: &[(i64, i64)], policy: &Policy) -> Vec<Verdict> {
+    let mut order: Vec<(i64, i64)> = points.to_vec();
+    // Newest first: by time, then by id.
+    order.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+    let mut reasons: Vec<Vec<&'static str>> = vec![Vec::new(); order.len()];
+    if let Some(r) = reasons.first_mut() {
+        r.push("newest");
+    }
+    let newest = order.first().map_or(0, |p| p.1);
+    if let Some(w) = policy.keep_within {
+        let since = newest - i64::try_from(w.as_millis()).unwrap_or(i64::MAX);
+        for (i, p) in order.iter().enumerate() {
+            if p.1 >= since {
+                reasons[i].push("within");
+            }
+        }
+    }
+    for i in 0..(policy.keep_last as usize).min(order.len()) {
+        reasons[i].push("last");
+    }
+    for (kind, n, label) in [
+        ("hourly", policy.keep_hourly, "hourly"),
+        ("daily", policy.keep_daily, "daily"),
+        ("weekly", policy.keep_weekly, "weekly"),
+        ("monthly", policy.keep_monthly, "monthly"),
+    ] {
+        let mut seen = BTreeSet::new();
+        for (i, p) in order.iter().enumerate() {
+            if seen.len() >= n as usize {
+                break;
+            }
+            if seen.insert(bucket(p.1, kind)) {
+                reasons[i].push(label);
+            }
+        }
+    }
+    let mut out: Vec<Verdict> = order
+        .iter()
+        .zip(reasons)
+        .map(|(p, r)| Verdict {
+            id: p.0,
+            keep: !r.is_empty(),
+            reasons: r,
+        })
+        .collect();
+    out.sort_by_key(|v| v.id);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: i64 = 3_600_000;
+
+    fn kept(points: &[(i64, i64)], p: &Policy) -> Vec<i64> {
+        select(points, p)
+            .into_iter()
+            .filter(|v| v.keep)
+            .map(|v| v.id)
+            .collect()
+    }
+
+    fn none() -> Policy {
+        Policy {
+            keep_within: None,
+            keep_last: 0,
+            keep_hourly: 0,
+            keep_daily: 0,
+            keep_weekly: 0,
+            keep_monthly: 0,
+        }
+    }
+
+    /// 30 points, one every 20 minutes, starting at a day boundary.
+    fn thirty() -> Vec<(i64, i64)> {
+        let day = 20_000 * 86_400_000;
+        (1..=30).map(|i| (i, day + (i - 1) * H / 3)).collect()
+    }
+
+    #[test]
+    fn newest_is_always_kept() {
+        assert_eq!(kept(&thirty(), &none()), vec![30]);
+        assert_eq!(kept(&[], &none()), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn keep_last() {
+        assert_eq!(
+            kept(
+                &thirty(),
+                &Policy {
+                    keep_last: 3,
+                    ..none()
+                }
+            ),
+            vec![28, 29, 30]
+        );
+    }
+
+    #[test]
+    fn keep_within_counts_from_the_newest() {
+        let p = Policy {
+            keep_within: Some(Duration::from_secs(3600)),
+            ..none()
+        };
+        // Newest at 29*20 min; within 1 h: 27*20, 28*20, 29*20 min and 26*20 = exactly 1 h before.
+        assert_eq!(kept(&thirty(), &p), vec![27, 28, 29, 30]);
+    }
+
+    #[test]
+    fn keep_hourly_takes_the_newest_of_each_hour() {
+        // Hours 0..9 hold points 1-3, 4-6, ..., 28-30.
+        let p = Policy {
+            keep_hourly: 4,
+            ..none()
+        };
+        assert_eq!(kept(&thirty(), &p), vec![21, 24, 27, 30]);
+    }
+
+    #[test]
+    fn policies_combine() {
+        let p = Policy {
+            keep_last: 2,
+            keep_hourly: 3,
+            keep_daily: 1,
+            ..none()
+        };
+        assert_eq!(kept(&thirty(), &p), vec![24, 27, 29, 30]);
+        let v = select(&thirty(), &p);
+        assert_eq!(
+            v.iter().find(|v| v.id == 30).unwrap().reasons,
+            vec!["newest", "last", "hourly", "daily"]
+        );
+    }
+
+    #[test]
+    fn daily_weekly_monthly() {
+        let day = 86_400_000;
+        let base = 20_000 * day; // 2024-10-04
+        let pts: Vec<(i64, i64)> = (0..60).map(|i| (i + 1, base + i * day)).collect();
+        assert_eq!(
+            kept(
+                &pts,
+                &Policy {
+                    keep_daily: 3,
+                    ..none()
+                }
+            ),
+            vec![58, 59, 60]
+        );
+        assert_eq!(
+            kept(
+                &pts,
+                &Policy {
+                    keep_monthly: 12,
+                    ..none()
+                }
+            )
+            .len(),
+            3
+        );
+        assert_eq!(
+            kept(
+                &pts,
+                &Policy {
+                    keep_weekly: 2,
+                    ..none()
+                }
+            )
+            .len(),
+            2
+        );
+    }
+}
