@@ -109,8 +109,8 @@ pub fn select(points: &[(i64, i64)], policy: &Policy) -> Vec<Verdict> {
             }
         }
     }
-    for i in 0..(policy.keep_last as usize).min(order.len()) {
-        reasons[i].push("last");
+    for r in reasons.iter_mut().take(policy.keep_last as usize) {
+        r.push("last");
     }
     for (kind, n, label) in [
         ("hourly", policy.keep_hourly, "hourly"),
