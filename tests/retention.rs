@@ -116,3 +116,153 @@ async fn prune_keeps_exactly_the_policy_and_the_rest_restores() {
     assert_same_bytes(&out, &img, file_len(&img));
     rcv.stop().await;
 }
+
+fn pack_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// Identical blocks across volumes and servers are stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_volumes_occupy_the_store_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let a = root.join("a.img");
+    sample_image(&a, 16 << 20, 44);
+    let b = root.join("b.img");
+    std::fs::copy(&a, &b).unwrap();
+
+    let one = TestReceiver::create(&root.join("one")).await;
+    let id = one.enroll("s1");
+    replicate_once(&agent_config(
+        one.addr,
+        &id,
+        &root.join("st-one"),
+        &[("a", &a)],
+    ))
+    .await;
+    let single = pack_bytes(&one.dir);
+    one.stop().await;
+
+    let two = TestReceiver::create(&root.join("two")).await;
+    let id1 = two.enroll("s1");
+    let id2 = two.enroll("s2");
+    let p = replicate_once(&agent_config(
+        two.addr,
+        &id1,
+        &root.join("st-two"),
+        &[("a", &a), ("b", &b)],
+    ))
+    .await;
+    let p2 = replicate_once(&agent_config(
+        two.addr,
+        &id2,
+        &root.join("st-s2"),
+        &[("c", &b)],
+    ))
+    .await;
+    let double = pack_bytes(&two.dir);
+    // Equal up to pack file headers (16 bytes per pack; one pack per stream).
+    assert!(
+        double.abs_diff(single) <= 64,
+        "one volume: {single} bytes; the same data three times: {double}"
+    );
+    for (server, vol, point) in [
+        ("s1", "a", p.point),
+        ("s1", "b", p.point),
+        ("s2", "c", p2.point),
+    ] {
+        let out = root.join(format!("{server}-{vol}"));
+        two.restore(server, vol, point, &out);
+        assert_same_bytes(&out, &a, file_len(&a));
+    }
+    two.stop().await;
+}
+
+/// A flipped byte in a pack is found by verify, which names the point,
+/// volume and block, exits non-zero, and says the same in JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_a_damaged_block() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let rcv = TestReceiver::create(root).await;
+    let id = rcv.enroll("dmg");
+    let img = root.join("dmg.img");
+    sample_image(&img, 4 << 20, 45);
+    let p = replicate_once(&agent_config(
+        rcv.addr,
+        &id,
+        &root.join("state"),
+        &[("root", &img)],
+    ))
+    .await;
+    rcv.stop().await;
+
+    let store = pilotlight_receiver::store::Store::open(&root.join("receiver")).unwrap();
+    let point = pilotlight_receiver::restore::resolve_point(
+        &store,
+        "dmg",
+        pilotlight_receiver::restore::PointSel::Latest,
+    )
+    .unwrap();
+    let vol = point.volumes[0].clone();
+    let blocks = pilotlight_receiver::restore::point_blocks(&store, &vol, point.id).unwrap();
+    let (index, (_, loc)) = blocks.iter().find_map(|(i, e)| e.map(|e| (*i, e))).unwrap();
+    drop(store);
+    let pack = pilotlight_receiver::store::pack_file(&root.join("receiver"), loc.pack);
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let at = loc.offset + 48 + u64::from(loc.stored_len) / 2;
+    let mut byte = [0u8];
+    f.read_exact_at(&mut byte, at).unwrap();
+    f.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+
+    let dir = root.join("receiver");
+    let out = pilotlight::run_bin(
+        "pilotlight-receiver",
+        &["verify", "--dir", dir.to_str().unwrap()],
+    );
+    assert!(!out.status.success(), "verify passed a damaged store");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "point {} server dmg volume root block {index}",
+            p.point
+        )),
+        "verify did not name the block: {text}"
+    );
+    let out = pilotlight::run_bin(
+        "pilotlight-receiver",
+        &["verify", "--dir", dir.to_str().unwrap(), "--json"],
+    );
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    let d = v["damaged"].as_array().unwrap();
+    assert!(
+        d.iter()
+            .any(|d| d["point"] == p.point && d["volume"] == "root" && d["block"] == index),
+        "{v}"
+    );
+    // A restore of that point refuses to write bad data.
+    let req = pilotlight_receiver::restore::RestoreRequest {
+        server: "dmg".into(),
+        volume: "root".into(),
+        point: pilotlight_receiver::restore::PointSel::Id(p.point as i64),
+        to: root.join("out"),
+        force: false,
+        progress: false,
+    };
+    let err = pilotlight_receiver::restore::restore(&dir, &req).unwrap_err();
+    assert!(err.to_string().contains(&format!("block {index}")), "{err}");
+    assert!(
+        !root.join("out").exists(),
+        "a failed restore left a file behind"
+    );
+}

@@ -764,7 +764,7 @@ fn apply_one(
     };
     let new = if b.encoding == Encoding::Zero
         || store.lookup(&b.hash).is_some()
-        || session.has_pending(&b.hash)?
+        || !session.claim(&b.hash, b.tag)?
     {
         None
     } else {

@@ -1,7 +1,7 @@
 //! A replication session: one agent's control connection and the points it
 //! has in flight, shared with its data streams.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -47,7 +47,9 @@ pub struct SessionState {
     /// Points being received, by tag.
     pub pending: BTreeMap<u64, PendingPoint>,
     /// Hashes written to packs by uncommitted points of this session.
-    pub pending_hashes: HashSet<BlockHash>,
+    /// Hashes claimed for writing by uncommitted points of this session, with
+    /// the earliest tag that writes them.
+    pub pending_hashes: HashMap<BlockHash, u64>,
     /// Data streams joined so far.
     pub streams_joined: u16,
 }
@@ -178,9 +180,20 @@ impl Session {
         Ok(())
     }
 
-    /// Whether a hash is already written by an uncommitted point.
-    pub fn has_pending(&self, hash: &BlockHash) -> Result<bool, ReceiveError> {
-        Ok(self.state()?.pending_hashes.contains(hash))
+    /// Claim the writing of `hash` for point `tag`. Returns false when a
+    /// point that commits no later than `tag` (this one or an earlier one)
+    /// already writes it, so this block can refer to it instead. A block
+    /// never refers to data that only a later point writes: that point might
+    /// never commit.
+    pub fn claim(&self, hash: &BlockHash, tag: u64) -> Result<bool, ReceiveError> {
+        let mut st = self.state()?;
+        match st.pending_hashes.get(hash) {
+            Some(&t) if t <= tag => Ok(false),
+            _ => {
+                st.pending_hashes.insert(*hash, tag);
+                Ok(true)
+            }
+        }
     }
 
     /// Record a received block of point `tag`.
@@ -192,9 +205,6 @@ impl Session {
     ) -> Result<(), ReceiveError> {
         {
             let mut st = self.state()?;
-            if let Some((h, _, _)) = &new {
-                st.pending_hashes.insert(*h);
-            }
             let p = st.pending.entry(tag).or_default();
             p.refs.push(r);
             p.received += 1;
