@@ -138,6 +138,39 @@ impl Decoder {
         })
     }
 
+    /// Check that `payload` is a valid encoding of a block of `raw_len` bytes
+    /// whose BLAKE3 is `hash`, without keeping the block: raw and zero blocks
+    /// are hashed where they are; zstd is decompressed into `scratch`
+    /// (bounded by `raw_len`).
+    pub fn verify(
+        &mut self,
+        encoding: Encoding,
+        payload: &[u8],
+        raw_len: u32,
+        hash: &BlockHash,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), BlockError> {
+        let raw = raw_len as usize;
+        let actual = match encoding {
+            Encoding::Zero
+                if payload.is_empty() && raw <= crate::limits::MAX_BLOCK_SIZE as usize =>
+            {
+                zero_hash(raw)
+            }
+            Encoding::Raw
+                if payload.len() == raw && raw <= crate::limits::MAX_BLOCK_SIZE as usize =>
+            {
+                BlockHash::of(payload)
+            }
+            Encoding::Zero | Encoding::Raw => return Err(BlockError::Length),
+            Encoding::Zstd => return self.decode(encoding, payload, raw_len, hash, scratch),
+        };
+        if actual != *hash {
+            return Err(BlockError::HashMismatch);
+        }
+        Ok(())
+    }
+
     /// Decode `payload` into `out` (cleared first), never growing it past
     /// `raw_len`, and check that BLAKE3 of the result is `hash`.
     pub fn decode(
@@ -252,6 +285,60 @@ mod tests {
             out.capacity() < 1 << 20,
             "decoder reserved {} bytes",
             out.capacity()
+        );
+    }
+
+    #[test]
+    fn verify_agrees_with_decode() {
+        let mut enc = Encoder::new(1).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let text: Vec<u8> = b"abc ".iter().cycle().take(8192).copied().collect();
+        let zeros = vec![0u8; 8192];
+        let mut scratch = Vec::new();
+        for data in [&text, &zeros] {
+            let hash = BlockHash::of(data);
+            let (e, p) = enc.encode(data);
+            let p = p.to_vec();
+            assert_eq!(dec.verify(e, &p, 8192, &hash, &mut scratch), Ok(()));
+            assert_eq!(
+                dec.verify(Encoding::Raw, data, 8192, &hash, &mut scratch),
+                Ok(())
+            );
+            let wrong = BlockHash::of(b"x");
+            assert_eq!(
+                dec.verify(e, &p, 8192, &wrong, &mut scratch),
+                Err(BlockError::HashMismatch)
+            );
+        }
+        assert_eq!(
+            dec.verify(
+                Encoding::Zero,
+                &[],
+                8192,
+                &BlockHash::of(&zeros),
+                &mut scratch
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            dec.verify(
+                Encoding::Zero,
+                &[1],
+                8192,
+                &BlockHash::of(&zeros),
+                &mut scratch
+            ),
+            Err(BlockError::Length)
+        );
+        assert_eq!(
+            dec.verify(
+                Encoding::Raw,
+                &text[..100],
+                8192,
+                &BlockHash::of(&text),
+                &mut scratch
+            ),
+            Err(BlockError::Length)
         );
     }
 

@@ -33,5 +33,7 @@ pub fn decode_block(data: &[u8]) {
         let hash = BlockHash::of(rest);
         let _ = dec.decode(enc, rest, raw_len, &hash, &mut out);
         assert!(out.len() <= raw_len as usize);
+        let _ = dec.verify(enc, rest, raw_len, &hash, &mut out);
+        assert!(out.len() <= raw_len as usize);
     }
 }

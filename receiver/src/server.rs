@@ -750,7 +750,7 @@ fn apply_one(
         )));
     }
     decoder
-        .decode(b.encoding, &b.payload, b.raw_len, &b.hash, buf)
+        .verify(b.encoding, &b.payload, b.raw_len, &b.hash, buf)
         .map_err(|source| ReceiveError::BadBlock {
             volume: v.name.clone(),
             index: b.index,
