@@ -238,3 +238,27 @@ async fn loop_device_replicates_and_restores_onto_another() {
     let _ = p1;
     rcv.stop().await;
 }
+
+/// The smallest per-session in-flight budget still carries a transfer of many
+/// times its size, on several streams, without stalling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_inflight_budget_still_replicates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let cfg = pilotlight_receiver::ReceiverConfig {
+        max_session_inflight_mib: 8,
+        ..Default::default()
+    };
+    let rcv = TestReceiver::create_with(root, &cfg).await;
+    let identity = rcv.enroll("tight");
+    let img = root.join("tight.img");
+    sample_image(&img, 48 * MIB, 17);
+    let mut acfg = agent_config(rcv.addr, &identity, &root.join("state"), &[("root", &img)]);
+    acfg.streams = 4;
+    acfg.block_size = 4 << 20;
+    let p = replicate_once(&acfg).await;
+    let out = root.join("out");
+    rcv.restore("tight", "root", p.point, &out);
+    assert_same_bytes(&out, &img, file_len(&img));
+    rcv.stop().await;
+}

@@ -25,6 +25,8 @@ pub struct ReceiverConfig {
     pub idle_timeout_secs: u64,
     /// Most points of one session received but not yet committed.
     pub max_pending_points: usize,
+    /// Most MiB of block frames of one session read but not yet applied.
+    pub max_session_inflight_mib: usize,
     /// Address to serve Prometheus metrics on (none by default).
     pub metrics: Option<String>,
     /// Which points `prune` keeps when no `--keep-*` flag is given.
@@ -39,6 +41,7 @@ impl Default for ReceiverConfig {
             handshake_timeout_secs: 10,
             idle_timeout_secs: 120,
             max_pending_points: 8,
+            max_session_inflight_mib: 64,
             metrics: None,
             retention: crate::retention::Policy::default(),
         }

@@ -19,7 +19,9 @@ use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
 use pilotlight_protocol::frame::{BlockFrame, CommitMode, Consistency, VolumeDecl};
-use pilotlight_protocol::limits::{block_count, block_len, MAX_HASHES_PER_FRAME, VERSION};
+use pilotlight_protocol::limits::{
+    block_count, block_len, BLOCK_HEADER_LEN, MAX_HASHES_PER_FRAME, VERSION,
+};
 use pilotlight_protocol::{block, DecodeError, Encoding, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,6 +45,10 @@ const APPLY_QUEUE: usize = 8;
 const ACK_QUEUE: usize = 64;
 /// Grace period for in-flight work at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A block on its way to the applier, with its share of the session's
+/// in-flight byte budget.
+type Applying = (u64, BlockFrame, OwnedSemaphorePermit);
 
 type Reader = FramedRead<ReadHalf<TlsStream<TcpStream>>, FrameCodec>;
 type Writer = FramedWrite<WriteHalf<TlsStream<TcpStream>>, FrameCodec>;
@@ -313,6 +319,7 @@ impl Connection {
             cancel,
             self.shared.cfg.max_pending_points,
             self.shared.store.clone(),
+            self.shared.cfg.max_session_inflight_mib.max(8) << 20,
         ))
     }
 
@@ -625,7 +632,7 @@ impl Connection {
             st.streams_joined += 1;
         }
         send(wr, &Frame::Joined).await?;
-        let (apply_tx, apply_rx) = mpsc::channel::<(u64, BlockFrame)>(APPLY_QUEUE);
+        let (apply_tx, apply_rx) = mpsc::channel::<Applying>(APPLY_QUEUE);
         let (ack_tx, mut ack_rx) = mpsc::channel::<Result<u64, ReceiveError>>(ACK_QUEUE);
         let store = self.shared.store.clone();
         let s = session.clone();
@@ -659,8 +666,18 @@ impl Connection {
                             break Err(e);
                         }
                         let seq = rd.decoder().last_seq();
+                        // The session's in-flight byte budget, taken before the
+                        // frame is queued; the applier gives it back.
+                        let cost = u32::try_from(b.payload.len() + BLOCK_HEADER_LEN).unwrap_or(u32::MAX);
+                        let permit = tokio::select! {
+                            p = session.inflight.clone().acquire_many_owned(cost) => match p {
+                                Ok(p) => p,
+                                Err(_) => break Err(session.cancel_reason()),
+                            },
+                            () = session.cancel.cancelled() => break Err(session.cancel_reason()),
+                        };
                         let Some(tx) = apply_tx.as_ref() else { continue };
-                        if tx.send((seq, b)).await.is_err() {
+                        if tx.send((seq, b, permit)).await.is_err() {
                             // The applier stopped; its error is in the ack queue.
                             apply_tx = None;
                         }
@@ -699,7 +716,7 @@ fn stalled(rd: &Reader) -> bool {
 fn apply_loop(
     session: &Session,
     store: &Store,
-    mut rx: mpsc::Receiver<(u64, BlockFrame)>,
+    mut rx: mpsc::Receiver<Applying>,
     ack: &mpsc::Sender<Result<u64, ReceiveError>>,
 ) {
     let mut decoder = match Decoder::new() {
@@ -711,7 +728,7 @@ fn apply_loop(
     };
     let mut writer = store.take_writer();
     let mut buf = Vec::new();
-    while let Some((seq, b)) = rx.blocking_recv() {
+    while let Some((seq, b, _permit)) = rx.blocking_recv() {
         let r = apply_one(session, store, &mut decoder, &mut writer, &mut buf, b).map(|()| seq);
         let failed = r.is_err();
         if ack.blocking_send(r).is_err() || failed {

@@ -75,6 +75,8 @@ pub struct Session {
     pub cancel: CancellationToken,
     /// Most points that may be pending at once.
     pub max_pending: usize,
+    /// Bytes of block frames read but not yet applied, across the session's streams.
+    pub inflight: Arc<tokio::sync::Semaphore>,
     /// Serial (hex) of the identity that opened the session.
     pub serial: String,
     /// Set when the agent ended the session with Goodbye.
@@ -111,6 +113,7 @@ impl Session {
         cancel: CancellationToken,
         max_pending: usize,
         store: Arc<Store>,
+        inflight_bytes: usize,
     ) -> Self {
         Self {
             id,
@@ -124,6 +127,7 @@ impl Session {
             cancel,
             max_pending,
             serial: String::new(),
+            inflight: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
             ended: std::sync::atomic::AtomicBool::new(false),
             writers: Mutex::new(Vec::new()),
             store,
