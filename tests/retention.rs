@@ -10,17 +10,6 @@ use pilotlight::{
 };
 use pilotlight_receiver::retention::Policy;
 
-fn none() -> Policy {
-    Policy {
-        keep_within: None,
-        keep_last: 0,
-        keep_hourly: 0,
-        keep_daily: 0,
-        keep_weekly: 0,
-        keep_monthly: 0,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_keeps_exactly_the_policy_and_the_rest_restores() {
     let tmp = tempfile::tempdir().unwrap();
@@ -56,7 +45,7 @@ async fn prune_keeps_exactly_the_policy_and_the_rest_restores() {
         Some("ret"),
         &Policy {
             keep_last: 20,
-            ..none()
+            ..Policy::none()
         },
         true,
     )
@@ -70,7 +59,7 @@ async fn prune_keeps_exactly_the_policy_and_the_rest_restores() {
         None,
         &Policy {
             keep_last: 20,
-            ..none()
+            ..Policy::none()
         },
         false,
     )
@@ -86,7 +75,7 @@ async fn prune_keeps_exactly_the_policy_and_the_rest_restores() {
     // keep-within 1h would have kept them all.
     let within = Policy {
         keep_within: Some(std::time::Duration::from_secs(3600)),
-        ..none()
+        ..Policy::none()
     };
     let items = pilotlight_receiver::admin::prune(&rcv.dir, None, &within, true).unwrap();
     assert!(items.iter().all(|i| i.keep));
@@ -95,7 +84,7 @@ async fn prune_keeps_exactly_the_policy_and_the_rest_restores() {
         None,
         &Policy {
             keep_hourly: 24,
-            ..none()
+            ..Policy::none()
         },
         false,
     )

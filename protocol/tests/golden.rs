@@ -50,98 +50,100 @@ fn durable_frame_matches_the_documented_layout() {
     assert_eq!(hex(&buf), hex(&want));
 }
 
+/// Every frame kind, as it is pinned in `testdata/NAME`.
+fn fixtures() -> Vec<(&'static str, Frame, u64)> {
+    vec![
+        ("hello.hex", Frame::hello(), 0),
+        (
+            "error.hex",
+            Frame::Error {
+                code: ErrorCode::Unauthorized,
+                message: "no".into(),
+            },
+            1,
+        ),
+        (
+            "open.hex",
+            Frame::Open {
+                streams: 2,
+                commit: CommitMode::Async,
+                volumes: vec![VolumeDecl {
+                    name: "root".into(),
+                    size: 1 << 30,
+                    block_size: 65536,
+                }],
+            },
+            0,
+        ),
+        (
+            "welcome.hex",
+            Frame::Welcome {
+                session: 0x0102030405060708,
+                store_id: [0xAA; 16],
+                last_point: 5,
+            },
+            0,
+        ),
+        ("join.hex", Frame::Join { session: 9 }, 0),
+        ("joined.hex", Frame::Joined, 1),
+        (
+            "block.hex",
+            Frame::Block(BlockFrame {
+                tag: 1,
+                volume: 0,
+                encoding: Encoding::Raw,
+                index: 3,
+                raw_len: 4,
+                hash: BlockHash::of(b"abcd"),
+                payload: Bytes::from_static(b"abcd"),
+            }),
+            5,
+        ),
+        ("received.hex", Frame::Received { seq: 5 }, 2),
+        (
+            "endpoint.hex",
+            Frame::EndPoint {
+                tag: 1,
+                blocks: 300,
+                created_ms: 1_790_000_000_000,
+                consistency: Consistency::CrashConsistent,
+                commit: CommitMode::Sync,
+            },
+            4,
+        ),
+        ("gethashes.hex", Frame::GetHashes { volume: 1 }, 6),
+        (
+            "hashes.hex",
+            Frame::Hashes {
+                volume: 1,
+                start: 0,
+                hashes: vec![BlockHash([0x11; 32])],
+            },
+            7,
+        ),
+        (
+            "hashesend.hex",
+            Frame::HashesEnd {
+                volume: 1,
+                point: 5,
+                blocks: 1,
+            },
+            8,
+        ),
+        ("goodbye.hex", Frame::Goodbye, 9),
+    ]
+}
+
+fn testdata(name: &str) -> String {
+    format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
 #[test]
 fn golden_frames() {
-    check(Frame::hello(), 0, include_str!("../testdata/hello.hex"));
-    check(
-        Frame::Error {
-            code: ErrorCode::Unauthorized,
-            message: "no".into(),
-        },
-        1,
-        include_str!("../testdata/error.hex"),
-    );
-    check(
-        Frame::Open {
-            streams: 2,
-            commit: CommitMode::Async,
-            volumes: vec![VolumeDecl {
-                name: "root".into(),
-                size: 1 << 30,
-                block_size: 65536,
-            }],
-        },
-        0,
-        include_str!("../testdata/open.hex"),
-    );
-    check(
-        Frame::Welcome {
-            session: 0x0102030405060708,
-            store_id: [0xAA; 16],
-            last_point: 5,
-        },
-        0,
-        include_str!("../testdata/welcome.hex"),
-    );
-    check(
-        Frame::Join { session: 9 },
-        0,
-        include_str!("../testdata/join.hex"),
-    );
-    check(Frame::Joined, 1, include_str!("../testdata/joined.hex"));
-    check(
-        Frame::Block(BlockFrame {
-            tag: 1,
-            volume: 0,
-            encoding: Encoding::Raw,
-            index: 3,
-            raw_len: 4,
-            hash: BlockHash::of(b"abcd"),
-            payload: Bytes::from_static(b"abcd"),
-        }),
-        5,
-        include_str!("../testdata/block.hex"),
-    );
-    check(
-        Frame::Received { seq: 5 },
-        2,
-        include_str!("../testdata/received.hex"),
-    );
-    check(
-        Frame::EndPoint {
-            tag: 1,
-            blocks: 300,
-            created_ms: 1_790_000_000_000,
-            consistency: Consistency::CrashConsistent,
-            commit: CommitMode::Sync,
-        },
-        4,
-        include_str!("../testdata/endpoint.hex"),
-    );
-    check(
-        Frame::GetHashes { volume: 1 },
-        6,
-        include_str!("../testdata/gethashes.hex"),
-    );
-    check(
-        Frame::Hashes {
-            volume: 1,
-            start: 0,
-            hashes: vec![BlockHash([0x11; 32])],
-        },
-        7,
-        include_str!("../testdata/hashes.hex"),
-    );
-    check(
-        Frame::HashesEnd {
-            volume: 1,
-            point: 5,
-            blocks: 1,
-        },
-        8,
-        include_str!("../testdata/hashesend.hex"),
-    );
-    check(Frame::Goodbye, 9, include_str!("../testdata/goodbye.hex"));
+    for (name, frame, seq) in fixtures() {
+        let golden = std::fs::read_to_string(testdata(name)).unwrap();
+        check(frame, seq, &golden);
+    }
 }
 
 #[test]
@@ -166,89 +168,11 @@ fn malformed_inputs_get_their_specific_errors() {
 #[ignore]
 fn regenerate_fixtures() {
     let dir = format!("{}/testdata", env!("CARGO_MANIFEST_DIR"));
-    let w = |name: &str, f: Frame, seq: u64| {
+    for (name, f, seq) in fixtures() {
         let mut buf = BytesMut::new();
         f.encode(seq, &mut buf);
-        std::fs::write(format!("{dir}/{name}"), hex(&buf) + "\n").unwrap();
-    };
-    w("hello.hex", Frame::hello(), 0);
-    w(
-        "error.hex",
-        Frame::Error {
-            code: ErrorCode::Unauthorized,
-            message: "no".into(),
-        },
-        1,
-    );
-    w(
-        "open.hex",
-        Frame::Open {
-            streams: 2,
-            commit: CommitMode::Async,
-            volumes: vec![VolumeDecl {
-                name: "root".into(),
-                size: 1 << 30,
-                block_size: 65536,
-            }],
-        },
-        0,
-    );
-    w(
-        "welcome.hex",
-        Frame::Welcome {
-            session: 0x0102030405060708,
-            store_id: [0xAA; 16],
-            last_point: 5,
-        },
-        0,
-    );
-    w("join.hex", Frame::Join { session: 9 }, 0);
-    w("joined.hex", Frame::Joined, 1);
-    w(
-        "block.hex",
-        Frame::Block(BlockFrame {
-            tag: 1,
-            volume: 0,
-            encoding: Encoding::Raw,
-            index: 3,
-            raw_len: 4,
-            hash: BlockHash::of(b"abcd"),
-            payload: Bytes::from_static(b"abcd"),
-        }),
-        5,
-    );
-    w("received.hex", Frame::Received { seq: 5 }, 2);
-    w(
-        "endpoint.hex",
-        Frame::EndPoint {
-            tag: 1,
-            blocks: 300,
-            created_ms: 1_790_000_000_000,
-            consistency: Consistency::CrashConsistent,
-            commit: CommitMode::Sync,
-        },
-        4,
-    );
-    w("gethashes.hex", Frame::GetHashes { volume: 1 }, 6);
-    w(
-        "hashes.hex",
-        Frame::Hashes {
-            volume: 1,
-            start: 0,
-            hashes: vec![BlockHash([0x11; 32])],
-        },
-        7,
-    );
-    w(
-        "hashesend.hex",
-        Frame::HashesEnd {
-            volume: 1,
-            point: 5,
-            blocks: 1,
-        },
-        8,
-    );
-    w("goodbye.hex", Frame::Goodbye, 9);
+        std::fs::write(testdata(name), hex(&buf) + "\n").unwrap();
+    }
     // Malformed inputs.
     std::fs::write(
         format!("{dir}/bad_kind.hex"),

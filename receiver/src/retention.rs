@@ -32,6 +32,20 @@ pub struct Policy {
     pub keep_monthly: u32,
 }
 
+impl Policy {
+    /// A policy that keeps nothing but the newest point; add `keep_*` to it.
+    pub fn none() -> Self {
+        Self {
+            keep_within: None,
+            keep_last: 0,
+            keep_hourly: 0,
+            keep_daily: 0,
+            keep_weekly: 0,
+            keep_monthly: 0,
+        }
+    }
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Self {
@@ -155,17 +169,6 @@ mod tests {
             .collect()
     }
 
-    fn none() -> Policy {
-        Policy {
-            keep_within: None,
-            keep_last: 0,
-            keep_hourly: 0,
-            keep_daily: 0,
-            keep_weekly: 0,
-            keep_monthly: 0,
-        }
-    }
-
     /// 30 points, one every 20 minutes, starting at a day boundary.
     fn thirty() -> Vec<(i64, i64)> {
         let day = 20_000 * 86_400_000;
@@ -174,8 +177,8 @@ mod tests {
 
     #[test]
     fn newest_is_always_kept() {
-        assert_eq!(kept(&thirty(), &none()), vec![30]);
-        assert_eq!(kept(&[], &none()), Vec::<i64>::new());
+        assert_eq!(kept(&thirty(), &Policy::none()), vec![30]);
+        assert_eq!(kept(&[], &Policy::none()), Vec::<i64>::new());
     }
 
     #[test]
@@ -185,7 +188,7 @@ mod tests {
                 &thirty(),
                 &Policy {
                     keep_last: 3,
-                    ..none()
+                    ..Policy::none()
                 }
             ),
             vec![28, 29, 30]
@@ -196,7 +199,7 @@ mod tests {
     fn keep_within_counts_from_the_newest() {
         let p = Policy {
             keep_within: Some(Duration::from_secs(3600)),
-            ..none()
+            ..Policy::none()
         };
         // Newest at 29*20 min; within 1 h: 27*20, 28*20, 29*20 min and 26*20 = exactly 1 h before.
         assert_eq!(kept(&thirty(), &p), vec![27, 28, 29, 30]);
@@ -207,7 +210,7 @@ mod tests {
         // Hours 0..9 hold points 1-3, 4-6, ..., 28-30.
         let p = Policy {
             keep_hourly: 4,
-            ..none()
+            ..Policy::none()
         };
         assert_eq!(kept(&thirty(), &p), vec![21, 24, 27, 30]);
     }
@@ -218,7 +221,7 @@ mod tests {
             keep_last: 2,
             keep_hourly: 3,
             keep_daily: 1,
-            ..none()
+            ..Policy::none()
         };
         assert_eq!(kept(&thirty(), &p), vec![24, 27, 29, 30]);
         let v = select(&thirty(), &p);
@@ -238,7 +241,7 @@ mod tests {
                 &pts,
                 &Policy {
                     keep_daily: 3,
-                    ..none()
+                    ..Policy::none()
                 }
             ),
             vec![58, 59, 60]
@@ -248,7 +251,7 @@ mod tests {
                 &pts,
                 &Policy {
                     keep_monthly: 12,
-                    ..none()
+                    ..Policy::none()
                 }
             )
             .len(),
@@ -259,7 +262,7 @@ mod tests {
                 &pts,
                 &Policy {
                     keep_weekly: 2,
-                    ..none()
+                    ..Policy::none()
                 }
             )
             .len(),
