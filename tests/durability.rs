@@ -65,6 +65,25 @@ async fn agent_result(mut agent: ChildGuard, deadline: Duration) -> Option<u64> 
     }
 }
 
+/// A clean first cycle: its point with a copy of the source, and how long a
+/// cycle takes (the scale of the seeded kill moments).
+async fn first_point(
+    listen: &str,
+    id: &Path,
+    state: &Path,
+    img: &Path,
+    root: &Path,
+) -> (Duration, (u64, PathBuf)) {
+    let start = Instant::now();
+    let p = agent_result(spawn_agent(listen, id, state, img), Duration::from_secs(60))
+        .await
+        .expect("first point");
+    let cycle = start.elapsed();
+    let copy = root.join(format!("v{p}"));
+    std::fs::copy(img, &copy).unwrap();
+    (cycle, (p, copy))
+}
+
 fn check_points(dir: &Path, acked: &[(u64, PathBuf)], scratch: &Path) {
     for (point, copy) in acked {
         let out = scratch.join(format!("check-{point}"));
@@ -105,20 +124,8 @@ async fn receiver_killed_at_seeded_moments_loses_no_acknowledged_point() {
     let (mut rx, addr) = spawn_receiver(&dir);
     let listen = addr.to_string();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    let mut acked: Vec<(u64, PathBuf)> = Vec::new();
-
-    // A clean cycle first, which also tells how long a cycle takes.
-    let start = Instant::now();
-    let p = agent_result(
-        spawn_agent(&listen, &id, &state, &img),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("first point");
-    let cycle = start.elapsed();
-    let copy = root.join(format!("v{p}"));
-    std::fs::copy(&img, &copy).unwrap();
-    acked.push((p, copy));
+    let (cycle, first) = first_point(&listen, &id, &state, &img, root).await;
+    let mut acked: Vec<(u64, PathBuf)> = vec![first];
 
     for round in 0..24 {
         rewrite_quarter(&img, &mut rng);
@@ -163,20 +170,8 @@ async fn agent_killed_at_seeded_moments_resumes_to_an_exact_copy() {
     let (rx, addr) = spawn_receiver(&dir);
     let listen = addr.to_string();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xa9e47);
-    let mut acked: Vec<(u64, PathBuf)> = Vec::new();
-    let start = Instant::now();
-    let p = agent_result(
-        spawn_agent(&listen, &id, &state, &img),
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
-    let cycle = start.elapsed();
-    acked.push((p, {
-        let c = root.join("v0");
-        std::fs::copy(&img, &c).unwrap();
-        c
-    }));
+    let (cycle, first) = first_point(&listen, &id, &state, &img, root).await;
+    let mut acked: Vec<(u64, PathBuf)> = vec![first];
     for round in 0..24 {
         rewrite_quarter(&img, &mut rng);
         let mut agent = spawn_agent(&listen, &id, &state, &img);

@@ -69,9 +69,7 @@ pub fn enroll(dir: &Path, server: &str, out: &Path) -> Result<(), ReceiveError> 
 pub fn revoke(dir: &Path, server: &str) -> Result<(), ReceiveError> {
     let store = Store::open(dir)?;
     if !store.catalog()?.revoke(server)? {
-        return Err(ReceiveError::NotFound(format!(
-            "there is no server named {server} on this receiver"
-        )));
+        return Err(crate::catalog::no_such_server(server));
     }
     Ok(())
 }
@@ -80,11 +78,7 @@ pub fn revoke(dir: &Path, server: &str) -> Result<(), ReceiveError> {
 pub fn points(dir: &Path, server: Option<&str>) -> Result<Vec<PointInfo>, ReceiveError> {
     let store = Store::open(dir)?;
     if let Some(s) = server {
-        if store.catalog()?.server(s)?.is_none() {
-            return Err(ReceiveError::NotFound(format!(
-                "there is no server named {s} on this receiver"
-            )));
-        }
+        store.catalog()?.require_server(s)?;
     }
     let points = store.catalog()?.points(server)?;
     Ok(points)
@@ -115,14 +109,10 @@ pub fn prune(
     dry_run: bool,
 ) -> Result<Vec<PruneItem>, ReceiveError> {
     let store = Store::open(dir)?;
-    let servers = store.catalog()?.servers()?;
     if let Some(s) = server {
-        if !servers.iter().any(|r| r.name == s) {
-            return Err(ReceiveError::NotFound(format!(
-                "there is no server named {s} on this receiver"
-            )));
-        }
+        store.catalog()?.require_server(s)?;
     }
+    let servers = store.catalog()?.servers()?;
     let mut out = Vec::new();
     for s in servers
         .iter()

@@ -264,7 +264,13 @@ impl Catalog {
         Ok(n > 0)
     }
 
-    /// The server called `name`.
+    /// The server called `name`, or the error an operator sees when it does
+    /// not exist.
+    pub fn require_server(&self, name: &str) -> Result<ServerRow, ReceiveError> {
+        self.server(name)?.ok_or_else(|| no_such_server(name))
+    }
+
+    /// The server called `name`, if it exists.
     pub fn server(&self, name: &str) -> Result<Option<ServerRow>, ReceiveError> {
         Ok(self
             .conn
@@ -650,4 +656,9 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// The error for a server name the receiver does not know.
+pub fn no_such_server(name: &str) -> ReceiveError {
+    ReceiveError::NotFound(format!("there is no server named {name} on this receiver"))
 }

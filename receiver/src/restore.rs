@@ -62,11 +62,7 @@ pub fn resolve_point(
     sel: PointSel,
 ) -> Result<PointInfo, ReceiveError> {
     let cat = store.catalog()?;
-    if cat.server(server)?.is_none() {
-        return Err(ReceiveError::NotFound(format!(
-            "there is no server named {server} on this receiver"
-        )));
-    }
+    cat.require_server(server)?;
     let points = cat.points(Some(server))?;
     let found = match sel {
         PointSel::Id(id) => points.into_iter().find(|p| p.id == id),

@@ -52,11 +52,7 @@ pub fn verify(
 ) -> Result<VerifyReport, ReceiveError> {
     let store = Store::open(dir)?;
     if let Some(s) = server {
-        if store.catalog()?.server(s)?.is_none() {
-            return Err(ReceiveError::NotFound(format!(
-                "there is no server named {s} on this receiver"
-            )));
-        }
+        store.catalog()?.require_server(s)?;
     }
     let points: Vec<_> = store
         .catalog()?
