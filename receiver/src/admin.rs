@@ -84,6 +84,14 @@ pub fn points(dir: &Path, server: Option<&str>) -> Result<Vec<PointInfo>, Receiv
     Ok(points)
 }
 
+/// Collect garbage: free the pack space no point needs. Takes the store the
+/// way `serve` does (repairs included), so it refuses while `serve` runs;
+/// `serve` collects by itself every `prune_interval_secs`.
+pub fn gc(dir: &Path, opts: crate::gc::GcOptions) -> Result<crate::gc::GcReport, ReceiveError> {
+    let store = Store::open_for_serve(dir)?;
+    crate::gc::collect(&store, &|| Ok(crate::gc::Pins::default()), opts)
+}
+
 /// What `prune` decided for one point.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PruneItem {
@@ -108,7 +116,16 @@ pub fn prune(
     policy: &crate::retention::Policy,
     dry_run: bool,
 ) -> Result<Vec<PruneItem>, ReceiveError> {
-    let store = Store::open(dir)?;
+    prune_store(&Store::open(dir)?, server, policy, dry_run)
+}
+
+/// [`prune`] on an open store (`serve` prunes its own on a schedule).
+pub fn prune_store(
+    store: &Store,
+    server: Option<&str>,
+    policy: &crate::retention::Policy,
+    dry_run: bool,
+) -> Result<Vec<PruneItem>, ReceiveError> {
     if let Some(s) = server {
         store.catalog()?.require_server(s)?;
     }

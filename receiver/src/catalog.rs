@@ -17,6 +17,7 @@
 //! `P` is the row of `point_blocks` with the greatest `point_id <= P`; no row
 //! means zeros.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use pilotlight_protocol::{BlockHash, Encoding};
@@ -423,7 +424,9 @@ impl Catalog {
                 vs.execute(params![volume_id, size as i64])?;
             }
             let mut nb = tx.prepare_cached(
-                "INSERT OR IGNORE INTO blocks(hash, pack_id, offset, stored_len, raw_len, encoding) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+                // The newest copy wins: an older one may be on its way out
+                // with garbage collection.
+                "INSERT OR REPLACE INTO blocks(hash, pack_id, offset, stored_len, raw_len, encoding) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for (h, loc) in p.new_blocks {
                 nb.execute(params![
@@ -506,6 +509,73 @@ impl Catalog {
             .optional()?;
         row.map(|(p, o, s, r, e)| block_loc(p, o, s, r, e))
             .transpose()
+    }
+
+    /// Every hash some point references.
+    pub fn referenced_hashes(&self) -> Result<HashSet<BlockHash>, ReceiveError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT DISTINCT hash FROM point_blocks WHERE hash IS NOT NULL")?;
+        let mut rows = st.query([])?;
+        let mut out = HashSet::new();
+        while let Some(r) = rows.next()? {
+            if let Some(h) = hash_from_blob(Some(r.get(0)?))? {
+                out.insert(h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Garbage collection of pack `old`, in one transaction: blocks in
+    /// `moved` now live at their new location (rows that moved elsewhere
+    /// meanwhile are left alone), rows of `dead` blocks go, and `new_packs`
+    /// become committed. Returns whether `old` has no blocks left, in which
+    /// case its row is gone and its file may be removed.
+    pub fn collect_pack(
+        &mut self,
+        old: u64,
+        moved: &[(BlockHash, BlockLoc)],
+        dead: &[BlockHash],
+        new_packs: &[(u64, u64)],
+    ) -> Result<bool, ReceiveError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let old_id = old as i64;
+        {
+            let mut pk = tx.prepare_cached(
+                "INSERT INTO packs(id, committed_len) VALUES(?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET committed_len=max(committed_len, excluded.committed_len)",
+            )?;
+            for &(id, len) in new_packs {
+                pk.execute(params![id as i64, len as i64])?;
+            }
+            let mut mv = tx.prepare_cached(
+                "UPDATE blocks SET pack_id=?2, offset=?3 WHERE hash=?1 AND pack_id=?4",
+            )?;
+            for (h, loc) in moved {
+                mv.execute(params![
+                    &h.0[..],
+                    loc.pack as i64,
+                    loc.offset as i64,
+                    old_id
+                ])?;
+            }
+            let mut del = tx.prepare_cached("DELETE FROM blocks WHERE hash=?1 AND pack_id=?2")?;
+            for h in dead {
+                del.execute(params![&h.0[..], old_id])?;
+            }
+        }
+        let left: i64 = tx.query_row(
+            "SELECT count(*) FROM blocks WHERE pack_id=?1",
+            params![old_id],
+            |r| r.get(0),
+        )?;
+        if left == 0 {
+            tx.execute("DELETE FROM packs WHERE id=?1", params![old_id])?;
+        }
+        tx.commit()?;
+        Ok(left == 0)
     }
 
     /// Committed length of every pack.

@@ -29,6 +29,11 @@ pub struct ReceiverConfig {
     pub max_session_inflight_mib: usize,
     /// Address to serve Prometheus metrics on (none by default).
     pub metrics: Option<String>,
+    /// Seconds between two passes of pruning (by `retention`) and garbage
+    /// collection inside `serve`; 0 turns them off.
+    pub prune_interval_secs: u64,
+    /// Garbage collection rewrites a pack once this percentage of it is dead.
+    pub gc_min_dead_percent: u8,
     /// Which points `prune` keeps when no `--keep-*` flag is given.
     pub retention: crate::retention::Policy,
 }
@@ -43,6 +48,8 @@ impl Default for ReceiverConfig {
             max_pending_points: 8,
             max_session_inflight_mib: 64,
             metrics: None,
+            prune_interval_secs: 600,
+            gc_min_dead_percent: 20,
             retention: crate::retention::Policy::default(),
         }
     }
@@ -63,6 +70,11 @@ impl ReceiverConfig {
     /// Handshake timeout.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs.max(1))
+    }
+
+    /// How often `serve` prunes and collects garbage, if at all.
+    pub fn prune_interval(&self) -> Option<Duration> {
+        (self.prune_interval_secs > 0).then(|| Duration::from_secs(self.prune_interval_secs))
     }
 
     /// Idle timeout.

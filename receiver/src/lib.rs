@@ -9,6 +9,7 @@ pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod gc;
 pub mod live;
 pub mod pack;
 pub mod pki;

@@ -12,10 +12,11 @@
 //! unfinished tail and is cut off when the receiver starts.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pilotlight_protocol::{BlockHash, Encoding};
 
@@ -79,12 +80,23 @@ fn encode_record_header(
     out.extend_from_slice(hash.as_bytes());
 }
 
+/// Ids of the packs some [`PackWriter`] may still append to. Garbage
+/// collection leaves these alone.
+pub type OpenPacks = Arc<Mutex<HashSet<u64>>>;
+
 /// Appends records to one pack file at a time, starting a new one past
 /// [`PACK_TARGET_LEN`]. One writer per data stream; no locking.
 pub struct PackWriter {
     dir: PathBuf,
     current: Option<OpenPack>,
     buf: Vec<u8>,
+    open: OpenPacks,
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        self.set_current(None);
+    }
 }
 
 /// A pack being written.
@@ -98,13 +110,27 @@ pub struct OpenPack {
 }
 
 impl PackWriter {
-    /// A writer that creates packs under `dir/packs`.
-    pub fn new(dir: &Path) -> Self {
+    /// A writer that creates packs under `dir/packs`, listing the pack it
+    /// appends to in `open` for as long as it may append to it.
+    pub fn new(dir: &Path, open: OpenPacks) -> Self {
         Self {
             dir: dir.to_owned(),
             current: None,
             buf: Vec::with_capacity(RECORD_HEADER_LEN + (4 << 20)),
+            open,
         }
+    }
+
+    fn set_current(&mut self, pack: Option<OpenPack>) {
+        if let Ok(mut open) = self.open.lock() {
+            if let Some(old) = &self.current {
+                open.remove(&old.id);
+            }
+            if let Some(new) = &pack {
+                open.insert(new.id);
+            }
+        }
+        self.current = pack;
     }
 
     /// Append one record; `next_id` allocates a pack id when a new pack is
@@ -123,6 +149,11 @@ impl PackWriter {
             .is_none_or(|p| p.len >= PACK_TARGET_LEN)
         {
             let id = next_id();
+            // Listed as open before the file exists, so that no collection
+            // that starts now can take it for garbage.
+            if let Ok(mut open) = self.open.lock() {
+                open.insert(id);
+            }
             let path = pack_path(&self.dir, id);
             let file = File::options()
                 .read(true)
@@ -142,11 +173,11 @@ impl PackWriter {
             File::open(&packs)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| ReceiveError::storage(&packs, e))?;
-            self.current = Some(OpenPack {
+            self.set_current(Some(OpenPack {
                 id,
                 file: Arc::new(file),
                 len: PACK_HEADER_LEN,
-            });
+            }));
         }
         let stored_len = u32::try_from(payload.len())
             .map_err(|_| ReceiveError::Protocol("payload too large".into()))?;
@@ -184,7 +215,8 @@ impl PackWriter {
     pub fn rollback(&mut self, committed: u64) -> bool {
         if committed == 0 {
             // Nothing in this pack was ever committed: remove it altogether.
-            if let Some(p) = self.current.take() {
+            if let Some(p) = self.current.clone() {
+                self.set_current(None);
                 let path = pack_path(&self.dir, p.id);
                 if let Err(e) = std::fs::remove_file(&path) {
                     tracing::warn!(pack = p.id, cause = %e, "cannot remove an abandoned pack");

@@ -227,7 +227,7 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
                             let len = block_len(vol.size, vol.block_size, *index) as usize;
                             let data: &[u8] = match entry {
                                 Some((h, loc)) => {
-                                    fetch.fetch(loc, h, &mut buf).map_err(|e| {
+                                    fetch.fetch_current(&store, loc, h, &mut buf).map_err(|e| {
                                         ReceiveError::Corrupt(format!(
                                             "block {index} of volume {}: {e}",
                                             vol.name

@@ -67,7 +67,8 @@ mod humantime_serde_opt {
     pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_none(),
+            // Written out, since a missing key means the default (1h).
+            None => s.serialize_str("0s"),
         }
     }
 
@@ -75,8 +76,11 @@ mod humantime_serde_opt {
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
+        let d = s
+            .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()?;
+        // "0s" turns keep-within off.
+        Ok(d.filter(|d| !d.is_zero()))
     }
 }
 
@@ -179,6 +183,33 @@ mod tests {
     fn newest_is_always_kept() {
         assert_eq!(kept(&thirty(), &Policy::none()), vec![30]);
         assert_eq!(kept(&[], &Policy::none()), Vec::<i64>::new());
+    }
+
+    /// What receiver.toml says is what prune uses: "no keep-within" survives
+    /// a round trip instead of turning back into the 1h default.
+    #[test]
+    fn config_round_trip() {
+        for p in [
+            Policy::none(),
+            Policy::default(),
+            Policy {
+                keep_last: 2,
+                ..Policy::none()
+            },
+        ] {
+            let cfg = crate::ReceiverConfig {
+                retention: p.clone(),
+                ..crate::ReceiverConfig::default()
+            };
+            let text = toml::to_string(&cfg).unwrap();
+            let back: crate::ReceiverConfig = toml::from_str(&text).unwrap();
+            assert_eq!(back.retention, p, "{text}");
+        }
+        let off: crate::ReceiverConfig =
+            toml::from_str("[retention]\nkeep_within = \"0s\"").unwrap();
+        assert_eq!(off.retention.keep_within, None);
+        let missing: crate::ReceiverConfig = toml::from_str("").unwrap();
+        assert_eq!(missing.retention, Policy::default());
     }
 
     #[test]

@@ -62,6 +62,9 @@ struct Shared {
     store: Arc<Store>,
     cfg: ReceiverConfig,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    /// Every session still alive anywhere (a commit may outlive its
+    /// control connection): garbage collection asks them all for pins.
+    alive: Mutex<Vec<std::sync::Weak<Session>>>,
     active: Mutex<HashMap<i64, ActiveServer>>,
     live: Mutex<crate::live::Live>,
 }
@@ -83,6 +86,41 @@ impl Shared {
 }
 
 impl Shared {
+    /// What the sessions alive now hold on to.
+    fn pins(&self) -> Result<crate::gc::Pins, ReceiveError> {
+        let mut pins = crate::gc::Pins::default();
+        let mut alive = self.alive.lock().map_err(|_| Self::lock_err())?;
+        alive.retain(|w| w.strong_count() > 0);
+        for s in alive.iter().filter_map(std::sync::Weak::upgrade) {
+            s.pins(&mut pins)?;
+        }
+        Ok(pins)
+    }
+
+    /// Prune by the configured policy, then collect garbage.
+    fn maintain(&self) -> Result<(), ReceiveError> {
+        let store = &self.store;
+        let removed = crate::admin::prune_store(store, None, &self.cfg.retention, false)?
+            .iter()
+            .filter(|i| !i.keep)
+            .count();
+        let opts = crate::gc::GcOptions {
+            min_dead_percent: self.cfg.gc_min_dead_percent,
+        };
+        let report = crate::gc::collect(store, &|| self.pins(), opts)?;
+        metrics::counter!("pilotlight_receiver_points_pruned_total").increment(removed as u64);
+        metrics::counter!("pilotlight_receiver_gc_bytes_freed_total").increment(report.bytes_freed);
+        tracing::info!(
+            pruned = removed,
+            packs_removed = report.packs_removed,
+            packs_rewritten = report.packs_rewritten,
+            bytes_freed = report.bytes_freed,
+            "maintenance done"
+        );
+
+        Ok(())
+    }
+
     fn lock_err() -> ReceiveError {
         ReceiveError::Corrupt("receiver lock poisoned".into())
     }
@@ -106,6 +144,7 @@ pub async fn run(
         store: Arc::new(store),
         cfg,
         sessions: Mutex::new(HashMap::new()),
+        alive: Mutex::new(Vec::new()),
         active: Mutex::new(HashMap::new()),
         live: Mutex::new(crate::live::Live {
             pid: std::process::id(),
@@ -117,6 +156,9 @@ pub async fn run(
     }
     tracing::info!(addr = ?listener.local_addr().ok(), "receiver serving");
     let tracker = TaskTracker::new();
+    if let Some(every) = shared.cfg.prune_interval() {
+        tracker.spawn(maintenance(shared.clone(), every, shutdown.clone()));
+    }
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -146,6 +188,24 @@ pub async fn run(
         tracing::warn!("connections still open after the shutdown grace period");
     }
     Ok(())
+}
+
+/// Prune and collect garbage every `every`, off the async threads. One pass
+/// at a time; a failed pass is logged and retried at the next tick.
+async fn maintenance(shared: Arc<Shared>, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = shared.clone();
+        if let Err(e) = blocking(move || s.maintain()).await {
+            tracing::warn!(cause = %e, "maintenance (prune, garbage collection) failed");
+        }
+    }
 }
 
 struct Connection {
@@ -352,6 +412,11 @@ impl Connection {
             .lock()
             .map_err(|_| Shared::lock_err())?
             .insert(session.id, session.clone());
+        self.shared
+            .alive
+            .lock()
+            .map_err(|_| Shared::lock_err())?
+            .push(Arc::downgrade(&session));
         metrics::gauge!("pilotlight_receiver_sessions").increment(1.0);
         self.shared
             .set_live(&session.server, Some(crate::catalog::rfc3339(now_ms())));
@@ -456,7 +521,9 @@ impl Connection {
                     )));
                 }
                 if received == blocks {
-                    break st.pending.remove(&tag).unwrap_or_default();
+                    let p = Arc::new(st.pending.remove(&tag).unwrap_or_default());
+                    st.committing.insert(tag, p.clone());
+                    break p;
                 }
             }
             tokio::select! {
@@ -507,8 +574,10 @@ impl Connection {
             })?;
             store.index_blocks(&pending.new_blocks)?;
             store.note_committed(&packs)?;
+            drop(cat);
             let mut st = s.state()?;
             st.committed_tag = tag;
+            st.committing.remove(&tag);
             for (h, _) in &pending.new_blocks {
                 st.pending_hashes.remove(h);
             }
@@ -779,23 +848,25 @@ fn apply_one(
         raw_len: b.raw_len,
         hash: (b.encoding != Encoding::Zero).then_some(b.hash),
     };
-    let new = if b.encoding == Encoding::Zero
-        || store.lookup(&b.hash).is_some()
-        || !session.claim(&b.hash, b.tag)?
-    {
-        None
-    } else {
-        let (loc, pack) = writer.append(&b.hash, b.encoding, b.raw_len, &b.payload, || {
-            store.alloc_pack_id()
-        })?;
-        Some((b.hash, loc, pack.file))
-    };
     metrics::counter!("pilotlight_receiver_bytes_received_total").increment(u64::from(b.raw_len));
-    if let Some((_, loc, _)) = &new {
-        metrics::counter!("pilotlight_receiver_bytes_stored_total")
-            .increment(u64::from(loc.stored_len));
+    if b.encoding == Encoding::Zero {
+        return session.record(b.tag, r, None);
     }
-    session.record(b.tag, r, new)
+    {
+        let index = store.index_read()?;
+        if index.contains_key(&b.hash) || !session.claim(&b.hash, b.tag)? {
+            // Recorded while the index is held: a garbage collection either
+            // sees this reference among the session's pins or has already
+            // taken the block out of the index (and then it is written anew).
+            return session.record(b.tag, r, None);
+        }
+    }
+    let (loc, pack) = writer.append(&b.hash, b.encoding, b.raw_len, &b.payload, || {
+        store.alloc_pack_id()
+    })?;
+    metrics::counter!("pilotlight_receiver_bytes_stored_total")
+        .increment(u64::from(loc.stored_len));
+    session.record(b.tag, r, Some((b.hash, loc, pack.file)))
 }
 
 async fn blocking<T: Send + 'static>(

@@ -46,7 +46,8 @@ pub struct SessionState {
     pub committed_tag: u64,
     /// Points being received, by tag.
     pub pending: BTreeMap<u64, PendingPoint>,
-    /// Hashes written to packs by uncommitted points of this session.
+    /// Points taken out of `pending` whose catalog commit is under way.
+    pub committing: BTreeMap<u64, Arc<PendingPoint>>,
     /// Hashes claimed for writing by uncommitted points of this session, with
     /// the earliest tag that writes them.
     pub pending_hashes: HashMap<BlockHash, u64>,
@@ -198,6 +199,22 @@ impl Session {
                 Ok(true)
             }
         }
+    }
+
+    /// Add what this session's uncommitted points refer to (hashes) and
+    /// write to (packs) to `pins`: garbage collection must keep both.
+    pub fn pins(&self, pins: &mut crate::gc::Pins) -> Result<(), ReceiveError> {
+        let st = self.state()?;
+        let points = st
+            .pending
+            .values()
+            .chain(st.committing.values().map(|p| &**p));
+        for p in points {
+            pins.hashes.extend(p.refs.iter().filter_map(|r| r.hash));
+            pins.packs.extend(p.packs.keys().copied());
+        }
+        pins.hashes.extend(st.pending_hashes.keys().copied());
+        Ok(())
     }
 
     /// Record a received block of point `tag`.

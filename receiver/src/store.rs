@@ -11,28 +11,36 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::limits::block_len;
 use pilotlight_protocol::BlockHash;
 
 use crate::catalog::Catalog;
-use crate::pack::{pack_path, parse_pack_name, BlockLoc, PackReader, PackWriter};
+use crate::pack::{pack_path, parse_pack_name, BlockLoc, OpenPacks, PackReader, PackWriter};
 use crate::ReceiveError;
 
 /// Name of the catalog file in the receiver directory.
 pub const CATALOG_FILE: &str = "catalog.db";
 
+/// Lock file held by the one process that may write packs (`serve`, `gc`).
+pub const LOCK_FILE: &str = "serve.lock";
+
+/// The in-memory block index: where each committed block is.
+pub type BlockIndex = HashMap<BlockHash, BlockLoc>;
+
 /// The store of one receiver directory.
 pub struct Store {
     dir: PathBuf,
     catalog: Mutex<Catalog>,
-    index: RwLock<HashMap<BlockHash, BlockLoc>>,
+    index: RwLock<BlockIndex>,
     next_pack: AtomicU64,
     store_id: [u8; 16],
     writers: Mutex<Vec<PackWriter>>,
     committed: Mutex<HashMap<u64, u64>>,
+    open_packs: OpenPacks,
+    _lock: Option<nix::fcntl::Flock<File>>,
 }
 
 impl Store {
@@ -56,13 +64,20 @@ impl Store {
             store_id,
             writers: Mutex::new(Vec::new()),
             committed: Mutex::new(HashMap::new()),
+            open_packs: OpenPacks::default(),
+            _lock: None,
         })
     }
 
     /// Open the store to serve: cut unfinished pack tails, drop packs no
     /// commit reached, load the block index and repair staging images.
+    ///
+    /// Only one process at a time may do this (it holds `serve.lock` while
+    /// the store lives): two writers of the same packs would cut each
+    /// other's data.
     pub fn open_for_serve(dir: &Path) -> Result<Self, ReceiveError> {
-        let store = Self::open(dir)?;
+        let mut store = Self::open(dir)?;
+        store._lock = Some(lock_exclusive(dir)?);
         std::fs::create_dir_all(dir.join("packs"))
             .map_err(|e| ReceiveError::storage(dir.join("packs"), e))?;
         let committed: HashMap<u64, u64> = store.catalog()?.packs()?.into_iter().collect();
@@ -147,13 +162,55 @@ impl Store {
         self.index.read().ok().and_then(|i| i.get(hash).copied())
     }
 
-    /// Add committed blocks to the index.
+    /// Add committed blocks to the index. Called with the catalog locked,
+    /// right after the commit that wrote them (the catalog keeps the newest
+    /// location of a hash, and so does the index).
     pub fn index_blocks(&self, blocks: &[(BlockHash, BlockLoc)]) -> Result<(), ReceiveError> {
         let mut index = self.index.write().map_err(|_| poisoned())?;
         for (h, loc) in blocks {
-            index.entry(*h).or_insert(*loc);
+            index.insert(*h, *loc);
         }
         Ok(())
+    }
+
+    /// Read access to the index. A data stream holds it from looking a hash
+    /// up until the reference is recorded in its session, so that garbage
+    /// collection (which takes it for writing) sees every such reference.
+    pub fn index_read(&self) -> Result<RwLockReadGuard<'_, BlockIndex>, ReceiveError> {
+        self.index.read().map_err(|_| poisoned())
+    }
+
+    /// Write access to the index, for garbage collection.
+    pub fn index_write(&self) -> Result<RwLockWriteGuard<'_, BlockIndex>, ReceiveError> {
+        self.index.write().map_err(|_| poisoned())
+    }
+
+    /// Ids of packs a writer may still append to.
+    pub fn open_packs(&self) -> std::collections::HashSet<u64> {
+        self.open_packs
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_default()
+    }
+
+    /// A writer that is not pooled (garbage collection's).
+    pub fn new_writer(&self) -> PackWriter {
+        PackWriter::new(&self.dir, self.open_packs.clone())
+    }
+
+    /// Close the pooled writers (their packs hold only committed records),
+    /// so that their packs can be collected.
+    pub fn close_pooled_writers(&self) {
+        if let Ok(mut pool) = self.writers.lock() {
+            pool.clear();
+        }
+    }
+
+    /// Forget a pack that garbage collection removed.
+    pub fn forget_pack(&self, id: u64) {
+        if let Ok(mut c) = self.committed.lock() {
+            c.remove(&id);
+        }
     }
 
     /// A pack writer for a data stream: one that an earlier stream returned
@@ -163,7 +220,7 @@ impl Store {
             .lock()
             .ok()
             .and_then(|mut w| w.pop())
-            .unwrap_or_else(|| PackWriter::new(&self.dir))
+            .unwrap_or_else(|| self.new_writer())
     }
 
     /// Give a writer back once its session is over: first cut its pack back
@@ -255,7 +312,7 @@ impl Store {
                         .map_err(|e| ReceiveError::storage(&path, e))?,
                     Some(h) => {
                         let loc = self.locate(&h)?;
-                        fetch.fetch(&loc, &h, &mut buf)?;
+                        fetch.fetch_current(self, &loc, &h, &mut buf)?;
                         file.write_all_at(&buf, offset)
                             .map_err(|e| ReceiveError::storage(&path, e))?;
                     }
@@ -314,6 +371,26 @@ impl BlockFetcher {
                 ReceiveError::Corrupt(format!("block {} in pack {}: {e}", hash.to_hex(), loc.pack))
             })
     }
+
+    /// Like [`fetch`](Self::fetch), but if the block is not at `loc` any
+    /// more because garbage collection moved it meanwhile (a running `serve`
+    /// may collect while a restore reads), fetch it from where the store
+    /// says it is now.
+    pub fn fetch_current(
+        &mut self,
+        store: &Store,
+        loc: &BlockLoc,
+        hash: &BlockHash,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ReceiveError> {
+        match self.fetch(loc, hash, out) {
+            Ok(()) => Ok(()),
+            Err(first) => match store.locate(hash) {
+                Ok(now) if now != *loc => self.fetch(&now, hash, out),
+                _ => Err(first),
+            },
+        }
+    }
 }
 
 /// Deallocate a byte range of a file, or write zeros where holes are not
@@ -337,6 +414,29 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Take `DIR/serve.lock`, or say which kind of process holds it.
+fn lock_exclusive(dir: &Path) -> Result<nix::fcntl::Flock<File>, ReceiveError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = dir.join(LOCK_FILE);
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| ReceiveError::storage(&path, e))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            ReceiveError::Refused(format!(
+                "another pilotlight-receiver (serve or gc) is using {}; stop it first",
+                dir.display()
+            ))
+        } else {
+            ReceiveError::storage(&path, std::io::Error::from(errno))
+        }
+    })
 }
 
 /// fsync a directory, making renames and creations in it durable.

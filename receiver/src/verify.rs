@@ -96,7 +96,7 @@ pub fn verify(
                 };
                 let mut buf = Vec::new();
                 while let Some((h, loc)) = list.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    if let Err(e) = fetch.fetch(loc, h, &mut buf) {
+                    if let Err(e) = fetch.fetch_current(&store, loc, h, &mut buf) {
                         if let Ok(mut b) = bad.lock() {
                             b.insert(*h, e.to_string());
                         }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pilotlight_receiver::restore::{PointSel, RestoreRequest};
-use pilotlight_receiver::{admin, restore, server, verify, ReceiverConfig};
+use pilotlight_receiver::{admin, restore, server, verify, ReceiveError, ReceiverConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Receive block-level replication from pilotlight agents, keep recovery
@@ -108,6 +108,21 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Only remove the points; leave their space to the next `gc` (or to
+        /// the running `serve`, which collects by itself).
+        #[arg(long)]
+        no_gc: bool,
+    },
+    /// Free the pack space that no recovery point needs (after `prune`).
+    /// Refused while `serve` runs on the directory: it collects by itself
+    /// every `prune_interval_secs`.
+    Gc {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print shell completions.
     Completions {
@@ -193,6 +208,30 @@ fn main() -> ExitCode {
     }
 }
 
+fn gc_options(dir: &std::path::Path) -> anyhow::Result<pilotlight_receiver::gc::GcOptions> {
+    Ok(pilotlight_receiver::gc::GcOptions {
+        min_dead_percent: ReceiverConfig::load(dir)?.gc_min_dead_percent,
+    })
+}
+
+fn gc_summary(r: &pilotlight_receiver::gc::GcReport) -> String {
+    let mut s = format!(
+        "freed {} MiB: {} packs removed, {} rewritten ({} MiB copied), {} dead blocks dropped",
+        r.bytes_freed >> 20,
+        r.packs_removed,
+        r.packs_rewritten,
+        r.bytes_copied >> 20,
+        r.blocks_dropped
+    );
+    if !r.packs_damaged.is_empty() {
+        s.push_str(&format!(
+            "; packs {:?} left alone: a live block in them is damaged (run verify)",
+            r.packs_damaged
+        ));
+    }
+    s
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -236,6 +275,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             keep_weekly,
             keep_monthly,
             json,
+            no_gc,
         } => {
             let flags = [
                 keep_last,
@@ -274,6 +314,24 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                         i.reasons.join(",")
                     );
                 }
+            }
+            if !dry_run && !no_gc && items.iter().any(|i| !i.keep) {
+                let opts = gc_options(&dir)?;
+                match admin::gc(&dir, opts) {
+                    Ok(r) => eprintln!("{}", gc_summary(&r)),
+                    Err(ReceiveError::Refused(why)) => eprintln!(
+                        "space not collected now: {why}; the running receiver collects it at its next pass"
+                    ),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Cmd::Gc { dir, json } => {
+            let r = admin::gc(&dir, gc_options(&dir)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{}", gc_summary(&r));
             }
         }
         Cmd::Completions { shell } => {

@@ -1,0 +1,237 @@
+//! Garbage collection: free the pack space that no point needs any more.
+//!
+//! Pruning removes points from the catalog only; the blocks they alone
+//! referenced stay in their packs. A collection finds those blocks and, pack
+//! by pack, drops a pack with nothing live in it, or copies the live records
+//! of a mostly-dead pack into a new pack and drops the old one.
+//!
+//! Safe against a kill at any moment, because every step is ordered so that
+//! the catalog never names a location that is not durable:
+//!
+//! 1. live records are copied to a new pack, which is fsynced (a crash here
+//!    leaves a pack no commit reached: removed at the next start);
+//! 2. one catalog transaction moves the live rows, deletes the dead ones and
+//!    the old pack's row, and commits the new pack's length;
+//! 3. the old pack file is removed (a crash before this leaves a pack the
+//!    catalog no longer knows: removed at the next start).
+//!
+//! Concurrent replication (inside `serve`) is coordinated through the block
+//! index: a data stream holds the index for reading from looking a hash up
+//! until the reference is recorded in its session. The collection takes the
+//! index for writing once, collects the sessions' pins (hashes their pending
+//! points refer to, packs they write to) and removes the unreferenced,
+//! unpinned blocks from the index; from then on nobody can start referring
+//! to them (a stream writes a fresh copy instead, and the catalog keeps the
+//! newest location of a hash). Only blocks removed from the index that are
+//! still unreferenced after that are deleted.
+
+use std::collections::{HashMap, HashSet};
+
+use pilotlight_protocol::block::Decoder;
+use pilotlight_protocol::BlockHash;
+
+use crate::pack::{pack_path, BlockLoc, PackReader, PACK_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::store::{sync_dir, Store};
+use crate::ReceiveError;
+
+/// What uncommitted points of live sessions hold on to.
+#[derive(Debug, Default)]
+pub struct Pins {
+    /// Hashes pending points refer to.
+    pub hashes: HashSet<BlockHash>,
+    /// Packs pending points have written to.
+    pub packs: HashSet<u64>,
+}
+
+/// How eagerly to rewrite packs.
+#[derive(Debug, Clone, Copy)]
+pub struct GcOptions {
+    /// Rewrite a pack once at least this percentage of its bytes is dead
+    /// (a pack with nothing live is always removed).
+    pub min_dead_percent: u8,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        Self {
+            min_dead_percent: 20,
+        }
+    }
+}
+
+/// What a collection did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct GcReport {
+    /// Packs examined.
+    pub packs_examined: u64,
+    /// Packs removed because nothing in them was live.
+    pub packs_removed: u64,
+    /// Packs whose live records were copied to a new pack.
+    pub packs_rewritten: u64,
+    /// Dead blocks dropped.
+    pub blocks_dropped: u64,
+    /// Live bytes copied.
+    pub bytes_copied: u64,
+    /// Pack bytes freed.
+    pub bytes_freed: u64,
+    /// Packs left alone because a live block in them failed its check
+    /// (`verify` names the points that need it).
+    pub packs_damaged: Vec<u64>,
+}
+
+/// Collect garbage in `store`. `pins` is asked, with the index held for
+/// writing, for what live sessions hold on to (nothing, outside `serve`).
+pub fn collect(
+    store: &Store,
+    pins: &dyn Fn() -> Result<Pins, ReceiveError>,
+    opts: GcOptions,
+) -> Result<GcReport, ReceiveError> {
+    let mut report = GcReport::default();
+    store.close_pooled_writers();
+    let referenced = store.catalog()?.referenced_hashes()?;
+    let blocks = store.catalog()?.all_blocks()?;
+    let packs = store.catalog()?.packs()?;
+
+    // Take the unreferenced, unpinned blocks out of the index.
+    let mut removed: HashMap<BlockHash, BlockLoc> = HashMap::new();
+    let busy = {
+        let mut index = store.index_write()?;
+        let pins = pins()?;
+        let mut busy = store.open_packs();
+        busy.extend(pins.packs.iter().copied());
+        for (h, loc) in &blocks {
+            if referenced.contains(h) || pins.hashes.contains(h) || busy.contains(&loc.pack) {
+                continue;
+            }
+            if index.get(h) == Some(loc) {
+                index.remove(h);
+                removed.insert(*h, *loc);
+            }
+        }
+        busy
+    };
+    // Points committed before the index was taken may have referred to
+    // some of those blocks; they are not garbage.
+    let referenced = store.catalog()?.referenced_hashes()?;
+    let mut resurrect: Vec<(BlockHash, BlockLoc)> = Vec::new();
+    removed.retain(|h, loc| {
+        let dead = !referenced.contains(h);
+        if !dead {
+            resurrect.push((*h, *loc));
+        }
+        dead
+    });
+
+    let mut by_pack: HashMap<u64, Vec<(BlockHash, BlockLoc)>> = HashMap::new();
+    for (h, loc) in blocks {
+        by_pack.entry(loc.pack).or_default().push((h, loc));
+    }
+    let mut reader = PackReader::new(store.dir());
+    let mut decoder = Decoder::new().map_err(|e| ReceiveError::storage(store.dir(), e))?;
+    let mut writer = store.new_writer();
+    let mut written: HashMap<u64, (std::sync::Arc<std::fs::File>, u64)> = HashMap::new();
+    let (mut payload, mut scratch) = (Vec::new(), Vec::new());
+    let mut sorted: Vec<(u64, u64)> = packs;
+    sorted.sort_unstable();
+    for (pack, committed_len) in sorted {
+        if busy.contains(&pack) {
+            continue;
+        }
+        report.packs_examined += 1;
+        let records = by_pack.remove(&pack).unwrap_or_default();
+        let (dead, live): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|(h, loc)| removed.get(h) == Some(loc));
+        // Dead: the blocks found dead, and records no row names any more
+        // (a newer copy won, or a copy that never committed).
+        let total = committed_len.saturating_sub(PACK_HEADER_LEN);
+        let live_bytes: u64 = live.iter().map(|(_, l)| record_len(l)).sum();
+        let dead_bytes = total.saturating_sub(live_bytes);
+        let keep = dead_bytes == 0 || dead_bytes * 100 < u64::from(opts.min_dead_percent) * total;
+        if !live.is_empty() && keep {
+            // Mostly live: its dead blocks stay, and so stay findable.
+            resurrect.extend(dead.iter().copied());
+            continue;
+        }
+        let mut moved = Vec::with_capacity(live.len());
+        let mut damaged = false;
+        for (h, loc) in &live {
+            let checked = reader.read(loc, h, &mut payload).and_then(|()| {
+                decoder
+                    .verify(loc.encoding, &payload, loc.raw_len, h, &mut scratch)
+                    .map_err(|e| ReceiveError::Corrupt(format!("block {}: {e}", h.to_hex())))
+            });
+            if let Err(e) = checked {
+                tracing::error!(pack, cause = %e, "live block fails its check; pack left as it is");
+                damaged = true;
+                break;
+            }
+            let (new, file) = writer.append(h, loc.encoding, loc.raw_len, &payload, || {
+                store.alloc_pack_id()
+            })?;
+            let e = written.entry(new.pack).or_insert((file.file, 0));
+            e.1 = e.1.max(new.end());
+            moved.push((*h, new));
+        }
+        if damaged {
+            report.packs_damaged.push(pack);
+            resurrect.extend(dead.iter().copied());
+            continue;
+        }
+        for (id, (file, _)) in &written {
+            file.sync_data()
+                .map_err(|e| ReceiveError::storage(pack_path(store.dir(), *id), e))?;
+        }
+        let new_packs: Vec<(u64, u64)> = written.iter().map(|(id, (_, len))| (*id, *len)).collect();
+        let dead_hashes: Vec<BlockHash> = dead.iter().map(|(h, _)| *h).collect();
+        let emptied = {
+            let mut cat = store.catalog()?;
+            let emptied = cat.collect_pack(pack, &moved, &dead_hashes, &new_packs)?;
+            // With the catalog still held, as commits do: the index follows it.
+            let mut index = store.index_write()?;
+            for (h, new) in &moved {
+                if index.get(h).is_none_or(|l| l.pack == pack) {
+                    index.insert(*h, *new);
+                }
+            }
+            emptied
+        };
+        store.note_committed(&new_packs)?;
+        report.blocks_dropped += dead.len() as u64;
+        report.bytes_copied += moved.iter().map(|(_, l)| record_len(l)).sum::<u64>();
+        if emptied {
+            let path = pack_path(store.dir(), pack);
+            let len = std::fs::metadata(&path).map_or(committed_len, |m| m.len());
+            std::fs::remove_file(&path).map_err(|e| ReceiveError::storage(&path, e))?;
+            sync_dir(&store.dir().join("packs"))?;
+            store.forget_pack(pack);
+            report.bytes_freed += len;
+            if moved.is_empty() {
+                report.packs_removed += 1;
+            } else {
+                report.packs_rewritten += 1;
+            }
+            tracing::info!(
+                pack,
+                moved = moved.len(),
+                dropped = dead.len(),
+                "collected pack"
+            );
+        }
+    }
+    // What the new packs take: the live records and their own headers.
+    let new_pack_bytes = report.bytes_copied + PACK_HEADER_LEN * written.len() as u64;
+    report.bytes_freed = report.bytes_freed.saturating_sub(new_pack_bytes);
+    if !resurrect.is_empty() {
+        let _cat = store.catalog()?;
+        let mut index = store.index_write()?;
+        for (h, loc) in resurrect {
+            index.entry(h).or_insert(loc);
+        }
+    }
+    Ok(report)
+}
+
+fn record_len(loc: &BlockLoc) -> u64 {
+    RECORD_HEADER_LEN as u64 + u64::from(loc.stored_len)
+}
