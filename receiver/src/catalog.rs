@@ -599,16 +599,18 @@ impl Catalog {
         let mut st = self.conn.prepare_cached(
             "SELECT block_index, hash FROM point_blocks
              WHERE volume_id=?1 AND point_id<=?2 AND point_id>?3
-             ORDER BY block_index ASC, point_id DESC",
+             ORDER BY block_index ASC, point_id ASC",
         )?;
+        // Primary-key order, so no sort: the last row of each index wins.
         let mut rows = st.query(params![volume_id, point, after])?;
         let mut out: Vec<(u64, Option<BlockHash>)> = Vec::new();
         while let Some(r) = rows.next()? {
             let index = r.get::<_, i64>(0)? as u64;
-            if out.last().is_some_and(|(i, _)| *i == index) {
-                continue;
+            let hash = hash_from_blob(r.get(1)?)?;
+            match out.last_mut() {
+                Some((i, h)) if *i == index => *h = hash,
+                _ => out.push((index, hash)),
             }
-            out.push((index, hash_from_blob(r.get(1)?)?));
         }
         Ok(out)
     }
