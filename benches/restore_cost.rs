@@ -16,7 +16,7 @@ const BLOCK: u32 = 64 << 10;
 const NEWER: u64 = 1000;
 
 fn block(n: u64) -> (BlockHash, BlockLoc) {
-    let h = BlockHash::of(&n.to_be_bytes());
+    let h = BlockHash::of(&n.to_le_bytes());
     let loc = BlockLoc {
         pack: 1,
         offset: 16 + n * 100,
