@@ -73,6 +73,11 @@ impl Snapshot {
         }
     }
 
+    /// Whether a filesystem is frozen for this snapshot.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.is_some()
+    }
+
     /// Thaw a frozen filesystem now (reading is done). Idempotent.
     pub fn release_freeze(&mut self) {
         if let Some(f) = self.frozen.take() {

@@ -53,6 +53,9 @@ pub enum AgentError {
     /// A volume changed size while replicating.
     #[error("volume {0} changed size; reconnecting to declare the new size")]
     Resized(String),
+    /// Live tracking (tracefs) failed.
+    #[error("live tracking: {0}")]
+    Trace(String),
     /// Stopped by the caller.
     #[error("stopped")]
     Stopped,
@@ -69,6 +72,7 @@ impl AgentError {
             | Self::State { .. }
             | Self::Consistency(_)
             | Self::Config(_)
+            | Self::Trace(_)
             | Self::Stopped => false,
         }
     }

@@ -12,6 +12,7 @@ pub mod scan;
 pub mod state;
 pub mod status;
 pub mod throttle;
+pub mod trace;
 pub mod volume;
 
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ pub use volume::VolumeSpec;
 pub enum Track {
     /// Read and hash every block each cycle.
     Scan,
+    /// Read only the blocks the kernel's block tracepoints saw written
+    /// (block devices only; see [`trace`]).
+    Trace,
 }
 
 /// Everything `run` needs. Defaults live in [`AgentConfig::new`].
@@ -65,6 +69,11 @@ pub struct AgentConfig {
     pub once_attempts: u32,
     /// Cap on the send rate in megabits per second.
     pub limit_mbps: Option<u32>,
+    /// Trace buffer per CPU in KiB (`--track trace`).
+    pub trace_buffer_kb: u32,
+    /// Start a point before the interval is up once this many bytes are
+    /// dirty (`--track trace`).
+    pub early_point_bytes: u64,
     /// Counter of bytes read by scans, for a progress display.
     pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
@@ -94,6 +103,8 @@ impl AgentConfig {
             max_async_pending: 4,
             once_attempts: 3,
             limit_mbps: None,
+            trace_buffer_kb: 8192,
+            early_point_bytes: 64 << 20,
             progress: None,
         }
     }

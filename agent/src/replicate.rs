@@ -16,7 +16,8 @@ use crate::link::{Link, LinkConfig};
 use crate::scan::{scan, zero_table, ScanJob, Sink};
 use crate::state::{AgentState, VolumeHashes};
 use crate::status::{ms_rfc3339, Status, StatusVolume};
-use crate::{identity, volume, AgentConfig, AgentError};
+use crate::trace::{Plan, TrackedVolume, Tracking};
+use crate::{identity, volume, AgentConfig, AgentError, Track};
 
 /// First reconnect delay in continuous mode.
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -61,11 +62,56 @@ pub async fn run(
     cfg: AgentConfig,
     shutdown: CancellationToken,
 ) -> Result<Vec<PointReport>, AgentError> {
-    let tls = identity::client_config(&cfg.identity)?;
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| AgentError::State {
         path: cfg.state_dir.clone(),
         source: e,
     })?;
+    let mut tracking = match cfg.track {
+        Track::Scan => None,
+        Track::Trace => Some(start_tracking(&cfg)?),
+    };
+    if let Some(t) = &tracking {
+        tracing::info!(instance = %t.instance().display(), "tracking writes with block tracepoints");
+    }
+    let tls = identity::client_config(&cfg.identity)?;
+    let result = replicate(&cfg, tls, &shutdown, tracking.as_mut()).await;
+    if let Some(t) = tracking {
+        // Saved even after an error: what is dirty stays dirty. Only a
+        // save that completes lets the next start skip its rescan.
+        if let Err(e) = t.save_clean(&cfg.state_dir) {
+            tracing::warn!(cause = %e, "cannot save the dirty set; the next start rescans");
+        }
+    }
+    result
+}
+
+/// Start live tracking of the configured volumes, with the block size each
+/// was first replicated with.
+fn start_tracking(cfg: &AgentConfig) -> Result<Tracking, AgentError> {
+    let local = AgentState::load(&cfg.state_dir)?;
+    let mut vols = Vec::new();
+    for spec in &cfg.volumes {
+        let (size, _) = volume::probe(&spec.name, &spec.path)?;
+        let block_size = local
+            .as_ref()
+            .and_then(|s| s.volumes.iter().find(|h| h.name == spec.name))
+            .map_or(cfg.block_size, |h| h.block_size);
+        vols.push(TrackedVolume {
+            name: spec.name.clone(),
+            path: spec.path.clone(),
+            size,
+            block_size,
+        });
+    }
+    Tracking::start(vols, &cfg.state_dir, cfg.trace_buffer_kb)
+}
+
+async fn replicate(
+    cfg: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    shutdown: &CancellationToken,
+    mut tracking: Option<&mut Tracking>,
+) -> Result<Vec<PointReport>, AgentError> {
     let mut reports = Vec::new();
     let mut attempt = 0u32;
     let mut backoff = BACKOFF_START;
@@ -76,12 +122,14 @@ pub async fn run(
     };
     loop {
         let mut r = Replicator {
-            cfg: &cfg,
+            cfg,
             reports: &mut reports,
             status: &mut status,
-            shutdown: &shutdown,
+            shutdown,
             durable_this_session: false,
             store_id: [0; 16],
+            tracking: tracking.as_deref_mut(),
+            last_durable: std::time::Instant::now(),
         };
         let result = r.session(tls.clone()).await;
         let progressed = r.durable_this_session;
@@ -131,6 +179,8 @@ struct Replicator<'a> {
     shutdown: &'a CancellationToken,
     durable_this_session: bool,
     store_id: [u8; 16],
+    tracking: Option<&'a mut Tracking>,
+    last_durable: std::time::Instant,
 }
 
 impl Replicator<'_> {
@@ -150,6 +200,9 @@ impl Replicator<'_> {
             let count = block_count(v.size, v.block_size) as usize;
             if link.last_point == 0 {
                 out.push(zero_table(v.size, v.block_size));
+                if let Some(t) = self.tracking.as_deref_mut() {
+                    t.force_rescan(i, crate::trace::INITIAL_SYNC);
+                }
                 continue;
             }
             let trusted = local
@@ -166,6 +219,12 @@ impl Replicator<'_> {
                 continue;
             }
             tracing::info!(volume = %v.name, "local state does not match the receiver; fetching its block hashes");
+            if let Some(t) = self.tracking.as_deref_mut() {
+                t.force_rescan(
+                    i,
+                    "the local state does not match the receiver (checksum resync)",
+                );
+            }
             let idx = i as u16;
             link.send(&Frame::GetHashes { volume: idx }).await?;
             let mut table = zero_table(v.size, v.block_size);
@@ -260,6 +319,11 @@ impl Replicator<'_> {
                 size: v.size,
             })
             .collect();
+        if let Some(t) = self.tracking.as_deref_mut() {
+            // Points of a session that died are not durable: their blocks
+            // are dirty again.
+            t.requeue();
+        }
         let mut durable = self.base(&mut link, &vols, local).await?;
         let mut view = durable.clone();
         let mut pending: VecDeque<Pending> = VecDeque::new();
@@ -284,11 +348,63 @@ impl Replicator<'_> {
                 .iter()
                 .map(|v| (v.name.clone(), v.path.clone(), v.is_device))
                 .collect();
-            let mode = self.cfg.consistency.clone();
+            // A full scan in trace mode is not frozen (it may take long);
+            // its point is fuzzy and the next, frozen one is consistent.
+            let full = self
+                .tracking
+                .as_deref()
+                .is_some_and(|t| (0..vols.len()).any(|i| t.needs_rescan(i).is_some()));
+            let mode = if full {
+                crate::ConsistencyMode::None
+            } else {
+                self.cfg.consistency.clone()
+            };
+            // The point's time: before anything is read (or frozen), so that
+            // it holds every write that completed before it.
+            let created_ms = now_ms();
             let mut snapshot = tokio::task::spawn_blocking(move || prepare(&mode, &sources))
                 .await
                 .map_err(|e| AgentError::Protocol(format!("snapshot task failed: {e}")))??;
-            let created_ms = now_ms();
+            let frozen_at = std::time::Instant::now();
+            let plans: Option<Vec<Plan>> = match self.tracking.as_deref_mut() {
+                Some(t) => {
+                    // After the freeze: every write that completed before it
+                    // is in the dirty sets.
+                    if let Err(e) = t.collect() {
+                        snapshot.release_freeze();
+                        return Err(e);
+                    }
+                    let plans = t.plan();
+                    let initial = plans
+                        .iter()
+                        .any(|p| matches!(p, Plan::Full(r) if *r == crate::trace::INITIAL_SYNC));
+                    self.status.state = match (initial, full) {
+                        (true, _) => "initial-sync".into(),
+                        (false, true) => "rescan".into(),
+                        (false, false) => self.live_state(),
+                    };
+                    self.refresh_status();
+                    let _ = self.status.save(&self.cfg.state_dir);
+                    Some(plans)
+                }
+                None => None,
+            };
+            let nothing = plans.as_ref().is_some_and(|p| {
+                p.iter()
+                    .all(|p| matches!(p, Plan::Blocks(b) if b.is_empty()))
+            });
+            if nothing && !self.cfg.once {
+                // Nothing was written: no point. Wait for the next tick.
+                snapshot.release_freeze();
+                drop(snapshot);
+                if let Some(t) = self.tracking.as_deref_mut() {
+                    t.unplan();
+                }
+                tag -= 1;
+                self.wait_next(&mut link, &mut pending, &mut durable, &vols)
+                    .await?;
+                continue;
+            }
             let consistency = snapshot.consistency;
             let mut report = PointReport {
                 point: 0,
@@ -319,6 +435,12 @@ impl Replicator<'_> {
                     (v.name.clone(), v.size, v.block_size, self.cfg.zstd_level);
                 let rt = tokio::runtime::Handle::current();
                 let progress = self.cfg.progress.clone();
+                // The snapshot reads the device itself (no clone of a device).
+                let direct = v.is_device && path == v.path;
+                let only: Option<Vec<u64>> = match plans.as_ref().and_then(|p| p.get(i)) {
+                    Some(Plan::Blocks(b)) => Some(b.clone()),
+                    Some(Plan::Full(_)) | None => None,
+                };
                 let (base, result) = tokio::task::spawn_blocking(move || {
                     let job = ScanJob {
                         vol_idx: i as u16,
@@ -328,6 +450,8 @@ impl Replicator<'_> {
                         block_size: bs,
                         base: &base,
                         tag,
+                        only: only.as_deref(),
+                        direct,
                     };
                     let sink = Sink {
                         tx: &tx,
@@ -347,6 +471,9 @@ impl Replicator<'_> {
                     Err(AgentError::Stopped) if self.shutdown.is_cancelled() => {
                         // Abandon this cycle; finish the points already sent.
                         drop(snapshot);
+                        if let Some(t) = self.tracking.as_deref_mut() {
+                            t.unplan();
+                        }
                         self.drain(&mut link, &mut pending, &mut durable, &vols, 0)
                             .await?;
                         link.close().await;
@@ -359,8 +486,12 @@ impl Replicator<'_> {
                 report.bytes_read += result.bytes_read;
                 changes.push(result.changed);
             }
+            let was_frozen = snapshot.is_frozen();
             snapshot.release_freeze();
             drop(snapshot);
+            if let (true, Some(t)) = (was_frozen, self.tracking.as_deref_mut()) {
+                t.note_freeze(frozen_at.elapsed());
+            }
             link.send(&Frame::EndPoint {
                 tag,
                 blocks: report.blocks_sent,
@@ -399,16 +530,80 @@ impl Replicator<'_> {
                 link.close().await;
                 return Ok(());
             }
-            // Wait for the next cycle, taking acks as they come.
-            let sleep = tokio::time::sleep(self.cfg.interval);
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    () = &mut sleep => break,
-                    () = self.shutdown.cancelled() => break,
-                    f = link.recv() => self.on_frame(f?, &mut pending, &mut durable, &vols)?,
+            self.wait_next(&mut link, &mut pending, &mut durable, &vols)
+                .await?;
+        }
+    }
+
+    /// Wait for the next cycle, taking acks as they come. With live
+    /// tracking, bring in trace events every 100 ms (so the trace buffer
+    /// never fills between points), start early when much is dirty, and keep
+    /// the status's lag and state current.
+    async fn wait_next(
+        &mut self,
+        link: &mut Link,
+        pending: &mut VecDeque<Pending>,
+        durable: &mut [Vec<BlockHash>],
+        vols: &[Volume],
+    ) -> Result<(), AgentError> {
+        let sleep = tokio::time::sleep(self.cfg.interval);
+        tokio::pin!(sleep);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_status = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                () = self.shutdown.cancelled() => break,
+                f = link.recv() => self.on_frame(f?, pending, durable, vols)?,
+                _ = tick.tick(), if self.tracking.is_some() => {
+                    let Some(t) = self.tracking.as_deref_mut() else { continue };
+                    t.collect()?;
+                    if t.unsent_bytes() >= self.cfg.early_point_bytes
+                        || (0..vols.len()).any(|i| t.needs_rescan(i).is_some())
+                    {
+                        break;
+                    }
+                    if last_status.elapsed() >= Duration::from_secs(1) {
+                        last_status = std::time::Instant::now();
+                        self.status.state = self.live_state();
+                        self.refresh_status();
+                        let _ = self.status.save(&self.cfg.state_dir);
+                    }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The DRS-like state while tracking: `stalled` when points wait for
+    /// their ack much longer than they should, `backlog` when the oldest
+    /// write not yet durable is far older than the interval, else
+    /// `continuous`.
+    fn live_state(&self) -> String {
+        let Some(t) = self.tracking.as_deref() else {
+            return "continuous".into();
+        };
+        let patience = (self.cfg.interval * 10).max(Duration::from_secs(10));
+        if self.status.pending_points > 0 && self.last_durable.elapsed() > patience * 6 {
+            "stalled".into()
+        } else if Duration::from_millis(t.lag_ms().max(0) as u64) > patience {
+            "backlog".into()
+        } else {
+            "continuous".into()
+        }
+    }
+
+    /// Copy tracking's lag, backlog and counters into the status.
+    fn refresh_status(&mut self) {
+        if let Some(t) = self.tracking.as_deref() {
+            let lag = t.lag_ms() as f64 / 1000.0;
+            self.status.lag_seconds = Some(lag);
+            self.status.backlog_bytes = Some(t.backlog_bytes());
+            self.status.collected_ms = Some(t.collected_ms);
+            self.status.tracking = Some(t.stats.clone());
+            metrics::gauge!("pilotlight_agent_lag_seconds").set(lag);
+            metrics::gauge!("pilotlight_agent_backlog_bytes").set(t.backlog_bytes() as f64);
         }
     }
 
@@ -446,6 +641,10 @@ impl Replicator<'_> {
                 "Durable for tag {tag}, which is not the oldest pending point"
             )));
         };
+        if let Some(t) = self.tracking.as_deref_mut() {
+            t.durable();
+        }
+        self.last_durable = std::time::Instant::now();
         for (table, ch) in durable.iter_mut().zip(&p.changes) {
             for &(i, h) in ch {
                 if let Some(slot) = table.get_mut(i as usize) {
@@ -484,9 +683,12 @@ impl Replicator<'_> {
             bytes = report.payload_bytes,
             "point durable"
         );
-        self.status.state = "continuous".into();
+        self.status.pending_points = pending.len();
+        self.status.state = self.live_state();
+        self.refresh_status();
         self.status.last_point = Some(point);
         self.status.last_point_time = Some(ms_rfc3339(p.created_ms));
+        self.status.last_point_ms = Some(p.created_ms);
         self.status.last_point_lag_seconds = Some((now_ms() - p.created_ms).max(0) as f64 / 1000.0);
         self.status.pending_points = pending.len();
         self.status.last_error = None;

@@ -42,6 +42,57 @@ pub struct ScanJob<'a> {
     pub base: &'a [BlockHash],
     /// The point's tag.
     pub tag: u64,
+    /// Read only these blocks (ascending), not the whole volume.
+    pub only: Option<&'a [u64]>,
+    /// Read with O_DIRECT (block devices): the device's page cache is not
+    /// kept in step with a filesystem mounted on it, nor with direct writes
+    /// in flight, so a buffered read could return data older than a write
+    /// that already completed.
+    pub direct: bool,
+}
+
+/// Alignment of O_DIRECT buffers (covers 512 and 4096-byte sectors).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A zeroed buffer of `len` bytes aligned for O_DIRECT, carved out of a
+/// slightly larger allocation.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        Self { raw, start, len }
+    }
+
+    fn get_mut(&mut self, n: usize) -> Option<&mut [u8]> {
+        let end = self.start.checked_add(n.min(self.len))?;
+        self.raw.get_mut(self.start..end)
+    }
+}
+
+/// Work units: runs of consecutive blocks, at most `per_chunk` long.
+fn work_units(blocks: u64, per_chunk: u64, only: Option<&[u64]>) -> Vec<(u64, u64)> {
+    match only {
+        None => (0..blocks.div_ceil(per_chunk))
+            .map(|c| (c * per_chunk, per_chunk.min(blocks - c * per_chunk)))
+            .collect(),
+        Some(list) => {
+            let mut units: Vec<(u64, u64)> = Vec::new();
+            for &i in list.iter().filter(|&&i| i < blocks) {
+                match units.last_mut() {
+                    Some((first, n)) if *first + *n == i && *n < per_chunk => *n += 1,
+                    Some((first, n)) if i < *first + *n => {}
+                    _ => units.push((i, 1)),
+                }
+            }
+            units
+        }
+    }
 }
 
 /// What a scan found and sent.
@@ -81,7 +132,16 @@ pub fn scan(
         path: job.path.to_owned(),
         source: e,
     };
-    let file = File::open(job.path).map_err(src_err)?;
+    let file = if job.direct {
+        use std::os::unix::fs::OpenOptionsExt;
+        File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(job.path)
+    } else {
+        File::open(job.path)
+    }
+    .map_err(src_err)?;
     let blocks = block_count(job.size, job.block_size);
     if job.base.len() as u64 != blocks {
         return Err(AgentError::Protocol(format!(
@@ -90,7 +150,7 @@ pub fn scan(
         )));
     }
     let per_chunk = (CHUNK_BYTES / u64::from(job.block_size)).max(1);
-    let chunks = blocks.div_ceil(per_chunk);
+    let units = work_units(blocks, per_chunk, job.only);
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<AgentError>> = Mutex::new(None);
@@ -101,7 +161,7 @@ pub fn scan(
                 s.spawn(|| {
                     let mut out = ScanResult::default();
                     let r = worker(
-                        job, sink, &file, &next, chunks, per_chunk, full_zero, level, &failed,
+                        job, sink, &file, &next, &units, per_chunk, full_zero, level, &failed,
                         &mut out,
                     );
                     if let Err(e) = r {
@@ -137,7 +197,7 @@ fn worker(
     sink: &Sink<'_>,
     file: &File,
     next: &AtomicU64,
-    chunks: u64,
+    units: &[(u64, u64)],
     per_chunk: u64,
     full_zero: BlockHash,
     level: i32,
@@ -151,20 +211,20 @@ fn worker(
     };
     let mut encoder = Encoder::new(level).map_err(src_err)?;
     let bs = u64::from(job.block_size);
-    let mut buf = vec![0u8; (per_chunk * bs) as usize];
+    let mut buf = AlignedBuf::new((per_chunk * bs) as usize);
     loop {
         if failed.load(Ordering::Relaxed) || sink.stop.is_cancelled() {
             return Err(AgentError::Stopped);
         }
-        let chunk = next.fetch_add(1, Ordering::Relaxed);
-        if chunk >= chunks {
+        let unit = next.fetch_add(1, Ordering::Relaxed);
+        let Some(&(first, count)) = usize::try_from(unit).ok().and_then(|u| units.get(u)) else {
             return Ok(());
-        }
-        let first = chunk * per_chunk;
+        };
         let offset = first * bs;
-        let len = (job.size - offset).min(per_chunk * bs) as usize;
+        let len = (job.size - offset).min(count * bs) as usize;
         let data = buf
-            .get_mut(..len)
+            .get_mut(len)
+            .filter(|d| d.len() == len)
             .ok_or_else(|| AgentError::Protocol("chunk larger than its buffer".into()))?;
         file.read_exact_at(data, offset).map_err(src_err)?;
         out.bytes_read += len as u64;

@@ -14,7 +14,8 @@ pub const STATUS_FILE: &str = "status.json";
 /// The agent's last reported status.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
-    /// `initial-sync`, `continuous`, `disconnected` or `stopped`.
+    /// `initial-sync`, `continuous`, `backlog`, `rescan`, `stalled`,
+    /// `disconnected` or `stopped`.
     pub state: String,
     /// Receiver address.
     pub receiver: String,
@@ -22,10 +23,27 @@ pub struct Status {
     pub last_point: Option<u64>,
     /// When the last durable point was taken (RFC 3339).
     pub last_point_time: Option<String>,
+    /// The same, in milliseconds since the epoch.
+    #[serde(default)]
+    pub last_point_ms: Option<i64>,
     /// Seconds between taking the last durable point and its ack.
     pub last_point_lag_seconds: Option<f64>,
     /// Points sent and not yet durable.
     pub pending_points: usize,
+    /// Live tracking: age in seconds of the oldest write not yet durable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    /// Live tracking: bytes of blocks written and not yet durable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_bytes: Option<u64>,
+    /// Live tracking: when (ms since the epoch) the agent last brought in
+    /// trace events; every write completed before then is durable or counted
+    /// in `backlog_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collected_ms: Option<i64>,
+    /// Live tracking: rescans and freeze durations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::trace::TrackStats>,
     /// Last error, if the agent is retrying.
     pub last_error: Option<String>,
     /// Volumes: name, size, block size.

@@ -413,6 +413,15 @@ impl SmallFs {
     }
 }
 
+impl SmallFs {
+    /// The loop device the filesystem is on.
+    pub fn device(&self) -> &Path {
+        self.dev
+            .as_ref()
+            .map_or(Path::new(""), |d| d.path.as_path())
+    }
+}
+
 impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();

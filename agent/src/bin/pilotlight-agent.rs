@@ -34,6 +34,7 @@ enum LogFormat {
 #[serde(rename_all = "lowercase")]
 enum TrackArg {
     Scan,
+    Trace,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, Deserialize)]
@@ -63,13 +64,18 @@ struct RunArgs {
     /// A volume to replicate, NAME=PATH (image file or block device). Repeatable.
     #[arg(long = "volume")]
     volumes: Vec<VolumeSpec>,
-    /// How changed blocks are found [default: scan].
+    /// How changed blocks are found: scan reads every block each cycle; trace
+    /// reads only blocks the kernel's block tracepoints saw written (block
+    /// devices, root) [default: scan].
     #[arg(long, value_enum)]
     track: Option<TrackArg>,
+    /// Trace buffer per CPU in KiB for --track trace [default: 8192].
+    #[arg(long)]
+    trace_buffer_kb: Option<u32>,
     /// sync: wait for each point to be durable; async: pipeline points [default: sync].
     #[arg(long, value_enum)]
     commit: Option<CommitArg>,
-    /// Time between points, e.g. 30s, 5m [default: 60s].
+    /// Time between points, e.g. 30s, 5m [default: 60s; 1s with --track trace].
     #[arg(long, value_parser = humantime::parse_duration)]
     interval: Option<Duration>,
     /// Make one durable point, print its id and exit.
@@ -102,6 +108,7 @@ struct FileConfig {
     #[serde(default)]
     volumes: BTreeMap<String, PathBuf>,
     track: Option<TrackArg>,
+    trace_buffer_kb: Option<u32>,
     commit: Option<CommitArg>,
     interval: Option<String>,
     once: Option<bool>,
@@ -198,8 +205,16 @@ fn config(a: RunArgs, f: FileConfig) -> anyhow::Result<(AgentConfig, Option<Stri
         return Err(need("volume"));
     }
     let mut cfg = AgentConfig::new(receiver, identity, state, volumes);
-    if let Some(TrackArg::Scan) = a.track.or(f.track) {
-        cfg.track = Track::Scan;
+    cfg.track = match a.track.or(f.track) {
+        Some(TrackArg::Trace) => {
+            cfg.interval = Duration::from_secs(1);
+            Track::Trace
+        }
+        Some(TrackArg::Scan) | None => Track::Scan,
+    };
+    if let Some(kb) = a.trace_buffer_kb.or(f.trace_buffer_kb) {
+        anyhow::ensure!(kb > 0, "--trace-buffer-kb must be at least 1");
+        cfg.trace_buffer_kb = kb;
     }
     if let Some(c) = a.commit.or(f.commit) {
         cfg.commit = match c {
@@ -295,6 +310,25 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
                     st.last_point_time.as_deref().unwrap_or("-")
                 );
                 println!("pending:      {}", st.pending_points);
+                if let Some(lag) = st.lag_seconds {
+                    println!("lag:          {lag:.1} s (oldest write not yet durable)");
+                }
+                if let Some(b) = st.backlog_bytes {
+                    println!("backlog:      {b} bytes");
+                }
+                if let Some(t) = &st.tracking {
+                    println!(
+                        "rescans:      {}{}",
+                        t.rescans,
+                        t.last_rescan_reason
+                            .as_deref()
+                            .map(|r| format!(" (last: {r})"))
+                            .unwrap_or_default()
+                    );
+                    if let (Some(last), Some(max)) = (t.last_freeze_ms, t.max_freeze_ms) {
+                        println!("freeze:       last {last:.1} ms, longest {max:.1} ms");
+                    }
+                }
                 if let Some(e) = &st.last_error {
                     println!("last error:   {e}");
                 }

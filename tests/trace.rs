@@ -1,0 +1,581 @@
+//! Live tracking with block tracepoints (`--track trace`) on real loop
+//! devices: fio on ext4 with freeze consistency, lost events forcing a
+//! rescan, and restarts with and without writes in between. Every point
+//! checked is restored and compared (byte for byte, or by e2fsck and fio's
+//! own verify). Skipped, with the reason printed, where loop devices or
+//! tracefs are not available.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pilotlight::{
+    assert_same_bytes, bin, run_bin, spawn_receiver, ChildGuard, LoopDevice, SmallFs,
+};
+use pilotlight_agent::status::Status;
+
+const MIB: u64 = 1 << 20;
+
+/// Why live tracking cannot be tested here, if it cannot.
+fn unavailable() -> Option<String> {
+    if !pilotlight::is_root() {
+        return Some("not running as root".into());
+    }
+    let inst = Path::new("/sys/kernel/tracing/instances");
+    if !inst.is_dir() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status();
+    }
+    if !inst.is_dir() {
+        return Some("tracefs is not available".into());
+    }
+    if !Path::new("/sys/kernel/tracing/events/block/block_rq_complete").is_dir() {
+        return Some("the kernel has no block_rq_complete tracepoint".into());
+    }
+    None
+}
+
+macro_rules! require_tracing {
+    () => {
+        if let Some(why) = unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+struct Agent {
+    child: ChildGuard,
+    state: PathBuf,
+}
+
+impl Agent {
+    fn start(addr: &str, id: &Path, state: &Path, dev: &Path, extra: &[&str]) -> Self {
+        let log = std::fs::File::create(state.with_extension("log")).unwrap();
+        let child = Command::new(bin("pilotlight-agent"))
+            .args(["run", "--receiver", addr, "--identity"])
+            .arg(id)
+            .arg("--state")
+            .arg(state)
+            .arg("--volume")
+            .arg(format!("root={}", dev.display()))
+            .args(["--track", "trace", "--block-size", "4096"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self {
+            child: ChildGuard(child),
+            state: state.to_owned(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    fn status(&self) -> Option<Status> {
+        Status::load(&self.state).ok()
+    }
+
+    /// Wait until `cond` holds for the status; panics with the last status
+    /// and the agent's log after `secs`.
+    async fn wait(&mut self, secs: u64, what: &str, cond: impl Fn(&Status) -> bool) -> Status {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.status().filter(|s| cond(s)) {
+                return st;
+            }
+            if let Some(code) = self.child.0.try_wait().unwrap() {
+                panic!(
+                    "agent exited ({code}) while waiting for {what}; log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; status: {:?}\nlog:\n{}",
+                self.status(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Wait until every write completed before `since` (ms) is durable;
+    /// returns the point that holds them.
+    async fn caught_up(&mut self, since: i64) -> u64 {
+        let st = self
+            .wait(60, "the agent to catch up", |s| {
+                s.collected_ms.is_some_and(|c| c > since)
+                    && s.backlog_bytes == Some(0)
+                    && s.pending_points == 0
+                    && s.last_point.is_some()
+            })
+            .await;
+        st.last_point.unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    async fn stop(mut self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(code) = self.child.0.try_wait().unwrap() {
+                assert!(
+                    code.success(),
+                    "agent exited with {code}; log:\n{}",
+                    self.log()
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let pid = self.pid();
+        let left: Vec<String> = std::fs::read_dir("/sys/kernel/tracing/instances")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("pilotlight-{pid}-")))
+            .collect();
+        assert!(left.is_empty(), "tracing instance left behind: {left:?}");
+    }
+}
+
+fn enroll(dir: &Path, server: &str) -> PathBuf {
+    let out = dir.parent().unwrap().join(format!("{server}.pem"));
+    let o = run_bin(
+        "pilotlight-receiver",
+        &[
+            "enroll",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--server",
+            server,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success());
+    out
+}
+
+fn receiver(root: &Path) -> (PathBuf, ChildGuard, String) {
+    let dir = root.join("receiver");
+    let o = run_bin(
+        "pilotlight-receiver",
+        &[
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(o.status.success());
+    let (child, addr) = spawn_receiver(&dir);
+    (dir, child, addr.to_string())
+}
+
+fn restore(dir: &Path, server: &str, point: u64, to: &Path) {
+    let o = run_bin(
+        "pilotlight-receiver",
+        &[
+            "restore",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--server",
+            server,
+            "--volume",
+            "root",
+            "--point",
+            &point.to_string(),
+            "--to",
+            to.to_str().unwrap(),
+            "--force",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "restore of point {point}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn point_consistency(dir: &Path, point: u64) -> String {
+    let o = run_bin(
+        "pilotlight-receiver",
+        &["points", "--dir", dir.to_str().unwrap(), "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"].as_u64() == Some(point))
+        .map(|p| p["consistency"].as_str().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no point {point}"))
+}
+
+/// Compare a restored image with the device, reading the device afresh
+/// (its page cache dropped first).
+fn assert_device_equals(restored: &Path, dev: &Path, len: u64) {
+    let ok = Command::new("blockdev")
+        .arg("--flushbufs")
+        .arg(dev)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert_same_bytes(restored, dev, len);
+}
+
+/// Write `count` random 4 KiB blocks at random offsets of `dev` (O_DIRECT,
+/// through the block layer like any writer).
+fn random_writes(dev: &Path, count: u32, seed: u64) {
+    let size = std::fs::File::open(dev)
+        .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+        .unwrap();
+    let o = Command::new("fio")
+        .args([
+            "--name=burst",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=16",
+            &format!("--number_ios={count}"),
+            &format!("--size={size}"),
+            &format!("--randseed={seed}"),
+            "--randrepeat=0",
+            "--norandommap",
+            "--output-format=terse",
+        ])
+        .arg(format!("--filename={}", dev.display()))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// fio with verify headers on ext4 while the agent replicates in trace mode
+/// with freeze consistency: a point taken mid-run restores to a filesystem
+/// e2fsck accepts, and the final point's files pass fio's verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fio_on_ext4_points_are_consistent() {
+    require_tracing!();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let src_root = root.join("src");
+    std::fs::create_dir_all(&src_root).unwrap();
+    let fs = match SmallFs::create_with(&src_root, 256 * MIB, &["mkfs.ext4", "-q", "-F"]) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let target_img = root.join("target.img");
+    std::fs::File::create(&target_img)
+        .unwrap()
+        .set_len(256 * MIB)
+        .unwrap();
+    let target = LoopDevice::attach(&target_img).unwrap();
+    let (dir, _rcv, addr) = receiver(root);
+    let id = enroll(&dir, "fs1");
+    let freeze = format!("freeze:{}", fs.mount.display());
+    let mut agent = Agent::start(
+        &addr,
+        &id,
+        &root.join("state"),
+        fs.device(),
+        &["--consistency", &freeze, "--interval", "1s"],
+    );
+    agent
+        .wait(60, "the initial sync", |s| s.last_point.is_some())
+        .await;
+
+    let fio_args = |dir: &Path| -> Vec<String> {
+        vec![
+            "--name=pl".into(),
+            format!("--directory={}", dir.display()),
+            "--rw=randwrite".into(),
+            "--bs=4k".into(),
+            "--size=32M".into(),
+            "--nrfiles=4".into(),
+            "--ioengine=psync".into(),
+            "--verify=crc32c".into(),
+            "--rate=6m".into(),
+            "--fsync=64".into(),
+            "--output-format=terse".into(),
+        ]
+    };
+    let fio_start = now_ms();
+    let mut fio = ChildGuard(
+        Command::new("fio")
+            .args(fio_args(&fs.mount))
+            .arg("--do_verify=0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // A consistent point taken while fio writes.
+    let mid = agent
+        .wait(60, "a point while fio writes", |s| {
+            s.last_point_ms.is_some_and(|t| t > fio_start + 1500)
+        })
+        .await;
+    assert!(
+        fio.0.try_wait().unwrap().is_none(),
+        "fio finished before a point was taken mid-run"
+    );
+    let mid_point = mid.last_point.unwrap();
+    let fio_status = fio.0.wait().unwrap();
+    assert!(fio_status.success(), "fio failed");
+    let fio_end = now_ms();
+    let last = agent.caught_up(fio_end).await;
+    let st = agent.status().unwrap();
+    let tracking = st.tracking.clone().unwrap();
+    eprintln!(
+        "freeze: last {:?} ms, longest {:?} ms; rescans {}",
+        tracking.last_freeze_ms, tracking.max_freeze_ms, tracking.rescans
+    );
+    assert!(tracking.max_freeze_ms.is_some(), "no freeze was reported");
+    agent.stop().await;
+
+    assert_eq!(point_consistency(&dir, mid_point), "crash-consistent");
+    assert_eq!(point_consistency(&dir, last), "crash-consistent");
+    let check = |point: u64, verify: bool| {
+        restore(&dir, "fs1", point, &target.path);
+        let fsck = Command::new("e2fsck")
+            .arg("-fy")
+            .arg(&target.path)
+            .output()
+            .unwrap();
+        let code = fsck.status.code().unwrap_or(-1);
+        assert!(
+            code == 0 || code == 1,
+            "e2fsck of point {point} exited {code}: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let mnt = root.join(format!("check-{point}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let ok = Command::new("mount")
+            .arg(&target.path)
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "point {point} does not mount");
+        let verified = if verify {
+            let o = Command::new("fio")
+                .args(fio_args(&mnt))
+                .arg("--verify_only")
+                .output()
+                .unwrap();
+            Some(o)
+        } else {
+            None
+        };
+        let _ = Command::new("umount").arg(&mnt).status();
+        if let Some(o) = verified {
+            assert!(
+                o.status.success(),
+                "fio verify of point {point}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    };
+    check(mid_point, false);
+    check(last, true);
+}
+
+/// A tiny trace buffer and a burst of writes lose events; the agent says
+/// `rescan`, scans in full, and its next point equals the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_force_a_rescan() {
+    require_tracing!();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let img = root.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let dev = LoopDevice::attach(&img).unwrap();
+    let (dir, _rcv, addr) = receiver(root);
+    let id = enroll(&dir, "burst");
+    let mut agent = Agent::start(
+        &addr,
+        &id,
+        &root.join("state"),
+        &dev.path,
+        &["--trace-buffer-kb", "4", "--interval", "1s"],
+    );
+    let first = agent
+        .wait(60, "the initial sync", |s| {
+            s.last_point.is_some() && s.state == "continuous"
+        })
+        .await;
+    let rescans = first.tracking.unwrap().rescans;
+
+    // The burst runs in the background while the status is watched every
+    // few milliseconds: it says `rescan` while a full scan runs, and the
+    // counters keep the reason.
+    let burst_dev = dev.path.clone();
+    let burst = std::thread::spawn(move || random_writes(&burst_dev, 20_000, 1));
+    let mut states = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = agent.status() {
+            states.insert(s.state.clone());
+            let rescanned = s.tracking.as_ref().is_some_and(|t| {
+                t.rescans > rescans
+                    && t.last_rescan_reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("lost"))
+            });
+            if rescanned && states.contains("rescan") && burst.is_finished() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rescan seen; states {states:?}, status {:?}\n{}",
+            agent.status(),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    burst.join().unwrap();
+    eprintln!("states seen during the burst: {states:?}");
+    let done = now_ms();
+    let point = agent.caught_up(done).await;
+    let out = root.join("restored.img");
+    restore(&dir, "burst", point, &out);
+    assert_device_equals(&out, &dev.path, 64 * MIB);
+    let log = agent.log();
+    assert!(log.contains("trace events were lost"), "{log}");
+    agent.stop().await;
+}
+
+/// A clean stop saves the dirty set: a restart with the device untouched
+/// needs no rescan, and later writes replicate exactly. Writes while the
+/// agent is stopped make the next start rescan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_rescan_only_when_needed() {
+    require_tracing!();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let img = root.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let dev = LoopDevice::attach(&img).unwrap();
+    let (dir, _rcv, addr) = receiver(root);
+    let id = enroll(&dir, "rs");
+    let state = root.join("state");
+    let out = root.join("restored.img");
+
+    let mut agent = Agent::start(&addr, &id, &state, &dev.path, &[]);
+    agent
+        .wait(60, "the initial sync", |s| s.last_point.is_some())
+        .await;
+    random_writes(&dev.path, 200, 2);
+    let p = agent.caught_up(now_ms()).await;
+    restore(&dir, "rs", p, &out);
+    assert_device_equals(&out, &dev.path, 32 * MIB);
+    agent.stop().await;
+    assert!(state.join(pilotlight_agent::trace::DIRTY_FILE).exists());
+
+    // Untouched in between: no rescan.
+    let started = now_ms();
+    let mut agent = Agent::start(&addr, &id, &state, &dev.path, &[]);
+    agent
+        .wait(60, "tracking to start", |s| {
+            s.collected_ms.is_some_and(|c| c > started)
+        })
+        .await;
+    random_writes(&dev.path, 200, 3);
+    let p = agent.caught_up(now_ms()).await;
+    let st = agent.status().unwrap();
+    assert_eq!(st.tracking.unwrap().rescans, 0, "a clean restart rescanned");
+    restore(&dir, "rs", p, &out);
+    assert_device_equals(&out, &dev.path, 32 * MIB);
+    agent.stop().await;
+
+    // Written while stopped: the start rescans, and the point is exact.
+    random_writes(&dev.path, 50, 4);
+    let mut agent = Agent::start(&addr, &id, &state, &dev.path, &[]);
+    let p = agent.caught_up(now_ms()).await;
+    let t = agent.status().unwrap().tracking.unwrap();
+    assert_eq!(t.rescans, 1);
+    assert!(
+        t.last_rescan_reason
+            .as_deref()
+            .unwrap()
+            .contains("while the agent was stopped"),
+        "{t:?}"
+    );
+    restore(&dir, "rs", p, &out);
+    assert_device_equals(&out, &dev.path, 32 * MIB);
+
+    // kill -9: no saved set, so the next start rescans too.
+    drop(agent);
+    assert!(!state.join(pilotlight_agent::trace::DIRTY_FILE).exists());
+    let mut agent = Agent::start(&addr, &id, &state, &dev.path, &[]);
+    let p = agent.caught_up(now_ms()).await;
+    assert_eq!(agent.status().unwrap().tracking.unwrap().rescans, 1);
+    restore(&dir, "rs", p, &out);
+    assert_device_equals(&out, &dev.path, 32 * MIB);
+    agent.stop().await;
+}
+
+/// `--track trace` on an image file is a configuration error, said once.
+#[test]
+fn trace_needs_a_block_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("f.img");
+    std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
+    let o = run_bin(
+        "pilotlight-agent",
+        &[
+            "run",
+            "--once",
+            "--receiver",
+            "127.0.0.1:1",
+            "--identity",
+            "/nonexistent.pem",
+            "--state",
+            tmp.path().join("st").to_str().unwrap(),
+            "--volume",
+            &format!("root={}", img.display()),
+            "--track",
+            "trace",
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("needs a block device"), "{err}");
+}
