@@ -327,6 +327,8 @@ async fn fio_on_ext4_points_are_consistent() {
             "--verify=crc32c".into(),
             "--rate=6m".into(),
             "--fsync=64".into(),
+            // The data is on the device (and so traced) when fio exits.
+            "--end_fsync=1".into(),
             "--output-format=terse".into(),
         ]
     };
@@ -362,6 +364,9 @@ async fn fio_on_ext4_points_are_consistent() {
         tracking.last_freeze_ms, tracking.max_freeze_ms, tracking.rescans
     );
     assert!(tracking.max_freeze_ms.is_some(), "no freeze was reported");
+    for line in agent.log().lines().filter(|l| l.contains("thawed")) {
+        eprintln!("{line}");
+    }
     agent.stop().await;
 
     assert_eq!(point_consistency(&dir, mid_point), "crash-consistent");

@@ -122,6 +122,16 @@ fn reflink(src: &Path) -> std::io::Result<PathBuf> {
     Ok(dst)
 }
 
+/// Flush a mounted filesystem's dirty data and journal to its device
+/// (syncfs), without freezing it.
+pub fn sync_filesystem(mount: &Path) -> Result<(), AgentError> {
+    let dir = File::open(mount).map_err(|e| {
+        AgentError::Consistency(format!("cannot open mount {}: {e}", mount.display()))
+    })?;
+    nix::unistd::syncfs(&dir)
+        .map_err(|e| AgentError::Consistency(format!("syncfs of {}: {e}", mount.display())))
+}
+
 /// Prepare the sources of one cycle.
 pub fn prepare(
     mode: &ConsistencyMode,

@@ -293,6 +293,19 @@ impl Link {
         }
     }
 
+    /// Wait until the receiver has acknowledged (recorded) every block
+    /// sent so far: the whole window is free again.
+    pub async fn barrier(&self) -> Result<(), AgentError> {
+        let whole = u32::try_from(MAX_IN_FLIGHT_BYTES).unwrap_or(u32::MAX);
+        match self.window.clone().acquire_many_owned(whole).await {
+            Ok(all) => {
+                drop(all);
+                Ok(())
+            }
+            Err(_) => Err(self.take_error()),
+        }
+    }
+
     /// The error that broke the link.
     pub fn take_error(&self) -> AgentError {
         self.first_error

@@ -2,6 +2,7 @@
 //! cycles, advance the durable state on `DURABLE`, reconnect on failure.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,10 @@ use crate::status::{ms_rfc3339, Status, StatusVolume};
 use crate::trace::{Plan, TrackedVolume, Tracking};
 use crate::{identity, volume, AgentConfig, AgentError, Track};
 
+/// Dirty bytes from which a frozen point first sends them unfrozen.
+const PRECOPY_MIN_BYTES: u64 = 1 << 20;
+/// Most unfrozen rounds before the freeze.
+const PRECOPY_ROUNDS: usize = 3;
 /// First reconnect delay in continuous mode.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Longest reconnect delay.
@@ -362,10 +367,91 @@ impl Replicator<'_> {
             // The point's time: before anything is read (or frozen), so that
             // it holds every write that completed before it.
             let created_ms = now_ms();
+            let mut report = PointReport {
+                point: 0,
+                consistency: Consistency::Fuzzy,
+                blocks_sent: 0,
+                payload_bytes: 0,
+                wire_bytes: 0,
+                bytes_read: 0,
+            };
+            let mut changes = vec![Vec::new(); vols.len()];
+            // With a freeze, most of the dirty blocks are sent first, not
+            // frozen; the freeze then covers only what was written meanwhile.
+            // With a freeze, the dirty blocks are first sent unfrozen, in up
+            // to PRECOPY_ROUNDS rounds (each after a syncfs, so that the
+            // page cache's writes reach the device and the tracer): the
+            // freeze then covers only what was written during the last one.
+            let freeze_mount = match &self.cfg.consistency {
+                crate::ConsistencyMode::Freeze(m) if !full && self.tracking.is_some() => {
+                    Some(m.clone())
+                }
+                _ => None,
+            };
+            let mut precopied = false;
+            for round in 0..PRECOPY_ROUNDS {
+                let Some(mount) = freeze_mount.clone() else {
+                    break;
+                };
+                tokio::task::spawn_blocking(move || crate::consistency::sync_filesystem(&mount))
+                    .await
+                    .map_err(|e| AgentError::Protocol(format!("syncfs task failed: {e}")))??;
+                let Some(t) = self.tracking.as_deref_mut() else {
+                    break;
+                };
+                t.collect()?;
+                let min = if round == 0 {
+                    PRECOPY_MIN_BYTES
+                } else {
+                    PRECOPY_MIN_BYTES / 4
+                };
+                if t.unsent_bytes() < min {
+                    break;
+                }
+                let pre = if precopied { t.plan_more() } else { t.plan() };
+                if precopied {
+                    // A block may be sent again by this round (see below).
+                    link.barrier().await?;
+                }
+                precopied = true;
+                let live: Vec<PathBuf> = vols.iter().map(|v| v.path.clone()).collect();
+                let sent = self
+                    .send_volumes(
+                        &mut link,
+                        &vols,
+                        &mut view,
+                        &live,
+                        Some(&pre),
+                        tag,
+                        workers,
+                        &mut report,
+                        &mut changes,
+                    )
+                    .await?;
+                if !sent {
+                    if let Some(t) = self.tracking.as_deref_mut() {
+                        t.unplan();
+                    }
+                    self.drain(&mut link, &mut pending, &mut durable, &vols, 0)
+                        .await?;
+                    link.close().await;
+                    return Ok(());
+                }
+            }
+            if precopied {
+                // Every block sent so far is recorded by the receiver before
+                // any block of the frozen delta is sent: where a point
+                // carries a block twice, the receiver keeps the one recorded
+                // last, and that must be the one read last.
+                link.barrier().await?;
+            }
+            // A freeze counts from the FIFREEZE call: writers block while it
+            // flushes, too.
+            let frozen_at = std::time::Instant::now();
             let mut snapshot = tokio::task::spawn_blocking(move || prepare(&mode, &sources))
                 .await
                 .map_err(|e| AgentError::Protocol(format!("snapshot task failed: {e}")))??;
-            let frozen_at = std::time::Instant::now();
+            let freeze_call = frozen_at.elapsed();
             let plans: Option<Vec<Plan>> = match self.tracking.as_deref_mut() {
                 Some(t) => {
                     // After the freeze: every write that completed before it
@@ -374,7 +460,7 @@ impl Replicator<'_> {
                         snapshot.release_freeze();
                         return Err(e);
                     }
-                    let plans = t.plan();
+                    let plans = if precopied { t.plan_more() } else { t.plan() };
                     let initial = plans
                         .iter()
                         .any(|p| matches!(p, Plan::Full(r) if *r == crate::trace::INITIAL_SYNC));
@@ -389,10 +475,11 @@ impl Replicator<'_> {
                 }
                 None => None,
             };
-            let nothing = plans.as_ref().is_some_and(|p| {
-                p.iter()
-                    .all(|p| matches!(p, Plan::Blocks(b) if b.is_empty()))
-            });
+            let nothing = !precopied
+                && plans.as_ref().is_some_and(|p| {
+                    p.iter()
+                        .all(|p| matches!(p, Plan::Blocks(b) if b.is_empty()))
+                });
             if nothing && !self.cfg.once {
                 // Nothing was written: no point. Wait for the next tick.
                 snapshot.release_freeze();
@@ -406,91 +493,54 @@ impl Replicator<'_> {
                 continue;
             }
             let consistency = snapshot.consistency;
-            let mut report = PointReport {
-                point: 0,
-                consistency,
-                blocks_sent: 0,
-                payload_bytes: 0,
-                wire_bytes: 0,
-                bytes_read: 0,
-            };
-            let mut changes = Vec::with_capacity(vols.len());
-            for (i, v) in vols.iter().enumerate() {
-                let (size, _) = volume::probe(&v.name, &v.path)?;
-                if size != v.size {
-                    return Err(AgentError::Resized(v.name.clone()));
-                }
-                let path = snapshot
-                    .paths
-                    .get(i)
-                    .cloned()
-                    .unwrap_or_else(|| v.path.clone());
-                let base = std::mem::take(&mut view[i]);
-                let (tx, window, stop) = (
-                    link.data_tx.clone(),
-                    link.window.clone(),
-                    self.shutdown.clone(),
-                );
-                let (name, vsize, bs, level) =
-                    (v.name.clone(), v.size, v.block_size, self.cfg.zstd_level);
-                let rt = tokio::runtime::Handle::current();
-                let progress = self.cfg.progress.clone();
-                // The snapshot reads the device itself (no clone of a device).
-                let direct = v.is_device && path == v.path;
-                let only: Option<Vec<u64>> = match plans.as_ref().and_then(|p| p.get(i)) {
-                    Some(Plan::Blocks(b)) => Some(b.clone()),
-                    Some(Plan::Full(_)) | None => None,
-                };
-                let (base, result) = tokio::task::spawn_blocking(move || {
-                    let job = ScanJob {
-                        vol_idx: i as u16,
-                        name: &name,
-                        path: &path,
-                        size: vsize,
-                        block_size: bs,
-                        base: &base,
-                        tag,
-                        only: only.as_deref(),
-                        direct,
-                    };
-                    let sink = Sink {
-                        tx: &tx,
-                        window: &window,
-                        rt: &rt,
-                        stop: &stop,
-                        progress: progress.as_deref(),
-                    };
-                    let r = scan(&job, &sink, workers, level);
-                    (base, r)
+            report.consistency = consistency;
+            let paths: Vec<PathBuf> = (0..vols.len())
+                .map(|i| {
+                    snapshot
+                        .paths
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| vols[i].path.clone())
                 })
-                .await
-                .map_err(|e| AgentError::Protocol(format!("scan task failed: {e}")))?;
-                view[i] = base;
-                let result = match result {
-                    Err(AgentError::Net(_)) => return Err(link.take_error()),
-                    Err(AgentError::Stopped) if self.shutdown.is_cancelled() => {
-                        // Abandon this cycle; finish the points already sent.
-                        drop(snapshot);
-                        if let Some(t) = self.tracking.as_deref_mut() {
-                            t.unplan();
-                        }
-                        self.drain(&mut link, &mut pending, &mut durable, &vols, 0)
-                            .await?;
-                        link.close().await;
-                        return Ok(());
-                    }
-                    r => r?,
-                };
-                report.blocks_sent += result.changed.len() as u64;
-                report.payload_bytes += result.payload_bytes;
-                report.bytes_read += result.bytes_read;
-                changes.push(result.changed);
+                .collect();
+            let sent = self
+                .send_volumes(
+                    &mut link,
+                    &vols,
+                    &mut view,
+                    &paths,
+                    plans.as_deref(),
+                    tag,
+                    workers,
+                    &mut report,
+                    &mut changes,
+                )
+                .await?;
+            if !sent {
+                // Stopped: abandon this cycle; finish the points already sent.
+                drop(snapshot);
+                if let Some(t) = self.tracking.as_deref_mut() {
+                    t.unplan();
+                }
+                self.drain(&mut link, &mut pending, &mut durable, &vols, 0)
+                    .await?;
+                link.close().await;
+                return Ok(());
             }
             let was_frozen = snapshot.is_frozen();
             snapshot.release_freeze();
             drop(snapshot);
             if let (true, Some(t)) = (was_frozen, self.tracking.as_deref_mut()) {
-                t.note_freeze(frozen_at.elapsed());
+                let frozen = frozen_at.elapsed();
+                t.note_freeze(frozen);
+                tracing::info!(
+                    tag,
+                    frozen_ms = frozen.as_secs_f64() * 1000.0,
+                    fifreeze_ms = freeze_call.as_secs_f64() * 1000.0,
+                    precopied,
+                    blocks = report.blocks_sent,
+                    "filesystem thawed"
+                );
             }
             link.send(&Frame::EndPoint {
                 tag,
@@ -500,13 +550,6 @@ impl Replicator<'_> {
                 commit: self.cfg.commit,
             })
             .await?;
-            for (table, ch) in view.iter_mut().zip(&changes) {
-                for &(i, h) in ch {
-                    if let Some(slot) = table.get_mut(i as usize) {
-                        *slot = h;
-                    }
-                }
-            }
             let wire_now = wire.load(Ordering::Relaxed);
             report.wire_bytes = wire_now - wire_before;
             metrics::counter!("pilotlight_agent_wire_bytes_sent_total")
@@ -533,6 +576,96 @@ impl Replicator<'_> {
             self.wait_next(&mut link, &mut pending, &mut durable, &vols)
                 .await?;
         }
+    }
+
+    /// Read, hash and send what `plans` says of every volume (all of each
+    /// without plans) for point `tag`, comparing with `view` and updating
+    /// it with what changed. Returns false if stopped.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_volumes(
+        &mut self,
+        link: &mut Link,
+        vols: &[Volume],
+        view: &mut [Vec<BlockHash>],
+        paths: &[PathBuf],
+        plans: Option<&[Plan]>,
+        tag: u64,
+        workers: usize,
+        report: &mut PointReport,
+        changes: &mut [Vec<(u64, BlockHash)>],
+    ) -> Result<bool, AgentError> {
+        for (i, v) in vols.iter().enumerate() {
+            let (size, _) = volume::probe(&v.name, &v.path)?;
+            if size != v.size {
+                return Err(AgentError::Resized(v.name.clone()));
+            }
+            let path = paths.get(i).cloned().unwrap_or_else(|| v.path.clone());
+            let only: Option<Vec<u64>> = match plans.and_then(|p| p.get(i)) {
+                Some(Plan::Blocks(b)) if b.is_empty() => continue,
+                Some(Plan::Blocks(b)) => Some(b.clone()),
+                Some(Plan::Full(_)) | None => None,
+            };
+            let Some(slot) = view.get_mut(i) else {
+                continue;
+            };
+            let base = std::mem::take(slot);
+            let (tx, window, stop) = (
+                link.data_tx.clone(),
+                link.window.clone(),
+                self.shutdown.clone(),
+            );
+            let (name, vsize, bs, level) =
+                (v.name.clone(), v.size, v.block_size, self.cfg.zstd_level);
+            let rt = tokio::runtime::Handle::current();
+            let progress = self.cfg.progress.clone();
+            // A device is read directly (a snapshot never clones one).
+            let direct = v.is_device && path == v.path;
+            let (base, result) = tokio::task::spawn_blocking(move || {
+                let job = ScanJob {
+                    vol_idx: i as u16,
+                    name: &name,
+                    path: &path,
+                    size: vsize,
+                    block_size: bs,
+                    base: &base,
+                    tag,
+                    only: only.as_deref(),
+                    direct,
+                };
+                let sink = Sink {
+                    tx: &tx,
+                    window: &window,
+                    rt: &rt,
+                    stop: &stop,
+                    progress: progress.as_deref(),
+                };
+                let r = scan(&job, &sink, workers, level);
+                (base, r)
+            })
+            .await
+            .map_err(|e| AgentError::Protocol(format!("scan task failed: {e}")))?;
+            let Some(slot) = view.get_mut(i) else {
+                continue;
+            };
+            *slot = base;
+            let result = match result {
+                Err(AgentError::Net(_)) => return Err(link.take_error()),
+                Err(AgentError::Stopped) if self.shutdown.is_cancelled() => return Ok(false),
+                r => r?,
+            };
+            for &(index, h) in &result.changed {
+                if let Some(s) = slot.get_mut(index as usize) {
+                    *s = h;
+                }
+            }
+            report.blocks_sent += result.changed.len() as u64;
+            report.payload_bytes += result.payload_bytes;
+            report.bytes_read += result.bytes_read;
+            if let Some(c) = changes.get_mut(i) {
+                c.extend(result.changed);
+            }
+        }
+        Ok(true)
     }
 
     /// Wait for the next cycle, taking acks as they come. With live

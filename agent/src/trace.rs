@@ -239,6 +239,11 @@ impl Tracer {
         // From here on, dropping `guard` removes the instance.
         let guard = InstanceGuard(dir.clone());
         write_file(&dir.join("buffer_size_kb"), &buffer_kb.max(1).to_string())?;
+        // One clock for all CPUs, so that the pipe orders a write that
+        // completed on one CPU before a marker written later on another.
+        if let Err(e) = write_file(&dir.join("trace_clock"), "mono") {
+            tracing::warn!(cause = %e, "cannot use the mono trace clock; events are ordered by per-CPU clocks");
+        }
         let mut devs: Vec<u32> = targets.iter().map(|t| t.device.dev).collect();
         devs.sort_unstable();
         devs.dedup();
@@ -392,6 +397,7 @@ impl Tracer {
             start += nl + 1;
             match parse_line(&line) {
                 Line::Write { dev, sector, nr } => {
+                    tracing::trace!(dev, sector, nr, "write completed");
                     for (i, t) in self.targets.iter().enumerate() {
                         if t.device.dev != dev {
                             continue;
@@ -559,6 +565,22 @@ struct InFlight {
     first: Option<i64>,
 }
 
+impl InFlight {
+    /// Add what a plan took of volume `i`.
+    fn add(&mut self, i: usize, set: RoaringTreemap, full: bool) {
+        match (self.sets.get_mut(i), self.full.get_mut(i)) {
+            (Some(s), Some(f)) => {
+                *s |= set;
+                *f |= full;
+            }
+            _ => {
+                self.sets.push(set);
+                self.full.push(full);
+            }
+        }
+    }
+}
+
 fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.min(y)),
@@ -719,8 +741,23 @@ impl Tracking {
     /// [`collect`](Self::collect)). What is taken stays accounted as in
     /// flight until [`durable`](Self::durable).
     pub fn plan(&mut self) -> Vec<Plan> {
-        let mut plans = Vec::with_capacity(self.vols.len());
         let mut point = InFlight::default();
+        let plans = self.plan_into(&mut point);
+        self.inflight.push_back(point);
+        plans
+    }
+
+    /// Like [`plan`](Self::plan), for the same point as the last plan (the
+    /// final, frozen delta after a pre-copy).
+    pub fn plan_more(&mut self) -> Vec<Plan> {
+        let mut point = self.inflight.pop_back().unwrap_or_default();
+        let plans = self.plan_into(&mut point);
+        self.inflight.push_back(point);
+        plans
+    }
+
+    fn plan_into(&mut self, point: &mut InFlight) -> Vec<Plan> {
+        let mut plans = Vec::with_capacity(self.vols.len());
         for i in 0..self.vols.len() {
             let set = self
                 .unsent
@@ -736,18 +773,15 @@ impl Tracking {
                     self.stats.last_rescan_reason = Some(reason.to_owned());
                     tracing::info!(volume = %self.vols.get(i).map_or("", |v| v.name.as_str()), reason, "full rescan");
                     plans.push(Plan::Full(reason));
-                    point.sets.push(RoaringTreemap::new());
-                    point.full.push(true);
+                    point.add(i, RoaringTreemap::new(), true);
                 }
                 None => {
                     plans.push(Plan::Blocks(set.iter().collect()));
-                    point.sets.push(set);
-                    point.full.push(false);
+                    point.add(i, set, false);
                 }
             }
             point.first = min_opt(point.first, first);
         }
-        self.inflight.push_back(point);
         plans
     }
 
