@@ -348,6 +348,15 @@ impl Replicator<'_> {
                 link.close().await;
                 return Ok(());
             }
+            if let (Some(t), false) = (self.tracking.as_deref_mut(), self.cfg.once) {
+                // No point (and no freeze) while nothing worth one is dirty.
+                t.collect()?;
+                if !t.worth_a_point() {
+                    self.wait_next(&mut link, &mut pending, &mut durable, &vols)
+                        .await?;
+                    continue;
+                }
+            }
             tag += 1;
             let sources: Vec<_> = vols
                 .iter()
@@ -533,6 +542,7 @@ impl Replicator<'_> {
             if let (true, Some(t)) = (was_frozen, self.tracking.as_deref_mut()) {
                 let frozen = frozen_at.elapsed();
                 t.note_freeze(frozen);
+                t.note_thaw()?;
                 tracing::info!(
                     tag,
                     frozen_ms = frozen.as_secs_f64() * 1000.0,
@@ -695,6 +705,7 @@ impl Replicator<'_> {
                     if t.unsent_bytes() >= self.cfg.early_point_bytes
                         || (0..vols.len()).any(|i| t.needs_rescan(i).is_some())
                     {
+                        // Early: much is dirty, or changes are unknown.
                         break;
                     }
                     if last_status.elapsed() >= Duration::from_secs(1) {

@@ -305,3 +305,22 @@ pub fn zero_table(size: u64, block_size: u32) -> Vec<BlockHash> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::work_units;
+
+    #[test]
+    fn work_units_cover_exactly_the_blocks_asked_for() {
+        // The whole volume: chunks of 4, the last one short.
+        assert_eq!(work_units(10, 4, None), vec![(0, 4), (4, 4), (8, 2)]);
+        // A list: consecutive runs, split at the chunk size; duplicates and
+        // blocks past the end dropped.
+        let only = [1, 2, 3, 4, 5, 5, 9, 11, 12, 40];
+        assert_eq!(
+            work_units(13, 4, Some(&only)),
+            vec![(1, 4), (5, 1), (9, 1), (11, 2)]
+        );
+        assert!(work_units(13, 4, Some(&[])).is_empty());
+    }
+}

@@ -39,6 +39,9 @@ const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 const EVENTS: [&str; 2] = ["block/block_rq_complete", "block/block_bio_complete"];
 /// How long a marker may take to come back through the pipe.
 const SYNC_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest a point waits when the only dirty blocks are the ones the last
+/// thaw wrote itself.
+pub const ECHO_HOLD: Duration = Duration::from_secs(60);
 /// The rescan reason of a volume the receiver has nothing of.
 pub const INITIAL_SYNC: &str = "initial sync";
 /// File in the state directory holding the dirty set of a clean stop.
@@ -598,6 +601,10 @@ pub struct Tracking {
     rescan: Vec<Option<&'static str>>,
     rescan_since: Vec<Option<i64>>,
     inflight: VecDeque<InFlight>,
+    /// Blocks the last thaw wrote itself (ext4 rewrites its superblock on
+    /// thaw), and when: alone, they do not call for a point.
+    echo: Vec<RoaringTreemap>,
+    echo_at: Option<Instant>,
     /// When the last [`collect`](Self::collect) started: every write that
     /// completed before it is in a point or in the backlog.
     pub collected_ms: i64,
@@ -638,6 +645,8 @@ impl Tracking {
             unsent_first: vec![None; n],
             rescan: vec![Some("tracking started without a saved dirty set (first start, or the agent did not stop cleanly)"); n],
             rescan_since: vec![Some(now_ms()); n],
+            echo: vec![RoaringTreemap::new(); n],
+            echo_at: None,
             inflight: VecDeque::new(),
             collected_ms: 0,
             stats: TrackStats::default(),
@@ -785,6 +794,38 @@ impl Tracking {
         plans
     }
 
+    /// Right after a thaw: what is dirty now was (almost surely) written by
+    /// the thaw itself.
+    pub fn note_thaw(&mut self) -> Result<(), AgentError> {
+        self.collect()?;
+        self.echo.clone_from(&self.unsent);
+        self.echo_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Whether what is dirty calls for a point now: a rescan, or dirty
+    /// blocks other than the last thaw's own writes (those wait at most
+    /// [`ECHO_HOLD`], so that an idle filesystem is not frozen every
+    /// interval only to record its own thaw).
+    pub fn worth_a_point(&self) -> bool {
+        if self.rescan.iter().any(Option::is_some) {
+            return true;
+        }
+        !self.unsent.iter().all(RoaringTreemap::is_empty) && !self.only_echo()
+    }
+
+    /// Whether the only dirty blocks are the last thaw's own writes, held
+    /// back for less than [`ECHO_HOLD`] so far. Lag and backlog leave them
+    /// out.
+    fn only_echo(&self) -> bool {
+        self.echo_at.is_some_and(|t| t.elapsed() < ECHO_HOLD)
+            && self
+                .unsent
+                .iter()
+                .zip(&self.echo)
+                .all(|(u, e)| u.is_subset(e))
+    }
+
     /// The oldest point in flight became durable.
     pub fn durable(&mut self) {
         self.inflight.pop_front();
@@ -825,11 +866,12 @@ impl Tracking {
     /// Age in milliseconds of the oldest write not yet durable (0 if none);
     /// for a volume whose changes are unknown (rescan), since they are.
     pub fn lag_ms(&self) -> i64 {
+        let echo = self.only_echo();
         let oldest = self
             .inflight
             .iter()
             .filter_map(|p| p.first)
-            .chain(self.unsent_first.iter().filter_map(|f| *f))
+            .chain(self.unsent_first.iter().filter_map(|f| *f).filter(|_| !echo))
             .chain(self.rescan_since.iter().filter_map(|f| *f))
             .min();
         oldest.map_or(0, |o| (now_ms() - o).max(0))
@@ -847,7 +889,11 @@ impl Tracking {
     /// Bytes not yet durable: dirty blocks, and the whole of a volume that
     /// needs (or is in) a full scan.
     pub fn backlog_bytes(&self) -> u64 {
-        let mut total = self.unsent_bytes();
+        let mut total = if self.only_echo() {
+            0
+        } else {
+            self.unsent_bytes()
+        };
         for (i, v) in self.vols.iter().enumerate() {
             if self.needs_rescan(i).is_some() {
                 total += v.size;
