@@ -23,7 +23,7 @@ use crate::{identity, volume, AgentConfig, AgentError, Track};
 /// Dirty bytes from which a frozen point first sends them unfrozen.
 const PRECOPY_MIN_BYTES: u64 = 1 << 20;
 /// Most unfrozen rounds before the freeze.
-const PRECOPY_ROUNDS: usize = 3;
+const PRECOPY_ROUNDS: usize = 5;
 /// First reconnect delay in continuous mode.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Longest reconnect delay.
@@ -828,6 +828,10 @@ impl Replicator<'_> {
             "point durable"
         );
         self.status.pending_points = pending.len();
+        if let Some(t) = self.tracking.as_deref_mut() {
+            // Lag and backlog as of now, not as of the last collection.
+            t.collect()?;
+        }
         self.status.state = self.live_state();
         self.refresh_status();
         self.status.last_point = Some(point);

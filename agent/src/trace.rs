@@ -871,7 +871,12 @@ impl Tracking {
             .inflight
             .iter()
             .filter_map(|p| p.first)
-            .chain(self.unsent_first.iter().filter_map(|f| *f).filter(|_| !echo))
+            .chain(
+                self.unsent_first
+                    .iter()
+                    .filter_map(|f| *f)
+                    .filter(|_| !echo),
+            )
             .chain(self.rescan_since.iter().filter_map(|f| *f))
             .min();
         oldest.map_or(0, |o| (now_ms() - o).max(0))

@@ -217,6 +217,8 @@ pub enum Frame {
     },
     Joined,
     Block(BlockFrame),
+    /// Every block frame of this stream up to `seq` is recorded (acks are
+    /// cumulative; a receiver may ack a run of blocks at once).
     Received {
         seq: u64,
     },
