@@ -584,3 +584,41 @@ fn trace_needs_a_block_device() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("needs a block device"), "{err}");
 }
+
+/// The receiver goes away (kill -9) while the device is written, and comes
+/// back on the same port: the agent says `disconnected` with a growing lag,
+/// reconnects by itself, and its next point equals the device: blocks of
+/// points that never became durable are read again, not forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_going_through_a_receiver_outage() {
+    require_tracing!();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let img = root.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let dev = LoopDevice::attach(&img).unwrap();
+    let (dir, rcv, addr) = receiver(root);
+    let id = enroll(&dir, "out");
+    let mut agent = Agent::start(&addr, &id, &root.join("state"), &dev.path, &[]);
+    agent
+        .wait(60, "the initial sync", |s| s.last_point.is_some())
+        .await;
+    random_writes(&dev.path, 300, 5);
+    drop(rcv);
+    random_writes(&dev.path, 300, 6);
+    agent
+        .wait(60, "the agent to notice", |s| {
+            s.state == "disconnected" && s.lag_seconds.is_some_and(|l| l > 0.0)
+        })
+        .await;
+    random_writes(&dev.path, 300, 7);
+    let (_rcv, _) = pilotlight::spawn_receiver_on(&dir, &addr);
+    let p = agent.caught_up(now_ms()).await;
+    let out = root.join("restored.img");
+    restore(&dir, "out", p, &out);
+    assert_device_equals(&out, &dev.path, 32 * MIB);
+    agent.stop().await;
+}

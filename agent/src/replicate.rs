@@ -166,9 +166,28 @@ async fn replicate(
                     rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1),
                 );
                 tracing::warn!(cause = %e, retry_in = ?(backoff + jitter), "replication interrupted; reconnecting");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff + jitter) => {}
-                    () = shutdown.cancelled() => return Ok(reports),
+                // While waiting, live tracking keeps reading the trace
+                // buffer (so that it does not overrun) and the status keeps
+                // showing the lag growing.
+                let until = tokio::time::Instant::now() + backoff + jitter;
+                let mut last_status = std::time::Instant::now();
+                loop {
+                    let step = Duration::from_millis(100);
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + step)) => {}
+                        () = shutdown.cancelled() => return Ok(reports),
+                    }
+                    if let Some(t) = tracking.as_deref_mut() {
+                        t.collect()?;
+                        if last_status.elapsed() >= Duration::from_secs(1) {
+                            last_status = std::time::Instant::now();
+                            tracking_status(t, &mut status);
+                            let _ = status.save(&cfg.state_dir);
+                        }
+                    }
+                    if tokio::time::Instant::now() >= until {
+                        break;
+                    }
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
@@ -741,13 +760,7 @@ impl Replicator<'_> {
     /// Copy tracking's lag, backlog and counters into the status.
     fn refresh_status(&mut self) {
         if let Some(t) = self.tracking.as_deref() {
-            let lag = t.lag_ms() as f64 / 1000.0;
-            self.status.lag_seconds = Some(lag);
-            self.status.backlog_bytes = Some(t.backlog_bytes());
-            self.status.collected_ms = Some(t.collected_ms);
-            self.status.tracking = Some(t.stats.clone());
-            metrics::gauge!("pilotlight_agent_lag_seconds").set(lag);
-            metrics::gauge!("pilotlight_agent_backlog_bytes").set(t.backlog_bytes() as f64);
+            tracking_status(t, self.status);
         }
     }
 
@@ -847,6 +860,17 @@ impl Replicator<'_> {
         }
         Ok(())
     }
+}
+
+/// Copy tracking's lag, backlog and counters into `status` and the metrics.
+fn tracking_status(t: &Tracking, status: &mut Status) {
+    let lag = t.lag_ms() as f64 / 1000.0;
+    status.lag_seconds = Some(lag);
+    status.backlog_bytes = Some(t.backlog_bytes());
+    status.collected_ms = Some(t.collected_ms);
+    status.tracking = Some(t.stats.clone());
+    metrics::gauge!("pilotlight_agent_lag_seconds").set(lag);
+    metrics::gauge!("pilotlight_agent_backlog_bytes").set(t.backlog_bytes() as f64);
 }
 
 fn now_ms() -> i64 {
