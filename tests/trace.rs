@@ -321,7 +321,7 @@ async fn fio_on_ext4_points_are_consistent() {
             format!("--directory={}", dir.display()),
             "--rw=randwrite".into(),
             "--bs=4k".into(),
-            "--size=32M".into(),
+            "--size=48M".into(),
             "--nrfiles=4".into(),
             "--ioengine=psync".into(),
             "--verify=crc32c".into(),
