@@ -516,6 +516,15 @@ fn write_file(path: &Path, text: &str) -> Result<(), AgentError> {
         .map_err(|e| trace_err(format!("writing {text:?} to {}: {e}", path.display())))
 }
 
+/// Run blocking tracefs I/O (a marker round trip through the pipe) without
+/// holding up an async worker thread that also drives the TLS streams.
+fn off_async<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Milliseconds since the epoch.
 pub fn now_ms() -> i64 {
     i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
@@ -723,7 +732,8 @@ impl Tracking {
     /// Bring in the events recorded so far.
     pub fn collect(&mut self) -> Result<(), AgentError> {
         let started = now_ms();
-        if self.tracer.sync()? {
+        let tracer = &mut self.tracer;
+        if off_async(|| tracer.sync())? {
             tracing::warn!("trace events were lost (buffer overrun); rescanning every volume");
             for i in 0..self.vols.len() {
                 self.flag_rescan(
