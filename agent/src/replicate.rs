@@ -773,9 +773,26 @@ impl Replicator<'_> {
         vols: &[Volume],
         keep: usize,
     ) -> Result<(), AgentError> {
+        // With live tracking, the trace buffer is read while the acks are
+        // awaited too, and the status says `stalled` if they take too long.
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_status = std::time::Instant::now();
         while pending.len() > keep {
-            let f = link.recv().await?;
-            self.on_frame(f, pending, durable, vols)?;
+            tokio::select! {
+                f = link.recv() => self.on_frame(f?, pending, durable, vols)?,
+                _ = tick.tick(), if self.tracking.is_some() => {
+                    if let Some(t) = self.tracking.as_deref_mut() {
+                        t.collect()?;
+                    }
+                    if last_status.elapsed() >= Duration::from_secs(1) {
+                        last_status = std::time::Instant::now();
+                        self.status.state = self.live_state();
+                        self.refresh_status();
+                        let _ = self.status.save(&self.cfg.state_dir);
+                    }
+                }
+            }
         }
         Ok(())
     }
