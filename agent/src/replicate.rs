@@ -404,8 +404,6 @@ impl Replicator<'_> {
                 bytes_read: 0,
             };
             let mut changes = vec![Vec::new(); vols.len()];
-            // With a freeze, most of the dirty blocks are sent first, not
-            // frozen; the freeze then covers only what was written meanwhile.
             // With a freeze, the dirty blocks are first sent unfrozen, in up
             // to PRECOPY_ROUNDS rounds (each after a syncfs, so that the
             // page cache's writes reach the device and the tracer): the
@@ -498,7 +496,11 @@ impl Replicator<'_> {
                         (false, false) => self.live_state(),
                     };
                     self.refresh_status();
-                    let _ = self.status.save(&self.cfg.state_dir);
+                    // Never write a file while a filesystem is frozen: the
+                    // state directory may be on it.
+                    if !snapshot.is_frozen() {
+                        let _ = self.status.save(&self.cfg.state_dir);
+                    }
                     Some(plans)
                 }
                 None => None,
@@ -562,6 +564,7 @@ impl Replicator<'_> {
                 let frozen = frozen_at.elapsed();
                 t.note_freeze(frozen);
                 t.note_thaw()?;
+                let _ = self.status.save(&self.cfg.state_dir);
                 tracing::info!(
                     tag,
                     frozen_ms = frozen.as_secs_f64() * 1000.0,
