@@ -622,3 +622,82 @@ async fn keeps_going_through_a_receiver_outage() {
     assert_device_equals(&out, &dev.path, 32 * MIB);
     agent.stop().await;
 }
+
+/// The agent's state directory on the very filesystem it freezes: nothing
+/// is written there while it is frozen (that would wait for the thaw
+/// forever), and points keep coming, each holding the writes made before it.
+/// (The agent's own state writes keep that volume from ever being idle.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_on_the_frozen_filesystem() {
+    require_tracing!();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let src_root = root.join("src");
+    std::fs::create_dir_all(&src_root).unwrap();
+    let fs = match SmallFs::create_with(&src_root, 64 * MIB, &["mkfs.ext4", "-q", "-F"]) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let (dir, _rcv, addr) = receiver(root);
+    let id = enroll(&dir, "self");
+    let freeze = format!("freeze:{}", fs.mount.display());
+    let mut agent = Agent::start(
+        &addr,
+        &id,
+        &fs.mount.join("agent-state"),
+        fs.device(),
+        &["--consistency", &freeze],
+    );
+    // Whatever happens, the filesystem is not left frozen (dropped before the
+    // agent, which could not exit while blocked on it).
+    struct Thaw(PathBuf);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(&self.0)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let _thaw = Thaw(fs.mount.clone());
+    agent
+        .wait(60, "the initial sync", |s| s.last_point.is_some())
+        .await;
+    let first = agent.status().unwrap().last_point.unwrap();
+    for i in 0..3u8 {
+        // Written from a thread: a filesystem left frozen would block it.
+        let path = fs.mount.join(format!("f{i}"));
+        let writer = std::thread::spawn(move || {
+            std::fs::write(&path, vec![i; 1 << 20]).unwrap();
+            std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !writer.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "a write to the filesystem hangs: it was left frozen\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        writer.join().unwrap();
+        let done = now_ms();
+        agent
+            .wait(60, "a point after the write", |s| {
+                s.last_point_ms.is_some_and(|t| t > done)
+            })
+            .await;
+    }
+    let st = agent.status().unwrap();
+    assert!(st.last_point.unwrap() > first);
+    assert_eq!(
+        point_consistency(&dir, st.last_point.unwrap()),
+        "crash-consistent"
+    );
+    assert!(st.tracking.unwrap().max_freeze_ms.is_some());
+    agent.stop().await;
+}
