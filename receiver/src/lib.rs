@@ -1,6 +1,6 @@
 //! pilotlight receiver: the TLS server that agents replicate to, the point
-//! store (content-addressed packs + SQLite catalog), staging volumes, and the
-//! operator commands (init, enroll, revoke, points, restore, verify).
+//! store (content-addressed packs + SQLite catalog, garbage-collected), staging volumes, and the
+//! operator commands (init, enroll, revoke, points, restore, verify, prune, gc).
 //!
 //! The binary `pilotlight-receiver` is a thin CLI over this library; tests
 //! call [`server::run`] and the command functions directly.
