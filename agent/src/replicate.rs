@@ -20,6 +20,8 @@ use crate::status::{ms_rfc3339, Status, StatusVolume};
 use crate::trace::{Plan, TrackedVolume, Tracking};
 use crate::{identity, volume, AgentConfig, AgentError, Track};
 
+/// How often live tracking reads the trace buffer while it waits.
+const COLLECT_EVERY: Duration = Duration::from_millis(100);
 /// Dirty bytes from which a frozen point first sends them unfrozen.
 const PRECOPY_MIN_BYTES: u64 = 1 << 20;
 /// Most unfrozen rounds before the freeze.
@@ -172,9 +174,8 @@ async fn replicate(
                 let until = tokio::time::Instant::now() + backoff + jitter;
                 let mut last_status = std::time::Instant::now();
                 loop {
-                    let step = Duration::from_millis(100);
                     tokio::select! {
-                        () = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + step)) => {}
+                        () = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + COLLECT_EVERY)) => {}
                         () = shutdown.cancelled() => return Ok(reports),
                     }
                     if let Some(t) = tracking.as_deref_mut() {
@@ -713,8 +714,7 @@ impl Replicator<'_> {
     ) -> Result<(), AgentError> {
         let sleep = tokio::time::sleep(self.cfg.interval);
         tokio::pin!(sleep);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = collect_ticker();
         let mut last_status = std::time::Instant::now();
         loop {
             tokio::select! {
@@ -730,12 +730,7 @@ impl Replicator<'_> {
                         // Early: much is dirty, or changes are unknown.
                         break;
                     }
-                    if last_status.elapsed() >= Duration::from_secs(1) {
-                        last_status = std::time::Instant::now();
-                        self.status.state = self.live_state();
-                        self.refresh_status();
-                        let _ = self.status.save(&self.cfg.state_dir);
-                    }
+                    self.status_tick(&mut last_status);
                 }
             }
         }
@@ -760,6 +755,17 @@ impl Replicator<'_> {
         }
     }
 
+    /// At most once a second: the live state, lag and backlog into
+    /// status.json.
+    fn status_tick(&mut self, last: &mut std::time::Instant) {
+        if last.elapsed() >= Duration::from_secs(1) {
+            *last = std::time::Instant::now();
+            self.status.state = self.live_state();
+            self.refresh_status();
+            let _ = self.status.save(&self.cfg.state_dir);
+        }
+    }
+
     /// Copy tracking's lag, backlog and counters into the status.
     fn refresh_status(&mut self) {
         if let Some(t) = self.tracking.as_deref() {
@@ -778,8 +784,7 @@ impl Replicator<'_> {
     ) -> Result<(), AgentError> {
         // With live tracking, the trace buffer is read while the acks are
         // awaited too, and the status says `stalled` if they take too long.
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = collect_ticker();
         let mut last_status = std::time::Instant::now();
         while pending.len() > keep {
             tokio::select! {
@@ -788,12 +793,7 @@ impl Replicator<'_> {
                     if let Some(t) = self.tracking.as_deref_mut() {
                         t.collect()?;
                     }
-                    if last_status.elapsed() >= Duration::from_secs(1) {
-                        last_status = std::time::Instant::now();
-                        self.status.state = self.live_state();
-                        self.refresh_status();
-                        let _ = self.status.save(&self.cfg.state_dir);
-                    }
+                    self.status_tick(&mut last_status);
                 }
             }
         }
@@ -880,6 +880,14 @@ impl Replicator<'_> {
         }
         Ok(())
     }
+}
+
+/// How often live tracking reads the trace buffer between points: often
+/// enough that it does not overrun.
+fn collect_ticker() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(COLLECT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 /// Copy tracking's lag, backlog and counters into `status` and the metrics.
