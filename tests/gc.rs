@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pilotlight::{
-    agent_config, assert_same_bytes, bin, file_len, overwrite_random_4k, replicate_once,
-    sample_image, ChildGuard, TestReceiver,
+    agent_config, assert_same_bytes, bin, file_len, overwrite_random_4k, pack_bytes,
+    replicate_once, restore_point, sample_image, ChildGuard, TestReceiver,
 };
 use pilotlight_receiver::gc::GcOptions;
 use pilotlight_receiver::retention::Policy;
@@ -19,14 +19,6 @@ use pilotlight_receiver::ReceiverConfig;
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;
-
-/// Bytes of all pack files.
-fn pack_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir.join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
-}
 
 /// What the packs hold when nothing in them is dead: one record (48-byte
 /// header + payload) per block some point references, plus a 16-byte header
@@ -59,15 +51,7 @@ fn restore_all(dir: &Path, server: &str, copies: &[(i64, PathBuf)], scratch: &Pa
     let mut n = 0;
     for (point, copy) in copies.iter().filter(|(p, _)| kept.contains(p)) {
         let out = scratch.join(format!("restored-{point}"));
-        let req = pilotlight_receiver::restore::RestoreRequest {
-            server: server.into(),
-            volume: "root".into(),
-            point: pilotlight_receiver::restore::PointSel::Id(*point),
-            to: out.clone(),
-            force: true,
-            progress: false,
-        };
-        pilotlight_receiver::restore::restore(dir, &req).expect("restore");
+        restore_point(dir, server, "root", *point as u64, &out);
         assert_same_bytes(&out, copy, file_len(copy));
         std::fs::remove_file(&out).unwrap();
         n += 1;

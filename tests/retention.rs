@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use pilotlight::{
-    agent_config, assert_same_bytes, file_len, overwrite_random_4k, replicate_once, sample_image,
-    TestReceiver,
+    agent_config, assert_same_bytes, file_len, overwrite_random_4k, pack_bytes, replicate_once,
+    sample_image, TestReceiver,
 };
 use pilotlight_receiver::retention::Policy;
 
@@ -104,13 +104,6 @@ async fn prune_keeps_exactly_the_policy_and_the_rest_restores() {
     rcv.restore("ret", "root", p.point, &out);
     assert_same_bytes(&out, &img, file_len(&img));
     rcv.stop().await;
-}
-
-fn pack_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir.join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
 }
 
 /// Identical blocks across volumes and servers are stored once.

@@ -247,6 +247,37 @@ fn assert_device_equals(restored: &Path, dev: &Path, len: u64) {
     assert_same_bytes(restored, dev, len);
 }
 
+/// A loop device over a zeroed image of some size, and a receiver (the real
+/// binary) with one server enrolled, all under one temporary directory.
+struct RawDisk {
+    dev: LoopDevice,
+    dir: PathBuf,
+    rcv: Option<ChildGuard>,
+    addr: String,
+    id: PathBuf,
+    // Last: removed once the loop device is detached.
+    tmp: tempfile::TempDir,
+}
+
+impl RawDisk {
+    fn new(size: u64, server: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("disk.img");
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        let dev = LoopDevice::attach(&img).unwrap();
+        let (dir, rcv, addr) = receiver(tmp.path());
+        let id = enroll(&dir, server);
+        Self {
+            dev,
+            dir,
+            rcv: Some(rcv),
+            addr,
+            id,
+            tmp,
+        }
+    }
+}
+
 /// Write `count` random 4 KiB blocks at random offsets of `dev` (O_DIRECT,
 /// through the block layer like any writer).
 fn random_writes(dev: &Path, count: u32, seed: u64) {
@@ -420,19 +451,11 @@ async fn fio_on_ext4_points_are_consistent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_events_force_a_rescan() {
     require_tracing!();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let img = root.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 * MIB)
-        .unwrap();
-    let dev = LoopDevice::attach(&img).unwrap();
-    let (dir, _rcv, addr) = receiver(root);
-    let id = enroll(&dir, "burst");
+    let disk = RawDisk::new(64 * MIB, "burst");
+    let (root, dev, dir, addr, id) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr, &disk.id);
     let mut agent = Agent::start(
-        &addr,
-        &id,
+        addr,
+        id,
         &root.join("state"),
         &dev.path,
         &["--trace-buffer-kb", "4", "--interval", "1s"],
@@ -477,7 +500,7 @@ async fn lost_events_force_a_rescan() {
     let done = now_ms();
     let point = agent.caught_up(done).await;
     let out = root.join("restored.img");
-    restore(&dir, "burst", point, &out);
+    restore(dir, "burst", point, &out);
     assert_device_equals(&out, &dev.path, 64 * MIB);
     let log = agent.log();
     assert!(log.contains("trace events were lost"), "{log}");
@@ -490,33 +513,25 @@ async fn lost_events_force_a_rescan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_rescan_only_when_needed() {
     require_tracing!();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let img = root.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(32 * MIB)
-        .unwrap();
-    let dev = LoopDevice::attach(&img).unwrap();
-    let (dir, _rcv, addr) = receiver(root);
-    let id = enroll(&dir, "rs");
+    let disk = RawDisk::new(32 * MIB, "rs");
+    let (root, dev, dir, addr, id) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr, &disk.id);
     let state = root.join("state");
     let out = root.join("restored.img");
 
-    let mut agent = Agent::start(&addr, &id, &state, &dev.path, &[]);
+    let mut agent = Agent::start(addr, id, &state, &dev.path, &[]);
     agent
         .wait(60, "the initial sync", |s| s.last_point.is_some())
         .await;
     random_writes(&dev.path, 200, 2);
     let p = agent.caught_up(now_ms()).await;
-    restore(&dir, "rs", p, &out);
+    restore(dir, "rs", p, &out);
     assert_device_equals(&out, &dev.path, 32 * MIB);
     agent.stop().await;
     assert!(state.join(pilotlight_agent::trace::DIRTY_FILE).exists());
 
     // Untouched in between: no rescan.
     let started = now_ms();
-    let mut agent = Agent::start(&addr, &id, &state, &dev.path, &[]);
+    let mut agent = Agent::start(addr, id, &state, &dev.path, &[]);
     agent
         .wait(60, "tracking to start", |s| {
             s.collected_ms.is_some_and(|c| c > started)
@@ -526,13 +541,13 @@ async fn restarts_rescan_only_when_needed() {
     let p = agent.caught_up(now_ms()).await;
     let st = agent.status().unwrap();
     assert_eq!(st.tracking.unwrap().rescans, 0, "a clean restart rescanned");
-    restore(&dir, "rs", p, &out);
+    restore(dir, "rs", p, &out);
     assert_device_equals(&out, &dev.path, 32 * MIB);
     agent.stop().await;
 
     // Written while stopped: the start rescans, and the point is exact.
     random_writes(&dev.path, 50, 4);
-    let mut agent = Agent::start(&addr, &id, &state, &dev.path, &[]);
+    let mut agent = Agent::start(addr, id, &state, &dev.path, &[]);
     let p = agent.caught_up(now_ms()).await;
     let t = agent.status().unwrap().tracking.unwrap();
     assert_eq!(t.rescans, 1);
@@ -543,16 +558,16 @@ async fn restarts_rescan_only_when_needed() {
             .contains("while the agent was stopped"),
         "{t:?}"
     );
-    restore(&dir, "rs", p, &out);
+    restore(dir, "rs", p, &out);
     assert_device_equals(&out, &dev.path, 32 * MIB);
 
     // kill -9: no saved set, so the next start rescans too.
     drop(agent);
     assert!(!state.join(pilotlight_agent::trace::DIRTY_FILE).exists());
-    let mut agent = Agent::start(&addr, &id, &state, &dev.path, &[]);
+    let mut agent = Agent::start(addr, id, &state, &dev.path, &[]);
     let p = agent.caught_up(now_ms()).await;
     assert_eq!(agent.status().unwrap().tracking.unwrap().rescans, 1);
-    restore(&dir, "rs", p, &out);
+    restore(dir, "rs", p, &out);
     assert_device_equals(&out, &dev.path, 32 * MIB);
     agent.stop().await;
 }
@@ -592,22 +607,14 @@ fn trace_needs_a_block_device() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keeps_going_through_a_receiver_outage() {
     require_tracing!();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let img = root.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(32 * MIB)
-        .unwrap();
-    let dev = LoopDevice::attach(&img).unwrap();
-    let (dir, rcv, addr) = receiver(root);
-    let id = enroll(&dir, "out");
-    let mut agent = Agent::start(&addr, &id, &root.join("state"), &dev.path, &[]);
+    let mut disk = RawDisk::new(32 * MIB, "out");
+    let (root, dev, dir, addr, id) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr, &disk.id);
+    let mut agent = Agent::start(addr, id, &root.join("state"), &dev.path, &[]);
     agent
         .wait(60, "the initial sync", |s| s.last_point.is_some())
         .await;
     random_writes(&dev.path, 300, 5);
-    drop(rcv);
+    drop(disk.rcv.take());
     random_writes(&dev.path, 300, 6);
     agent
         .wait(60, "the agent to notice", |s| {
@@ -615,10 +622,10 @@ async fn keeps_going_through_a_receiver_outage() {
         })
         .await;
     random_writes(&dev.path, 300, 7);
-    let (_rcv, _) = pilotlight::spawn_receiver_on(&dir, &addr);
+    let (_rcv, _) = pilotlight::spawn_receiver_on(dir, addr);
     let p = agent.caught_up(now_ms()).await;
     let out = root.join("restored.img");
-    restore(&dir, "out", p, &out);
+    restore(dir, "out", p, &out);
     assert_device_equals(&out, &dev.path, 32 * MIB);
     agent.stop().await;
 }

@@ -90,16 +90,35 @@ impl TestReceiver {
 
     /// Restore `volume` of `point` of `server` to `to` (replacing it).
     pub fn restore(&self, server: &str, volume: &str, point: u64, to: &Path) {
-        let req = RestoreRequest {
-            server: server.into(),
-            volume: volume.into(),
-            point: PointSel::Id(point as i64),
-            to: to.to_owned(),
-            force: true,
-            progress: false,
-        };
-        pilotlight_receiver::restore::restore(&self.dir, &req).expect("restore");
+        restore_point(&self.dir, server, volume, point, to);
     }
+}
+
+/// Restore `volume` of `point` of `server` from the receiver directory
+/// `dir` to `to` (replacing it).
+pub fn restore_point(dir: &Path, server: &str, volume: &str, point: u64, to: &Path) {
+    let req = RestoreRequest {
+        server: server.into(),
+        volume: volume.into(),
+        point: PointSel::Id(point as i64),
+        to: to.to_owned(),
+        force: true,
+        progress: false,
+    };
+    pilotlight_receiver::restore::restore(dir, &req).expect("restore");
+}
+
+/// Bytes of all pack files of the receiver directory `dir`.
+pub fn pack_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("packs"))
+        .expect("packs directory")
+        .map(|e| {
+            e.expect("pack entry")
+                .metadata()
+                .expect("pack metadata")
+                .len()
+        })
+        .sum()
 }
 
 /// An agent configuration for one server against `addr`, making one point.
