@@ -456,13 +456,9 @@ impl Replicator<'_> {
                     )
                     .await?;
                 if !sent {
-                    if let Some(t) = self.tracking.as_deref_mut() {
-                        t.unplan();
-                    }
-                    self.drain(&mut link, &mut pending, &mut durable, &vols, 0)
-                        .await?;
-                    link.close().await;
-                    return Ok(());
+                    return self
+                        .abandon_cycle(link, &mut pending, &mut durable, &vols)
+                        .await;
                 }
             }
             if precopied {
@@ -548,15 +544,10 @@ impl Replicator<'_> {
                 )
                 .await?;
             if !sent {
-                // Stopped: abandon this cycle; finish the points already sent.
                 drop(snapshot);
-                if let Some(t) = self.tracking.as_deref_mut() {
-                    t.unplan();
-                }
-                self.drain(&mut link, &mut pending, &mut durable, &vols, 0)
-                    .await?;
-                link.close().await;
-                return Ok(());
+                return self
+                    .abandon_cycle(link, &mut pending, &mut durable, &vols)
+                    .await;
             }
             let was_frozen = snapshot.is_frozen();
             snapshot.release_freeze();
@@ -609,6 +600,23 @@ impl Replicator<'_> {
             self.wait_next(&mut link, &mut pending, &mut durable, &vols)
                 .await?;
         }
+    }
+
+    /// Stopped mid-cycle: give this point's dirty blocks back, finish the
+    /// points already sent and close the link.
+    async fn abandon_cycle(
+        &mut self,
+        mut link: Link,
+        pending: &mut VecDeque<Pending>,
+        durable: &mut [Vec<BlockHash>],
+        vols: &[Volume],
+    ) -> Result<(), AgentError> {
+        if let Some(t) = self.tracking.as_deref_mut() {
+            t.unplan();
+        }
+        self.drain(&mut link, pending, durable, vols, 0).await?;
+        link.close().await;
+        Ok(())
     }
 
     /// Read, hash and send what `plans` says of every volume (all of each
