@@ -410,8 +410,28 @@ async fn data_stream(
     }
     .await;
     if let Err(e) = result {
-        fail.fail(e);
+        fail.fail(receiver_reason(&mut rd, e).await);
     }
+}
+
+/// A write that failed because the receiver closed the stream usually has
+/// the receiver's reason right behind it (an `Error` frame sent just before
+/// the close): report that, not the broken pipe.
+async fn receiver_reason(rd: &mut Reader, e: AgentError) -> AgentError {
+    if !matches!(e, AgentError::Net(_)) {
+        return e;
+    }
+    let reason = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match read_frame(rd).await {
+                Ok(Frame::Received { .. }) => continue,
+                Err(remote @ AgentError::Remote { .. }) => return Some(remote),
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    reason.ok().flatten().unwrap_or(e)
 }
 
 fn ack(
