@@ -716,8 +716,23 @@ impl Connection {
                     break if session.ended.load(std::sync::atomic::Ordering::SeqCst) { Ok(()) } else { Err(session.cancel_reason()) };
                 }
                 ack = ack_rx.recv() => match ack {
-                    Some(Ok(seq)) => {
+                    Some(Ok(mut seq)) => {
+                        // Acks are cumulative: one for every block applied
+                        // by now.
+                        let mut failed = None;
+                        while let Ok(more) = ack_rx.try_recv() {
+                            match more {
+                                Ok(s) => seq = s,
+                                Err(e) => {
+                                    failed = Some(e);
+                                    break;
+                                }
+                            }
+                        }
                         if let Err(e) = send(wr, &Frame::Received { seq }).await {
+                            break Err(e);
+                        }
+                        if let Some(e) = failed {
                             break Err(e);
                         }
                     }
