@@ -24,8 +24,13 @@ use crate::{identity, volume, AgentConfig, AgentError, Track};
 const COLLECT_EVERY: Duration = Duration::from_millis(100);
 /// Dirty bytes from which a frozen point first sends them unfrozen.
 const PRECOPY_MIN_BYTES: u64 = 1 << 20;
-/// Most unfrozen rounds before the freeze.
+/// Unfrozen rounds sent back to back before the freeze.
 const PRECOPY_ROUNDS: usize = 5;
+/// Most dirty bytes read while frozen after the back-to-back rounds: with
+/// more, writers outpace the agent, and it sends one more round per
+/// interval (sparing the foreground a long freeze and a busy agent) until
+/// the delta fits or `precopy_patience` has passed.
+const FREEZE_DELTA_MAX: u64 = 16 << 20;
 /// First reconnect delay in continuous mode.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Longest reconnect delay.
@@ -372,7 +377,7 @@ impl Replicator<'_> {
                 // No point (and no freeze) while nothing worth one is dirty.
                 t.collect()?;
                 if !t.worth_a_point() {
-                    self.wait_next(&mut link, &mut pending, &mut durable, &vols)
+                    self.wait_next(&mut link, &mut pending, &mut durable, &vols, true)
                         .await?;
                     continue;
                 }
@@ -416,30 +421,61 @@ impl Replicator<'_> {
                 _ => None,
             };
             let mut precopied = false;
-            for round in 0..PRECOPY_ROUNDS {
+            let precopy_start = std::time::Instant::now();
+            for round in 0.. {
                 let Some(mount) = freeze_mount.clone() else {
                     break;
                 };
+                let round_start = std::time::Instant::now();
                 tokio::task::spawn_blocking(move || crate::consistency::sync_filesystem(&mount))
                     .await
                     .map_err(|e| AgentError::Protocol(format!("syncfs task failed: {e}")))??;
                 let Some(t) = self.tracking.as_deref_mut() else {
                     break;
                 };
+                let synced = round_start.elapsed();
                 t.collect()?;
                 let min = if round == 0 {
                     PRECOPY_MIN_BYTES
                 } else {
                     PRECOPY_MIN_BYTES / 4
                 };
-                if t.unsent_bytes() < min {
+                let mut unsent = t.unsent_bytes();
+                if unsent < min {
                     break;
                 }
+                if round >= PRECOPY_ROUNDS {
+                    if unsent <= FREEZE_DELTA_MAX
+                        || precopy_start.elapsed() >= self.precopy_patience()
+                    {
+                        break;
+                    }
+                    // Writers outpace the rounds: pace them, and report
+                    // the backlog meanwhile.
+                    self.status.state = self.live_state();
+                    self.wait_next(&mut link, &mut pending, &mut durable, &vols, false)
+                        .await?;
+                    if self.shutdown.is_cancelled() {
+                        return self
+                            .abandon_cycle(link, &mut pending, &mut durable, &vols)
+                            .await;
+                    }
+                    let Some(t) = self.tracking.as_deref_mut() else {
+                        break;
+                    };
+                    t.collect()?;
+                    unsent = t.unsent_bytes();
+                }
+                let Some(t) = self.tracking.as_deref_mut() else {
+                    break;
+                };
                 let pre = if precopied { t.plan_more() } else { t.plan() };
+                let barrier_start = std::time::Instant::now();
                 if precopied {
                     // A block may be sent again by this round (see below).
                     link.barrier().await?;
                 }
+                let barrier = barrier_start.elapsed();
                 precopied = true;
                 let live: Vec<PathBuf> = vols.iter().map(|v| v.path.clone()).collect();
                 let sent = self
@@ -460,7 +496,17 @@ impl Replicator<'_> {
                         .abandon_cycle(link, &mut pending, &mut durable, &vols)
                         .await;
                 }
+                tracing::debug!(
+                    tag,
+                    round,
+                    unsent,
+                    syncfs_ms = synced.as_millis() as u64,
+                    barrier_ms = barrier.as_millis() as u64,
+                    round_ms = round_start.elapsed().as_millis() as u64,
+                    "pre-copy round sent"
+                );
             }
+            let barrier_start = std::time::Instant::now();
             if precopied {
                 // Every block sent so far is recorded by the receiver before
                 // any block of the frozen delta is sent: where a point
@@ -468,6 +514,7 @@ impl Replicator<'_> {
                 // last, and that must be the one read last.
                 link.barrier().await?;
             }
+            let barrier = barrier_start.elapsed();
             // A freeze counts from the FIFREEZE call: writers block while it
             // flushes, too.
             let frozen_at = std::time::Instant::now();
@@ -515,7 +562,7 @@ impl Replicator<'_> {
                     t.unplan();
                 }
                 tag -= 1;
-                self.wait_next(&mut link, &mut pending, &mut durable, &vols)
+                self.wait_next(&mut link, &mut pending, &mut durable, &vols, true)
                     .await?;
                 continue;
             }
@@ -561,6 +608,7 @@ impl Replicator<'_> {
                     tag,
                     frozen_ms = frozen.as_secs_f64() * 1000.0,
                     fifreeze_ms = freeze_call.as_secs_f64() * 1000.0,
+                    barrier_ms = barrier.as_secs_f64() * 1000.0,
                     precopied,
                     blocks = report.blocks_sent,
                     "filesystem thawed"
@@ -597,7 +645,7 @@ impl Replicator<'_> {
                 link.close().await;
                 return Ok(());
             }
-            self.wait_next(&mut link, &mut pending, &mut durable, &vols)
+            self.wait_next(&mut link, &mut pending, &mut durable, &vols, true)
                 .await?;
         }
     }
@@ -711,14 +759,15 @@ impl Replicator<'_> {
 
     /// Wait for the next cycle, taking acks as they come. With live
     /// tracking, bring in trace events every 100 ms (so the trace buffer
-    /// never fills between points), start early when much is dirty, and keep
-    /// the status's lag and state current.
+    /// never fills between points), start `early` when much is dirty, and
+    /// keep the status's lag and state current.
     async fn wait_next(
         &mut self,
         link: &mut Link,
         pending: &mut VecDeque<Pending>,
         durable: &mut [Vec<BlockHash>],
         vols: &[Volume],
+        early: bool,
     ) -> Result<(), AgentError> {
         let sleep = tokio::time::sleep(self.cfg.interval);
         tokio::pin!(sleep);
@@ -732,8 +781,8 @@ impl Replicator<'_> {
                 _ = tick.tick(), if self.tracking.is_some() => {
                     let Some(t) = self.tracking.as_deref_mut() else { continue };
                     t.collect()?;
-                    if t.unsent_bytes() >= self.cfg.early_point_bytes
-                        || (0..vols.len()).any(|i| t.needs_rescan(i).is_some())
+                    if early && (t.unsent_bytes() >= self.cfg.early_point_bytes
+                        || (0..vols.len()).any(|i| t.needs_rescan(i).is_some()))
                     {
                         // Early: much is dirty, or changes are unknown.
                         break;
@@ -743,6 +792,12 @@ impl Replicator<'_> {
             }
         }
         Ok(())
+    }
+
+    /// How long pre-copy rounds may chase writers before the freeze is
+    /// taken whatever the delta: bounds the time between points.
+    fn precopy_patience(&self) -> Duration {
+        (self.cfg.interval * 10).max(Duration::from_secs(30))
     }
 
     /// The DRS-like state while tracking: `stalled` when points wait for
