@@ -56,11 +56,23 @@ fn now_ms() -> i64 {
 struct Agent {
     child: ChildGuard,
     state: PathBuf,
+    log: PathBuf,
 }
 
 impl Agent {
     fn start(addr: &str, id: &Path, state: &Path, dev: &Path, extra: &[&str]) -> Self {
-        let log = std::fs::File::create(state.with_extension("log")).unwrap();
+        Self::start_logging_to(addr, id, state, dev, extra, &state.with_extension("log"))
+    }
+
+    fn start_logging_to(
+        addr: &str,
+        id: &Path,
+        state: &Path,
+        dev: &Path,
+        extra: &[&str],
+        log_path: &Path,
+    ) -> Self {
+        let log = std::fs::File::create(log_path).unwrap();
         let child = Command::new(bin("pilotlight-agent"))
             .args(["run", "--receiver", addr, "--identity"])
             .arg(id)
@@ -78,6 +90,7 @@ impl Agent {
         Self {
             child: ChildGuard(child),
             state: state.to_owned(),
+            log: log_path.to_owned(),
         }
     }
 
@@ -128,7 +141,7 @@ impl Agent {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM, and wait for a clean exit.
@@ -632,8 +645,9 @@ async fn keeps_going_through_a_receiver_outage() {
 
 /// The agent's state directory on the very filesystem it freezes: nothing
 /// is written there while it is frozen (that would wait for the thaw
-/// forever), and points keep coming, each holding the writes made before it.
-/// (The agent's own state writes keep that volume from ever being idle.)
+/// forever), points keep coming, each holding the writes made before it,
+/// and once nothing is written the agent makes no more points: its own
+/// status updates go to the runtime directory, not to the volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_on_the_frozen_filesystem() {
     require_tracing!();
@@ -651,12 +665,15 @@ async fn state_on_the_frozen_filesystem() {
     let (dir, _rcv, addr) = receiver(root);
     let id = enroll(&dir, "self");
     let freeze = format!("freeze:{}", fs.mount.display());
-    let mut agent = Agent::start(
+    // The log goes elsewhere: lines appended to a file on the volume at
+    // every point are changes to replicate, and would make the next one.
+    let mut agent = Agent::start_logging_to(
         &addr,
         &id,
         &fs.mount.join("agent-state"),
         fs.device(),
         &["--consistency", &freeze],
+        &root.join("agent.log"),
     );
     // Whatever happens, the filesystem is not left frozen (dropped before the
     // agent, which could not exit while blocked on it).
@@ -706,5 +723,29 @@ async fn state_on_the_frozen_filesystem() {
         "crash-consistent"
     );
     assert!(st.tracking.unwrap().max_freeze_ms.is_some());
+    let link = std::fs::read_link(fs.mount.join("agent-state/status.json")).unwrap();
+    assert!(link.starts_with("/run/pilotlight"), "{}", link.display());
+    // Idle: once the writes' own trailing metadata (the journal commits
+    // within ext4's 5 s) is replicated, the agent brings in 8 s of trace
+    // events (with a status update every second) and makes no point.
+    let settle = now_ms() + 6000;
+    agent
+        .wait(60, "the writes to settle", |s| {
+            s.collected_ms.is_some_and(|c| c > settle) && s.pending_points == 0
+        })
+        .await;
+    let idle = agent.status().unwrap().last_point;
+    let quiet_from = now_ms();
+    agent
+        .wait(60, "8 s of trace events collected", |s| {
+            s.collected_ms.is_some_and(|c| c > quiet_from + 8000)
+        })
+        .await;
+    assert_eq!(
+        agent.status().unwrap().last_point,
+        idle,
+        "points made while nothing was written\n{}",
+        agent.log()
+    );
     agent.stop().await;
 }

@@ -31,6 +31,13 @@ const PRECOPY_ROUNDS: usize = 5;
 /// interval (sparing the foreground a long freeze and a busy agent) until
 /// the delta fits or `precopy_patience` has passed.
 const FREEZE_DELTA_MAX: u64 = 16 << 20;
+/// Least time between two saves of the durable hash tables (`state.bin`)
+/// in continuous mode: a whole table per point would be megabytes written
+/// and fsynced every second, and on a traced volume each save would make
+/// the next point. A session saves its last durable point when it ends,
+/// and a state older than the receiver's last point only means that the
+/// next start fetches the receiver's hashes.
+const STATE_SAVE_EVERY: Duration = Duration::from_secs(60);
 /// First reconnect delay in continuous mode.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Longest reconnect delay.
@@ -84,6 +91,16 @@ pub async fn run(
     };
     if let Some(t) = &tracking {
         tracing::info!(instance = %t.instance().display(), "tracking writes with block tracepoints");
+    }
+    let elsewhere = tracking
+        .as_ref()
+        .is_some_and(|t| t.traces_path(&cfg.state_dir));
+    crate::status::place(&cfg.state_dir, elsewhere)?;
+    if elsewhere {
+        tracing::info!(
+            dir = crate::status::RUNTIME_DIR,
+            "the state directory is on a traced volume: the status is kept in the runtime directory"
+        );
     }
     let tls = identity::client_config(&cfg.identity)?;
     let result = replicate(&cfg, tls, &shutdown, tracking.as_mut()).await;
@@ -142,6 +159,8 @@ async fn replicate(
             store_id: [0; 16],
             tracking: tracking.as_deref_mut(),
             last_durable: std::time::Instant::now(),
+            state_saved: None,
+            unsaved: None,
         };
         let result = r.session(tls.clone()).await;
         let progressed = r.durable_this_session;
@@ -211,6 +230,10 @@ struct Replicator<'a> {
     store_id: [u8; 16],
     tracking: Option<&'a mut Tracking>,
     last_durable: std::time::Instant,
+    /// When `state.bin` was last written in this session.
+    state_saved: Option<std::time::Instant>,
+    /// The state of the last durable point, if not written yet.
+    unsaved: Option<AgentState>,
 }
 
 impl Replicator<'_> {
@@ -303,7 +326,20 @@ impl Replicator<'_> {
         Ok(vols)
     }
 
+    /// One connection's worth of replication; however it ends, the state of
+    /// its last durable point is saved.
     async fn session(&mut self, tls: Arc<rustls::ClientConfig>) -> Result<(), AgentError> {
+        let result = self.connected(tls).await;
+        if let Some(state) = self.unsaved.take() {
+            if let Err(e) = state.save(&self.cfg.state_dir) {
+                tracing::warn!(cause = %e, "cannot save the local state; the next start fetches the receiver's hashes");
+                return result.and(Err(e));
+            }
+        }
+        result
+    }
+
+    async fn connected(&mut self, tls: Arc<rustls::ClientConfig>) -> Result<(), AgentError> {
         let mut vols = self.probe()?;
         let local = AgentState::load(&self.cfg.state_dir)?;
         // Keep the block size a volume was first replicated with.
@@ -906,7 +942,17 @@ impl Replicator<'_> {
                 })
                 .collect(),
         };
-        state.save(&self.cfg.state_dir)?;
+        if self.cfg.once
+            || self
+                .state_saved
+                .is_none_or(|t| t.elapsed() >= STATE_SAVE_EVERY)
+        {
+            state.save(&self.cfg.state_dir)?;
+            self.state_saved = Some(std::time::Instant::now());
+            self.unsaved = None;
+        } else {
+            self.unsaved = Some(state);
+        }
         self.durable_this_session = true;
         let mut report = p.report;
         report.point = point;

@@ -1,7 +1,13 @@
 //! `status.json` in the state directory: what the agent last did, for
 //! `pilotlight-agent status`.
+//!
+//! When the state directory lies on a volume the agent traces, the status
+//! (rewritten every second) lives in [`RUNTIME_DIR`] instead, and
+//! `status.json` in the state directory is a symbolic link to it: written
+//! there, every update would be a change to replicate, and the volume would
+//! never be idle.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +16,43 @@ use crate::AgentError;
 
 /// File name in the state directory.
 pub const STATUS_FILE: &str = "status.json";
+
+/// Where the status of a state directory on a traced volume is written.
+pub const RUNTIME_DIR: &str = "/run/pilotlight";
+
+/// Put the status of `state_dir` in [`RUNTIME_DIR`] (`elsewhere`) or back
+/// in the state directory. Writes to the state directory only when that
+/// changes.
+pub fn place(state_dir: &Path, elsewhere: bool) -> Result<(), AgentError> {
+    let link = state_dir.join(STATUS_FILE);
+    let current = std::fs::read_link(&link).ok();
+    let io = |p: &Path, e| AgentError::State {
+        path: p.to_owned(),
+        source: e,
+    };
+    if !elsewhere {
+        if current.is_some() {
+            std::fs::remove_file(&link).map_err(|e| io(&link, e))?;
+        }
+        return Ok(());
+    }
+    let canonical = std::fs::canonicalize(state_dir).map_err(|e| io(state_dir, e))?;
+    let key = blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex();
+    let dir: PathBuf = Path::new(RUNTIME_DIR).join(&key.as_str()[..16]);
+    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    let target = dir.join(STATUS_FILE);
+    if current.as_deref() == Some(target.as_path()) {
+        return Ok(());
+    }
+    // Carry the last status over, then swap the link in atomically.
+    if let Ok(old) = std::fs::read(&link) {
+        write_atomic(&dir, STATUS_FILE, &old)?;
+    }
+    let tmp = state_dir.join(format!(".{STATUS_FILE}.link"));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&target, &tmp).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, &link).map_err(|e| io(&link, e))
+}
 
 /// The agent's last reported status.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -65,11 +108,18 @@ pub struct StatusVolume {
 
 impl Status {
     /// Write to the state directory.
+    /// (Where `status.json` is a link to the runtime directory: there.)
     pub fn save(&mut self, dir: &Path) -> Result<(), AgentError> {
         self.updated = now_rfc3339();
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| AgentError::Config(format!("status: {e}")))?;
-        write_atomic(dir, STATUS_FILE, &text)
+        match std::fs::read_link(dir.join(STATUS_FILE)) {
+            Ok(target) if target.starts_with(RUNTIME_DIR) => match target.parent() {
+                Some(runtime) => write_atomic(runtime, STATUS_FILE, &text),
+                None => write_atomic(dir, STATUS_FILE, &text),
+            },
+            _ => write_atomic(dir, STATUS_FILE, &text),
+        }
     }
 
     /// Read from the state directory.

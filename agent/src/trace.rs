@@ -78,7 +78,12 @@ impl Device {
                 path.display()
             )));
         }
-        let rdev = meta.rdev();
+        Self::of_dev(meta.rdev())
+    }
+
+    /// The device `major:minor` encoded in `rdev` (a partition resolved to
+    /// its disk and start).
+    fn of_dev(rdev: u64) -> Result<Self, AgentError> {
         let (major, minor) = (
             nix::sys::stat::major(rdev) as u32,
             nix::sys::stat::minor(rdev) as u32,
@@ -696,6 +701,15 @@ impl Tracking {
             }
         }
         Ok(t)
+    }
+
+    /// Whether `path` lies on a filesystem whose disk holds a traced
+    /// volume (then writes there are changes to replicate).
+    pub fn traces_path(&self, path: &Path) -> bool {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return false;
+        };
+        Device::of_dev(meta.dev()).is_ok_and(|d| self.devices.iter().any(|t| t.dev == d.dev))
     }
 
     /// The tracing instance's directory.
