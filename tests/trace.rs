@@ -643,6 +643,67 @@ async fn keeps_going_through_a_receiver_outage() {
     agent.stop().await;
 }
 
+/// The receiver stops answering but keeps its connections (SIGSTOP): once
+/// the point sent has waited `--stall-after` for its ack, the status says
+/// `stalled`; when the receiver resumes, the point becomes durable, the
+/// status says `continuous` again and the point equals the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn says_stalled_while_acks_do_not_come() {
+    require_tracing!();
+    let disk = RawDisk::new(32 * MIB, "stall");
+    let (root, dev, dir, addr, id) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr, &disk.id);
+    let mut agent = Agent::start(
+        addr,
+        id,
+        &root.join("state"),
+        &dev.path,
+        &["--stall-after", "2s"],
+    );
+    let first = agent
+        .wait(60, "the initial sync", |s| {
+            s.last_point.is_some() && s.state == "continuous"
+        })
+        .await
+        .last_point;
+    let rcv = disk.rcv.as_ref().unwrap().0.id().to_string();
+    let signal = |sig: &str, pid: &str| {
+        Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(signal("-STOP", &rcv));
+    // Resumed whatever happens, so that the guard can stop it.
+    struct Resume<F: Fn(&str, &str) -> bool>(String, F);
+    impl<F: Fn(&str, &str) -> bool> Drop for Resume<F> {
+        fn drop(&mut self) {
+            (self.1)("-CONT", &self.0);
+        }
+    }
+    let resume = Resume(rcv, signal);
+    random_writes(&dev.path, 200, 11);
+    let stalled = agent
+        .wait(30, "the status to say stalled", |s| s.state == "stalled")
+        .await;
+    assert!(stalled.pending_points > 0, "{stalled:?}");
+    assert_eq!(
+        stalled.last_point, first,
+        "no point can be durable meanwhile"
+    );
+    drop(resume);
+    let p = agent.caught_up(now_ms()).await;
+    assert!(p > first.unwrap());
+    agent
+        .wait(30, "the status to say continuous again", |s| {
+            s.state == "continuous"
+        })
+        .await;
+    let out = root.join("restored.img");
+    restore(dir, "stall", p, &out);
+    assert_device_equals(&out, &dev.path, 32 * MIB);
+    agent.stop().await;
+}
+
 /// The agent's state directory on the very filesystem it freezes: nothing
 /// is written there while it is frozen (that would wait for the thaw
 /// forever), points keep coming, each holding the writes made before it,

@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub commit: CommitMode,
     /// Time between points in continuous mode.
     pub interval: Duration,
+    /// Live tracking: how long points may wait for their ack before the
+    /// status says `stalled`.
+    pub stall_after: Duration,
     /// Make one point and stop.
     pub once: bool,
     /// How points are made consistent.
@@ -94,6 +97,7 @@ impl AgentConfig {
             track: Track::Scan,
             commit: CommitMode::Sync,
             interval: Duration::from_secs(60),
+            stall_after: Duration::from_secs(60),
             once: false,
             consistency: ConsistencyMode::Auto,
             streams: 2,

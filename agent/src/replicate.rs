@@ -65,6 +65,8 @@ struct Pending {
     changes: Vec<Vec<(u64, BlockHash)>>,
     report: PointReport,
     created_ms: i64,
+    /// When its EndPoint went out.
+    ended: std::time::Instant,
 }
 
 struct Volume {
@@ -158,7 +160,7 @@ async fn replicate(
             durable_this_session: false,
             store_id: [0; 16],
             tracking: tracking.as_deref_mut(),
-            last_durable: std::time::Instant::now(),
+            waiting_since: None,
             state_saved: None,
             unsaved: None,
         };
@@ -229,7 +231,8 @@ struct Replicator<'a> {
     durable_this_session: bool,
     store_id: [u8; 16],
     tracking: Option<&'a mut Tracking>,
-    last_durable: std::time::Instant,
+    /// Since when the oldest pending point has waited for its ack.
+    waiting_since: Option<std::time::Instant>,
     /// When `state.bin` was last written in this session.
     state_saved: Option<std::time::Instant>,
     /// The state of the last durable point, if not written yet.
@@ -668,8 +671,10 @@ impl Replicator<'_> {
                 changes,
                 report,
                 created_ms,
+                ended: std::time::Instant::now(),
             });
             self.status.pending_points = pending.len();
+            self.waiting_since = pending.front().map(|p| p.ended);
             let keep = if self.cfg.once || self.cfg.commit == CommitMode::Sync {
                 0
             } else {
@@ -836,8 +841,8 @@ impl Replicator<'_> {
         (self.cfg.interval * 10).max(Duration::from_secs(30))
     }
 
-    /// The DRS-like state while tracking: `stalled` when points wait for
-    /// their ack much longer than they should, `backlog` when the oldest
+    /// The DRS-like state while tracking: `stalled` when points have waited
+    /// for their ack longer than `stall_after`, `backlog` when the oldest
     /// write not yet durable is far older than the interval, else
     /// `continuous`.
     fn live_state(&self) -> String {
@@ -845,7 +850,10 @@ impl Replicator<'_> {
             return "continuous".into();
         };
         let patience = (self.cfg.interval * 10).max(Duration::from_secs(10));
-        if self.status.pending_points > 0 && self.last_durable.elapsed() > patience * 6 {
+        if self
+            .waiting_since
+            .is_some_and(|t| t.elapsed() > self.cfg.stall_after)
+        {
             "stalled".into()
         } else if Duration::from_millis(t.lag_ms().max(0) as u64) > patience {
             "backlog".into()
@@ -917,10 +925,10 @@ impl Replicator<'_> {
                 "Durable for tag {tag}, which is not the oldest pending point"
             )));
         };
+        self.waiting_since = pending.front().map(|p| p.ended);
         if let Some(t) = self.tracking.as_deref_mut() {
             t.durable();
         }
-        self.last_durable = std::time::Instant::now();
         for (table, ch) in durable.iter_mut().zip(&p.changes) {
             for &(i, h) in ch {
                 if let Some(slot) = table.get_mut(i as usize) {

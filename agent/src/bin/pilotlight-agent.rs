@@ -78,6 +78,10 @@ struct RunArgs {
     /// Time between points, e.g. 30s, 5m [default: 60s; 1s with --track trace].
     #[arg(long, value_parser = humantime::parse_duration)]
     interval: Option<Duration>,
+    /// Live tracking: status says `stalled` once points have waited this
+    /// long for their ack, e.g. 2m [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stall_after: Option<Duration>,
     /// Make one durable point, print its id and exit.
     #[arg(long)]
     once: bool,
@@ -111,6 +115,7 @@ struct FileConfig {
     trace_buffer_kb: Option<u32>,
     commit: Option<CommitArg>,
     interval: Option<String>,
+    stall_after: Option<String>,
     once: Option<bool>,
     consistency: Option<String>,
     streams: Option<u16>,
@@ -227,6 +232,16 @@ fn config(a: RunArgs, f: FileConfig) -> anyhow::Result<(AgentConfig, Option<Stri
     } else if let Some(i) = f.interval {
         cfg.interval = humantime::parse_duration(&i).with_context(|| format!("interval {i:?}"))?;
     }
+    if let Some(s) = a.stall_after {
+        cfg.stall_after = s;
+    } else if let Some(s) = f.stall_after {
+        cfg.stall_after =
+            humantime::parse_duration(&s).with_context(|| format!("stall_after {s:?}"))?;
+    }
+    anyhow::ensure!(
+        !cfg.stall_after.is_zero(),
+        "--stall-after must be longer than 0s"
+    );
     cfg.once = a.once || f.once.unwrap_or(false);
     if let Some(c) = a.consistency {
         cfg.consistency = c;
