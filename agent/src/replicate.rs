@@ -97,12 +97,16 @@ pub async fn run(
     let elsewhere = tracking
         .as_ref()
         .is_some_and(|t| t.traces_path(&cfg.state_dir));
-    crate::status::place(&cfg.state_dir, elsewhere)?;
-    if elsewhere {
-        tracing::info!(
+    match crate::status::place(&cfg.state_dir, elsewhere) {
+        Ok(()) if elsewhere => tracing::info!(
             dir = crate::status::RUNTIME_DIR,
             "the state directory is on a traced volume: the status is kept in the runtime directory"
-        );
+        ),
+        Ok(()) => {}
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot keep the status in the runtime directory; writing it to the state directory, which makes points of its own");
+            crate::status::place(&cfg.state_dir, false)?;
+        }
     }
     let tls = identity::client_config(&cfg.identity)?;
     let result = replicate(&cfg, tls, &shutdown, tracking.as_mut()).await;
