@@ -97,10 +97,30 @@ pub fn zero_hash(len: usize) -> BlockHash {
     BlockHash(*hasher.finalize().as_bytes())
 }
 
+/// A block that zstd shrinks by less than 1/POOR_SHARE of its size is a
+/// poor candidate: it costs the CPU of compressing (and decompressing, twice,
+/// on the receiver) for little bandwidth.
+const POOR_SHARE: usize = 8;
+/// After this many poor blocks in a row, an encoder only tries one block in
+/// `PROBE_EVERY` (sending the others raw) until a tried one compresses well.
+const POOR_STREAK: u32 = 8;
+/// See `POOR_STREAK`.
+const PROBE_EVERY: u32 = 16;
+
 /// A reusable block encoder: one per worker thread.
+///
+/// Incompressible data (media, encrypted or already compressed files) and
+/// data zstd barely shrinks are common, and on small blocks zstd can cost
+/// tens of microseconds a block for a few percent: after a streak of poor
+/// blocks the encoder stops trying, except on a probe every `PROBE_EVERY`
+/// blocks, and starts again as soon as a probe compresses well.
 pub struct Encoder {
     compressor: zstd::bulk::Compressor<'static>,
     out: Vec<u8>,
+    /// Poor blocks in a row.
+    poor: u32,
+    /// Blocks sent raw without trying since the last probe.
+    untried: u32,
 }
 
 impl Encoder {
@@ -109,16 +129,33 @@ impl Encoder {
         Ok(Self {
             compressor: zstd::bulk::Compressor::new(level)?,
             out: Vec::new(),
+            poor: 0,
+            untried: 0,
         })
     }
 
-    /// Encode a non-zero raw block: zstd if that saves space, raw otherwise.
+    /// Encode a non-zero raw block: zstd if that saves space, raw otherwise
+    /// (or without trying, while blocks compress poorly; see [`Encoder`]).
     /// The returned slice borrows this encoder's buffer (or `raw`).
     pub fn encode<'a>(&'a mut self, raw: &'a [u8]) -> (Encoding, &'a [u8]) {
+        if self.poor >= POOR_STREAK {
+            self.untried += 1;
+            if self.untried < PROBE_EVERY {
+                return (Encoding::Raw, raw);
+            }
+            self.untried = 0;
+        }
         let bound = zstd::zstd_safe::compress_bound(raw.len());
         self.out.clear();
         self.out.reserve(bound);
-        match self.compressor.compress_to_buffer(raw, &mut self.out) {
+        let n = self.compressor.compress_to_buffer(raw, &mut self.out);
+        let good = raw.len() - raw.len() / POOR_SHARE;
+        self.poor = match n {
+            Ok(n) if n < good => 0,
+            _ => self.poor.saturating_add(1),
+        };
+        match n {
+            // Poor or not, a block that shrank is sent shrunk.
             Ok(n) if n < raw.len() => (Encoding::Zstd, &self.out[..n]),
             _ => (Encoding::Raw, raw),
         }
@@ -264,6 +301,50 @@ mod tests {
             dec.decode(e, &payload, data.len() as u32, &hash, &mut out)
                 .unwrap();
             assert_eq!(&out, data);
+        }
+    }
+
+    #[test]
+    fn poorly_compressing_blocks_are_probed_not_all_tried() {
+        let mut x = 0x9e37_79b9_u64;
+        let mut random = || -> Vec<u8> {
+            (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        // Shrinks by about 5%: zstd, but poor.
+        let mut nearly_random = random();
+        nearly_random[..200].fill(0);
+        let text: Vec<u8> = b"pilot light ".iter().cycle().take(4096).copied().collect();
+        let mut enc = Encoder::new(1).unwrap();
+        let (e, p) = enc.encode(&nearly_random);
+        assert!(e == Encoding::Zstd && p.len() > 4096 - 4096 / POOR_SHARE);
+        for _ in 1..POOR_STREAK {
+            enc.encode(&random());
+        }
+        // The streak is full: compressible blocks now go raw, but for one
+        // probe in PROBE_EVERY, which turns trying back on.
+        let kinds: Vec<Encoding> = (0..PROBE_EVERY).map(|_| enc.encode(&text).0).collect();
+        let tried = kinds.iter().filter(|&&e| e == Encoding::Zstd).count();
+        assert_eq!(tried, 1, "{kinds:?}");
+        assert_eq!(kinds.last(), Some(&Encoding::Zstd));
+        assert_eq!(enc.encode(&text).0, Encoding::Zstd);
+        // Whatever the encoding, the block decodes to itself.
+        let mut dec = Decoder::new().unwrap();
+        for data in [&text, &random(), &nearly_random] {
+            for _ in 0..PROBE_EVERY {
+                let (e, p) = enc.encode(data);
+                let p = p.to_vec();
+                let mut out = Vec::new();
+                dec.decode(e, &p, 4096, &BlockHash::of(data), &mut out)
+                    .unwrap();
+                assert_eq!(&out, data);
+            }
         }
     }
 
