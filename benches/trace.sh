@@ -7,8 +7,9 @@
 #   2. steady fio random writes at 5 and 20 MB/s for RUNTIME s each with the
 #      agent: its lag (age of the oldest write not yet durable), sampled from
 #      status.json every 100 ms, p50/p99; freeze durations (p50/p99/max);
-#   3. step 1 again with the agent replicating: foreground IOPS ratio
-#      (aim >= 0.97).
+#   3. step 1 again with the agent replicating, then once more without it
+#      (the agent stopped): foreground IOPS ratio to the mean of the two
+#      runs without (aim >= 0.97).
 #
 #   benches/trace.sh [RUNTIME_SECS]    (default 20; needs root, fio)
 #
@@ -19,7 +20,10 @@ RUNTIME=${1:-20}
 cargo build --release --locked --bins -q
 BIN=$PWD/target/release
 WORK=${PILOTLIGHT_BENCH_DIR:-/work/pilotlight-trace-bench}
-rm -rf "$WORK"; mkdir -p "$WORK/mnt"
+# The receiver stands in for a staging host of its own: its store is in
+# memory, off the disk the source volume lives on.
+RCV=${PILOTLIGHT_BENCH_RCV_DIR:-/dev/shm/pilotlight-trace-bench-rcv}
+rm -rf "$WORK" "$RCV"; mkdir -p "$WORK/mnt"
 RPID=""; APID=""; DEV=""
 cleanup() {
     [ -n "$APID" ] && kill "$APID" 2>/dev/null
@@ -28,19 +32,22 @@ cleanup() {
     cp "$WORK/agent.log" /tmp/pilotlight-trace-bench-agent.log 2>/dev/null || true
     umount "$WORK/mnt" 2>/dev/null || true
     [ -n "$DEV" ] && losetup -d "$DEV" 2>/dev/null
-    rm -rf "$WORK"
+    rm -rf "$WORK" "$RCV"
 }
 trap cleanup EXIT
 
 truncate -s 2G "$WORK/src.img"
-DEV=$(losetup -f --show "$WORK/src.img")
+# Direct I/O to the backing file: fio's writes and the agent's reads meet at
+# the disk, as on a real one, and no dirty page cache of the backing file
+# carries over from one run to the next (it made baselines swing 2x).
+DEV=$(losetup -f --show --direct-io=on "$WORK/src.img")
 mkfs.ext4 -q -F -b 4096 "$DEV"
 mount "$DEV" "$WORK/mnt"
-$BIN/pilotlight-receiver init --dir "$WORK/rcv" --listen 127.0.0.1:0 >/dev/null
-$BIN/pilotlight-receiver enroll --dir "$WORK/rcv" --server bench --out "$WORK/bench.pem" >/dev/null
-# The receiver stands in for a staging host of its own: it runs at the lowest
-# CPU priority, so that it takes only cycles the source host would not use.
-RUST_LOG=warn nice -n 19 $BIN/pilotlight-receiver serve --dir "$WORK/rcv" --listen 127.0.0.1:0 --print-addr >"$WORK/addr" &
+$BIN/pilotlight-receiver init --dir "$RCV" --listen 127.0.0.1:0 >/dev/null
+$BIN/pilotlight-receiver enroll --dir "$RCV" --server bench --out "$WORK/bench.pem" >/dev/null
+# ...and it runs at the lowest CPU priority, so that it takes only cycles the
+# source host would not use.
+RUST_LOG=warn nice -n 19 $BIN/pilotlight-receiver serve --dir "$RCV" --listen 127.0.0.1:0 --print-addr >"$WORK/addr" &
 RPID=$!
 for _ in $(seq 100); do [ -s "$WORK/addr" ] && break; sleep 0.1; done
 ADDR=$(cat "$WORK/addr")
@@ -48,6 +55,7 @@ ADDR=$(cat "$WORK/addr")
 fio_job() { # RATE (empty = unthrottled) -> IOPS
     local rate=()
     [ -n "$1" ] && rate=(--rate="$1")
+    sync
     fio --name=steady --directory="$WORK/mnt" --rw=randwrite --bs=4k --size=512M \
         --direct=1 --ioengine=libaio --iodepth=4 --time_based --runtime="$RUNTIME" \
         "${rate[@]}" --output-format=json | python3 -c \
@@ -108,6 +116,11 @@ read -r L20_50 L20_99 N20 < <(measure 20m)
 caught_up
 echo "== fio with the agent"
 IOPS_WITH=$(fio_job "")
+# Baselines drift on a shared machine: bracket the run with the agent by a
+# second run without it, and compare with their mean.
+kill "$APID"; wait "$APID" 2>/dev/null || true; APID=""
+echo "== fio without the agent, again"
+IOPS_WITHOUT2=$(fio_job "")
 
 FREEZE_PY=$(cat <<'EOF'
 import sys
@@ -121,15 +134,16 @@ freeze_stats() { # log lines -> "p50 p99 max count"
 }
 read -r F5_50 F5_99 F5_MAX F5_N < <(sed -n "$((mark0 + 1)),${mark}p" "$WORK/agent.log" | freeze_stats)
 read -r F20_50 F20_99 F20_MAX F20_N < <(tail -n +"$((mark + 1))" "$WORK/agent.log" | freeze_stats)
-RATIO=$(python3 -c "print(f'{$IOPS_WITH / $IOPS_WITHOUT:.3f}')")
+RATIO=$(python3 -c "print(f'{2 * $IOPS_WITH / ($IOPS_WITHOUT + $IOPS_WITHOUT2):.3f}')")
 
 SECTION=$(cat <<EOF
 <!-- trace:begin -->
 ## Live tracking (\`--track trace\`)
 
 Measured by \`benches/trace.sh $RUNTIME\` on $(date -u +%Y-%m-%d): release binaries, ext4 (4 KiB
-blocks) on a 2 GiB loop device, \`--consistency freeze\`, 1 s interval, 4 KiB blocks,
-receiver on 127.0.0.1 (nice 19); fio random 4 KiB O_DIRECT writes (libaio, iodepth 4) to a
+blocks) on a 2 GiB loop device (direct I/O to its backing file on this machine's
+disk), \`--consistency freeze\`, 1 s interval, 4 KiB blocks,
+receiver on 127.0.0.1 (nice 19, its store in /dev/shm); fio random 4 KiB O_DIRECT writes (libaio, iodepth 4) to a
 512 MiB file, ${RUNTIME} s per run. Lag is the agent's \`lag_seconds\` (age of the oldest
 write not yet durable on the receiver) sampled every 100 ms; a freeze counts from the
 FIFREEZE call to the thaw.
@@ -141,9 +155,10 @@ FIFREEZE call to the thaw.
 
 | foreground fio (unthrottled) | IOPS |
 |---|---|
-| without the agent | ${IOPS_WITHOUT} |
+| without the agent (before) | ${IOPS_WITHOUT} |
 | with the agent replicating | ${IOPS_WITH} |
-| ratio | **${RATIO}** (aim ≥ 0.97) |
+| without the agent (after) | ${IOPS_WITHOUT2} |
+| ratio to the mean without | **${RATIO}** (aim ≥ 0.97) |
 
 Everything runs on one 2-core machine here: fio, the loop device's kernel worker, the
 agent (at the priorities of \`deploy/pilotlight-agent.service\`: nice 5, I/O priority

@@ -396,8 +396,14 @@ impl Catalog {
         }
         {
             let mut counts = vec![(0u64, 0u64); p.volumes.len()];
+            // A block sent twice in one point (the agent's pre-copy, then
+            // the frozen delta) is one changed block: the copy recorded
+            // last wins, and it is counted once.
             let mut ins = tx.prepare_cached(
-                "INSERT OR REPLACE INTO point_blocks(volume_id, block_index, point_id, hash) VALUES(?1, ?2, ?3, ?4)",
+                "INSERT OR IGNORE INTO point_blocks(volume_id, block_index, point_id, hash) VALUES(?1, ?2, ?3, ?4)",
+            )?;
+            let mut again = tx.prepare_cached(
+                "UPDATE point_blocks SET hash=?4 WHERE volume_id=?1 AND block_index=?2 AND point_id=?3",
             )?;
             for b in p.blocks {
                 let Some(&(volume_id, _)) = ids.get(usize::from(b.volume)) else {
@@ -406,12 +412,16 @@ impl Catalog {
                         b.volume
                     )));
                 };
-                ins.execute(params![
+                let row = params![
                     volume_id,
                     b.index as i64,
                     point_id,
                     b.hash.as_ref().map(|h| &h.0[..])
-                ])?;
+                ];
+                if ins.execute(row)? == 0 {
+                    again.execute(row)?;
+                    continue;
+                }
                 if let Some(c) = counts.get_mut(usize::from(b.volume)) {
                     c.0 += 1;
                     c.1 += u64::from(b.raw_len);
@@ -741,4 +751,53 @@ pub fn rfc3339(ms: i64) -> String {
 /// The error for a server name the receiver does not know.
 pub fn no_such_server(name: &str) -> ReceiveError {
     ReceiveError::NotFound(format!("there is no server named {name} on this receiver"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+
+    #[test]
+    fn a_block_sent_twice_in_a_point_counts_once_and_the_last_copy_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        cat.set_identity("web1", "01").unwrap();
+        let server_id = cat.require_server("web1").unwrap().id;
+        let [h1, h2, h3] = [1u8, 2, 3].map(|b| BlockHash([b; 32]));
+        let block = |index, hash| BlockRef {
+            volume: 0,
+            index,
+            raw_len: 4096,
+            hash: Some(hash),
+        };
+        let loc = |offset| BlockLoc {
+            pack: 1,
+            offset,
+            stored_len: 4096,
+            raw_len: 4096,
+            encoding: Encoding::Raw,
+        };
+        // Block 5 pre-copied, then sent again with the frozen delta.
+        let point = cat
+            .commit_point(&NewPoint {
+                server_id,
+                created_ms: 1,
+                consistency: "crash-consistent",
+                commit: "sync",
+                volumes: &[("root", 4096, 16 * 4096)],
+                blocks: &[block(5, h1), block(6, h3), block(5, h2)],
+                new_blocks: &[(h1, loc(0)), (h3, loc(5000)), (h2, loc(10000))],
+                packs: &[(1, 15000)],
+            })
+            .unwrap();
+        let info = cat.points(Some("web1")).unwrap();
+        assert_eq!(info.len(), 1);
+        assert_eq!(info[0].volumes[0].changed_bytes, 2 * 4096);
+        let vol = cat.volume(server_id, "root").unwrap().unwrap();
+        assert_eq!(
+            cat.block_map(vol.id, point, 0).unwrap(),
+            vec![(5, Some(h2)), (6, Some(h3))]
+        );
+    }
 }
