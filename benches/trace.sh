@@ -162,12 +162,16 @@ FIFREEZE call to the thaw.
 
 Everything runs on one 2-core machine here: fio, the loop device's kernel worker, the
 agent (at the priorities of \`deploy/pilotlight-agent.service\`: nice 5, I/O priority
-best-effort 7) and the receiver (at nice 19, standing in for a staging host of its
-own). The agent reads back every block written (O_DIRECT, through
-the same loop worker fio writes through), hashes, compresses and sends it; the
-receiver verifies and stores it. At a steady write rate that costs lag, not
-foreground throughput; with fio saturating the device, the read-back and the
-receiver's share of the two cores come out of fio's IOPS.
+best-effort 7) and the receiver (at nice 19, its store in memory: it stands in for a
+staging host of its own). The loop device does direct I/O to its backing file, so the
+agent's read-back of every block written (O_DIRECT) meets fio's writes at this
+machine's disk, as it would on a real one. At a steady write rate that costs lag, not
+foreground throughput. With fio saturating the disk, every 4 KiB block it writes is
+read once more by the agent (twice if it is written again during a pre-copy round), and
+the foreground loses about that share of the disk's IOPS: the aim is not met. (Until
+2026-11-22 this benchmark used a buffered loop device, whose page cache served the
+agent's reads, and reported 0.91.) The disk's own baseline moves a lot between runs of
+the same job here (16 000 to 38 000 IOPS were seen), hence the second baseline.
 <!-- trace:end -->
 EOF
 )
