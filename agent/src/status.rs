@@ -125,9 +125,16 @@ impl Status {
     /// Read from the state directory.
     pub fn load(dir: &Path) -> Result<Self, AgentError> {
         let path = dir.join(STATUS_FILE);
-        let text = std::fs::read(&path).map_err(|e| AgentError::State {
-            path: path.clone(),
-            source: e,
+        let text = std::fs::read(&path).map_err(|e| match std::fs::read_link(&path) {
+            Ok(target) if e.kind() == std::io::ErrorKind::NotFound => AgentError::Config(format!(
+                "{} links to {}, which is gone: the agent keeps its status there while the state directory is on a traced volume, and has not run since that directory was emptied (a reboot)",
+                path.display(),
+                target.display()
+            )),
+            _ => AgentError::State {
+                path: path.clone(),
+                source: e,
+            },
         })?;
         serde_json::from_slice(&text)
             .map_err(|e| AgentError::Config(format!("{} is not valid: {e}", path.display())))
@@ -150,4 +157,41 @@ pub fn ms_rfc3339(ms: i64) -> String {
                 .ok()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+
+    #[test]
+    fn a_status_linked_to_a_runtime_file_that_is_gone_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("run/pilotlight/0123/status.json");
+        std::os::unix::fs::symlink(&gone, dir.path().join(STATUS_FILE)).unwrap();
+        let err = Status::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("which is gone") && err.contains("has not run since"),
+            "{err}"
+        );
+        // Once the agent writes there again, it reads as usual.
+        std::fs::create_dir_all(gone.parent().unwrap()).unwrap();
+        let mut st = Status {
+            state: "continuous".into(),
+            ..Status::default()
+        };
+        write_atomic(
+            gone.parent().unwrap(),
+            STATUS_FILE,
+            &serde_json::to_vec(&st).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(Status::load(dir.path()).unwrap().state, "continuous");
+        // A save through a link outside the runtime directory replaces the
+        // link with a plain file.
+        st.state = "stopped".into();
+        st.save(dir.path()).unwrap();
+        assert!(std::fs::read_link(dir.path().join(STATUS_FILE)).is_err());
+        assert_eq!(Status::load(dir.path()).unwrap().state, "stopped");
+    }
 }
