@@ -126,6 +126,14 @@ impl Agent {
         }
     }
 
+    /// Wait for the initial sync: a durable point, and live tracking.
+    async fn initial_sync(&mut self) -> Status {
+        self.wait(60, "the initial sync", |s| {
+            s.last_point.is_some() && s.state == "continuous"
+        })
+        .await
+    }
+
     /// Wait until every write completed before `since` (ms) is durable;
     /// returns the point that holds them.
     async fn caught_up(&mut self, since: i64) -> u64 {
@@ -291,6 +299,19 @@ impl RawDisk {
     }
 }
 
+impl RawDisk {
+    /// An agent replicating this disk, its state beside it.
+    fn agent(&self, extra: &[&str]) -> Agent {
+        Agent::start(
+            &self.addr,
+            &self.id,
+            &self.tmp.path().join("state"),
+            &self.dev.path,
+            extra,
+        )
+    }
+}
+
 /// Write `count` random 4 KiB blocks at random offsets of `dev` (O_DIRECT,
 /// through the block layer like any writer).
 fn random_writes(dev: &Path, count: u32, seed: u64) {
@@ -355,9 +376,7 @@ async fn fio_on_ext4_points_are_consistent() {
         fs.device(),
         &["--consistency", &freeze, "--interval", "1s"],
     );
-    agent
-        .wait(60, "the initial sync", |s| s.last_point.is_some())
-        .await;
+    agent.initial_sync().await;
 
     let fio_args = |dir: &Path| -> Vec<String> {
         vec![
@@ -465,19 +484,9 @@ async fn fio_on_ext4_points_are_consistent() {
 async fn lost_events_force_a_rescan() {
     require_tracing!();
     let disk = RawDisk::new(64 * MIB, "burst");
-    let (root, dev, dir, addr, id) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr, &disk.id);
-    let mut agent = Agent::start(
-        addr,
-        id,
-        &root.join("state"),
-        &dev.path,
-        &["--trace-buffer-kb", "4", "--interval", "1s"],
-    );
-    let first = agent
-        .wait(60, "the initial sync", |s| {
-            s.last_point.is_some() && s.state == "continuous"
-        })
-        .await;
+    let (root, dev, dir) = (disk.tmp.path(), &disk.dev, &disk.dir);
+    let mut agent = disk.agent(&["--trace-buffer-kb", "4", "--interval", "1s"]);
+    let first = agent.initial_sync().await;
     let rescans = first.tracking.unwrap().rescans;
 
     // The burst runs in the background while the status is watched every
@@ -532,9 +541,7 @@ async fn restarts_rescan_only_when_needed() {
     let out = root.join("restored.img");
 
     let mut agent = Agent::start(addr, id, &state, &dev.path, &[]);
-    agent
-        .wait(60, "the initial sync", |s| s.last_point.is_some())
-        .await;
+    agent.initial_sync().await;
     random_writes(&dev.path, 200, 2);
     let p = agent.caught_up(now_ms()).await;
     restore(dir, "rs", p, &out);
@@ -621,11 +628,9 @@ fn trace_needs_a_block_device() {
 async fn keeps_going_through_a_receiver_outage() {
     require_tracing!();
     let mut disk = RawDisk::new(32 * MIB, "out");
-    let (root, dev, dir, addr, id) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr, &disk.id);
-    let mut agent = Agent::start(addr, id, &root.join("state"), &dev.path, &[]);
-    agent
-        .wait(60, "the initial sync", |s| s.last_point.is_some())
-        .await;
+    let (root, dev, dir, addr) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr);
+    let mut agent = disk.agent(&[]);
+    agent.initial_sync().await;
     random_writes(&dev.path, 300, 5);
     drop(disk.rcv.take());
     random_writes(&dev.path, 300, 6);
@@ -651,20 +656,9 @@ async fn keeps_going_through_a_receiver_outage() {
 async fn says_stalled_while_acks_do_not_come() {
     require_tracing!();
     let disk = RawDisk::new(32 * MIB, "stall");
-    let (root, dev, dir, addr, id) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr, &disk.id);
-    let mut agent = Agent::start(
-        addr,
-        id,
-        &root.join("state"),
-        &dev.path,
-        &["--stall-after", "2s"],
-    );
-    let first = agent
-        .wait(60, "the initial sync", |s| {
-            s.last_point.is_some() && s.state == "continuous"
-        })
-        .await
-        .last_point;
+    let (root, dev, dir) = (disk.tmp.path(), &disk.dev, &disk.dir);
+    let mut agent = disk.agent(&["--stall-after", "2s"]);
+    let first = agent.initial_sync().await.last_point;
     let rcv = disk.rcv.as_ref().unwrap().0.id().to_string();
     let signal = |sig: &str, pid: &str| {
         Command::new("kill")
@@ -749,9 +743,7 @@ async fn state_on_the_frozen_filesystem() {
         }
     }
     let _thaw = Thaw(fs.mount.clone());
-    agent
-        .wait(60, "the initial sync", |s| s.last_point.is_some())
-        .await;
+    agent.initial_sync().await;
     let first = agent.status().unwrap().last_point.unwrap();
     for i in 0..3u8 {
         // Written from a thread: a filesystem left frozen would block it.
