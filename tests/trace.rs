@@ -778,6 +778,15 @@ async fn state_on_the_frozen_filesystem() {
     assert!(st.tracking.unwrap().max_freeze_ms.is_some());
     let link = std::fs::read_link(fs.mount.join("agent-state/status.json")).unwrap();
     assert!(link.starts_with("/run/pilotlight"), "{}", link.display());
+    // The runtime status outlives the agent (so that `status` reads it after
+    // a stop); this test's goes with the test.
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _runtime = Remove(link.parent().unwrap().to_owned());
     // Idle: once the writes' own trailing metadata (the journal commits
     // within ext4's 5 s) is replicated, the agent brings in 8 s of trace
     // events (with a status update every second) and makes no point.
