@@ -272,6 +272,8 @@ fn assert_device_equals(restored: &Path, dev: &Path, len: u64) {
 /// binary) with one server enrolled, all under one temporary directory.
 struct RawDisk {
     dev: LoopDevice,
+    size: u64,
+    server: String,
     dir: PathBuf,
     rcv: Option<ChildGuard>,
     addr: String,
@@ -290,6 +292,8 @@ impl RawDisk {
         let id = enroll(&dir, server);
         Self {
             dev,
+            size,
+            server: server.to_owned(),
             dir,
             rcv: Some(rcv),
             addr,
@@ -297,9 +301,7 @@ impl RawDisk {
             tmp,
         }
     }
-}
 
-impl RawDisk {
     /// An agent replicating this disk, its state beside it.
     fn agent(&self, extra: &[&str]) -> Agent {
         Agent::start(
@@ -309,6 +311,13 @@ impl RawDisk {
             &self.dev.path,
             extra,
         )
+    }
+
+    /// Restore `point` of this disk and compare it with the device.
+    fn assert_point_is_device(&self, point: u64) {
+        let out = self.tmp.path().join("restored.img");
+        restore(&self.dir, &self.server, point, &out);
+        assert_device_equals(&out, &self.dev.path, self.size);
     }
 }
 
@@ -343,6 +352,20 @@ fn random_writes(dev: &Path, count: u32, seed: u64) {
     );
 }
 
+/// ext4 on a loop device (its image under `root/src`), or None, with the
+/// reason printed, where loop devices cannot be set up.
+fn ext4(root: &Path, size: u64) -> Option<SmallFs> {
+    let src_root = root.join("src");
+    std::fs::create_dir_all(&src_root).unwrap();
+    match SmallFs::create_with(&src_root, size, &["mkfs.ext4", "-q", "-F"]) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
 /// fio with verify headers on ext4 while the agent replicates in trace mode
 /// with freeze consistency: a point taken mid-run restores to a filesystem
 /// e2fsck accepts, and the final point's files pass fio's verify.
@@ -351,14 +374,8 @@ async fn fio_on_ext4_points_are_consistent() {
     require_tracing!();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let src_root = root.join("src");
-    std::fs::create_dir_all(&src_root).unwrap();
-    let fs = match SmallFs::create_with(&src_root, 256 * MIB, &["mkfs.ext4", "-q", "-F"]) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
+    let Some(fs) = ext4(root, 256 * MIB) else {
+        return;
     };
     let target_img = root.join("target.img");
     std::fs::File::create(&target_img)
@@ -484,7 +501,7 @@ async fn fio_on_ext4_points_are_consistent() {
 async fn lost_events_force_a_rescan() {
     require_tracing!();
     let disk = RawDisk::new(64 * MIB, "burst");
-    let (root, dev, dir) = (disk.tmp.path(), &disk.dev, &disk.dir);
+    let dev = &disk.dev;
     let mut agent = disk.agent(&["--trace-buffer-kb", "4", "--interval", "1s"]);
     let first = agent.initial_sync().await;
     let rescans = first.tracking.unwrap().rescans;
@@ -521,9 +538,7 @@ async fn lost_events_force_a_rescan() {
     eprintln!("states seen during the burst: {states:?}");
     let done = now_ms();
     let point = agent.caught_up(done).await;
-    let out = root.join("restored.img");
-    restore(dir, "burst", point, &out);
-    assert_device_equals(&out, &dev.path, 64 * MIB);
+    disk.assert_point_is_device(point);
     let log = agent.log();
     assert!(log.contains("trace events were lost"), "{log}");
     agent.stop().await;
@@ -536,22 +551,20 @@ async fn lost_events_force_a_rescan() {
 async fn restarts_rescan_only_when_needed() {
     require_tracing!();
     let disk = RawDisk::new(32 * MIB, "rs");
-    let (root, dev, dir, addr, id) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr, &disk.id);
+    let (root, dev) = (disk.tmp.path(), &disk.dev);
     let state = root.join("state");
-    let out = root.join("restored.img");
 
-    let mut agent = Agent::start(addr, id, &state, &dev.path, &[]);
+    let mut agent = disk.agent(&[]);
     agent.initial_sync().await;
     random_writes(&dev.path, 200, 2);
     let p = agent.caught_up(now_ms()).await;
-    restore(dir, "rs", p, &out);
-    assert_device_equals(&out, &dev.path, 32 * MIB);
+    disk.assert_point_is_device(p);
     agent.stop().await;
     assert!(state.join(pilotlight_agent::trace::DIRTY_FILE).exists());
 
     // Untouched in between: no rescan.
     let started = now_ms();
-    let mut agent = Agent::start(addr, id, &state, &dev.path, &[]);
+    let mut agent = disk.agent(&[]);
     agent
         .wait(60, "tracking to start", |s| {
             s.collected_ms.is_some_and(|c| c > started)
@@ -561,13 +574,12 @@ async fn restarts_rescan_only_when_needed() {
     let p = agent.caught_up(now_ms()).await;
     let st = agent.status().unwrap();
     assert_eq!(st.tracking.unwrap().rescans, 0, "a clean restart rescanned");
-    restore(dir, "rs", p, &out);
-    assert_device_equals(&out, &dev.path, 32 * MIB);
+    disk.assert_point_is_device(p);
     agent.stop().await;
 
     // Written while stopped: the start rescans, and the point is exact.
     random_writes(&dev.path, 50, 4);
-    let mut agent = Agent::start(addr, id, &state, &dev.path, &[]);
+    let mut agent = disk.agent(&[]);
     let p = agent.caught_up(now_ms()).await;
     let t = agent.status().unwrap().tracking.unwrap();
     assert_eq!(t.rescans, 1);
@@ -578,17 +590,15 @@ async fn restarts_rescan_only_when_needed() {
             .contains("while the agent was stopped"),
         "{t:?}"
     );
-    restore(dir, "rs", p, &out);
-    assert_device_equals(&out, &dev.path, 32 * MIB);
+    disk.assert_point_is_device(p);
 
     // kill -9: no saved set, so the next start rescans too.
     drop(agent);
     assert!(!state.join(pilotlight_agent::trace::DIRTY_FILE).exists());
-    let mut agent = Agent::start(addr, id, &state, &dev.path, &[]);
+    let mut agent = disk.agent(&[]);
     let p = agent.caught_up(now_ms()).await;
     assert_eq!(agent.status().unwrap().tracking.unwrap().rescans, 1);
-    restore(dir, "rs", p, &out);
-    assert_device_equals(&out, &dev.path, 32 * MIB);
+    disk.assert_point_is_device(p);
     agent.stop().await;
 }
 
@@ -628,7 +638,7 @@ fn trace_needs_a_block_device() {
 async fn keeps_going_through_a_receiver_outage() {
     require_tracing!();
     let mut disk = RawDisk::new(32 * MIB, "out");
-    let (root, dev, dir, addr) = (disk.tmp.path(), &disk.dev, &disk.dir, &disk.addr);
+    let (dev, dir, addr) = (&disk.dev, &disk.dir, &disk.addr);
     let mut agent = disk.agent(&[]);
     agent.initial_sync().await;
     random_writes(&dev.path, 300, 5);
@@ -642,9 +652,7 @@ async fn keeps_going_through_a_receiver_outage() {
     random_writes(&dev.path, 300, 7);
     let (_rcv, _) = pilotlight::spawn_receiver_on(dir, addr);
     let p = agent.caught_up(now_ms()).await;
-    let out = root.join("restored.img");
-    restore(dir, "out", p, &out);
-    assert_device_equals(&out, &dev.path, 32 * MIB);
+    disk.assert_point_is_device(p);
     agent.stop().await;
 }
 
@@ -656,7 +664,7 @@ async fn keeps_going_through_a_receiver_outage() {
 async fn says_stalled_while_acks_do_not_come() {
     require_tracing!();
     let disk = RawDisk::new(32 * MIB, "stall");
-    let (root, dev, dir) = (disk.tmp.path(), &disk.dev, &disk.dir);
+    let dev = &disk.dev;
     let mut agent = disk.agent(&["--stall-after", "2s"]);
     let first = agent.initial_sync().await.last_point;
     let rcv = disk.rcv.as_ref().unwrap().0.id().to_string();
@@ -692,9 +700,7 @@ async fn says_stalled_while_acks_do_not_come() {
             s.state == "continuous"
         })
         .await;
-    let out = root.join("restored.img");
-    restore(dir, "stall", p, &out);
-    assert_device_equals(&out, &dev.path, 32 * MIB);
+    disk.assert_point_is_device(p);
     agent.stop().await;
 }
 
@@ -708,14 +714,8 @@ async fn state_on_the_frozen_filesystem() {
     require_tracing!();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let src_root = root.join("src");
-    std::fs::create_dir_all(&src_root).unwrap();
-    let fs = match SmallFs::create_with(&src_root, 64 * MIB, &["mkfs.ext4", "-q", "-F"]) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
+    let Some(fs) = ext4(root, 64 * MIB) else {
+        return;
     };
     let (dir, _rcv, addr) = receiver(root);
     let id = enroll(&dir, "self");
