@@ -493,9 +493,8 @@ impl Replicator<'_> {
                     {
                         break;
                     }
-                    // Writers outpace the rounds: pace them, and report
-                    // the backlog meanwhile.
-                    self.status.state = self.live_state();
+                    // Writers outpace the rounds: pace them (the wait keeps
+                    // the status's state and lag current).
                     self.wait_next(&mut link, &mut pending, &mut durable, &vols, false)
                         .await?;
                     if self.shutdown.is_cancelled() {
