@@ -3,8 +3,11 @@
 //! Everything that crosses the wire between `pilotlight-agent` and
 //! `pilotlight-receiver` is defined here, together with the pure functions of
 //! the hot path that both sides share (block hashing, compression and
-//! verification). Nothing in this crate performs I/O; [`codec`] is the one thin
-//! adapter to `tokio_util::codec`.
+//! verification). Nothing in the wire format performs I/O; [`codec`] is the
+//! one thin adapter to `tokio_util::codec`. Beside the wire format live the
+//! few things both binaries must agree on and have no other shared crate for:
+//! TLS names ([`tls`]), clock and time format ([`clock`]), TCP settings
+//! ([`net`]) and the durable small-file write ([`atomic_file`]).
 //!
 //! # Connections
 //!
@@ -70,14 +73,18 @@
 //! BLAKE3 of the raw block, the end-to-end identity of the data: the receiver
 //! recomputes it after decompressing into a buffer of at most `raw_len` bytes.
 
+pub mod atomic_file;
 pub mod block;
+pub mod clock;
 pub mod codec;
 pub mod error;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
-mod reader;
+pub mod net;
+pub mod reader;
+pub mod tls;
 
 pub use block::{BlockError, BlockHash, Encoding};
 pub use error::DecodeError;
