@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use pilotlight::{
-    agent_config, assert_same_bytes, file_len, overwrite_random_4k, pack_bytes, replicate_once,
-    sample_image, TestReceiver,
+    agent_config, assert_same_bytes, file_len, overwrite_random_4k, pack_bytes, pack_records,
+    replicate_once, sample_image, TestReceiver,
 };
 use pilotlight_receiver::retention::Policy;
 
@@ -126,6 +126,7 @@ async fn identical_volumes_occupy_the_store_once() {
     ))
     .await;
     let single = pack_bytes(&one.dir);
+    let single_records = pack_records(&one.dir);
     one.stop().await;
 
     let two = TestReceiver::create(&root.join("two")).await;
@@ -146,9 +147,18 @@ async fn identical_volumes_occupy_the_store_once() {
     ))
     .await;
     let double = pack_bytes(&two.dir);
-    // Equal up to pack file headers (16 bytes per pack; one pack per stream).
+    // Each distinct block is one record, however many volumes hold it.
+    assert_eq!(
+        pack_records(&two.dir),
+        single_records,
+        "records of one volume vs the same data three times"
+    );
+    // The bytes differ only by how each record was encoded: the encoder
+    // probes poorly compressing runs (one block in 16 tried), so which blocks
+    // of a mixed image are stored raw depends on their order across streams.
+    // A second copy of the data would double them.
     assert!(
-        double.abs_diff(single) <= 64,
+        double.abs_diff(single) <= single / 20,
         "one volume: {single} bytes; the same data three times: {double}"
     );
     for (server, vol, point) in [

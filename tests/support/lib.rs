@@ -121,6 +121,25 @@ pub fn pack_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Number of block records in the packs under `dir` (walks each pack's
+/// record headers: see the format in `pilotlight_receiver::pack`).
+pub fn pack_records(dir: &Path) -> u64 {
+    use pilotlight_receiver::pack::{PACK_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC};
+    let mut records = 0;
+    for e in std::fs::read_dir(dir.join("packs")).expect("packs directory") {
+        let bytes = std::fs::read(e.expect("pack entry").path()).expect("read pack");
+        let mut at = PACK_HEADER_LEN as usize;
+        while at < bytes.len() {
+            let head = &bytes[at..at + RECORD_HEADER_LEN];
+            assert_eq!(head[..4], RECORD_MAGIC, "record magic at {at}");
+            let stored = u32::from_le_bytes(head[12..16].try_into().unwrap()) as usize;
+            at += RECORD_HEADER_LEN + stored;
+            records += 1;
+        }
+    }
+    records
+}
+
 /// An agent configuration for one server against `addr`, making one point.
 pub fn agent_config(
     addr: SocketAddr,
