@@ -17,7 +17,7 @@ use crate::link::{Link, LinkConfig};
 use crate::scan::{scan, zero_table, ScanJob, Sink};
 use crate::state::{AgentState, VolumeHashes};
 use crate::status::{ms_rfc3339, Status, StatusVolume};
-use crate::trace::{Plan, TrackedVolume, Tracking};
+use crate::trace::{Plan, RescanReason, TrackedVolume, Tracking};
 use crate::{identity, volume, AgentConfig, AgentError, Track};
 
 /// How often live tracking reads the trace buffer while it waits.
@@ -261,7 +261,7 @@ impl Replicator<'_> {
             if link.last_point == 0 {
                 out.push(zero_table(v.size, v.block_size));
                 if let Some(t) = self.tracking.as_deref_mut() {
-                    t.force_rescan(i, crate::trace::INITIAL_SYNC);
+                    t.force_rescan(i, RescanReason::InitialSync);
                 }
                 continue;
             }
@@ -280,10 +280,7 @@ impl Replicator<'_> {
             }
             tracing::info!(volume = %v.name, "local state does not match the receiver; fetching its block hashes");
             if let Some(t) = self.tracking.as_deref_mut() {
-                t.force_rescan(
-                    i,
-                    "the local state does not match the receiver (checksum resync)",
-                );
+                t.force_rescan(i, RescanReason::ChecksumResync);
             }
             let idx = i as u16;
             link.send(&Frame::GetHashes { volume: idx }).await?;
@@ -575,7 +572,7 @@ impl Replicator<'_> {
                     let plans = if precopied { t.plan_more() } else { t.plan() };
                     let initial = plans
                         .iter()
-                        .any(|p| matches!(p, Plan::Full(r) if *r == crate::trace::INITIAL_SYNC));
+                        .any(|p| matches!(p, Plan::Full(RescanReason::InitialSync)));
                     self.status.state = match (initial, full) {
                         (true, _) => "initial-sync".into(),
                         (false, true) => "rescan".into(),

@@ -1,0 +1,61 @@
+//! Live change tracking of block devices through the kernel's block
+//! tracepoints, with no kernel module.
+//!
+//! A private tracing instance (`tracefs/instances/pilotlight-PID-N`) records
+//! `block_rq_complete` and `block_bio_complete` for the volumes' devices
+//! only (a filter on `dev`). Completion, not submission: a block is marked
+//! dirty once its new data can be read, so reading it after the mark never
+//! returns the old data for good (a write still in flight while a block is
+//! read completes later, and marks it again).
+//!
+//! The agent reads the instance's `trace_pipe` on demand ([`EventSource::sync`] of [`Tracer`]):
+//! it writes a numbered marker to `trace_marker` and reads until the marker
+//! comes back, so every write that completed before the call is accounted
+//! for. Events the kernel dropped (a full buffer: the `overrun` and `dropped
+//! events` counters of `per_cpu/cpu*/stats`, or `[LOST n EVENTS]` in the
+//! pipe) make every volume need a full rescan: tracking never loses a change
+//! silently.
+//!
+//! [`Tracking`] is what the replication loop uses: the dirty blocks not yet
+//! in a point, the blocks of points sent but not yet durable (put back if
+//! the session dies), which volumes need a rescan and why
+//! ([`RescanReason`]), and the dirty set saved at a clean stop, reused at
+//! the next start only if the device's write counters
+//! (`/sys/dev/block/M:m/stat`) show no write in between.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `device.rs` | [`Device`] (sysfs: disk, partition start, write counters), [`Target`] (sectors to blocks) |
+//! | `parse.rs` | the text lines of `trace_pipe` |
+//! | `tracer.rs` | [`Tracer`]: the tracefs instance, its sync marker, stale instance cleanup |
+//! | `source.rs` | [`EventSource`]: what the bookkeeping needs of a tracer |
+//! | `plan.rs` | [`Plan`], [`RescanReason`], the points in flight |
+//! | `book.rs` | [`Tracking`]: the bookkeeping, one record per volume |
+//! | `saved.rs` | the dirty set of a clean stop ([`DIRTY_FILE`]), with its byte diagram |
+
+mod book;
+mod device;
+mod parse;
+mod plan;
+mod saved;
+mod source;
+mod tracer;
+
+pub use book::{TrackStats, TrackedVolume, Tracking, ECHO_HOLD};
+pub use device::{Device, Target};
+pub use plan::{Plan, RescanReason};
+pub use saved::DIRTY_FILE;
+pub use source::EventSource;
+pub use tracer::Tracer;
+
+use crate::AgentError;
+
+fn trace_err(what: impl std::fmt::Display) -> AgentError {
+    AgentError::Trace(what.to_string())
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
+}
