@@ -17,6 +17,20 @@ impl<'a> Reader<'a> {
         Self { buf, what }
     }
 
+    /// Name what the next reads are for, in errors (a field of a file
+    /// format, say).
+    pub fn what(&mut self, what: &'static str) -> &mut Self {
+        self.what = what;
+        self
+    }
+
+    /// The next `u16`-length-prefixed UTF-8 string; `None` in the `Ok` case
+    /// when its bytes are not UTF-8.
+    pub fn str_u16(&mut self) -> Result<Option<&'a str>, DecodeError> {
+        let n = usize::from(self.u16()?);
+        Ok(std::str::from_utf8(self.take(n)?).ok())
+    }
+
     /// The next `n` bytes.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {

@@ -27,6 +27,8 @@
 
 use std::path::Path;
 
+use pilotlight_protocol::reader::Reader;
+use pilotlight_protocol::DecodeError;
 use roaring::RoaringTreemap;
 
 use super::trace_err;
@@ -59,6 +61,24 @@ pub(super) enum DamagedDirty {
     /// A bitmap does not deserialize.
     #[error("a dirty bitmap is damaged")]
     BadBitmap,
+}
+
+impl From<DecodeError> for DamagedDirty {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::Truncated(what) => Self::Truncated(what),
+            // INVARIANT: the reader only ever runs out of bytes.
+            _ => Self::TooShort,
+        }
+    }
+}
+
+/// A `u16`-prefixed UTF-8 string named `what`.
+fn string(r: &mut Reader<'_>, what: &'static str) -> Result<String, DamagedDirty> {
+    r.what(what)
+        .str_u16()?
+        .map(str::to_owned)
+        .ok_or(DamagedDirty::NotUtf8(what))
 }
 
 /// One volume's saved dirty blocks, and what must not have changed for
@@ -139,26 +159,21 @@ impl SavedDirty {
         if crc32fast::hash(body).to_le_bytes() != crc {
             return Err(DamagedDirty::BadCrc);
         }
-        let mut r = Reader(body);
-        if r.bytes(8, "magic")? != DIRTY_MAGIC {
+        let mut r = Reader::new(body, "magic");
+        if r.take(8)? != DIRTY_MAGIC {
             return Err(DamagedDirty::BadMagic);
         }
-        let boot_id = r.string("boot id")?;
-        let count = r.u32("volume count")?;
+        let boot_id = string(&mut r, "boot id")?;
+        let count = r.what("volume count").u32()?;
         let mut volumes = Vec::new();
         for _ in 0..count {
-            let name = r.string("volume name")?;
-            let own = (r.u32("device")?, r.u32("device")?);
-            let block_size = r.u32("block size")?;
-            let counters = [
-                r.u64("counters")?,
-                r.u64("counters")?,
-                r.u64("counters")?,
-                r.u64("counters")?,
-            ];
-            let len = usize::try_from(r.u64("bitmap length")?)
+            let name = string(&mut r, "volume name")?;
+            let own = (r.what("device").u32()?, r.u32()?);
+            let block_size = r.what("block size").u32()?;
+            let counters = [r.what("counters").u64()?, r.u64()?, r.u64()?, r.u64()?];
+            let len = usize::try_from(r.what("bitmap length").u64()?)
                 .map_err(|_| DamagedDirty::Truncated("bitmap"))?;
-            let dirty = RoaringTreemap::deserialize_from(r.bytes(len, "bitmap")?)
+            let dirty = RoaringTreemap::deserialize_from(r.what("bitmap").take(len)?)
                 .map_err(|_| DamagedDirty::BadBitmap)?;
             volumes.push(SavedVolume {
                 name,
@@ -184,44 +199,6 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     let n = b.len().min(u16::MAX as usize);
     out.extend_from_slice(&(n as u16).to_le_bytes());
     out.extend_from_slice(b.get(..n).unwrap_or_default());
-}
-
-/// Reads the fields of a saved set in order; `what` names the field for
-/// the error.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DamagedDirty> {
-        let (a, b) = self
-            .0
-            .split_at_checked(n)
-            .ok_or(DamagedDirty::Truncated(what))?;
-        self.0 = b;
-        Ok(a)
-    }
-
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DamagedDirty> {
-        self.bytes(N, what)?
-            .try_into()
-            .map_err(|_| DamagedDirty::Truncated(what))
-    }
-
-    fn u16(&mut self, what: &'static str) -> Result<u16, DamagedDirty> {
-        self.array(what).map(u16::from_le_bytes)
-    }
-
-    fn u32(&mut self, what: &'static str) -> Result<u32, DamagedDirty> {
-        self.array(what).map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self, what: &'static str) -> Result<u64, DamagedDirty> {
-        self.array(what).map(u64::from_le_bytes)
-    }
-
-    fn string(&mut self, what: &'static str) -> Result<String, DamagedDirty> {
-        let n = usize::from(self.u16(what)?);
-        String::from_utf8(self.bytes(n, what)?.to_vec()).map_err(|_| DamagedDirty::NotUtf8(what))
-    }
 }
 
 #[cfg(test)]
