@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::SinkExt;
+use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
 use pilotlight_protocol::limits::VERSION;
 use pilotlight_protocol::{DecodeError, Frame};
@@ -27,7 +28,6 @@ use crate::session::{Session, SessionVolume};
 use crate::store::blocking;
 use crate::wire::{next, next_or_eof, send, unexpected, Reader, Writer};
 use crate::ReceiveError;
-use pilotlight_protocol::codec::FrameCodec;
 
 /// How long the `Error` frame and the TLS shutdown may take at the end.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);

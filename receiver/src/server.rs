@@ -30,7 +30,8 @@ use crate::staging::Staging;
 use crate::store::{blocking, Store};
 use crate::{pki, ReceiveError};
 
-/// Grace period for in-flight work at shutdown (connections, then staging).
+/// Grace period for in-flight work at shutdown (connections, then the
+/// staging queue, within the same period).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// What every connection of a serving receiver shares.
@@ -97,16 +98,19 @@ pub async fn run(
             }
         }
     }
+    // One grace period for both: the connections, then the staging queue.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+    if tokio::time::timeout_at(deadline, tracker.wait())
         .await
         .is_err()
     {
         tracing::warn!("connections still open after the shutdown grace period");
     }
-    // The staging task drains its queue once the last handle is gone.
+    // The staging task drains its queue once the last handle is gone; what
+    // it leaves behind is repaired at the next start.
     drop(shared);
-    match tokio::time::timeout(SHUTDOWN_GRACE, staging_task).await {
+    match tokio::time::timeout_at(deadline, staging_task).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(cause = %e, "staging task failed"),
         Err(_) => tracing::warn!("staging still behind after the shutdown grace period"),
