@@ -60,6 +60,7 @@ async fn three_versions(commit: CommitMode) {
         }
     }
     // The staging images equal the latest point.
+    rcv.wait_staging("db1").await;
     let (_, ca, cb) = versions.last().unwrap();
     assert_same_bytes(&rcv.dir.join("staging/db1/root.img"), ca, file_len(ca));
     assert_same_bytes(&rcv.dir.join("staging/db1/data.img"), cb, file_len(cb));

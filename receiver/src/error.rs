@@ -74,6 +74,11 @@ pub enum ReceiveError {
     /// A user request that cannot be carried out as given.
     #[error("{0}")]
     Refused(String),
+    /// A bug in the receiver itself (a task that panicked or was cancelled,
+    /// a lock poisoned by a panic): not the peer's fault, not damage in the
+    /// store, and not worth retrying.
+    #[error("internal error in the receiver: {0}")]
+    Internal(String),
 }
 
 impl ReceiveError {
@@ -83,6 +88,16 @@ impl ReceiveError {
             path: path.into(),
             source,
         }
+    }
+
+    /// A lock poisoned by a panic while `what` held it.
+    pub fn poisoned(what: &'static str) -> Self {
+        Self::Internal(format!("the {what} lock was poisoned by a panic"))
+    }
+
+    /// A task doing `what` that panicked or was cancelled.
+    pub fn join(what: &'static str, err: tokio::task::JoinError) -> Self {
+        Self::Internal(format!("{what} task failed: {err}"))
     }
 
     /// Whether the agent may reconnect and try the same again.
@@ -102,7 +117,29 @@ impl ReceiveError {
             Self::Shutdown => ErrorCode::Shutdown,
             Self::Busy(_) => ErrorCode::Busy,
             Self::Storage { .. } | Self::Catalog(_) | Self::Corrupt(_) => ErrorCode::Storage,
-            Self::Config(_) | Self::NotFound(_) | Self::Refused(_) => ErrorCode::Other,
+            Self::Config(_) | Self::NotFound(_) | Self::Refused(_) | Self::Internal(_) => {
+                ErrorCode::Other
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_are_not_retryable_and_not_blamed_on_the_store() {
+        let e = ReceiveError::poisoned("session");
+        assert_eq!(e.code(), ErrorCode::Other);
+        assert!(!e.is_retryable());
+        assert!(!e.to_string().contains("damaged"), "{e}");
+    }
+
+    #[test]
+    fn storage_errors_stay_retryable() {
+        let e = ReceiveError::storage("/x", std::io::Error::other("disk"));
+        assert_eq!(e.code(), ErrorCode::Storage);
+        assert!(e.is_retryable());
     }
 }

@@ -6,19 +6,28 @@
 //! call [`server::run`] and the command functions directly.
 
 pub mod admin;
+mod apply;
 pub mod catalog;
+mod commit;
 pub mod config;
+mod connection;
 pub mod error;
 pub mod gc;
+mod handshake;
+mod hashes;
 pub mod live;
+mod maintenance;
 pub mod pack;
 pub mod pki;
+mod registry;
 pub mod restore;
 pub mod retention;
 pub mod server;
 pub mod session;
+mod staging;
 pub mod store;
 pub mod verify;
+mod wire;
 
 pub use config::ReceiverConfig;
 pub use error::ReceiveError;

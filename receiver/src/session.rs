@@ -140,7 +140,7 @@ impl Session {
     pub fn state(&self) -> Result<MutexGuard<'_, SessionState>, ReceiveError> {
         self.state
             .lock()
-            .map_err(|_| ReceiveError::Corrupt("session lock poisoned".into()))
+            .map_err(|_| ReceiveError::poisoned("session"))
     }
 
     /// End the whole session because of `err` on one of its connections.

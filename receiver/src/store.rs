@@ -1,10 +1,11 @@
 //! The point store: catalog + packs + the in-memory block index, and the
 //! staging images derived from them.
 //!
-//! Commit order (the durability contract): pack data fsynced → catalog
-//! transaction committed → `DURABLE` sent → staging image updated. A crash at
-//! any step leaves every acknowledged point restorable; [`Store::open_for_serve`]
-//! cuts unfinished pack tails and brings staging images up to date.
+//! Commit order (the durability contract, carried out by `commit.rs`): pack
+//! data fsynced → catalog transaction committed → `DURABLE` sent → staging
+//! image updated. A crash at any step leaves every acknowledged point
+//! restorable; [`Store::open_for_serve`] cuts unfinished pack tails and brings
+//! staging images up to date.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -446,11 +447,21 @@ pub fn sync_dir(dir: &Path) -> Result<(), ReceiveError> {
         .map_err(|e| ReceiveError::storage(dir, e))
 }
 
+/// Run store work (file I/O, fsync, SQLite) on a blocking thread, off the
+/// async workers. A task that panics is the receiver's own bug.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ReceiveError> + Send + 'static,
+) -> Result<T, ReceiveError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ReceiveError::join("blocking store", e))?
+}
+
 /// Path helper for tests and tools.
 pub fn pack_file(dir: &Path, id: u64) -> PathBuf {
     pack_path(dir, id)
 }
 
 fn poisoned() -> ReceiveError {
-    ReceiveError::Corrupt("a store lock was poisoned by a panic".into())
+    ReceiveError::poisoned("store")
 }

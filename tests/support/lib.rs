@@ -88,9 +88,39 @@ impl TestReceiver {
             .expect("receiver run");
     }
 
+    /// Wait (up to 60 s) until the staging images of `server` equal its
+    /// latest point: staging runs in a task of its own after `DURABLE`.
+    pub async fn wait_staging(&self, server: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let Err(behind) = staging_caught_up(&self.dir, server) else {
+                return;
+            };
+            assert!(std::time::Instant::now() < deadline, "{behind}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Restore `volume` of `point` of `server` to `to` (replacing it).
     pub fn restore(&self, server: &str, volume: &str, point: u64, to: &Path) {
         restore_point(&self.dir, server, volume, point, to);
+    }
+}
+
+/// Whether every staging image of `server` in the receiver directory `dir`
+/// equals the server's latest point, or what is behind.
+fn staging_caught_up(dir: &Path, server: &str) -> Result<(), String> {
+    let store = pilotlight_receiver::store::Store::open(dir).expect("open store");
+    let cat = store.catalog().expect("catalog");
+    let id = cat.require_server(server).expect("server").id;
+    let latest = cat.latest_point(id).expect("latest point");
+    let volumes = cat.volumes(id).expect("volumes");
+    if latest.is_some_and(|p| volumes.iter().all(|v| v.staging_point == p)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "staging of {server} still behind point {latest:?}: {volumes:?}"
+        ))
     }
 }
 

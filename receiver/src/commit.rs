@@ -1,0 +1,192 @@
+//! The committer: turns a point whose blocks have all arrived into a durable
+//! catalog point. It takes plain data (the session and the `EndPoint`
+//! values) and does no socket I/O, so it is unit-tested without a network.
+//!
+//! # Commit order
+//!
+//! The durability contract, in this order and nowhere else:
+//!
+//! 1. **pack fsync**: `fdatasync` of every pack this point appended to
+//!    ([`sync_packs`]);
+//! 2. **directory fsync**: the `packs/` directory entry of each new pack,
+//!    which `PackWriter` fsyncs when it creates the pack, before any record
+//!    that a point could reference is written to it;
+//! 3. **SQLite commit**: the identity is re-checked (a revoked or
+//!    superseded identity commits nothing more), then the catalog
+//!    transaction records the point, and the committed blocks enter the
+//!    in-memory index ([`record_point`]);
+//! 4. **`DURABLE` ack**: sent by the connection once [`Committer::commit`]
+//!    returns;
+//! 5. **staging**: the connection then asks the staging task
+//!    ([`crate::staging`]) to bring the server's images up to the point.
+//!
+//! A crash after any step leaves every acknowledged point restorable:
+//! unfinished pack tails are cut and staging images repaired when the store
+//! is next opened to serve.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pilotlight_protocol::frame::{CommitMode, Consistency};
+
+use crate::catalog::NewPoint;
+use crate::handshake::still_authorized;
+use crate::session::{PendingPoint, Session};
+use crate::store::{blocking, pack_file, Store};
+use crate::ReceiveError;
+
+/// What the agent's `EndPoint` frame says about a point.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EndPoint {
+    /// The point's tag in the session.
+    pub(crate) tag: u64,
+    /// How many blocks the agent sent for it.
+    pub(crate) blocks: u64,
+    /// When the agent took the point (ms since the epoch).
+    pub(crate) created_ms: i64,
+    /// How the point was made consistent.
+    pub(crate) consistency: Consistency,
+    /// The commit mode the point was sent under.
+    pub(crate) commit: CommitMode,
+}
+
+/// Makes points durable in the store (steps 1 to 3 of the commit order).
+pub(crate) struct Committer {
+    store: Arc<Store>,
+    /// How long to wait without progress for a point's blocks.
+    idle: Duration,
+}
+
+impl Committer {
+    /// A committer into `store` that gives up on a point whose blocks stop
+    /// arriving for `idle`.
+    pub(crate) fn new(store: Arc<Store>, idle: Duration) -> Self {
+        Self { store, idle }
+    }
+
+    /// Wait for all of the point's blocks on all of the session's data
+    /// streams, then make it durable; returns the catalog point id.
+    pub(crate) async fn commit(
+        &self,
+        session: &Arc<Session>,
+        end: EndPoint,
+    ) -> Result<i64, ReceiveError> {
+        if end.tag != session.state()?.committed_tag + 1 {
+            return Err(ReceiveError::Protocol(format!(
+                "EndPoint for tag {} out of order",
+                end.tag
+            )));
+        }
+        let pending = self.gather(session, end).await?;
+        let store = self.store.clone();
+        let s = session.clone();
+        let started = Instant::now();
+        let blocks = end.blocks;
+        let point = blocking(move || {
+            sync_packs(&store, &pending)?;
+            record_point(&store, &s, end, &pending)
+        })
+        .await?;
+        tracing::info!(server = %session.server, point, tag = end.tag, blocks, "point durable");
+        metrics::counter!("pilotlight_receiver_points_total").increment(1);
+        metrics::histogram!("pilotlight_receiver_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(point)
+    }
+
+    /// Wait until every block of the point has been recorded, then move it
+    /// from `pending` to `committing`.
+    async fn gather(
+        &self,
+        session: &Session,
+        end: EndPoint,
+    ) -> Result<Arc<PendingPoint>, ReceiveError> {
+        let EndPoint { tag, blocks, .. } = end;
+        loop {
+            let notified = session.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = session.state()?;
+                let received = st.pending.get(&tag).map_or(0, |p| p.received);
+                if received > blocks {
+                    return Err(ReceiveError::Protocol(format!(
+                        "point tag {tag} announced {blocks} blocks but {received} arrived"
+                    )));
+                }
+                if received == blocks {
+                    let p = Arc::new(st.pending.remove(&tag).unwrap_or_default());
+                    st.committing.insert(tag, p.clone());
+                    return Ok(p);
+                }
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = session.cancel.cancelled() => return Err(session.cancel_reason()),
+                () = tokio::time::sleep(self.idle) => {
+                    return Err(ReceiveError::Timeout("waiting for the blocks of a point"))
+                }
+            }
+        }
+    }
+}
+
+/// Step 1: the point's pack data on disk. Blocking.
+fn sync_packs(store: &Store, pending: &PendingPoint) -> Result<(), ReceiveError> {
+    for (id, (file, _)) in &pending.packs {
+        file.sync_data()
+            .map_err(|e| ReceiveError::storage(pack_file(store.dir(), *id), e))?;
+    }
+    Ok(())
+}
+
+/// Step 3: re-check the identity, commit the catalog transaction, index the
+/// new blocks and close the point in the session. Blocking.
+fn record_point(
+    store: &Store,
+    s: &Session,
+    end: EndPoint,
+    pending: &PendingPoint,
+) -> Result<i64, ReceiveError> {
+    let volumes: Vec<(&str, u32, u64)> = s
+        .volumes
+        .iter()
+        .map(|v| (v.name.as_str(), v.block_size, v.size))
+        .collect();
+    let packs: Vec<(u64, u64)> = pending
+        .packs
+        .iter()
+        .map(|(id, (_, end))| (*id, *end))
+        .collect();
+    let mut cat = store.catalog()?;
+    // An identity revoked or superseded while the session ran commits nothing more.
+    if !still_authorized(cat.server(&s.server)?.as_ref(), &s.serial) {
+        return Err(ReceiveError::Unauthorized(format!(
+            "the identity of server {} was revoked or superseded",
+            s.server
+        )));
+    }
+    let point = cat.commit_point(&NewPoint {
+        server_id: s.server_id,
+        created_ms: end.created_ms,
+        consistency: end.consistency.label(),
+        commit: end.commit.label(),
+        volumes: &volumes,
+        blocks: &pending.refs,
+        new_blocks: &pending.new_blocks,
+        packs: &packs,
+    })?;
+    store.index_blocks(&pending.new_blocks)?;
+    store.note_committed(&packs)?;
+    drop(cat);
+    let mut st = s.state()?;
+    st.committed_tag = end.tag;
+    st.committing.remove(&end.tag);
+    for (h, _) in &pending.new_blocks {
+        st.pending_hashes.remove(h);
+    }
+    Ok(point)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,214 @@
+//! The committer over a real store in a temp dir, with no socket.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pilotlight_protocol::frame::{CommitMode, Consistency};
+use pilotlight_protocol::{BlockHash, Encoding};
+use tokio_util::sync::CancellationToken;
+
+use super::{Committer, EndPoint};
+use crate::catalog::BlockRef;
+use crate::session::{Session, SessionVolume};
+use crate::store::Store;
+use crate::ReceiveError;
+
+const BS: u32 = 4096;
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    store: Arc<Store>,
+    session: Arc<Session>,
+}
+
+/// A store with server `web` enrolled and a session of it over one volume
+/// of four blocks.
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("receiver");
+    crate::admin::init(&dir, None).unwrap();
+    crate::admin::enroll(&dir, "web", &tmp.path().join("web.pem")).unwrap();
+    let store = Arc::new(Store::open_for_serve(&dir).unwrap());
+    let row = store.catalog().unwrap().require_server("web").unwrap();
+    let mut session = Session::new(
+        1,
+        row.id,
+        "web".into(),
+        CommitMode::Sync,
+        1,
+        vec![SessionVolume {
+            name: "root".into(),
+            size: 4 * u64::from(BS),
+            block_size: BS,
+        }],
+        CancellationToken::new(),
+        4,
+        store.clone(),
+        8 << 20,
+    );
+    session.serial = row.cert_serial.unwrap();
+    Fixture {
+        _tmp: tmp,
+        dir,
+        store,
+        session: Arc::new(session),
+    }
+}
+
+impl Fixture {
+    /// Store block `index` of point `tag` as a data stream would.
+    fn block(&self, tag: u64, index: u64, fill: u8) -> BlockHash {
+        let data = vec![fill; BS as usize];
+        let hash = BlockHash::of(&data);
+        let mut w = self.store.take_writer();
+        let (loc, pack) = w
+            .append(&hash, Encoding::Raw, BS, &data, || {
+                self.store.alloc_pack_id()
+            })
+            .unwrap();
+        let r = BlockRef {
+            volume: 0,
+            index,
+            raw_len: BS,
+            hash: Some(hash),
+        };
+        self.session
+            .record(tag, r, Some((hash, loc, pack.file)))
+            .unwrap();
+        self.session.retire_writer(w);
+        hash
+    }
+
+    fn committer(&self, idle: Duration) -> Committer {
+        Committer::new(self.store.clone(), idle)
+    }
+
+    fn latest(&self) -> Option<i64> {
+        self.store
+            .catalog()
+            .unwrap()
+            .latest_point(self.session.server_id)
+            .unwrap()
+    }
+}
+
+fn end(tag: u64, blocks: u64) -> EndPoint {
+    EndPoint {
+        tag,
+        blocks,
+        created_ms: 1_700_000_000_000,
+        consistency: Consistency::CrashConsistent,
+        commit: CommitMode::Sync,
+    }
+}
+
+#[tokio::test]
+async fn a_point_whose_blocks_arrived_becomes_a_catalog_point() {
+    let f = fixture();
+    let a = f.block(1, 0, 1);
+    let b = f.block(1, 2, 2);
+    let point = f
+        .committer(Duration::from_secs(30))
+        .commit(&f.session, end(1, 2))
+        .await
+        .unwrap();
+    assert_eq!(f.latest(), Some(point));
+    assert!(f.store.lookup(&a).is_some() && f.store.lookup(&b).is_some());
+    let st = f.session.state().unwrap();
+    assert_eq!(st.committed_tag, 1);
+    assert!(st.committing.is_empty() && st.pending.is_empty());
+    drop(st);
+    // What the catalog says is committed is on disk in the pack.
+    let packs = f.store.catalog().unwrap().packs().unwrap();
+    for (id, len) in packs {
+        let on_disk = std::fs::metadata(crate::store::pack_file(&f.dir, id))
+            .unwrap()
+            .len();
+        assert!(on_disk >= len, "pack {id}: {on_disk} < {len}");
+    }
+}
+
+#[tokio::test]
+async fn the_commit_waits_for_blocks_still_on_their_way() {
+    let f = Arc::new(fixture());
+    f.block(1, 0, 1);
+    let g = f.clone();
+    let commit = tokio::spawn(async move {
+        g.committer(Duration::from_secs(30))
+            .commit(&g.session, end(1, 2))
+            .await
+    });
+    tokio::task::yield_now().await;
+    let late = f.block(1, 1, 3);
+    let point = commit.await.unwrap().unwrap();
+    assert_eq!(f.latest(), Some(point));
+    assert!(f.store.lookup(&late).is_some());
+}
+
+#[tokio::test]
+async fn refusals_commit_nothing() {
+    type Check = fn(&ReceiveError) -> bool;
+    let cases: [(&str, EndPoint, Check); 2] = [
+        (
+            "tag out of order",
+            end(2, 1),
+            |e| matches!(e, ReceiveError::Protocol(m) if m.contains("out of order")),
+        ),
+        (
+            "more blocks than announced",
+            end(1, 0),
+            |e| matches!(e, ReceiveError::Protocol(m) if m.contains("announced 0 blocks but 1")),
+        ),
+    ];
+    for (what, e, expected) in cases {
+        let f = fixture();
+        f.block(1, 0, 1);
+        let err = f
+            .committer(Duration::from_secs(30))
+            .commit(&f.session, e)
+            .await
+            .unwrap_err();
+        assert!(expected(&err), "{what}: {err}");
+        assert_eq!(f.latest(), None, "{what}");
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_identity_commits_nothing_more() {
+    let f = fixture();
+    f.block(1, 0, 1);
+    crate::admin::revoke(&f.dir, "web").unwrap();
+    let err = f
+        .committer(Duration::from_secs(30))
+        .commit(&f.session, end(1, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ReceiveError::Unauthorized(_)), "{err}");
+    assert_eq!(f.latest(), None);
+    assert_eq!(f.session.state().unwrap().committed_tag, 0);
+}
+
+#[tokio::test]
+async fn blocks_that_stop_arriving_time_out() {
+    let f = fixture();
+    let err = f
+        .committer(Duration::from_millis(10))
+        .commit(&f.session, end(1, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ReceiveError::Timeout(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_cancelled_session_gives_its_reason() {
+    let f = fixture();
+    f.session.cancel.cancel();
+    let err = f
+        .committer(Duration::from_secs(30))
+        .commit(&f.session, end(1, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ReceiveError::Superseded), "{err}");
+}

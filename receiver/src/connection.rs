@@ -1,0 +1,292 @@
+//! One agent connection from TLS to goodbye: the handshake, `Hello`, then
+//! either a control session (`Open`: takeover, `Welcome`, then `EndPoint`,
+//! `GetHashes` and `Goodbye`) or a data stream (`Join`, see [`crate::apply`]).
+//! An error ends the connection with an `Error` frame to the agent.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use pilotlight_protocol::codec::FrameCodec;
+use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
+use pilotlight_protocol::limits::VERSION;
+use pilotlight_protocol::{DecodeError, Frame};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::commit::{Committer, EndPoint};
+use crate::handshake::{self, AuthorizedPeer};
+use crate::server::{keepalive, Shared};
+use crate::session::{Session, SessionVolume};
+use crate::store::blocking;
+use crate::wire::{next, next_or_eof, send, unexpected, Reader, Writer};
+use crate::ReceiveError;
+
+/// How long the `Error` frame and the TLS shutdown may take at the end.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One accepted TCP connection.
+pub(crate) struct Connection {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) tls: TlsAcceptor,
+    /// Cancelled when the receiver shuts down.
+    pub(crate) cancel: CancellationToken,
+    pub(crate) peer: SocketAddr,
+}
+
+impl Connection {
+    /// Serve the connection to its end; `_permit` is its place under the
+    /// connection limit.
+    pub(crate) async fn serve(self, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+        let _ = tcp.set_nodelay(true);
+        keepalive(&tcp);
+        let timeout = self.shared.cfg.handshake_timeout();
+        let Some(tls) = handshake::accept_tls(&self.tls, tcp, timeout, self.peer).await else {
+            return;
+        };
+        let authorized = handshake::authorize(&self.shared.store, &tls).await;
+        let (r, w) = tokio::io::split(tls);
+        let mut rd = FramedRead::new(r, FrameCodec::default());
+        let mut wr = FramedWrite::new(w, FrameCodec::default());
+        let result = match authorized {
+            Ok(peer) => self.session(&mut rd, &mut wr, peer).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            self.report(&mut wr, &e).await;
+        }
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, wr.get_mut().shutdown()).await;
+    }
+
+    /// Count, log and send to the agent the error that ends the connection.
+    async fn report(&self, wr: &mut Writer, e: &ReceiveError) {
+        let kind = format!("{:?}", e.code()).to_lowercase();
+        metrics::counter!("pilotlight_receiver_errors_total", "kind" => kind).increment(1);
+        match e {
+            ReceiveError::Net(_) => {
+                tracing::info!(peer = %self.peer, cause = %e, "connection lost")
+            }
+            _ => tracing::warn!(peer = %self.peer, cause = %e, "session closed with an error"),
+        }
+        let frame = Frame::Error {
+            code: e.code(),
+            message: e.to_string(),
+        };
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, wr.send(&frame)).await;
+    }
+
+    /// `Hello` both ways, then the role the agent asks for.
+    async fn session(
+        &self,
+        rd: &mut Reader,
+        wr: &mut Writer,
+        peer: AuthorizedPeer,
+    ) -> Result<(), ReceiveError> {
+        let timeout = self.shared.cfg.handshake_timeout();
+        match tokio::time::timeout(timeout, next(rd)).await {
+            Err(_) => return Err(ReceiveError::Timeout("waiting for Hello")),
+            Ok(f) => match f? {
+                Frame::Hello { version, .. } if version == VERSION => {}
+                Frame::Hello { version, .. } => {
+                    return Err(DecodeError::BadVersion {
+                        got: version,
+                        supported: VERSION,
+                    }
+                    .into())
+                }
+                other => return Err(unexpected(&other, "Hello")),
+            },
+        }
+        send(wr, &Frame::hello()).await?;
+        let first = match tokio::time::timeout(timeout, next(rd)).await {
+            Err(_) => return Err(ReceiveError::Timeout("waiting for Open or Join")),
+            Ok(f) => f?,
+        };
+        match first {
+            Frame::Open {
+                streams,
+                commit,
+                volumes,
+            } => {
+                let session = self.open(&peer, streams, commit, volumes).await?;
+                self.control(rd, wr, Arc::new(session)).await
+            }
+            Frame::Join { session } => {
+                let idle = self.shared.cfg.idle_timeout();
+                let sh = &self.shared;
+                crate::apply::serve_stream(
+                    &sh.registry,
+                    &sh.store,
+                    idle,
+                    (rd, wr),
+                    peer.server_id,
+                    session,
+                )
+                .await
+            }
+            other => Err(unexpected(&other, "Open or Join")),
+        }
+    }
+
+    /// A new session for the volumes the agent declared.
+    async fn open(
+        &self,
+        peer: &AuthorizedPeer,
+        streams: u16,
+        commit: CommitMode,
+        decls: Vec<VolumeDecl>,
+    ) -> Result<Session, ReceiveError> {
+        let mut names = HashSet::new();
+        for d in &decls {
+            if !names.insert(d.name.clone()) {
+                return Err(ReceiveError::Protocol(format!(
+                    "volume {} declared twice",
+                    d.name
+                )));
+            }
+        }
+        let store = self.shared.store.clone();
+        let server_id = peer.server_id;
+        let volumes = blocking(move || {
+            let cat = store.catalog()?;
+            decls
+                .iter()
+                .map(|d| {
+                    cat.check_volume(server_id, &d.name, d.block_size)?;
+                    Ok(SessionVolume {
+                        name: d.name.clone(),
+                        size: d.size,
+                        block_size: d.block_size,
+                    })
+                })
+                .collect::<Result<Vec<_>, ReceiveError>>()
+        })
+        .await?;
+        let cfg = &self.shared.cfg;
+        let mut session = Session::new(
+            rand::random(),
+            server_id,
+            peer.server.clone(),
+            commit,
+            streams,
+            volumes,
+            self.cancel.child_token(),
+            cfg.max_pending_points,
+            self.shared.store.clone(),
+            cfg.max_session_inflight_mib.max(8) << 20,
+        );
+        session.serial = peer.serial.clone();
+        Ok(session)
+    }
+
+    /// Run a control session: take over from the server's previous session,
+    /// list it in the registry, serve it, unlist it.
+    async fn control(
+        &self,
+        rd: &mut Reader,
+        wr: &mut Writer,
+        session: Arc<Session>,
+    ) -> Result<(), ReceiveError> {
+        let registry = &self.shared.registry;
+        let result = match registry.take_over(&session).await {
+            Ok(_turn) => match registry.enter(&session).await {
+                Ok(()) => {
+                    let result = self.control_loop(rd, wr, &session).await;
+                    registry.leave(&session).await.and(result)
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        // The last reference may drop the session, which cuts pack tails.
+        let _ = tokio::task::spawn_blocking(move || drop(session)).await;
+        result
+    }
+
+    /// `Welcome`, then the agent's requests until `Goodbye` or the end.
+    async fn control_loop(
+        &self,
+        rd: &mut Reader,
+        wr: &mut Writer,
+        session: &Arc<Session>,
+    ) -> Result<(), ReceiveError> {
+        let store = self.shared.store.clone();
+        let server_id = session.server_id;
+        let last = blocking(move || store.catalog()?.latest_point(server_id)).await?;
+        let welcome = Frame::Welcome {
+            session: session.id,
+            store_id: self.shared.store.store_id(),
+            last_point: last.unwrap_or(0) as u64,
+        };
+        send(wr, &welcome).await?;
+        tracing::info!(server = %session.server, session = session.id, volumes = session.volumes.len(), "session opened");
+        let committer = Committer::new(self.shared.store.clone(), self.shared.cfg.idle_timeout());
+        loop {
+            let frame = tokio::select! {
+                () = session.cancel.cancelled() => {
+                    return Err(if self.cancel.is_cancelled() { ReceiveError::Shutdown } else { session.cancel_reason() });
+                }
+                f = next_or_eof(rd) => match f? {
+                    Some(f) => f,
+                    None => return Ok(()),
+                },
+            };
+            match frame {
+                Frame::EndPoint {
+                    tag,
+                    blocks,
+                    created_ms,
+                    consistency,
+                    commit,
+                } => {
+                    let end = EndPoint {
+                        tag,
+                        blocks,
+                        created_ms,
+                        consistency,
+                        commit,
+                    };
+                    self.end_point(wr, &committer, session, end).await?;
+                }
+                Frame::GetHashes { volume } => {
+                    crate::hashes::send_hashes(wr, &self.shared.store, session, volume).await?
+                }
+                Frame::Goodbye => {
+                    session.ended.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+                other => return Err(unexpected(&other, "EndPoint, GetHashes or Goodbye")),
+            }
+        }
+    }
+
+    /// The commit order of [`crate::commit`]: steps 1 to 3 (pack fsync,
+    /// directory fsync, SQLite commit) in the committer, then step 4, the
+    /// `DURABLE` ack, then step 5, the staging update, queued to its task.
+    async fn end_point(
+        &self,
+        wr: &mut Writer,
+        committer: &Committer,
+        session: &Arc<Session>,
+        end: EndPoint,
+    ) -> Result<(), ReceiveError> {
+        let point = committer.commit(session, end).await?;
+        let durable = Frame::Durable {
+            tag: end.tag,
+            point: point as u64,
+        };
+        send(wr, &durable).await?;
+        self.shared
+            .staging
+            .request(&session.server, session.server_id, point)
+            .await;
+        Ok(())
+    }
+}

@@ -1,0 +1,174 @@
+//! The session registry: which server has which live session, the takeover
+//! of a superseded session, the sessions data streams may join, and what
+//! every session still alive pins against garbage collection. It also keeps
+//! `live.json` (see [`crate::live`]) in step.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use tokio::sync::OwnedMutexGuard;
+use tokio_util::sync::CancellationToken;
+
+use crate::gc::Pins;
+use crate::live::Live;
+use crate::session::Session;
+use crate::store::blocking;
+use crate::ReceiveError;
+
+/// The live session of one server.
+struct ActiveServer {
+    /// Cancels that session (a newer one takes over).
+    cancel: CancellationToken,
+    /// Held by a session from takeover until it has finished committing.
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Every session of a serving receiver.
+pub(crate) struct Registry {
+    /// Receiver directory (for `live.json`).
+    dir: PathBuf,
+    /// Open control sessions, by session id, for data streams to join.
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    /// Every session still alive anywhere (a commit may outlive its control
+    /// connection): garbage collection asks them all for pins.
+    alive: Mutex<Vec<Weak<Session>>>,
+    /// The live session of each server, by server row id.
+    active: Mutex<HashMap<i64, ActiveServer>>,
+    /// What `live.json` says.
+    live: Mutex<Live>,
+}
+
+/// Proof that a session took over its server: held until the session ends.
+pub(crate) struct Turn {
+    _guard: OwnedMutexGuard<()>,
+}
+
+impl Registry {
+    /// An empty registry for the receiver directory `dir`.
+    pub(crate) fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            sessions: Mutex::new(HashMap::new()),
+            alive: Mutex::new(Vec::new()),
+            active: Mutex::new(HashMap::new()),
+            live: Mutex::new(Live {
+                pid: std::process::id(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Write `live.json` as it stands (no server connected yet at start).
+    pub(crate) async fn publish(self: &Arc<Self>) {
+        let me = self.clone();
+        let _ = blocking(move || {
+            if let Ok(live) = me.live.lock() {
+                let _ = live.save(&me.dir);
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    /// Take over from an older session of the same server: cancel it and
+    /// wait until it has finished committing. Fails with `Superseded` if a
+    /// newer session takes over from `session` meanwhile.
+    pub(crate) async fn take_over(&self, session: &Session) -> Result<Turn, ReceiveError> {
+        let lock = {
+            let mut active = lock(&self.active, "active sessions")?;
+            let entry = active
+                .entry(session.server_id)
+                .or_insert_with(|| ActiveServer {
+                    cancel: CancellationToken::new(),
+                    lock: Arc::new(tokio::sync::Mutex::new(())),
+                });
+            entry.cancel.cancel();
+            entry.cancel = session.cancel.clone();
+            entry.lock.clone()
+        };
+        tokio::select! {
+            g = lock.lock_owned() => Ok(Turn { _guard: g }),
+            () = session.cancel.cancelled() => Err(ReceiveError::Superseded),
+        }
+    }
+
+    /// List a session that took over: data streams may join it, garbage
+    /// collection keeps what it pins, `live.json` shows its server.
+    pub(crate) async fn enter(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+    ) -> Result<(), ReceiveError> {
+        lock(&self.sessions, "sessions")?.insert(session.id, session.clone());
+        lock(&self.alive, "alive sessions")?.push(Arc::downgrade(session));
+        metrics::gauge!("pilotlight_receiver_sessions").increment(1.0);
+        self.set_live(&session.server, Some(crate::catalog::rfc3339(now_ms())))
+            .await;
+        Ok(())
+    }
+
+    /// The session's control connection is over: cancel the session (its
+    /// data streams end) and unlist it. Its pins stay until the last
+    /// reference to it is gone.
+    pub(crate) async fn leave(self: &Arc<Self>, session: &Session) -> Result<(), ReceiveError> {
+        self.set_live(&session.server, None).await;
+        metrics::gauge!("pilotlight_receiver_sessions").decrement(1.0);
+        session.cancel.cancel();
+        lock(&self.sessions, "sessions")?.remove(&session.id);
+        Ok(())
+    }
+
+    /// The open session `session_id`, if it is one of `server_id`'s.
+    pub(crate) fn find(
+        &self,
+        session_id: u64,
+        server_id: i64,
+    ) -> Result<Option<Arc<Session>>, ReceiveError> {
+        let sessions = lock(&self.sessions, "sessions")?;
+        Ok(sessions
+            .get(&session_id)
+            .filter(|s| s.server_id == server_id)
+            .cloned())
+    }
+
+    /// What the sessions alive now hold on to. Call from a blocking context.
+    pub(crate) fn pins(&self) -> Result<Pins, ReceiveError> {
+        let mut pins = Pins::default();
+        let mut alive = lock(&self.alive, "alive sessions")?;
+        alive.retain(|w| w.strong_count() > 0);
+        for s in alive.iter().filter_map(Weak::upgrade) {
+            s.pins(&mut pins)?;
+        }
+        Ok(pins)
+    }
+
+    /// Record that `server` connected (or, with `None`, disconnected), and
+    /// rewrite `live.json` off the async workers.
+    async fn set_live(self: &Arc<Self>, server: &str, since: Option<String>) {
+        let me = self.clone();
+        let server = server.to_owned();
+        let _ = blocking(move || {
+            let Ok(mut live) = me.live.lock() else {
+                return Ok(());
+            };
+            match since {
+                Some(t) => live.connected.insert(server, t),
+                None => live.connected.remove(&server),
+            };
+            if let Err(e) = live.save(&me.dir) {
+                tracing::debug!(cause = %e, "cannot write live.json");
+            }
+            Ok(())
+        })
+        .await;
+    }
+}
+
+fn lock<'a, T>(m: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>, ReceiveError> {
+    m.lock().map_err(|_| ReceiveError::poisoned(what))
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
+}

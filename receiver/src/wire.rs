@@ -1,0 +1,69 @@
+//! The framed halves of an agent's TLS connection, and the few helpers that
+//! read and write frames on them.
+
+use futures_util::{SinkExt, StreamExt};
+use pilotlight_protocol::codec::{CodecError, FrameCodec};
+use pilotlight_protocol::Frame;
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::ReceiveError;
+
+/// The read half of an agent's connection.
+pub(crate) type Reader = FramedRead<ReadHalf<TlsStream<TcpStream>>, FrameCodec>;
+/// The write half of an agent's connection.
+pub(crate) type Writer = FramedWrite<WriteHalf<TlsStream<TcpStream>>, FrameCodec>;
+
+/// Write one frame.
+pub(crate) async fn send<W: AsyncWrite + Unpin>(
+    wr: &mut FramedWrite<W, FrameCodec>,
+    frame: &Frame,
+) -> Result<(), ReceiveError> {
+    wr.send(frame).await.map_err(codec_err)
+}
+
+/// Read the next frame; the peer closing the connection is an error.
+pub(crate) async fn next<R: AsyncRead + Unpin>(
+    rd: &mut FramedRead<R, FrameCodec>,
+) -> Result<Frame, ReceiveError> {
+    next_or_eof(rd).await?.ok_or_else(|| {
+        ReceiveError::Net(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "peer closed the connection",
+        ))
+    })
+}
+
+/// Read the next frame, or `None` when the peer closed the connection. An
+/// `Error` frame from the peer is returned as an error.
+pub(crate) async fn next_or_eof<R: AsyncRead + Unpin>(
+    rd: &mut FramedRead<R, FrameCodec>,
+) -> Result<Option<Frame>, ReceiveError> {
+    match rd.next().await {
+        None => Ok(None),
+        Some(Ok((_, frame))) => match frame {
+            Frame::Error { code, message } => Err(ReceiveError::Protocol(format!(
+                "peer reported {code:?}: {message}"
+            ))),
+            f => Ok(Some(f)),
+        },
+        Some(Err(e)) => Err(codec_err(e)),
+    }
+}
+
+fn codec_err(e: CodecError) -> ReceiveError {
+    match e {
+        CodecError::Io(e) => ReceiveError::Net(e),
+        CodecError::Decode(d) => ReceiveError::Decode(d),
+    }
+}
+
+/// The error for a frame that is valid but not one of those `wanted` now.
+pub(crate) fn unexpected(frame: &Frame, wanted: &str) -> ReceiveError {
+    ReceiveError::Protocol(format!(
+        "unexpected {:?} frame; expected {wanted}",
+        frame.kind()
+    ))
+}
