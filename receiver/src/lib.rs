@@ -17,6 +17,7 @@ pub mod restore;
 pub mod retention;
 pub mod server;
 pub mod session;
+pub mod status;
 pub mod store;
 pub mod verify;
 
