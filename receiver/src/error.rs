@@ -62,6 +62,16 @@ pub enum ReceiveError {
     /// The catalog database failed.
     #[error("catalog error: {0}")]
     Catalog(#[from] rusqlite::Error),
+    /// The catalog was written by a newer receiver.
+    #[error(
+        "catalog schema version {found} is newer than this receiver supports ({supported}); upgrade pilotlight-receiver"
+    )]
+    CatalogTooNew {
+        /// The catalog's schema version.
+        found: i64,
+        /// The newest version this receiver reads.
+        supported: i64,
+    },
     /// Stored data is damaged.
     #[error("store is damaged: {0}")]
     Corrupt(String),
@@ -117,9 +127,11 @@ impl ReceiveError {
             Self::Shutdown => ErrorCode::Shutdown,
             Self::Busy(_) => ErrorCode::Busy,
             Self::Storage { .. } | Self::Catalog(_) | Self::Corrupt(_) => ErrorCode::Storage,
-            Self::Config(_) | Self::NotFound(_) | Self::Refused(_) | Self::Internal(_) => {
-                ErrorCode::Other
-            }
+            Self::Config(_)
+            | Self::NotFound(_)
+            | Self::Refused(_)
+            | Self::Internal(_)
+            | Self::CatalogTooNew { .. } => ErrorCode::Other,
         }
     }
 }

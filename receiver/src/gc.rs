@@ -26,11 +26,15 @@
 //! still unreferenced after that are deleted.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::sync::Arc;
 
 use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::BlockHash;
 
-use crate::pack::{pack_path, BlockLoc, PackReader, PACK_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::pack::{
+    pack_path, BlockLoc, PackReader, PackWriter, PACK_HEADER_LEN, RECORD_HEADER_LEN,
+};
 use crate::store::{sync_dir, Store};
 use crate::ReceiveError;
 
@@ -86,30 +90,12 @@ pub fn collect(
     pins: &dyn Fn() -> Result<Pins, ReceiveError>,
     opts: GcOptions,
 ) -> Result<GcReport, ReceiveError> {
-    let mut report = GcReport::default();
     store.close_pooled_writers();
     let referenced = store.catalog()?.referenced_hashes()?;
     let blocks = store.catalog()?.all_blocks()?;
     let packs = store.catalog()?.packs()?;
 
-    // Take the unreferenced, unpinned blocks out of the index.
-    let mut removed: HashMap<BlockHash, BlockLoc> = HashMap::new();
-    let busy = {
-        let mut index = store.index_write()?;
-        let pins = pins()?;
-        let mut busy = store.open_packs();
-        busy.extend(pins.packs.iter().copied());
-        for (h, loc) in &blocks {
-            if referenced.contains(h) || pins.hashes.contains(h) || busy.contains(&loc.pack) {
-                continue;
-            }
-            if index.get(h) == Some(loc) {
-                index.remove(h);
-                removed.insert(*h, *loc);
-            }
-        }
-        busy
-    };
+    let (mut removed, busy) = unindex_garbage(store, pins, &blocks, &referenced)?;
     // Points committed before the index was taken may have referred to
     // some of those blocks; they are not garbage.
     let referenced = store.catalog()?.referenced_hashes()?;
@@ -126,19 +112,88 @@ pub fn collect(
     for (h, loc) in blocks {
         by_pack.entry(loc.pack).or_default().push((h, loc));
     }
-    let mut reader = PackReader::new(store.dir());
-    let mut decoder = Decoder::new().map_err(|e| ReceiveError::storage(store.dir(), e))?;
-    let mut writer = store.new_writer();
-    let mut written: HashMap<u64, (std::sync::Arc<std::fs::File>, u64)> = HashMap::new();
-    let (mut payload, mut scratch) = (Vec::new(), Vec::new());
+    let mut collector = Collector::new(store, resurrect)?;
     let mut sorted: Vec<(u64, u64)> = packs;
     sorted.sort_unstable();
     for (pack, committed_len) in sorted {
         if busy.contains(&pack) {
             continue;
         }
-        report.packs_examined += 1;
         let records = by_pack.remove(&pack).unwrap_or_default();
+        collector.pack(pack, committed_len, records, &removed, opts)?;
+    }
+    collector.finish()
+}
+
+/// Take the unreferenced, unpinned blocks out of the index, with the index
+/// held for writing while `pins` answers. Returns them, and the packs that
+/// are busy (open for writing, or written by pending points).
+fn unindex_garbage(
+    store: &Store,
+    pins: &dyn Fn() -> Result<Pins, ReceiveError>,
+    blocks: &[(BlockHash, BlockLoc)],
+    referenced: &HashSet<BlockHash>,
+) -> Result<(HashMap<BlockHash, BlockLoc>, HashSet<u64>), ReceiveError> {
+    let mut removed: HashMap<BlockHash, BlockLoc> = HashMap::new();
+    let mut index = store.index_write()?;
+    let pins = pins()?;
+    let mut busy = store.open_packs();
+    busy.extend(pins.packs.iter().copied());
+    for (h, loc) in blocks {
+        if referenced.contains(h) || pins.hashes.contains(h) || busy.contains(&loc.pack) {
+            continue;
+        }
+        if index.get(h) == Some(loc) {
+            index.remove(h);
+            removed.insert(*h, *loc);
+        }
+    }
+    Ok((removed, busy))
+}
+
+/// One collection's pass over the packs, one pack at a time.
+struct Collector<'a> {
+    store: &'a Store,
+    reader: PackReader,
+    decoder: Decoder,
+    writer: PackWriter,
+    /// The new packs written: file and length.
+    written: HashMap<u64, (Arc<File>, u64)>,
+    payload: Vec<u8>,
+    scratch: Vec<u8>,
+    /// Blocks taken out of the index that stay: put back at the end.
+    resurrect: Vec<(BlockHash, BlockLoc)>,
+    report: GcReport,
+}
+
+impl<'a> Collector<'a> {
+    fn new(store: &'a Store, resurrect: Vec<(BlockHash, BlockLoc)>) -> Result<Self, ReceiveError> {
+        let reader = PackReader::new(store.dir());
+        let decoder = Decoder::new().map_err(|e| ReceiveError::storage(store.dir(), e))?;
+        Ok(Self {
+            store,
+            reader,
+            decoder,
+            writer: store.new_writer(),
+            written: HashMap::new(),
+            payload: Vec::new(),
+            scratch: Vec::new(),
+            resurrect,
+            report: GcReport::default(),
+        })
+    }
+
+    /// Drop or rewrite `pack` (its catalog `records`), or leave it as it is
+    /// when it is mostly live or a live block in it is damaged.
+    fn pack(
+        &mut self,
+        pack: u64,
+        committed_len: u64,
+        records: Vec<(BlockHash, BlockLoc)>,
+        removed: &HashMap<BlockHash, BlockLoc>,
+        opts: GcOptions,
+    ) -> Result<(), ReceiveError> {
+        self.report.packs_examined += 1;
         let (dead, live): (Vec<_>, Vec<_>) = records
             .into_iter()
             .partition(|(h, loc)| removed.get(h) == Some(loc));
@@ -150,46 +205,76 @@ pub fn collect(
         let keep = dead_bytes == 0 || dead_bytes * 100 < u64::from(opts.min_dead_percent) * total;
         if !live.is_empty() && keep {
             // Mostly live: its dead blocks stay, and so stay findable.
-            resurrect.extend(dead.iter().copied());
-            continue;
+            self.resurrect.extend(dead.iter().copied());
+            return Ok(());
         }
+        let Some(moved) = self.copy_live(pack, &live)? else {
+            self.report.packs_damaged.push(pack);
+            self.resurrect.extend(dead.iter().copied());
+            return Ok(());
+        };
+        self.commit(pack, committed_len, &moved, &dead)
+    }
+
+    /// Copy the `live` records of `pack` into new packs, each checked
+    /// first; `None` when one fails its check.
+    fn copy_live(
+        &mut self,
+        pack: u64,
+        live: &[(BlockHash, BlockLoc)],
+    ) -> Result<Option<Vec<(BlockHash, BlockLoc)>>, ReceiveError> {
         let mut moved = Vec::with_capacity(live.len());
-        let mut damaged = false;
-        for (h, loc) in &live {
-            let checked = reader.read(loc, h, &mut payload).and_then(|()| {
+        for (h, loc) in live {
+            let (payload, scratch, decoder) =
+                (&mut self.payload, &mut self.scratch, &mut self.decoder);
+            let checked = self.reader.read(loc, h, payload).and_then(|()| {
                 decoder
-                    .verify(loc.encoding, &payload, loc.raw_len, h, &mut scratch)
+                    .verify(loc.encoding, payload, loc.raw_len, h, scratch)
                     .map_err(|e| ReceiveError::Corrupt(format!("block {}: {e}", h.to_hex())))
             });
             if let Err(e) = checked {
                 tracing::error!(pack, cause = %e, "live block fails its check; pack left as it is");
-                damaged = true;
-                break;
+                return Ok(None);
             }
-            let (new, file) = writer.append(h, loc.encoding, loc.raw_len, &payload, || {
-                store.alloc_pack_id()
-            })?;
-            let e = written.entry(new.pack).or_insert((file.file, 0));
+            let store = self.store;
+            let (new, file) =
+                self.writer
+                    .append(h, loc.encoding, loc.raw_len, &self.payload, || {
+                        store.alloc_pack_id()
+                    })?;
+            let e = self.written.entry(new.pack).or_insert((file.file, 0));
             e.1 = e.1.max(new.end());
             moved.push((*h, new));
         }
-        if damaged {
-            report.packs_damaged.push(pack);
-            resurrect.extend(dead.iter().copied());
-            continue;
-        }
-        for (id, (file, _)) in &written {
+        Ok(Some(moved))
+    }
+
+    /// Make the copies durable, move the rows in one catalog transaction,
+    /// then remove `pack` if nothing is left in it.
+    fn commit(
+        &mut self,
+        pack: u64,
+        committed_len: u64,
+        moved: &[(BlockHash, BlockLoc)],
+        dead: &[(BlockHash, BlockLoc)],
+    ) -> Result<(), ReceiveError> {
+        let store = self.store;
+        for (id, (file, _)) in &self.written {
             file.sync_data()
                 .map_err(|e| ReceiveError::storage(pack_path(store.dir(), *id), e))?;
         }
-        let new_packs: Vec<(u64, u64)> = written.iter().map(|(id, (_, len))| (*id, *len)).collect();
+        let new_packs: Vec<(u64, u64)> = self
+            .written
+            .iter()
+            .map(|(id, (_, len))| (*id, *len))
+            .collect();
         let dead_hashes: Vec<BlockHash> = dead.iter().map(|(h, _)| *h).collect();
         let emptied = {
             let mut cat = store.catalog()?;
-            let emptied = cat.collect_pack(pack, &moved, &dead_hashes, &new_packs)?;
+            let emptied = cat.collect_pack(pack, moved, &dead_hashes, &new_packs)?;
             // With the catalog still held, as commits do: the index follows it.
             let mut index = store.index_write()?;
-            for (h, new) in &moved {
+            for (h, new) in moved {
                 if index.get(h).is_none_or(|l| l.pack == pack) {
                     index.insert(*h, *new);
                 }
@@ -197,6 +282,7 @@ pub fn collect(
             emptied
         };
         store.note_committed(&new_packs)?;
+        let report = &mut self.report;
         report.blocks_dropped += dead.len() as u64;
         report.bytes_copied += moved.iter().map(|(_, l)| record_len(l)).sum::<u64>();
         if emptied {
@@ -218,18 +304,24 @@ pub fn collect(
                 "collected pack"
             );
         }
+        Ok(())
     }
-    // What the new packs take: the live records and their own headers.
-    let new_pack_bytes = report.bytes_copied + PACK_HEADER_LEN * written.len() as u64;
-    report.bytes_freed = report.bytes_freed.saturating_sub(new_pack_bytes);
-    if !resurrect.is_empty() {
-        let _cat = store.catalog()?;
-        let mut index = store.index_write()?;
-        for (h, loc) in resurrect {
-            index.entry(h).or_insert(loc);
+
+    /// Put the blocks that stay back into the index; the report.
+    fn finish(self) -> Result<GcReport, ReceiveError> {
+        let mut report = self.report;
+        // What the new packs take: the live records and their own headers.
+        let new_pack_bytes = report.bytes_copied + PACK_HEADER_LEN * self.written.len() as u64;
+        report.bytes_freed = report.bytes_freed.saturating_sub(new_pack_bytes);
+        if !self.resurrect.is_empty() {
+            let _cat = self.store.catalog()?;
+            let mut index = self.store.index_write()?;
+            for (h, loc) in self.resurrect {
+                index.entry(h).or_insert(loc);
+            }
         }
+        Ok(report)
     }
-    Ok(report)
 }
 
 fn record_len(loc: &BlockLoc) -> u64 {

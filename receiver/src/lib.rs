@@ -25,6 +25,7 @@ pub mod retention;
 pub mod server;
 pub mod session;
 mod staging;
+pub mod status;
 pub mod store;
 pub mod verify;
 mod wire;

@@ -124,90 +124,174 @@ pub fn point_blocks(
 pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, ReceiveError> {
     let store = Store::open(dir)?;
     let point = resolve_point(&store, &req.server, req.point)?;
-    let Some(vol) = point.volumes.iter().find(|v| v.name == req.volume).cloned() else {
-        let cat = store.catalog()?;
-        let known = cat
-            .server(&req.server)?
-            .map(|s| cat.volume(s.id, &req.volume))
-            .transpose()?
-            .flatten();
-        return Err(ReceiveError::NotFound(match known {
-            Some(_) => format!(
-                "volume {} is not part of point {} of server {}",
-                req.volume, point.id, req.server
-            ),
-            None => format!("server {} has no volume named {}", req.server, req.volume),
-        }));
-    };
+    let vol = requested_volume(&store, &point, req)?;
     let blocks = point_blocks(&store, &vol, point.id)?;
-
-    let meta = std::fs::metadata(&req.to);
-    let is_device = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
-    if meta.is_ok() && !req.force {
-        return Err(ReceiveError::Refused(format!(
-            "{} already exists; pass --force to overwrite it",
-            req.to.display()
-        )));
-    }
-    let (file, tmp) = if is_device {
-        let mut f = File::options()
-            .write(true)
-            .open(&req.to)
-            .map_err(|e| ReceiveError::storage(&req.to, e))?;
-        let dev_size = f
-            .seek(SeekFrom::End(0))
-            .map_err(|e| ReceiveError::storage(&req.to, e))?;
-        if dev_size < vol.size {
-            return Err(ReceiveError::Refused(format!(
-                "{} holds {dev_size} bytes but volume {} is {} bytes",
-                req.to.display(),
-                vol.name,
-                vol.size
-            )));
-        }
-        (f, None)
-    } else {
-        let name = req
-            .to
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = req.to.with_file_name(format!(".{name}.pilotlight-partial"));
-        let f = File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| ReceiveError::storage(&tmp, e))?;
-        f.set_len(vol.size)
-            .map_err(|e| ReceiveError::storage(&tmp, e))?;
-        (f, Some(tmp))
-    };
-    let path = tmp.clone().unwrap_or_else(|| req.to.clone());
-
-    // Work: every data block; on a device also every zero block, since the
-    // device's old content must not show through.
-    let mut work: Vec<PointBlock> = Vec::new();
-    if is_device {
-        let mut it = blocks.into_iter().peekable();
-        for i in 0..block_count(vol.size, vol.block_size) {
-            match it.peek() {
-                Some((idx, _)) if *idx == i => work.extend(it.next()),
-                _ => work.push((i, None)),
-            }
-        }
-    } else {
-        work = blocks.into_iter().filter(|(_, e)| e.is_some()).collect();
-    }
+    let target = Target::open(req, &vol)?;
+    let work = work(blocks, &vol, target.is_device);
 
     let bar = progress_bar(req.progress, vol.size);
+    let result = write_blocks(dir, &store, &vol, &work, &target, bar.as_ref());
+    let written = match result {
+        Ok(n) => n,
+        Err(e) => {
+            if let Some(t) = &target.tmp {
+                let _ = std::fs::remove_file(t);
+            }
+            return Err(e);
+        }
+    };
+    target.finish(req)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(RestoreReport {
+        point: point.id,
+        size: vol.size,
+        blocks_written: written,
+    })
+}
+
+/// The volume `req` names in `point`; the error says whether the server has
+/// no such volume at all or only not in this point.
+fn requested_volume(
+    store: &Store,
+    point: &PointInfo,
+    req: &RestoreRequest,
+) -> Result<PointVolumeInfo, ReceiveError> {
+    if let Some(vol) = point.volumes.iter().find(|v| v.name == req.volume) {
+        return Ok(vol.clone());
+    }
+    let cat = store.catalog()?;
+    let known = cat
+        .server(&req.server)?
+        .map(|s| cat.volume(s.id, &req.volume))
+        .transpose()?
+        .flatten();
+    Err(ReceiveError::NotFound(match known {
+        Some(_) => format!(
+            "volume {} is not part of point {} of server {}",
+            req.volume, point.id, req.server
+        ),
+        None => format!("server {} has no volume named {}", req.server, req.volume),
+    }))
+}
+
+/// Where a restore writes: a block device in place, or a file written
+/// beside the target and renamed over it once complete.
+struct Target {
+    file: File,
+    /// The partial file, renamed to the target at the end; `None` for a
+    /// device.
+    tmp: Option<PathBuf>,
+    /// The path written to.
+    path: PathBuf,
+    is_device: bool,
+}
+
+impl Target {
+    /// Open the target of `req` for a volume of `vol.size` bytes. An
+    /// existing target needs `force`; a device must be large enough.
+    fn open(req: &RestoreRequest, vol: &PointVolumeInfo) -> Result<Self, ReceiveError> {
+        let meta = std::fs::metadata(&req.to);
+        let is_device = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
+        if meta.is_ok() && !req.force {
+            return Err(ReceiveError::Refused(format!(
+                "{} already exists; pass --force to overwrite it",
+                req.to.display()
+            )));
+        }
+        let (file, tmp) = if is_device {
+            let mut f = File::options()
+                .write(true)
+                .open(&req.to)
+                .map_err(|e| ReceiveError::storage(&req.to, e))?;
+            let dev_size = f
+                .seek(SeekFrom::End(0))
+                .map_err(|e| ReceiveError::storage(&req.to, e))?;
+            if dev_size < vol.size {
+                return Err(ReceiveError::Refused(format!(
+                    "{} holds {dev_size} bytes but volume {} is {} bytes",
+                    req.to.display(),
+                    vol.name,
+                    vol.size
+                )));
+            }
+            (f, None)
+        } else {
+            let name = req
+                .to
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let tmp = req.to.with_file_name(format!(".{name}.pilotlight-partial"));
+            let f = File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(|e| ReceiveError::storage(&tmp, e))?;
+            f.set_len(vol.size)
+                .map_err(|e| ReceiveError::storage(&tmp, e))?;
+            (f, Some(tmp))
+        };
+        let path = tmp.clone().unwrap_or_else(|| req.to.clone());
+        Ok(Self {
+            file,
+            tmp,
+            path,
+            is_device,
+        })
+    }
+
+    /// Make the written data durable and, for a file, put it in place.
+    fn finish(&self, req: &RestoreRequest) -> Result<(), ReceiveError> {
+        self.file
+            .sync_all()
+            .map_err(|e| ReceiveError::storage(&self.path, e))?;
+        if let Some(t) = &self.tmp {
+            std::fs::rename(t, &req.to).map_err(|e| ReceiveError::storage(&req.to, e))?;
+            if let Some(parent) = req.to.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The blocks to write: every data block; on a device also every zero
+/// block, since the device's old content must not show through.
+fn work(blocks: Vec<PointBlock>, vol: &PointVolumeInfo, is_device: bool) -> Vec<PointBlock> {
+    if !is_device {
+        return blocks.into_iter().filter(|(_, e)| e.is_some()).collect();
+    }
+    let mut work: Vec<PointBlock> = Vec::new();
+    let mut it = blocks.into_iter().peekable();
+    for i in 0..block_count(vol.size, vol.block_size) {
+        match it.peek() {
+            Some((idx, _)) if *idx == i => work.extend(it.next()),
+            _ => work.push((i, None)),
+        }
+    }
+    work
+}
+
+/// Write `work` to the target on a few threads, each fetching and checking
+/// its blocks; returns the number of data blocks written.
+fn write_blocks(
+    dir: &Path,
+    store: &Store,
+    vol: &PointVolumeInfo,
+    work: &[PointBlock],
+    target: &Target,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<u64, ReceiveError> {
     let next = AtomicUsize::new(0);
     let written = AtomicU64::new(0);
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .min(8);
     let chunk = 64usize;
-    let result: Result<(), ReceiveError> = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| -> Result<(), ReceiveError> {
@@ -227,7 +311,7 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
                             let len = block_len(vol.size, vol.block_size, *index) as usize;
                             let data: &[u8] = match entry {
                                 Some((h, loc)) => {
-                                    fetch.fetch_current(&store, loc, h, &mut buf).map_err(|e| {
+                                    fetch.fetch_current(store, loc, h, &mut buf).map_err(|e| {
                                         ReceiveError::Corrupt(format!(
                                             "block {index} of volume {}: {e}",
                                             vol.name
@@ -238,9 +322,11 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
                                 }
                                 None => zeros.get(..len).unwrap_or(&zeros),
                             };
-                            file.write_all_at(data, offset)
-                                .map_err(|e| ReceiveError::storage(&path, e))?;
-                            if let Some(b) = &bar {
+                            target
+                                .file
+                                .write_all_at(data, offset)
+                                .map_err(|e| ReceiveError::storage(&target.path, e))?;
+                            if let Some(b) = bar {
                                 b.inc(len as u64);
                             }
                         }
@@ -259,29 +345,8 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
             }
         }
         first
-    });
-    if let Err(e) = result {
-        if let Some(t) = &tmp {
-            let _ = std::fs::remove_file(t);
-        }
-        return Err(e);
-    }
-    file.sync_all()
-        .map_err(|e| ReceiveError::storage(&path, e))?;
-    if let Some(t) = &tmp {
-        std::fs::rename(t, &req.to).map_err(|e| ReceiveError::storage(&req.to, e))?;
-        if let Some(parent) = req.to.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent)?;
-        }
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    Ok(RestoreReport {
-        point: point.id,
-        size: vol.size,
-        blocks_written: written.into_inner(),
-    })
+    })?;
+    Ok(written.into_inner())
 }
 
 /// A byte progress bar on stderr, only when asked for and stderr is a terminal.

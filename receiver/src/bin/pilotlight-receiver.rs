@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use pilotlight_receiver::catalog::PointInfo;
 use pilotlight_receiver::restore::{PointSel, RestoreRequest};
+use pilotlight_receiver::retention::Policy;
+use pilotlight_receiver::status::{self, Status};
 use pilotlight_receiver::{admin, restore, server, verify, ReceiveError, ReceiverConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -284,47 +287,8 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 keep_weekly,
                 keep_monthly,
             ];
-            let policy = if keep_within.is_some() || flags.iter().any(Option::is_some) {
-                pilotlight_receiver::retention::Policy {
-                    keep_within,
-                    keep_last: keep_last.unwrap_or(0),
-                    keep_hourly: keep_hourly.unwrap_or(0),
-                    keep_daily: keep_daily.unwrap_or(0),
-                    keep_weekly: keep_weekly.unwrap_or(0),
-                    keep_monthly: keep_monthly.unwrap_or(0),
-                }
-            } else {
-                ReceiverConfig::load(&dir)?.retention
-            };
-            let items = admin::prune(&dir, server.as_deref(), &policy, dry_run)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&items)?);
-            } else {
-                for i in &items {
-                    let verb = match (i.keep, dry_run) {
-                        (true, _) => "keep",
-                        (false, true) => "would remove",
-                        (false, false) => "removed",
-                    };
-                    println!(
-                        "{verb:>12} point {:>6} {:<20} {}  {}",
-                        i.point,
-                        i.server,
-                        i.created,
-                        i.reasons.join(",")
-                    );
-                }
-            }
-            if !dry_run && !no_gc && items.iter().any(|i| !i.keep) {
-                let opts = gc_options(&dir)?;
-                match admin::gc(&dir, opts) {
-                    Ok(r) => eprintln!("{}", gc_summary(&r)),
-                    Err(ReceiveError::Refused(why)) => eprintln!(
-                        "space not collected now: {why}; the running receiver collects it at its next pass"
-                    ),
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            let policy = retention_policy(&dir, keep_within, flags)?;
+            prune(&dir, server.as_deref(), &policy, dry_run, json, no_gc)?;
         }
         Cmd::Gc { dir, json } => {
             let r = admin::gc(&dir, gc_options(&dir)?)?;
@@ -347,36 +311,9 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             use clap::CommandFactory;
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
         }
-        Cmd::Status { dir, json } => status(&dir, json)?,
+        Cmd::Status { dir, json } => print_status(&status::status(&dir)?, json)?,
         Cmd::Points { dir, server, json } => {
-            let points = admin::points(&dir, server.as_deref())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&points)?);
-            } else {
-                let mut out = std::io::stdout().lock();
-                writeln!(
-                    out,
-                    "{:>6}  {:<20} {:<25} {:<16} {:<6} volumes",
-                    "point", "server", "created", "consistency", "commit"
-                )?;
-                for p in points {
-                    let vols: Vec<String> = p
-                        .volumes
-                        .iter()
-                        .map(|v| format!("{}({} changed)", v.name, human(v.changed_bytes)))
-                        .collect();
-                    writeln!(
-                        out,
-                        "{:>6}  {:<20} {:<25} {:<16} {:<6} {}",
-                        p.id,
-                        p.server,
-                        p.created,
-                        p.consistency,
-                        p.commit,
-                        vols.join(" ")
-                    )?;
-                }
-            }
+            print_points(&admin::points(&dir, server.as_deref())?, json)?;
         }
         Cmd::Restore {
             dir,
@@ -388,29 +325,10 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             to,
             force,
         } => {
-            let sel = match (point, at, latest) {
-                (Some(id), None, false) => PointSel::Id(id),
-                (None, Some(t), false) => {
-                    let t = time::OffsetDateTime::parse(
-                        &t,
-                        &time::format_description::well_known::Rfc3339,
-                    )
-                    .with_context(|| {
-                        format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z")
-                    })?;
-                    PointSel::At(
-                        i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX),
-                    )
-                }
-                (None, None, true) => PointSel::Latest,
-                _ => anyhow::bail!(
-                    "say which point to restore: one of --point ID, --at RFC3339 or --latest"
-                ),
-            };
             let req = RestoreRequest {
                 server,
                 volume,
-                point: sel,
+                point: point_sel(point, at, latest)?,
                 to,
                 force,
                 progress: true,
@@ -432,23 +350,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let report = verify::verify(&dir, server.as_deref(), point, !json)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                for d in &report.damaged {
-                    println!(
-                        "DAMAGED point {} server {} volume {} block {}: {}",
-                        d.point, d.server, d.volume, d.block, d.error
-                    );
-                }
-                println!(
-                    "{}: {} points, {} stored blocks checked, {} damaged block references",
-                    if report.ok { "ok" } else { "DAMAGED" },
-                    report.points_checked,
-                    report.blocks_checked,
-                    report.damaged.len()
-                );
-            }
+            print_verify(&report, json)?;
             if !report.ok {
                 if !json {
                     eprintln!("pilotlight-receiver: verify found damaged blocks");
@@ -458,6 +360,139 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The policy of `prune`: the flags when any is given, else receiver.toml's.
+fn retention_policy(
+    dir: &std::path::Path,
+    keep_within: Option<std::time::Duration>,
+    flags: [Option<u32>; 5],
+) -> anyhow::Result<Policy> {
+    if keep_within.is_none() && flags.iter().all(Option::is_none) {
+        return Ok(ReceiverConfig::load(dir)?.retention);
+    }
+    let [keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly] =
+        flags.map(|n| n.unwrap_or(0));
+    Ok(Policy {
+        keep_within,
+        keep_last,
+        keep_hourly,
+        keep_daily,
+        keep_weekly,
+        keep_monthly,
+    })
+}
+
+/// `prune`, then `gc` unless told not to or nothing was removed.
+fn prune(
+    dir: &std::path::Path,
+    server: Option<&str>,
+    policy: &Policy,
+    dry_run: bool,
+    json: bool,
+    no_gc: bool,
+) -> anyhow::Result<()> {
+    let items = admin::prune(dir, server, policy, dry_run)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&items)?);
+    } else {
+        for i in &items {
+            let verb = match (i.keep, dry_run) {
+                (true, _) => "keep",
+                (false, true) => "would remove",
+                (false, false) => "removed",
+            };
+            println!(
+                "{verb:>12} point {:>6} {:<20} {}  {}",
+                i.point,
+                i.server,
+                i.created,
+                i.reasons.join(",")
+            );
+        }
+    }
+    if !dry_run && !no_gc && items.iter().any(|i| !i.keep) {
+        let opts = gc_options(dir)?;
+        match admin::gc(dir, opts) {
+            Ok(r) => eprintln!("{}", gc_summary(&r)),
+            Err(ReceiveError::Refused(why)) => eprintln!(
+                "space not collected now: {why}; the running receiver collects it at its next pass"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The point `restore` was asked for: exactly one of `--point`, `--at`,
+/// `--latest`.
+fn point_sel(point: Option<i64>, at: Option<String>, latest: bool) -> anyhow::Result<PointSel> {
+    Ok(match (point, at, latest) {
+        (Some(id), None, false) => PointSel::Id(id),
+        (None, Some(t), false) => {
+            let t = time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                .with_context(|| {
+                    format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z")
+                })?;
+            PointSel::At(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+        }
+        (None, None, true) => PointSel::Latest,
+        _ => {
+            anyhow::bail!("say which point to restore: one of --point ID, --at RFC3339 or --latest")
+        }
+    })
+}
+
+fn print_points(points: &[PointInfo], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&points)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:>6}  {:<20} {:<25} {:<16} {:<6} volumes",
+        "point", "server", "created", "consistency", "commit"
+    )?;
+    for p in points {
+        let vols: Vec<String> = p
+            .volumes
+            .iter()
+            .map(|v| format!("{}({} changed)", v.name, human(v.changed_bytes)))
+            .collect();
+        writeln!(
+            out,
+            "{:>6}  {:<20} {:<25} {:<16} {:<6} {}",
+            p.id,
+            p.server,
+            p.created,
+            p.consistency,
+            p.commit,
+            vols.join(" ")
+        )?;
+    }
+    Ok(())
+}
+
+fn print_verify(report: &verify::VerifyReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for d in &report.damaged {
+        println!(
+            "DAMAGED point {} server {} volume {} block {}: {}",
+            d.point, d.server, d.volume, d.block, d.error
+        );
+    }
+    println!(
+        "{}: {} points, {} stored blocks checked, {} damaged block references",
+        if report.ok { "ok" } else { "DAMAGED" },
+        report.points_checked,
+        report.blocks_checked,
+        report.damaged.len()
+    );
+    Ok(())
 }
 
 fn serve(
@@ -516,62 +551,32 @@ async fn wait_for_signal() {
     }
 }
 
-fn status(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let points = admin::points(dir, None)?;
-    let store = pilotlight_receiver::store::Store::open(dir)?;
-    let servers = store.catalog()?.servers()?;
-    let live = pilotlight_receiver::live::Live::load_running(dir);
-    let now_ms = i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-        .unwrap_or(0);
-    let mut rows = Vec::new();
-    for s in servers {
-        let mine: Vec<_> = points.iter().filter(|p| p.server == s.name).collect();
-        let last = mine.last();
-        let stored = store.catalog()?.stored_bytes(s.id)?;
-        let state = match (&live, s.revoked) {
-            (_, true) => "revoked",
-            (None, _) => "receiver-stopped",
-            (Some(l), _) if l.connected.contains_key(&s.name) => "replicating",
-            (Some(_), _) if last.is_none() => "never-replicated",
-            (Some(_), _) => "disconnected",
-        };
-        rows.push(serde_json::json!({
-            "server": s.name,
-            "state": state,
-            "connected_since": live.as_ref().and_then(|l| l.connected.get(&s.name).cloned()),
-            "points": mine.len(),
-            "last_point": last.map(|p| p.id),
-            "last_point_time": last.map(|p| p.created.clone()),
-            "lag_seconds": last.map(|p| (now_ms - p.created_ms).max(0) as f64 / 1000.0),
-            "bytes_stored": stored,
-            "volumes": last.map(|p| p.volumes.iter().map(|v| serde_json::json!({"name": v.name, "size": v.size})).collect::<Vec<_>>()).unwrap_or_default(),
-        }));
-    }
+fn print_status(status: &Status, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<17} {:>7} {:>10} {:>10} {:>11}  last point time",
+        "server", "state", "points", "last point", "stored", "lag"
+    );
+    for r in &status.servers {
+        // The points column has never been padded to its header's width
+        // (it was printed from a JSON value, which ignores the width).
         println!(
-            "{:<20} {:<17} {:>7} {:>10} {:>10} {:>11}  last point time",
-            "server", "state", "points", "last point", "stored", "lag"
+            "{:<20} {:<17} {} {:>10} {:>10} {:>11}  {}",
+            r.server,
+            r.state,
+            r.points,
+            r.last_point
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            human(r.bytes_stored),
+            r.lag_seconds
+                .map(|l| format!("{l:.0} s"))
+                .unwrap_or_else(|| "-".into()),
+            r.last_point_time.as_deref().unwrap_or("-")
         );
-        for r in rows {
-            println!(
-                "{:<20} {:<17} {:>7} {:>10} {:>10} {:>11}  {}",
-                r["server"].as_str().unwrap_or(""),
-                r["state"].as_str().unwrap_or(""),
-                r["points"],
-                r["last_point"]
-                    .as_i64()
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                human(r["bytes_stored"].as_u64().unwrap_or(0)),
-                r["lag_seconds"]
-                    .as_f64()
-                    .map(|l| format!("{l:.0} s"))
-                    .unwrap_or_else(|| "-".into()),
-                r["last_point_time"].as_str().unwrap_or("-")
-            );
-        }
     }
     Ok(())
 }

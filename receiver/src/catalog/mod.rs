@@ -1,0 +1,119 @@
+//! The catalog: servers, volumes, points and the block index, in SQLite (WAL,
+//! synchronous=FULL) so that it stays readable with the `sqlite3` tool.
+//!
+//! ```text
+//! meta(key, value)                         store_id
+//! servers(id, name, cert_serial, revoked)  one row per enrolled server
+//! volumes(id, server_id, name, block_size, size, staging_point)
+//! points(id, server_id, created_ms, consistency, commit_mode)
+//! point_volumes(point_id, volume_id, size, changed_blocks, changed_bytes)
+//! point_blocks(volume_id, block_index, point_id, hash)   hash NULL = zero block
+//! blocks(hash, pack_id, offset, stored_len, raw_len, encoding)
+//! packs(id, committed_len)
+//! ```
+//!
+//! The schema version is SQLite's `PRAGMA user_version`: see
+//! [`SCHEMA_VERSION`].
+//!
+//! A point stores only the blocks that changed since its parent (the previous
+//! point of the same server). The content of block `i` of a volume at point
+//! `P` is the row of `point_blocks` with the greatest `point_id <= P`; no row
+//! means zeros.
+//!
+//! [`Catalog`] is one connection. Its methods live beside the tables they
+//! touch: `schema.rs` (tables and version), `identities.rs` (servers),
+//! `volumes.rs`, `points.rs` (a point's commit), `blocks.rs` (block index,
+//! packs, block maps), `gc.rs` (moving blocks between packs), `prune.rs`
+//! (deleting a point) and `report.rs` (listing points).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::ReceiveError;
+
+mod blocks;
+mod gc;
+mod identities;
+mod points;
+mod prune;
+mod report;
+mod schema;
+mod volumes;
+
+pub use identities::{no_such_server, ServerRow};
+pub use points::{BlockRef, NewPoint};
+pub use report::{rfc3339, PointInfo, PointVolumeInfo};
+pub use schema::SCHEMA_VERSION;
+pub use volumes::VolumeRow;
+
+/// The catalog connection.
+pub struct Catalog {
+    conn: Connection,
+}
+
+/// SQLite page cache per connection, KiB.
+const CACHE_KIB: i64 = 64 << 10;
+
+impl Catalog {
+    /// Open (creating if needed) the catalog at `path`.
+    ///
+    /// A catalog written by a newer receiver (a greater schema version) is
+    /// refused with [`ReceiveError::CatalogTooNew`] before anything in it
+    /// changes.
+    pub fn open(path: &Path) -> Result<Self, ReceiveError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        schema::check_version(&conn)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Block rows are keyed by hash, so a point's inserts land all over
+        // the tree: with SQLite's 2 MiB default, most of them read a page
+        // back from the file first. 64 MiB holds the tree of a few million
+        // blocks.
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+        schema::create(&conn)?;
+        Ok(Self { conn })
+    }
+
+    /// The store id, created on first use.
+    pub fn store_id(&mut self) -> Result<[u8; 16], ReceiveError> {
+        let existing: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key='store_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let hex = match existing {
+            Some(h) => h,
+            None => {
+                let id: [u8; 16] = rand::random();
+                let h = hex(&id);
+                self.conn.execute(
+                    "INSERT INTO meta(key, value) VALUES('store_id', ?1)",
+                    params![h],
+                )?;
+                h
+            }
+        };
+        let mut out = [0u8; 16];
+        if hex.len() != 32 {
+            return Err(ReceiveError::Corrupt(
+                "store id in catalog is malformed".into(),
+            ));
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = hex
+                .get(2 * i..2 * i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or_else(|| ReceiveError::Corrupt("store id in catalog is malformed".into()))?;
+        }
+        Ok(out)
+    }
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,246 @@
+//! A point's commit: one transaction over `points`, `volumes`,
+//! `point_blocks`, `point_volumes`, `blocks` and `packs`.
+
+use pilotlight_protocol::BlockHash;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::blocks::record_packs;
+use super::Catalog;
+use crate::pack::BlockLoc;
+use crate::ReceiveError;
+
+/// One block reference of a point being committed.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockRef {
+    /// Index into the session's volumes.
+    pub volume: u16,
+    /// Block index.
+    pub index: u64,
+    /// Raw length.
+    pub raw_len: u32,
+    /// Content hash; `None` for a zero block.
+    pub hash: Option<BlockHash>,
+}
+
+/// What a commit records.
+pub struct NewPoint<'a> {
+    /// Server row id.
+    pub server_id: i64,
+    /// Creation time.
+    pub created_ms: i64,
+    /// Consistency label.
+    pub consistency: &'a str,
+    /// Commit mode label.
+    pub commit: &'a str,
+    /// `(name, block size, size)` of each volume in the session, by session
+    /// index. Volumes new to the catalog are created by the commit.
+    pub volumes: &'a [(&'a str, u32, u64)],
+    /// Changed blocks.
+    pub blocks: &'a [BlockRef],
+    /// Blocks first stored by this point.
+    pub new_blocks: &'a [(BlockHash, BlockLoc)],
+    /// `(pack id, committed length)` of packs written by this point.
+    pub packs: &'a [(u64, u64)],
+}
+
+/// `(volume row id, size)` of each session volume, by session index.
+type VolumeIds = Vec<(i64, u64)>;
+
+/// `(changed blocks, changed bytes)` of each session volume.
+type Counts = Vec<(u64, u64)>;
+
+impl Catalog {
+    /// The newest point of a server.
+    pub fn latest_point(&self, server_id: i64) -> Result<Option<i64>, ReceiveError> {
+        Ok(self.conn.query_row(
+            "SELECT max(id) FROM points WHERE server_id=?1",
+            params![server_id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Record a point atomically; returns its id.
+    pub fn commit_point(&mut self, p: &NewPoint<'_>) -> Result<i64, ReceiveError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO points(server_id, created_ms, consistency, commit_mode) VALUES(?1, ?2, ?3, ?4)",
+            params![p.server_id, p.created_ms, p.consistency, p.commit],
+        )?;
+        let point_id = tx.last_insert_rowid();
+        let ids = volume_ids(&tx, p)?;
+        let counts = record_point_blocks(&tx, p, point_id, &ids)?;
+        record_point_volumes(&tx, point_id, &ids, &counts)?;
+        record_new_blocks(&tx, p.new_blocks)?;
+        record_packs(&tx, p.packs)?;
+        tx.commit()?;
+        Ok(point_id)
+    }
+}
+
+/// The row of each session volume, created where the catalog has none.
+fn volume_ids(tx: &Connection, p: &NewPoint<'_>) -> Result<VolumeIds, ReceiveError> {
+    let mut ids = Vec::with_capacity(p.volumes.len());
+    for &(name, block_size, size) in p.volumes {
+        let id: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM volumes WHERE server_id=?1 AND name=?2",
+                params![p.server_id, name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let id = match id {
+            Some(id) => id,
+            None => {
+                tx.execute(
+                    "INSERT INTO volumes(server_id, name, block_size, size) VALUES(?1, ?2, ?3, ?4)",
+                    params![p.server_id, name, block_size, size as i64],
+                )?;
+                tx.last_insert_rowid()
+            }
+        };
+        ids.push((id, size));
+    }
+    Ok(ids)
+}
+
+/// The point's changed blocks; returns what changed in each volume.
+fn record_point_blocks(
+    tx: &Connection,
+    p: &NewPoint<'_>,
+    point_id: i64,
+    ids: &VolumeIds,
+) -> Result<Counts, ReceiveError> {
+    let mut counts = vec![(0u64, 0u64); p.volumes.len()];
+    // A block sent twice in one point (the agent's pre-copy, then
+    // the frozen delta) is one changed block: the copy recorded
+    // last wins, and it is counted once.
+    let mut ins = tx.prepare_cached(
+        "INSERT OR IGNORE INTO point_blocks(volume_id, block_index, point_id, hash) VALUES(?1, ?2, ?3, ?4)",
+    )?;
+    let mut again = tx.prepare_cached(
+        "UPDATE point_blocks SET hash=?4 WHERE volume_id=?1 AND block_index=?2 AND point_id=?3",
+    )?;
+    for b in p.blocks {
+        let Some(&(volume_id, _)) = ids.get(usize::from(b.volume)) else {
+            return Err(ReceiveError::Corrupt(format!(
+                "block refers to undeclared volume {}",
+                b.volume
+            )));
+        };
+        let row = params![
+            volume_id,
+            b.index as i64,
+            point_id,
+            b.hash.as_ref().map(|h| &h.0[..])
+        ];
+        if ins.execute(row)? == 0 {
+            again.execute(row)?;
+            continue;
+        }
+        if let Some(c) = counts.get_mut(usize::from(b.volume)) {
+            c.0 += 1;
+            c.1 += u64::from(b.raw_len);
+        }
+    }
+    Ok(counts)
+}
+
+/// Each volume's size and changes at the point.
+fn record_point_volumes(
+    tx: &Connection,
+    point_id: i64,
+    ids: &VolumeIds,
+    counts: &Counts,
+) -> Result<(), ReceiveError> {
+    let mut pv = tx.prepare_cached(
+        "INSERT INTO point_volumes(point_id, volume_id, size, changed_blocks, changed_bytes) VALUES(?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut vs = tx.prepare_cached("UPDATE volumes SET size=?2 WHERE id=?1")?;
+    for (&(volume_id, size), &(blocks, bytes)) in ids.iter().zip(counts) {
+        pv.execute(params![
+            point_id,
+            volume_id,
+            size as i64,
+            blocks as i64,
+            bytes as i64
+        ])?;
+        vs.execute(params![volume_id, size as i64])?;
+    }
+    Ok(())
+}
+
+/// Where the blocks first stored by the point are.
+fn record_new_blocks(
+    tx: &Connection,
+    new_blocks: &[(BlockHash, BlockLoc)],
+) -> Result<(), ReceiveError> {
+    let mut nb = tx.prepare_cached(
+        // The newest copy wins: an older one may be on its way out
+        // with garbage collection.
+        "INSERT OR REPLACE INTO blocks(hash, pack_id, offset, stored_len, raw_len, encoding) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (h, loc) in new_blocks {
+        nb.execute(params![
+            &h.0[..],
+            loc.pack as i64,
+            loc.offset as i64,
+            loc.stored_len,
+            loc.raw_len,
+            loc.encoding as u8
+        ])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use pilotlight_protocol::Encoding;
+
+    use super::*;
+
+    #[test]
+    fn a_block_sent_twice_in_a_point_counts_once_and_the_last_copy_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        cat.set_identity("web1", "01").unwrap();
+        let server_id = cat.require_server("web1").unwrap().id;
+        let [h1, h2, h3] = [1u8, 2, 3].map(|b| BlockHash([b; 32]));
+        let block = |index, hash| BlockRef {
+            volume: 0,
+            index,
+            raw_len: 4096,
+            hash: Some(hash),
+        };
+        let loc = |offset| BlockLoc {
+            pack: 1,
+            offset,
+            stored_len: 4096,
+            raw_len: 4096,
+            encoding: Encoding::Raw,
+        };
+        // Block 5 pre-copied, then sent again with the frozen delta.
+        let point = cat
+            .commit_point(&NewPoint {
+                server_id,
+                created_ms: 1,
+                consistency: "crash-consistent",
+                commit: "sync",
+                volumes: &[("root", 4096, 16 * 4096)],
+                blocks: &[block(5, h1), block(6, h3), block(5, h2)],
+                new_blocks: &[(h1, loc(0)), (h3, loc(5000)), (h2, loc(10000))],
+                packs: &[(1, 15000)],
+            })
+            .unwrap();
+        let info = cat.points(Some("web1")).unwrap();
+        assert_eq!(info.len(), 1);
+        assert_eq!(info[0].volumes[0].changed_bytes, 2 * 4096);
+        let vol = cat.volume(server_id, "root").unwrap().unwrap();
+        assert_eq!(
+            cat.block_map(vol.id, point, 0).unwrap(),
+            vec![(5, Some(h2)), (6, Some(h3))]
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! The catalog's tables and their version, kept in SQLite's
+//! `PRAGMA user_version`.
+//!
+//! Version 0 is a catalog made before the version was recorded: when it has
+//! our tables, it is the current version, and opening it stamps it. A catalog
+//! with a greater version than [`SCHEMA_VERSION`] was written by a newer
+//! receiver and is refused before anything in it changes.
+
+use rusqlite::Connection;
+
+use crate::ReceiveError;
+
+/// The schema version this receiver reads and writes. Raise it with every
+/// change to the tables below, and teach `create` to upgrade the older
+/// versions.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS servers(
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    cert_serial TEXT,
+    revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS volumes(
+    id INTEGER PRIMARY KEY,
+    server_id INTEGER NOT NULL REFERENCES servers(id),
+    name TEXT NOT NULL,
+    block_size INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    staging_point INTEGER NOT NULL DEFAULT 0,
+    UNIQUE(server_id, name));
+CREATE TABLE IF NOT EXISTS points(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    server_id INTEGER NOT NULL REFERENCES servers(id),
+    created_ms INTEGER NOT NULL,
+    consistency TEXT NOT NULL,
+    commit_mode TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS points_by_server ON points(server_id, id);
+CREATE TABLE IF NOT EXISTS point_volumes(
+    point_id INTEGER NOT NULL REFERENCES points(id),
+    volume_id INTEGER NOT NULL REFERENCES volumes(id),
+    size INTEGER NOT NULL,
+    changed_blocks INTEGER NOT NULL,
+    changed_bytes INTEGER NOT NULL,
+    PRIMARY KEY(point_id, volume_id));
+CREATE TABLE IF NOT EXISTS point_blocks(
+    volume_id INTEGER NOT NULL,
+    block_index INTEGER NOT NULL,
+    point_id INTEGER NOT NULL,
+    hash BLOB,
+    PRIMARY KEY(volume_id, block_index, point_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS point_blocks_by_point ON point_blocks(point_id);
+CREATE TABLE IF NOT EXISTS blocks(
+    hash BLOB PRIMARY KEY,
+    pack_id INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    stored_len INTEGER NOT NULL,
+    raw_len INTEGER NOT NULL,
+    encoding INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS packs(
+    id INTEGER PRIMARY KEY,
+    committed_len INTEGER NOT NULL);
+";
+
+/// The version recorded in the file (0 when none is).
+fn version(conn: &Connection) -> Result<i64, ReceiveError> {
+    Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+}
+
+/// Refuse a catalog this receiver cannot read: one written by a newer
+/// receiver, or one whose version is not a version at all.
+pub(super) fn check_version(conn: &Connection) -> Result<(), ReceiveError> {
+    match version(conn)? {
+        found if found > SCHEMA_VERSION => Err(ReceiveError::CatalogTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        }),
+        found if found < 0 => Err(ReceiveError::Corrupt(format!(
+            "catalog schema version {found} is not a valid version"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Create the tables that do not exist yet and record the version.
+pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
+    conn.execute_batch(SCHEMA)?;
+    // Version 0 (or a fresh file) now has every table of this version.
+    if version(conn)? < SCHEMA_VERSION {
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+    use crate::catalog::Catalog;
+
+    fn user_version(path: &std::path::Path) -> i64 {
+        version(&Connection::open(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_new_catalog_records_the_current_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        Catalog::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_catalog_without_a_version_is_the_current_one_and_is_stamped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let mut cat = Catalog::open(&path).unwrap();
+        let id = cat.store_id().unwrap();
+        cat.set_identity("web1", "01").unwrap();
+        drop(cat);
+        // As a receiver made before the version was recorded left it.
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 0)
+            .unwrap();
+        assert_eq!(user_version(&path), 0);
+
+        let mut cat = Catalog::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        assert_eq!(cat.store_id().unwrap(), id);
+        assert!(cat.server("web1").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_catalog_of_a_newer_receiver_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        Catalog::open(&path).unwrap();
+        let newer = SCHEMA_VERSION + 1;
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", newer)
+            .unwrap();
+
+        let err = Catalog::open(&path).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                ReceiveError::CatalogTooNew { found, supported }
+                    if found == newer && supported == SCHEMA_VERSION
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "catalog schema version {newer} is newer than this receiver supports \
+                 ({SCHEMA_VERSION}); upgrade pilotlight-receiver"
+            )
+        );
+        assert!(!err.is_retryable());
+        assert_eq!(user_version(&path), newer);
+    }
+}

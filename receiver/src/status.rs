@@ -1,0 +1,254 @@
+//! `status`: each server's replication state as an operator reads it, from
+//! the catalog and from `live.json` of a running `serve`.
+//!
+//! The state of a server is a pure decision over plain data
+//! ([`ServerState::of`]); [`status`] does the reading.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::catalog::{PointInfo, ServerRow};
+use crate::live::Live;
+use crate::store::Store;
+use crate::ReceiveError;
+
+/// What a server is doing, as far as the receiver knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerState {
+    /// The server's identity was revoked.
+    Revoked,
+    /// No `serve` runs on the receiver directory.
+    ReceiverStopped,
+    /// The server has a session open.
+    Replicating,
+    /// The server has no point yet and no session.
+    NeverReplicated,
+    /// The server has points but no session.
+    Disconnected,
+}
+
+impl ServerState {
+    /// The state of `server`, which has a point (`has_points`) or not, given
+    /// what the running `serve` reports (`None`: none runs).
+    pub fn of(server: &ServerRow, has_points: bool, live: Option<&Live>) -> Self {
+        match (live, server.revoked) {
+            (_, true) => Self::Revoked,
+            (None, _) => Self::ReceiverStopped,
+            (Some(l), _) if l.connected.contains_key(&server.name) => Self::Replicating,
+            (Some(_), _) if !has_points => Self::NeverReplicated,
+            (Some(_), _) => Self::Disconnected,
+        }
+    }
+
+    /// The state's name, as in the JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Revoked => "revoked",
+            Self::ReceiverStopped => "receiver-stopped",
+            Self::Replicating => "replicating",
+            Self::NeverReplicated => "never-replicated",
+            Self::Disconnected => "disconnected",
+        }
+    }
+}
+
+impl std::fmt::Display for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One server's line of `status`.
+///
+/// The fields are in alphabetical order: that is the order of the keys in
+/// the JSON output, as it was when a map built it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStatus {
+    /// Bytes in packs of the distinct blocks the server's points reference.
+    pub bytes_stored: u64,
+    /// Since when the server's open session runs (RFC 3339).
+    pub connected_since: Option<String>,
+    /// Seconds from the newest point until now.
+    pub lag_seconds: Option<f64>,
+    /// Id of the newest point.
+    pub last_point: Option<i64>,
+    /// Creation time of the newest point (RFC 3339).
+    pub last_point_time: Option<String>,
+    /// Number of points.
+    pub points: usize,
+    /// Server name.
+    pub server: String,
+    /// What the server is doing.
+    pub state: ServerState,
+    /// The volumes of the newest point.
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// One volume of a server's newest point.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeStatus {
+    /// Volume name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Every server's status, by name. Serializes as a JSON array.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct Status {
+    /// One line per server, by name.
+    pub servers: Vec<ServerStatus>,
+}
+
+/// The status of every server of the receiver directory `dir`, now.
+pub fn status(dir: &Path) -> Result<Status, ReceiveError> {
+    let now_ms = i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(0);
+    status_at(dir, Live::load_running(dir).as_ref(), now_ms)
+}
+
+/// The status of every server of `dir` at `now_ms`, with `live` as what the
+/// running `serve` reports (`None`: none runs).
+pub fn status_at(dir: &Path, live: Option<&Live>, now_ms: i64) -> Result<Status, ReceiveError> {
+    let store = Store::open(dir)?;
+    let cat = store.catalog()?;
+    let points = cat.points(None)?;
+    let mut servers = Vec::new();
+    for s in cat.servers()? {
+        let mine: Vec<&PointInfo> = points.iter().filter(|p| p.server == s.name).collect();
+        let stored = cat.stored_bytes(s.id)?;
+        servers.push(server_status(&s, &mine, stored, live, now_ms));
+    }
+    Ok(Status { servers })
+}
+
+/// One server's line from its points (oldest first), the bytes they keep
+/// stored, and what the running `serve` reports.
+pub fn server_status(
+    server: &ServerRow,
+    points: &[&PointInfo],
+    bytes_stored: u64,
+    live: Option<&Live>,
+    now_ms: i64,
+) -> ServerStatus {
+    let last = points.last();
+    ServerStatus {
+        bytes_stored,
+        connected_since: live.and_then(|l| l.connected.get(&server.name).cloned()),
+        lag_seconds: last.map(|p| (now_ms - p.created_ms).max(0) as f64 / 1000.0),
+        last_point: last.map(|p| p.id),
+        last_point_time: last.map(|p| p.created.clone()),
+        points: points.len(),
+        server: server.name.clone(),
+        state: ServerState::of(server, last.is_some(), live),
+        volumes: last
+            .map(|p| {
+                p.volumes
+                    .iter()
+                    .map(|v| VolumeStatus {
+                        name: v.name.clone(),
+                        size: v.size,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::catalog::PointVolumeInfo;
+
+    fn server(name: &str, revoked: bool) -> ServerRow {
+        ServerRow {
+            id: 1,
+            name: name.into(),
+            cert_serial: None,
+            revoked,
+        }
+    }
+
+    fn point(id: i64, created_ms: i64) -> PointInfo {
+        PointInfo {
+            id,
+            server: "web1".into(),
+            created: crate::catalog::rfc3339(created_ms),
+            created_ms,
+            consistency: "crash-consistent".into(),
+            commit: "sync".into(),
+            volumes: vec![PointVolumeInfo {
+                name: "root".into(),
+                size: 1 << 20,
+                changed_bytes: 4096,
+                volume_id: 1,
+                block_size: 4096,
+            }],
+        }
+    }
+
+    fn live(connected: &[&str]) -> Live {
+        Live {
+            pid: 1,
+            connected: connected
+                .iter()
+                .map(|s| (s.to_string(), "2026-11-30T10:00:00Z".to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    #[test]
+    fn the_state_follows_revocation_then_serve_then_session_then_points() {
+        let web1 = server("web1", false);
+        let cases = [
+            (server("web1", true), true, Some(live(&["web1"])), "revoked"),
+            (web1.clone(), true, None, "receiver-stopped"),
+            (web1.clone(), false, Some(live(&["web1"])), "replicating"),
+            (
+                web1.clone(),
+                false,
+                Some(live(&["db2"])),
+                "never-replicated",
+            ),
+            (web1.clone(), true, Some(live(&[])), "disconnected"),
+        ];
+        for (s, has_points, live, want) in cases {
+            let got = ServerState::of(&s, has_points, live.as_ref());
+            assert_eq!(got.as_str(), want, "{s:?} {has_points} {live:?}");
+            assert_eq!(serde_json::to_value(got).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn a_line_describes_the_newest_point_and_the_lag_since_it() {
+        let (p1, p2) = (point(1, 1_000), point(2, 5_000));
+        let line = server_status(
+            &server("web1", false),
+            &[&p1, &p2],
+            123,
+            Some(&live(&["web1"])),
+            7_500,
+        );
+        let json = serde_json::to_string(&line).unwrap();
+        assert_eq!(
+            json,
+            r#"{"bytes_stored":123,"connected_since":"2026-11-30T10:00:00Z","lag_seconds":2.5,"last_point":2,"last_point_time":"1970-01-01T00:00:05Z","points":2,"server":"web1","state":"replicating","volumes":[{"name":"root","size":1048576}]}"#
+        );
+    }
+
+    #[test]
+    fn a_server_without_points_has_no_last_point_and_no_volumes() {
+        let line = server_status(&server("db2", false), &[], 0, None, 7_500);
+        let json = serde_json::to_string(&line).unwrap();
+        assert_eq!(
+            json,
+            r#"{"bytes_stored":0,"connected_since":null,"lag_seconds":null,"last_point":null,"last_point_time":null,"points":0,"server":"db2","state":"receiver-stopped","volumes":[]}"#
+        );
+    }
+}
