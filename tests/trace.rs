@@ -685,7 +685,9 @@ async fn says_stalled_while_acks_do_not_come() {
     let resume = Resume(rcv, signal);
     random_writes(&dev.path, 200, 11);
     let stalled = agent
-        .wait(30, "the status to say stalled", |s| s.state == State::Stalled)
+        .wait(30, "the status to say stalled", |s| {
+            s.state == State::Stalled
+        })
         .await;
     assert!(stalled.pending_points > 0, "{stalled:?}");
     assert_eq!(

@@ -214,7 +214,11 @@ mod tests {
             (0, 64, true, true),
         ];
         for (unsent, early, rescan, want) in table {
-            assert_eq!(early_point(unsent, early, rescan), want, "{unsent} {early} {rescan}");
+            assert_eq!(
+                early_point(unsent, early, rescan),
+                want,
+                "{unsent} {early} {rescan}"
+            );
         }
     }
 
@@ -228,7 +232,11 @@ mod tests {
             (false, CommitMode::Async, 0, 0),
         ];
         for (once, commit, max, want) in table {
-            assert_eq!(pending_keep(once, commit, max), want, "{once} {commit:?} {max}");
+            assert_eq!(
+                pending_keep(once, commit, max),
+                want,
+                "{once} {commit:?} {max}"
+            );
         }
     }
 

@@ -55,7 +55,9 @@ pub fn place(state_dir: &Path, elsewhere: bool) -> Result<(), AgentError> {
 }
 
 /// What the agent is doing, as `status.json` and `status` say it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     /// Sending every block of a volume the receiver has nothing of.
@@ -250,7 +252,10 @@ mod tests {
             (State::Stopped, "stopped"),
         ];
         for (state, word) in all {
-            assert_eq!(serde_json::to_string(&state).unwrap(), format!("\"{word}\""));
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{word}\"")
+            );
             assert_eq!(state.to_string(), word);
             let back: State = serde_json::from_str(&format!("\"{word}\"")).unwrap();
             assert_eq!(back, state);
