@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pilotlight::{
     assert_same_bytes, bin, run_bin, spawn_receiver, ChildGuard, LoopDevice, SmallFs,
 };
-use pilotlight_agent::status::Status;
+use pilotlight_agent::status::{State, Status};
 
 const MIB: u64 = 1 << 20;
 
@@ -129,7 +129,7 @@ impl Agent {
     /// Wait for the initial sync: a durable point, and live tracking.
     async fn initial_sync(&mut self) -> Status {
         self.wait(60, "the initial sync", |s| {
-            s.last_point.is_some() && s.state == "continuous"
+            s.last_point.is_some() && s.state == State::Continuous
         })
         .await
     }
@@ -515,14 +515,14 @@ async fn lost_events_force_a_rescan() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(s) = agent.status() {
-            states.insert(s.state.clone());
+            states.insert(s.state);
             let rescanned = s.tracking.as_ref().is_some_and(|t| {
                 t.rescans > rescans
                     && t.last_rescan_reason
                         .as_deref()
                         .is_some_and(|r| r.contains("lost"))
             });
-            if rescanned && states.contains("rescan") && burst.is_finished() {
+            if rescanned && states.contains(&State::Rescan) && burst.is_finished() {
                 break;
             }
         }
@@ -646,7 +646,7 @@ async fn keeps_going_through_a_receiver_outage() {
     random_writes(&dev.path, 300, 6);
     agent
         .wait(60, "the agent to notice", |s| {
-            s.state == "disconnected" && s.lag_seconds.is_some_and(|l| l > 0.0)
+            s.state == State::Disconnected && s.lag_seconds.is_some_and(|l| l > 0.0)
         })
         .await;
     random_writes(&dev.path, 300, 7);
@@ -685,7 +685,9 @@ async fn says_stalled_while_acks_do_not_come() {
     let resume = Resume(rcv, signal);
     random_writes(&dev.path, 200, 11);
     let stalled = agent
-        .wait(30, "the status to say stalled", |s| s.state == "stalled")
+        .wait(30, "the status to say stalled", |s| {
+            s.state == State::Stalled
+        })
         .await;
     assert!(stalled.pending_points > 0, "{stalled:?}");
     assert_eq!(
@@ -697,7 +699,7 @@ async fn says_stalled_while_acks_do_not_come() {
     assert!(p > first.unwrap());
     agent
         .wait(30, "the status to say continuous again", |s| {
-            s.state == "continuous"
+            s.state == State::Continuous
         })
         .await;
     disk.assert_point_is_device(p);

@@ -59,6 +59,11 @@ pub enum AgentError {
     /// Stopped by the caller.
     #[error("stopped")]
     Stopped,
+    /// A bug in the agent itself: a task that panicked or was cancelled, a
+    /// poisoned lock, a table that does not fit its volume. Never the
+    /// receiver's fault, and reconnecting would not help.
+    #[error("internal error in the agent: {0}")]
+    Internal(String),
 }
 
 impl AgentError {
@@ -73,7 +78,24 @@ impl AgentError {
             | Self::Consistency(_)
             | Self::Config(_)
             | Self::Trace(_)
-            | Self::Stopped => false,
+            | Self::Stopped
+            | Self::Internal(_) => false,
         }
+    }
+
+    /// A blocking task that did not finish: it panicked or was cancelled.
+    pub(crate) fn task(what: &str, e: tokio::task::JoinError) -> Self {
+        Self::Internal(format!("{what} task failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_own_bugs_are_not_retried() {
+        assert!(!AgentError::Internal("a scan worker panicked".into()).is_retryable());
+        assert!(AgentError::Protocol("unexpected Hashes".into()).is_retryable());
     }
 }

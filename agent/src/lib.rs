@@ -3,12 +3,19 @@
 //!
 //! The binary `pilotlight-agent` is a thin CLI over [`run`].
 
+mod collector;
 pub mod consistency;
+mod cycle;
+mod durable;
 pub mod error;
 pub mod identity;
 pub mod link;
+mod policy;
 mod replicate;
+mod reporter;
+mod resync;
 pub mod scan;
+mod session;
 pub mod state;
 pub mod status;
 pub mod throttle;

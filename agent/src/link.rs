@@ -322,7 +322,7 @@ impl Link {
 
     /// End the session politely: the data streams say Goodbye and wait for
     /// their last acks, then the control connection says Goodbye.
-    pub async fn close(mut self) {
+    pub async fn close(&mut self) {
         self.data_tx.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while self.tasks.join_next().await.is_some() {}

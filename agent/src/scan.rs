@@ -153,7 +153,7 @@ pub fn scan(
     .map_err(src_err)?;
     let blocks = block_count(job.size, job.block_size);
     if job.base.len() as u64 != blocks {
-        return Err(AgentError::Protocol(format!(
+        return Err(AgentError::Internal(format!(
             "hash table of volume {} does not match its size",
             job.name
         )));
@@ -190,7 +190,7 @@ pub fn scan(
         return Err(e);
     }
     if results.len() != workers.max(1) {
-        return Err(AgentError::Protocol("a scan worker panicked".into()));
+        return Err(AgentError::Internal("a scan worker panicked".into()));
     }
     let mut total = ScanResult::default();
     for r in results {
@@ -235,7 +235,7 @@ fn worker(
         let data = buf
             .get_mut(len)
             .filter(|d| d.len() == len)
-            .ok_or_else(|| AgentError::Protocol("chunk larger than its buffer".into()))?;
+            .ok_or_else(|| AgentError::Internal("chunk larger than its buffer".into()))?;
         file.read_exact_at(data, offset).map_err(src_err)?;
         out.bytes_read += len as u64;
         metrics::counter!("pilotlight_agent_bytes_read_total").increment(len as u64);
@@ -278,15 +278,7 @@ fn worker(
             };
             out.payload_bytes += payload.len() as u64;
             let cost = u32::try_from(payload.len() + BLOCK_HEADER_LEN).unwrap_or(u32::MAX);
-            let permit = sink
-                .rt
-                .block_on(sink.window.clone().acquire_many_owned(cost))
-                .map_err(|_| {
-                    AgentError::Net(std::io::Error::new(
-                        std::io::ErrorKind::BrokenPipe,
-                        "link closed",
-                    ))
-                })?;
+            let window = sink.window.clone();
             let frame = BlockFrame {
                 tag: job.tag,
                 volume: job.vol_idx,
@@ -296,20 +288,32 @@ fn worker(
                 hash,
                 payload,
             };
-            sink.tx
-                .send_blocking(Outgoing {
+            // Both waits give way to a stop: a stalled receiver neither
+            // frees the window nor drains the queue.
+            sink.rt.block_on(async {
+                let permit = tokio::select! {
+                    p = window.acquire_many_owned(cost) => p.map_err(|_| link_closed())?,
+                    () = sink.stop.cancelled() => return Err(AgentError::Stopped),
+                };
+                let out = Outgoing {
                     block: frame,
                     permit,
-                })
-                .map_err(|_| {
-                    AgentError::Net(std::io::Error::new(
-                        std::io::ErrorKind::BrokenPipe,
-                        "link closed",
-                    ))
-                })?;
+                };
+                tokio::select! {
+                    r = sink.tx.send(out) => r.map_err(|_| link_closed()),
+                    () = sink.stop.cancelled() => Err(AgentError::Stopped),
+                }
+            })?;
             out.changed.push((index, hash));
         }
     }
+}
+
+fn link_closed() -> AgentError {
+    AgentError::Net(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "link closed",
+    ))
 }
 
 /// Hashes of an all-zero volume (the base when the receiver has nothing).

@@ -119,8 +119,64 @@ impl AgentState {
         })
     }
 
+    #[cfg(test)]
     fn serialize(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        self.view().serialize()
+    }
+
+    /// This state, borrowed.
+    pub fn view(&self) -> StateView<'_> {
+        StateView {
+            store_id: self.store_id,
+            last_point: self.last_point,
+            volumes: self
+                .volumes
+                .iter()
+                .map(|v| VolumeView {
+                    name: &v.name,
+                    size: v.size,
+                    block_size: v.block_size,
+                    hashes: &v.hashes,
+                })
+                .collect(),
+        }
+    }
+
+    /// Write the state to `dir` atomically (write, fsync, rename, fsync dir).
+    pub fn save(&self, dir: &Path) -> Result<(), AgentError> {
+        self.view().save(dir)
+    }
+}
+
+/// An [`AgentState`] whose hash tables are borrowed: the agent saves the
+/// tables it keeps current without copying them.
+#[derive(Debug, Clone)]
+pub struct StateView<'a> {
+    /// Receiver store the state refers to.
+    pub store_id: [u8; 16],
+    /// Last durable point (0 = none).
+    pub last_point: u64,
+    /// Per-volume hashes.
+    pub volumes: Vec<VolumeView<'a>>,
+}
+
+/// [`VolumeHashes`], borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeView<'a> {
+    /// Volume name.
+    pub name: &'a str,
+    /// Volume size.
+    pub size: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Hash of every block.
+    pub hashes: &'a [BlockHash],
+}
+
+impl StateView<'_> {
+    fn serialize(&self) -> Vec<u8> {
+        let tables: usize = self.volumes.iter().map(|v| v.hashes.len() * 32).sum();
+        let mut out = Vec::with_capacity(64 + tables + self.volumes.len() * 300);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.store_id);
@@ -132,7 +188,7 @@ impl AgentState {
             out.extend_from_slice(&v.size.to_le_bytes());
             out.extend_from_slice(&v.block_size.to_le_bytes());
             out.extend_from_slice(&(v.hashes.len() as u64).to_le_bytes());
-            for h in &v.hashes {
+            for h in v.hashes {
                 out.extend_from_slice(h.as_bytes());
             }
         }
@@ -141,9 +197,20 @@ impl AgentState {
         out
     }
 
-    /// Write the state to `dir` atomically (write, fsync, rename, fsync dir).
+    /// Write the state to `dir` atomically (write, fsync, rename, fsync
+    /// dir). Blocking: call it off the async workers.
     pub fn save(&self, dir: &Path) -> Result<(), AgentError> {
         write_atomic(dir, STATE_FILE, &self.serialize())
+    }
+}
+
+/// Run blocking `f` (file writes, fsync) without stalling the other tasks
+/// of a multi-thread runtime; inline elsewhere (no runtime, or a
+/// current-thread one, where `block_in_place` is not allowed).
+pub(crate) fn off_async<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -193,4 +260,38 @@ mod tests {
         std::fs::write(&p, bytes).unwrap();
         assert_eq!(AgentState::load(dir.path()).unwrap(), None);
     }
+
+    /// `state.bin` byte for byte: a format change must break this test.
+    #[test]
+    fn golden_bytes() {
+        let s = AgentState {
+            store_id: [7; 16],
+            last_point: 42,
+            volumes: vec![VolumeHashes {
+                name: "root".into(),
+                size: 2 * 4096 + 5,
+                block_size: 4096,
+                hashes: vec![BlockHash([1; 32]), BlockHash([2; 32]), BlockHash([3; 32])],
+            }],
+        };
+        let hex: String = s.serialize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, GOLDEN);
+        assert_eq!(AgentState::parse(&s.serialize()), Some(s));
+    }
+
+    const GOLDEN: &str = concat!(
+        "504c414753543031",                 // "PLAGST01"
+        "01000000",                         // version 1
+        "07070707070707070707070707070707", // store id
+        "2a00000000000000",                 // last point 42
+        "01000000",                         // one volume
+        "04726f6f74",                       // "root"
+        "0520000000000000",                 // size 8197
+        "00100000",                         // block size 4096
+        "0300000000000000",                 // three blocks
+        "0101010101010101010101010101010101010101010101010101010101010101",
+        "0202020202020202020202020202020202020202020202020202020202020202",
+        "0303030303030303030303030303030303030303030303030303030303030303",
+        "0464a0507739a7283c387589bebd7c84d662d9273929390c47091c1671465041", // blake3
+    );
 }

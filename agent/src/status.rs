@@ -54,12 +54,56 @@ pub fn place(state_dir: &Path, elsewhere: bool) -> Result<(), AgentError> {
     std::fs::rename(&tmp, &link).map_err(|e| io(&link, e))
 }
 
+/// What the agent is doing, as `status.json` and `status` say it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Sending every block of a volume the receiver has nothing of.
+    #[default]
+    InitialSync,
+    /// Points come every interval (or as soon as the changes call for one).
+    Continuous,
+    /// Live tracking: the oldest write not yet durable is far older than the
+    /// interval.
+    Backlog,
+    /// Live tracking: a volume is scanned in full (its changes are unknown).
+    Rescan,
+    /// Points have waited longer than `stall_after` for their ack.
+    Stalled,
+    /// The connection to the receiver failed; reconnecting.
+    Disconnected,
+    /// Stopped.
+    Stopped,
+}
+
+impl State {
+    /// The word `status.json` holds.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InitialSync => "initial-sync",
+            Self::Continuous => "continuous",
+            Self::Backlog => "backlog",
+            Self::Rescan => "rescan",
+            Self::Stalled => "stalled",
+            Self::Disconnected => "disconnected",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The agent's last reported status.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
-    /// `initial-sync`, `continuous`, `backlog`, `rescan`, `stalled`,
-    /// `disconnected` or `stopped`.
-    pub state: String,
+    /// What the agent is doing.
+    pub state: State,
     /// Receiver address.
     pub receiver: String,
     /// Last durable point id.
@@ -177,7 +221,7 @@ mod tests {
         // Once the agent writes there again, it reads as usual.
         std::fs::create_dir_all(gone.parent().unwrap()).unwrap();
         let mut st = Status {
-            state: "continuous".into(),
+            state: State::Continuous,
             ..Status::default()
         };
         write_atomic(
@@ -186,12 +230,35 @@ mod tests {
             &serde_json::to_vec(&st).unwrap(),
         )
         .unwrap();
-        assert_eq!(Status::load(dir.path()).unwrap().state, "continuous");
+        assert_eq!(Status::load(dir.path()).unwrap().state, State::Continuous);
         // A save through a link outside the runtime directory replaces the
         // link with a plain file.
-        st.state = "stopped".into();
+        st.state = State::Stopped;
         st.save(dir.path()).unwrap();
         assert!(std::fs::read_link(dir.path().join(STATUS_FILE)).is_err());
-        assert_eq!(Status::load(dir.path()).unwrap().state, "stopped");
+        assert_eq!(Status::load(dir.path()).unwrap().state, State::Stopped);
+    }
+
+    /// The JSON words are those of the strings the state used to be.
+    #[test]
+    fn states_serialize_to_their_words() {
+        let all = [
+            (State::InitialSync, "initial-sync"),
+            (State::Continuous, "continuous"),
+            (State::Backlog, "backlog"),
+            (State::Rescan, "rescan"),
+            (State::Stalled, "stalled"),
+            (State::Disconnected, "disconnected"),
+            (State::Stopped, "stopped"),
+        ];
+        for (state, word) in all {
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{word}\"")
+            );
+            assert_eq!(state.to_string(), word);
+            let back: State = serde_json::from_str(&format!("\"{word}\"")).unwrap();
+            assert_eq!(back, state);
+        }
     }
 }

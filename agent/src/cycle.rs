@@ -1,0 +1,421 @@
+//! One point's cycle: pre-copy rounds (with a freeze ahead), the snapshot
+//! or freeze, the final read and send, the thaw, and `EndPoint`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use pilotlight_protocol::frame::Consistency;
+use pilotlight_protocol::Frame;
+
+use crate::consistency::{prepare, Snapshot};
+use crate::policy::{self, Precopy};
+use crate::replicate::{now_ms, PointReport};
+use crate::scan::{scan, ScanJob, Sink};
+use crate::session::{Pending, Session, Wait};
+use crate::trace::{Plan, RescanReason};
+use crate::{AgentError, ConsistencyMode};
+
+/// How a cycle ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The point went out (`EndPoint` sent); it is pending.
+    Sent,
+    /// Nothing was written since the last point: no point.
+    Nothing,
+    /// Stopped before the point was complete.
+    Stopped,
+}
+
+/// What one point has read and sent so far.
+struct Point {
+    tag: u64,
+    created_ms: i64,
+    report: PointReport,
+    changes: Vec<Vec<(u64, pilotlight_protocol::BlockHash)>>,
+    /// Whether pre-copy rounds sent some of it unfrozen.
+    precopied: bool,
+    /// How long the last barrier before the freeze waited.
+    barrier: std::time::Duration,
+}
+
+impl Session<'_> {
+    /// Make point `tag`: read, send and end it. `wire_before` is the
+    /// session's wire byte count when the last point ended.
+    pub(crate) async fn cycle(
+        &mut self,
+        tag: u64,
+        wire_before: &mut u64,
+    ) -> Result<Outcome, AgentError> {
+        let cfg = self.agent.cfg;
+        let sources: Vec<_> = self
+            .vols
+            .iter()
+            .map(|v| (v.name.clone(), v.path.clone(), v.is_device))
+            .collect();
+        // A full scan in trace mode is not frozen (it may take long); its
+        // point is fuzzy and the next, frozen one is consistent.
+        let full = self.any_rescan();
+        let mode = if full {
+            ConsistencyMode::None
+        } else {
+            cfg.consistency.clone()
+        };
+        let mut point = Point {
+            tag,
+            // The point's time: before anything is read (or frozen), so
+            // that it holds every write that completed before it.
+            created_ms: now_ms(),
+            report: PointReport {
+                point: 0,
+                consistency: Consistency::Fuzzy,
+                blocks_sent: 0,
+                payload_bytes: 0,
+                wire_bytes: 0,
+                bytes_read: 0,
+            },
+            changes: vec![Vec::new(); self.vols.len()],
+            precopied: false,
+            barrier: std::time::Duration::ZERO,
+        };
+        let freeze_mount = match &cfg.consistency {
+            ConsistencyMode::Freeze(m) if !full && self.agent.collector.is_live() => {
+                Some(m.clone())
+            }
+            _ => None,
+        };
+        if let Some(mount) = freeze_mount {
+            if !self.precopy(&mut point, &mount).await? {
+                return Ok(Outcome::Stopped);
+            }
+        }
+        let barrier_start = Instant::now();
+        if point.precopied && !self.barrier().await? {
+            // Every block sent so far is recorded by the receiver before any
+            // block of the frozen delta is sent: where a point carries a
+            // block twice, the receiver keeps the one recorded last, and
+            // that must be the one read last.
+            return Ok(Outcome::Stopped);
+        }
+        point.barrier = barrier_start.elapsed();
+        // A freeze counts from the FIFREEZE call: writers block while it
+        // flushes, too.
+        let frozen_at = Instant::now();
+        let mut snapshot = tokio::task::spawn_blocking(move || prepare(&mode, &sources))
+            .await
+            .map_err(|e| AgentError::task("snapshot", e))??;
+        let freeze_call = frozen_at.elapsed();
+        let plans = match self.frozen_plans(&snapshot, point.precopied, full) {
+            Ok(p) => p,
+            Err(e) => {
+                snapshot.release_freeze();
+                return Err(e);
+            }
+        };
+        let nothing = !point.precopied
+            && plans.as_ref().is_some_and(|p| {
+                p.iter()
+                    .all(|p| matches!(p, Plan::Blocks(b) if b.is_empty()))
+            });
+        if nothing && !cfg.once {
+            snapshot.release_freeze();
+            drop(snapshot);
+            if let Some(t) = self.agent.collector.get_mut() {
+                t.unplan();
+            }
+            return Ok(Outcome::Nothing);
+        }
+        point.report.consistency = snapshot.consistency;
+        let paths: Vec<PathBuf> = self
+            .vols
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                snapshot
+                    .paths
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| v.path.clone())
+            })
+            .collect();
+        if !self
+            .send_volumes(&paths, plans.as_deref(), &mut point)
+            .await?
+        {
+            return Ok(Outcome::Stopped);
+        }
+        self.thaw(snapshot, frozen_at, freeze_call, &point)?;
+        self.end_point(point, wire_before).await?;
+        Ok(Outcome::Sent)
+    }
+
+    /// Whether some volume needs a full scan.
+    fn any_rescan(&self) -> bool {
+        self.agent
+            .collector
+            .get()
+            .is_some_and(|t| (0..self.vols.len()).any(|i| t.needs_rescan(i).is_some()))
+    }
+
+    /// With a freeze ahead, send the dirty blocks unfrozen first, in rounds
+    /// (each after a syncfs, so that the page cache's writes reach the
+    /// device and the tracer): the freeze then covers only what was
+    /// written during the last one. Returns false if stopped.
+    async fn precopy(
+        &mut self,
+        point: &mut Point,
+        mount: &std::path::Path,
+    ) -> Result<bool, AgentError> {
+        let interval = self.agent.cfg.interval;
+        let start = Instant::now();
+        for round in 0.. {
+            let round_start = Instant::now();
+            let m = mount.to_owned();
+            tokio::task::spawn_blocking(move || crate::consistency::sync_filesystem(&m))
+                .await
+                .map_err(|e| AgentError::task("syncfs", e))??;
+            let synced = round_start.elapsed();
+            self.agent.collector.collect()?;
+            let Some(mut unsent) = self.agent.collector.get().map(|t| t.unsent_bytes()) else {
+                break;
+            };
+            match policy::precopy(round, unsent, start.elapsed(), interval) {
+                Precopy::Freeze => break,
+                Precopy::Round => {}
+                Precopy::PaceThenRound => {
+                    // Writers outpace the rounds: pace them (the wait keeps
+                    // the status's state and lag current).
+                    self.wait(Wait::Interval { early: false }).await?;
+                    if self.agent.shutdown.is_cancelled() {
+                        return Ok(false);
+                    }
+                    self.agent.collector.collect()?;
+                    unsent = self.agent.collector.get().map_or(0, |t| t.unsent_bytes());
+                }
+            }
+            let precopied = point.precopied;
+            let Some(t) = self.agent.collector.get_mut() else {
+                break;
+            };
+            let pre = if precopied { t.plan_more() } else { t.plan() };
+            let barrier_start = Instant::now();
+            // A block may be sent again by this round (see the barrier
+            // before the freeze).
+            if precopied && !self.barrier().await? {
+                return Ok(false);
+            }
+            let barrier = barrier_start.elapsed();
+            point.precopied = true;
+            let live: Vec<PathBuf> = self.vols.iter().map(|v| v.path.clone()).collect();
+            if !self.send_volumes(&live, Some(&pre), point).await? {
+                return Ok(false);
+            }
+            tracing::debug!(
+                tag = point.tag,
+                round,
+                unsent,
+                syncfs_ms = synced.as_millis() as u64,
+                barrier_ms = barrier.as_millis() as u64,
+                round_ms = round_start.elapsed().as_millis() as u64,
+                "pre-copy round sent"
+            );
+        }
+        Ok(true)
+    }
+
+    /// Wait until the receiver has recorded every block sent; false if
+    /// stopped meanwhile.
+    async fn barrier(&mut self) -> Result<bool, AgentError> {
+        tokio::select! {
+            r = self.link.barrier() => r.map(|()| true),
+            () = self.agent.shutdown.cancelled() => Ok(false),
+        }
+    }
+
+    /// Right after the snapshot or freeze: with live tracking, what to
+    /// read (every write that completed before the freeze is in the dirty
+    /// sets), and the state the status shows while it is read.
+    fn frozen_plans(
+        &mut self,
+        snapshot: &Snapshot,
+        precopied: bool,
+        full: bool,
+    ) -> Result<Option<Vec<Plan>>, AgentError> {
+        self.agent.collector.collect()?;
+        let Some(t) = self.agent.collector.get_mut() else {
+            return Ok(None);
+        };
+        let plans = if precopied { t.plan_more() } else { t.plan() };
+        let initial = plans
+            .iter()
+            .any(|p| matches!(p, Plan::Full(RescanReason::InitialSync)));
+        let state = policy::cycle_state(initial, full, self.live_state());
+        let reporter = &mut *self.agent.reporter;
+        reporter.set_state(state);
+        if let Some(t) = self.agent.collector.get() {
+            reporter.track(t);
+        }
+        // Never write a file while a filesystem is frozen: the state
+        // directory may be on it.
+        if !snapshot.is_frozen() {
+            reporter.save();
+        }
+        Ok(Some(plans))
+    }
+
+    /// Release the freeze (or snapshot); after a freeze, note how long it
+    /// lasted and what the thaw itself wrote.
+    fn thaw(
+        &mut self,
+        mut snapshot: Snapshot,
+        frozen_at: Instant,
+        freeze_call: std::time::Duration,
+        point: &Point,
+    ) -> Result<(), AgentError> {
+        let was_frozen = snapshot.is_frozen();
+        snapshot.release_freeze();
+        drop(snapshot);
+        let (true, Some(t)) = (was_frozen, self.agent.collector.get_mut()) else {
+            return Ok(());
+        };
+        let frozen = frozen_at.elapsed();
+        t.note_freeze(frozen);
+        t.note_thaw()?;
+        self.agent.reporter.save();
+        tracing::info!(
+            tag = point.tag,
+            frozen_ms = frozen.as_secs_f64() * 1000.0,
+            fifreeze_ms = freeze_call.as_secs_f64() * 1000.0,
+            barrier_ms = point.barrier.as_secs_f64() * 1000.0,
+            precopied = point.precopied,
+            blocks = point.report.blocks_sent,
+            "filesystem thawed"
+        );
+        Ok(())
+    }
+
+    /// Send `EndPoint`; the point is pending until its `DURABLE`.
+    async fn end_point(&mut self, point: Point, wire_before: &mut u64) -> Result<(), AgentError> {
+        let mut report = point.report;
+        self.link
+            .send(&Frame::EndPoint {
+                tag: point.tag,
+                blocks: report.blocks_sent,
+                created_ms: point.created_ms,
+                consistency: report.consistency,
+                commit: self.agent.cfg.commit,
+            })
+            .await?;
+        let wire_now = self.wire.load(Ordering::Relaxed);
+        report.wire_bytes = wire_now - *wire_before;
+        metrics::counter!("pilotlight_agent_wire_bytes_sent_total").increment(report.wire_bytes);
+        *wire_before = wire_now;
+        self.pending.push_back(Pending {
+            tag: point.tag,
+            changes: point.changes,
+            report,
+            created_ms: point.created_ms,
+            ended: Instant::now(),
+        });
+        self.agent.reporter.pending(self.pending.len());
+        Ok(())
+    }
+
+    /// Read, hash and send what `plans` says of every volume (all of each
+    /// without plans) from `paths`, comparing with the session's view and
+    /// updating it with what changed. Returns false if stopped.
+    async fn send_volumes(
+        &mut self,
+        paths: &[PathBuf],
+        plans: Option<&[Plan]>,
+        point: &mut Point,
+    ) -> Result<bool, AgentError> {
+        let cfg = self.agent.cfg;
+        let workers = if cfg.workers == 0 {
+            // Reads are part of the work: more workers than cores keep the disk busy.
+            std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+        } else {
+            cfg.workers
+        };
+        for (i, v) in self.vols.iter().enumerate() {
+            let (size, _) = crate::volume::probe(&v.name, &v.path)?;
+            if size != v.size {
+                return Err(AgentError::Resized(v.name.clone()));
+            }
+            let path = paths.get(i).cloned().unwrap_or_else(|| v.path.clone());
+            let only: Option<Vec<u64>> = match plans.and_then(|p| p.get(i)) {
+                Some(Plan::Blocks(b)) if b.is_empty() => continue,
+                Some(Plan::Blocks(b)) => Some(b.clone()),
+                Some(Plan::Full(_)) | None => None,
+            };
+            let Some(slot) = self.view.get_mut(i) else {
+                continue;
+            };
+            let base = std::mem::take(slot);
+            let (tx, window, stop) = (
+                self.link.data_tx.clone(),
+                self.link.window.clone(),
+                self.agent.shutdown.clone(),
+            );
+            let (name, vsize, bs, level, tag) = (
+                v.name.clone(),
+                v.size,
+                v.block_size,
+                cfg.zstd_level,
+                point.tag,
+            );
+            let vol_idx = u16::try_from(i)
+                .map_err(|_| AgentError::Internal(format!("volume index {i} out of range")))?;
+            let rt = tokio::runtime::Handle::current();
+            let progress = cfg.progress.clone();
+            // A device is read directly (a snapshot never clones one).
+            let direct = v.is_device && path == v.path;
+            let (base, result) = tokio::task::spawn_blocking(move || {
+                let job = ScanJob {
+                    vol_idx,
+                    name: &name,
+                    path: &path,
+                    size: vsize,
+                    block_size: bs,
+                    base: &base,
+                    tag,
+                    only: only.as_deref(),
+                    direct,
+                };
+                let sink = Sink {
+                    tx: &tx,
+                    window: &window,
+                    rt: &rt,
+                    stop: &stop,
+                    progress: progress.as_deref(),
+                };
+                let r = scan(&job, &sink, workers, level);
+                (base, r)
+            })
+            .await
+            .map_err(|e| AgentError::task("scan", e))?;
+            let Some(slot) = self.view.get_mut(i) else {
+                continue;
+            };
+            *slot = base;
+            let result = match result {
+                Err(AgentError::Net(_)) => return Err(self.link.take_error()),
+                Err(AgentError::Stopped) if self.agent.shutdown.is_cancelled() => return Ok(false),
+                r => r?,
+            };
+            for &(index, h) in &result.changed {
+                if let Some(s) = usize::try_from(index).ok().and_then(|x| slot.get_mut(x)) {
+                    *s = h;
+                }
+            }
+            let report = &mut point.report;
+            report.blocks_sent += result.changed.len() as u64;
+            report.payload_bytes += result.payload_bytes;
+            report.bytes_read += result.bytes_read;
+            if let Some(c) = point.changes.get_mut(i) {
+                c.extend(result.changed);
+            }
+        }
+        Ok(true)
+    }
+}
