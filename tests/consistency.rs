@@ -5,26 +5,22 @@
 use std::time::Duration;
 
 use pilotlight::{
-    agent_config, assert_same_bytes, file_len, replicate_once, sample_image, SmallFs, TestReceiver,
+    agent_config, assert_same_bytes, file_len, replicate_once, require_tools, sample_image,
+    Deadline, SmallFs, TestReceiver,
 };
 use pilotlight_agent::ConsistencyMode;
 use pilotlight_protocol::frame::Consistency;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices and mkfs.xfs (xfsprogs) for a reflink filesystem"]
 async fn reflink_clone_makes_a_crash_consistent_point() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let fs = match SmallFs::create_with(
+    let fs = SmallFs::create_with(
         root,
         512 << 20,
         &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
-    ) {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("SKIPPED reflink_clone_makes_a_crash_consistent_point: {why}");
-            return;
-        }
-    };
+    );
     let rcv = TestReceiver::create(root).await;
     let id = rcv.enroll("xfs");
     let (a, b) = (fs.mount.join("a.img"), fs.mount.join("b.img"));
@@ -77,18 +73,12 @@ async fn reflink_clone_makes_a_crash_consistent_point() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, mkfs.ext4 and fsfreeze"]
 async fn frozen_filesystem_makes_a_crash_consistent_point_and_is_thawed() {
+    require_tools(&["fsfreeze"]);
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let fs = match SmallFs::create(root, 64 << 20) {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!(
-                "SKIPPED frozen_filesystem_makes_a_crash_consistent_point_and_is_thawed: {why}"
-            );
-            return;
-        }
-    };
+    let fs = SmallFs::create(root, 64 << 20);
     let rcv = TestReceiver::create(root).await;
     let id = rcv.enroll("frz");
     let img = fs.mount.join("disk.img");
@@ -100,16 +90,17 @@ async fn frozen_filesystem_makes_a_crash_consistent_point_and_is_thawed() {
     // The filesystem takes writes again (a frozen one would block this write).
     let probe = fs.mount.join("after");
     let writer = std::thread::spawn(move || std::fs::write(&probe, b"thawed").is_ok());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Deadline::after(Duration::from_secs(20));
     while !writer.is_finished() {
-        if std::time::Instant::now() > deadline {
-            let _ = std::process::Command::new("fsfreeze")
-                .arg("-u")
-                .arg(&fs.mount)
-                .status();
-            panic!("the filesystem was left frozen");
-        }
-        std::thread::park_timeout(Duration::from_millis(10));
+        deadline
+            .next(|| {
+                let _ = std::process::Command::new("fsfreeze")
+                    .arg("-u")
+                    .arg(&fs.mount)
+                    .status();
+                "the filesystem was left frozen".into()
+            })
+            .await;
     }
     assert!(writer.join().unwrap());
     let out = root.join("out");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use pilotlight::{
     agent_config, assert_same_bytes, bin, file_len, overwrite_random_4k, pack_bytes,
-    replicate_once, restore_point, sample_image, ChildGuard, TestReceiver,
+    replicate_once, restore_point, sample_image, ChildGuard, Deadline, TestReceiver,
 };
 use pilotlight_receiver::gc::GcOptions;
 use pilotlight_receiver::retention::Policy;
@@ -205,19 +205,21 @@ async fn serve_collects_while_replicating() {
     assert!(pruned_during, "serve never pruned while replicating");
     // Once the agent is quiet, the next pass leaves exactly the two newest
     // points and packs with nothing dead in them.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Deadline::after(Duration::from_secs(30)).every(Duration::from_millis(50));
     loop {
         let ids = point_ids(&rcv.dir, "live");
         if ids.len() == 2 && pack_bytes(&rcv.dir) == compact_bytes(&rcv.dir) {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "store not compact: points {ids:?}, {} pack bytes, {} needed",
-            pack_bytes(&rcv.dir),
-            compact_bytes(&rcv.dir)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        deadline
+            .next(|| {
+                format!(
+                    "store not compact: points {ids:?}, {} pack bytes, {} needed",
+                    pack_bytes(&rcv.dir),
+                    compact_bytes(&rcv.dir)
+                )
+            })
+            .await;
     }
     assert_eq!(restore_all(&rcv.dir, "live", &copies, root), 2);
     let v = pilotlight_receiver::verify::verify(&rcv.dir, None, None, false).unwrap();
@@ -299,6 +301,7 @@ fn kill_during_gc_loses_nothing() {
                 _ => break,
             }
         }
+        // The seeded kill moment (part of the fault, not a wait).
         let t = Instant::now();
         while t.elapsed() < delay {
             std::hint::spin_loop();

@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use pilotlight::{
-    agent_config, assert_same_bytes, file_len, replicate_once, sample_image, TestReceiver,
+    agent_config, assert_same_bytes, file_len, replicate_once, sample_image, wait_until,
+    TestReceiver,
 };
 use pilotlight_agent::AgentError;
 use pilotlight_protocol::codec::FrameCodec;
@@ -442,14 +443,12 @@ async fn revocation_stops_a_live_session() {
             .unwrap()
             .len()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while points() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the live agent made no points"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(30),
+        "the live agent to make points",
+        || points() >= 2,
+    )
+    .await;
     pilotlight_receiver::admin::revoke(&w.rcv.dir, "live").unwrap();
     let at_revoke = points();
     let err = tokio::time::timeout(Duration::from_secs(30), agent)

@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pilotlight::{
-    agent_config, bin, replicate_once, run_bin, sample_image, ChildGuard, TestReceiver,
+    agent_config, bin, replicate_once, require_tools, run_bin, sample_image, ChildGuard, Deadline,
+    TestReceiver,
 };
 use rand::{RngCore, SeedableRng};
 
@@ -123,7 +124,7 @@ fn status_metrics_and_config_file_through_the_binaries() {
     let agent = ChildGuard(agent);
 
     // Counters move while the agent replicates.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Deadline::after(Duration::from_secs(60)).every(Duration::from_millis(20));
     let mut seen = Vec::new();
     while seen.len() < 2 {
         if let Some(text) = scrape(aport) {
@@ -132,11 +133,7 @@ fn status_metrics_and_config_file_through_the_binaries() {
                 seen.push((points, metric(&text, "pilotlight_agent_bytes_read_total")));
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "agent metrics did not move: {seen:?}"
-        );
-        std::thread::park_timeout(Duration::from_millis(20));
+        deadline.next_blocking(|| format!("agent metrics did not move: {seen:?}"));
     }
     assert!(seen[1].1 > seen[0].1, "bytes read did not grow: {seen:?}");
     let text = scrape(rport).expect("receiver metrics");
@@ -204,9 +201,14 @@ fn status_metrics_and_config_file_through_the_binaries() {
     assert!(text.starts_with("server") && text.contains("ops"), "{text}");
 }
 
-/// 50 MiB of incompressible data at --limit-mbps 100 takes 4.2 s, within 10%.
+/// 50 MiB of incompressible data at --limit-mbps 100 takes no less than
+/// the 4.2 s the cap allows (less 10%: the bucket's burst is 0.05 s): the
+/// cap is applied. How closely it is held is the throttle's paced,
+/// paused-clock unit test (`agent/src/throttle.rs`); how long a capped
+/// transfer takes on a real machine is a figure for the benchmarks, not a
+/// timed test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn send_rate_cap_holds_within_ten_percent() {
+async fn send_rate_cap_is_applied() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let rcv = TestReceiver::create(root).await;
@@ -223,18 +225,20 @@ async fn send_rate_cap_holds_within_ten_percent() {
     let expected = (50u64 << 20) as f64 * 8.0 / 100e6;
     assert!(report.payload_bytes >= 50 << 20);
     assert!(
-        (took - expected).abs() <= expected * 0.1,
-        "took {took:.2} s; expected {expected:.2} s ±10%"
+        took >= expected * 0.9,
+        "took {took:.2} s; the cap allows no less than {expected:.2} s"
     );
     rcv.stop().await;
 }
 
 #[test]
+#[ignore = "needs systemd-analyze (package systemd)"]
 fn service_units_verify() {
-    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
-        eprintln!("SKIPPED service_units_verify: systemd-analyze is not installed");
-        return;
-    };
+    require_tools(&["systemd-analyze"]);
+    let out = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let tmp = tempfile::tempdir().unwrap();
     for name in ["pilotlight-agent", "pilotlight-receiver"] {

@@ -2,48 +2,42 @@
 //! devices: fio on ext4 with freeze consistency, lost events forcing a
 //! rescan, and restarts with and without writes in between. Every point
 //! checked is restored and compared (byte for byte, or by e2fsck and fio's
-//! own verify). Skipped, with the reason printed, where loop devices or
-//! tracefs are not available.
+//! own verify). They need root, loop devices, tracefs and fio, so they are
+//! `#[ignore]`d with that reason; run with `--include-ignored` (as `.ci/run`
+//! does), they fail, saying what is missing, where something is.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pilotlight::{
-    assert_same_bytes, bin, run_bin, spawn_receiver, ChildGuard, LoopDevice, SmallFs,
+    assert_same_bytes, bin, require_root, require_tools, run_bin, spawn_receiver, ChildGuard,
+    Deadline, LoopDevice, SmallFs,
 };
 use pilotlight_agent::status::{State, Status};
 
 const MIB: u64 = 1 << 20;
 
-/// Why live tracking cannot be tested here, if it cannot.
-fn unavailable() -> Option<String> {
-    if !pilotlight::is_root() {
-        return Some("not running as root".into());
-    }
+/// Fail the test, saying why, unless live tracking can be tested here:
+/// root, tracefs (mounted if it is not) and the block tracepoints.
+fn require_tracing() {
+    require_root("loop devices and tracefs");
+    require_tools(&["losetup", "blockdev"]);
     let inst = Path::new("/sys/kernel/tracing/instances");
     if !inst.is_dir() {
         let _ = Command::new("mount")
             .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
             .status();
     }
-    if !inst.is_dir() {
-        return Some("tracefs is not available".into());
-    }
-    if !Path::new("/sys/kernel/tracing/events/block/block_rq_complete").is_dir() {
-        return Some("the kernel has no block_rq_complete tracepoint".into());
-    }
-    None
-}
-
-macro_rules! require_tracing {
-    () => {
-        if let Some(why) = unavailable() {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
+    assert!(
+        inst.is_dir(),
+        "this test needs tracefs, which cannot be mounted at /sys/kernel/tracing"
+    );
+    assert!(
+        Path::new("/sys/kernel/tracing/events/block/block_rq_complete").is_dir(),
+        "this test needs the kernel's block_rq_complete tracepoint, which it lacks"
+    );
 }
 
 fn now_ms() -> i64 {
@@ -105,7 +99,7 @@ impl Agent {
     /// Wait until `cond` holds for the status; panics with the last status
     /// and the agent's log after `secs`.
     async fn wait(&mut self, secs: u64, what: &str, cond: impl Fn(&Status) -> bool) -> Status {
-        let deadline = Instant::now() + Duration::from_secs(secs);
+        let deadline = Deadline::after(Duration::from_secs(secs));
         loop {
             if let Some(st) = self.status().filter(|s| cond(s)) {
                 return st;
@@ -116,13 +110,15 @@ impl Agent {
                     self.log()
                 );
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; status: {:?}\nlog:\n{}",
-                self.status(),
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            deadline
+                .next(|| {
+                    format!(
+                        "timed out waiting for {what}; status: {:?}\nlog:\n{}",
+                        self.status(),
+                        self.log()
+                    )
+                })
+                .await;
         }
     }
 
@@ -159,7 +155,7 @@ impl Agent {
             .status()
             .unwrap();
         assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Deadline::after(Duration::from_secs(30));
         loop {
             if let Some(code) = self.child.0.try_wait().unwrap() {
                 assert!(
@@ -169,8 +165,7 @@ impl Agent {
                 );
                 break;
             }
-            assert!(Instant::now() < deadline, "agent did not stop");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            deadline.next(|| "agent did not stop".into()).await;
         }
         let pid = self.pid();
         let left: Vec<String> = std::fs::read_dir("/sys/kernel/tracing/instances")
@@ -287,7 +282,7 @@ impl RawDisk {
         let tmp = tempfile::tempdir().unwrap();
         let img = tmp.path().join("disk.img");
         std::fs::File::create(&img).unwrap().set_len(size).unwrap();
-        let dev = LoopDevice::attach(&img).unwrap();
+        let dev = LoopDevice::attach(&img);
         let (dir, rcv, addr) = receiver(tmp.path());
         let id = enroll(&dir, server);
         Self {
@@ -352,37 +347,30 @@ fn random_writes(dev: &Path, count: u32, seed: u64) {
     );
 }
 
-/// ext4 on a loop device (its image under `root/src`), or None, with the
-/// reason printed, where loop devices cannot be set up.
-fn ext4(root: &Path, size: u64) -> Option<SmallFs> {
+/// ext4 on a loop device (its image under `root/src`).
+fn ext4(root: &Path, size: u64) -> SmallFs {
     let src_root = root.join("src");
     std::fs::create_dir_all(&src_root).unwrap();
-    match SmallFs::create_with(&src_root, size, &["mkfs.ext4", "-q", "-F"]) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
+    SmallFs::create_with(&src_root, size, &["mkfs.ext4", "-q", "-F"])
 }
 
 /// fio with verify headers on ext4 while the agent replicates in trace mode
 /// with freeze consistency: a point taken mid-run restores to a filesystem
 /// e2fsck accepts, and the final point's files pass fio's verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs, mkfs.ext4, e2fsck, fsfreeze and fio"]
 async fn fio_on_ext4_points_are_consistent() {
-    require_tracing!();
+    require_tracing();
+    require_tools(&["fio", "e2fsck", "fsfreeze"]);
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let Some(fs) = ext4(root, 256 * MIB) else {
-        return;
-    };
+    let fs = ext4(root, 256 * MIB);
     let target_img = root.join("target.img");
     std::fs::File::create(&target_img)
         .unwrap()
         .set_len(256 * MIB)
         .unwrap();
-    let target = LoopDevice::attach(&target_img).unwrap();
+    let target = LoopDevice::attach(&target_img);
     let (dir, _rcv, addr) = receiver(root);
     let id = enroll(&dir, "fs1");
     let freeze = format!("freeze:{}", fs.mount.display());
@@ -413,8 +401,11 @@ async fn fio_on_ext4_points_are_consistent() {
         ]
     };
     let fio_start = now_ms();
+    // fio runs in the test's directory: it leaves its verify state file
+    // (`local-pl-0-verify.state`) in its working directory.
     let mut fio = ChildGuard(
         Command::new("fio")
+            .current_dir(root)
             .args(fio_args(&fs.mount))
             .arg("--do_verify=0")
             .stdout(Stdio::null())
@@ -474,6 +465,7 @@ async fn fio_on_ext4_points_are_consistent() {
         assert!(ok.success(), "point {point} does not mount");
         let verified = if verify {
             let o = Command::new("fio")
+                .current_dir(root)
                 .args(fio_args(&mnt))
                 .arg("--verify_only")
                 .output()
@@ -498,8 +490,10 @@ async fn fio_on_ext4_points_are_consistent() {
 /// A tiny trace buffer and a burst of writes lose events; the agent says
 /// `rescan`, scans in full, and its next point equals the device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs and fio"]
 async fn lost_events_force_a_rescan() {
-    require_tracing!();
+    require_tracing();
+    require_tools(&["fio"]);
     let disk = RawDisk::new(64 * MIB, "burst");
     let dev = &disk.dev;
     let mut agent = disk.agent(&["--trace-buffer-kb", "4", "--interval", "1s"]);
@@ -512,7 +506,8 @@ async fn lost_events_force_a_rescan() {
     let burst_dev = dev.path.clone();
     let burst = std::thread::spawn(move || random_writes(&burst_dev, 20_000, 1));
     let mut states = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Looked at every 2 ms: `rescan` may last only a moment.
+    let deadline = Deadline::after(Duration::from_secs(60)).every(Duration::from_millis(2));
     loop {
         if let Some(s) = agent.status() {
             states.insert(s.state);
@@ -526,13 +521,15 @@ async fn lost_events_force_a_rescan() {
                 break;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "no rescan seen; states {states:?}, status {:?}\n{}",
-            agent.status(),
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        deadline
+            .next(|| {
+                format!(
+                    "no rescan seen; states {states:?}, status {:?}\n{}",
+                    agent.status(),
+                    agent.log()
+                )
+            })
+            .await;
     }
     burst.join().unwrap();
     eprintln!("states seen during the burst: {states:?}");
@@ -548,8 +545,10 @@ async fn lost_events_force_a_rescan() {
 /// needs no rescan, and later writes replicate exactly. Writes while the
 /// agent is stopped make the next start rescan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs and fio"]
 async fn restarts_rescan_only_when_needed() {
-    require_tracing!();
+    require_tracing();
+    require_tools(&["fio"]);
     let disk = RawDisk::new(32 * MIB, "rs");
     let (root, dev) = (disk.tmp.path(), &disk.dev);
     let state = root.join("state");
@@ -635,8 +634,10 @@ fn trace_needs_a_block_device() {
 /// reconnects by itself, and its next point equals the device: blocks of
 /// points that never became durable are read again, not forgotten.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs and fio"]
 async fn keeps_going_through_a_receiver_outage() {
-    require_tracing!();
+    require_tracing();
+    require_tools(&["fio"]);
     let mut disk = RawDisk::new(32 * MIB, "out");
     let (dev, dir, addr) = (&disk.dev, &disk.dir, &disk.addr);
     let mut agent = disk.agent(&[]);
@@ -661,8 +662,10 @@ async fn keeps_going_through_a_receiver_outage() {
 /// `stalled`; when the receiver resumes, the point becomes durable, the
 /// status says `continuous` again and the point equals the device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs and fio"]
 async fn says_stalled_while_acks_do_not_come() {
-    require_tracing!();
+    require_tracing();
+    require_tools(&["fio"]);
     let disk = RawDisk::new(32 * MIB, "stall");
     let dev = &disk.dev;
     let mut agent = disk.agent(&["--stall-after", "2s"]);
@@ -712,13 +715,13 @@ async fn says_stalled_while_acks_do_not_come() {
 /// and once nothing is written the agent makes no more points: its own
 /// status updates go to the runtime directory, not to the volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs, mkfs.ext4 and fsfreeze"]
 async fn state_on_the_frozen_filesystem() {
-    require_tracing!();
+    require_tracing();
+    require_tools(&["fsfreeze"]);
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let Some(fs) = ext4(root, 64 * MIB) else {
-        return;
-    };
+    let fs = ext4(root, 64 * MIB);
     let (dir, _rcv, addr) = receiver(root);
     let id = enroll(&dir, "self");
     let freeze = format!("freeze:{}", fs.mount.display());
@@ -754,14 +757,16 @@ async fn state_on_the_frozen_filesystem() {
             std::fs::write(&path, vec![i; 1 << 20]).unwrap();
             std::fs::File::open(&path).unwrap().sync_all().unwrap();
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Deadline::after(Duration::from_secs(30));
         while !writer.is_finished() {
-            assert!(
-                Instant::now() < deadline,
-                "a write to the filesystem hangs: it was left frozen\n{}",
-                agent.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            deadline
+                .next(|| {
+                    format!(
+                        "a write to the filesystem hangs: it was left frozen\n{}",
+                        agent.log()
+                    )
+                })
+                .await;
         }
         writer.join().unwrap();
         let done = now_ms();

@@ -327,6 +327,112 @@ fn nix_geteuid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
+/// Fail the test unless it runs as root, naming what root is needed for.
+///
+/// Tests that need root or a tool are `#[ignore = "needs ..."]`: a plain
+/// `cargo test` lists them as ignored, with the reason; run with
+/// `--include-ignored` (as `.ci/run` does, as root), a missing prerequisite
+/// fails them with the reason, never lets them pass without running.
+pub fn require_root(for_what: &str) {
+    assert!(
+        is_root(),
+        "this test needs root for {for_what}: run it as root (`.ci/run` does)"
+    );
+}
+
+/// The Debian package that provides `program`, for the failure message.
+fn package_of(program: &str) -> &'static str {
+    match program {
+        "fio" => "fio",
+        "systemd-analyze" => "systemd",
+        "mount" | "umount" => "mount",
+        p if p.starts_with("mkfs.xfs") => "xfsprogs",
+        p if p.starts_with("mkfs.ext") || p == "e2fsck" => "e2fsprogs",
+        _ => "util-linux",
+    }
+}
+
+/// Fail the test unless every program of `programs` is installed (found on
+/// `PATH` or in /sbin, /usr/sbin), naming the first one missing and its
+/// package. See [`require_root`].
+pub fn require_tools(programs: &[&str]) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .collect();
+    for program in programs {
+        assert!(
+            dirs.iter().any(|d| d.join(program).is_file()),
+            "this test needs `{program}`, which is not installed (Debian package {}; `.ci/run` installs it)",
+            package_of(program)
+        );
+    }
+}
+
+/// A deadline for a test waiting on a condition: the loop looks, and if the
+/// condition does not hold yet calls [`Deadline::next`], which fails the test
+/// once the deadline has passed and otherwise pauses for a moment.
+///
+/// The one place the tests pause: they wait for a condition, bounded by a
+/// deadline, never for a fixed time in the hope that something is done.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    at: std::time::Instant,
+    every: std::time::Duration,
+}
+
+impl Deadline {
+    /// A deadline `timeout` from now, looking again every 10 ms.
+    pub fn after(timeout: std::time::Duration) -> Self {
+        Self {
+            at: std::time::Instant::now() + timeout,
+            every: std::time::Duration::from_millis(10),
+        }
+    }
+
+    /// Look again every `every` instead (shorter to catch a brief state,
+    /// longer where looking is costly).
+    pub fn every(self, every: std::time::Duration) -> Self {
+        Self { every, ..self }
+    }
+
+    /// Whether the deadline has passed.
+    pub fn passed(&self) -> bool {
+        std::time::Instant::now() >= self.at
+    }
+
+    /// Fail the test with `why()` if the deadline has passed; otherwise
+    /// pause for a moment before the caller looks again.
+    pub async fn next(&self, why: impl FnOnce() -> String) {
+        if self.passed() {
+            panic!("{}", why());
+        }
+        tokio::time::sleep(self.every).await;
+    }
+
+    /// [`Deadline::next`] for a test outside an async runtime: blocks the
+    /// thread for the pause.
+    pub fn next_blocking(&self, why: impl FnOnce() -> String) {
+        if self.passed() {
+            panic!("{}", why());
+        }
+        // The pause of a deadline-bounded wait (a wake-up before it ends
+        // only makes the caller look sooner).
+        std::thread::park_timeout(self.every);
+    }
+}
+
+/// Wait until `cond` holds, looking every 10 ms; fail the test, naming
+/// `what`, if it does not within `timeout`.
+pub async fn wait_until(timeout: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Deadline::after(timeout);
+    while !cond() {
+        deadline
+            .next(|| format!("timed out after {timeout:?} waiting for {what}"))
+            .await;
+    }
+}
+
 /// A loop device attached to a backing file, detached on drop.
 pub struct LoopDevice {
     /// The device path, e.g. /dev/loop3.
@@ -334,24 +440,24 @@ pub struct LoopDevice {
 }
 
 impl LoopDevice {
-    /// Attach `backing`; `Err` says why loop devices are unavailable.
-    pub fn attach(backing: &Path) -> Result<Self, String> {
-        if !is_root() {
-            return Err("not running as root".into());
-        }
+    /// Attach `backing`; panics, saying why, where loop devices are
+    /// unavailable (the tests that call this are `#[ignore]`d with the
+    /// reason, and fail rather than pass when run without it).
+    pub fn attach(backing: &Path) -> Self {
+        require_root("loop devices");
+        require_tools(&["losetup"]);
         let out = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(backing)
             .output()
-            .map_err(|e| format!("losetup cannot run: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "losetup failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+            .unwrap_or_else(|e| panic!("losetup cannot run: {e}"));
+        assert!(
+            out.status.success(),
+            "losetup cannot attach a loop device: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        Ok(Self { path })
+        Self { path }
     }
 }
 
@@ -439,7 +545,7 @@ pub struct SmallFs {
 
 impl SmallFs {
     /// Make and mount an ext4 filesystem of `size` bytes at `root/mnt`.
-    pub fn create(root: &Path, size: u64) -> Result<Self, String> {
+    pub fn create(root: &Path, size: u64) -> Self {
         Self::create_with(
             root,
             size,
@@ -448,36 +554,42 @@ impl SmallFs {
     }
 
     /// Make a filesystem with `mkfs` (program and arguments; the device is
-    /// appended) of `size` bytes and mount it at `root/mnt`.
-    pub fn create_with(root: &Path, size: u64, mkfs: &[&str]) -> Result<Self, String> {
+    /// appended) of `size` bytes and mount it at `root/mnt`. Panics, saying
+    /// why, where that cannot be done (not root, a tool missing).
+    pub fn create_with(root: &Path, size: u64, mkfs: &[&str]) -> Self {
+        require_tools(&[mkfs[0], "mount", "umount"]);
         let img = root.join("smallfs.img");
         File::create(&img)
             .and_then(|f| f.set_len(size))
-            .map_err(|e| e.to_string())?;
-        let dev = LoopDevice::attach(&img)?;
-        let ok = Command::new(mkfs[0])
+            .expect("filesystem image");
+        let dev = LoopDevice::attach(&img);
+        let out = Command::new(mkfs[0])
             .args(&mkfs[1..])
             .arg(&dev.path)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .map_err(|e| format!("{} cannot run: {e}", mkfs[0]))?;
-        if !ok.success() {
-            return Err(format!("{} failed", mkfs[0]));
-        }
+            .output()
+            .unwrap_or_else(|e| panic!("{} cannot run: {e}", mkfs[0]));
+        assert!(
+            out.status.success(),
+            "{} failed: {}",
+            mkfs.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         let mount = root.join("mnt");
-        std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
-        let ok = Command::new("mount")
+        std::fs::create_dir_all(&mount).expect("mount point");
+        let out = Command::new("mount")
             .arg(&dev.path)
             .arg(&mount)
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !ok.success() {
-            return Err("mount failed".into());
-        }
-        Ok(Self {
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Self {
             mount,
             dev: Some(dev),
-        })
+        }
     }
 }
 
