@@ -16,6 +16,7 @@ use pilotlight::{
     Deadline, LoopDevice, SmallFs,
 };
 use pilotlight_agent::status::{State, Status};
+use pilotlight_protocol::clock::now_ms;
 
 const MIB: u64 = 1 << 20;
 
@@ -38,13 +39,6 @@ fn require_tracing() {
         Path::new("/sys/kernel/tracing/events/block/block_rq_complete").is_dir(),
         "this test needs the kernel's block_rq_complete tracepoint, which it lacks"
     );
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 struct Agent {

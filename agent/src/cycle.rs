@@ -10,11 +10,12 @@ use pilotlight_protocol::Frame;
 
 use crate::consistency::{prepare, Snapshot};
 use crate::policy::{self, Precopy};
-use crate::replicate::{now_ms, PointReport};
+use crate::replicate::PointReport;
 use crate::scan::{scan, ScanJob, Sink};
 use crate::session::{Pending, Session, Wait};
 use crate::trace::{Plan, RescanReason};
 use crate::{AgentError, ConsistencyMode};
+use pilotlight_protocol::clock::now_ms;
 
 /// How a cycle ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

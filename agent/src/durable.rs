@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use pilotlight_protocol::BlockHash;
 
+use crate::blocking::off_async;
 use crate::policy;
 use crate::session::Volume;
-use crate::state::{off_async, StateView, VolumeView};
+use crate::state::{StateView, VolumeView};
 use crate::AgentError;
 
 /// One session's durable hash tables, one per volume, in volume order.

@@ -8,12 +8,9 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::AgentError;
+use pilotlight_protocol::tls::ALPN;
 
-/// Name the receiver's certificate carries; agents always verify it.
-pub const RECEIVER_NAME: &str = "pilotlight-receiver";
-/// ALPN protocol id.
-pub const ALPN: &[u8] = b"pilotlight/1";
+use crate::AgentError;
 
 /// Build the TLS 1.3 client configuration from an identity file: the first
 /// certificate is the agent's, the second the receiver's CA.

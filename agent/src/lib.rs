@@ -3,6 +3,7 @@
 //!
 //! The binary `pilotlight-agent` is a thin CLI over [`run`].
 
+mod blocking;
 mod collector;
 pub mod consistency;
 mod cycle;

@@ -30,8 +30,8 @@ use tokio_rustls::TlsConnector;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::RECEIVER_NAME;
 use crate::AgentError;
+use pilotlight_protocol::tls::RECEIVER_NAME;
 
 /// Bytes of block frames that may be sent but not yet acknowledged.
 pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
@@ -151,12 +151,9 @@ async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer), AgentError> {
     let tcp = TcpStream::connect(&cfg.receiver)
         .await
         .map_err(AgentError::Net)?;
-    let _ = tcp.set_nodelay(true);
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
+    if let Err(e) = pilotlight_protocol::net::tune(socket2::SockRef::from(&tcp)) {
+        tracing::debug!(cause = %e, "cannot set TCP keepalive or nodelay");
+    }
     let name = ServerName::try_from(RECEIVER_NAME)
         .map_err(|e| AgentError::Config(format!("server name: {e}")))?;
     let tls = TlsConnector::from(cfg.tls.clone())

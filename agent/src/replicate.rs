@@ -163,9 +163,3 @@ async fn pause(
         }
     }
 }
-
-/// Milliseconds since the epoch.
-pub(crate) fn now_ms() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-        .unwrap_or(i64::MAX)
-}

@@ -5,9 +5,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::blocking::off_async;
 use crate::policy;
-use crate::state::off_async;
-use crate::status::{ms_rfc3339, State, Status, StatusVolume};
+use pilotlight_protocol::clock::rfc3339;
+
+use crate::status::{State, Status, StatusVolume};
 use crate::trace::Tracking;
 use crate::{AgentConfig, AgentError};
 
@@ -103,7 +105,7 @@ impl Reporter {
     /// A point became durable (taken at `created_ms`).
     pub(crate) fn durable(&mut self, point: u64, created_ms: i64, now_ms: i64) {
         self.status.last_point = Some(point);
-        self.status.last_point_time = Some(ms_rfc3339(created_ms));
+        self.status.last_point_time = Some(rfc3339(created_ms));
         self.status.last_point_ms = Some(created_ms);
         self.status.last_point_lag_seconds = Some((now_ms - created_ms).max(0) as f64 / 1000.0);
         self.status.last_error = None;

@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 use crate::collector::Collector;
 use crate::durable::DurableHashes;
 use crate::link::{Link, LinkConfig};
-use crate::replicate::{now_ms, PointReport};
+use crate::replicate::PointReport;
 use crate::reporter::Reporter;
 use crate::state::AgentState;
 use crate::status::{State, StatusVolume};
 use crate::{policy, resync, volume, AgentConfig, AgentError};
+use pilotlight_protocol::clock::now_ms;
 
 /// Time a stopping agent gives the receiver to acknowledge the points
 /// already sent and to close the session politely. A stalled receiver

@@ -11,11 +11,9 @@
 //! one, and the directory fsynced. A file that fails its checksum is ignored
 //! (the agent then asks the receiver for its hashes).
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use pilotlight_protocol::BlockHash;
+use pilotlight_protocol::{atomic_file, BlockHash};
 
 use crate::AgentError;
 
@@ -204,30 +202,11 @@ impl StateView<'_> {
     }
 }
 
-/// Run blocking `f` (file writes, fsync) without stalling the other tasks
-/// of a multi-thread runtime; inline elsewhere (no runtime, or a
-/// current-thread one, where `block_in_place` is not allowed).
-pub(crate) fn off_async<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-/// Write `name` in `dir` atomically.
+/// Write `name` in `dir` atomically and durably (creating `dir`), through
+/// the one atomic write both binaries use.
 pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<(), AgentError> {
     std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
-    let path: PathBuf = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = File::create(&tmp).map_err(|e| state_err(&tmp, e))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| state_err(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(|e| state_err(&path, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| state_err(dir, e))
+    atomic_file::write(dir, name, data).map_err(|(path, e)| state_err(&path, e))
 }
 
 #[cfg(test)]

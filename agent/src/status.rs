@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use pilotlight_protocol::clock::{now_ms, rfc3339};
+
 use crate::state::write_atomic;
 use crate::AgentError;
 
@@ -154,7 +156,7 @@ impl Status {
     /// Write to the state directory.
     /// (Where `status.json` is a link to the runtime directory: there.)
     pub fn save(&mut self, dir: &Path) -> Result<(), AgentError> {
-        self.updated = now_rfc3339();
+        self.updated = rfc3339(now_ms());
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| AgentError::Config(format!("status: {e}")))?;
         match std::fs::read_link(dir.join(STATUS_FILE)) {
@@ -183,24 +185,6 @@ impl Status {
         serde_json::from_slice(&text)
             .map_err(|e| AgentError::Config(format!("{} is not valid: {e}", path.display())))
     }
-}
-
-/// Now, RFC 3339 UTC.
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-/// RFC 3339 of milliseconds since the epoch.
-pub fn ms_rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -10,13 +10,13 @@ pub fn now_ms() -> i64 {
 }
 
 /// `ms` since the Unix epoch as RFC 3339 in UTC with millisecond precision
-/// (`2026-11-30T10:34:12.345Z`), or the number itself where it is out of the
-/// calendar's range.
+/// (`2026-11-30T10:34:12.345Z`); a time outside the calendar's range (a peer's
+/// nonsense) prints as the epoch, so the output always parses.
 pub fn rfc3339(ms: i64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| ms.to_string())
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Parse an RFC 3339 time into milliseconds since the Unix epoch.
@@ -38,7 +38,7 @@ mod tests {
     }
 
     #[test]
-    fn out_of_range_prints_the_number() {
-        assert_eq!(rfc3339(i64::MAX), i64::MAX.to_string());
+    fn out_of_range_prints_the_epoch() {
+        assert_eq!(rfc3339(i64::MAX), "1970-01-01T00:00:00Z");
     }
 }

@@ -83,6 +83,8 @@ pub mod frame;
 pub mod fuzzing;
 pub mod limits;
 pub mod net;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod reader;
 pub mod tls;
 

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::{Committer, EndPoint};
 use crate::handshake::{self, AuthorizedPeer};
-use crate::server::{keepalive, Shared};
+use crate::server::Shared;
 use crate::session::{Session, SessionVolume};
 use crate::store::blocking;
 use crate::wire::{next, next_or_eof, send, unexpected, Reader, Writer};
@@ -45,8 +45,9 @@ impl Connection {
     /// Serve the connection to its end; `_permit` is its place under the
     /// connection limit.
     pub(crate) async fn serve(self, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
-        let _ = tcp.set_nodelay(true);
-        keepalive(&tcp);
+        if let Err(e) = pilotlight_protocol::net::tune(socket2::SockRef::from(&tcp)) {
+            tracing::debug!(cause = %e, "cannot set TCP keepalive or nodelay");
+        }
         let timeout = self.shared.cfg.handshake_timeout();
         let Some(tls) = handshake::accept_tls(&self.tls, tcp, timeout, self.peer).await else {
             return;

@@ -23,12 +23,10 @@ pub struct Live {
 impl Live {
     /// Write atomically into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), ReceiveError> {
-        let tmp = dir.join(format!(".{LIVE_FILE}.tmp"));
         let text =
             serde_json::to_vec_pretty(self).map_err(|e| ReceiveError::Config(e.to_string()))?;
-        std::fs::write(&tmp, text).map_err(|e| ReceiveError::storage(&tmp, e))?;
-        std::fs::rename(&tmp, dir.join(LIVE_FILE))
-            .map_err(|e| ReceiveError::storage(dir.join(LIVE_FILE), e))
+        pilotlight_protocol::atomic_file::write(dir, LIVE_FILE, &text)
+            .map_err(|(path, e)| ReceiveError::storage(path, e))
     }
 
     /// Read from `dir`, if a receiver that is still running wrote it.

@@ -24,12 +24,10 @@ use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use pilotlight_protocol::tls::{ALPN, RECEIVER_NAME};
+
 use crate::ReceiveError;
 
-/// The DNS name in the receiver's certificate that agents verify.
-pub const RECEIVER_NAME: &str = "pilotlight-receiver";
-/// ALPN protocol id.
-pub const ALPN: &[u8] = b"pilotlight/1";
 /// Organizational unit that marks agent certificates.
 const AGENT_OU: &str = "pilotlight-agent";
 

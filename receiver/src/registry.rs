@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use pilotlight_protocol::clock::{now_ms, rfc3339};
 use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
@@ -102,7 +103,7 @@ impl Registry {
         lock(&self.sessions, "sessions")?.insert(session.id, session.clone());
         lock(&self.alive, "alive sessions")?.push(Arc::downgrade(session));
         metrics::gauge!("pilotlight_receiver_sessions").increment(1.0);
-        self.set_live(&session.server, Some(crate::catalog::rfc3339(now_ms())))
+        self.set_live(&session.server, Some(rfc3339(now_ms())))
             .await;
         Ok(())
     }
@@ -166,9 +167,4 @@ impl Registry {
 
 fn lock<'a, T>(m: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>, ReceiveError> {
     m.lock().map_err(|_| ReceiveError::poisoned(what))
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-        .unwrap_or(i64::MAX)
 }

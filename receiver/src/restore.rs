@@ -73,7 +73,7 @@ pub fn resolve_point(
         PointSel::Id(id) => ReceiveError::NotFound(format!("server {server} has no point {id}")),
         PointSel::At(ms) => ReceiveError::NotFound(format!(
             "server {server} has no point at or before {}",
-            crate::catalog::rfc3339(ms)
+            pilotlight_protocol::clock::rfc3339(ms)
         )),
         PointSel::Latest => ReceiveError::NotFound(format!("server {server} has no points yet")),
     })

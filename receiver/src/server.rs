@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -116,15 +116,4 @@ pub async fn run(
         Err(_) => tracing::warn!("staging still behind after the shutdown grace period"),
     }
     Ok(())
-}
-
-/// Turn on TCP keepalive so that a vanished peer is noticed between points.
-pub fn keepalive(tcp: &TcpStream) {
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
-        tracing::debug!(cause = %e, "cannot enable TCP keepalive");
-    }
 }

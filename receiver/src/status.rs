@@ -105,9 +105,8 @@ pub struct Status {
 
 /// The status of every server of the receiver directory `dir`, now.
 pub fn status(dir: &Path) -> Result<Status, ReceiveError> {
-    let now_ms = i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-        .unwrap_or(0);
-    status_at(dir, Live::load_running(dir).as_ref(), now_ms)
+    let now = pilotlight_protocol::clock::now_ms();
+    status_at(dir, Live::load_running(dir).as_ref(), now)
 }
 
 /// The status of every server of `dir` at `now_ms`, with `live` as what the
@@ -179,7 +178,7 @@ mod tests {
         PointInfo {
             id,
             server: "web1".into(),
-            created: crate::catalog::rfc3339(created_ms),
+            created: pilotlight_protocol::clock::rfc3339(created_ms),
             created_ms,
             consistency: "crash-consistent".into(),
             commit: "sync".into(),

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use pilotlight_agent::status::Status;
 use pilotlight_agent::{AgentConfig, CommitMode, ConsistencyMode, Track, VolumeSpec};
+use pilotlight_protocol::process;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -147,6 +148,12 @@ enum Cmd {
     Man,
 }
 
+/// Histogram buckets of the agent's metrics, in seconds (a point may take
+/// minutes on a slow link).
+const METRIC_BUCKETS: [f64; 11] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0,
+];
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let file = match &cli.cmd {
@@ -163,15 +170,7 @@ fn main() -> ExitCode {
         .log_format
         .or(file.log_format)
         .unwrap_or(LogFormat::Text);
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    process::init_logging(format == LogFormat::Json);
     match run(cli.cmd, file) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -272,12 +271,16 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             let reports = rt.block_on(async move {
                 if let Some(addr) = metrics {
-                    install_metrics(&addr)?;
+                    let sock: std::net::SocketAddr = addr
+                        .parse()
+                        .with_context(|| format!("--metrics {addr:?} is not host:port"))?;
+                    process::serve_metrics(sock, &METRIC_BUCKETS)
+                        .with_context(|| format!("cannot serve metrics on {addr}"))?;
                 }
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
                 tokio::spawn(async move {
-                    wait_for_signal().await;
+                    process::stop_signal().await;
                     tracing::info!("stopping: finishing the points in flight");
                     s.cancel();
                 });
@@ -394,35 +397,4 @@ fn initial_sync_bar(
         bar.set_style(style);
     }
     Some((bar, counter))
-}
-
-fn install_metrics(addr: &str) -> anyhow::Result<()> {
-    let addr: std::net::SocketAddr = addr
-        .parse()
-        .with_context(|| format!("--metrics {addr:?} is not host:port"))?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets(&[
-            0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0,
-        ])?
-        .install()
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    tracing::info!(%addr, "serving Prometheus metrics");
-    Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut i), Ok(mut t)) => {
-            tokio::select! {
-                _ = i.recv() => {}
-                _ = t.recv() => {}
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
 }

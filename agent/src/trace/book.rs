@@ -15,7 +15,9 @@ use roaring::RoaringTreemap;
 
 use super::plan::{min_opt, InFlight};
 use super::saved::{boot_id, SavedDirty, SavedVolume};
-use super::{now_ms, Device, EventSource, Plan, RescanReason, Target, Tracer};
+use pilotlight_protocol::clock::now_ms;
+
+use super::{Device, EventSource, Plan, RescanReason, Target, Tracer};
 use crate::AgentError;
 
 /// Longest a point waits when the only dirty blocks are the ones the last

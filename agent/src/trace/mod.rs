@@ -53,9 +53,3 @@ use crate::AgentError;
 fn trace_err(what: impl std::fmt::Display) -> AgentError {
     AgentError::Trace(what.to_string())
 }
-
-/// Milliseconds since the epoch.
-pub fn now_ms() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-        .unwrap_or(i64::MAX)
-}

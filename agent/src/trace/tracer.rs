@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 use roaring::RoaringTreemap;
 
 use super::parse::{parse_line, Line};
-use super::{now_ms, trace_err, EventSource, Target};
+use pilotlight_protocol::clock::now_ms;
+
+use crate::blocking::off_async;
+
+use super::{trace_err, EventSource, Target};
 use crate::AgentError;
 
 /// Where tracefs is usually mounted.
@@ -335,13 +339,4 @@ fn write_file(path: &Path, text: &str) -> Result<(), AgentError> {
         .map_err(|e| trace_err(format!("{}: {e}", path.display())))?;
     f.write_all(text.as_bytes())
         .map_err(|e| trace_err(format!("writing {text:?} to {}: {e}", path.display())))
-}
-
-/// Run blocking tracefs I/O (a marker round trip through the pipe) without
-/// holding up an async worker thread that also drives the TLS streams.
-fn off_async<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
 }

@@ -1,5 +1,6 @@
 //! `pilotlight-receiver`: the staging-host side of pilotlight.
 
+use pilotlight_protocol::process;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -201,7 +202,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    process::init_logging(matches!(cli.log_format, LogFormat::Json));
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
@@ -233,18 +234,6 @@ fn gc_summary(r: &pilotlight_receiver::gc::GcReport) -> String {
         ));
     }
     s
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
@@ -429,13 +418,11 @@ fn prune(
 fn point_sel(point: Option<i64>, at: Option<String>, latest: bool) -> anyhow::Result<PointSel> {
     Ok(match (point, at, latest) {
         (Some(id), None, false) => PointSel::Id(id),
-        (None, Some(t), false) => {
-            let t = time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
-                .with_context(|| {
-                    format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z")
-                })?;
-            PointSel::At(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
-        }
+        (None, Some(t), false) => PointSel::At(
+            pilotlight_protocol::clock::parse_rfc3339(&t).with_context(|| {
+                format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z")
+            })?,
+        ),
         (None, None, true) => PointSel::Latest,
         _ => {
             anyhow::bail!("say which point to restore: one of --point ID, --at RFC3339 or --latest")
@@ -510,12 +497,11 @@ fn serve(
             let m: std::net::SocketAddr = m
                 .parse()
                 .with_context(|| format!("--metrics {m:?} is not host:port"))?;
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(m)
-                .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0])?
-                .install()
-                .with_context(|| format!("cannot serve metrics on {m}"))?;
-            tracing::info!(addr = %m, "serving Prometheus metrics");
+            process::serve_metrics(
+                m,
+                &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0],
+            )
+            .with_context(|| format!("cannot serve metrics on {m}"))?;
         }
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -527,28 +513,12 @@ fn serve(
         let shutdown = CancellationToken::new();
         let s = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            process::stop_signal().await;
             s.cancel();
         });
         server::run(listener, dir, cfg, shutdown).await?;
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut i), Ok(mut t)) => {
-            tokio::select! {
-                _ = i.recv() => {}
-                _ = t.recv() => {}
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
 }
 
 fn print_status(status: &Status, json: bool) -> anyhow::Result<()> {

@@ -43,7 +43,7 @@ mod volumes;
 
 pub use identities::{no_such_server, ServerRow};
 pub use points::{BlockRef, NewPoint};
-pub use report::{rfc3339, PointInfo, PointVolumeInfo};
+pub use report::{PointInfo, PointVolumeInfo};
 pub use schema::SCHEMA_VERSION;
 pub use volumes::VolumeRow;
 

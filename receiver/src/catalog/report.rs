@@ -1,6 +1,7 @@
 //! What operators read from the catalog: the list of points with their
 //! volumes, and the bytes a server's points keep stored.
 
+use pilotlight_protocol::clock::rfc3339;
 use rusqlite::params;
 
 use super::Catalog;
@@ -94,12 +95,4 @@ impl Catalog {
         )?;
         Ok(n.unwrap_or(0).max(0) as u64)
     }
-}
-
-/// RFC 3339 (UTC) of milliseconds since the epoch.
-pub fn rfc3339(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
