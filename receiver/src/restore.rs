@@ -337,9 +337,9 @@ fn write_blocks(
             .collect();
         let mut first = Ok(());
         for h in handles {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(ReceiveError::Corrupt("restore worker panicked".into())));
+            let r = h.join().unwrap_or_else(|_| {
+                Err(ReceiveError::Internal("a restore worker panicked".into()))
+            });
             if first.is_ok() {
                 first = r;
             }

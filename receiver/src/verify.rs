@@ -113,7 +113,7 @@ pub fn verify(
     }
     let bad = bad
         .into_inner()
-        .map_err(|_| ReceiveError::Corrupt("verify lock poisoned".into()))?;
+        .map_err(|_| ReceiveError::poisoned("verify"))?;
     let mut damaged = Vec::new();
     for (pi, vi, index, h) in needs {
         if let Some(err) = bad.get(&h) {
