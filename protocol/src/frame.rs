@@ -74,6 +74,10 @@ pub enum ErrorCode {
     Timeout = 6,
     Superseded = 7,
     Shutdown = 8,
+    /// The receiver's own bug (a panicked task, a poisoned lock): not the
+    /// agent's fault, and gone once the receiver is restarted, so agents
+    /// retry with their backoff. Older agents read it as `Other`.
+    Internal = 9,
     Other = 0xffff,
 }
 
@@ -89,6 +93,7 @@ impl ErrorCode {
             6 => Self::Timeout,
             7 => Self::Superseded,
             8 => Self::Shutdown,
+            9 => Self::Internal,
             _ => Self::Other,
         }
     }
@@ -97,7 +102,7 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::Storage | Self::Busy | Self::Timeout | Self::Shutdown
+            Self::Storage | Self::Busy | Self::Timeout | Self::Shutdown | Self::Internal
         )
     }
 }
@@ -660,6 +665,21 @@ impl BlockFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_codes_on_the_wire() {
+        for (v, code, retry) in [
+            (4, ErrorCode::Storage, true),
+            (7, ErrorCode::Superseded, false),
+            (9, ErrorCode::Internal, true),
+            (10, ErrorCode::Other, false),
+            (0xffff, ErrorCode::Other, false),
+        ] {
+            assert_eq!(ErrorCode::from_u16(v), code, "{v}");
+            assert_eq!(code.is_retryable(), retry, "{code:?}");
+        }
+        assert_eq!(ErrorCode::Internal as u16, 9);
+    }
 
     #[test]
     fn unknown_kind_is_rejected_before_the_body_arrives() {

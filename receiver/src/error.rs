@@ -127,11 +127,10 @@ impl ReceiveError {
             Self::Shutdown => ErrorCode::Shutdown,
             Self::Busy(_) => ErrorCode::Busy,
             Self::Storage { .. } | Self::Catalog(_) | Self::Corrupt(_) => ErrorCode::Storage,
-            Self::Config(_)
-            | Self::NotFound(_)
-            | Self::Refused(_)
-            | Self::Internal(_)
-            | Self::CatalogTooNew { .. } => ErrorCode::Other,
+            Self::Config(_) | Self::NotFound(_) | Self::Refused(_) | Self::CatalogTooNew { .. } => {
+                ErrorCode::Other
+            }
+            Self::Internal(_) => ErrorCode::Internal,
         }
     }
 }
@@ -141,10 +140,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn internal_errors_are_not_retryable_and_not_blamed_on_the_store() {
+    fn internal_errors_have_their_own_code_and_are_not_blamed_on_the_store() {
         let e = ReceiveError::poisoned("session");
-        assert_eq!(e.code(), ErrorCode::Other);
-        assert!(!e.is_retryable());
+        assert_eq!(e.code(), ErrorCode::Internal);
+        // The receiver's bug, not the agent's: the agent comes back with its
+        // backoff, and gets through once the receiver is restarted.
+        assert!(e.is_retryable());
         assert!(!e.to_string().contains("damaged"), "{e}");
     }
 
