@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pilotlight::{agent_config, overwrite_random_4k, sample_image, TestReceiver};
+use pilotlight::{agent_config, overwrite_random_4k, sample_image, wait_until, TestReceiver};
 use pilotlight_agent::status::Status;
 use pilotlight_agent::{AgentConfig, CommitMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -86,12 +86,86 @@ async fn pump(
     }
 }
 
-/// Poll `cond` until it holds; panics after `secs`.
+/// Wait until `cond` holds; fails the test after `secs`.
 async fn wait_for(secs: u64, what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    wait_until(Duration::from_secs(secs), what, cond).await;
+}
+
+/// A TCP proxy in front of the receiver that can hold back what the
+/// receiver says on the control connection (the first one), from the moment
+/// the first data stream connects until released: the agent sends a whole
+/// point and the receiver commits it, but its `DURABLE` waits here.
+struct AckHoldingProxy {
+    addr: SocketAddr,
+    hold: tokio::sync::watch::Sender<bool>,
+}
+
+impl AckHoldingProxy {
+    async fn start(to: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hold, held) = tokio::sync::watch::channel(false);
+        let holder = hold.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((agent, _)) = listener.accept().await {
+                let receiver = TcpStream::connect(to).await.unwrap();
+                let (ar, aw) = agent.into_split();
+                let (rr, rw) = receiver.into_split();
+                let never = Arc::new(AtomicBool::new(false));
+                tokio::spawn(pump(ar, rw, never.clone(), None));
+                if first {
+                    tokio::spawn(pump_unless_held(rr, aw, held.clone()));
+                    first = false;
+                } else {
+                    // A data stream: the control connection's Welcome is in.
+                    holder.send_replace(true);
+                    tokio::spawn(pump(rr, aw, never, None));
+                }
+            }
+        });
+        Self { addr, hold }
+    }
+
+    fn release(&self) {
+        self.hold.send_replace(false);
+    }
+}
+
+/// Forward `from` to `to`, keeping what arrives while `hold` is set and
+/// writing it out once it is cleared.
+async fn pump_unless_held(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut hold: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut kept = Vec::new();
+    loop {
+        if !*hold.borrow() && !kept.is_empty() {
+            if to.write_all(&kept).await.is_err() {
+                return;
+            }
+            kept.clear();
+        }
+        tokio::select! {
+            r = from.read(&mut buf) => {
+                let n = match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if *hold.borrow() {
+                    kept.extend_from_slice(&buf[..n]);
+                } else if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            changed = hold.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -171,5 +245,50 @@ async fn stop_while_connecting_to_a_stalled_receiver() {
         .unwrap()
         .unwrap();
     assert!(reports.is_empty());
+    rcv.stop().await;
+}
+
+/// A stop that comes while a point waits for its `DURABLE`, which then
+/// arrives: the agent takes it and closes at once, without waiting for the
+/// next interval or the stop's grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_while_waiting_for_an_ack_that_then_comes_closes_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let rcv = TestReceiver::create(root).await;
+    let identity = rcv.enroll("s1");
+    let img = root.join("a.img");
+    sample_image(&img, 8 * MIB, 3);
+    let proxy = AckHoldingProxy::start(rcv.addr).await;
+    let mut cfg = agent_config(
+        proxy.addr,
+        &identity,
+        &root.join("state"),
+        &[("root", &img)],
+    );
+    continuous(&mut cfg);
+    // The next point is a minute away: only the stop ends the session.
+    cfg.interval = Duration::from_secs(60);
+    let stop = CancellationToken::new();
+    let agent = tokio::spawn(pilotlight_agent::run(cfg, stop.clone()));
+    let dir = rcv.dir.clone();
+    wait_for(60, "the receiver to commit the first point", || {
+        pilotlight_receiver::admin::points(&dir, None).is_ok_and(|p| p.len() == 1)
+    })
+    .await;
+    stop.cancel();
+    proxy.release();
+    let released = Instant::now();
+    let reports = tokio::time::timeout(STOP_DEADLINE, agent)
+        .await
+        .expect("the agent stops")
+        .unwrap()
+        .unwrap();
+    let took = released.elapsed();
+    assert_eq!(reports.len(), 1, "the held point was durable");
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?} to stop once the ack came (the stop's grace is 5 s)"
+    );
     rcv.stop().await;
 }

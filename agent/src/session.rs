@@ -153,7 +153,12 @@ impl<'a> Session<'a> {
             // are dirty again.
             t.requeue();
         }
-        let tables = resync::base(&mut link, &vols, local, agent.collector.get_mut()).await?;
+        // A checksum resync waits on the receiver's hash listing: a stop
+        // does not wait for it (nothing was sent yet; the link just drops).
+        let tables = tokio::select! {
+            t = resync::base(&mut link, &vols, local, agent.collector.get_mut()) => t?,
+            () = agent.shutdown.cancelled() => return Err(AgentError::Stopped),
+        };
         let view = tables.clone();
         Ok(Self {
             durable: DurableHashes::new(link.store_id, link.last_point, tables),
@@ -254,12 +259,13 @@ impl<'a> Session<'a> {
         let interval = tokio::time::sleep(self.agent.cfg.interval);
         tokio::pin!(interval);
         loop {
-            if let Wait::Drain(keep) = until {
-                if self.pending.len() <= keep {
-                    return Ok(());
-                }
-            }
             let stopping = self.agent.shutdown.is_cancelled();
+            match until {
+                Wait::Drain(keep) if self.pending.len() <= keep => return Ok(()),
+                // A stop that came during an earlier wait: no next point.
+                Wait::Interval { .. } if stopping => return Ok(()),
+                _ => {}
+            }
             let deadline = self.stop_deadline;
             tokio::select! {
                 () = &mut interval, if matches!(until, Wait::Interval { .. }) => return Ok(()),

@@ -13,8 +13,9 @@
 
 use std::path::Path;
 
+use pilotlight_protocol::atomic_file::{self, Access};
 use pilotlight_protocol::reader::Reader;
-use pilotlight_protocol::{atomic_file, BlockHash};
+use pilotlight_protocol::BlockHash;
 
 use crate::AgentError;
 
@@ -188,15 +189,15 @@ impl StateView<'_> {
     /// Write the state to `dir` atomically (write, fsync, rename, fsync
     /// dir). Blocking: call it off the async workers.
     pub fn save(&self, dir: &Path) -> Result<(), AgentError> {
-        write_atomic(dir, STATE_FILE, &self.serialize())
+        write_atomic(dir, STATE_FILE, &self.serialize(), Access::Private)
     }
 }
 
 /// Write `name` in `dir` atomically and durably (creating `dir`), through
 /// the one atomic write both binaries use.
-pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> Result<(), AgentError> {
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8], access: Access) -> Result<(), AgentError> {
     std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
-    atomic_file::write(dir, name, data).map_err(|(path, e)| state_err(&path, e))
+    atomic_file::write(dir, name, data, access).map_err(|(path, e)| state_err(&path, e))
 }
 
 #[cfg(test)]

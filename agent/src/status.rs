@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use pilotlight_protocol::atomic_file::Access;
 use pilotlight_protocol::clock::{now_ms, rfc3339};
 
 use crate::state::write_atomic;
@@ -48,7 +49,7 @@ pub fn place(state_dir: &Path, elsewhere: bool) -> Result<(), AgentError> {
     }
     // Carry the last status over, then swap the link in atomically.
     if let Ok(old) = std::fs::read(&link) {
-        write_atomic(&dir, STATUS_FILE, &old)?;
+        write_atomic(&dir, STATUS_FILE, &old, Access::Umask)?;
     }
     let tmp = state_dir.join(format!(".{STATUS_FILE}.link"));
     let _ = std::fs::remove_file(&tmp);
@@ -161,10 +162,10 @@ impl Status {
             .map_err(|e| AgentError::Config(format!("status: {e}")))?;
         match std::fs::read_link(dir.join(STATUS_FILE)) {
             Ok(target) if target.starts_with(RUNTIME_DIR) => match target.parent() {
-                Some(runtime) => write_atomic(runtime, STATUS_FILE, &text),
-                None => write_atomic(dir, STATUS_FILE, &text),
+                Some(runtime) => write_atomic(runtime, STATUS_FILE, &text, Access::Umask),
+                None => write_atomic(dir, STATUS_FILE, &text, Access::Umask),
             },
-            _ => write_atomic(dir, STATUS_FILE, &text),
+            _ => write_atomic(dir, STATUS_FILE, &text, Access::Umask),
         }
     }
 
@@ -212,6 +213,7 @@ mod tests {
             gone.parent().unwrap(),
             STATUS_FILE,
             &serde_json::to_vec(&st).unwrap(),
+            Access::Umask,
         )
         .unwrap();
         assert_eq!(Status::load(dir.path()).unwrap().state, State::Continuous);

@@ -81,6 +81,8 @@ pub mod error;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+#[doc(hidden)]
+pub mod golden;
 pub mod limits;
 pub mod net;
 #[cfg(feature = "process")]

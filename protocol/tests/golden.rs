@@ -4,19 +4,8 @@
 use bytes::{Bytes, BytesMut};
 use pilotlight_protocol::block::{BlockHash, Encoding};
 use pilotlight_protocol::frame::{BlockFrame, CommitMode, Consistency, ErrorCode, VolumeDecl};
+use pilotlight_protocol::golden::{self, hex};
 use pilotlight_protocol::{DecodeError, Frame};
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    let s: String = s.split_whitespace().collect();
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
 
 fn check(frame: Frame, seq: u64, golden: &str) {
     let mut buf = BytesMut::new();
@@ -198,4 +187,9 @@ fn regenerate_fixtures() {
     let crc = crc32fast::hash(&raw);
     raw.extend_from_slice(&crc.to_le_bytes());
     std::fs::write(format!("{dir}/bad_magic.hex"), hex(&raw) + "\n").unwrap();
+}
+
+/// The bytes of an annotated hex fixture.
+fn unhex(text: &str) -> Vec<u8> {
+    golden::unhex(text).expect("the fixture is hex")
 }

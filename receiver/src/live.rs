@@ -1,6 +1,7 @@
 //! `live.json` in the receiver directory: which servers have a session open
 //! right now, written by `serve` whenever that changes, read by `status`.
 
+use pilotlight_protocol::atomic_file::Access;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -25,7 +26,7 @@ impl Live {
     pub fn save(&self, dir: &Path) -> Result<(), ReceiveError> {
         let text =
             serde_json::to_vec_pretty(self).map_err(|e| ReceiveError::Config(e.to_string()))?;
-        pilotlight_protocol::atomic_file::write(dir, LIVE_FILE, &text)
+        pilotlight_protocol::atomic_file::write(dir, LIVE_FILE, &text, Access::Private)
             .map_err(|(path, e)| ReceiveError::storage(path, e))
     }
 

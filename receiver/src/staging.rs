@@ -5,7 +5,8 @@
 //! The guarantee stays: every staging image eventually equals its server's
 //! latest durable point. Requests that queue up while an update runs are
 //! merged (one update per server, to its newest point); a failed update is
-//! retried with the next batch of requests, and whatever is still behind
+//! retried with the next batch of requests or after [`STAGING_RETRY`],
+//! whichever comes first, and whatever is still behind
 //! when the receiver stops is repaired from the store when it next serves
 //! ([`Store::open_for_serve`]).
 
@@ -62,12 +63,29 @@ impl Staging {
     }
 }
 
-/// The task: take every request queued, merge them by server, update.
+/// How long a failed update waits before it is tried again when no new
+/// request comes first (a server gone idle must not keep a stale image).
+pub(crate) const STAGING_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The task: take every request queued, merge them by server, update; try
+/// failed updates again with the next requests or after [`STAGING_RETRY`].
 async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Request>) {
     let mut retry: BTreeMap<i64, Request> = BTreeMap::new();
-    while let Some(first) = rx.recv().await {
+    loop {
+        // `None`: the queue closed; `Some(None)`: time to retry.
+        let woke = if retry.is_empty() {
+            rx.recv().await.map(Some)
+        } else {
+            tokio::select! {
+                r = rx.recv() => r.map(Some),
+                () = tokio::time::sleep(STAGING_RETRY) => Some(None),
+            }
+        };
+        let Some(first) = woke else { return };
         let mut due = std::mem::take(&mut retry);
-        merge(&mut due, first);
+        if let Some(first) = first {
+            merge(&mut due, first);
+        }
         while let Ok(more) = rx.try_recv() {
             merge(&mut due, more);
         }

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pilotlight_protocol::golden::{self, hex};
 use pilotlight_protocol::{BlockHash, Encoding};
 use pilotlight_receiver::pack::{pack_path, BlockLoc, OpenPacks, PackReader, PackWriter};
 use pilotlight_receiver::ReceiveError;
@@ -84,23 +85,6 @@ fn fixture_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/pack.hex")
 }
 
-/// Hex, whitespace ignored, `#` to the end of a line a comment.
-fn unhex(text: &str) -> Vec<u8> {
-    let digits: String = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or(""))
-        .flat_map(|l| l.split_whitespace())
-        .collect();
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn golden_bytes() -> Vec<u8> {
     unhex(&std::fs::read_to_string(fixture_path()).unwrap())
 }
@@ -108,13 +92,7 @@ fn golden_bytes() -> Vec<u8> {
 /// With `PILOTLIGHT_BLESS=1`, (re)write the fixture from the documented
 /// layout (only from the one test that compares with it).
 fn bless() {
-    if std::env::var_os("PILOTLIGHT_BLESS").is_some() {
-        let text: String = documented_layout()
-            .iter()
-            .map(|(name, b)| format!("{} # {name}\n", hex(b)))
-            .collect();
-        std::fs::write(fixture_path(), text).unwrap();
-    }
+    golden::bless(&fixture_path(), &documented_layout()).unwrap();
 }
 
 /// A store directory whose pack 1 holds `bytes`.
@@ -276,4 +254,9 @@ fn a_catalog_entry_that_does_not_match_is_corruption() {
         matches!(got, Err(ReceiveError::Corrupt(_))),
         "another hash: {got:?}"
     );
+}
+
+/// The bytes of an annotated hex fixture.
+fn unhex(text: &str) -> Vec<u8> {
+    golden::unhex(text).expect("the fixture is hex")
 }

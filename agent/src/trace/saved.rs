@@ -27,6 +27,7 @@
 
 use std::path::Path;
 
+use pilotlight_protocol::atomic_file::Access;
 use pilotlight_protocol::reader::Reader;
 use pilotlight_protocol::DecodeError;
 use roaring::RoaringTreemap;
@@ -131,7 +132,7 @@ impl SavedDirty {
 
     /// Write it (atomically) into `dir`.
     pub(super) fn save(&self, dir: &Path) -> Result<(), AgentError> {
-        crate::state::write_atomic(dir, DIRTY_FILE, &self.encode()?)
+        crate::state::write_atomic(dir, DIRTY_FILE, &self.encode()?, Access::Private)
     }
 
     /// Read and remove the saved set; `None` if there is none or it is not

@@ -1,6 +1,7 @@
 //! The saved dirty set: golden bytes, round trip, damage.
 
 use super::*;
+use pilotlight_protocol::golden::{self, hex};
 
 /// The fixture pinning the format, annotated one field per line.
 const FIXTURE: &str = include_str!("../../../tests/testdata/dirty.hex");
@@ -39,24 +40,6 @@ fn fixed() -> SavedDirty {
             },
         ],
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The hex digits of an annotated fixture (`#` starts a comment).
-fn unhex(text: &str) -> Vec<u8> {
-    let digits: String = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or_default())
-        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
-        .collect();
-    assert_eq!(digits.len() % 2, 0, "odd number of hex digits");
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-        .collect()
 }
 
 /// `saved` laid out by hand from the module's diagram, one field a line:
@@ -256,4 +239,9 @@ fn random_bytes_never_panic() {
         with_magic.extend_from_slice(&bytes);
         let _ = SavedDirty::parse(&sealed(&with_magic));
     }
+}
+
+/// The bytes of an annotated hex fixture.
+fn unhex(text: &str) -> Vec<u8> {
+    golden::unhex(text).expect("the fixture is hex")
 }
