@@ -147,6 +147,7 @@ CPU=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
     echo
     echo "Criterion benchmarks of the hot path (delta hashing, block encode/decode, framing):"
     echo "\`cargo bench --bench hot_path\`."
+    echo
     # Sections other benchmarks write (criterion figures, live tracking) stay.
     if [ -f BENCHMARKS.md ]; then sed -n '/^## Hot path/,$p' BENCHMARKS.md; fi
 } >BENCHMARKS.md.new
