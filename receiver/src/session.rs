@@ -265,3 +265,26 @@ impl Session {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(size: u64, block_size: u32) -> SessionVolume {
+        SessionVolume {
+            name: "v".into(),
+            size,
+            block_size,
+        }
+    }
+
+    #[test]
+    fn the_point_cap_is_the_declared_blocks_times_the_factor() {
+        assert_eq!(point_block_cap(&[vol(1 << 20, 65536)], 4), 64);
+        // A short last block counts; volumes add up; factor 0 means 1.
+        let two = [vol((1 << 20) + 1, 65536), vol(8192, 4096)];
+        assert_eq!(point_block_cap(&two, 2), 2 * (17 + 2));
+        assert_eq!(point_block_cap(&two, 0), 19);
+        assert_eq!(point_block_cap(&[vol(u64::MAX, 4096)], u64::MAX), u64::MAX);
+    }
+}

@@ -111,3 +111,25 @@ pub(crate) fn unexpected(frame: &Frame, wanted: &str) -> ReceiveError {
         frame.kind()
     ))
 }
+
+#[cfg(test)]
+#[allow(clippy::panic)] // test code
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_meets_the_write_deadline() {
+        // The other end never reads: the pipe fills, the write waits.
+        let (near, _far) = tokio::io::duplex(64);
+        let mut wr = Deadlined::new(near, Duration::from_millis(200));
+        let frame = Frame::Hashes {
+            volume: 0,
+            start: 0,
+            hashes: vec![pilotlight_protocol::BlockHash::of(b"x"); 64],
+        };
+        match send(&mut wr, &frame).await {
+            Err(ReceiveError::Timeout(why)) => assert!(why.contains("write deadline"), "{why}"),
+            other => panic!("expected the write deadline, got {other:?}"),
+        }
+    }
+}
