@@ -1,6 +1,8 @@
 //! The pure functions of the hot path: hashing, zero detection, compression
 //! and verified decompression of blocks. Both sides use these.
 
+use std::sync::OnceLock;
+
 use crate::DecodeError;
 
 /// BLAKE3 of a raw block: the end-to-end identity of its content.
@@ -81,8 +83,24 @@ pub fn is_zero(data: &[u8]) -> bool {
         && tail.iter().all(|&b| b == 0)
 }
 
-/// Hash of an all-zero block of `len` bytes, cached for the common lengths.
+/// Hash of an all-zero block of `len` bytes. Computed once per process for
+/// each power-of-two length up to [`crate::limits::MAX_BLOCK_SIZE`] (every
+/// block size); other lengths (a volume's short last block) are computed
+/// each time (a [`Decoder`] keeps the last one).
 pub fn zero_hash(len: usize) -> BlockHash {
+    /// Slot `k` holds the hash of `1 << k` zero bytes.
+    static POW2: [OnceLock<BlockHash>; 23] = [const { OnceLock::new() }; 23];
+    const _: () = assert!(1 << 22 == crate::limits::MAX_BLOCK_SIZE);
+    if len.is_power_of_two() {
+        if let Some(slot) = POW2.get(len.trailing_zeros() as usize) {
+            return *slot.get_or_init(|| hash_zeros(len));
+        }
+    }
+    hash_zeros(len)
+}
+
+/// BLAKE3 of `len` zero bytes, computed.
+fn hash_zeros(len: usize) -> BlockHash {
     static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
     if len <= ZEROS.len() {
         return BlockHash::of(&ZEROS[..len]);
@@ -165,6 +183,8 @@ impl Encoder {
 /// A reusable, bounded block decoder: one per worker thread.
 pub struct Decoder {
     decompressor: zstd::bulk::Decompressor<'static>,
+    /// The zero hash of the last length that is not a power of two.
+    short_zero: Option<(u32, BlockHash)>,
 }
 
 impl Decoder {
@@ -172,7 +192,23 @@ impl Decoder {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             decompressor: zstd::bulk::Decompressor::new()?,
+            short_zero: None,
         })
+    }
+
+    /// [`zero_hash`], with the last short length kept.
+    fn zero_hash(&mut self, len: u32) -> BlockHash {
+        if len.is_power_of_two() {
+            return zero_hash(len as usize);
+        }
+        match self.short_zero {
+            Some((l, h)) if l == len => h,
+            _ => {
+                let h = zero_hash(len as usize);
+                self.short_zero = Some((len, h));
+                h
+            }
+        }
     }
 
     /// Check that `payload` is a valid encoding of a block of `raw_len` bytes
@@ -192,7 +228,7 @@ impl Decoder {
             Encoding::Zero
                 if payload.is_empty() && raw <= crate::limits::MAX_BLOCK_SIZE as usize =>
             {
-                zero_hash(raw)
+                self.zero_hash(raw_len)
             }
             Encoding::Raw
                 if payload.len() == raw && raw <= crate::limits::MAX_BLOCK_SIZE as usize =>
@@ -271,6 +307,25 @@ mod tests {
         assert!(!is_zero(&b));
         assert_eq!(zero_hash(b.len()), BlockHash::of(&vec![0u8; b.len()]));
         assert_eq!(zero_hash(4 << 20), BlockHash::of(&vec![0u8; 4 << 20]));
+    }
+
+    #[test]
+    fn zero_hashes_are_right_for_every_size_cached_or_not() {
+        for len in (0..=22)
+            .map(|k| 1usize << k)
+            .chain([0, 100, 4097, (8 << 20) + 1])
+        {
+            let want = BlockHash::of(&vec![0u8; len]);
+            assert_eq!(zero_hash(len), want, "first call, {len} bytes");
+            assert_eq!(zero_hash(len), want, "cached, {len} bytes");
+        }
+        let mut d = Decoder::new().unwrap();
+        let mut scratch = Vec::new();
+        for len in [100u32, 100, 4096, 100, 300] {
+            let h = BlockHash::of(&vec![0u8; len as usize]);
+            d.verify(Encoding::Zero, &[], len, &h, &mut scratch)
+                .unwrap();
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::pack::PackWriter;
 use crate::registry::Registry;
 use crate::session::Session;
 use crate::store::Store;
-use crate::wire::{next_or_eof, send, unexpected, Reader, Writer};
+use crate::wire::{next_or_eof, send_in, unexpected, Reader, Writer};
 use crate::ReceiveError;
 
 /// Depth of the queue from a data stream's reader to its applier.
@@ -50,7 +50,7 @@ pub(crate) async fn serve_stream(
     session_id: u64,
 ) -> Result<(), ReceiveError> {
     let session = join(registry, server_id, session_id)?;
-    send(wr, &Frame::Joined).await?;
+    send_in(wr, &Frame::Joined, &session).await?;
     let (apply_tx, apply_rx) = mpsc::channel::<Applying>(APPLY_QUEUE);
     let (ack_tx, ack_rx) = mpsc::channel::<Ack>(ACK_QUEUE);
     let (store, s) = (store.clone(), session.clone());
@@ -155,7 +155,7 @@ impl Stream<'_> {
                 }
             }
         }
-        send(wr, &Frame::Received { seq }).await?;
+        send_in(wr, &Frame::Received { seq }, self.session).await?;
         failed.map_or(Ok(()), Err)
     }
 

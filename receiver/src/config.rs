@@ -17,10 +17,32 @@ pub const CONFIG_FILE: &str = "receiver.toml";
 pub struct ReceiverConfig {
     /// Address to listen on for agents.
     pub listen: String,
-    /// Most concurrent connections (control and data) served at once.
+    /// Most authenticated connections (control and data) served at once;
+    /// past it an agent gets a `Busy` error and backs off.
     pub max_connections: usize,
+    /// Most connections not yet authenticated (before and during the TLS
+    /// handshake), from all addresses together: kept apart from
+    /// `max_connections`, so idle TCP connections cannot take the slots of
+    /// enrolled agents.
+    pub max_preauth_connections: usize,
+    /// Most connections not yet authenticated from one source address.
+    pub max_preauth_per_ip: usize,
+    /// Seconds a new TCP connection has to send its first byte (the start
+    /// of the TLS ClientHello); then `handshake_timeout_secs` applies.
+    pub first_byte_timeout_secs: u64,
     /// Seconds a peer has to finish the TLS handshake and its `Hello`.
     pub handshake_timeout_secs: u64,
+    /// Seconds one frame may take to be written to a peer (a peer that stops
+    /// reading, with a zero TCP window, is closed after it).
+    pub write_timeout_secs: u64,
+    /// How many times the blocks of its declared volumes one point may send:
+    /// pre-copy rounds resend blocks written meanwhile, and the frozen
+    /// delta resends them once more. More blocks in one point end the
+    /// session with an error (it bounds the receiver's memory per point).
+    pub point_resend_factor: u64,
+    /// Milliseconds between two checks of every live session's identity in
+    /// the catalog: a revoked or superseded identity is closed within it.
+    pub identity_check_ms: u64,
     /// Seconds a session may stay silent mid-transfer before it is closed.
     pub idle_timeout_secs: u64,
     /// Most points of one session received but not yet committed.
@@ -43,7 +65,13 @@ impl Default for ReceiverConfig {
         Self {
             listen: "0.0.0.0:7443".into(),
             max_connections: 256,
+            max_preauth_connections: 128,
+            max_preauth_per_ip: 8,
+            first_byte_timeout_secs: 3,
             handshake_timeout_secs: 10,
+            write_timeout_secs: 30,
+            point_resend_factor: 4,
+            identity_check_ms: 1000,
             idle_timeout_secs: 120,
             max_pending_points: 8,
             max_session_inflight_mib: 64,
@@ -70,6 +98,21 @@ impl ReceiverConfig {
     /// Handshake timeout.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs.max(1))
+    }
+
+    /// First-byte deadline of a new connection.
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_secs(self.first_byte_timeout_secs.max(1))
+    }
+
+    /// Write deadline of one frame.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs.max(1))
+    }
+
+    /// Period of the identity check of live sessions.
+    pub fn identity_check(&self) -> Duration {
+        Duration::from_millis(self.identity_check_ms.max(100))
     }
 
     /// How often `serve` prunes and collects garbage, if at all.

@@ -9,24 +9,23 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::SinkExt;
 use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
 use pilotlight_protocol::limits::VERSION;
 use pilotlight_protocol::{DecodeError, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::PreAuth;
 use crate::commit::{Committer, EndPoint};
 use crate::handshake::{self, AuthorizedPeer};
 use crate::server::Shared;
 use crate::session::{Session, SessionVolume};
 use crate::store::blocking;
-use crate::wire::{next, next_or_eof, send, unexpected, Reader, Writer};
+use crate::wire::{next, next_or_eof, send, send_in, unexpected, Reader, Writer};
 use crate::ReceiveError;
 
 /// How long the `Error` frame and the TLS shutdown may take at the end.
@@ -42,22 +41,24 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Serve the connection to its end; `_permit` is its place under the
-    /// connection limit.
-    pub(crate) async fn serve(self, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+    /// Serve the connection to its end. `preauth` is its place until it
+    /// has authenticated; then it takes a session slot (or gets `Busy`).
+    pub(crate) async fn serve(self, tcp: TcpStream, preauth: PreAuth) {
         if let Err(e) = pilotlight_protocol::net::tune(socket2::SockRef::from(&tcp)) {
             tracing::debug!(cause = %e, "cannot set TCP keepalive or nodelay");
         }
-        let timeout = self.shared.cfg.handshake_timeout();
-        let Some(tls) = handshake::accept_tls(&self.tls, tcp, timeout, self.peer).await else {
+        let cfg = &self.shared.cfg;
+        let timeouts = (cfg.first_byte_timeout(), cfg.handshake_timeout());
+        let Some(tls) = handshake::accept_tls(&self.tls, tcp, timeouts, self.peer).await else {
             return;
         };
         let authorized = handshake::authorize(&self.shared.store, &tls).await;
+        drop(preauth);
         let (r, w) = tokio::io::split(tls);
         let mut rd = FramedRead::new(r, FrameCodec::default());
-        let mut wr = FramedWrite::new(w, FrameCodec::default());
-        let result = match authorized {
-            Ok(peer) => self.session(&mut rd, &mut wr, peer).await,
+        let mut wr = Writer::new(w, cfg.write_timeout());
+        let result = match authorized.and_then(|p| Ok((p, self.shared.admission.session()?))) {
+            Ok((peer, _slot)) => self.session(&mut rd, &mut wr, peer).await,
             Err(e) => Err(e),
         };
         if let Err(e) = result {
@@ -80,7 +81,7 @@ impl Connection {
             code: e.code(),
             message: e.to_string(),
         };
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, wr.send(&frame)).await;
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, send(wr, &frame)).await;
     }
 
     /// `Hello` both ways, then the role the agent asks for.
@@ -184,6 +185,8 @@ impl Connection {
             cfg.max_session_inflight_mib.max(8) << 20,
         );
         session.serial = peer.serial.clone();
+        session.max_point_blocks =
+            crate::session::point_block_cap(&session.volumes, cfg.point_resend_factor);
         Ok(session)
     }
 
@@ -226,7 +229,7 @@ impl Connection {
             store_id: self.shared.store.store_id(),
             last_point: last.unwrap_or(0) as u64,
         };
-        send(wr, &welcome).await?;
+        send_in(wr, &welcome, session).await?;
         tracing::info!(server = %session.server, session = session.id, volumes = session.volumes.len(), "session opened");
         let committer = Committer::new(self.shared.store.clone(), self.shared.cfg.idle_timeout());
         loop {
@@ -283,7 +286,7 @@ impl Connection {
             tag: end.tag,
             point: point as u64,
         };
-        send(wr, &durable).await?;
+        send_in(wr, &durable, session).await?;
         self.shared
             .staging
             .request(&session.server, session.server_id, point)

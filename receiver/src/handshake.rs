@@ -27,14 +27,24 @@ pub(crate) struct AuthorizedPeer {
     pub(crate) serial: String,
 }
 
-/// Accept TLS on `tcp` within `timeout`. A failure is logged and ends the
-/// connection: there is no channel yet to report it on.
+/// Accept TLS on `tcp`: its first byte within `first_byte`, then the whole
+/// handshake within `timeout`. A failure is logged and ends the connection:
+/// there is no channel yet to report it on.
 pub(crate) async fn accept_tls(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
-    timeout: Duration,
+    (first_byte, timeout): (Duration, Duration),
     peer: SocketAddr,
 ) -> Option<TlsStream<TcpStream>> {
+    let mut one = [0u8; 1];
+    match tokio::time::timeout(first_byte, tcp.peek(&mut one)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => return None,
+        Err(_) => {
+            tracing::debug!(%peer, "no first byte in time");
+            return None;
+        }
+    }
     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
@@ -73,7 +83,11 @@ pub(crate) fn still_authorized(row: Option<&ServerRow>, serial: &str) -> bool {
 }
 
 /// The server's row id if `serial` may replicate as `server`, or why not.
-fn admit(row: Option<&ServerRow>, server: &str, serial: &str) -> Result<i64, ReceiveError> {
+pub(crate) fn admit(
+    row: Option<&ServerRow>,
+    server: &str,
+    serial: &str,
+) -> Result<i64, ReceiveError> {
     match row {
         Some(r) if still_authorized(Some(r), serial) => Ok(r.id),
         Some(r) if r.revoked => Err(ReceiveError::Unauthorized(format!(

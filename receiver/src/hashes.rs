@@ -10,7 +10,7 @@ use pilotlight_protocol::{block, BlockHash, Frame};
 
 use crate::session::Session;
 use crate::store::{blocking, Store};
-use crate::wire::{send, Writer};
+use crate::wire::{send_in, Writer};
 use crate::ReceiveError;
 
 /// Send the hashes of the session's volume `volume` at the latest point:
@@ -43,17 +43,14 @@ pub(crate) async fn send_hashes(
     let listing = Listing::new(volume, size, block_size, map);
     let blocks = listing.total;
     for frame in listing {
-        send(wr, &frame).await?;
+        send_in(wr, &frame, session).await?;
     }
-    send(
-        wr,
-        &Frame::HashesEnd {
-            volume,
-            point: point as u64,
-            blocks,
-        },
-    )
-    .await
+    let end = Frame::HashesEnd {
+        volume,
+        point: point as u64,
+        blocks,
+    };
+    send_in(wr, &end, session).await
 }
 
 /// The `Hashes` frames of one volume, built from its block map (`(index,

@@ -6,6 +6,7 @@
 //! call [`server::run`] and the command functions directly.
 
 pub mod admin;
+mod admission;
 mod apply;
 pub mod catalog;
 mod commit;

@@ -1,20 +1,25 @@
 //! The session registry: which server has which live session, the takeover
 //! of a superseded session, the sessions data streams may join, and what
 //! every session still alive pins against garbage collection. It also keeps
-//! `live.json` (see [`crate::live`]) in step.
+//! `live.json` (see [`crate::live`]) in step, and watches the catalog for
+//! revoked or superseded identities of live sessions
+//! ([`Registry::watch_identities`]: `revoke` is another process, so the
+//! catalog is polled, one small query per live session and period).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use pilotlight_protocol::clock::{now_ms, rfc3339};
 use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
 use crate::gc::Pins;
+use crate::handshake::admit;
 use crate::live::Live;
 use crate::session::Session;
-use crate::store::blocking;
+use crate::store::{blocking, Store};
 use crate::ReceiveError;
 
 /// The live session of one server.
@@ -141,6 +146,56 @@ impl Registry {
             s.pins(&mut pins)?;
         }
         Ok(pins)
+    }
+
+    /// Until `shutdown`: every `every`, check the identity of each open
+    /// session against the catalog, and end the sessions whose identity was
+    /// revoked or superseded (with that error: nothing more of them commits).
+    pub(crate) async fn watch_identities(
+        self: Arc<Self>,
+        store: Arc<Store>,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let open: Vec<Arc<Session>> = match lock(&self.sessions, "sessions") {
+                Ok(s) => s.values().cloned().collect(),
+                Err(_) => return,
+            };
+            if open.is_empty() {
+                continue;
+            }
+            let store = store.clone();
+            let checked = blocking(move || {
+                let cat = store.catalog()?;
+                let mut refused = Vec::new();
+                for s in open {
+                    let row = cat.server(&s.server)?;
+                    if let Err(e) = admit(row.as_ref(), &s.server, &s.serial) {
+                        refused.push((s, e));
+                    }
+                }
+                Ok(refused)
+            })
+            .await;
+            match checked {
+                Ok(refused) => {
+                    for (s, e) in refused {
+                        tracing::warn!(server = %s.server, session = s.id, cause = %e, "closing a live session");
+                        s.fail(&e);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(cause = %e, "cannot check the identities of live sessions")
+                }
+            }
+        }
     }
 
     /// Record that `server` connected (or, with `None`, disconnected), and

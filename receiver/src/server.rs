@@ -2,8 +2,10 @@
 //! every connection shares. The rest lives in rooms of its own:
 //!
 //! ```text
-//! server (accept loop, connection limit, shutdown)
-//!   -> connection: handshake (TLS, identity, authorization) -> Hello
+//! server (accept loop, admission, shutdown, identity watch)
+//!   -> admission: pre-authentication place (global, per address)
+//!   -> connection: handshake (first byte, TLS, identity, authorization)
+//!                  -> session slot (or Busy) -> Hello
 //!        control: Open -> registry (takeover) -> Welcome
 //!                 EndPoint -> commit (wait for blocks, fsync packs, catalog)
 //!                          -> Durable -> staging task
@@ -17,11 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Admission;
 use crate::config::ReceiverConfig;
 use crate::connection::Connection;
 use crate::maintenance::Maintenance;
@@ -44,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     /// Queue of staging updates.
     pub(crate) staging: Staging,
+    /// The connection budgets.
+    pub(crate) admission: Arc<Admission>,
 }
 
 /// Serve agents on `listener` from the receiver directory `dir` until
@@ -57,7 +61,7 @@ pub async fn run(
     let open_dir = dir.clone();
     let store = Arc::new(blocking(move || Store::open_for_serve(&open_dir)).await?);
     let tls = TlsAcceptor::from(pki::server_config(&dir)?);
-    let limit = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    let admission = Admission::new(&cfg);
     let registry = Arc::new(Registry::new(dir));
     registry.publish().await;
     let (staging, staging_task) = Staging::start(store.clone());
@@ -71,11 +75,17 @@ pub async fn run(
         };
         tracker.spawn(m.run(every, shutdown.clone()));
     }
+    tracker.spawn(registry.clone().watch_identities(
+        store.clone(),
+        cfg.identity_check(),
+        shutdown.clone(),
+    ));
     let shared = Arc::new(Shared {
         store,
         cfg,
         registry,
         staging,
+        admission,
     });
     loop {
         tokio::select! {
@@ -88,8 +98,9 @@ pub async fn run(
                         continue;
                     }
                 };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "connection refused: at the connection limit");
+                let Some(permit) = shared.admission.pre_auth(peer.ip()) else {
+                    metrics::counter!("pilotlight_receiver_preauth_refused_total").increment(1);
+                    tracing::debug!(%peer, "connection refused: no pre-authentication place");
                     drop(tcp);
                     continue;
                 };

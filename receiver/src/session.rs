@@ -15,6 +15,20 @@ use crate::pack::{BlockLoc, PackWriter};
 use crate::store::Store;
 use crate::ReceiveError;
 
+/// The resend factor of [`Session::new`]; the server sets the configured
+/// one (`point_resend_factor`).
+const DEFAULT_RESEND_FACTOR: u64 = 4;
+
+/// Most blocks one point of a session with `volumes` may send: each
+/// volume's block count, `factor` times.
+pub fn point_block_cap(volumes: &[SessionVolume], factor: u64) -> u64 {
+    volumes
+        .iter()
+        .map(|v| pilotlight_protocol::limits::block_count(v.size, v.block_size))
+        .fold(0u64, u64::saturating_add)
+        .saturating_mul(factor.max(1))
+}
+
 /// A volume as the session declared it, with its catalog row.
 #[derive(Debug, Clone)]
 pub struct SessionVolume {
@@ -76,6 +90,10 @@ pub struct Session {
     pub cancel: CancellationToken,
     /// Most points that may be pending at once.
     pub max_pending: usize,
+    /// Most blocks one point may send: the blocks of the declared volumes
+    /// times the resend factor (pre-copy rounds resend blocks). Bounds the
+    /// memory of a pending point.
+    pub max_point_blocks: u64,
     /// Bytes of block frames read but not yet applied, across the session's streams.
     pub inflight: Arc<tokio::sync::Semaphore>,
     /// Serial (hex) of the identity that opened the session.
@@ -116,6 +134,7 @@ impl Session {
         store: Arc<Store>,
         inflight_bytes: usize,
     ) -> Self {
+        let max_point_blocks = point_block_cap(&volumes, DEFAULT_RESEND_FACTOR);
         Self {
             id,
             server_id,
@@ -127,6 +146,7 @@ impl Session {
             progress: Notify::new(),
             cancel,
             max_pending,
+            max_point_blocks,
             serial: String::new(),
             inflight: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
             ended: std::sync::atomic::AtomicBool::new(false),
@@ -227,6 +247,12 @@ impl Session {
         {
             let mut st = self.state()?;
             let p = st.pending.entry(tag).or_default();
+            if p.received >= self.max_point_blocks {
+                return Err(ReceiveError::Protocol(format!(
+                    "point tag {tag} has more than {} blocks, the most its declared volumes allow",
+                    self.max_point_blocks
+                )));
+            }
             p.refs.push(r);
             p.received += 1;
             if let Some((h, loc, file)) = new {
@@ -237,5 +263,28 @@ impl Session {
         }
         self.progress.notify_waiters();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(size: u64, block_size: u32) -> SessionVolume {
+        SessionVolume {
+            name: "v".into(),
+            size,
+            block_size,
+        }
+    }
+
+    #[test]
+    fn the_point_cap_is_the_declared_blocks_times_the_factor() {
+        assert_eq!(point_block_cap(&[vol(1 << 20, 65536)], 4), 64);
+        // A short last block counts; volumes add up; factor 0 means 1.
+        let two = [vol((1 << 20) + 1, 65536), vol(8192, 4096)];
+        assert_eq!(point_block_cap(&two, 2), 2 * (17 + 2));
+        assert_eq!(point_block_cap(&two, 0), 19);
+        assert_eq!(point_block_cap(&[vol(u64::MAX, 4096)], u64::MAX), u64::MAX);
     }
 }

@@ -1,5 +1,9 @@
 //! The framed halves of an agent's TLS connection, and the few helpers that
-//! read and write frames on them.
+//! read and write frames on them. Every write has a deadline (a peer that
+//! stops reading cannot hold a task), and the writes of a session give way
+//! to its cancellation (superseded, revoked, failed).
+
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
@@ -9,19 +13,59 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use crate::session::Session;
 use crate::ReceiveError;
 
 /// The read half of an agent's connection.
 pub(crate) type Reader = FramedRead<ReadHalf<TlsStream<TcpStream>>, FrameCodec>;
-/// The write half of an agent's connection.
-pub(crate) type Writer = FramedWrite<WriteHalf<TlsStream<TcpStream>>, FrameCodec>;
+/// The write half of an agent's connection, with its write deadline.
+pub(crate) type Writer = Deadlined<WriteHalf<TlsStream<TcpStream>>>;
 
-/// Write one frame.
+/// A framed writer whose every frame must be written within a deadline.
+pub(crate) struct Deadlined<W> {
+    framed: FramedWrite<W, FrameCodec>,
+    deadline: Duration,
+}
+
+impl<W: AsyncWrite + Unpin> Deadlined<W> {
+    /// Frames written to `w`, each within `deadline`.
+    pub(crate) fn new(w: W, deadline: Duration) -> Self {
+        Self {
+            framed: FramedWrite::new(w, FrameCodec::default()),
+            deadline,
+        }
+    }
+
+    /// The underlying writer (for the TLS shutdown).
+    pub(crate) fn get_mut(&mut self) -> &mut W {
+        self.framed.get_mut()
+    }
+}
+
+/// Write one frame within the writer's deadline.
 pub(crate) async fn send<W: AsyncWrite + Unpin>(
-    wr: &mut FramedWrite<W, FrameCodec>,
+    wr: &mut Deadlined<W>,
     frame: &Frame,
 ) -> Result<(), ReceiveError> {
-    wr.send(frame).await.map_err(codec_err)
+    match tokio::time::timeout(wr.deadline, wr.framed.send(frame)).await {
+        Ok(r) => r.map_err(codec_err),
+        Err(_) => Err(ReceiveError::Timeout(
+            "peer not reading: write deadline passed",
+        )),
+    }
+}
+
+/// Write one frame of `session`'s, unless the session ends first.
+pub(crate) async fn send_in<W: AsyncWrite + Unpin>(
+    wr: &mut Deadlined<W>,
+    frame: &Frame,
+    session: &Session,
+) -> Result<(), ReceiveError> {
+    tokio::select! {
+        biased;
+        () = session.cancel.cancelled() => Err(session.cancel_reason()),
+        r = send(wr, frame) => r,
+    }
 }
 
 /// Read the next frame; the peer closing the connection is an error.
@@ -66,4 +110,26 @@ pub(crate) fn unexpected(frame: &Frame, wanted: &str) -> ReceiveError {
         "unexpected {:?} frame; expected {wanted}",
         frame.kind()
     ))
+}
+
+#[cfg(test)]
+#[allow(clippy::panic)] // test code
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_meets_the_write_deadline() {
+        // The other end never reads: the pipe fills, the write waits.
+        let (near, _far) = tokio::io::duplex(64);
+        let mut wr = Deadlined::new(near, Duration::from_millis(200));
+        let frame = Frame::Hashes {
+            volume: 0,
+            start: 0,
+            hashes: vec![pilotlight_protocol::BlockHash::of(b"x"); 64],
+        };
+        match send(&mut wr, &frame).await {
+            Err(ReceiveError::Timeout(why)) => assert!(why.contains("write deadline"), "{why}"),
+            other => panic!("expected the write deadline, got {other:?}"),
+        }
+    }
 }
