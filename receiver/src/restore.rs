@@ -1,7 +1,7 @@
 //! Restore a point of a volume to a file or a block device, checking every
 //! block's BLAKE3 as it is written. How the target is opened and put in
 //! place (no symlink followed, no file clobbered without `--force`, no
-//! mounted device written) is in [`target`].
+//! mounted device written) is in `restore/target.rs`.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
