@@ -22,6 +22,12 @@ fn read_private(path: &Path) -> Result<Vec<u8>, AgentError> {
     let mut file = std::fs::File::open(path).map_err(cannot)?;
     let meta = file.metadata().map_err(cannot)?;
     crate::state::check_private(path, &meta, "identity file")?;
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o044 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            "the identity file (it holds the agent's private key) is readable by other users; chmod 600 it"
+        );
+    }
     let mut pem = Vec::new();
     file.read_to_end(&mut pem).map_err(cannot)?;
     Ok(pem)
