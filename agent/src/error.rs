@@ -53,6 +53,18 @@ pub enum AgentError {
     /// A volume changed size while replicating.
     #[error("volume {0} changed size; reconnecting to declare the new size")]
     Resized(String),
+    /// The state directory or the identity file could be changed by another
+    /// user than the agent's: whoever can, can make the agent send what they
+    /// like or impersonate it.
+    #[error("{what} {} {problem}", .path.display())]
+    Unprotected {
+        /// "state directory" or "identity file".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Who else could change it, and the fix.
+        problem: Exposure,
+    },
     /// Live tracking (tracefs) failed.
     #[error("live tracking: {0}")]
     Trace(String),
@@ -77,6 +89,7 @@ impl AgentError {
             | Self::State { .. }
             | Self::Consistency(_)
             | Self::Config(_)
+            | Self::Unprotected { .. }
             | Self::Trace(_)
             | Self::Stopped
             | Self::Internal(_) => false,
@@ -86,6 +99,39 @@ impl AgentError {
     /// A blocking task that did not finish: it panicked or was cancelled.
     pub(crate) fn task(what: &str, e: tokio::task::JoinError) -> Self {
         Self::Internal(format!("{what} task failed: {e}"))
+    }
+}
+
+/// Why a file or directory of the agent is not private enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Exposure {
+    /// Writable by its group or by everyone (permission bits `mode`).
+    Writable {
+        /// The permission bits.
+        mode: u32,
+    },
+    /// Owned by another user.
+    Owner {
+        /// Its owner's uid.
+        owner: u32,
+        /// The agent's effective uid.
+        agent: u32,
+    },
+}
+
+impl std::fmt::Display for Exposure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Writable { mode } => write!(
+                f,
+                "is writable by other users (mode {mode:04o}); make it the agent's alone with chmod go-w"
+            ),
+            Self::Owner { owner, agent } => write!(
+                f,
+                "is owned by uid {owner}, not by the agent's uid {agent}; give it to the agent with chown {agent}"
+            ),
+        }
     }
 }
 

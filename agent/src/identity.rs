@@ -12,11 +12,31 @@ use pilotlight_protocol::tls::ALPN;
 
 use crate::AgentError;
 
+/// The identity file's bytes, refused if another user could change it
+/// (checked on the open file, so the path cannot be swapped meanwhile).
+fn read_private(path: &Path) -> Result<Vec<u8>, AgentError> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| {
+        AgentError::Config(format!("cannot read identity {}: {e}", path.display()))
+    };
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    crate::state::check_private(path, &meta, "identity file")?;
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o044 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            "the identity file (it holds the agent's private key) is readable by other users; chmod 600 it"
+        );
+    }
+    let mut pem = Vec::new();
+    file.read_to_end(&mut pem).map_err(cannot)?;
+    Ok(pem)
+}
+
 /// Build the TLS 1.3 client configuration from an identity file: the first
 /// certificate is the agent's, the second the receiver's CA.
 pub fn client_config(path: &Path) -> Result<Arc<ClientConfig>, AgentError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| AgentError::Config(format!("cannot read identity {}: {e}", path.display())))?;
+    let pem = read_private(path)?;
     let bad = |what: &str| AgentError::Config(format!("identity {} {what}", path.display()));
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()

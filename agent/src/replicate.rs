@@ -38,10 +38,8 @@ pub async fn run(
     cfg: AgentConfig,
     shutdown: CancellationToken,
 ) -> Result<Vec<PointReport>, AgentError> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| AgentError::State {
-        path: cfg.state_dir.clone(),
-        source: e,
-    })?;
+    crate::state::prepare_dir(&cfg.state_dir)?;
+    let tls = identity::client_config(&cfg.identity)?;
     let tracking = match cfg.track {
         Track::Scan => None,
         Track::Trace => Some(start_tracking(&cfg)?),
@@ -63,7 +61,6 @@ pub async fn run(
             crate::status::place(&cfg.state_dir, false)?;
         }
     }
-    let tls = identity::client_config(&cfg.identity)?;
     let mut collector = Collector::new(tracking);
     let result = replicate(&cfg, tls, &shutdown, &mut collector).await;
     if let Some(t) = collector.into_tracking() {

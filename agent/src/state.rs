@@ -17,6 +17,7 @@ use pilotlight_protocol::atomic_file::{self, Access};
 use pilotlight_protocol::reader::Reader;
 use pilotlight_protocol::BlockHash;
 
+use crate::error::Exposure;
 use crate::AgentError;
 
 const MAGIC: [u8; 8] = *b"PLAGST01";
@@ -193,6 +194,50 @@ impl StateView<'_> {
     }
 }
 
+/// Create the state directory if needed (0700) and refuse it if another
+/// user could change it ([`check_private`]).
+pub fn prepare_dir(dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| state_err(dir, e))?;
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| state_err(dir, e))?;
+    check_private(dir, &meta, "state directory")
+}
+
+/// Refuse `path` (`what`: "state directory", "identity file") if another
+/// user could change it: writable by its group or everyone, or owned by
+/// another user than the agent's effective one.
+pub fn check_private(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    what: &'static str,
+) -> Result<(), AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let agent = nix::unistd::geteuid().as_raw();
+    let problem = if meta.uid() != agent {
+        Exposure::Owner {
+            owner: meta.uid(),
+            agent,
+        }
+    } else if meta.mode() & 0o022 != 0 {
+        Exposure::Writable {
+            mode: meta.mode() & 0o7777,
+        }
+    } else {
+        return Ok(());
+    };
+    Err(AgentError::Unprotected {
+        what,
+        path: path.to_owned(),
+        problem,
+    })
+}
+
 /// Write `name` in `dir` atomically and durably (creating `dir`), through
 /// the one atomic write both binaries use.
 pub fn write_atomic(dir: &Path, name: &str, data: &[u8], access: Access) -> Result<(), AgentError> {
@@ -203,6 +248,50 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8], access: Access) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chmod(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_state_directory_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        prepare_dir(&state).unwrap();
+        for mode in [0o777, 0o770, 0o1777] {
+            chmod(&state, mode);
+            let err = prepare_dir(&state).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    AgentError::Unprotected {
+                        what: "state directory",
+                        problem: Exposure::Writable { .. },
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&state.display().to_string()) && text.contains("chmod go-w"),
+                "{text}"
+            );
+        }
+        chmod(&state, 0o755);
+        prepare_dir(&state).unwrap();
+    }
+
+    #[test]
+    fn a_new_state_directory_is_the_agents_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/state");
+        prepare_dir(&state).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
 
     #[test]
     fn round_trip_and_damage_detection() {

@@ -39,9 +39,7 @@ pub fn place(state_dir: &Path, elsewhere: bool) -> Result<(), AgentError> {
         }
         return Ok(());
     }
-    let canonical = std::fs::canonicalize(state_dir).map_err(|e| io(state_dir, e))?;
-    let key = blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex();
-    let dir: PathBuf = Path::new(RUNTIME_DIR).join(&key.as_str()[..16]);
+    let dir = runtime_dir(state_dir)?;
     std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
     let target = dir.join(STATUS_FILE);
     if current.as_deref() == Some(target.as_path()) {
@@ -55,6 +53,32 @@ pub fn place(state_dir: &Path, elsewhere: bool) -> Result<(), AgentError> {
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(&target, &tmp).map_err(|e| io(&tmp, e))?;
     std::fs::rename(&tmp, &link).map_err(|e| io(&link, e))
+}
+
+/// The directory in [`RUNTIME_DIR`] that holds the status of `state_dir`:
+/// named by a hash of the state directory's canonical path.
+fn runtime_dir(state_dir: &Path) -> Result<PathBuf, AgentError> {
+    let canonical = std::fs::canonicalize(state_dir).map_err(|e| AgentError::State {
+        path: state_dir.to_owned(),
+        source: e,
+    })?;
+    let key = blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex();
+    Ok(Path::new(RUNTIME_DIR).join(&key.as_str()[..16]))
+}
+
+/// Where the status of `state_dir` is written through its link: only the
+/// runtime directory [`place`] makes for it, and only if that directory,
+/// canonicalised, is still that one (no `..`, no link out of
+/// [`RUNTIME_DIR`]). Anything else a link says is not trusted.
+fn trusted_runtime_dir(state_dir: &Path, target: &Path) -> Option<PathBuf> {
+    let expected = runtime_dir(state_dir).ok()?;
+    if target != expected.join(STATUS_FILE) {
+        return None;
+    }
+    let canonical = std::fs::canonicalize(&expected).ok()?;
+    let runtime = std::fs::canonicalize(RUNTIME_DIR).ok()?;
+    (canonical.parent() == Some(runtime.as_path()) && canonical.file_name() == expected.file_name())
+        .then_some(expected)
 }
 
 /// What the agent is doing, as `status.json` and `status` say it.
@@ -160,12 +184,12 @@ impl Status {
         self.updated = rfc3339(now_ms());
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| AgentError::Config(format!("status: {e}")))?;
-        match std::fs::read_link(dir.join(STATUS_FILE)) {
-            Ok(target) if target.starts_with(RUNTIME_DIR) => match target.parent() {
-                Some(runtime) => write_atomic(runtime, STATUS_FILE, &text, Access::Umask),
-                None => write_atomic(dir, STATUS_FILE, &text, Access::Umask),
-            },
-            _ => write_atomic(dir, STATUS_FILE, &text, Access::Umask),
+        let runtime = std::fs::read_link(dir.join(STATUS_FILE))
+            .ok()
+            .and_then(|target| trusted_runtime_dir(dir, &target));
+        match runtime {
+            Some(runtime) => write_atomic(&runtime, STATUS_FILE, &text, Access::Umask),
+            None => write_atomic(dir, STATUS_FILE, &text, Access::Umask),
         }
     }
 
@@ -223,6 +247,40 @@ mod tests {
         st.save(dir.path()).unwrap();
         assert!(std::fs::read_link(dir.path().join(STATUS_FILE)).is_err());
         assert_eq!(Status::load(dir.path()).unwrap().state, State::Stopped);
+    }
+
+    /// A link that climbs out of the runtime directory with `..` is not
+    /// written through: the status goes to the state directory, and the
+    /// file the link names stays untouched.
+    #[test]
+    fn a_status_link_out_of_the_runtime_directory_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let victim = dir.path().join("victim");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join(STATUS_FILE), b"precious").unwrap();
+        // Where the runtime directory exists (as root), the old check wrote
+        // through this link.
+        let _ = std::fs::create_dir_all(RUNTIME_DIR);
+        let up = "../".repeat(RUNTIME_DIR.matches('/').count());
+        let sneaky = Path::new(RUNTIME_DIR)
+            .join(up)
+            .join(victim.strip_prefix("/").unwrap())
+            .join(STATUS_FILE);
+        assert!(sneaky.starts_with(RUNTIME_DIR));
+        std::os::unix::fs::symlink(&sneaky, state.join(STATUS_FILE)).unwrap();
+        let mut st = Status {
+            state: State::Continuous,
+            ..Status::default()
+        };
+        st.save(&state).unwrap();
+        assert_eq!(
+            std::fs::read(victim.join(STATUS_FILE)).unwrap(),
+            b"precious"
+        );
+        assert!(std::fs::read_link(state.join(STATUS_FILE)).is_err());
+        assert_eq!(Status::load(&state).unwrap().state, State::Continuous);
     }
 
     /// The JSON words are those of the strings the state used to be.

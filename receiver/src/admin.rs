@@ -13,6 +13,10 @@ use crate::{pki, ReceiveError};
 
 /// Create a receiver directory: CA, server certificate, `receiver.toml`,
 /// an empty catalog and the `packs/` and `staging/` folders.
+///
+/// The directory and its folders are 0700 (an existing directory is made
+/// so), keys, catalog and packs 0600, whatever the umask: the store holds
+/// every enrolled server's data.
 pub fn init(dir: &Path, listen: Option<&str>) -> Result<(), ReceiveError> {
     if dir.join(CONFIG_FILE).exists() || dir.join("ca.pem").exists() {
         return Err(ReceiveError::Refused(format!(
@@ -22,7 +26,8 @@ pub fn init(dir: &Path, listen: Option<&str>) -> Result<(), ReceiveError> {
     }
     for sub in ["", "packs", "staging"] {
         let p = dir.join(sub);
-        std::fs::create_dir_all(&p).map_err(|e| ReceiveError::storage(&p, e))?;
+        crate::store::create_private_dir(&p)?;
+        crate::store::set_mode(&p, crate::store::PRIVATE_DIR_MODE)?;
     }
     let mut cfg = ReceiverConfig::default();
     if let Some(l) = listen {

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -158,6 +158,7 @@ impl PackWriter {
             let file = File::options()
                 .read(true)
                 .write(true)
+                .mode(crate::store::PRIVATE_FILE_MODE)
                 .create_new(true)
                 .open(&path)
                 .map_err(|e| ReceiveError::storage(&path, e))?;

@@ -1,10 +1,11 @@
 //! Restore a point of a volume to a file or a block device, checking every
-//! block's BLAKE3 as it is written.
+//! block's BLAKE3 as it is written. How the target is opened and put in
+//! place (no symlink followed, no file clobbered without `--force`, no
+//! mounted device written) is in `restore/target.rs`.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{IsTerminal, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::io::IsTerminal;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -13,8 +14,12 @@ use pilotlight_protocol::BlockHash;
 
 use crate::catalog::{PointInfo, PointVolumeInfo};
 use crate::pack::BlockLoc;
-use crate::store::{sync_dir, BlockFetcher, Store};
+use crate::store::{BlockFetcher, Store};
 use crate::ReceiveError;
+
+mod target;
+
+use target::Target;
 
 /// Which point to restore.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +131,7 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
     let point = resolve_point(&store, &req.server, req.point)?;
     let vol = requested_volume(&store, &point, req)?;
     let blocks = point_blocks(&store, &vol, point.id)?;
-    let target = Target::open(req, &vol)?;
+    let target = Target::open(&req.to, req.force, &vol.name, vol.size)?;
     let work = work(blocks, &vol, target.is_device);
 
     let bar = progress_bar(req.progress, vol.size);
@@ -134,13 +139,11 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
     let written = match result {
         Ok(n) => n,
         Err(e) => {
-            if let Some(t) = &target.tmp {
-                let _ = std::fs::remove_file(t);
-            }
+            target.abandon();
             return Err(e);
         }
     };
-    target.finish(req)?;
+    target.finish()?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -174,88 +177,6 @@ fn requested_volume(
         ),
         None => format!("server {} has no volume named {}", req.server, req.volume),
     }))
-}
-
-/// Where a restore writes: a block device in place, or a file written
-/// beside the target and renamed over it once complete.
-struct Target {
-    file: File,
-    /// The partial file, renamed to the target at the end; `None` for a
-    /// device.
-    tmp: Option<PathBuf>,
-    /// The path written to.
-    path: PathBuf,
-    is_device: bool,
-}
-
-impl Target {
-    /// Open the target of `req` for a volume of `vol.size` bytes. An
-    /// existing target needs `force`; a device must be large enough.
-    fn open(req: &RestoreRequest, vol: &PointVolumeInfo) -> Result<Self, ReceiveError> {
-        let meta = std::fs::metadata(&req.to);
-        let is_device = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
-        if meta.is_ok() && !req.force {
-            return Err(ReceiveError::Refused(format!(
-                "{} already exists; pass --force to overwrite it",
-                req.to.display()
-            )));
-        }
-        let (file, tmp) = if is_device {
-            let mut f = File::options()
-                .write(true)
-                .open(&req.to)
-                .map_err(|e| ReceiveError::storage(&req.to, e))?;
-            let dev_size = f
-                .seek(SeekFrom::End(0))
-                .map_err(|e| ReceiveError::storage(&req.to, e))?;
-            if dev_size < vol.size {
-                return Err(ReceiveError::Refused(format!(
-                    "{} holds {dev_size} bytes but volume {} is {} bytes",
-                    req.to.display(),
-                    vol.name,
-                    vol.size
-                )));
-            }
-            (f, None)
-        } else {
-            let name = req
-                .to
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let tmp = req.to.with_file_name(format!(".{name}.pilotlight-partial"));
-            let f = File::options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(|e| ReceiveError::storage(&tmp, e))?;
-            f.set_len(vol.size)
-                .map_err(|e| ReceiveError::storage(&tmp, e))?;
-            (f, Some(tmp))
-        };
-        let path = tmp.clone().unwrap_or_else(|| req.to.clone());
-        Ok(Self {
-            file,
-            tmp,
-            path,
-            is_device,
-        })
-    }
-
-    /// Make the written data durable and, for a file, put it in place.
-    fn finish(&self, req: &RestoreRequest) -> Result<(), ReceiveError> {
-        self.file
-            .sync_all()
-            .map_err(|e| ReceiveError::storage(&self.path, e))?;
-        if let Some(t) = &self.tmp {
-            std::fs::rename(t, &req.to).map_err(|e| ReceiveError::storage(&req.to, e))?;
-            if let Some(parent) = req.to.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The blocks to write: every data block; on a device also every zero

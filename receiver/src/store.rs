@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -27,6 +27,14 @@ pub const CATALOG_FILE: &str = "catalog.db";
 
 /// Lock file held by the one process that may write packs (`serve`, `gc`).
 pub const LOCK_FILE: &str = "serve.lock";
+
+/// Mode of the files the receiver creates in its directory (packs, staging
+/// images, the catalog, the lock): the owner's only, whatever the umask.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Mode of the directories the receiver creates (the receiver directory,
+/// `packs/`, `staging/` and one per server in it).
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
 /// The in-memory block index: where each committed block is.
 pub type BlockIndex = HashMap<BlockHash, BlockLoc>;
@@ -79,8 +87,7 @@ impl Store {
     pub fn open_for_serve(dir: &Path) -> Result<Self, ReceiveError> {
         let mut store = Self::open(dir)?;
         store._lock = Some(lock_exclusive(dir)?);
-        std::fs::create_dir_all(dir.join("packs"))
-            .map_err(|e| ReceiveError::storage(dir.join("packs"), e))?;
+        create_private_dir(&dir.join("packs"))?;
         let committed: HashMap<u64, u64> = store.catalog()?.packs()?.into_iter().collect();
         let mut max_id = committed.keys().copied().max().unwrap_or(0);
         let packs_dir = dir.join("packs");
@@ -287,11 +294,12 @@ impl Store {
             }
             let map = self.catalog()?.block_map(v.id, point, v.staging_point)?;
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| ReceiveError::storage(parent, e))?;
+                create_private_dir(parent)?;
             }
             let file = File::options()
                 .read(true)
                 .write(true)
+                .mode(PRIVATE_FILE_MODE)
                 .create(true)
                 .truncate(false)
                 .open(&path)
@@ -424,6 +432,7 @@ fn lock_exclusive(dir: &Path) -> Result<nix::fcntl::Flock<File>, ReceiveError> {
     let file = File::options()
         .read(true)
         .write(true)
+        .mode(PRIVATE_FILE_MODE)
         .create(true)
         .truncate(false)
         .open(&path)
@@ -438,6 +447,34 @@ fn lock_exclusive(dir: &Path) -> Result<nix::fcntl::Flock<File>, ReceiveError> {
             ReceiveError::storage(&path, std::io::Error::from(errno))
         }
     })
+}
+
+/// Create `path` (its parents as the umask allows, itself 0700) if it is
+/// not there. An existing directory keeps its mode.
+pub fn create_private_dir(path: &Path) -> Result<(), ReceiveError> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| ReceiveError::storage(parent, e))?;
+    }
+    match std::fs::DirBuilder::new()
+        .mode(PRIVATE_DIR_MODE)
+        .create(path)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
+        Err(e) => return Err(ReceiveError::storage(path, e)),
+    }
+    // The umask may have taken bits the owner needs.
+    set_mode(path, PRIVATE_DIR_MODE)
+}
+
+/// Set the permission bits of `path`.
+pub fn set_mode(path: &Path, mode: u32) -> Result<(), ReceiveError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| ReceiveError::storage(path, e))
 }
 
 /// fsync a directory, making renames and creations in it durable.

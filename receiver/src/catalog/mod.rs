@@ -61,7 +61,11 @@ impl Catalog {
     /// A catalog written by a newer receiver (a greater schema version) is
     /// refused with [`ReceiveError::CatalogTooNew`] before anything in it
     /// changes.
+    ///
+    /// A new catalog file is created 0600 whatever the umask; SQLite gives
+    /// its `-wal` and `-shm` files the mode of the database file.
     pub fn open(path: &Path) -> Result<Self, ReceiveError> {
+        create_private(path)?;
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         schema::check_version(&conn)?;
@@ -110,6 +114,22 @@ impl Catalog {
                 .ok_or_else(|| ReceiveError::Corrupt("store id in catalog is malformed".into()))?;
         }
         Ok(out)
+    }
+}
+
+/// Create `path` empty with mode 0600 if nothing is there (SQLite would
+/// create it as the umask allows).
+fn create_private(path: &Path) -> Result<(), ReceiveError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::store::PRIVATE_FILE_MODE)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(ReceiveError::storage(path, e)),
     }
 }
 
