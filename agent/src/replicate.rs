@@ -39,7 +39,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Vec<PointReport>, AgentError> {
     crate::state::prepare_dir(&cfg.state_dir)?;
-    let tls = identity::client_config(&cfg.identity)?;
     let tracking = match cfg.track {
         Track::Scan => None,
         Track::Trace => Some(start_tracking(&cfg)?),
@@ -61,6 +60,7 @@ pub async fn run(
             crate::status::place(&cfg.state_dir, false)?;
         }
     }
+    let tls = identity::client_config(&cfg.identity)?;
     let mut collector = Collector::new(tracking);
     let result = replicate(&cfg, tls, &shutdown, &mut collector).await;
     if let Some(t) = collector.into_tracking() {
