@@ -30,6 +30,30 @@ use crate::ReceiveError;
 
 /// How long the `Error` frame and the TLS shutdown may take at the end.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// After an error, how long the connection keeps reading (and dropping)
+/// what the peer still sends, and how much of it.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 16 << 20;
+
+/// Read and drop what the peer still sends, until it closes, for at most
+/// [`LINGER`] and [`LINGER_BYTES`]. Closing a socket with unread bytes
+/// makes the kernel reset the connection, and a peer that was still
+/// writing (a data stream mid-point) would lose the `Error` frame sent just
+/// before: it would see a reset instead of the reason.
+async fn linger(rd: &mut Reader) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match rd.get_mut().read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
 
 /// One accepted TCP connection.
 pub(crate) struct Connection {
@@ -61,10 +85,14 @@ impl Connection {
             Ok((peer, _slot)) => self.session(&mut rd, &mut wr, peer).await,
             Err(e) => Err(e),
         };
+        let failed = result.is_err();
         if let Err(e) = result {
             self.report(&mut wr, &e).await;
         }
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, wr.get_mut().shutdown()).await;
+        if failed {
+            linger(&mut rd).await;
+        }
     }
 
     /// Count, log and send to the agent the error that ends the connection.
