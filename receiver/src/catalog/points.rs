@@ -26,12 +26,8 @@ pub struct BlockRef {
 pub struct NewPoint<'a> {
     /// Server row id.
     pub server_id: i64,
-    /// Creation time: the receiver's clock at the commit (ms since the
-    /// epoch). Retention and `restore --at` go by it.
+    /// Creation time.
     pub created_ms: i64,
-    /// When the agent says it took the point, by its own clock (ms since the
-    /// epoch); kept for the operator, never trusted.
-    pub source_ms: i64,
     /// Consistency label.
     pub consistency: &'a str,
     /// Commit mode label.
@@ -69,15 +65,8 @@ impl Catalog {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
-            "INSERT INTO points(server_id, created_ms, consistency, commit_mode, source_ms)
-             VALUES(?1, ?2, ?3, ?4, ?5)",
-            params![
-                p.server_id,
-                p.created_ms,
-                p.consistency,
-                p.commit,
-                p.source_ms
-            ],
+            "INSERT INTO points(server_id, created_ms, consistency, commit_mode) VALUES(?1, ?2, ?3, ?4)",
+            params![p.server_id, p.created_ms, p.consistency, p.commit],
         )?;
         let point_id = tx.last_insert_rowid();
         let ids = volume_ids(&tx, p)?;
@@ -237,7 +226,6 @@ mod tests {
             .commit_point(&NewPoint {
                 server_id,
                 created_ms: 1,
-                source_ms: 2,
                 consistency: "crash-consistent",
                 commit: "sync",
                 volumes: &[("root", 4096, 16 * 4096)],
