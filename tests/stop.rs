@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -169,6 +170,17 @@ async fn pump_unless_held(
     }
 }
 
+/// A receiver with server `s1` enrolled, and a sample image of `size`
+/// bytes (seeded) for it, in a temporary directory.
+async fn setup(size: u64, seed: u64) -> (tempfile::TempDir, TestReceiver, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let rcv = TestReceiver::create(tmp.path()).await;
+    let identity = rcv.enroll("s1");
+    let img = tmp.path().join("a.img");
+    sample_image(&img, size, seed);
+    (tmp, rcv, identity, img)
+}
+
 fn continuous(cfg: &mut AgentConfig) {
     cfg.once = false;
     cfg.commit = CommitMode::Sync;
@@ -180,12 +192,8 @@ fn continuous(cfg: &mut AgentConfig) {
 /// durable before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_while_a_point_waits_for_its_ack() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, rcv, identity, img) = setup(8 * MIB, 1).await;
     let root = tmp.path();
-    let rcv = TestReceiver::create(root).await;
-    let identity = rcv.enroll("s1");
-    let img = root.join("a.img");
-    sample_image(&img, 8 * MIB, 1);
     let proxy = StallingProxy::start(rcv.addr).await;
     let state = root.join("state");
     let mut cfg = agent_config(proxy.addr, &identity, &state, &[("root", &img)]);
@@ -220,12 +228,8 @@ async fn stop_while_a_point_waits_for_its_ack() {
 /// handshake: the stop does not wait for the connection's timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_while_connecting_to_a_stalled_receiver() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, rcv, identity, img) = setup(MIB, 1).await;
     let root = tmp.path();
-    let rcv = TestReceiver::create(root).await;
-    let identity = rcv.enroll("s1");
-    let img = root.join("a.img");
-    sample_image(&img, MIB, 1);
     let proxy = StallingProxy::start(rcv.addr).await;
     proxy.stall();
     let mut cfg = agent_config(
@@ -253,12 +257,8 @@ async fn stop_while_connecting_to_a_stalled_receiver() {
 /// next interval or the stop's grace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_while_waiting_for_an_ack_that_then_comes_closes_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, rcv, identity, img) = setup(8 * MIB, 3).await;
     let root = tmp.path();
-    let rcv = TestReceiver::create(root).await;
-    let identity = rcv.enroll("s1");
-    let img = root.join("a.img");
-    sample_image(&img, 8 * MIB, 3);
     let proxy = AckHoldingProxy::start(rcv.addr).await;
     let mut cfg = agent_config(
         proxy.addr,
