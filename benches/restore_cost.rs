@@ -44,6 +44,7 @@ fn commit(cat: &mut Catalog, server_id: i64, indices: &[u64], first: u64) -> i64
     cat.commit_point(&NewPoint {
         server_id,
         created_ms: first as i64,
+        source_ms: first as i64,
         consistency: "fuzzy",
         commit: "sync",
         volumes: &[("root", BLOCK, BLOCKS * u64::from(BLOCK))],

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use pilotlight_protocol::limits::valid_name;
 
-use crate::catalog::{Catalog, PointInfo};
+use crate::catalog::{Catalog, PointInfo, ServerRow};
 use crate::config::{ReceiverConfig, CONFIG_FILE};
 use crate::store::{Store, CATALOG_FILE};
 use crate::{pki, ReceiveError};
@@ -104,17 +104,30 @@ pub struct PruneItem {
     pub server: String,
     /// Point id.
     pub point: i64,
-    /// Created (RFC 3339).
+    /// Created, by the receiver's clock (RFC 3339).
     pub created: String,
-    /// Kept or removed.
+    /// Kept, or removed (or to be removed, when `error` says why it was not).
     pub keep: bool,
     /// Why it is kept.
     pub reasons: Vec<&'static str>,
+    /// Why the point the policy let go is still there: its removal failed,
+    /// and prune went on with the next point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl PruneItem {
+    /// Whether the point was removed (or, in a dry run, would be).
+    pub fn removed(&self) -> bool {
+        !self.keep && self.error.is_none()
+    }
 }
 
 /// Apply a retention policy to the points of one server or of all; with
 /// `dry_run`, only say what would go. Removed points' changes are folded into
-/// the next point, so every kept point restores exactly as before.
+/// the next point, so every kept point restores exactly as before. A point
+/// whose removal fails is reported in its item (`error`) and the others are
+/// still pruned.
 pub fn prune(
     dir: &Path,
     server: Option<&str>,
@@ -124,7 +137,8 @@ pub fn prune(
     prune_store(&Store::open(dir)?, server, policy, dry_run)
 }
 
-/// [`prune`] on an open store (`serve` prunes its own on a schedule).
+/// [`prune`] on an open store (`serve` prunes its own on a schedule). Ages
+/// are by the receiver's clock now.
 pub fn prune_store(
     store: &Store,
     server: Option<&str>,
@@ -134,31 +148,124 @@ pub fn prune_store(
     if let Some(s) = server {
         store.catalog()?.require_server(s)?;
     }
-    let servers = store.catalog()?.servers()?;
+    let mut servers = Vec::new();
+    for s in store.catalog()?.servers()? {
+        if server.is_none_or(|n| n == s.name) {
+            let points = store.catalog()?.points(Some(&s.name))?;
+            servers.push((s, points));
+        }
+    }
+    let mut delete = |server_id: i64, id: i64| -> Result<(), ReceiveError> {
+        if dry_run {
+            return Ok(());
+        }
+        store.catalog()?.delete_point(server_id, id)
+    };
+    let now = pilotlight_protocol::clock::now_ms();
+    Ok(prune_servers(&servers, policy, now, &mut delete))
+}
+
+/// The points of each server judged by `policy` at `now_ms`; `delete`
+/// removes one. A failed removal is logged and reported in its item, and
+/// pruning goes on with the next point and the next server: one server's
+/// refused point must not keep every other server's space from being freed.
+fn prune_servers(
+    servers: &[(ServerRow, Vec<PointInfo>)],
+    policy: &crate::retention::Policy,
+    now_ms: i64,
+    delete: &mut dyn FnMut(i64, i64) -> Result<(), ReceiveError>,
+) -> Vec<PruneItem> {
     let mut out = Vec::new();
-    for s in servers
-        .iter()
-        .filter(|s| server.is_none_or(|n| n == s.name))
-    {
-        let points = store.catalog()?.points(Some(&s.name))?;
+    for (s, points) in servers {
         let pairs: Vec<(i64, i64)> = points.iter().map(|p| (p.id, p.created_ms)).collect();
-        for v in crate::retention::select(&pairs, policy) {
+        for v in crate::retention::select(&pairs, policy, now_ms) {
             let created = points
                 .iter()
                 .find(|p| p.id == v.id)
                 .map(|p| p.created.clone())
                 .unwrap_or_default();
-            if !v.keep && !dry_run {
-                store.catalog()?.delete_point(s.id, v.id)?;
-            }
+            let error = if v.keep {
+                None
+            } else {
+                delete(s.id, v.id).err().map(|e| {
+                    tracing::warn!(server = %s.name, point = v.id, cause = %e, "could not prune a point");
+                    e.to_string()
+                })
+            };
             out.push(PruneItem {
                 server: s.name.clone(),
                 point: v.id,
                 created,
                 keep: v.keep,
                 reasons: v.reasons,
+                error,
             });
         }
     }
-    Ok(out)
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+    use crate::retention::Policy;
+
+    fn server(id: i64, name: &str) -> ServerRow {
+        ServerRow {
+            id,
+            name: name.into(),
+            cert_serial: None,
+            revoked: false,
+        }
+    }
+
+    fn point(id: i64, server: &str, created_ms: i64) -> PointInfo {
+        PointInfo {
+            id,
+            server: server.into(),
+            created: pilotlight_protocol::clock::rfc3339(created_ms),
+            created_ms,
+            source_time: pilotlight_protocol::clock::rfc3339(created_ms),
+            source_ms: created_ms,
+            consistency: "crash-consistent".into(),
+            commit: "sync".into(),
+            volumes: Vec::new(),
+        }
+    }
+
+    /// A refused removal (here: every removal of server a's point 1) is
+    /// reported, and the rest of a and all of b are still pruned.
+    #[test]
+    fn prune_goes_on_past_a_failing_removal() {
+        let h = 3_600_000;
+        let servers = vec![
+            (
+                server(1, "a"),
+                vec![point(1, "a", h), point(2, "a", 2 * h), point(3, "a", 3 * h)],
+            ),
+            (server(2, "b"), vec![point(4, "b", h), point(5, "b", 2 * h)]),
+        ];
+        let mut deleted = Vec::new();
+        let mut delete = |server_id: i64, id: i64| {
+            if id == 1 {
+                return Err(ReceiveError::Refused(format!("point {id} is held")));
+            }
+            deleted.push((server_id, id));
+            Ok(())
+        };
+        let items = prune_servers(&servers, &Policy::none(), 100 * h, &mut delete);
+        assert_eq!(deleted, vec![(1, 2), (2, 4)]);
+        let by_point = |id: i64| items.iter().find(|i| i.point == id).unwrap();
+        assert_eq!(by_point(1).error.as_deref(), Some("point 1 is held"));
+        assert!(!by_point(1).keep && !by_point(1).removed());
+        assert!(by_point(2).removed() && by_point(4).removed());
+        assert!(by_point(3).keep && by_point(5).keep);
+        let json = serde_json::to_value(by_point(1)).unwrap();
+        assert_eq!(json["error"], "point 1 is held");
+        assert!(serde_json::to_value(by_point(2))
+            .unwrap()
+            .get("error")
+            .is_none());
+    }
 }

@@ -23,9 +23,20 @@
 //! A crash after any step leaves every acknowledged point restorable:
 //! unfinished pack tails are cut and staging images repaired when the store
 //! is next opened to serve.
+//!
+//! # Whose clock
+//!
+//! A point's `created` is the receiver's clock when its transaction is
+//! recorded (step 3): retention and `restore --at` go by it, so an agent
+//! whose clock is wrong, or lies, cannot age its own history out. The time
+//! in `EndPoint` is kept beside it as the point's `source_ms`, and a skew
+//! over `max_clock_skew_secs` is logged once per session.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use pilotlight_protocol::clock::now_ms;
 
 use pilotlight_protocol::frame::{CommitMode, Consistency};
 
@@ -42,7 +53,8 @@ pub(crate) struct EndPoint {
     pub(crate) tag: u64,
     /// How many blocks the agent sent for it.
     pub(crate) blocks: u64,
-    /// When the agent took the point (ms since the epoch).
+    /// When the agent says it took the point, by its clock (ms since the
+    /// epoch): recorded as the point's `source_ms`, never as its time.
     pub(crate) created_ms: i64,
     /// How the point was made consistent.
     pub(crate) consistency: Consistency,
@@ -55,13 +67,28 @@ pub(crate) struct Committer {
     store: Arc<Store>,
     /// How long to wait without progress for a point's blocks.
     idle: Duration,
+    /// The agent's clock may differ from ours by this much before we warn.
+    max_skew: Duration,
+    /// Whether this committer (one per session) has warned of the skew.
+    skew_warned: AtomicBool,
 }
 
 impl Committer {
     /// A committer into `store` that gives up on a point whose blocks stop
     /// arriving for `idle`.
     pub(crate) fn new(store: Arc<Store>, idle: Duration) -> Self {
-        Self { store, idle }
+        Self {
+            store,
+            idle,
+            max_skew: crate::config::ReceiverConfig::default().max_clock_skew(),
+            skew_warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Warn when an agent's clock is off ours by more than `max_skew`.
+    pub(crate) fn with_max_clock_skew(mut self, max_skew: Duration) -> Self {
+        self.max_skew = max_skew;
+        self
     }
 
     /// Wait for all of the point's blocks on all of the session's data
@@ -82,16 +109,33 @@ impl Committer {
         let s = session.clone();
         let started = Instant::now();
         let blocks = end.blocks;
-        let point = blocking(move || {
+        let (point, created_ms) = blocking(move || {
             sync_packs(&store, &pending)?;
             record_point(&store, &s, end, &pending)
         })
         .await?;
         tracing::info!(server = %session.server, point, tag = end.tag, blocks, "point durable");
+        self.check_skew(session, end.created_ms, created_ms);
         metrics::counter!("pilotlight_receiver_points_total").increment(1);
         metrics::histogram!("pilotlight_receiver_commit_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(point)
+    }
+
+    /// Log (once per session) an agent clock off the receiver's by more
+    /// than the limit; `status` shows the skew of every server's last point.
+    fn check_skew(&self, session: &Session, source_ms: i64, created_ms: i64) {
+        let skew_ms = source_ms.saturating_sub(created_ms);
+        let limit = i64::try_from(self.max_skew.as_millis()).unwrap_or(i64::MAX);
+        if skew_ms.saturating_abs() > limit && !self.skew_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                server = %session.server,
+                skew_seconds = skew_ms / 1000,
+                agent_time = %pilotlight_protocol::clock::rfc3339(source_ms),
+                receiver_time = %pilotlight_protocol::clock::rfc3339(created_ms),
+                "the agent's clock is off the receiver's; points are dated by the receiver"
+            );
+        }
     }
 
     /// Wait until every block of the point has been recorded, then move it
@@ -140,14 +184,15 @@ fn sync_packs(store: &Store, pending: &PendingPoint) -> Result<(), ReceiveError>
     Ok(())
 }
 
-/// Step 3: re-check the identity, commit the catalog transaction, index the
-/// new blocks and close the point in the session. Blocking.
+/// Step 3: re-check the identity, commit the catalog transaction (dated by
+/// the receiver's clock), index the new blocks and close the point in the
+/// session; returns the point id and its time. Blocking.
 fn record_point(
     store: &Store,
     s: &Session,
     end: EndPoint,
     pending: &PendingPoint,
-) -> Result<i64, ReceiveError> {
+) -> Result<(i64, i64), ReceiveError> {
     let volumes: Vec<(&str, u32, u64)> = s
         .volumes
         .iter()
@@ -166,9 +211,11 @@ fn record_point(
             s.server
         )));
     }
+    let created_ms = now_ms();
     let point = cat.commit_point(&NewPoint {
         server_id: s.server_id,
-        created_ms: end.created_ms,
+        created_ms,
+        source_ms: end.created_ms,
         consistency: end.consistency.label(),
         commit: end.commit.label(),
         volumes: &volumes,
@@ -185,7 +232,7 @@ fn record_point(
     for (h, _) in &pending.new_blocks {
         st.pending_hashes.remove(h);
     }
-    Ok(point)
+    Ok((point, created_ms))
 }
 
 #[cfg(test)]

@@ -56,7 +56,12 @@ pub struct ReceiverConfig {
     pub prune_interval_secs: u64,
     /// Garbage collection rewrites a pack once this percentage of it is dead.
     pub gc_min_dead_percent: u8,
-    /// Which points `prune` keeps when no `--keep-*` flag is given.
+    /// An agent's clock may be off the receiver's by this many seconds
+    /// before the receiver warns (points are dated by the receiver's clock
+    /// either way; `status` shows each server's skew).
+    pub max_clock_skew_secs: u64,
+    /// Which points `prune` keeps when no `--keep-*` flag is given, and the
+    /// minimum history (`min_keep`) it keeps whatever the flags say.
     pub retention: crate::retention::Policy,
 }
 
@@ -78,6 +83,7 @@ impl Default for ReceiverConfig {
             metrics: None,
             prune_interval_secs: 600,
             gc_min_dead_percent: 20,
+            max_clock_skew_secs: 300,
             retention: crate::retention::Policy::default(),
         }
     }
@@ -118,6 +124,11 @@ impl ReceiverConfig {
     /// How often `serve` prunes and collects garbage, if at all.
     pub fn prune_interval(&self) -> Option<Duration> {
         (self.prune_interval_secs > 0).then(|| Duration::from_secs(self.prune_interval_secs))
+    }
+
+    /// How far an agent's clock may be off before the receiver warns.
+    pub fn max_clock_skew(&self) -> Duration {
+        Duration::from_secs(self.max_clock_skew_secs)
     }
 
     /// Idle timeout.

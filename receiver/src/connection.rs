@@ -259,7 +259,8 @@ impl Connection {
         };
         send_in(wr, &welcome, session).await?;
         tracing::info!(server = %session.server, session = session.id, volumes = session.volumes.len(), "session opened");
-        let committer = Committer::new(self.shared.store.clone(), self.shared.cfg.idle_timeout());
+        let committer = Committer::new(self.shared.store.clone(), self.shared.cfg.idle_timeout())
+            .with_max_clock_skew(self.shared.cfg.max_clock_skew());
         loop {
             let frame = tokio::select! {
                 () = session.cancel.cancelled() => {

@@ -46,9 +46,11 @@ impl Maintenance {
     /// Prune by the configured policy, then collect garbage. Blocking.
     fn pass(&self) -> Result<(), ReceiveError> {
         let store = &self.store;
+        // A point that could not be removed is logged by prune, which goes
+        // on with the others; garbage collection still runs.
         let removed = crate::admin::prune_store(store, None, &self.cfg.retention, false)?
             .iter()
-            .filter(|i| !i.keep)
+            .filter(|i| i.removed())
             .count();
         let opts = GcOptions {
             min_dead_percent: self.cfg.gc_min_dead_percent,

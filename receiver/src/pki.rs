@@ -63,9 +63,13 @@ fn serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// Valid from the Unix epoch: a source server whose clock is wrong (reset
+/// to 1970, or behind the receiver's) still connects, since its points are
+/// dated by the receiver's clock; the catalog's serial decides who is
+/// enrolled, and the certificates still expire.
 fn validity(params: &mut CertificateParams, years: i64) {
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(1);
+    params.not_before = time::OffsetDateTime::UNIX_EPOCH;
     params.not_after = now + time::Duration::days(365 * years);
 }
 

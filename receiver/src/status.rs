@@ -68,6 +68,11 @@ impl std::fmt::Display for ServerState {
 pub struct ServerStatus {
     /// Bytes in packs of the distinct blocks the server's points reference.
     pub bytes_stored: u64,
+    /// How far the agent's clock was ahead of the receiver's (negative:
+    /// behind) when the newest point was committed, in seconds. Points are
+    /// dated by the receiver's clock; the agent's time is their
+    /// `source_time`.
+    pub clock_skew_seconds: Option<f64>,
     /// Since when the server's open session runs (RFC 3339).
     pub connected_since: Option<String>,
     /// Seconds from the newest point until now.
@@ -136,6 +141,7 @@ pub fn server_status(
     let last = points.last();
     ServerStatus {
         bytes_stored,
+        clock_skew_seconds: last.map(|p| p.source_ms.saturating_sub(p.created_ms) as f64 / 1000.0),
         connected_since: live.and_then(|l| l.connected.get(&server.name).cloned()),
         lag_seconds: last.map(|p| (now_ms - p.created_ms).max(0) as f64 / 1000.0),
         last_point: last.map(|p| p.id),
@@ -180,6 +186,8 @@ mod tests {
             server: "web1".into(),
             created: pilotlight_protocol::clock::rfc3339(created_ms),
             created_ms,
+            source_time: pilotlight_protocol::clock::rfc3339(created_ms + 90_000),
+            source_ms: created_ms + 90_000,
             consistency: "crash-consistent".into(),
             commit: "sync".into(),
             volumes: vec![PointVolumeInfo {
@@ -237,7 +245,7 @@ mod tests {
         let json = serde_json::to_string(&line).unwrap();
         assert_eq!(
             json,
-            r#"{"bytes_stored":123,"connected_since":"2026-11-30T10:00:00Z","lag_seconds":2.5,"last_point":2,"last_point_time":"1970-01-01T00:00:05Z","points":2,"server":"web1","state":"replicating","volumes":[{"name":"root","size":1048576}]}"#
+            r#"{"bytes_stored":123,"clock_skew_seconds":90.0,"connected_since":"2026-11-30T10:00:00Z","lag_seconds":2.5,"last_point":2,"last_point_time":"1970-01-01T00:00:05Z","points":2,"server":"web1","state":"replicating","volumes":[{"name":"root","size":1048576}]}"#
         );
     }
 
@@ -247,7 +255,7 @@ mod tests {
         let json = serde_json::to_string(&line).unwrap();
         assert_eq!(
             json,
-            r#"{"bytes_stored":0,"connected_since":null,"lag_seconds":null,"last_point":null,"last_point_time":null,"points":0,"server":"db2","state":"receiver-stopped","volumes":[]}"#
+            r#"{"bytes_stored":0,"clock_skew_seconds":null,"connected_since":null,"lag_seconds":null,"last_point":null,"last_point_time":null,"points":0,"server":"db2","state":"receiver-stopped","volumes":[]}"#
         );
     }
 }

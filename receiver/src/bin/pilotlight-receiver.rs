@@ -80,7 +80,9 @@ enum Cmd {
         print_addr: bool,
     },
     /// Remove recovery points by a retention policy (flags, or receiver.toml's
-    /// [retention]). The newest point of a server is always kept.
+    /// [retention]). The newest point of a server is always kept, and so is
+    /// every point younger than [retention] min_keep (7 days by default), by
+    /// the receiver's clock.
     Prune {
         /// Receiver directory.
         #[arg(long)]
@@ -352,17 +354,21 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
 }
 
 /// The policy of `prune`: the flags when any is given, else receiver.toml's.
+/// receiver.toml's `min_keep` holds either way: no flag shortens the
+/// minimum history.
 fn retention_policy(
     dir: &std::path::Path,
     keep_within: Option<std::time::Duration>,
     flags: [Option<u32>; 5],
 ) -> anyhow::Result<Policy> {
+    let configured = ReceiverConfig::load(dir)?.retention;
     if keep_within.is_none() && flags.iter().all(Option::is_none) {
-        return Ok(ReceiverConfig::load(dir)?.retention);
+        return Ok(configured);
     }
     let [keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly] =
         flags.map(|n| n.unwrap_or(0));
     Ok(Policy {
+        min_keep: configured.min_keep,
         keep_within,
         keep_last,
         keep_hourly,
@@ -372,7 +378,9 @@ fn retention_policy(
     })
 }
 
-/// `prune`, then `gc` unless told not to or nothing was removed.
+/// `prune`, then `gc` unless told not to or nothing was removed. A point
+/// whose removal failed is reported, the others are pruned and collected,
+/// and the command then fails.
 fn prune(
     dir: &std::path::Path,
     server: Option<&str>,
@@ -386,21 +394,23 @@ fn prune(
         println!("{}", serde_json::to_string_pretty(&items)?);
     } else {
         for i in &items {
-            let verb = match (i.keep, dry_run) {
-                (true, _) => "keep",
-                (false, true) => "would remove",
-                (false, false) => "removed",
+            let verb = match (i.keep, &i.error, dry_run) {
+                (true, _, _) => "keep",
+                (false, Some(_), _) => "not removed",
+                (false, None, true) => "would remove",
+                (false, None, false) => "removed",
+            };
+            let why = match &i.error {
+                Some(e) => e.clone(),
+                None => i.reasons.join(","),
             };
             println!(
-                "{verb:>12} point {:>6} {:<20} {}  {}",
-                i.point,
-                i.server,
-                i.created,
-                i.reasons.join(",")
+                "{verb:>12} point {:>6} {:<20} {}  {why}",
+                i.point, i.server, i.created
             );
         }
     }
-    if !dry_run && !no_gc && items.iter().any(|i| !i.keep) {
+    if !dry_run && !no_gc && items.iter().any(admin::PruneItem::removed) {
         let opts = gc_options(dir)?;
         match admin::gc(dir, opts) {
             Ok(r) => eprintln!("{}", gc_summary(&r)),
@@ -409,6 +419,10 @@ fn prune(
             ),
             Err(e) => return Err(e.into()),
         }
+    }
+    let failed = items.iter().filter(|i| i.error.is_some()).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} point(s) could not be removed (see above); the others were pruned");
     }
     Ok(())
 }

@@ -26,8 +26,12 @@ pub struct BlockRef {
 pub struct NewPoint<'a> {
     /// Server row id.
     pub server_id: i64,
-    /// Creation time.
+    /// Creation time: the receiver's clock at the commit (ms since the
+    /// epoch). Retention and `restore --at` go by it.
     pub created_ms: i64,
+    /// When the agent says it took the point, by its own clock (ms since the
+    /// epoch); kept for the operator, never trusted.
+    pub source_ms: i64,
     /// Consistency label.
     pub consistency: &'a str,
     /// Commit mode label.
@@ -65,8 +69,15 @@ impl Catalog {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
-            "INSERT INTO points(server_id, created_ms, consistency, commit_mode) VALUES(?1, ?2, ?3, ?4)",
-            params![p.server_id, p.created_ms, p.consistency, p.commit],
+            "INSERT INTO points(server_id, created_ms, consistency, commit_mode, source_ms)
+             VALUES(?1, ?2, ?3, ?4, ?5)",
+            params![
+                p.server_id,
+                p.created_ms,
+                p.consistency,
+                p.commit,
+                p.source_ms
+            ],
         )?;
         let point_id = tx.last_insert_rowid();
         let ids = volume_ids(&tx, p)?;
@@ -226,6 +237,7 @@ mod tests {
             .commit_point(&NewPoint {
                 server_id,
                 created_ms: 1,
+                source_ms: 2,
                 consistency: "crash-consistent",
                 commit: "sync",
                 volumes: &[("root", 4096, 16 * 4096)],

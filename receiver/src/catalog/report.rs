@@ -14,11 +14,16 @@ pub struct PointInfo {
     pub id: i64,
     /// Server name.
     pub server: String,
-    /// Creation time (RFC 3339).
+    /// Creation time: the receiver's clock at the commit (RFC 3339).
     pub created: String,
     /// Creation time, milliseconds since the epoch.
     #[serde(skip)]
     pub created_ms: i64,
+    /// When the agent says it took the point, by its own clock (RFC 3339).
+    pub source_time: String,
+    /// The agent's time, milliseconds since the epoch.
+    #[serde(skip)]
+    pub source_ms: i64,
     /// `crash-consistent` or `fuzzy`.
     pub consistency: String,
     /// `sync` or `async`.
@@ -48,7 +53,7 @@ impl Catalog {
     /// Points, newest last, optionally of one server only.
     pub fn points(&self, server: Option<&str>) -> Result<Vec<PointInfo>, ReceiveError> {
         let mut st = self.conn.prepare(
-            "SELECT p.id, s.name, p.created_ms, p.consistency, p.commit_mode
+            "SELECT p.id, s.name, p.created_ms, p.consistency, p.commit_mode, p.source_ms
              FROM points p JOIN servers s ON s.id = p.server_id
              WHERE ?1 IS NULL OR s.name = ?1 ORDER BY p.id",
         )?;
@@ -58,6 +63,8 @@ impl Catalog {
                 server: r.get(1)?,
                 created_ms: r.get(2)?,
                 created: String::new(),
+                source_ms: r.get(5)?,
+                source_time: String::new(),
                 consistency: r.get(3)?,
                 commit: r.get(4)?,
                 volumes: Vec::new(),
@@ -70,6 +77,7 @@ impl Catalog {
         )?;
         for p in &mut points {
             p.created = rfc3339(p.created_ms);
+            p.source_time = rfc3339(p.source_ms);
             let vols = vst.query_map(params![p.id], |r| {
                 Ok(PointVolumeInfo {
                     name: r.get(0)?,

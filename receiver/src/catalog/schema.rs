@@ -2,18 +2,24 @@
 //! `PRAGMA user_version`.
 //!
 //! Version 0 is a catalog made before the version was recorded: when it has
-//! our tables, it is the current version, and opening it stamps it. A catalog
-//! with a greater version than [`SCHEMA_VERSION`] was written by a newer
-//! receiver and is refused before anything in it changes.
+//! our tables, they are those of version 1. Opening an older catalog
+//! upgrades it in place, in one transaction, and stamps the version. A
+//! catalog with a greater version than [`SCHEMA_VERSION`] was written by a
+//! newer receiver and is refused before anything in it changes.
+//!
+//! | version | change |
+//! |---|---|
+//! | 1 | the tables below, without `points.source_ms` |
+//! | 2 | `points.created_ms` is the receiver's clock at the commit; the agent's time moves to the new `points.source_ms` (old rows: `source_ms = created_ms`, the only time they have) |
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::ReceiveError;
 
 /// The schema version this receiver reads and writes. Raise it with every
 /// change to the tables below, and teach `create` to upgrade the older
 /// versions.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,7 +41,8 @@ CREATE TABLE IF NOT EXISTS points(
     server_id INTEGER NOT NULL REFERENCES servers(id),
     created_ms INTEGER NOT NULL,
     consistency TEXT NOT NULL,
-    commit_mode TEXT NOT NULL);
+    commit_mode TEXT NOT NULL,
+    source_ms INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS points_by_server ON points(server_id, id);
 CREATE TABLE IF NOT EXISTS point_volumes(
     point_id INTEGER NOT NULL REFERENCES points(id),
@@ -83,12 +90,39 @@ pub(super) fn check_version(conn: &Connection) -> Result<(), ReceiveError> {
     }
 }
 
-/// Create the tables that do not exist yet and record the version.
+/// Create the tables that do not exist yet, upgrade an older catalog and
+/// record the version.
 pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
     conn.execute_batch(SCHEMA)?;
-    // Version 0 (or a fresh file) now has every table of this version.
-    if version(conn)? < SCHEMA_VERSION {
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    if version(conn)? >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    // One transaction, taken for writing before anything is read: another
+    // receiver process opening the same old catalog waits, then finds it
+    // upgraded.
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    if version(&tx)? < SCHEMA_VERSION {
+        upgrade_to_2(&tx)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Version 1 to 2: the agent's time of each point in `source_ms`. A
+/// version-1 row's `created_ms` is the agent's time, the only one known, so
+/// it is both. (A fresh file already has the column.)
+fn upgrade_to_2(conn: &Connection) -> Result<(), ReceiveError> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('points') WHERE name='source_ms'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch(
+            "ALTER TABLE points ADD COLUMN source_ms INTEGER NOT NULL DEFAULT 0;
+             UPDATE points SET source_ms = created_ms;",
+        )?;
     }
     Ok(())
 }
@@ -130,6 +164,54 @@ mod tests {
         assert_eq!(user_version(&path), SCHEMA_VERSION);
         assert_eq!(cat.store_id().unwrap(), id);
         assert!(cat.server("web1").unwrap().is_some());
+    }
+
+    /// The tables of version 1 as that receiver created them (the fixture of
+    /// the upgrade: do not edit), with a point of each server.
+    const VERSION_1: &str = "
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE servers(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+            cert_serial TEXT, revoked INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE points(id INTEGER PRIMARY KEY AUTOINCREMENT,
+            server_id INTEGER NOT NULL REFERENCES servers(id),
+            created_ms INTEGER NOT NULL, consistency TEXT NOT NULL,
+            commit_mode TEXT NOT NULL);
+        CREATE INDEX points_by_server ON points(server_id, id);
+        INSERT INTO servers(id, name) VALUES(1, 'web1'), (2, 'db2');
+        INSERT INTO points(server_id, created_ms, consistency, commit_mode)
+            VALUES(1, 1764460800000, 'crash-consistent', 'sync'),
+                  (2, 86400000, 'fuzzy', 'async');
+        PRAGMA user_version = 1;";
+
+    #[test]
+    fn a_version_1_catalog_is_upgraded_in_place() {
+        for stamped in [1, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("catalog.db");
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(VERSION_1).unwrap();
+            conn.pragma_update(None, "user_version", stamped).unwrap();
+            drop(conn);
+
+            let cat = Catalog::open(&path).unwrap();
+            assert_eq!(user_version(&path), 2);
+            let points = cat.points(None).unwrap();
+            let times: Vec<(i64, i64, &str)> = points
+                .iter()
+                .map(|p| (p.created_ms, p.source_ms, p.source_time.as_str()))
+                .collect();
+            assert_eq!(
+                times,
+                vec![
+                    (1764460800000, 1764460800000, "2025-11-30T00:00:00Z"),
+                    (86400000, 86400000, "1970-01-02T00:00:00Z"),
+                ]
+            );
+            drop(cat);
+            // A second open finds it current and changes nothing.
+            Catalog::open(&path).unwrap();
+            assert_eq!(user_version(&path), 2);
+        }
     }
 
     #[test]
