@@ -148,8 +148,11 @@ pub fn prune_store(
     if let Some(s) = server {
         store.catalog()?.require_server(s)?;
     }
+    // The server list first: a catalog guard held across the loop would
+    // deadlock on the next `catalog()`.
+    let all = store.catalog()?.servers()?;
     let mut servers = Vec::new();
-    for s in store.catalog()?.servers()? {
+    for s in all {
         if server.is_none_or(|n| n == s.name) {
             let points = store.catalog()?.points(Some(&s.name))?;
             servers.push((s, points));

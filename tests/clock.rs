@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use pilotlight::{
     agent_config, bin, overwrite_random_4k, replicate_once, require_tools, run_bin, sample_image,
-    ChildGuard, TestReceiver,
+    TestReceiver,
 };
 
 const DAY_MS: i64 = 86_400_000;
@@ -20,10 +20,24 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// `pilotlight-receiver serve` under `faketime -f OFFSET`; returns the
-/// process and the address it printed.
-fn spawn_receiver_faked(dir: &Path, offset: &str) -> (ChildGuard, SocketAddr) {
+/// A process run under `faketime`, which forks the real program and waits
+/// for it: stopping `faketime` alone would leave the receiver running (and
+/// holding the store's lock), so the guard signals the whole process group.
+struct FakedGuard(std::process::Child);
+
+impl Drop for FakedGuard {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// `pilotlight-receiver serve` under `faketime -f OFFSET`, in its own process
+/// group; returns the guard and the address it printed.
+fn spawn_receiver_faked(dir: &Path, offset: &str) -> (FakedGuard, SocketAddr) {
     use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new("faketime")
         .args(["-f", offset])
         .arg(bin("pilotlight-receiver"))
@@ -31,10 +45,11 @@ fn spawn_receiver_faked(dir: &Path, offset: &str) -> (ChildGuard, SocketAddr) {
         .arg(dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
+        .process_group(0)
         .spawn()
         .expect("spawn faketime pilotlight-receiver");
     let stdout = child.stdout.take().unwrap();
-    let guard = ChildGuard(child);
+    let guard = FakedGuard(child);
     let mut line = String::new();
     std::io::BufReader::new(stdout)
         .read_line(&mut line)
