@@ -15,6 +15,9 @@ use pilotlight::{
 
 const MIB: u64 = 1 << 20;
 
+/// What happens to the image before a point.
+type Step = fn(&Path);
+
 /// Resize `img` to `size` (truncate or extend with zeros, as a grown
 /// file or device reads).
 fn resize(img: &Path, size: u64) {
@@ -34,20 +37,20 @@ async fn shrink_then_grow_restores_every_point_byte_exact() {
     // Each step changes the image, then makes a point and keeps a copy of
     // the image as it was at that point.
     let mut copies: Vec<(u64, PathBuf)> = Vec::new();
-    let steps: [(&str, &dyn Fn(&Path)); 5] = [
-        ("full", &|p| sample_image(p, 8 * MIB, 11)),
+    let steps: [(&str, Step); 5] = [
+        ("full", |p| sample_image(p, 8 * MIB, 11)),
         // Not a multiple of the block size: the short last block is resent.
-        ("shrunk", &|p| resize(p, 2 * MIB + 1000)),
+        ("shrunk", |p| resize(p, 2 * MIB + 1000)),
         // The tail reads zeros on the source: nothing to send for it.
-        ("grown", &|p| resize(p, 8 * MIB)),
+        ("grown", |p| resize(p, 8 * MIB)),
         // Data in part of the grown tail.
-        ("written", &|p| {
+        ("written", |p| {
             let f = File::options().write(true).open(p).unwrap();
             f.write_all_at(&[0xa5; 3 * 65536], 5 * MIB).unwrap();
             f.sync_all().unwrap();
         }),
         // Shrink and grow again between two points.
-        ("shrunk-grown", &|p| {
+        ("shrunk-grown", |p| {
             resize(p, MIB);
             resize(p, 6 * MIB + 512);
         }),
