@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use pilotlight::{
-    agent_config, assert_same_bytes, file_len, replicate_once, restore_point, run_bin,
-    sample_image, spawn_receiver, wait_until, SmallFs, TestReceiver,
+    agent_config, assert_same_bytes, file_len, overwrite_random_4k, replicate_once, restore_point,
+    run_bin, sample_image, spawn_receiver, wait_until, SmallFs, TestReceiver,
 };
 use pilotlight_agent::AgentError;
 use pilotlight_protocol::frame::ErrorCode;
@@ -47,39 +47,58 @@ fn staging_failures(dir: &Path, server: &str) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
+/// Whether the file at `a` holds exactly the bytes of `b`.
+fn same_file(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).ok() == Some(std::fs::read(b).unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_staging_image_never_stops_serve_and_is_repaired_in_the_background() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let rcv = TestReceiver::create(root).await;
     let (web_id, db_id) = (rcv.enroll("web"), rcv.enroll("db"));
-    let (web_img, db_img) = (root.join("web.img"), root.join("db.img"));
-    sample_image(&web_img, 4 * MIB, 1);
-    sample_image(&db_img, 3 * MIB, 2);
-    let web = agent_config(
-        rcv.addr,
-        &web_id,
-        &root.join("web-state"),
-        &[("root", &web_img)],
+    let (web_root, web_data, db_img) = (
+        root.join("web-root.img"),
+        root.join("web-data.img"),
+        root.join("db.img"),
     );
+    sample_image(&web_root, 4 * MIB, 1);
+    sample_image(&web_data, 2 * MIB, 2);
+    sample_image(&db_img, 3 * MIB, 3);
+    let web_volumes = [("root", web_root.as_path()), ("data", web_data.as_path())];
+    let web_state = root.join("web-state");
+    let web = agent_config(rcv.addr, &web_id, &web_state, &web_volumes);
     replicate_once(&web).await;
     rcv.wait_staging("web").await;
     let dir = rcv.dir.clone();
     rcv.stop().await;
 
-    // The fault: a directory where web's staging image belongs.
+    // The fault: a directory where web's staging image of root belongs.
     let staged = dir.join("staging/web/root.img");
     std::fs::remove_file(&staged).unwrap();
     std::fs::create_dir(&staged).unwrap();
     std::fs::write(staged.join("in-the-way"), b"x").unwrap();
 
-    // serve starts, and another server replicates and restores.
+    // serve starts; another server replicates and restores.
     let (_serve, addr) = spawn_receiver(&dir);
     let db = agent_config(addr, &db_id, &root.join("db-state"), &[("root", &db_img)]);
     let point = replicate_once(&db).await.point;
     let out = root.join("db-restored.img");
     restore_point(&dir, "db", "root", point, &out);
     assert_same_bytes(&out, &db_img, file_len(&db_img));
+    // The failing server itself replicates, and its other volume's image
+    // follows.
+    overwrite_random_4k(&web_data, 16, 4);
+    let web = agent_config(addr, &web_id, &web_state, &web_volumes);
+    replicate_once(&web).await;
+    let staged_data = dir.join("staging/web/data.img");
+    wait_until(
+        Duration::from_secs(30),
+        "web's data image to follow",
+        || same_file(&staged_data, &web_data),
+    )
+    .await;
 
     // status names the failing volume, with its error and since when.
     wait_until(
@@ -113,12 +132,12 @@ async fn a_failing_staging_image_never_stops_serve_and_is_repaired_in_the_backgr
     std::fs::remove_dir_all(&staged).unwrap();
     wait_until(
         Duration::from_secs(90),
-        "web's staging image to be repaired",
+        "web's root image to be repaired",
         || staging_failures(&dir, "web").is_empty(),
     )
     .await;
-    assert_same_bytes(&staged, &web_img, file_len(&web_img));
-    assert_eq!(file_len(&staged), file_len(&web_img));
+    assert!(same_file(&staged, &web_root), "the repaired image differs");
+    assert!(same_file(&staged_data, &web_data));
 }
 
 /// A tmpfs mounted at `path` (holds a sparse source file of any size);
