@@ -21,11 +21,14 @@ pub const STAGING_FILE: &str = "staging.json";
 /// First wait before a failed update is tried again.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
-/// Longest wait between two tries of a failed update.
-pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Longest wait between two tries of a failed update. A try may rebuild
+/// a whole image (a damaged block fails it again each time), so a lasting
+/// fault is not tried more often than this; a new point of the server is
+/// tried at once.
+pub const MAX_RETRY: Duration = Duration::from_secs(300);
 
 /// How long to wait before trying a failed update again, after `attempts`
-/// failed tries (1 for the first): 1 s, doubling, at most [`MAX_RETRY`].
+/// failed tries (1 for the first): 1 s, doubling, at most [`MAX_RETRY`] (5 minutes).
 pub fn retry_after(attempts: u32) -> Duration {
     let doublings = attempts.saturating_sub(1).min(16);
     FIRST_RETRY.saturating_mul(1u32 << doublings).min(MAX_RETRY)
@@ -130,8 +133,8 @@ mod tests {
 
     #[test]
     fn retries_wait_one_second_then_double_up_to_the_most() {
-        let waits: Vec<u64> = (1..=8).map(|a| retry_after(a).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        let waits: Vec<u64> = (1..=11).map(|a| retry_after(a).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
         assert_eq!(retry_after(0), FIRST_RETRY);
         assert_eq!(retry_after(u32::MAX), MAX_RETRY);
     }
