@@ -184,12 +184,14 @@ impl Connection {
         }
         let store = self.shared.store.clone();
         let server_id = peer.server_id;
+        let server = peer.server.clone();
         let volumes = blocking(move || {
             let cat = store.catalog()?;
             decls
                 .iter()
                 .map(|d| {
                     cat.check_volume(server_id, &d.name, d.block_size)?;
+                    crate::staging::check_room(&store, &server, &d.name, d.size)?;
                     Ok(SessionVolume {
                         name: d.name.clone(),
                         size: d.size,

@@ -72,6 +72,19 @@ pub enum ReceiveError {
         /// The newest version this receiver reads.
         supported: i64,
     },
+    /// A declared volume is larger than the staging filesystem can hold as
+    /// one file: refused at `Open`, before any of its data is accepted.
+    #[error(
+        "volume {volume} ({size} bytes) is larger than the staging filesystem can hold: a file of that size cannot be made at {}; put the receiver's staging on a filesystem that can (xfs, or ext4 with larger blocks)", .path.display()
+    )]
+    VolumeTooLarge {
+        /// Volume name.
+        volume: String,
+        /// Declared size in bytes.
+        size: u64,
+        /// The staging image that could not be that large.
+        path: PathBuf,
+    },
     /// Stored data is damaged.
     #[error("store is damaged: {0}")]
     Corrupt(String),
@@ -127,9 +140,11 @@ impl ReceiveError {
             Self::Shutdown => ErrorCode::Shutdown,
             Self::Busy(_) => ErrorCode::Busy,
             Self::Storage { .. } | Self::Catalog(_) | Self::Corrupt(_) => ErrorCode::Storage,
-            Self::Config(_) | Self::NotFound(_) | Self::Refused(_) | Self::CatalogTooNew { .. } => {
-                ErrorCode::Other
-            }
+            Self::Config(_)
+            | Self::NotFound(_)
+            | Self::Refused(_)
+            | Self::CatalogTooNew { .. }
+            | Self::VolumeTooLarge { .. } => ErrorCode::Other,
             Self::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -25,7 +25,7 @@ pub mod restore;
 pub mod retention;
 pub mod server;
 pub mod session;
-mod staging;
+pub mod staging;
 pub mod status;
 pub mod store;
 pub mod verify;

@@ -1,5 +1,6 @@
 //! `status`: each server's replication state as an operator reads it, from
-//! the catalog and from `live.json` of a running `serve`.
+//! the catalog, and from `live.json` and `staging.json` of a running
+//! `serve`.
 //!
 //! The state of a server is a pure decision over plain data
 //! ([`ServerState::of`]); [`status`] does the reading.
@@ -10,6 +11,7 @@ use serde::Serialize;
 
 use crate::catalog::{PointInfo, ServerRow};
 use crate::live::Live;
+use crate::staging::{StagingFailure, StagingHealth};
 use crate::store::Store;
 use crate::ReceiveError;
 
@@ -85,6 +87,10 @@ pub struct ServerStatus {
     pub points: usize,
     /// Server name.
     pub server: String,
+    /// Staging images of the server that fail to update (each with its
+    /// error and since when); left out of the JSON when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub staging_failures: Vec<StagingFailure>,
     /// What the server is doing.
     pub state: ServerState,
     /// The volumes of the newest point.
@@ -111,12 +117,24 @@ pub struct Status {
 /// The status of every server of the receiver directory `dir`, now.
 pub fn status(dir: &Path) -> Result<Status, ReceiveError> {
     let now = pilotlight_protocol::clock::now_ms();
-    status_at(dir, Live::load_running(dir).as_ref(), now)
+    let staging = StagingHealth::load_running(dir).unwrap_or_default();
+    status_with(dir, Live::load_running(dir).as_ref(), &staging, now)
 }
 
 /// The status of every server of `dir` at `now_ms`, with `live` as what the
 /// running `serve` reports (`None`: none runs).
 pub fn status_at(dir: &Path, live: Option<&Live>, now_ms: i64) -> Result<Status, ReceiveError> {
+    status_with(dir, live, &StagingHealth::default(), now_ms)
+}
+
+/// [`status_at`], with `staging` as the staging failures the running
+/// `serve` reports.
+pub fn status_with(
+    dir: &Path,
+    live: Option<&Live>,
+    staging: &StagingHealth,
+    now_ms: i64,
+) -> Result<Status, ReceiveError> {
     let store = Store::open(dir)?;
     let cat = store.catalog()?;
     let points = cat.points(None)?;
@@ -124,7 +142,9 @@ pub fn status_at(dir: &Path, live: Option<&Live>, now_ms: i64) -> Result<Status,
     for s in cat.servers()? {
         let mine: Vec<&PointInfo> = points.iter().filter(|p| p.server == s.name).collect();
         let stored = cat.stored_bytes(s.id)?;
-        servers.push(server_status(&s, &mine, stored, live, now_ms));
+        let mut line = server_status(&s, &mine, stored, live, now_ms);
+        line.staging_failures = staging.of_server(&s.name).cloned().collect();
+        servers.push(line);
     }
     Ok(Status { servers })
 }
@@ -148,6 +168,7 @@ pub fn server_status(
         last_point_time: last.map(|p| p.created.clone()),
         points: points.len(),
         server: server.name.clone(),
+        staging_failures: Vec::new(),
         state: ServerState::of(server, last.is_some(), live),
         volumes: last
             .map(|p| {
@@ -246,6 +267,20 @@ mod tests {
         assert_eq!(
             json,
             r#"{"bytes_stored":123,"clock_skew_seconds":90.0,"connected_since":"2026-11-30T10:00:00Z","lag_seconds":2.5,"last_point":2,"last_point_time":"1970-01-01T00:00:05Z","points":2,"server":"web1","state":"replicating","volumes":[{"name":"root","size":1048576}]}"#
+        );
+    }
+
+    #[test]
+    fn a_failing_staging_image_is_listed_with_its_error_and_since_when() {
+        let mut line = server_status(&server("web1", false), &[], 0, None, 7_500);
+        let mut health = StagingHealth::new();
+        health.fail("web1", Some("root"), "Is a directory".into(), 1_000);
+        health.fail("db2", Some("data"), "No space left".into(), 2_000);
+        line.staging_failures = health.of_server("web1").cloned().collect();
+        let json = serde_json::to_string(&line).unwrap();
+        assert!(
+            json.contains(r#""server":"web1","staging_failures":[{"attempts":1,"error":"Is a directory","server":"web1","since":"1970-01-01T00:00:01Z","since_ms":1000,"volume":"root"}],"state":"#),
+            "{json}"
         );
     }
 

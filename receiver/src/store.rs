@@ -4,8 +4,9 @@
 //! Commit order (the durability contract, carried out by `commit.rs`): pack
 //! data fsynced → catalog transaction committed → `DURABLE` sent → staging
 //! image updated. A crash at any step leaves every acknowledged point
-//! restorable; [`Store::open_for_serve`] cuts unfinished pack tails and brings
-//! staging images up to date.
+//! restorable; [`Store::open_for_serve`] cuts unfinished pack tails, and
+//! `serve`'s staging task brings staging images up to date in the
+//! background.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use pilotlight_protocol::block::Decoder;
-use pilotlight_protocol::limits::block_len;
 use pilotlight_protocol::BlockHash;
 
 use crate::catalog::Catalog;
@@ -79,7 +79,10 @@ impl Store {
     }
 
     /// Open the store to serve: cut unfinished pack tails, drop packs no
-    /// commit reached, load the block index and repair staging images.
+    /// commit reached and load the block index. Staging images are not
+    /// touched: `serve`'s staging task repairs them in the background
+    /// ([`crate::staging`]), so that no staging failure keeps `serve` from
+    /// starting.
     ///
     /// Only one process at a time may do this (it holds `serve.lock` while
     /// the store lives): two writers of the same packs would cut each
@@ -139,13 +142,6 @@ impl Store {
         {
             let mut index = store.index.write().map_err(|_| poisoned())?;
             index.extend(blocks);
-        }
-        let servers = store.catalog()?.servers()?;
-        for s in servers {
-            let Some(latest) = store.catalog()?.latest_point(s.id)? else {
-                continue;
-            };
-            store.update_staging(&s.name, s.id, latest)?;
         }
         Ok(store)
     }
@@ -268,70 +264,6 @@ impl Store {
             .join("staging")
             .join(server)
             .join(format!("{volume}.img"))
-    }
-
-    /// Bring the staging image of every volume of a server up to `point`,
-    /// applying only the blocks that changed after the point each image is
-    /// known to equal.
-    pub fn update_staging(
-        &self,
-        server: &str,
-        server_id: i64,
-        point: i64,
-    ) -> Result<(), ReceiveError> {
-        let volumes = self.catalog()?.volumes(server_id)?;
-        let mut fetch = BlockFetcher::new(&self.dir)?;
-        let mut buf = Vec::new();
-        for mut v in volumes {
-            let path = self.staging_path(server, &v.name);
-            // A staging image that is missing or of the wrong size is rebuilt.
-            let intact = std::fs::metadata(&path).is_ok_and(|m| m.len() == v.size);
-            if !intact {
-                v.staging_point = 0;
-            }
-            if v.staging_point == point {
-                continue;
-            }
-            let map = self.catalog()?.block_map(v.id, point, v.staging_point)?;
-            if let Some(parent) = path.parent() {
-                create_private_dir(parent)?;
-            }
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .mode(PRIVATE_FILE_MODE)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| ReceiveError::storage(&path, e))?;
-            if v.staging_point == 0 {
-                file.set_len(0)
-                    .map_err(|e| ReceiveError::storage(&path, e))?;
-            }
-            file.set_len(v.size)
-                .map_err(|e| ReceiveError::storage(&path, e))?;
-            for (index, hash) in map {
-                let offset = index * u64::from(v.block_size);
-                let len = block_len(v.size, v.block_size, index);
-                if len == 0 {
-                    continue;
-                }
-                match hash {
-                    None => punch_hole(&file, offset, u64::from(len))
-                        .map_err(|e| ReceiveError::storage(&path, e))?,
-                    Some(h) => {
-                        let loc = self.locate(&h)?;
-                        fetch.fetch_current(self, &loc, &h, &mut buf)?;
-                        file.write_all_at(&buf, offset)
-                            .map_err(|e| ReceiveError::storage(&path, e))?;
-                    }
-                }
-            }
-            file.sync_data()
-                .map_err(|e| ReceiveError::storage(&path, e))?;
-            self.catalog()?.set_staging_point(v.id, point)?;
-        }
-        Ok(())
     }
 
     /// Location of a block that a committed point references.

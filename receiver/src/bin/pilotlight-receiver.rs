@@ -562,6 +562,18 @@ fn print_status(status: &Status, json: bool) -> anyhow::Result<()> {
             r.last_point_time.as_deref().unwrap_or("-")
         );
     }
+    for r in &status.servers {
+        for f in &r.staging_failures {
+            let what = match &f.volume {
+                Some(v) => format!("{}/{v}", r.server),
+                None => r.server.clone(),
+            };
+            println!(
+                "staging of {what} failing since {} ({} tries): {}",
+                f.since, f.attempts, f.error
+            );
+        }
+    }
     Ok(())
 }
 

@@ -82,6 +82,7 @@ impl Catalog {
         let point_id = tx.last_insert_rowid();
         let ids = volume_ids(&tx, p)?;
         let counts = record_point_blocks(&tx, p, point_id, &ids)?;
+        super::volumes::end_rows_beyond_resizes(&tx, point_id, p.volumes, &ids)?;
         record_point_volumes(&tx, point_id, &ids, &counts)?;
         record_new_blocks(&tx, p.new_blocks)?;
         record_packs(&tx, p.packs)?;
