@@ -187,3 +187,62 @@ async fn revocation_closes_a_slow_session_within_seconds() {
     );
     replicate_once(&cfg).await;
 }
+
+/// A control connection that says `Hello` with `Ping` and then nothing is
+/// closed after `control_idle_timeout_secs`, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_control_connection_is_closed() {
+    let w = world_with(ReceiverConfig {
+        control_idle_timeout_secs: 1,
+        ..ReceiverConfig::default()
+    })
+    .await;
+    let before = store_snapshot(&w.rcv.dir);
+    let quiet = w.enroll("quiet");
+    let (mut control, _data, _) = session(w.rcv.addr, &quiet).await;
+    let started = Instant::now();
+    expect_error(&mut control, ErrorCode::Timeout, "silent").await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    w.good_agent_still_works(&before).await;
+}
+
+/// Since when `server` has its session, from live.json, if it has one.
+fn connected_since(dir: &std::path::Path, server: &str) -> Option<String> {
+    pilotlight_receiver::live::Live::load_running(dir)?
+        .connected
+        .get(server)
+        .cloned()
+}
+
+/// A real agent with nothing to send for several control idle timeouts keeps
+/// its session: its `Ping`s count as activity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_agent_keeps_its_session() {
+    let w = world_with(ReceiverConfig {
+        control_idle_timeout_secs: 1,
+        ..ReceiverConfig::default()
+    })
+    .await;
+    let mut cfg = agent_config(
+        w.rcv.addr,
+        &w.good_id,
+        &w.root.join("good-state"),
+        &[("root", &w.good_img)],
+    );
+    cfg.once = false;
+    cfg.interval = Duration::from_secs(3600);
+    cfg.ping_interval = Duration::from_millis(200);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let agent = tokio::spawn(pilotlight_agent::run(cfg, stop.clone()));
+    pilotlight::wait_until(Duration::from_secs(20), "the agent's session", || {
+        connected_since(&w.rcv.dir, "good").is_some()
+    })
+    .await;
+    let since = connected_since(&w.rcv.dir, "good").unwrap();
+    // The observation window: three control idle timeouts with nothing to
+    // send. A session cut for silence would reconnect with a new `since`.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(connected_since(&w.rcv.dir, "good"), Some(since));
+    stop.cancel();
+    agent.await.unwrap().unwrap();
+}

@@ -87,6 +87,9 @@ pub struct AgentConfig {
     pub early_point_bytes: u64,
     /// Counter of bytes read by scans, for a progress display.
     pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// How often the control connection says `Ping` to a receiver that
+    /// closes silent ones ([`pilotlight_protocol::limits::PING_INTERVAL`]).
+    pub ping_interval: Duration,
 }
 
 impl AgentConfig {
@@ -118,6 +121,7 @@ impl AgentConfig {
             trace_buffer_kb: 8192,
             early_point_bytes: 64 << 20,
             progress: None,
+            ping_interval: pilotlight_protocol::limits::PING_INTERVAL,
         }
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
 use pilotlight_protocol::frame::{BlockFrame, CommitMode, VolumeDecl};
-use pilotlight_protocol::limits::{BLOCK_HEADER_LEN, VERSION};
+use pilotlight_protocol::limits::{BLOCK_HEADER_LEN, FEATURE_PING, VERSION};
 use pilotlight_protocol::{DecodeError, Frame};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
@@ -106,11 +106,15 @@ pub struct LinkConfig {
     pub wire_bytes: Arc<AtomicU64>,
     /// Send-rate cap shared by the data streams.
     pub throttle: Option<Arc<crate::throttle::Throttle>>,
+    /// How often to send `Ping` on the control connection (to a receiver
+    /// that takes it), so that a receiver may close silent ones.
+    pub ping_interval: Duration,
 }
 
 /// An open session with the receiver.
 pub struct Link {
-    ctrl_wr: Writer,
+    /// Shared with the pinger task.
+    ctrl_wr: Arc<tokio::sync::Mutex<Writer>>,
     ctrl_rx: mpsc::Receiver<Result<Frame, AgentError>>,
     /// Where scan workers put blocks.
     pub data_tx: async_channel::Sender<Outgoing>,
@@ -147,7 +151,9 @@ async fn read_frame(rd: &mut Reader) -> Result<Frame, AgentError> {
     }
 }
 
-async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer), AgentError> {
+/// Open one TLS connection and exchange `Hello`; returns its halves and
+/// whether the receiver takes `Ping` on an idle control connection.
+async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, bool), AgentError> {
     let tcp = TcpStream::connect(&cfg.receiver)
         .await
         .map_err(AgentError::Net)?;
@@ -171,7 +177,9 @@ async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer), AgentError> {
     let mut wr = FramedWrite::new(w, FrameCodec::default());
     wr.send(&Frame::hello()).await.map_err(codec_err)?;
     match read_frame(&mut rd).await? {
-        Frame::Hello { version, .. } if version == VERSION => Ok((rd, wr)),
+        Frame::Hello { version, features } if version == VERSION => {
+            Ok((rd, wr, features & FEATURE_PING != 0))
+        }
         Frame::Hello { version, .. } => Err(DecodeError::BadVersion {
             got: version,
             supported: VERSION,
@@ -198,7 +206,7 @@ impl Link {
     }
 
     async fn connect_inner(cfg: &LinkConfig) -> Result<Self, AgentError> {
-        let (mut crd, mut cwr) = open_stream(cfg).await?;
+        let (mut crd, mut cwr, pings) = open_stream(cfg).await?;
         let open = Frame::Open {
             streams: cfg.streams,
             commit: cfg.commit,
@@ -224,7 +232,7 @@ impl Link {
         let (data_tx, data_rx) = async_channel::bounded::<Outgoing>(SEND_QUEUE);
         let mut tasks = JoinSet::new();
         for _ in 0..cfg.streams {
-            let (mut rd, mut wr) = open_stream(cfg).await?;
+            let (mut rd, mut wr, _) = open_stream(cfg).await?;
             wr.send(&Frame::Join { session }).await.map_err(codec_err)?;
             match read_frame(&mut rd).await? {
                 Frame::Joined => {}
@@ -259,8 +267,12 @@ impl Link {
         };
         let mut reader = JoinSet::new();
         reader.spawn(control_reader(crd, ctrl_tx, cancel.clone(), fail));
+        let ctrl_wr = Arc::new(tokio::sync::Mutex::new(cwr));
+        if pings {
+            reader.spawn(pinger(ctrl_wr.clone(), cfg.ping_interval, cancel.clone()));
+        }
         Ok(Self {
-            ctrl_wr: cwr,
+            ctrl_wr,
             ctrl_rx,
             data_tx,
             window,
@@ -276,7 +288,12 @@ impl Link {
 
     /// Send a control frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), AgentError> {
-        self.ctrl_wr.send(frame).await.map_err(codec_err)
+        self.ctrl_wr
+            .lock()
+            .await
+            .send(frame)
+            .await
+            .map_err(codec_err)
     }
 
     /// The next control frame from the receiver; fails when any stream fails.
@@ -323,8 +340,9 @@ impl Link {
         self.data_tx.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while self.tasks.join_next().await.is_some() {}
-            let _ = self.ctrl_wr.send(&Frame::Goodbye).await;
-            let _ = self.ctrl_wr.get_mut().shutdown().await;
+            let mut wr = self.ctrl_wr.lock().await;
+            let _ = wr.send(&Frame::Goodbye).await;
+            let _ = wr.get_mut().shutdown().await;
         })
         .await;
         self.cancel.cancel();
@@ -338,6 +356,26 @@ impl Drop for Link {
         self.cancel.cancel();
         self.data_tx.close();
         self.window.close();
+    }
+}
+
+/// `Ping` on the control connection every `every`, so that a receiver can
+/// tell a live but quiet session (a long scan that finds nothing to send, an
+/// idle interval) from a silent connection. A failed send is left to the
+/// control reader, which sees the connection end.
+async fn pinger(wr: Arc<tokio::sync::Mutex<Writer>>, every: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                if wr.lock().await.send(&Frame::Ping).await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 

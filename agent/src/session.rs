@@ -133,6 +133,7 @@ impl<'a> Session<'a> {
             throttle: cfg
                 .limit_mbps
                 .map(|m| Arc::new(crate::throttle::Throttle::new(m))),
+            ping_interval: cfg.ping_interval,
         };
         let mut link = tokio::select! {
             l = Link::connect(&link_cfg) => l?,

@@ -35,6 +35,7 @@ pub enum Kind {
     Hashes = 12,
     HashesEnd = 13,
     Goodbye = 14,
+    Ping = 15,
 }
 
 impl Kind {
@@ -55,6 +56,7 @@ impl Kind {
             12 => Self::Hashes,
             13 => Self::HashesEnd,
             14 => Self::Goodbye,
+            15 => Self::Ping,
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -252,6 +254,9 @@ pub enum Frame {
         blocks: u64,
     },
     Goodbye,
+    /// "Still here": sent on an idle control connection by a peer whose
+    /// `Hello` advertised [`crate::limits::FEATURE_PING`]; no answer.
+    Ping,
 }
 
 impl Frame {
@@ -259,7 +264,7 @@ impl Frame {
     pub fn hello() -> Self {
         Self::Hello {
             version: VERSION,
-            features: 0,
+            features: crate::limits::FEATURE_PING,
         }
     }
 
@@ -280,6 +285,7 @@ impl Frame {
             Self::Hashes { .. } => Kind::Hashes,
             Self::HashesEnd { .. } => Kind::HashesEnd,
             Self::Goodbye => Kind::Goodbye,
+            Self::Ping => Kind::Ping,
         }
     }
 
@@ -346,7 +352,7 @@ impl Frame {
                 dst.put_u64_le(*last_point);
             }
             Self::Join { session } => dst.put_u64_le(*session),
-            Self::Joined | Self::Goodbye => {}
+            Self::Joined | Self::Goodbye | Self::Ping => {}
             Self::Block(b) => {
                 b.encode_header(dst);
                 dst.put_slice(&b.payload);
@@ -534,6 +540,10 @@ impl Frame {
             Kind::Goodbye => {
                 Reader::new(&body, "Goodbye").finish()?;
                 Frame::Goodbye
+            }
+            Kind::Ping => {
+                Reader::new(&body, "Ping").finish()?;
+                Frame::Ping
             }
             Kind::Block => Frame::Block(BlockFrame::parse(body)?),
             Kind::Received => {

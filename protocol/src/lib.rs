@@ -66,6 +66,7 @@
 //! Hashes    (12)  volume u16 | start u64 | hash[32] x n
 //! HashesEnd (13)  volume u16 | point u64 | blocks u64
 //! Goodbye   (14)  (empty)
+//! Ping      (15)  (empty)   (only to a peer whose Hello has features bit 0, FEATURE_PING)
 //! ```
 //!
 //! Block `encoding`: 0 = all-zero block (empty payload), 1 = raw (payload is the

@@ -4,6 +4,16 @@
 /// Protocol version spoken by this build.
 pub const VERSION: u16 = 1;
 
+/// `Hello.features` bit: this peer sends `Ping` on an idle control
+/// connection (at least every [`PING_INTERVAL`]), so the other side may close
+/// a control connection silent for longer than its idle limit.
+pub const FEATURE_PING: u32 = 1;
+
+/// How often an agent that advertised [`FEATURE_PING`] sends `Ping` on its
+/// control connection. A receiver's idle limit for such a connection must be
+/// well above it (at least 3x).
+pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// The connection magic. Never change it: it identifies pilotlight on the wire.
 pub const MAGIC: [u8; 8] = *b"PLTLIGHT";
 

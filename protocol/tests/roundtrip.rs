@@ -53,6 +53,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|session| Frame::Join { session }),
         Just(Frame::Joined),
         Just(Frame::Goodbye),
+        Just(Frame::Ping),
         (
             any::<u64>(),
             any::<u16>(),

@@ -45,6 +45,10 @@ pub struct ReceiverConfig {
     pub identity_check_ms: u64,
     /// Seconds a session may stay silent mid-transfer before it is closed.
     pub idle_timeout_secs: u64,
+    /// Seconds a control connection whose agent sends `Ping` (every 20 s)
+    /// may stay silent before it is closed; agents without `Ping` are not
+    /// timed out (they cannot tell quiet from gone).
+    pub control_idle_timeout_secs: u64,
     /// Most points of one session received but not yet committed.
     pub max_pending_points: usize,
     /// Most MiB of block frames of one session read but not yet applied.
@@ -78,6 +82,7 @@ impl Default for ReceiverConfig {
             point_resend_factor: 4,
             identity_check_ms: 1000,
             idle_timeout_secs: 120,
+            control_idle_timeout_secs: 120,
             max_pending_points: 8,
             max_session_inflight_mib: 64,
             metrics: None,
@@ -129,6 +134,11 @@ impl ReceiverConfig {
     /// How far an agent's clock may be off before the receiver warns.
     pub fn max_clock_skew(&self) -> Duration {
         Duration::from_secs(self.max_clock_skew_secs)
+    }
+
+    /// How long a pinging agent's control connection may stay silent.
+    pub fn control_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.control_idle_timeout_secs.max(1))
     }
 
     /// Idle timeout.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
-use pilotlight_protocol::limits::VERSION;
+use pilotlight_protocol::limits::{FEATURE_PING, VERSION};
 use pilotlight_protocol::{DecodeError, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -53,6 +53,14 @@ async fn linger(rd: &mut Reader) {
         }
     })
     .await;
+}
+
+/// Completes after `d`; never without one.
+async fn sleep_opt(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// One accepted TCP connection.
@@ -120,10 +128,12 @@ impl Connection {
         peer: AuthorizedPeer,
     ) -> Result<(), ReceiveError> {
         let timeout = self.shared.cfg.handshake_timeout();
-        match tokio::time::timeout(timeout, next(rd)).await {
+        let pings = match tokio::time::timeout(timeout, next(rd)).await {
             Err(_) => return Err(ReceiveError::Timeout("waiting for Hello")),
             Ok(f) => match f? {
-                Frame::Hello { version, .. } if version == VERSION => {}
+                Frame::Hello { version, features } if version == VERSION => {
+                    features & FEATURE_PING != 0
+                }
                 Frame::Hello { version, .. } => {
                     return Err(DecodeError::BadVersion {
                         got: version,
@@ -133,7 +143,7 @@ impl Connection {
                 }
                 other => return Err(unexpected(&other, "Hello")),
             },
-        }
+        };
         send(wr, &Frame::hello()).await?;
         let first = match tokio::time::timeout(timeout, next(rd)).await {
             Err(_) => return Err(ReceiveError::Timeout("waiting for Open or Join")),
@@ -146,7 +156,8 @@ impl Connection {
                 volumes,
             } => {
                 let session = self.open(&peer, streams, commit, volumes).await?;
-                self.control(rd, wr, Arc::new(session)).await
+                let idle = pings.then(|| self.shared.cfg.control_idle_timeout());
+                self.control(rd, wr, Arc::new(session), idle).await
             }
             Frame::Join { session } => {
                 let idle = self.shared.cfg.idle_timeout();
@@ -227,12 +238,13 @@ impl Connection {
         rd: &mut Reader,
         wr: &mut Writer,
         session: Arc<Session>,
+        idle: Option<Duration>,
     ) -> Result<(), ReceiveError> {
         let registry = &self.shared.registry;
         let result = match registry.take_over(&session).await {
             Ok(_turn) => match registry.enter(&session).await {
                 Ok(()) => {
-                    let result = self.control_loop(rd, wr, &session).await;
+                    let result = self.control_loop(rd, wr, &session, idle).await;
                     registry.leave(&session).await.and(result)
                 }
                 Err(e) => Err(e),
@@ -244,12 +256,14 @@ impl Connection {
         result
     }
 
-    /// `Welcome`, then the agent's requests until `Goodbye` or the end.
+    /// `Welcome`, then the agent's requests until `Goodbye` or the end; with
+    /// `idle`, a connection silent that long (not even a `Ping`) is closed.
     async fn control_loop(
         &self,
         rd: &mut Reader,
         wr: &mut Writer,
         session: &Arc<Session>,
+        idle: Option<Duration>,
     ) -> Result<(), ReceiveError> {
         let store = self.shared.store.clone();
         let server_id = session.server_id;
@@ -272,8 +286,12 @@ impl Connection {
                     Some(f) => f,
                     None => return Ok(()),
                 },
+                () = sleep_opt(idle) => {
+                    return Err(ReceiveError::Timeout("control connection silent (no request, no Ping)"));
+                }
             };
             match frame {
+                Frame::Ping => {}
                 Frame::EndPoint {
                     tag,
                     blocks,
