@@ -28,7 +28,7 @@ use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{BlockFrame, CommitMode, VolumeDecl};
 use pilotlight_protocol::{Encoding, Frame};
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 
 const BLOCK: u32 = 64 << 10;
 /// The flooder's declared volume: 1 Mi blocks of 64 KiB.
@@ -95,8 +95,16 @@ fn zero_block(tag: u64, index: u64) -> BlockFrame {
     }
 }
 
-/// Open a session on one `VOLUME`-byte volume and join one data stream.
-async fn big_session(addr: SocketAddr, identity: &Path) -> (peer::Conn, peer::Conn) {
+type DataWriter =
+    FramedWrite<tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>, FrameCodec>;
+
+/// Open a session on one `VOLUME`-byte volume and join one data stream,
+/// whose acks a task reads (as an agent does: a flooder that does not read
+/// is cut by the receiver's write deadline instead).
+async fn big_session(
+    addr: SocketAddr,
+    identity: &Path,
+) -> (peer::Conn, DataWriter, tokio::task::JoinHandle<()>) {
     let mut control = peer::hello(addr, identity).await;
     let volumes = vec![VolumeDecl {
         name: "root".into(),
@@ -115,10 +123,18 @@ async fn big_session(addr: SocketAddr, identity: &Path) -> (peer::Conn, peer::Co
         Frame::Welcome { session, .. } => session,
         other => panic!("expected Welcome, got {other:?}"),
     };
-    let mut data = peer::hello(addr, identity).await;
-    data.send(&Frame::Join { session }).await.unwrap();
-    assert_eq!(data.next().await.unwrap().unwrap().1, Frame::Joined);
-    (control, data)
+    let (rd, wr) = tokio::io::split(peer::tls_connect(addr, identity).await.unwrap());
+    let mut rd = FramedRead::new(rd, FrameCodec::default());
+    let mut wr = FramedWrite::new(wr, FrameCodec::default());
+    wr.send(&Frame::hello()).await.unwrap();
+    assert!(matches!(
+        rd.next().await.unwrap().unwrap().1,
+        Frame::Hello { .. }
+    ));
+    wr.send(&Frame::Join { session }).await.unwrap();
+    assert_eq!(rd.next().await.unwrap().unwrap().1, Frame::Joined);
+    let acks = tokio::spawn(async move { while let Some(Ok(_)) = rd.next().await {} });
+    (control, wr, acks)
 }
 
 async fn idle_connections(rcv: &Receiver, id: &Path) {
@@ -143,7 +159,7 @@ async fn idle_connections(rcv: &Receiver, id: &Path) {
 }
 
 async fn flood(rcv: &Receiver, id: &Path) {
-    let (mut control, mut data) = big_session(rcv.addr, id).await;
+    let (mut control, mut data, drain) = big_session(rcv.addr, id).await;
     let blocks = VOLUME / u64::from(BLOCK);
     let started = Instant::now();
     let mut sent = 0u64;
@@ -186,6 +202,7 @@ async fn flood(rcv: &Receiver, id: &Path) {
         started.elapsed().as_secs_f64()
     );
     report("flood: at the cut", rcv);
+    drain.abort();
     println!("flood: peak RSS seen while sending: {peak:.1} MiB");
 }
 
