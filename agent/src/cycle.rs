@@ -169,7 +169,21 @@ impl Session<'_> {
     ) -> Result<bool, AgentError> {
         let interval = self.agent.cfg.interval;
         let start = Instant::now();
+        let volume_blocks = self
+            .vols
+            .iter()
+            .map(|v| pilotlight_protocol::limits::block_count(v.size, v.block_size))
+            .fold(0u64, u64::saturating_add);
         for round in 0.. {
+            if policy::precopy_budget_spent(point.report.blocks_sent, volume_blocks) {
+                tracing::info!(
+                    tag = point.tag,
+                    round,
+                    blocks = point.report.blocks_sent,
+                    "pre-copy sent twice the volumes' blocks; freezing"
+                );
+                break;
+            }
             let round_start = Instant::now();
             let m = mount.to_owned();
             tokio::task::spawn_blocking(move || crate::consistency::sync_filesystem(&m))

@@ -18,6 +18,20 @@ pub(crate) const PRECOPY_ROUNDS: usize = 5;
 /// interval (sparing the foreground a long freeze and a busy agent) until
 /// the delta fits or [`precopy_patience`] has passed.
 pub(crate) const FREEZE_DELTA_MAX: u64 = 16 << 20;
+/// Pre-copy rounds of one point send at most this many times the blocks
+/// of its volumes; then the freeze is taken whatever the delta. With the
+/// frozen delta (at most the volumes once more) a point carries at most 3x
+/// its volumes' blocks, under the receiver's per-point cap
+/// (`point_resend_factor`, at least 3): a point that keeps chasing a
+/// rewrite of the whole disk ends frozen, never refused.
+pub(crate) const PRECOPY_BLOCK_BUDGET: u64 = 2;
+
+/// Whether pre-copy rounds that sent `sent` blocks of volumes holding
+/// `volume_blocks` must stop and freeze.
+pub(crate) fn precopy_budget_spent(sent: u64, volume_blocks: u64) -> bool {
+    sent >= volume_blocks.saturating_mul(PRECOPY_BLOCK_BUDGET)
+}
+
 /// Least time between two saves of the durable hash tables (`state.bin`)
 /// in continuous mode: a whole table per point would be megabytes written
 /// and fsynced every second, and on a traced volume each save would make
@@ -165,6 +179,25 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
     const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn precopy_block_budget() {
+        // (sent, volume blocks) -> spent
+        let table = [
+            (0, 0, true),
+            (0, 16, false),
+            (31, 16, false),
+            (32, 16, true),
+            (u64::MAX, u64::MAX, true),
+        ];
+        for (sent, blocks, want) in table {
+            assert_eq!(
+                precopy_budget_spent(sent, blocks),
+                want,
+                "{sent} of {blocks}"
+            );
+        }
+    }
 
     #[test]
     fn precopy_steps() {

@@ -39,6 +39,8 @@ pub struct ReceiverConfig {
     /// pre-copy rounds resend blocks written meanwhile, and the frozen
     /// delta resends them once more. More blocks in one point end the
     /// session with an error (it bounds the receiver's memory per point).
+    /// At least 3: agents stop pre-copy rounds at twice their volumes'
+    /// blocks, and the frozen delta adds at most once more.
     pub point_resend_factor: u64,
     /// Milliseconds between two checks of every live session's identity in
     /// the catalog: a revoked or superseded identity is closed within it.

@@ -19,14 +19,19 @@ use crate::ReceiveError;
 /// one (`point_resend_factor`).
 const DEFAULT_RESEND_FACTOR: u64 = 4;
 
+/// The least `point_resend_factor` honoured: agents send at most 3x their
+/// volumes' blocks in one point (pre-copy rounds 2x, the frozen delta 1x), and
+/// a lower cap would refuse honest points.
+pub const MIN_RESEND_FACTOR: u64 = 3;
+
 /// Most blocks one point of a session with `volumes` may send: each
-/// volume's block count, `factor` times.
+/// volume's block count, `factor` times (at least [`MIN_RESEND_FACTOR`]).
 pub fn point_block_cap(volumes: &[SessionVolume], factor: u64) -> u64 {
     volumes
         .iter()
         .map(|v| pilotlight_protocol::limits::block_count(v.size, v.block_size))
         .fold(0u64, u64::saturating_add)
-        .saturating_mul(factor.max(1))
+        .saturating_mul(factor.max(MIN_RESEND_FACTOR))
 }
 
 /// A volume as the session declared it, with its catalog row.
@@ -281,10 +286,12 @@ mod tests {
     #[test]
     fn the_point_cap_is_the_declared_blocks_times_the_factor() {
         assert_eq!(point_block_cap(&[vol(1 << 20, 65536)], 4), 64);
-        // A short last block counts; volumes add up; factor 0 means 1.
+        // A short last block counts; volumes add up; a factor under 3
+        // (what an honest agent may send) counts as 3.
         let two = [vol((1 << 20) + 1, 65536), vol(8192, 4096)];
-        assert_eq!(point_block_cap(&two, 2), 2 * (17 + 2));
-        assert_eq!(point_block_cap(&two, 0), 19);
+        assert_eq!(point_block_cap(&two, 5), 5 * (17 + 2));
+        assert_eq!(point_block_cap(&two, 2), 3 * (17 + 2));
+        assert_eq!(point_block_cap(&two, 0), 3 * (17 + 2));
         assert_eq!(point_block_cap(&[vol(u64::MAX, 4096)], u64::MAX), u64::MAX);
     }
 }
