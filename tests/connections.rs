@@ -232,10 +232,18 @@ async fn a_quiet_agent_keeps_its_session() {
     cfg.once = false;
     cfg.interval = Duration::from_secs(3600);
     cfg.ping_interval = Duration::from_millis(200);
+    let points = || {
+        pilotlight_receiver::admin::points(&w.rcv.dir, Some("good"))
+            .unwrap()
+            .len()
+    };
+    let before = points();
     let stop = tokio_util::sync::CancellationToken::new();
     let agent = tokio::spawn(pilotlight_agent::run(cfg, stop.clone()));
-    pilotlight::wait_until(Duration::from_secs(20), "the agent's session", || {
-        connected_since(&w.rcv.dir, "good").is_some()
+    // Its first point is durable: the session is this agent's (not the
+    // world's earlier one, which may still be listed for a moment).
+    pilotlight::wait_until(Duration::from_secs(20), "the agent's first point", || {
+        points() > before
     })
     .await;
     let since = connected_since(&w.rcv.dir, "good").unwrap();
