@@ -158,6 +158,9 @@ pub fn scan(
             job.name
         )));
     }
+    // Holes of an image file read as zeros without a read (SEEK_DATA);
+    // devices and O_DIRECT reads are read whole.
+    let sparse = !job.direct && file.metadata().map(|m| m.is_file()).unwrap_or(false);
     let per_chunk = (CHUNK_BYTES / u64::from(job.block_size)).max(1);
     let gap = GAP_BYTES / u64::from(job.block_size);
     let units = work_units(blocks, per_chunk, gap, job.only);
@@ -170,8 +173,12 @@ pub fn scan(
             .map(|_| {
                 s.spawn(|| {
                     let mut out = ScanResult::default();
+                    let src = Source {
+                        file: &file,
+                        sparse,
+                    };
                     let r = worker(
-                        job, sink, &file, &next, &units, per_chunk, full_zero, level, &failed,
+                        job, sink, src, &next, &units, per_chunk, full_zero, level, &failed,
                         &mut out,
                     );
                     if let Err(e) = r {
@@ -201,11 +208,40 @@ pub fn scan(
     Ok(total)
 }
 
+/// What a worker reads from.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    file: &'a File,
+    /// A regular file, whose holes need no read.
+    sparse: bool,
+}
+
+impl Source<'_> {
+    /// Whether `[offset, offset + len)` is one hole (reads as zeros): the
+    /// next data at or after `offset` starts at or past its end. Asked just
+    /// before the read it replaces, so it is what a read would have seen.
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        if !self.sparse {
+            return false;
+        }
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        match nix::unistd::lseek(self.file, off, nix::unistd::Whence::SeekData) {
+            Ok(data) => u64::try_from(data).is_ok_and(|d| d >= offset.saturating_add(len)),
+            // No data from `offset` to the end of the file.
+            Err(nix::errno::Errno::ENXIO) => true,
+            // No SEEK_DATA here (or another error): read.
+            Err(_) => false,
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn worker(
     job: &ScanJob<'_>,
     sink: &Sink<'_>,
-    file: &File,
+    src: Source<'_>,
     next: &AtomicU64,
     units: &[(u64, u64)],
     per_chunk: u64,
@@ -236,9 +272,12 @@ fn worker(
             .get_mut(len)
             .filter(|d| d.len() == len)
             .ok_or_else(|| AgentError::Internal("chunk larger than its buffer".into()))?;
-        file.read_exact_at(data, offset).map_err(src_err)?;
-        out.bytes_read += len as u64;
-        metrics::counter!("pilotlight_agent_bytes_read_total").increment(len as u64);
+        let hole = src.is_hole(offset, len as u64);
+        if !hole {
+            src.file.read_exact_at(data, offset).map_err(src_err)?;
+            out.bytes_read += len as u64;
+            metrics::counter!("pilotlight_agent_bytes_read_total").increment(len as u64);
+        }
         if let Some(p) = sink.progress {
             p.fetch_add(len as u64, Ordering::Relaxed);
         }
@@ -257,7 +296,8 @@ fn worker(
             }
             let blen = block_len(job.size, job.block_size, index) as usize;
             let block = block.get(..blen).unwrap_or(block);
-            let zero = is_zero(block);
+            // A hole's blocks are zeros; the buffer holds an earlier read.
+            let zero = hole || is_zero(block);
             let hash = match (zero, blen == job.block_size as usize) {
                 (true, true) => full_zero,
                 (true, false) => zero_hash(blen),

@@ -1,0 +1,90 @@
+//! Sparse image files: the agent reads only their data (holes are found with
+//! SEEK_DATA and count as zeros without a read), and every point restores
+//! byte for byte, including a hole punched where data was.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use pilotlight::{agent_config, assert_same_bytes, file_len, replicate_once, TestReceiver};
+
+const MIB: u64 = 1 << 20;
+/// The agent reads in chunks of this size (agent/src/scan.rs).
+const CHUNK: u64 = 2 * MIB;
+
+fn write_at(img: &Path, offset: u64, len: usize, seed: u8) {
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
+    File::options()
+        .write(true)
+        .open(img)
+        .unwrap()
+        .write_all_at(&data, offset)
+        .unwrap();
+}
+
+/// Punch a hole with `fallocate --punch-hole` (util-linux): the range
+/// reads as zeros and holds no blocks.
+fn punch_hole(img: &Path, offset: u64, len: u64) {
+    let st = Command::new("fallocate")
+        .args(["--punch-hole", "--offset", &offset.to_string(), "--length"])
+        .arg(len.to_string())
+        .arg(img)
+        .status()
+        .expect("run fallocate");
+    assert!(st.success(), "fallocate --punch-hole failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparse_image_is_read_only_where_it_holds_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let rcv = TestReceiver::create(root).await;
+    let id = rcv.enroll("sparse");
+    let img = root.join("sparse.img");
+    // 1 GiB, holding four runs of data: one at the start, one across a
+    // chunk boundary, one filling a whole chunk, one in the last chunk
+    // (which ends with a short block).
+    let size = 1024 * MIB + 12_345;
+    File::create(&img).unwrap().set_len(size).unwrap();
+    write_at(&img, 0, 300_000, 1);
+    write_at(&img, 500 * MIB - 70_000, 200_000, 2);
+    write_at(&img, 800 * MIB, CHUNK as usize, 5);
+    write_at(&img, size - 5_000, 5_000, 3);
+    let cfg = agent_config(rcv.addr, &id, &root.join("state"), &[("root", &img)]);
+
+    let first = replicate_once(&cfg).await;
+    // At most the chunks the data touches: 1 + 2 + 1 + 1.
+    assert!(
+        first.bytes_read <= 5 * CHUNK,
+        "read {} bytes of a 1 GiB image holding 2.5 MB",
+        first.bytes_read
+    );
+    assert!(first.bytes_read > 0);
+    let out = root.join("restored-1");
+    rcv.restore("sparse", "root", first.point, &out);
+    assert_same_bytes(&out, &img, file_len(&img));
+    let copy1 = root.join("copy-1");
+    std::fs::copy(&img, &copy1).unwrap();
+
+    // A hole where data was (in a chunk that keeps some, and a whole chunk
+    // that becomes one hole, so it is not read at all) must reach the
+    // receiver as zeros; new data in a former hole as data.
+    punch_hole(&img, 500 * MIB - 64 * 1024, 128 * 1024);
+    punch_hole(&img, 800 * MIB, CHUNK);
+    write_at(&img, 700 * MIB + 3, 10_000, 4);
+    let second = replicate_once(&cfg).await;
+    // 2 + 32 blocks of zeros, 1 of new data, at least.
+    assert!(second.blocks_sent >= 35, "{second:?}");
+    let out2 = root.join("restored-2");
+    rcv.restore("sparse", "root", second.point, &out2);
+    assert_same_bytes(&out2, &img, file_len(&img));
+    // The first point is unchanged.
+    let again = root.join("restored-1-again");
+    rcv.restore("sparse", "root", first.point, &again);
+    assert_same_bytes(&again, &copy1, file_len(&copy1));
+    rcv.stop().await;
+}
