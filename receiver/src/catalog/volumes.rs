@@ -187,6 +187,7 @@ mod tests {
         cat.commit_point(&NewPoint {
             server_id,
             created_ms: 1,
+            source_ms: 1,
             consistency: "crash-consistent",
             commit: "sync",
             volumes: &[("root", BS, size)],
