@@ -3,7 +3,13 @@
 //! raised quota lets it go on, and `status` shows each server's usage.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
+mod peer;
+
 use std::path::Path;
+
+use futures_util::SinkExt;
+use peer::{block, expect_error, session, store_snapshot, world_with};
+use pilotlight_protocol::Frame;
 
 use pilotlight::{
     agent_config, assert_same_bytes, file_len, replicate_once, sample_image, TestReceiver,
@@ -129,4 +135,62 @@ async fn a_server_over_its_quota_commits_nothing_until_the_quota_is_raised() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_shared_under_global_dedup_count_toward_the_quota() {
     over_quota(DedupScope::Global).await;
+}
+
+/// Distinct 64 KiB blocks, block `i` of them.
+fn distinct(i: u64) -> Vec<u8> {
+    let mut data = vec![0u8; 65536];
+    for (n, chunk) in data.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(i * 1_000_003 + n as u64).to_le_bytes());
+    }
+    data
+}
+
+/// A peer that writes distinct blocks without ever ending its point.
+async fn flood(cfg: ReceiverConfig, code: ErrorCode, needle: &str) {
+    let w = world_with(cfg).await;
+    let id = w.enroll("flood");
+    let before = store_snapshot(&w.rcv.dir);
+    let (mut control, mut data, _) = session(w.rcv.addr, &id).await;
+    // 64 blocks (4 MiB) to the 16 of its 1 MiB volume: the most one point
+    // may send with the default resend factor.
+    for i in 0..64 {
+        // The receiver may close the stream before all of them are sent.
+        if data
+            .send(&Frame::Block(block(1, i % 16, &distinct(i))))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    expect_error(&mut data, code, needle).await;
+    expect_error(&mut control, code, needle).await;
+    // Nothing of the point: the good server's point is all there is.
+    assert_eq!(store_snapshot(&w.rcv.dir).1, before.1);
+    assert_eq!(points(&w.rcv.dir, "flood"), 0);
+    w.good_agent_still_works(&before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_blocks_past_the_quota_is_refused() {
+    let mut cfg = ReceiverConfig::default();
+    cfg.quotas.insert("flood".into(), Size(Some(200 << 10)));
+    flood(cfg, ErrorCode::QuotaExceeded, "over its quota").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_may_not_write_more_uncommitted_bytes_than_its_cap() {
+    // Room for the good server's first point (about 2.2 MiB of its 4 MiB
+    // image is stored), not for the flood's 4 MiB.
+    let cfg = ReceiverConfig {
+        max_session_uncommitted: Some(Size(Some(3584 << 10))),
+        ..ReceiverConfig::default()
+    };
+    flood(
+        cfg,
+        ErrorCode::Protocol,
+        "uncommitted points of this session",
+    )
+    .await;
 }

@@ -117,7 +117,14 @@ impl Committer {
             sync_packs(&store, &pending)?;
             record_point(&store, &s, end, &pending)
         })
-        .await?;
+        .await
+        .inspect_err(|e| {
+            if matches!(e, ReceiveError::QuotaExceeded { .. }) {
+                // The data streams close with this error too, not as if
+                // a newer session had taken over.
+                session.fail(e);
+            }
+        })?;
         tracing::info!(server = %session.server, point, tag = end.tag, blocks, "point durable");
         self.check_skew(session, end.created_ms, created_ms);
         metrics::counter!("pilotlight_receiver_points_total").increment(1);
