@@ -185,3 +185,45 @@ impl ReceiverConfig {
         Duration::from_secs(self.idle_timeout_secs.max(1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+
+    #[test]
+    fn quotas_and_the_dedup_scope_read_from_toml() {
+        let cfg: ReceiverConfig = toml::from_str(
+            r#"
+            dedup = "global"
+            quota = "500 GiB"
+            max_session_uncommitted = "8 GiB"
+            [quotas]
+            web1 = "2 TiB"
+            build = "unlimited"
+            db2 = 1048576
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.dedup, DedupScope::Global);
+        assert_eq!(cfg.quota_of("web1"), Some(2 << 40));
+        assert_eq!(cfg.quota_of("build"), None);
+        assert_eq!(cfg.quota_of("db2"), Some(1 << 20));
+        assert_eq!(cfg.quota_of("other"), Some(500 << 30));
+        assert_eq!(cfg.limits_for("other", &[]).max_uncommitted, 8 << 30);
+        assert!(toml::from_str::<ReceiverConfig>("dedup = \"everyone\"").is_err());
+        assert!(toml::from_str::<ReceiverConfig>("quota = \"lots\"").is_err());
+    }
+
+    #[test]
+    fn the_defaults_scope_dedup_per_server_without_quota_and_round_trip() {
+        let cfg = ReceiverConfig::default();
+        assert_eq!(cfg.dedup, DedupScope::Server);
+        assert_eq!(cfg.quota_of("web1"), None);
+        let text = toml::to_string(&cfg).unwrap();
+        let back: ReceiverConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.dedup, DedupScope::Server);
+        assert_eq!(back.quota, Size::UNLIMITED);
+        assert!(back.quotas.is_empty() && back.max_session_uncommitted.is_none());
+    }
+}
