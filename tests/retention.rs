@@ -129,7 +129,13 @@ async fn identical_volumes_occupy_the_store_once() {
     let single_records = pack_records(&one.dir);
     one.stop().await;
 
-    let two = TestReceiver::create(&root.join("two")).await;
+    // Across servers, blocks are shared only with `dedup = "global"` (the
+    // default writes each server's own copy: tests/dedup.rs).
+    let global = pilotlight_receiver::ReceiverConfig {
+        dedup: pilotlight_receiver::quota::DedupScope::Global,
+        ..pilotlight_receiver::ReceiverConfig::default()
+    };
+    let two = TestReceiver::create_with(&root.join("two"), &global).await;
     let id1 = two.enroll("s1");
     let id2 = two.enroll("s2");
     let p = replicate_once(&agent_config(

@@ -80,6 +80,11 @@ pub enum ErrorCode {
     /// agent's fault, and gone once the receiver is restarted, so agents
     /// retry with their backoff. Older agents read it as `Other`.
     Internal = 9,
+    /// The server's blocks would take more than its quota on the receiver;
+    /// nothing of the point is committed. Agents retry with their backoff
+    /// (pruning, then garbage collection, or a raised quota makes room).
+    /// Older agents read it as `Other` and stop.
+    QuotaExceeded = 10,
     Other = 0xffff,
 }
 
@@ -96,6 +101,7 @@ impl ErrorCode {
             7 => Self::Superseded,
             8 => Self::Shutdown,
             9 => Self::Internal,
+            10 => Self::QuotaExceeded,
             _ => Self::Other,
         }
     }
@@ -104,7 +110,12 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::Storage | Self::Busy | Self::Timeout | Self::Shutdown | Self::Internal
+            Self::Storage
+                | Self::Busy
+                | Self::Timeout
+                | Self::Shutdown
+                | Self::Internal
+                | Self::QuotaExceeded
         )
     }
 }
@@ -682,7 +693,8 @@ mod tests {
             (4, ErrorCode::Storage, true),
             (7, ErrorCode::Superseded, false),
             (9, ErrorCode::Internal, true),
-            (10, ErrorCode::Other, false),
+            (10, ErrorCode::QuotaExceeded, true),
+            (11, ErrorCode::Other, false),
             (0xffff, ErrorCode::Other, false),
         ] {
             assert_eq!(ErrorCode::from_u16(v), code, "{v}");

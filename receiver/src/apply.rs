@@ -1,7 +1,9 @@
 //! Data streams: a stream joins its session, reads `Block` frames, and a
 //! blocking applier decodes and verifies each block, deduplicates it against
-//! the store and the session, appends it to a pack and records it in the
-//! session. Acks (`RECEIVED`) are cumulative and coalesced.
+//! the blocks its server stored (or, with `dedup = "global"`, any server's)
+//! and the session, checks the session's uncommitted-bytes cap and the
+//! server's quota, appends it to a pack and records it in the session.
+//! Acks (`RECEIVED`) are cumulative and coalesced.
 //!
 //! ```text
 //! socket reader -(in-flight byte budget)-> mpsc(APPLY_QUEUE) -> applier (blocking)
@@ -21,6 +23,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::catalog::BlockRef;
 use crate::pack::PackWriter;
+use crate::quota::DedupScope;
 use crate::registry::Registry;
 use crate::session::Session;
 use crate::store::Store;
@@ -164,6 +167,13 @@ impl Stream<'_> {
     async fn queue(&mut self, seq: u64, b: BlockFrame) -> Result<(), ReceiveError> {
         let session = self.session;
         session.check_tag(b.tag)?;
+        // Before any memory is reserved for the block.
+        let max = session.limits.max_uncommitted;
+        if session.uncommitted.load(Ordering::SeqCst) >= max {
+            return Err(ReceiveError::Protocol(format!(
+                "the uncommitted points of this session wrote {max} bytes to packs, the most allowed"
+            )));
+        }
         let cost = u32::try_from(b.payload.len() + BLOCK_HEADER_LEN).unwrap_or(u32::MAX);
         let permit = tokio::select! {
             p = session.inflight.clone().acquire_many_owned(cost) => match p {
@@ -266,17 +276,59 @@ fn apply_one(
     }
     {
         let index = store.index_read()?;
-        if index.contains_key(&b.hash) || !session.claim(&b.hash, b.tag)? {
+        let owners = store.owners_read()?;
+        // Under the default scope a block counts as stored only if this
+        // server stored it: a copy of another server's is written and
+        // fsynced like a new block, so timing tells nothing about it.
+        let stored = index.contains_key(&b.hash)
+            && match session.limits.dedup {
+                DedupScope::Server => owners.owns(session.server_id, &b.hash),
+                DedupScope::Global => true,
+            };
+        if stored || !session.claim(&b.hash, b.tag)? {
             // Recorded while the index is held: a garbage collection either
             // sees this reference among the session's pins or has already
             // taken the block out of the index (and then it is written anew).
             return session.record(b.tag, r, None);
         }
+        check_room(
+            session,
+            owners.used(session.server_id),
+            b.payload.len() as u64,
+        )?;
     }
     let (loc, pack) = writer.append(&b.hash, b.encoding, b.raw_len, &b.payload, || {
         store.alloc_pack_id()
     })?;
+    session
+        .uncommitted
+        .fetch_add(u64::from(loc.stored_len), Ordering::SeqCst);
     metrics::counter!("pilotlight_receiver_bytes_stored_total")
         .increment(u64::from(loc.stored_len));
     session.record(b.tag, r, Some((b.hash, loc, pack.file)))
+}
+
+/// Refuse to write `len` more pack bytes for `session` past its cap on
+/// uncommitted bytes or its server's quota (`used`: what the server's
+/// committed blocks take).
+fn check_room(session: &Session, used: u64, len: u64) -> Result<(), ReceiveError> {
+    let pending = session.uncommitted.load(Ordering::SeqCst);
+    let limits = &session.limits;
+    if pending.saturating_add(len) > limits.max_uncommitted {
+        return Err(ReceiveError::Protocol(format!(
+            "the uncommitted points of this session would write more than {} bytes to packs",
+            limits.max_uncommitted
+        )));
+    }
+    match limits.quota {
+        Some(quota) if used.saturating_add(pending).saturating_add(len) > quota => {
+            Err(ReceiveError::QuotaExceeded {
+                server: session.server.clone(),
+                used: used.saturating_add(pending),
+                needed: len,
+                quota,
+            })
+        }
+        _ => Ok(()),
+    }
 }

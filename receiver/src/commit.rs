@@ -12,9 +12,11 @@
 //!    which `PackWriter` fsyncs when it creates the pack, before any record
 //!    that a point could reference is written to it;
 //! 3. **SQLite commit**: the identity is re-checked (a revoked or
-//!    superseded identity commits nothing more), then the catalog
-//!    transaction records the point, and the committed blocks enter the
-//!    in-memory index ([`record_point`]);
+//!    superseded identity commits nothing more), and so is the server's
+//!    quota (a point that would pass it commits nothing), then the catalog
+//!    transaction records the point and that its server has stored each of
+//!    its blocks (`server_blocks`), and the committed blocks enter the
+//!    in-memory index and the server's owned blocks ([`record_point`]);
 //! 4. **`DURABLE` ack**: sent by the connection once [`Committer::commit`]
 //!    returns;
 //! 5. **staging**: the connection then asks the staging task
@@ -32,6 +34,7 @@
 //! in `EndPoint` is kept beside it as the point's `source_ms`, and a skew
 //! over `max_clock_skew_secs` is logged once per session.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +42,7 @@ use std::time::{Duration, Instant};
 use pilotlight_protocol::clock::now_ms;
 
 use pilotlight_protocol::frame::{CommitMode, Consistency};
+use pilotlight_protocol::BlockHash;
 
 use crate::catalog::NewPoint;
 use crate::handshake::still_authorized;
@@ -113,7 +117,14 @@ impl Committer {
             sync_packs(&store, &pending)?;
             record_point(&store, &s, end, &pending)
         })
-        .await?;
+        .await
+        .inspect_err(|e| {
+            if matches!(e, ReceiveError::QuotaExceeded { .. }) {
+                // The data streams close with this error too, not as if
+                // a newer session had taken over.
+                session.fail(e);
+            }
+        })?;
         tracing::info!(server = %session.server, point, tag = end.tag, blocks, "point durable");
         self.check_skew(session, end.created_ms, created_ms);
         metrics::counter!("pilotlight_receiver_points_total").increment(1);
@@ -211,6 +222,7 @@ fn record_point(
             s.server
         )));
     }
+    check_quota(store, s, pending)?;
     let created_ms = now_ms();
     let point = cat.commit_point(&NewPoint {
         server_id: s.server_id,
@@ -224,8 +236,23 @@ fn record_point(
         packs: &packs,
     })?;
     store.index_blocks(&pending.new_blocks)?;
+    {
+        let index = store.index_read()?;
+        let hashes = pending.refs.iter().filter_map(|r| r.hash.as_ref());
+        store.owners_write()?.add(s.server_id, hashes, &index);
+    }
     store.note_committed(&packs)?;
     drop(cat);
+    let written: u64 = pending
+        .new_blocks
+        .iter()
+        .map(|(_, l)| u64::from(l.stored_len))
+        .sum();
+    let _ = s
+        .uncommitted
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            Some(n.saturating_sub(written))
+        });
     let mut st = s.state()?;
     st.committed_tag = end.tag;
     st.committing.remove(&end.tag);
@@ -233,6 +260,35 @@ fn record_point(
         st.pending_hashes.remove(h);
     }
     Ok((point, created_ms))
+}
+
+/// Refuse the point if what it adds to its server's stored blocks would
+/// pass the server's quota (blocks it shares with other servers count too,
+/// under `dedup = "global"`). Called with the catalog locked, so that the
+/// usage cannot change under it. Blocking.
+fn check_quota(store: &Store, s: &Session, pending: &PendingPoint) -> Result<(), ReceiveError> {
+    let Some(quota) = s.limits.quota else {
+        return Ok(());
+    };
+    let fresh: HashMap<BlockHash, u64> = pending
+        .new_blocks
+        .iter()
+        .map(|(h, l)| (*h, u64::from(l.stored_len)))
+        .collect();
+    let index = store.index_read()?;
+    let owners = store.owners_read()?;
+    let hashes = pending.refs.iter().filter_map(|r| r.hash.as_ref());
+    let needed = owners.charge(s.server_id, hashes, &index, &fresh);
+    let used = owners.used(s.server_id);
+    if used.saturating_add(needed) > quota {
+        return Err(ReceiveError::QuotaExceeded {
+            server: s.server.clone(),
+            used,
+            needed,
+            quota,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,8 +4,12 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use crate::quota::{DedupScope, Limits, Size};
+use crate::session::SessionVolume;
 use crate::ReceiveError;
 
 /// Name of the config file in the receiver directory.
@@ -66,6 +70,20 @@ pub struct ReceiverConfig {
     /// before the receiver warns (points are dated by the receiver's clock
     /// either way; `status` shows each server's skew).
     pub max_clock_skew_secs: u64,
+    /// Which stored blocks a block may be deduplicated against: `"server"`
+    /// (the default: only the same server's) or `"global"` (any server's,
+    /// at the price of an oracle across servers: see the README).
+    pub dedup: DedupScope,
+    /// Every server's quota (bytes, or a size such as `"500 GiB"`): the
+    /// stored bytes of the blocks it has stored plus what its open session
+    /// wrote and has not committed. Unlimited by default.
+    pub quota: Size,
+    /// Per-server quotas, overriding `quota`: `web1 = "2 TiB"`.
+    pub quotas: BTreeMap<String, Size>,
+    /// Most pack bytes a session's uncommitted points may write. By default
+    /// what one point of the declared volumes may send (every block,
+    /// `point_resend_factor` times) plus the in-flight window.
+    pub max_session_uncommitted: Option<Size>,
     /// Which points `prune` keeps when no `--keep-*` flag is given, and the
     /// minimum history (`min_keep`) it keeps whatever the flags say.
     pub retention: crate::retention::Policy,
@@ -91,6 +109,10 @@ impl Default for ReceiverConfig {
             prune_interval_secs: 600,
             gc_min_dead_percent: 20,
             max_clock_skew_secs: 300,
+            dedup: DedupScope::Server,
+            quota: Size::UNLIMITED,
+            quotas: BTreeMap::new(),
+            max_session_uncommitted: None,
             retention: crate::retention::Policy::default(),
         }
     }
@@ -143,8 +165,77 @@ impl ReceiverConfig {
         Duration::from_secs(self.control_idle_timeout_secs.max(1))
     }
 
+    /// Bytes of block frames one session may have read and not applied.
+    pub fn session_inflight_bytes(&self) -> usize {
+        self.max_session_inflight_mib.max(8) << 20
+    }
+
+    /// The quota of `server` (`None`: unlimited).
+    pub fn quota_of(&self, server: &str) -> Option<u64> {
+        crate::quota::quota_of(self.quota, &self.quotas, server)
+    }
+
+    /// The bounds of a session of `server` that declared `volumes`.
+    pub fn limits_for(&self, server: &str, volumes: &[SessionVolume]) -> Limits {
+        let max_uncommitted = match self.max_session_uncommitted {
+            Some(s) => s.bytes().unwrap_or(u64::MAX),
+            None => crate::quota::default_uncommitted_cap(
+                volumes,
+                self.point_resend_factor,
+                self.session_inflight_bytes() as u64,
+            ),
+        };
+        Limits {
+            dedup: self.dedup,
+            quota: self.quota_of(server),
+            max_uncommitted,
+        }
+    }
+
     /// Idle timeout.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+
+    #[test]
+    fn quotas_and_the_dedup_scope_read_from_toml() {
+        let cfg: ReceiverConfig = toml::from_str(
+            r#"
+            dedup = "global"
+            quota = "500 GiB"
+            max_session_uncommitted = "8 GiB"
+            [quotas]
+            web1 = "2 TiB"
+            build = "unlimited"
+            db2 = 1048576
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.dedup, DedupScope::Global);
+        assert_eq!(cfg.quota_of("web1"), Some(2 << 40));
+        assert_eq!(cfg.quota_of("build"), None);
+        assert_eq!(cfg.quota_of("db2"), Some(1 << 20));
+        assert_eq!(cfg.quota_of("other"), Some(500 << 30));
+        assert_eq!(cfg.limits_for("other", &[]).max_uncommitted, 8 << 30);
+        assert!(toml::from_str::<ReceiverConfig>("dedup = \"everyone\"").is_err());
+        assert!(toml::from_str::<ReceiverConfig>("quota = \"lots\"").is_err());
+    }
+
+    #[test]
+    fn the_defaults_scope_dedup_per_server_without_quota_and_round_trip() {
+        let cfg = ReceiverConfig::default();
+        assert_eq!(cfg.dedup, DedupScope::Server);
+        assert_eq!(cfg.quota_of("web1"), None);
+        let text = toml::to_string(&cfg).unwrap();
+        let back: ReceiverConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.dedup, DedupScope::Server);
+        assert_eq!(back.quota, Size::UNLIMITED);
+        assert!(back.quotas.is_empty() && back.max_session_uncommitted.is_none());
     }
 }

@@ -223,11 +223,12 @@ impl Connection {
             self.cancel.child_token(),
             cfg.max_pending_points,
             self.shared.store.clone(),
-            cfg.max_session_inflight_mib.max(8) << 20,
+            cfg.session_inflight_bytes(),
         );
         session.serial = peer.serial.clone();
         session.max_point_blocks =
             crate::session::point_block_cap(&session.volumes, cfg.point_resend_factor);
+        session.limits = cfg.limits_for(&session.server, &session.volumes);
         Ok(session)
     }
 

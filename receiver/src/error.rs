@@ -85,6 +85,23 @@ pub enum ReceiveError {
         /// The staging image that could not be that large.
         path: PathBuf,
     },
+    /// A server's blocks would take more than its quota: the block is
+    /// refused and nothing of its point is committed. Retryable: pruning
+    /// (then garbage collection) or a raised quota makes room.
+    #[error(
+        "server {server} is over its quota: it stores {used} bytes, {needed} more would pass its quota of {quota} bytes; prune its points (the space counts as free after the next garbage collection) or raise its quota in receiver.toml"
+    )]
+    QuotaExceeded {
+        /// Server name.
+        server: String,
+        /// Bytes charged to the server: its stored blocks and what its
+        /// session wrote and has not committed.
+        used: u64,
+        /// Bytes the refused block (or point) needs.
+        needed: u64,
+        /// The server's quota in bytes.
+        quota: u64,
+    },
     /// Stored data is damaged.
     #[error("store is damaged: {0}")]
     Corrupt(String),
@@ -139,6 +156,7 @@ impl ReceiveError {
             Self::SessionFailed { code, .. } => *code,
             Self::Shutdown => ErrorCode::Shutdown,
             Self::Busy(_) => ErrorCode::Busy,
+            Self::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
             Self::Storage { .. } | Self::Catalog(_) | Self::Corrupt(_) => ErrorCode::Storage,
             Self::Config(_)
             | Self::NotFound(_)
@@ -162,6 +180,21 @@ mod tests {
         // backoff, and gets through once the receiver is restarted.
         assert!(e.is_retryable());
         assert!(!e.to_string().contains("damaged"), "{e}");
+    }
+
+    #[test]
+    fn a_quota_error_has_its_code_and_the_agent_retries_it() {
+        let e = ReceiveError::QuotaExceeded {
+            server: "web1".into(),
+            used: 900,
+            needed: 200,
+            quota: 1000,
+        };
+        assert_eq!(e.code(), ErrorCode::QuotaExceeded);
+        // Pruning and garbage collection, or a raised quota, make room: the
+        // agent comes back with its backoff.
+        assert!(e.is_retryable());
+        assert!(e.to_string().contains("over its quota"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,9 @@
 //! 3. the old pack file is removed (a crash before this leaves a pack the
 //!    catalog no longer knows: removed at the next start).
 //!
+//! A collection also drops the `server_blocks` rows of blocks a server's
+//! points no longer reference (its quota usage goes down with them).
+//!
 //! Concurrent replication (inside `serve`) is coordinated through the block
 //! index: a data stream holds the index for reading from looking a hash up
 //! until the reference is recorded in its session. The collection takes the
@@ -32,6 +35,7 @@ use std::sync::Arc;
 use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::BlockHash;
 
+use crate::owners::Owners;
 use crate::pack::{
     pack_path, BlockLoc, PackReader, PackWriter, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
@@ -95,7 +99,8 @@ pub fn collect(
     let blocks = store.catalog()?.all_blocks()?;
     let packs = store.catalog()?.packs()?;
 
-    let (mut removed, busy) = unindex_garbage(store, pins, &blocks, &referenced)?;
+    let (mut removed, busy, pinned) = unindex_garbage(store, pins, &blocks, &referenced)?;
+    forget_unreferenced_owners(store, &pinned)?;
     // Points committed before the index was taken may have referred to
     // some of those blocks; they are not garbage.
     let referenced = store.catalog()?.referenced_hashes()?;
@@ -125,15 +130,24 @@ pub fn collect(
     collector.finish()
 }
 
+/// What [`unindex_garbage`] finds: the blocks taken out of the index, the
+/// busy packs, and the hashes live sessions pin.
+type Unindexed = (
+    HashMap<BlockHash, BlockLoc>,
+    HashSet<u64>,
+    HashSet<BlockHash>,
+);
+
 /// Take the unreferenced, unpinned blocks out of the index, with the index
-/// held for writing while `pins` answers. Returns them, and the packs that
-/// are busy (open for writing, or written by pending points).
+/// held for writing while `pins` answers. Returns them, the packs that are
+/// busy (open for writing, or written by pending points) and the pinned
+/// hashes.
 fn unindex_garbage(
     store: &Store,
     pins: &dyn Fn() -> Result<Pins, ReceiveError>,
     blocks: &[(BlockHash, BlockLoc)],
     referenced: &HashSet<BlockHash>,
-) -> Result<(HashMap<BlockHash, BlockLoc>, HashSet<u64>), ReceiveError> {
+) -> Result<Unindexed, ReceiveError> {
     let mut removed: HashMap<BlockHash, BlockLoc> = HashMap::new();
     let mut index = store.index_write()?;
     let pins = pins()?;
@@ -148,7 +162,30 @@ fn unindex_garbage(
             removed.insert(*h, *loc);
         }
     }
-    Ok((removed, busy))
+    Ok((removed, busy, pins.hashes))
+}
+
+/// Drop the `server_blocks` rows of blocks no point of their server
+/// references any more (but not of `pinned` ones), and reload the store's
+/// record of who stored what: the quota usage of a server whose points were
+/// pruned goes down here. The catalog is taken before the index, as commits
+/// do.
+fn forget_unreferenced_owners(
+    store: &Store,
+    pinned: &HashSet<BlockHash>,
+) -> Result<(), ReceiveError> {
+    let mut cat = store.catalog()?;
+    let dropped = cat.drop_unreferenced_server_blocks(pinned)?;
+    let index = store.index_read()?;
+    let owners = Owners::load(&cat, &index)?;
+    *store.owners_write()? = owners;
+    if dropped > 0 {
+        tracing::info!(
+            rows = dropped,
+            "servers no longer charged for blocks they dropped"
+        );
+    }
+    Ok(())
 }
 
 /// One collection's pass over the packs, one pack at a time.

@@ -105,6 +105,10 @@ pub struct Session {
     pub serial: String,
     /// Set when the agent ended the session with Goodbye.
     pub ended: std::sync::atomic::AtomicBool,
+    /// Dedup scope, quota and uncommitted-bytes cap of the session.
+    pub limits: crate::quota::Limits,
+    /// Pack bytes (stored lengths) written for points not committed yet.
+    pub uncommitted: std::sync::atomic::AtomicU64,
     /// Pack writers of finished data streams, returned to the store when the
     /// session is gone.
     writers: Mutex<Vec<PackWriter>>,
@@ -155,6 +159,8 @@ impl Session {
             serial: String::new(),
             inflight: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
             ended: std::sync::atomic::AtomicBool::new(false),
+            limits: crate::quota::Limits::default(),
+            uncommitted: std::sync::atomic::AtomicU64::new(0),
             writers: Mutex::new(Vec::new()),
             store,
             failure: Mutex::new(None),

@@ -85,6 +85,12 @@ pub struct ServerStatus {
     pub last_point_time: Option<String>,
     /// Number of points.
     pub points: usize,
+    /// The server's quota in bytes, per `receiver.toml` (`null`: unlimited).
+    pub quota: Option<u64>,
+    /// Bytes charged to the server's quota: the stored bytes of every
+    /// block it has stored (shared with other servers or not; blocks of
+    /// pruned points count until the next garbage collection).
+    pub quota_used: u64,
     /// Server name.
     pub server: String,
     /// Staging images of the server that fail to update (each with its
@@ -135,6 +141,7 @@ pub fn status_with(
     staging: &StagingHealth,
     now_ms: i64,
 ) -> Result<Status, ReceiveError> {
+    let cfg = crate::config::ReceiverConfig::load(dir)?;
     let store = Store::open(dir)?;
     let cat = store.catalog()?;
     let points = cat.points(None)?;
@@ -143,6 +150,8 @@ pub fn status_with(
         let mine: Vec<&PointInfo> = points.iter().filter(|p| p.server == s.name).collect();
         let stored = cat.stored_bytes(s.id)?;
         let mut line = server_status(&s, &mine, stored, live, now_ms);
+        line.quota = cfg.quota_of(&s.name);
+        line.quota_used = cat.server_usage(s.id)?;
         line.staging_failures = staging.of_server(&s.name).cloned().collect();
         servers.push(line);
     }
@@ -167,6 +176,8 @@ pub fn server_status(
         last_point: last.map(|p| p.id),
         last_point_time: last.map(|p| p.created.clone()),
         points: points.len(),
+        quota: None,
+        quota_used: 0,
         server: server.name.clone(),
         staging_failures: Vec::new(),
         state: ServerState::of(server, last.is_some(), live),
@@ -266,7 +277,7 @@ mod tests {
         let json = serde_json::to_string(&line).unwrap();
         assert_eq!(
             json,
-            r#"{"bytes_stored":123,"clock_skew_seconds":90.0,"connected_since":"2026-11-30T10:00:00Z","lag_seconds":2.5,"last_point":2,"last_point_time":"1970-01-01T00:00:05Z","points":2,"server":"web1","state":"replicating","volumes":[{"name":"root","size":1048576}]}"#
+            r#"{"bytes_stored":123,"clock_skew_seconds":90.0,"connected_since":"2026-11-30T10:00:00Z","lag_seconds":2.5,"last_point":2,"last_point_time":"1970-01-01T00:00:05Z","points":2,"quota":null,"quota_used":0,"server":"web1","state":"replicating","volumes":[{"name":"root","size":1048576}]}"#
         );
     }
 
@@ -290,7 +301,7 @@ mod tests {
         let json = serde_json::to_string(&line).unwrap();
         assert_eq!(
             json,
-            r#"{"bytes_stored":0,"clock_skew_seconds":null,"connected_since":null,"lag_seconds":null,"last_point":null,"last_point_time":null,"points":0,"server":"db2","state":"receiver-stopped","volumes":[]}"#
+            r#"{"bytes_stored":0,"clock_skew_seconds":null,"connected_since":null,"lag_seconds":null,"last_point":null,"last_point_time":null,"points":0,"quota":null,"quota_used":0,"server":"db2","state":"receiver-stopped","volumes":[]}"#
         );
     }
 }

@@ -19,6 +19,7 @@ use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::BlockHash;
 
 use crate::catalog::Catalog;
+use crate::owners::Owners;
 use crate::pack::{pack_path, parse_pack_name, BlockLoc, OpenPacks, PackReader, PackWriter};
 use crate::ReceiveError;
 
@@ -44,6 +45,8 @@ pub struct Store {
     dir: PathBuf,
     catalog: Mutex<Catalog>,
     index: RwLock<BlockIndex>,
+    /// Which server has stored which block (after `index` in lock order).
+    owners: RwLock<Owners>,
     next_pack: AtomicU64,
     store_id: [u8; 16],
     writers: Mutex<Vec<PackWriter>>,
@@ -69,6 +72,7 @@ impl Store {
             dir: dir.to_owned(),
             catalog: Mutex::new(catalog),
             index: RwLock::new(HashMap::new()),
+            owners: RwLock::new(Owners::default()),
             next_pack: AtomicU64::new(1),
             store_id,
             writers: Mutex::new(Vec::new()),
@@ -142,6 +146,8 @@ impl Store {
         {
             let mut index = store.index.write().map_err(|_| poisoned())?;
             index.extend(blocks);
+            let owners = Owners::load(&*store.catalog()?, &index)?;
+            *store.owners.write().map_err(|_| poisoned())? = owners;
         }
         Ok(store)
     }
@@ -182,6 +188,16 @@ impl Store {
     /// collection (which takes it for writing) sees every such reference.
     pub fn index_read(&self) -> Result<RwLockReadGuard<'_, BlockIndex>, ReceiveError> {
         self.index.read().map_err(|_| poisoned())
+    }
+
+    /// Read access to who stored which block. Take it after the index.
+    pub fn owners_read(&self) -> Result<RwLockReadGuard<'_, Owners>, ReceiveError> {
+        self.owners.read().map_err(|_| poisoned())
+    }
+
+    /// Write access to who stored which block. Take it after the index.
+    pub fn owners_write(&self) -> Result<RwLockWriteGuard<'_, Owners>, ReceiveError> {
+        self.owners.write().map_err(|_| poisoned())
     }
 
     /// Write access to the index, for garbage collection.

@@ -541,14 +541,14 @@ fn print_status(status: &Status, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<17} {:>7} {:>10} {:>10} {:>11}  last point time",
-        "server", "state", "points", "last point", "stored", "lag"
+        "{:<20} {:<17} {:>7} {:>10} {:>10} {:>21} {:>11}  last point time",
+        "server", "state", "points", "last point", "stored", "quota used/limit", "lag"
     );
     for r in &status.servers {
         // The points column has never been padded to its header's width
         // (it was printed from a JSON value, which ignores the width).
         println!(
-            "{:<20} {:<17} {} {:>10} {:>10} {:>11}  {}",
+            "{:<20} {:<17} {} {:>10} {:>10} {:>21} {:>11}  {}",
             r.server,
             r.state,
             r.points,
@@ -556,6 +556,11 @@ fn print_status(status: &Status, json: bool) -> anyhow::Result<()> {
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "-".into()),
             human(r.bytes_stored),
+            format!(
+                "{}/{}",
+                human(r.quota_used),
+                r.quota.map_or_else(|| "unlimited".into(), human)
+            ),
             r.lag_seconds
                 .map(|l| format!("{l:.0} s"))
                 .unwrap_or_else(|| "-".into()),

@@ -118,7 +118,7 @@ pub(super) fn record_packs(tx: &Connection, packs: &[(u64, u64)]) -> Result<(), 
     Ok(())
 }
 
-fn hash_from_blob(blob: Option<Vec<u8>>) -> Result<Option<BlockHash>, rusqlite::Error> {
+pub(super) fn hash_from_blob(blob: Option<Vec<u8>>) -> Result<Option<BlockHash>, rusqlite::Error> {
     match blob {
         None => Ok(None),
         Some(b) => {

@@ -10,6 +10,7 @@
 //! point_blocks(volume_id, block_index, point_id, hash)   hash NULL = zero block
 //! blocks(hash, pack_id, offset, stored_len, raw_len, encoding)
 //! packs(id, committed_len)
+//! server_blocks(server_id, hash)           the blocks each server has stored
 //! ```
 //!
 //! The schema version is SQLite's `PRAGMA user_version`: see
@@ -24,7 +25,8 @@
 //! touch: `schema.rs` (tables and version), `identities.rs` (servers),
 //! `volumes.rs`, `points.rs` (a point's commit), `blocks.rs` (block index,
 //! packs, block maps), `gc.rs` (moving blocks between packs), `prune.rs`
-//! (deleting a point) and `report.rs` (listing points).
+//! (deleting a point), `server_blocks.rs` (what each server has stored: the
+//! scope of deduplication and of quotas) and `report.rs` (listing points).
 
 use std::path::Path;
 
@@ -39,6 +41,7 @@ mod points;
 mod prune;
 mod report;
 mod schema;
+mod server_blocks;
 mod volumes;
 
 pub use identities::{no_such_server, ServerRow};

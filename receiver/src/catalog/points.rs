@@ -1,5 +1,5 @@
 //! A point's commit: one transaction over `points`, `volumes`,
-//! `point_blocks`, `point_volumes`, `blocks` and `packs`.
+//! `point_blocks`, `point_volumes`, `blocks`, `server_blocks` and `packs`.
 
 use pilotlight_protocol::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -85,6 +85,7 @@ impl Catalog {
         super::volumes::end_rows_beyond_resizes(&tx, point_id, p.volumes, &ids)?;
         record_point_volumes(&tx, point_id, &ids, &counts)?;
         record_new_blocks(&tx, p.new_blocks)?;
+        super::server_blocks::record_server_blocks(&tx, p.server_id, p.blocks)?;
         record_packs(&tx, p.packs)?;
         tx.commit()?;
         Ok(point_id)

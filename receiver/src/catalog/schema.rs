@@ -11,6 +11,7 @@
 //! |---|---|
 //! | 1 | the tables below, without `points.source_ms` |
 //! | 2 | `points.created_ms` is the receiver's clock at the commit; the agent's time moves to the new `points.source_ms` (old rows: `source_ms = created_ms`, the only time they have) |
+//! | 3 | new table `server_blocks(server_id, hash)`: the blocks each server has stored (dedup is scoped per server, quotas charge by it); filled from the block maps of the existing points |
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
@@ -19,7 +20,7 @@ use crate::ReceiveError;
 /// The schema version this receiver reads and writes. Raise it with every
 /// change to the tables below, and teach `create` to upgrade the older
 /// versions.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,6 +69,10 @@ CREATE TABLE IF NOT EXISTS blocks(
 CREATE TABLE IF NOT EXISTS packs(
     id INTEGER PRIMARY KEY,
     committed_len INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS server_blocks(
+    server_id INTEGER NOT NULL REFERENCES servers(id),
+    hash BLOB NOT NULL,
+    PRIMARY KEY(server_id, hash)) WITHOUT ROWID;
 ";
 
 /// The version recorded in the file (0 when none is).
@@ -101,8 +106,12 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
     // receiver process opening the same old catalog waits, then finds it
     // upgraded.
     let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    if version(&tx)? < SCHEMA_VERSION {
-        upgrade_to_2(&tx)?;
+    let from = version(&tx)?;
+    if from < SCHEMA_VERSION {
+        if from < 2 {
+            upgrade_to_2(&tx)?;
+        }
+        upgrade_to_3(&tx)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
@@ -127,9 +136,24 @@ fn upgrade_to_2(conn: &Connection) -> Result<(), ReceiveError> {
     Ok(())
 }
 
+/// Version 2 to 3: `server_blocks` (created empty by [`SCHEMA`]) gets a
+/// row for every block some point of a server references: what each server
+/// has stored so far. (A fresh file has no points: nothing to fill.)
+fn upgrade_to_3(conn: &Connection) -> Result<(), ReceiveError> {
+    conn.execute_batch(
+        "INSERT OR IGNORE INTO server_blocks(server_id, hash)
+           SELECT DISTINCT v.server_id, pb.hash
+           FROM point_blocks pb JOIN volumes v ON v.id = pb.volume_id
+           WHERE pb.hash IS NOT NULL;",
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // test code
+    use pilotlight_protocol::BlockHash;
+
     use super::*;
     use crate::catalog::Catalog;
 
@@ -194,7 +218,7 @@ mod tests {
             drop(conn);
 
             let cat = Catalog::open(&path).unwrap();
-            assert_eq!(user_version(&path), 2);
+            assert_eq!(user_version(&path), SCHEMA_VERSION);
             let points = cat.points(None).unwrap();
             let times: Vec<(i64, i64, &str)> = points
                 .iter()
@@ -210,8 +234,89 @@ mod tests {
             drop(cat);
             // A second open finds it current and changes nothing.
             Catalog::open(&path).unwrap();
-            assert_eq!(user_version(&path), 2);
+            assert_eq!(user_version(&path), SCHEMA_VERSION);
         }
+    }
+
+    /// The tables of version 2 as that receiver created them (the fixture of
+    /// the upgrade to 3: do not edit): two servers, each with points whose
+    /// block maps share block 0xaa and hold blocks of their own, a zero
+    /// block, and a block one point of `web1` replaced later.
+    const VERSION_2: &str = "
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE servers(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+            cert_serial TEXT, revoked INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE volumes(id INTEGER PRIMARY KEY,
+            server_id INTEGER NOT NULL REFERENCES servers(id), name TEXT NOT NULL,
+            block_size INTEGER NOT NULL, size INTEGER NOT NULL,
+            staging_point INTEGER NOT NULL DEFAULT 0, UNIQUE(server_id, name));
+        CREATE TABLE points(id INTEGER PRIMARY KEY AUTOINCREMENT,
+            server_id INTEGER NOT NULL REFERENCES servers(id),
+            created_ms INTEGER NOT NULL, consistency TEXT NOT NULL,
+            commit_mode TEXT NOT NULL, source_ms INTEGER NOT NULL DEFAULT 0);
+        CREATE INDEX points_by_server ON points(server_id, id);
+        CREATE TABLE point_volumes(point_id INTEGER NOT NULL REFERENCES points(id),
+            volume_id INTEGER NOT NULL REFERENCES volumes(id), size INTEGER NOT NULL,
+            changed_blocks INTEGER NOT NULL, changed_bytes INTEGER NOT NULL,
+            PRIMARY KEY(point_id, volume_id));
+        CREATE TABLE point_blocks(volume_id INTEGER NOT NULL,
+            block_index INTEGER NOT NULL, point_id INTEGER NOT NULL, hash BLOB,
+            PRIMARY KEY(volume_id, block_index, point_id)) WITHOUT ROWID;
+        CREATE INDEX point_blocks_by_point ON point_blocks(point_id);
+        CREATE TABLE blocks(hash BLOB PRIMARY KEY, pack_id INTEGER NOT NULL,
+            offset INTEGER NOT NULL, stored_len INTEGER NOT NULL,
+            raw_len INTEGER NOT NULL, encoding INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE packs(id INTEGER PRIMARY KEY, committed_len INTEGER NOT NULL);
+        INSERT INTO servers(id, name) VALUES(1, 'web1'), (2, 'db2'), (3, 'idle');
+        INSERT INTO volumes(id, server_id, name, block_size, size)
+            VALUES(1, 1, 'root', 4096, 16384), (2, 1, 'data', 4096, 8192),
+                  (3, 2, 'root', 4096, 16384);
+        INSERT INTO points(id, server_id, created_ms, consistency, commit_mode, source_ms)
+            VALUES(1, 1, 1000, 'fuzzy', 'sync', 1000), (2, 2, 2000, 'fuzzy', 'sync', 2000),
+                  (3, 1, 3000, 'fuzzy', 'sync', 3000);
+        INSERT INTO point_blocks(volume_id, block_index, point_id, hash)
+            VALUES(1, 0, 1, x'0000000000000000000000000000000000000000000000000000000000000000'), (1, 1, 1, x'aa00000000000000000000000000000000000000000000000000000000000000'),
+                  (1, 0, 3, x'bb00000000000000000000000000000000000000000000000000000000000000'), (1, 2, 3, NULL),
+                  (2, 0, 1, x'aa00000000000000000000000000000000000000000000000000000000000000'),
+                  (3, 0, 2, x'aa00000000000000000000000000000000000000000000000000000000000000'), (3, 1, 2, x'cc00000000000000000000000000000000000000000000000000000000000000');
+        INSERT INTO blocks(hash, pack_id, offset, stored_len, raw_len, encoding)
+            VALUES(x'0000000000000000000000000000000000000000000000000000000000000000', 1, 16, 100, 4096, 1), (x'aa00000000000000000000000000000000000000000000000000000000000000', 1, 164, 200, 4096, 1),
+                  (x'bb00000000000000000000000000000000000000000000000000000000000000', 1, 412, 300, 4096, 1), (x'cc00000000000000000000000000000000000000000000000000000000000000', 1, 760, 400, 4096, 1);
+        INSERT INTO packs(id, committed_len) VALUES(1, 1208);
+        PRAGMA user_version = 2;";
+
+    #[test]
+    fn a_version_2_catalog_is_upgraded_with_the_blocks_each_server_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(VERSION_2)
+            .unwrap();
+
+        let cat = Catalog::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        let hash = |b: u8| {
+            let mut h = [0u8; 32];
+            h[0] = b;
+            BlockHash(h)
+        };
+        let rows = |server| {
+            let mut v: Vec<BlockHash> = cat.server_blocks(server).unwrap().into_iter().collect();
+            v.sort_unstable_by_key(|h| h.0);
+            v
+        };
+        // Every block any point of the server references (replaced ones
+        // too: they are still stored for the older point), no zero blocks.
+        assert_eq!(rows(1), vec![hash(0), hash(0xaa), hash(0xbb)]);
+        assert_eq!(rows(2), vec![hash(0xaa), hash(0xcc)]);
+        assert!(rows(3).is_empty());
+        // Each server is charged for what it stored, shared or not.
+        assert_eq!(cat.server_usage(1).unwrap(), 100 + 200 + 300);
+        assert_eq!(cat.server_usage(2).unwrap(), 200 + 400);
+        drop(cat);
+        Catalog::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
     }
 
     #[test]
