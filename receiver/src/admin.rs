@@ -169,7 +169,7 @@ pub fn prune_store(
 }
 
 /// The points of each server judged by `policy` at `now_ms`; `delete`
-/// removes one. A failed removal is logged and reported in its item, and
+/// removes one (server row id, point key). A failed removal is logged and reported in its item, and
 /// pruning goes on with the next point and the next server: one server's
 /// refused point must not keep every other server's space from being freed.
 fn prune_servers(
@@ -182,15 +182,13 @@ fn prune_servers(
     for (s, points) in servers {
         let pairs: Vec<(i64, i64)> = points.iter().map(|p| (p.id, p.created_ms)).collect();
         for v in crate::retention::select(&pairs, policy, now_ms) {
-            let created = points
-                .iter()
-                .find(|p| p.id == v.id)
-                .map(|p| p.created.clone())
-                .unwrap_or_default();
+            let Some(p) = points.iter().find(|p| p.id == v.id) else {
+                continue;
+            };
             let error = if v.keep {
                 None
             } else {
-                delete(s.id, v.id).err().map(|e| {
+                delete(s.id, p.key).err().map(|e| {
                     tracing::warn!(server = %s.name, point = v.id, cause = %e, "could not prune a point");
                     e.to_string()
                 })
@@ -198,7 +196,7 @@ fn prune_servers(
             out.push(PruneItem {
                 server: s.name.clone(),
                 point: v.id,
-                created,
+                created: p.created.clone(),
                 keep: v.keep,
                 reasons: v.reasons,
                 error,
@@ -226,6 +224,7 @@ mod tests {
     fn point(id: i64, server: &str, created_ms: i64) -> PointInfo {
         PointInfo {
             id,
+            key: id,
             server: server.into(),
             created: pilotlight_protocol::clock::rfc3339(created_ms),
             created_ms,

@@ -50,6 +50,16 @@ use crate::session::{PendingPoint, Session};
 use crate::store::{blocking, pack_file, Store};
 use crate::ReceiveError;
 
+/// A point made durable: its catalog key (internal) and its number among
+/// its server's points (what the agent is told).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Committed {
+    /// The catalog's key of the point.
+    pub(crate) key: i64,
+    /// The point's number among its server's points.
+    pub(crate) seq: i64,
+}
+
 /// What the agent's `EndPoint` frame says about a point.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct EndPoint {
@@ -96,12 +106,12 @@ impl Committer {
     }
 
     /// Wait for all of the point's blocks on all of the session's data
-    /// streams, then make it durable; returns the catalog point id.
+    /// streams, then make it durable.
     pub(crate) async fn commit(
         &self,
         session: &Arc<Session>,
         end: EndPoint,
-    ) -> Result<i64, ReceiveError> {
+    ) -> Result<Committed, ReceiveError> {
         if end.tag != session.state()?.committed_tag + 1 {
             return Err(ReceiveError::Protocol(format!(
                 "EndPoint for tag {} out of order",
@@ -125,7 +135,7 @@ impl Committer {
                 session.fail(e);
             }
         })?;
-        tracing::info!(server = %session.server, point, tag = end.tag, blocks, "point durable");
+        tracing::info!(server = %session.server, point = point.seq, key = point.key, tag = end.tag, blocks, "point durable");
         self.check_skew(session, end.created_ms, created_ms);
         metrics::counter!("pilotlight_receiver_points_total").increment(1);
         metrics::histogram!("pilotlight_receiver_commit_seconds")
@@ -197,13 +207,13 @@ fn sync_packs(store: &Store, pending: &PendingPoint) -> Result<(), ReceiveError>
 
 /// Step 3: re-check the identity, commit the catalog transaction (dated by
 /// the receiver's clock), index the new blocks and close the point in the
-/// session; returns the point id and its time. Blocking.
+/// session; returns the point and its time. Blocking.
 fn record_point(
     store: &Store,
     s: &Session,
     end: EndPoint,
     pending: &PendingPoint,
-) -> Result<(i64, i64), ReceiveError> {
+) -> Result<(Committed, i64), ReceiveError> {
     let volumes: Vec<(&str, u32, u64)> = s
         .volumes
         .iter()
@@ -224,7 +234,7 @@ fn record_point(
     }
     check_quota(store, s, pending)?;
     let created_ms = now_ms();
-    let point = cat.commit_point(&NewPoint {
+    let key = cat.commit_point(&NewPoint {
         server_id: s.server_id,
         created_ms,
         source_ms: end.created_ms,
@@ -235,6 +245,10 @@ fn record_point(
         new_blocks: &pending.new_blocks,
         packs: &packs,
     })?;
+    let point = Committed {
+        key,
+        seq: cat.point_seq(key)?,
+    };
     store.index_blocks(&pending.new_blocks)?;
     {
         let index = store.index_read()?;

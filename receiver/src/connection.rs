@@ -268,11 +268,11 @@ impl Connection {
     ) -> Result<(), ReceiveError> {
         let store = self.shared.store.clone();
         let server_id = session.server_id;
-        let last = blocking(move || store.catalog()?.latest_point(server_id)).await?;
+        let last = blocking(move || store.catalog()?.latest_seq(server_id)).await?;
         let welcome = Frame::Welcome {
             session: session.id,
             store_id: self.shared.store.store_id(),
-            last_point: last.unwrap_or(0) as u64,
+            last_point: last as u64,
         };
         send_in(wr, &welcome, session).await?;
         tracing::info!(server = %session.server, session = session.id, volumes = session.volumes.len(), "session opened");
@@ -334,12 +334,12 @@ impl Connection {
         let point = committer.commit(session, end).await?;
         let durable = Frame::Durable {
             tag: end.tag,
-            point: point as u64,
+            point: point.seq as u64,
         };
         send_in(wr, &durable, session).await?;
         self.shared
             .staging
-            .request(&session.server, session.server_id, point)
+            .request(&session.server, session.server_id, point.key)
             .await;
         Ok(())
     }

@@ -34,10 +34,12 @@ pub(crate) async fn send_hashes(
         let Some(point) = cat.latest_point(server_id)? else {
             return Ok((0, 0, Vec::new()));
         };
+        // The agent knows the point by its number among its server's.
+        let seq = cat.point_seq(point)?;
         let Some(row) = cat.volume(server_id, &v.name)? else {
-            return Ok((point, 0, Vec::new()));
+            return Ok((seq, 0, Vec::new()));
         };
-        Ok((point, row.size, cat.block_map(row.id, point, 0)?))
+        Ok((seq, row.size, cat.block_map(row.id, point, 0)?))
     })
     .await?;
     let listing = Listing::new(volume, size, block_size, map);

@@ -87,7 +87,8 @@ pub fn resolve_point(
 /// A block of a volume at a point: index, and hash and location unless zero.
 pub type PointBlock = (u64, Option<(BlockHash, BlockLoc)>);
 
-/// The data blocks of a volume at a point: `(index, hash, location)`.
+/// The data blocks of a volume at the point whose catalog key is `point`
+/// ([`PointInfo::key`]): `(index, hash, location)`.
 pub fn point_blocks(
     store: &Store,
     vol: &PointVolumeInfo,
@@ -130,7 +131,7 @@ pub fn restore(dir: &Path, req: &RestoreRequest) -> Result<RestoreReport, Receiv
     let store = Store::open(dir)?;
     let point = resolve_point(&store, &req.server, req.point)?;
     let vol = requested_volume(&store, &point, req)?;
-    let blocks = point_blocks(&store, &vol, point.id)?;
+    let blocks = point_blocks(&store, &vol, point.key)?;
     let target = Target::open(&req.to, req.force, &vol.name, vol.size)?;
     let work = work(blocks, &vol, target.is_device);
 

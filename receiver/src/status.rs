@@ -215,6 +215,7 @@ mod tests {
     fn point(id: i64, created_ms: i64) -> PointInfo {
         PointInfo {
             id,
+            key: id,
             server: "web1".into(),
             created: pilotlight_protocol::clock::rfc3339(created_ms),
             created_ms,

@@ -54,6 +54,11 @@ pub fn verify(
     if let Some(s) = server {
         store.catalog()?.require_server(s)?;
     }
+    if let (Some(id), None) = (point, server) {
+        return Err(ReceiveError::Refused(format!(
+            "point {id} of which server? Point ids are numbered per server"
+        )));
+    }
     let points: Vec<_> = store
         .catalog()?
         .points(server)?
@@ -73,7 +78,7 @@ pub fn verify(
     let mut distinct: HashMap<BlockHash, BlockLoc> = HashMap::new();
     for (pi, p) in points.iter().enumerate() {
         for (vi, v) in p.volumes.iter().enumerate() {
-            for (index, entry) in point_blocks(&store, v, p.id)? {
+            for (index, entry) in point_blocks(&store, v, p.key)? {
                 if let Some((h, loc)) = entry {
                     needs.push((pi, vi, index, h));
                     distinct.insert(h, loc);

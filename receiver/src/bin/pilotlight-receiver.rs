@@ -193,8 +193,8 @@ enum Cmd {
         /// Only this server's points.
         #[arg(long)]
         server: Option<String>,
-        /// Only this point.
-        #[arg(long)]
+        /// Only this point (point ids are numbered per server: needs --server).
+        #[arg(long, requires = "server")]
         point: Option<i64>,
         /// Print JSON.
         #[arg(long)]

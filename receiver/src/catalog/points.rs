@@ -54,10 +54,30 @@ type VolumeIds = Vec<(i64, u64)>;
 type Counts = Vec<(u64, u64)>;
 
 impl Catalog {
-    /// The newest point of a server.
+    /// The newest point of a server (its catalog key).
     pub fn latest_point(&self, server_id: i64) -> Result<Option<i64>, ReceiveError> {
         Ok(self.conn.query_row(
             "SELECT max(id) FROM points WHERE server_id=?1",
+            params![server_id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// The number of the point with catalog key `key` among its server's
+    /// points (1, 2, 3, ...): its id as agents and operators see it.
+    pub fn point_seq(&self, key: i64) -> Result<i64, ReceiveError> {
+        self.conn
+            .query_row("SELECT seq FROM points WHERE id=?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .ok_or_else(|| ReceiveError::NotFound(format!("no point with key {key}")))
+    }
+
+    /// The number of a server's newest point (0 when it has none).
+    pub fn latest_seq(&self, server_id: i64) -> Result<i64, ReceiveError> {
+        Ok(self.conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM points WHERE server_id=?1",
             params![server_id],
             |r| r.get(0),
         )?)
@@ -68,9 +88,12 @@ impl Catalog {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // The server's next number: the newest point is never pruned, so a
+        // number is never given twice.
         tx.execute(
-            "INSERT INTO points(server_id, created_ms, consistency, commit_mode, source_ms)
-             VALUES(?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO points(server_id, created_ms, consistency, commit_mode, source_ms, seq)
+             VALUES(?1, ?2, ?3, ?4, ?5,
+                    (SELECT coalesce(max(seq), 0) + 1 FROM points WHERE server_id=?1))",
             params![
                 p.server_id,
                 p.created_ms,

@@ -10,8 +10,12 @@ use crate::ReceiveError;
 /// A point with its volumes, as `points` lists it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PointInfo {
-    /// Point id.
+    /// Point id: its number among its server's points (1, 2, 3, ...), as
+    /// agents, `--point` and every report show it.
     pub id: i64,
+    /// The catalog's key of the point (unique across servers; internal).
+    #[serde(skip)]
+    pub key: i64,
     /// Server name.
     pub server: String,
     /// Creation time: the receiver's clock at the commit (RFC 3339).
@@ -53,13 +57,14 @@ impl Catalog {
     /// Points, newest last, optionally of one server only.
     pub fn points(&self, server: Option<&str>) -> Result<Vec<PointInfo>, ReceiveError> {
         let mut st = self.conn.prepare(
-            "SELECT p.id, s.name, p.created_ms, p.consistency, p.commit_mode, p.source_ms
+            "SELECT p.id, s.name, p.created_ms, p.consistency, p.commit_mode, p.source_ms, p.seq
              FROM points p JOIN servers s ON s.id = p.server_id
              WHERE ?1 IS NULL OR s.name = ?1 ORDER BY p.id",
         )?;
         let rows = st.query_map(params![server], |r| {
             Ok(PointInfo {
-                id: r.get(0)?,
+                id: r.get(6)?,
+                key: r.get(0)?,
                 server: r.get(1)?,
                 created_ms: r.get(2)?,
                 created: String::new(),
@@ -78,7 +83,7 @@ impl Catalog {
         for p in &mut points {
             p.created = rfc3339(p.created_ms);
             p.source_time = rfc3339(p.source_ms);
-            let vols = vst.query_map(params![p.id], |r| {
+            let vols = vst.query_map(params![p.key], |r| {
                 Ok(PointVolumeInfo {
                     name: r.get(0)?,
                     size: r.get::<_, i64>(1)? as u64,

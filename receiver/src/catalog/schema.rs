@@ -12,6 +12,7 @@
 //! | 1 | the tables below, without `points.source_ms` |
 //! | 2 | `points.created_ms` is the receiver's clock at the commit; the agent's time moves to the new `points.source_ms` (old rows: `source_ms = created_ms`, the only time they have) |
 //! | 3 | new table `server_blocks(server_id, hash)`: the blocks each server has stored (dedup is scoped per server, quotas charge by it); filled from the block maps of the existing points |
+//! | 4 | `points.seq`: each server numbers its own points 1, 2, 3, ... (what agents and operators see as the point's id, so that no server learns another's commit rate from the ids); old rows are numbered in commit order |
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
@@ -20,7 +21,7 @@ use crate::ReceiveError;
 /// The schema version this receiver reads and writes. Raise it with every
 /// change to the tables below, and teach `create` to upgrade the older
 /// versions.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -43,7 +44,8 @@ CREATE TABLE IF NOT EXISTS points(
     created_ms INTEGER NOT NULL,
     consistency TEXT NOT NULL,
     commit_mode TEXT NOT NULL,
-    source_ms INTEGER NOT NULL DEFAULT 0);
+    source_ms INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS points_by_server ON points(server_id, id);
 CREATE TABLE IF NOT EXISTS point_volumes(
     point_id INTEGER NOT NULL REFERENCES points(id),
@@ -111,7 +113,10 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
         if from < 2 {
             upgrade_to_2(&tx)?;
         }
-        upgrade_to_3(&tx)?;
+        if from < 3 {
+            upgrade_to_3(&tx)?;
+        }
+        upgrade_to_4(&tx)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
@@ -145,6 +150,27 @@ fn upgrade_to_3(conn: &Connection) -> Result<(), ReceiveError> {
            SELECT DISTINCT v.server_id, pb.hash
            FROM point_blocks pb JOIN volumes v ON v.id = pb.volume_id
            WHERE pb.hash IS NOT NULL;",
+    )?;
+    Ok(())
+}
+
+/// Version 3 to 4: number each server's points 1, 2, 3, ... in commit
+/// order, and make the number unique per server. (A fresh file has the
+/// column and no points.)
+fn upgrade_to_4(conn: &Connection) -> Result<(), ReceiveError> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('points') WHERE name='seq'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch("ALTER TABLE points ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;")?;
+    }
+    conn.execute_batch(
+        "UPDATE points SET seq = (SELECT count(*) FROM points q
+                                  WHERE q.server_id = points.server_id AND q.id <= points.id)
+           WHERE seq = 0;
+         CREATE UNIQUE INDEX IF NOT EXISTS points_by_seq ON points(server_id, seq);",
     )?;
     Ok(())
 }
@@ -284,6 +310,54 @@ mod tests {
                   (x'bb00000000000000000000000000000000000000000000000000000000000000', 1, 412, 300, 4096, 1), (x'cc00000000000000000000000000000000000000000000000000000000000000', 1, 760, 400, 4096, 1);
         INSERT INTO packs(id, committed_len) VALUES(1, 1208);
         PRAGMA user_version = 2;";
+
+    /// Version 4: each server's points are numbered 1, 2, ... in commit
+    /// order (the fixture interleaves web1's and db2's), and a new point
+    /// takes its server's next number.
+    #[test]
+    fn an_older_catalog_numbers_each_servers_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(VERSION_2)
+            .unwrap();
+        let mut cat = Catalog::open(&path).unwrap();
+        let ids = |cat: &Catalog| -> Vec<(String, i64, i64)> {
+            cat.points(None)
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.server, p.id, p.key))
+                .collect()
+        };
+        let want = |v: &[(&str, i64, i64)]| -> Vec<(String, i64, i64)> {
+            v.iter()
+                .map(|&(s, id, key)| (s.to_owned(), id, key))
+                .collect()
+        };
+        assert_eq!(
+            ids(&cat),
+            want(&[("web1", 1, 1), ("db2", 1, 2), ("web1", 2, 3)])
+        );
+        let key = cat
+            .commit_point(&crate::catalog::NewPoint {
+                server_id: 2,
+                created_ms: 4000,
+                source_ms: 4000,
+                consistency: "fuzzy",
+                commit: "sync",
+                volumes: &[("root", 4096, 16384)],
+                blocks: &[],
+                new_blocks: &[],
+                packs: &[],
+            })
+            .unwrap();
+        assert_eq!((key, cat.point_seq(key).unwrap()), (4, 2));
+        assert_eq!(
+            (cat.latest_seq(1).unwrap(), cat.latest_seq(3).unwrap()),
+            (2, 0)
+        );
+    }
 
     #[test]
     fn a_version_2_catalog_is_upgraded_with_the_blocks_each_server_stored() {
