@@ -113,7 +113,8 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(Haggled::Aborted);
             }
             OPT_INFO | OPT_GO => {
-                let go = option == OPT_GO && info(&mut out, option, &data, export);
+                let ok = info(&mut out, option, &data, export);
+                let go = ok && option == OPT_GO;
                 send(s, &mut out).await?;
                 if go {
                     return Ok(Haggled::Transmit(state));
