@@ -196,7 +196,18 @@ async fn writes_to_a_writable_export_never_reach_the_point() {
     let root = tmp.path();
     let (rcv, points, _, _) = two_points(root).await;
     let (point, copy) = &points[0];
-    let exp = Exported::start(&rcv.dir, *point, &["--listen", "127.0.0.1:0", "--writable"]);
+    let kept = root.join("kept.img");
+    let exp = Exported::start(
+        &rcv.dir,
+        *point,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--writable",
+            "--keep-overlay",
+            kept.to_str().unwrap(),
+        ],
+    );
     let io = |cmd: &str| run("qemu-io", &["-f", "raw", "-c", cmd, &exp.uri]);
     io("write -P 0xab 0 64k");
     io("write -P 0xcd 100000 5000"); // unaligned, across blocks
@@ -206,6 +217,19 @@ async fn writes_to_a_writable_export_never_reach_the_point() {
     io("read -P 0xcd 100000 5000");
     io("read -P 0 1048576 65536");
     exp.stop();
+    // The kept overlay holds the written blocks and names them.
+    let mut head = vec![0u8; 65536];
+    std::fs::File::open(&kept)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert!(head.iter().all(|b| *b == 0xab));
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("kept.img.blocks.json")).unwrap()).unwrap();
+    assert_eq!(side["point"], *point);
+    // 0..64k and 100000..105000: blocks 0 and 1; 1 MiB: block 16.
+    assert_eq!(side["blocks"][1], serde_json::json!([16, 17]), "{side}");
+    assert_eq!(side["blocks"][0], serde_json::json!([0, 2]), "{side}");
     let report = pilotlight_receiver::verify::verify(&rcv.dir, None, None, false).unwrap();
     assert!(report.ok, "{:?}", report.damaged);
     let restored = root.join("restored");
@@ -415,5 +439,84 @@ async fn prune_keeps_the_exported_point_until_the_export_stops() {
     exp.stop();
     let items = pilotlight_receiver::admin::prune(&rcv.dir, Some("db1"), &policy, false).unwrap();
     assert!(items.iter().any(|i| i.point == *old as i64 && i.removed()));
+    rcv.stop().await;
+}
+
+/// Where block `index`'s record of db1/root at `point` is: (pack file, payload offset).
+fn block_record(dir: &Path, point: u64, index: u64) -> Option<(PathBuf, u64)> {
+    let store = pilotlight_receiver::store::Store::open(dir).unwrap();
+    let cat = store.catalog().unwrap();
+    let p = cat
+        .points(Some("db1"))
+        .unwrap()
+        .into_iter()
+        .find(|p| p.id == point as i64)?;
+    let vol = p.volumes.iter().find(|v| v.name == "root")?;
+    let map = cat.block_map(vol.volume_id, p.id, 0).unwrap();
+    let hash = map.iter().find(|(i, _)| *i == index)?.1?;
+    let loc = cat.block(&hash).unwrap()?;
+    let payload = loc.offset + pilotlight_receiver::pack::RECORD_HEADER_LEN as u64;
+    Some((pilotlight_receiver::pack::pack_path(dir, loc.pack), payload))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_block_reads_as_eio_never_as_wrong_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (rcv, points, _, _) = two_points(root).await;
+    let point = points[1].0;
+    let bs = 64 * 1024u64;
+    let blocks = SIZE.div_ceil(bs);
+    let data_block = (0..blocks)
+        .find(|i| block_record(&rcv.dir, point, *i).is_some())
+        .unwrap();
+    let (pack, at) = block_record(&rcv.dir, point, data_block).unwrap();
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut byte, at + 3).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[byte[0] ^ 0xff], at + 3).unwrap();
+    drop(f);
+
+    let exp = Exported::start(&rcv.dir, point, &["--listen", "127.0.0.1:0"]);
+    let mut c = Raw::connect(&exp.addr());
+    c.send(&[0, 0, 0, 3]);
+    assert_eq!(c.go("db1/root"), 1);
+    assert_eq!(c.request(0, data_block * bs + 512, 4096, &[], 0), 5, "EIO");
+    // The rest of the disk still reads.
+    let other = (0..blocks).find(|i| *i != data_block).unwrap();
+    assert_eq!(c.request(0, other * bs, 4096, &[], 4096), 0);
+    exp.stop();
+    rcv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_past_the_limit_are_closed_and_the_rest_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (rcv, points, _, _) = two_points(root).await;
+    let exp = Exported::start(&rcv.dir, points[0].0, &["--listen", "127.0.0.1:0"]);
+    let mut clients: Vec<Raw> = (0..pilotlight_receiver::export::MAX_CLIENTS)
+        .map(|_| {
+            let mut c = Raw::connect(&exp.addr());
+            c.send(&[0, 0, 0, 3]);
+            assert_eq!(c.go("db1/root"), 1);
+            c
+        })
+        .collect();
+    let mut extra = TcpStream::connect(exp.addr()).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(matches!(extra.read(&mut b), Ok(0) | Err(_)), "one too many");
+    for c in &mut clients {
+        assert_eq!(c.request(0, 0, 512, &[], 512), 0);
+    }
+    drop(clients);
+    exp.stop();
     rcv.stop().await;
 }
