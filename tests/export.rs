@@ -401,6 +401,26 @@ async fn bad_input_gets_nbd_errors_or_a_closed_connection() {
         "no block status without a context"
     );
     assert_eq!(good.request(0, SIZE - 512, 512, &[], 512), 0);
+    // With structured replies, errors come as an error chunk.
+    let mut c = Raw::connect(&addr);
+    c.send(&[0, 0, 0, 3]);
+    c.option(8, b"");
+    assert_eq!(c.reply().1, 1);
+    assert_eq!(c.go("db1/root"), 1);
+    let mut req = BytesMut::new();
+    req.put_u32(0x2560_9513);
+    req.put_u16(0);
+    req.put_u16(0);
+    req.put_u64(9);
+    req.put_u64(SIZE);
+    req.put_u32(512);
+    c.send(&req);
+    let mut chunk = [0u8; 26];
+    c.0.read_exact(&mut chunk).unwrap();
+    let mut r = &chunk[..];
+    assert_eq!(r.get_u32(), 0x668e_33ef);
+    assert_eq!((r.get_u16(), r.get_u16(), r.get_u64()), (1, 0x8001, 9));
+    assert_eq!((r.get_u32(), r.get_u32()), (6, 22), "EINVAL past the end");
     // A request without its magic closes that connection only.
     let mut c = Raw::connect(&addr);
     c.send(&[0, 0, 0, 3]);

@@ -276,3 +276,97 @@ async fn send<S: AsyncWrite + Unpin>(s: &mut S, out: &mut BytesMut) -> Result<()
     out.clear();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::panic)] // test code
+    use super::*;
+    use rand::{RngCore, SeedableRng};
+
+    fn export() -> ExportInfo {
+        ExportInfo {
+            name: "db1/root".into(),
+            description: "test".into(),
+            size: 1 << 20,
+            flags: TF_HAS_FLAGS | TF_READ_ONLY,
+            preferred_block: 4096,
+        }
+    }
+
+    /// Random bytes after a valid start never panic and never hang: haggling
+    /// ends with an error, an abort or transmission.
+    #[tokio::test]
+    async fn random_option_bytes_end_haggling_cleanly() {
+        for seed in 0..200u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let (mut client, mut server) = tokio::io::duplex(1 << 16);
+            let mut input = BytesMut::new();
+            input.put_u32(3);
+            for _ in 0..(seed % 5) {
+                let mut junk = vec![0u8; 24];
+                rng.fill_bytes(&mut junk);
+                input.put_u64(OPT_MAGIC);
+                // Small options of every kind, random lengths and contents.
+                input.put_u32(junk[0] as u32 % 12);
+                let len = u32::from(junk[1] % 24);
+                input.put_u32(len);
+                input.put_slice(&junk[..len as usize]);
+            }
+            let mut tail = vec![0u8; (seed % 40) as usize];
+            rng.fill_bytes(&mut tail);
+            input.put_slice(&tail);
+            client.write_all(&input).await.unwrap();
+            drop(client.shutdown().await);
+            let info = export();
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                negotiate(&mut server, &info),
+            )
+            .await
+            .expect("haggling ends");
+            drop(r);
+        }
+    }
+
+    /// Option haggling as a real client does it: structured replies,
+    /// SET_META_CONTEXT for base:allocation, then GO on the default export.
+    #[tokio::test]
+    async fn structured_replies_and_base_allocation_are_negotiated() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let mut input = BytesMut::new();
+        input.put_u32(3);
+        // SET_META_CONTEXT before structured replies: invalid.
+        let mut meta = BytesMut::new();
+        meta.put_u32(0);
+        meta.put_u32(1);
+        meta.put_u32(BASE_ALLOCATION.len() as u32);
+        meta.put_slice(BASE_ALLOCATION.as_bytes());
+        for (opt, data) in [
+            (OPT_SET_META_CONTEXT, &meta[..]),
+            (OPT_STRUCTURED_REPLY, &[][..]),
+            (OPT_SET_META_CONTEXT, &meta[..]),
+            (OPT_GO, &[0, 0, 0, 0, 0, 0][..]),
+        ] {
+            input.put_u64(OPT_MAGIC);
+            input.put_u32(opt);
+            input.put_u32(data.len() as u32);
+            input.put_slice(data);
+        }
+        client.write_all(&input).await.unwrap();
+        let info = export();
+        let haggled = negotiate(&mut server, &info).await.unwrap();
+        let Haggled::Transmit(neg) = haggled else {
+            unreachable!("GO starts transmission")
+        };
+        assert!(neg.structured);
+        assert_eq!(neg.allocation, Some(ALLOCATION_ID));
+        drop(server);
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        // Greeting, then the first reply: NBD_REP_ERR_INVALID to option 10.
+        let mut first = Fields(&out[18..38]);
+        assert_eq!(first.u64(), Some(REPLY_MAGIC));
+        assert_eq!(first.u32(), Some(OPT_SET_META_CONTEXT));
+        assert_eq!(first.u32(), Some(REP_ERR_INVALID));
+    }
+}
