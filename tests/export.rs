@@ -540,3 +540,40 @@ async fn clients_past_the_limit_are_closed_and_the_rest_served() {
     exp.stop();
     rcv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_nbd_is_refused_off_loopback_and_unknown_points_fail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (rcv, points, _, _) = two_points(root).await;
+    let dir = rcv.dir.to_str().unwrap().to_owned();
+    let point = points[0].0.to_string();
+    let export = |extra: &[&str]| {
+        let mut args = vec![
+            "export", "--dir", &dir, "--server", "db1", "--volume", "root",
+        ];
+        args.extend_from_slice(extra);
+        pilotlight::run_bin("pilotlight-receiver", &args)
+    };
+    let out = export(&["--point", &point, "--listen", "0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("loopback"), "{err}");
+    let out = export(&["--point", "999"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no point 999"),
+        "{err}"
+    );
+    let out = export(&["--latest", "--keep-overlay", "/tmp/x"]);
+    assert!(!out.status.success(), "--keep-overlay needs --writable");
+    let out = pilotlight::run_bin(
+        "pilotlight-receiver",
+        &[
+            "export", "--dir", &dir, "--server", "db1", "--volume", "nope", "--latest",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nope"), "{err}");
+    assert_eq!(pins(&rcv.dir), 0, "a refused export leaves no pin");
+    rcv.stop().await;
+}
