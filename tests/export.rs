@@ -577,3 +577,70 @@ async fn plain_nbd_is_refused_off_loopback_and_unknown_points_fail() {
     assert_eq!(pins(&rcv.dir), 0, "a refused export leaves no pin");
     rcv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs qemu-io, nbdcopy"]
+async fn a_drill_exports_every_volume_writable_and_changes_nothing() {
+    require_tools(&["qemu-io", "nbdcopy"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let rcv = TestReceiver::create(root).await;
+    let identity = rcv.enroll("db1");
+    let (a, b) = (root.join("a.img"), root.join("b.img"));
+    sample_image(&a, SIZE, 1);
+    sample_image(&b, 4 * MIB, 2);
+    let cfg = agent_config(
+        rcv.addr,
+        &identity,
+        &root.join("state"),
+        &[("root", &a), ("data", &b)],
+    );
+    let point = replicate_once(&cfg).await.point;
+    let sockets = root.join("drill");
+    let mut child = Command::new(bin("pilotlight-receiver"))
+        .args(["drill", "--server", "db1", "--latest", "--dir"])
+        .arg(&rcv.dir)
+        .arg("--socket-dir")
+        .arg(&sockets)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let drill = Exported {
+        child: ChildGuard(child),
+        uri: String::new(),
+    };
+    let mut uris = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let line = lines.next().unwrap().unwrap();
+        let (vol, uri) = line.split_once(' ').unwrap();
+        uris.insert(vol.to_owned(), uri.to_owned());
+    }
+    for (vol, src, size) in [("root", &a, SIZE), ("data", &b, 4 * MIB)] {
+        let uri = &uris[vol];
+        assert!(uri.starts_with("nbd+unix:///db1/"), "{uri}");
+        run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 64k", uri]);
+        run("qemu-io", &["-f", "raw", "-c", "read -P 0x5a 0 64k", uri]);
+        let copied = root.join(format!("drill-{vol}"));
+        run("nbdcopy", &[uri, copied.to_str().unwrap()]);
+        let restored = root.join(format!("restored-{vol}"));
+        rcv.restore("db1", vol, point, &restored);
+        // The drill sees its write; past it, the point.
+        let mut head = vec![0u8; 65536];
+        std::fs::File::open(&copied)
+            .unwrap()
+            .read_exact(&mut head)
+            .unwrap();
+        assert!(head.iter().all(|x| *x == 0x5a));
+        assert_same_bytes(&restored, src, size);
+    }
+    assert_eq!(pins(&rcv.dir), 2);
+    drill.stop();
+    assert_eq!(pins(&rcv.dir), 0);
+    assert!(!sockets.join("root.sock").exists());
+    let report = pilotlight_receiver::verify::verify(&rcv.dir, None, None, false).unwrap();
+    assert!(report.ok, "{:?}", report.damaged);
+    rcv.stop().await;
+}

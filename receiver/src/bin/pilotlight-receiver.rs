@@ -223,6 +223,29 @@ enum Cmd {
         #[arg(long, requires = "writable")]
         keep_overlay: Option<PathBuf>,
     },
+    /// Export every volume of a point writable (copy-on-write overlays, on
+    /// unix sockets), print how to attach them, and discard the overlays on
+    /// SIGINT or SIGTERM: a drill never changes a stored point.
+    Drill {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Server name.
+        #[arg(long)]
+        server: String,
+        /// Point id.
+        #[arg(long, group = "which")]
+        point: Option<i64>,
+        /// The latest point at or before this time (RFC 3339).
+        #[arg(long, group = "which")]
+        at: Option<String>,
+        /// The newest point.
+        #[arg(long, group = "which")]
+        latest: bool,
+        /// Folder for the sockets (VOLUME.sock); default DIR/exports/drill-PID.
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+    },
     /// Re-read and re-hash every block the points need.
     Verify {
         /// Receiver directory.
@@ -397,6 +420,25 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 keep_overlay,
             };
             run_export(dir, req)?;
+        }
+        Cmd::Drill {
+            dir,
+            server,
+            point,
+            at,
+            latest,
+            socket_dir,
+        } => {
+            let socket_dir = socket_dir.unwrap_or_else(|| {
+                dir.join("exports")
+                    .join(format!("drill-{}", std::process::id()))
+            });
+            let req = export::DrillRequest {
+                server,
+                point: point_sel(point, at, latest)?,
+                socket_dir,
+            };
+            run_drill(dir, req)?;
         }
         Cmd::Verify {
             dir,
@@ -614,6 +656,36 @@ fn run_export(dir: PathBuf, req: export::ExportRequest) -> anyhow::Result<()> {
             s.cancel();
         });
         exp.serve(stop).await?;
+        Ok(())
+    })
+}
+
+/// `drill`: export every volume, print the URIs and how to attach them,
+/// serve until SIGINT or SIGTERM.
+fn run_drill(dir: PathBuf, req: export::DrillRequest) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let drill = export::Drill::open(&dir, &req).await?;
+        for (volume, uri) in drill.uris() {
+            println!("{volume} {uri}");
+        }
+        std::io::stdout().flush()?;
+        eprintln!(
+            "drill of point {} of {}: writes go to overlays discarded on stop (SIGINT, SIGTERM)",
+            drill.point(),
+            req.server
+        );
+        for line in drill.attach_lines() {
+            eprintln!("{line}");
+        }
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            process::stop_signal().await;
+            s.cancel();
+        });
+        drill.serve(stop).await?;
+        let _ = std::fs::remove_dir(&req.socket_dir);
         Ok(())
     })
 }

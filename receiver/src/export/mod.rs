@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! Export::open: store (read-only, no serve.lock) -> resolve the point
-//!               -> pin (exports/PID-POINT.pin, flock'd) -> block map
+//!               -> pin (exports/PID-POINT-VOLUME.pin, flock'd) -> block map
 //!               -> overlay (--writable) -> listener (unix socket, loopback TCP)
 //! Export::serve: accept loop (at most MAX_CLIENTS at once)
 //!   -> connection: options (fixed newstyle haggling) -> transmission
@@ -13,7 +13,8 @@
 //! Rooms: `wire` (NBD numbers and layouts), `options` (handshake and
 //! option haggling), `transmission` (requests), `connection` (one
 //! client), `listener` (socket, URI), `disk` / `image` / `cache` /
-//! `overlay` (what is served), `pin` (kept from prune while exported).
+//! `overlay` (what is served), `pin` (kept from prune while exported),
+//! `drill` (every volume of a point, writable, overlays discarded).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use crate::ReceiveError;
 mod cache;
 mod connection;
 mod disk;
+mod drill;
 mod image;
 mod listener;
 mod options;
@@ -37,6 +39,7 @@ pub mod pin;
 mod transmission;
 mod wire;
 
+pub use drill::{Drill, DrillRequest};
 pub use listener::Listen;
 
 use disk::Disk;
