@@ -165,26 +165,36 @@ pub fn prune_store(
         store.catalog()?.delete_point(server_id, id)
     };
     let now = pilotlight_protocol::clock::now_ms();
-    Ok(prune_servers(&servers, policy, now, &mut delete))
+    // Points a running export pins stay; the pins cannot change until the
+    // deletions are done (see `export::pin`).
+    let _pins = crate::export::pin::lock(store.dir())?;
+    let pinned = crate::export::pin::pinned_points(store.dir())?;
+    Ok(prune_servers(&servers, policy, now, &pinned, &mut delete))
 }
 
 /// The points of each server judged by `policy` at `now_ms`; `delete`
-/// removes one (server row id, point key). A failed removal is logged and reported in its item, and
-/// pruning goes on with the next point and the next server: one server's
+/// removes one (server row id, point key); `pinned` holds the keys of
+/// exported points, which stay. A failed removal is logged and reported in
+/// its item, and pruning goes on with the next point and the next server: one server's
 /// refused point must not keep every other server's space from being freed.
 fn prune_servers(
     servers: &[(ServerRow, Vec<PointInfo>)],
     policy: &crate::retention::Policy,
     now_ms: i64,
+    pinned: &std::collections::HashSet<i64>,
     delete: &mut dyn FnMut(i64, i64) -> Result<(), ReceiveError>,
 ) -> Vec<PruneItem> {
     let mut out = Vec::new();
     for (s, points) in servers {
         let pairs: Vec<(i64, i64)> = points.iter().map(|p| (p.id, p.created_ms)).collect();
-        for v in crate::retention::select(&pairs, policy, now_ms) {
+        for mut v in crate::retention::select(&pairs, policy, now_ms) {
             let Some(p) = points.iter().find(|p| p.id == v.id) else {
                 continue;
             };
+            if pinned.contains(&p.key) {
+                v.keep = true;
+                v.reasons.push("exported");
+            }
             let error = if v.keep {
                 None
             } else {
@@ -236,6 +246,26 @@ mod tests {
         }
     }
 
+    /// A point an export pins stays, whatever the policy says, and says why.
+    #[test]
+    fn prune_keeps_exported_points() {
+        let h = 3_600_000;
+        let servers = vec![(
+            server(1, "a"),
+            vec![point(1, "a", h), point(2, "a", 2 * h), point(3, "a", 3 * h)],
+        )];
+        let mut deleted = Vec::new();
+        let mut delete = |_: i64, id: i64| {
+            deleted.push(id);
+            Ok(())
+        };
+        let pinned = std::collections::HashSet::from([1]);
+        let items = prune_servers(&servers, &Policy::none(), 100 * h, &pinned, &mut delete);
+        assert_eq!(deleted, vec![2]);
+        let first = items.iter().find(|i| i.point == 1).unwrap();
+        assert!(first.keep && first.reasons.contains(&"exported"));
+    }
+
     /// A refused removal (here: every removal of server a's point 1) is
     /// reported, and the rest of a and all of b are still pruned.
     #[test]
@@ -256,7 +286,8 @@ mod tests {
             deleted.push((server_id, id));
             Ok(())
         };
-        let items = prune_servers(&servers, &Policy::none(), 100 * h, &mut delete);
+        let none = std::collections::HashSet::new();
+        let items = prune_servers(&servers, &Policy::none(), 100 * h, &none, &mut delete);
         assert_eq!(deleted, vec![(1, 2), (2, 4)]);
         let by_point = |id: i64| items.iter().find(|i| i.point == id).unwrap();
         assert_eq!(by_point(1).error.as_deref(), Some("point 1 is held"));

@@ -13,6 +13,7 @@ mod commit;
 pub mod config;
 mod connection;
 pub mod error;
+pub mod export;
 pub mod gc;
 mod handshake;
 mod hashes;

@@ -13,7 +13,7 @@
 //! and tried again with the next request of its server or after
 //! [`health::retry_after`]'s backoff, whichever comes first; the other
 //! volumes and servers go on. Declared sizes the staging filesystem cannot
-//! hold are refused at `Open` ([`check_room`]).
+//! hold are refused at `Open` (`check_room`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

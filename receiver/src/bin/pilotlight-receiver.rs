@@ -11,7 +11,7 @@ use pilotlight_receiver::catalog::PointInfo;
 use pilotlight_receiver::restore::{PointSel, RestoreRequest};
 use pilotlight_receiver::retention::Policy;
 use pilotlight_receiver::status::{self, Status};
-use pilotlight_receiver::{admin, restore, server, verify, ReceiveError, ReceiverConfig};
+use pilotlight_receiver::{admin, export, restore, server, verify, ReceiveError, ReceiverConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Receive block-level replication from pilotlight agents, keep recovery
@@ -185,6 +185,67 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Serve a recovery point of a volume as a block device over NBD
+    /// (read straight from the store, every block checked), until SIGINT or
+    /// SIGTERM. Prints the export's URI once ready. Replication goes on; the
+    /// point is kept from prune while exported.
+    Export {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Server name.
+        #[arg(long)]
+        server: String,
+        /// Volume name.
+        #[arg(long)]
+        volume: String,
+        /// Point id.
+        #[arg(long, group = "which")]
+        point: Option<i64>,
+        /// The latest point at or before this time (RFC 3339).
+        #[arg(long, group = "which")]
+        at: Option<String>,
+        /// The newest point.
+        #[arg(long, group = "which")]
+        latest: bool,
+        /// Listen on this loopback address (default 127.0.0.1:10809).
+        #[arg(long, conflicts_with = "socket")]
+        listen: Option<String>,
+        /// Listen on a unix socket at this path.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Accept writes, into a copy-on-write overlay (the stored point
+        /// never changes); the overlay is discarded when the export stops.
+        #[arg(long)]
+        writable: bool,
+        /// Keep the overlay at this path (and PATH.blocks.json) when the
+        /// export stops.
+        #[arg(long, requires = "writable")]
+        keep_overlay: Option<PathBuf>,
+    },
+    /// Export every volume of a point writable (copy-on-write overlays, on
+    /// unix sockets), print how to attach them, and discard the overlays on
+    /// SIGINT or SIGTERM: a drill never changes a stored point.
+    Drill {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Server name.
+        #[arg(long)]
+        server: String,
+        /// Point id.
+        #[arg(long, group = "which")]
+        point: Option<i64>,
+        /// The latest point at or before this time (RFC 3339).
+        #[arg(long, group = "which")]
+        at: Option<String>,
+        /// The newest point.
+        #[arg(long, group = "which")]
+        latest: bool,
+        /// Folder for the sockets (VOLUME.sock); default DIR/exports/drill-PID.
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+    },
     /// Re-read and re-hash every block the points need.
     Verify {
         /// Receiver directory.
@@ -333,6 +394,51 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 report.size,
                 req.to.display()
             );
+        }
+        Cmd::Export {
+            dir,
+            server,
+            volume,
+            point,
+            at,
+            latest,
+            listen,
+            socket,
+            writable,
+            keep_overlay,
+        } => {
+            let listen = match socket {
+                Some(path) => export::Listen::Unix(path),
+                None => export::Listen::Tcp(listen.unwrap_or_else(|| "127.0.0.1:10809".into())),
+            };
+            let req = export::ExportRequest {
+                server,
+                volume,
+                point: point_sel(point, at, latest)?,
+                listen,
+                writable,
+                keep_overlay,
+            };
+            run_export(dir, req)?;
+        }
+        Cmd::Drill {
+            dir,
+            server,
+            point,
+            at,
+            latest,
+            socket_dir,
+        } => {
+            let socket_dir = socket_dir.unwrap_or_else(|| {
+                dir.join("exports")
+                    .join(format!("drill-{}", std::process::id()))
+            });
+            let req = export::DrillRequest {
+                server,
+                point: point_sel(point, at, latest)?,
+                socket_dir,
+            };
+            run_drill(dir, req)?;
         }
         Cmd::Verify {
             dir,
@@ -531,6 +637,55 @@ fn serve(
             s.cancel();
         });
         server::run(listener, dir, cfg, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// `export`: open, print the URI, serve until SIGINT or SIGTERM.
+fn run_export(dir: PathBuf, req: export::ExportRequest) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let exp = export::Export::open(&dir, &req).await?;
+        tracing::info!(point = exp.point(), uri = exp.uri(), "exporting");
+        println!("{}", exp.uri());
+        std::io::stdout().flush()?;
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            process::stop_signal().await;
+            s.cancel();
+        });
+        exp.serve(stop).await?;
+        Ok(())
+    })
+}
+
+/// `drill`: export every volume, print the URIs and how to attach them,
+/// serve until SIGINT or SIGTERM.
+fn run_drill(dir: PathBuf, req: export::DrillRequest) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let drill = export::Drill::open(&dir, &req).await?;
+        for (volume, uri) in drill.uris() {
+            println!("{volume} {uri}");
+        }
+        std::io::stdout().flush()?;
+        eprintln!(
+            "drill of point {} of {}: writes go to overlays discarded on stop (SIGINT, SIGTERM)",
+            drill.point(),
+            req.server
+        );
+        for line in drill.attach_lines() {
+            eprintln!("{line}");
+        }
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            process::stop_signal().await;
+            s.cancel();
+        });
+        drill.serve(stop).await?;
+        let _ = std::fs::remove_dir(&req.socket_dir);
         Ok(())
     })
 }

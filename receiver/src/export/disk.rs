@@ -1,0 +1,143 @@
+//! The disk an export serves: the point's image, under the overlay when the
+//! export is writable. Reads, writes and block status in bytes; every call
+//! is blocking (pack reads, file writes) and runs off the async workers.
+
+use std::path::Path;
+
+use super::image::PointImage;
+use super::overlay::Overlay;
+use super::wire::{STATE_HOLE, STATE_ZERO};
+use crate::ReceiveError;
+
+/// Blocks one block-status answer looks at, at most (the client asks again
+/// from where the answer ends).
+const MAX_STATUS_BLOCKS: u64 = 1 << 20;
+
+/// What a write was refused for.
+#[derive(Debug)]
+pub(crate) enum WriteError {
+    /// The export is read-only.
+    ReadOnly,
+    /// The overlay failed.
+    Failed(ReceiveError),
+}
+
+/// The served disk.
+pub(crate) struct Disk {
+    image: PointImage,
+    overlay: Option<Overlay>,
+}
+
+impl Disk {
+    /// A read-only disk, or a writable one over a new overlay.
+    pub(crate) fn new(
+        dir: &Path,
+        image: PointImage,
+        writable: bool,
+        keep_overlay: Option<&Path>,
+    ) -> Result<Self, ReceiveError> {
+        let overlay = if writable {
+            Some(Overlay::create(dir, keep_overlay, &image)?)
+        } else {
+            None
+        };
+        Ok(Self { image, overlay })
+    }
+
+    /// Bytes of the disk.
+    pub(crate) fn size(&self) -> u64 {
+        self.image.size
+    }
+
+    /// Bytes per block of the volume.
+    pub(crate) fn block_size(&self) -> u32 {
+        self.image.block_size
+    }
+
+    /// Whether writes are accepted.
+    pub(crate) fn writable(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    /// `len` bytes at `offset` (the caller checked the range).
+    pub(crate) fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, ReceiveError> {
+        let mut out = vec![0u8; len];
+        match &self.overlay {
+            None => self.image.read_into(offset, &mut out, &|_| false)?,
+            Some(o) => {
+                self.image.read_into(offset, &mut out, &|i| o.holds(i))?;
+                o.read_held(offset, &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write `data` at `offset`, or `len` zeros when `data` is `None`.
+    pub(crate) fn write(
+        &self,
+        offset: u64,
+        len: usize,
+        data: Option<&[u8]>,
+        fua: bool,
+    ) -> Result<(), WriteError> {
+        let o = self.overlay.as_ref().ok_or(WriteError::ReadOnly)?;
+        o.write(&self.image, offset, len, data)
+            .map_err(WriteError::Failed)?;
+        if fua {
+            o.flush().map_err(WriteError::Failed)?;
+        }
+        Ok(())
+    }
+
+    /// Make writes durable (nothing to do on a read-only disk).
+    pub(crate) fn flush(&self) -> Result<(), ReceiveError> {
+        self.overlay.as_ref().map_or(Ok(()), Overlay::flush)
+    }
+
+    /// `base:allocation` of `[offset, offset + len)`: `(length, state)`
+    /// runs, blocks of zeros the point never stored as holes that read as
+    /// zeros, everything else (stored data, overlay blocks) as data. With
+    /// `one`, only the first run. May end before `len` (see
+    /// [`MAX_STATUS_BLOCKS`]).
+    pub(crate) fn extents(&self, offset: u64, len: u32, one: bool) -> Vec<(u32, u32)> {
+        let bs = u64::from(self.image.block_size);
+        let end = offset + u64::from(len);
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        let mut pos = offset;
+        let mut looked = 0u64;
+        while pos < end && looked < MAX_STATUS_BLOCKS {
+            let index = pos / bs;
+            let next = ((index + 1) * bs).min(end);
+            let zero =
+                self.image.is_zero(index) && self.overlay.as_ref().is_none_or(|o| !o.holds(index));
+            let state = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
+            // INVARIANT: each piece is at most `len`, a u32.
+            let n = u32::try_from(next - pos).unwrap_or(u32::MAX);
+            match runs.last_mut() {
+                Some((l, s)) if *s == state => *l += n,
+                _ => {
+                    if one && !runs.is_empty() {
+                        break;
+                    }
+                    runs.push((n, state));
+                }
+            }
+            pos = next;
+            looked += 1;
+        }
+        runs
+    }
+
+    /// The export stops: keep or drop the overlay.
+    pub(crate) fn finish(
+        &self,
+        server: &str,
+        volume: &str,
+        point: i64,
+    ) -> Result<(), ReceiveError> {
+        match &self.overlay {
+            Some(o) => o.finish(server, volume, point, self.image.size),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The exported point of one volume, read straight from the packs: the
+//! volume's block map as of the point (the catalog's `block_map`, the one
+//! `restore` and `verify` read), each data block located in the catalog
+//! when first read (`Store::locate`, so that a garbage collection that
+//! moved it meanwhile is followed) and fetched, decompressed and
+//! BLAKE3-checked by the store's [`BlockFetcher`] on every pack read. A
+//! damaged block fails that read (and is logged); zero blocks cost no pack
+//! read.
+
+use std::sync::{Arc, Mutex};
+
+use pilotlight_protocol::limits::block_len;
+use pilotlight_protocol::BlockHash;
+
+use super::cache::{BlockCache, CACHE_BYTES};
+use crate::catalog::PointVolumeInfo;
+use crate::store::{BlockFetcher, Store};
+use crate::ReceiveError;
+
+/// A volume as it was at a point.
+pub(crate) struct PointImage {
+    store: Store,
+    /// Volume name (for logs).
+    volume: String,
+    /// The point.
+    point: i64,
+    /// Bytes of the volume.
+    pub(crate) size: u64,
+    /// Bytes per block.
+    pub(crate) block_size: u32,
+    /// `(index, hash)` in index order for every block with a row; `None`
+    /// and absent blocks are zeros.
+    map: Vec<(u64, Option<BlockHash>)>,
+    /// Idle fetchers (one per concurrent read, made on demand).
+    fetchers: Mutex<Vec<BlockFetcher>>,
+    cache: BlockCache,
+}
+
+/// One block's content.
+pub(crate) enum Block {
+    /// All zeros: nothing stored.
+    Zero,
+    /// The block's bytes, verified.
+    Data(Arc<[u8]>),
+}
+
+impl PointImage {
+    /// The image of `vol` at the point whose catalog key is `point`, from `store`.
+    pub(crate) fn open(
+        store: Store,
+        vol: &PointVolumeInfo,
+        point: i64,
+    ) -> Result<Self, ReceiveError> {
+        let mut map = store.catalog()?.block_map(vol.volume_id, point, 0)?;
+        map.retain(|(index, _)| block_len(vol.size, vol.block_size, *index) > 0);
+        Ok(Self {
+            store,
+            volume: vol.name.clone(),
+            point,
+            size: vol.size,
+            block_size: vol.block_size,
+            map,
+            fetchers: Mutex::new(Vec::new()),
+            cache: BlockCache::new(CACHE_BYTES),
+        })
+    }
+
+    /// The stored hash of block `index`, `None` for zeros.
+    fn hash(&self, index: u64) -> Option<BlockHash> {
+        let at = self.map.binary_search_by_key(&index, |(i, _)| *i).ok()?;
+        self.map.get(at).and_then(|(_, h)| *h)
+    }
+
+    /// Whether block `index` is all zeros without reading it.
+    pub(crate) fn is_zero(&self, index: u64) -> bool {
+        self.hash(index).is_none()
+    }
+
+    /// Length of block `index` (the last one may be short).
+    pub(crate) fn block_len(&self, index: u64) -> u32 {
+        block_len(self.size, self.block_size, index)
+    }
+
+    /// Block `index`, verified. Blocking: call off the async workers.
+    pub(crate) fn block(&self, index: u64) -> Result<Block, ReceiveError> {
+        let Some(hash) = self.hash(index) else {
+            return Ok(Block::Zero);
+        };
+        if let Some(b) = self.cache.get(index) {
+            return Ok(Block::Data(b));
+        }
+        let mut fetcher = match self.fetchers.lock().ok().and_then(|mut f| f.pop()) {
+            Some(f) => f,
+            None => BlockFetcher::new(self.store.dir())?,
+        };
+        let mut out = Vec::new();
+        let result = self
+            .store
+            .locate(&hash)
+            .and_then(|loc| fetcher.fetch_current(&self.store, &loc, &hash, &mut out));
+        if let Ok(mut idle) = self.fetchers.lock() {
+            idle.push(fetcher);
+        }
+        if let Err(e) = result {
+            tracing::error!(
+                volume = %self.volume,
+                point = self.point,
+                block = index,
+                hash = %hash.to_hex(),
+                cause = %e,
+                "damaged block: the read is answered with EIO"
+            );
+            return Err(e);
+        }
+        let data: Arc<[u8]> = Arc::from(out);
+        self.cache.put(index, data.clone());
+        Ok(Block::Data(data))
+    }
+
+    /// Read `out.len()` bytes at `offset` (within the volume) from the
+    /// point, block by block; `skip(index)` says which blocks the caller
+    /// fills itself (an overlay's). Blocking.
+    pub(crate) fn read_into(
+        &self,
+        offset: u64,
+        out: &mut [u8],
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Result<(), ReceiveError> {
+        let bs = u64::from(self.block_size);
+        let mut done = 0usize;
+        while done < out.len() {
+            let pos = offset + done as u64;
+            let index = pos / bs;
+            let within = (pos % bs) as usize;
+            let n = (bs as usize - within).min(out.len() - done);
+            let dst = out
+                .get_mut(done..done + n)
+                .ok_or_else(|| ReceiveError::Internal("read past its buffer".into()))?;
+            if !skip(index) {
+                match self.block(index)? {
+                    Block::Zero => dst.fill(0),
+                    Block::Data(b) => {
+                        let src = b.get(within..within + n).ok_or_else(|| {
+                            ReceiveError::Corrupt(format!(
+                                "block {index} of volume {} is shorter than the volume says",
+                                self.volume
+                            ))
+                        })?;
+                        dst.copy_from_slice(src);
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
