@@ -23,7 +23,8 @@
 //! ```
 //!
 //! A file that is not intact (short, bad checksum, bad magic, truncated
-//! field) is refused, and every volume is rescanned.
+//! field, bytes after the last volume) is refused, and every volume is
+//! rescanned.
 
 use std::path::Path;
 
@@ -43,7 +44,7 @@ const DIRTY_MAGIC: &[u8; 8] = b"PLDIRTY1";
 
 /// Why a saved dirty set was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(super) enum DamagedDirty {
+pub(crate) enum DamagedDirty {
     /// Shorter than its checksum.
     #[error("too short")]
     TooShort,
@@ -62,6 +63,9 @@ pub(super) enum DamagedDirty {
     /// A bitmap does not deserialize.
     #[error("a dirty bitmap is damaged")]
     BadBitmap,
+    /// Bytes follow the last volume.
+    #[error("trailing bytes after the last volume")]
+    TrailingData,
 }
 
 impl From<DecodeError> for DamagedDirty {
@@ -85,7 +89,7 @@ fn string(r: &mut Reader<'_>, what: &'static str) -> Result<String, DamagedDirty
 /// One volume's saved dirty blocks, and what must not have changed for
 /// them to be trusted.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct SavedVolume {
+pub(crate) struct SavedVolume {
     pub(super) name: String,
     /// The volume's own `major:minor`.
     pub(super) own: (u32, u32),
@@ -97,7 +101,7 @@ pub(super) struct SavedVolume {
 
 /// The dirty set of a clean stop.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct SavedDirty {
+pub(crate) struct SavedDirty {
     /// The boot it was saved in: counters restart at a reboot.
     pub(super) boot_id: String,
     pub(super) volumes: Vec<SavedVolume>,
@@ -105,7 +109,7 @@ pub(super) struct SavedDirty {
 
 impl SavedDirty {
     /// The file's bytes.
-    pub(super) fn encode(&self) -> Result<Vec<u8>, AgentError> {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, AgentError> {
         let mut out = Vec::new();
         out.extend_from_slice(DIRTY_MAGIC);
         put_str(&mut out, &self.boot_id);
@@ -154,7 +158,7 @@ impl SavedDirty {
     }
 
     /// Decode the file's bytes.
-    pub(super) fn parse(data: &[u8]) -> Result<Self, DamagedDirty> {
+    pub(crate) fn parse(data: &[u8]) -> Result<Self, DamagedDirty> {
         let body_len = data.len().checked_sub(4).ok_or(DamagedDirty::TooShort)?;
         let (body, crc) = data.split_at(body_len);
         if crc32fast::hash(body).to_le_bytes() != crc {
@@ -183,6 +187,9 @@ impl SavedDirty {
                 counters,
                 dirty,
             });
+        }
+        if r.remaining() != 0 {
+            return Err(DamagedDirty::TrailingData);
         }
         Ok(Self { boot_id, volumes })
     }
