@@ -80,6 +80,15 @@ fn trailing_bytes_under_a_good_checksum_are_refused() {
     assert_eq!(AgentState::load(dir.path()).unwrap(), None);
 }
 
+/// Found by the `dirty_set` fuzz target: a treemap with the same key twice
+/// read as the second bitmap alone, dropping the first one's dirty blocks
+/// without a word (seed `duplicate_key_body.bin`: the golden set with the
+/// `data` volume's second key made equal to its first).
+#[test]
+fn a_dirty_bitmap_with_a_key_twice_is_refused() {
+    fuzzing::dirty_file(&seed("dirty_set", "duplicate_key_body.bin"));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
 

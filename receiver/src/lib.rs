@@ -13,6 +13,9 @@ mod commit;
 pub mod config;
 mod connection;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gc;
 mod handshake;
 mod hashes;

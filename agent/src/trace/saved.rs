@@ -23,7 +23,8 @@
 //! ```
 //!
 //! A file that is not intact (short, bad checksum, bad magic, truncated
-//! field, bytes after the last volume) is refused, and every volume is
+//! field, a bitmap that does not read back at its own length, bytes after
+//! the last volume) is refused, and every volume is
 //! rescanned.
 
 use std::path::Path;
@@ -180,6 +181,11 @@ impl SavedDirty {
                 .map_err(|_| DamagedDirty::Truncated("bitmap"))?;
             let dirty = RoaringTreemap::deserialize_from(r.what("bitmap").take(len)?)
                 .map_err(|_| DamagedDirty::BadBitmap)?;
+            // A bitmap the treemap reads shorter than it was written (the
+            // same key twice: the first one's blocks would be dropped).
+            if dirty.serialized_size() != len {
+                return Err(DamagedDirty::BadBitmap);
+            }
             volumes.push(SavedVolume {
                 name,
                 own,

@@ -1,0 +1,662 @@
+//! The session fuzzer's harness, shared by the cargo-fuzz target
+//! `receiver_session` and the tests that replay its seeds and random inputs
+//! (`tests/fuzz_session.rs`). Not part of the API; built with the `fuzzing`
+//! feature only.
+//!
+//! The input is a script of agent connections: each step opens (on first
+//! use) one of [`CONNS`] in-memory connections as an enrolled server (`web`,
+//! `db`) or as an identity the catalog refused, and sends it a frame in any
+//! order: `Hello`, `Open`, `Join`, `Block`, `EndPoint`, `GetHashes`,
+//! `Goodbye`, a frame only the receiver sends, or raw bytes. Each
+//! connection is served by the receiver's own connection code
+//! ([`Connection::serve_authorized`]: everything after TLS) over a real
+//! store in a temporary directory, on a runtime with paused time that the
+//! script advances (a data stream's blocking applier keeps tokio from
+//! advancing it on its own), so every timeout passes in a few steps.
+//!
+//! ```text
+//! input:  volumes u8 | (blocks u8){volumes} | streams u8 | step*
+//! step:   op u8, then the op's bytes (a missing byte reads as 0);
+//!         see `Run::step` and `Run::message`
+//! ```
+//!
+//! What must hold, whatever the script ([`session`] asserts it):
+//! - no panic, and every connection ends once the agent side has closed
+//!   (no hang);
+//! - every error a connection ends with is one a peer can cause (a
+//!   protocol, frame, block, authorization or timeout error), never the
+//!   receiver's own (storage, catalog, internal);
+//! - every point in the catalog comes from an `EndPoint` the script sent,
+//!   and every `Durable` the agent side read names a point in the catalog.
+#![allow(clippy::panic)] // a harness: a broken property is a panic, for the fuzzer to find
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use pilotlight_protocol::block::Encoder;
+use pilotlight_protocol::codec::FrameCodec;
+use pilotlight_protocol::frame::{BlockFrame, CommitMode, Consistency, ErrorCode, VolumeDecl};
+use pilotlight_protocol::limits::{block_len, VERSION};
+use pilotlight_protocol::{BlockHash, Encoding, Frame};
+use tokio::io::{AsyncWriteExt, DuplexStream, WriteHalf};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Admission;
+use crate::config::ReceiverConfig;
+use crate::connection::Connection;
+use crate::handshake::AuthorizedPeer;
+use crate::registry::Registry;
+use crate::server::Shared;
+use crate::staging::Staging;
+use crate::store::Store;
+use crate::ReceiveError;
+
+/// Connections a script may hold open at once.
+pub const CONNS: usize = 4;
+/// Steps of a script past which the rest of the input is ignored.
+pub const MAX_STEPS: usize = 96;
+/// Block size of every declared volume.
+const BS: u32 = 4096;
+/// Virtual time within which every connection must have ended once the
+/// agent side closed: far beyond every timeout of the receiver.
+const HANG_LIMIT: Duration = Duration::from_secs(3600);
+/// How far virtual time moves at a time while waiting for the end.
+const TICK: Duration = Duration::from_secs(2);
+/// The enrolled servers a connection may be.
+const SERVERS: [&str; 2] = ["web", "db"];
+
+/// What a script made the receiver do, for tests that check a seed reaches
+/// what it was written for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Points in the catalog.
+    pub points: usize,
+    /// `Durable` frames the agent sides read.
+    pub durable: usize,
+    /// Connections that ended with an error.
+    pub errors: usize,
+}
+
+/// Run the script `data` against a fresh receiver and check what must hold
+/// (see the module docs); panics when it does not.
+pub fn session(data: &[u8]) -> Outcome {
+    let tmp = match tempfile::tempdir() {
+        Ok(t) => t,
+        Err(e) => return skip("temp dir", &e),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build();
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => return skip("runtime", &e),
+    };
+    let dir = tmp.path().join("receiver");
+    let setup = (|| {
+        crate::admin::init(&dir, None)?;
+        for s in SERVERS {
+            crate::admin::enroll(&dir, s, &tmp.path().join(format!("{s}.pem")))?;
+        }
+        Store::open_for_serve(&dir)
+    })();
+    let store = match setup {
+        Ok(s) => Arc::new(s),
+        Err(e) => return skip("store", &e),
+    };
+    rt.block_on(async move {
+        let run = match Run::new(store, &dir) {
+            Ok(r) => r,
+            Err(e) => return skip("receiver", &e),
+        };
+        let mut run = run;
+        let mut input = Input(data);
+        let script = Script::read(&mut input);
+        for _ in 0..MAX_STEPS {
+            if input.0.is_empty() {
+                break;
+            }
+            run.step(&script, &mut input).await;
+        }
+        run.finish().await
+    })
+}
+
+/// Setup failed for a reason that is not the receiver's session logic (the
+/// machine): nothing to check.
+fn skip(what: &str, e: &dyn std::fmt::Display) -> Outcome {
+    eprintln!("fuzzing: cannot set up the {what}: {e}");
+    Outcome::default()
+}
+
+/// The input, read a byte at a time; past its end every byte is 0.
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn u8(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    fn u64(&mut self) -> u64 {
+        (0..8).fold(0, |n, i| n | u64::from(self.u8()) << (8 * i))
+    }
+}
+
+/// What the script's `Open` declares.
+struct Script {
+    volumes: Vec<VolumeDecl>,
+    streams: u16,
+}
+
+impl Script {
+    fn read(input: &mut Input<'_>) -> Self {
+        let count = 1 + usize::from(input.u8() % 2);
+        let volumes = (0..count)
+            .map(|i| {
+                let b = input.u8();
+                // 0 to 4 blocks, the last one short when bit 4 is set.
+                let blocks = u64::from(b % 5);
+                let short = if b & 0x10 != 0 && blocks > 0 { 1000 } else { 0 };
+                VolumeDecl {
+                    name: format!("v{i}"),
+                    size: blocks * u64::from(BS) - short,
+                    block_size: BS,
+                }
+            })
+            .collect();
+        Self {
+            volumes,
+            streams: u16::from(input.u8() % 4),
+        }
+    }
+}
+
+/// The agent side of one connection.
+struct Client {
+    /// Index in [`SERVERS`], or `None` for an identity the catalog refused.
+    who: Option<usize>,
+    wr: FramedWrite<WriteHalf<DuplexStream>, FrameCodec>,
+}
+
+/// What the agent sides read from the receiver.
+#[derive(Default)]
+struct Seen {
+    /// Session ids of every `Welcome`.
+    welcomes: Vec<u64>,
+    /// `Durable` points, with the server of the connection.
+    durable: Vec<(usize, u64)>,
+}
+
+/// A receiver serving one script.
+struct Run {
+    shared: Arc<Shared>,
+    tls: TlsAcceptor,
+    peers: Vec<AuthorizedPeer>,
+    stop: CancellationToken,
+    staging: JoinHandle<()>,
+    clients: [Option<Client>; CONNS],
+    /// The receiver's side of every connection opened.
+    served: Vec<JoinHandle<Result<(), ReceiveError>>>,
+    readers: Vec<JoinHandle<()>>,
+    seen: Arc<Mutex<Seen>>,
+    /// `EndPoint` frames sent, by server.
+    end_points: [u64; SERVERS.len()],
+    /// Blocks sent so far, by tag.
+    blocks_sent: HashMap<u64, u64>,
+    encoder: Option<Encoder>,
+}
+
+impl Run {
+    fn new(store: Arc<Store>, dir: &Path) -> Result<Self, ReceiveError> {
+        let mut peers = Vec::new();
+        {
+            let cat = store.catalog()?;
+            for s in SERVERS {
+                let row = cat.require_server(s)?;
+                peers.push(AuthorizedPeer {
+                    server: s.to_owned(),
+                    server_id: row.id,
+                    serial: row.cert_serial.unwrap_or_default(),
+                });
+            }
+        }
+        // Short waits, so that a script reaches each of them in few steps.
+        let cfg = ReceiverConfig {
+            idle_timeout_secs: 10,
+            handshake_timeout_secs: 5,
+            write_timeout_secs: 5,
+            ..ReceiverConfig::default()
+        };
+        let (staging, task) = Staging::start(store.clone());
+        let shared = Arc::new(Shared {
+            store,
+            admission: Admission::new(&cfg),
+            cfg,
+            registry: Arc::new(Registry::new(dir.to_owned())),
+            staging,
+        });
+        Ok(Self {
+            shared,
+            tls: TlsAcceptor::from(crate::pki::server_config(dir)?),
+            peers,
+            stop: CancellationToken::new(),
+            staging: task,
+            clients: Default::default(),
+            served: Vec::new(),
+            readers: Vec::new(),
+            seen: Arc::default(),
+            end_points: [0; SERVERS.len()],
+            blocks_sent: HashMap::new(),
+            encoder: Encoder::new(1).ok(),
+        })
+    }
+
+    /// One step of the script.
+    async fn step(&mut self, script: &Script, input: &mut Input<'_>) {
+        let op = input.u8();
+        let conn = usize::from(op >> 4) % CONNS;
+        match op % 4 {
+            // Close the agent's side of a connection.
+            0 => {
+                if let Some(mut c) = self.clients[conn].take() {
+                    let _ = c.wr.get_mut().shutdown().await;
+                }
+            }
+            // Let the receiver catch up, and time pass.
+            1 => {
+                tokio::time::advance(Duration::from_millis(u64::from(input.u8()))).await;
+                settle().await;
+            }
+            // Send a frame, or raw bytes.
+            _ => {
+                let who = input.u8();
+                let out = self.message(script, input).await;
+                let client = self.client(conn, who);
+                let sent = match &out {
+                    Out::Frame(f) => client.wr.send(f).await.is_ok(),
+                    Out::Raw(b) => client.wr.get_mut().write_all(b).await.is_ok(),
+                };
+                if let (true, Some(w), Out::Frame(Frame::EndPoint { .. })) =
+                    (sent, client.who, &out)
+                {
+                    self.end_points[w] += 1;
+                }
+            }
+        }
+    }
+
+    /// The agent side of connection `conn`, opened (as server `who % 3`)
+    /// if it is not.
+    fn client(&mut self, conn: usize, who: u8) -> &mut Client {
+        let slot = &mut self.clients[conn];
+        if slot.is_none() {
+            let who = Some(usize::from(who % 3)).filter(|&w| w < SERVERS.len());
+            let authorized = match who.and_then(|w| self.peers.get(w)) {
+                Some(p) => Ok(p.clone()),
+                None => Err(ReceiveError::Unauthorized("fuzzing: refused".into())),
+            };
+            let (near, far) = tokio::io::duplex(1 << 16);
+            let conn = Connection {
+                shared: self.shared.clone(),
+                tls: self.tls.clone(),
+                cancel: self.stop.child_token(),
+                peer: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
+            };
+            let served = tokio::spawn(async move { conn.serve_authorized(far, authorized).await });
+            self.served.push(served);
+            let (r, w) = tokio::io::split(near);
+            self.readers.push(tokio::spawn(read_replies(
+                FramedRead::new(r, FrameCodec::default()),
+                who,
+                self.seen.clone(),
+            )));
+            *slot = Some(Client {
+                who,
+                wr: FramedWrite::new(w, FrameCodec::default()),
+            });
+        }
+        // INVARIANT: filled just above.
+        #[allow(clippy::unwrap_used)]
+        slot.as_mut().unwrap()
+    }
+
+    /// Close every agent side, wait for every connection to end, then check
+    /// what the receiver did.
+    async fn finish(mut self) -> Outcome {
+        let mut outcome = Outcome::default();
+        for c in self.clients.iter_mut().filter_map(Option::take) {
+            let mut wr = c.wr;
+            let _ = wr.get_mut().shutdown().await;
+        }
+        let mut waited = Duration::ZERO;
+        while !self.served.iter().all(JoinHandle::is_finished) {
+            assert!(
+                waited < HANG_LIMIT,
+                "a connection did not end after its agent closed: hang"
+            );
+            tokio::time::advance(TICK).await;
+            waited += TICK;
+            settle().await;
+        }
+        for task in std::mem::take(&mut self.served) {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if std::env::var_os("PILOTLIGHT_FUZZ_LOG").is_some() {
+                        eprintln!("fuzzing: a connection ended: {e}");
+                    }
+                    assert!(peer_caused(&e), "the receiver's own error: {e:?}");
+                    outcome.errors += 1;
+                }
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        }
+        // The receiver closed every connection: the readers are at their end.
+        for r in std::mem::take(&mut self.readers) {
+            let _ = r.await;
+        }
+        let Self {
+            shared,
+            staging,
+            seen,
+            end_points,
+            ..
+        } = self;
+        let store = shared.store.clone();
+        drop(shared);
+        // The staging task drains its queue once its last sender is gone.
+        let _ = staging.await;
+        let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
+        outcome.durable = seen.durable.len();
+        outcome.points = check_points(&store, &seen, &end_points);
+        outcome
+    }
+}
+
+/// Give the receiver's tasks, and its blocking work (catalog, fsync), a
+/// moment of real time to react to what the script did.
+async fn settle() {
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+        #[allow(clippy::disallowed_methods)] // real time for the blocking pool, not a test wait
+        std::thread::sleep(Duration::from_micros(250));
+    }
+    tokio::task::yield_now().await;
+}
+
+/// What one step sends.
+enum Out {
+    Frame(Frame),
+    Raw(Vec<u8>),
+}
+
+impl Run {
+    /// The frame (or bytes) a send step sends.
+    async fn message(&mut self, script: &Script, input: &mut Input<'_>) -> Out {
+        let kind = input.u8();
+        let frame = match kind % 12 {
+            0 => Frame::Hello {
+                version: if kind & 0x80 == 0 { VERSION } else { !VERSION },
+                features: 0,
+            },
+            1 => open(script, input),
+            2 => Frame::Join {
+                session: self.session_id(input).await,
+            },
+            3..=5 => Frame::Block(self.block(script, input)),
+            6 => self.end_point(input),
+            7 => Frame::GetHashes {
+                volume: u16::from(input.u8() % 3),
+            },
+            8 => Frame::Goodbye,
+            9 => Frame::Error {
+                code: ErrorCode::Protocol,
+                message: "fuzzing".into(),
+            },
+            10 => receiver_only(input),
+            _ => {
+                let len = input.u8() % 32;
+                return Out::Raw((0..len).map(|_| input.u8()).collect());
+            }
+        };
+        Out::Frame(frame)
+    }
+
+    /// A session id to join: one a `Welcome` named (waiting a moment for
+    /// the first), or, for a pick from 0xf0, any.
+    async fn session_id(&self, input: &mut Input<'_>) -> u64 {
+        let pick = input.u8();
+        if pick >= 0xf0 {
+            return input.u64();
+        }
+        for _ in 0..100 {
+            let seen = self
+                .seen
+                .lock()
+                .map(|s| s.welcomes.clone())
+                .unwrap_or_default();
+            if let Some(&id) = seen.iter().rev().nth(usize::from(pick % 4)).or(seen.last()) {
+                return id;
+            }
+            settle().await;
+        }
+        0
+    }
+
+    /// A block: well formed most often, else with a bad hash, a payload
+    /// that does not decode, or the wrong length; for a declared volume or
+    /// not, in range or not.
+    fn block(&mut self, script: &Script, input: &mut Input<'_>) -> BlockFrame {
+        let (a, b, fill) = (input.u8(), input.u8(), input.u8());
+        let tag = u64::from(a % 4);
+        let volume = (a >> 2) % 3;
+        let size = script
+            .volumes
+            .get(usize::from(volume))
+            .map_or(u64::from(BS), |v| v.size);
+        let index = u64::from(b % 6);
+        let raw_len = match block_len(size, BS, index) {
+            0 => BS,
+            n => n,
+        };
+        let raw = vec![fill; raw_len as usize];
+        let mut hash = BlockHash::of(&raw);
+        let (mut encoding, mut payload) = match (fill, self.encoder.as_mut()) {
+            (0, _) | (_, None) => (Encoding::Zero, Bytes::new()),
+            (_, Some(enc)) => {
+                let (e, p) = enc.encode(&raw);
+                (e, Bytes::copy_from_slice(p))
+            }
+        };
+        let mut raw_len = raw_len;
+        match (a >> 4) % 8 {
+            4 => (encoding, payload) = (Encoding::Raw, Bytes::from(raw)),
+            5 => hash.0[0] ^= 1,
+            6 => (encoding, payload) = (Encoding::Zstd, Bytes::from(vec![fill; 64])),
+            7 => raw_len = raw_len.wrapping_add(u32::from(b)),
+            _ => {}
+        }
+        *self.blocks_sent.entry(tag).or_default() += 1;
+        BlockFrame {
+            tag,
+            volume: u16::from(volume),
+            encoding,
+            index,
+            raw_len,
+            hash,
+            payload,
+        }
+    }
+
+    /// An `EndPoint`: for the blocks sent so far with its tag, or any count.
+    fn end_point(&self, input: &mut Input<'_>) -> Frame {
+        let flags = input.u8();
+        let tag = u64::from(flags % 4);
+        let blocks = if flags & 0x10 == 0 {
+            self.blocks_sent.get(&tag).copied().unwrap_or(0)
+        } else {
+            u64::from(input.u8())
+        };
+        Frame::EndPoint {
+            tag,
+            blocks,
+            created_ms: input.u64() as i64,
+            consistency: if flags & 0x20 == 0 {
+                Consistency::Fuzzy
+            } else {
+                Consistency::CrashConsistent
+            },
+            commit: if flags & 0x40 == 0 {
+                CommitMode::Sync
+            } else {
+                CommitMode::Async
+            },
+        }
+    }
+}
+
+/// The script's `Open`, or a variation of it: other streams or commit
+/// mode, a volume declared twice, another block size, an empty volume.
+fn open(script: &Script, input: &mut Input<'_>) -> Frame {
+    let flags = input.u8();
+    let mut volumes = script.volumes.clone();
+    if flags & 0x04 != 0 {
+        volumes.extend(volumes.first().cloned());
+    }
+    if let Some(first) = volumes.first_mut() {
+        if flags & 0x08 != 0 {
+            first.block_size = 2 * BS;
+        }
+        if flags & 0x10 != 0 {
+            first.size = 0;
+        }
+    }
+    Frame::Open {
+        streams: if flags & 0x01 == 0 {
+            script.streams
+        } else {
+            u16::from(input.u8() % 20)
+        },
+        commit: if flags & 0x02 == 0 {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        },
+        volumes,
+    }
+}
+
+/// A frame only the receiver sends.
+fn receiver_only(input: &mut Input<'_>) -> Frame {
+    let n = input.u64();
+    match input.u8() % 6 {
+        0 => Frame::Welcome {
+            session: n,
+            store_id: [0; 16],
+            last_point: n,
+        },
+        1 => Frame::Joined,
+        2 => Frame::Received { seq: n },
+        3 => Frame::Durable { tag: n, point: n },
+        4 => Frame::Hashes {
+            volume: 0,
+            start: n,
+            hashes: vec![BlockHash::of(&[]); 2],
+        },
+        _ => Frame::HashesEnd {
+            volume: 0,
+            point: n,
+            blocks: n,
+        },
+    }
+}
+
+/// Read what the receiver sends on one connection until it closes it.
+async fn read_replies(
+    mut rd: FramedRead<tokio::io::ReadHalf<DuplexStream>, FrameCodec>,
+    who: Option<usize>,
+    seen: Arc<Mutex<Seen>>,
+) {
+    while let Some(Ok((_, frame))) = rd.next().await {
+        let Ok(mut seen) = seen.lock() else { return };
+        match frame {
+            Frame::Welcome { session, .. } => seen.welcomes.push(session),
+            Frame::Durable { point, .. } => {
+                if let Some(w) = who {
+                    seen.durable.push((w, point));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether a peer can cause `e`: anything but the receiver's own failures
+/// (storage, catalog, internal), which no frame sequence may provoke.
+fn peer_caused(e: &ReceiveError) -> bool {
+    use ReceiveError as E;
+    match e {
+        E::Net(_)
+        | E::Decode(_)
+        | E::Protocol(_)
+        | E::BadBlock { .. }
+        | E::Unauthorized(_)
+        | E::Timeout(_)
+        | E::Superseded
+        | E::Busy(_) => true,
+        E::SessionFailed { code, .. } => matches!(
+            code,
+            ErrorCode::Protocol
+                | ErrorCode::Unauthorized
+                | ErrorCode::BadBlock
+                | ErrorCode::Timeout
+                | ErrorCode::Superseded
+                | ErrorCode::Busy
+        ),
+        _ => false,
+    }
+}
+
+/// Every point of a server comes from an `EndPoint` it sent, and every
+/// `Durable` names a point of its server. Returns the number of points.
+fn check_points(store: &Store, seen: &Seen, end_points: &[u64; SERVERS.len()]) -> usize {
+    let mut total = 0;
+    let cat = match store.catalog() {
+        Ok(c) => c,
+        Err(e) => panic!("the catalog after the run: {e}"),
+    };
+    for (w, name) in SERVERS.iter().enumerate() {
+        let points: Vec<u64> = match cat.points(Some(name)) {
+            Ok(p) => p.iter().map(|p| p.id as u64).collect(),
+            Err(e) => panic!("listing the points of {name}: {e}"),
+        };
+        assert!(
+            points.len() as u64 <= end_points[w],
+            "{name}: {} points from {} EndPoint frames",
+            points.len(),
+            end_points[w]
+        );
+        for &(_, point) in seen.durable.iter().filter(|(sw, _)| *sw == w) {
+            assert!(
+                points.contains(&point),
+                "{name}: Durable for point {point}, which the catalog does not hold"
+            );
+        }
+        total += points.len();
+    }
+    total
+}
