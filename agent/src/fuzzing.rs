@@ -11,7 +11,7 @@ use crate::state::AgentState;
 use crate::trace::saved::SavedDirty;
 
 /// `state.bin`: parsing arbitrary bytes never panics, and what parses is
-/// exactly what [`AgentState::save`] writes for the state it yields (no
+/// exactly what `AgentState::save` writes for the state it yields (no
 /// trailing bytes, no second spelling of one state).
 pub fn state_file(data: &[u8]) {
     check_state(data);
@@ -28,7 +28,7 @@ fn check_state(data: &[u8]) {
 }
 
 /// The saved dirty set (`dirty.bin`): parsing arbitrary bytes never
-/// panics, and what parses is what [`SavedDirty::encode`] writes for the
+/// panics, and what parses is what `SavedDirty::encode` writes for the
 /// set it yields, up to the order of a treemap's keys (the roaring crate
 /// reads them in any order): the same set, in as many bytes.
 pub fn dirty_file(data: &[u8]) {

@@ -9,7 +9,7 @@
 //! order: `Hello`, `Open`, `Join`, `Block`, `EndPoint`, `GetHashes`,
 //! `Goodbye`, a frame only the receiver sends, or raw bytes. Each
 //! connection is served by the receiver's own connection code
-//! ([`Connection::serve_authorized`]: everything after TLS) over a real
+//! (`Connection::serve_authorized`: everything after TLS) over a real
 //! store in a temporary directory, on a runtime with paused time that the
 //! script advances (a data stream's blocking applier keeps tokio from
 //! advancing it on its own), so every timeout passes in a few steps.
