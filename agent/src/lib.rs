@@ -9,6 +9,8 @@ pub mod consistency;
 mod cycle;
 mod durable;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod link;
 mod policy;

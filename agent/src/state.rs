@@ -74,7 +74,8 @@ impl AgentState {
         }
     }
 
-    fn parse(data: &[u8]) -> Option<Self> {
+    /// Decode the file's bytes; `None` if they are not an intact state.
+    pub(crate) fn parse(data: &[u8]) -> Option<Self> {
         let (body, sum) = data.split_at(data.len().checked_sub(32)?);
         if blake3::hash(body).as_bytes() != sum {
             return None;
@@ -107,6 +108,8 @@ impl AgentState {
                 hashes,
             });
         }
+        // Bytes after the last volume: not a file `save` wrote.
+        r.finish().ok()?;
         Some(Self {
             store_id,
             last_point,
@@ -164,7 +167,8 @@ pub struct VolumeView<'a> {
 }
 
 impl StateView<'_> {
-    fn serialize(&self) -> Vec<u8> {
+    /// The file's bytes.
+    pub(crate) fn serialize(&self) -> Vec<u8> {
         let tables: usize = self.volumes.iter().map(|v| v.hashes.len() * 32).sum();
         let mut out = Vec::with_capacity(64 + tables + self.volumes.len() * 300);
         out.extend_from_slice(&MAGIC);

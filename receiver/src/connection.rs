@@ -13,7 +13,7 @@ use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
 use pilotlight_protocol::limits::{FEATURE_PING, VERSION};
 use pilotlight_protocol::{DecodeError, Frame};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::FramedRead;
@@ -86,21 +86,36 @@ impl Connection {
         };
         let authorized = handshake::authorize(&self.shared.store, &tls).await;
         drop(preauth);
-        let (r, w) = tokio::io::split(tls);
-        let mut rd = FramedRead::new(r, FrameCodec::default());
-        let mut wr = Writer::new(w, cfg.write_timeout());
+        let _ = self.serve_authorized(tls, authorized).await;
+    }
+
+    /// The connection after TLS (`io`; an in-memory pipe under the session
+    /// fuzzer, `crate::fuzzing`): a session slot, `Hello`, the role, and on
+    /// failure the `Error` frame to the agent. Returns the error that ended
+    /// the connection, already reported.
+    pub(crate) async fn serve_authorized<S>(
+        &self,
+        io: S,
+        authorized: Result<AuthorizedPeer, ReceiveError>,
+    ) -> Result<(), ReceiveError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(io);
+        let mut rd: Reader = FramedRead::new(Box::new(r), FrameCodec::default());
+        let mut wr: Writer = Writer::new(Box::new(w), self.shared.cfg.write_timeout());
         let result = match authorized.and_then(|p| Ok((p, self.shared.admission.session()?))) {
             Ok((peer, _slot)) => self.session(&mut rd, &mut wr, peer).await,
             Err(e) => Err(e),
         };
-        let failed = result.is_err();
-        if let Err(e) = result {
-            self.report(&mut wr, &e).await;
+        if let Err(e) = &result {
+            self.report(&mut wr, e).await;
         }
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, wr.get_mut().shutdown()).await;
-        if failed {
+        if result.is_err() {
             linger(&mut rd).await;
         }
+        result
     }
 
     /// Count, log and send to the agent the error that ends the connection.

@@ -14,6 +14,9 @@ pub mod config;
 mod connection;
 pub mod error;
 pub mod export;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gc;
 mod handshake;
 mod hashes;

@@ -8,18 +8,17 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
 use pilotlight_protocol::Frame;
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::session::Session;
 use crate::ReceiveError;
 
-/// The read half of an agent's connection.
-pub(crate) type Reader = FramedRead<ReadHalf<TlsStream<TcpStream>>, FrameCodec>;
+/// The read half of an agent's connection: TLS over TCP when serving, an
+/// in-memory pipe under the session fuzzer (`crate::fuzzing`).
+pub(crate) type Reader = FramedRead<Box<dyn AsyncRead + Send + Unpin>, FrameCodec>;
 /// The write half of an agent's connection, with its write deadline.
-pub(crate) type Writer = Deadlined<WriteHalf<TlsStream<TcpStream>>>;
+pub(crate) type Writer = Deadlined<Box<dyn AsyncWrite + Send + Unpin>>;
 
 /// A framed writer whose every frame must be written within a deadline.
 pub(crate) struct Deadlined<W> {

@@ -37,7 +37,7 @@ mod book;
 mod device;
 mod parse;
 mod plan;
-mod saved;
+pub(crate) mod saved;
 mod source;
 mod tracer;
 

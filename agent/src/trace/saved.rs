@@ -23,7 +23,9 @@
 //! ```
 //!
 //! A file that is not intact (short, bad checksum, bad magic, truncated
-//! field) is refused, and every volume is rescanned.
+//! field, a bitmap that does not read back at its own length, bytes after
+//! the last volume) is refused, and every volume is
+//! rescanned.
 
 use std::path::Path;
 
@@ -43,7 +45,7 @@ const DIRTY_MAGIC: &[u8; 8] = b"PLDIRTY1";
 
 /// Why a saved dirty set was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(super) enum DamagedDirty {
+pub(crate) enum DamagedDirty {
     /// Shorter than its checksum.
     #[error("too short")]
     TooShort,
@@ -62,6 +64,9 @@ pub(super) enum DamagedDirty {
     /// A bitmap does not deserialize.
     #[error("a dirty bitmap is damaged")]
     BadBitmap,
+    /// Bytes follow the last volume.
+    #[error("trailing bytes after the last volume")]
+    TrailingData,
 }
 
 impl From<DecodeError> for DamagedDirty {
@@ -85,7 +90,7 @@ fn string(r: &mut Reader<'_>, what: &'static str) -> Result<String, DamagedDirty
 /// One volume's saved dirty blocks, and what must not have changed for
 /// them to be trusted.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct SavedVolume {
+pub(crate) struct SavedVolume {
     pub(super) name: String,
     /// The volume's own `major:minor`.
     pub(super) own: (u32, u32),
@@ -97,7 +102,7 @@ pub(super) struct SavedVolume {
 
 /// The dirty set of a clean stop.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct SavedDirty {
+pub(crate) struct SavedDirty {
     /// The boot it was saved in: counters restart at a reboot.
     pub(super) boot_id: String,
     pub(super) volumes: Vec<SavedVolume>,
@@ -105,7 +110,7 @@ pub(super) struct SavedDirty {
 
 impl SavedDirty {
     /// The file's bytes.
-    pub(super) fn encode(&self) -> Result<Vec<u8>, AgentError> {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, AgentError> {
         let mut out = Vec::new();
         out.extend_from_slice(DIRTY_MAGIC);
         put_str(&mut out, &self.boot_id);
@@ -154,7 +159,7 @@ impl SavedDirty {
     }
 
     /// Decode the file's bytes.
-    pub(super) fn parse(data: &[u8]) -> Result<Self, DamagedDirty> {
+    pub(crate) fn parse(data: &[u8]) -> Result<Self, DamagedDirty> {
         let body_len = data.len().checked_sub(4).ok_or(DamagedDirty::TooShort)?;
         let (body, crc) = data.split_at(body_len);
         if crc32fast::hash(body).to_le_bytes() != crc {
@@ -176,6 +181,11 @@ impl SavedDirty {
                 .map_err(|_| DamagedDirty::Truncated("bitmap"))?;
             let dirty = RoaringTreemap::deserialize_from(r.what("bitmap").take(len)?)
                 .map_err(|_| DamagedDirty::BadBitmap)?;
+            // A bitmap the treemap reads shorter than it was written (the
+            // same key twice: the first one's blocks would be dropped).
+            if dirty.serialized_size() != len {
+                return Err(DamagedDirty::BadBitmap);
+            }
             volumes.push(SavedVolume {
                 name,
                 own,
@@ -183,6 +193,9 @@ impl SavedDirty {
                 counters,
                 dirty,
             });
+        }
+        if r.remaining() != 0 {
+            return Err(DamagedDirty::TrailingData);
         }
         Ok(Self { boot_id, volumes })
     }

@@ -1,0 +1,244 @@
+//! The session fuzzer's script: how input bytes become the declared volumes
+//! and, step by step, the frames (or raw bytes) an agent side sends.
+
+use bytes::Bytes;
+use pilotlight_protocol::frame::{BlockFrame, CommitMode, Consistency, ErrorCode, VolumeDecl};
+use pilotlight_protocol::limits::{block_len, VERSION};
+use pilotlight_protocol::{BlockHash, Encoding, Frame};
+
+use super::{settle, Run, BS};
+
+/// The input, read a byte at a time; past its end every byte is 0.
+pub(super) struct Input<'a>(pub(super) &'a [u8]);
+
+impl Input<'_> {
+    pub(super) fn u8(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    fn u64(&mut self) -> u64 {
+        (0..8).fold(0, |n, i| n | u64::from(self.u8()) << (8 * i))
+    }
+}
+
+/// What the script's `Open` declares.
+pub(super) struct Script {
+    volumes: Vec<VolumeDecl>,
+    streams: u16,
+}
+
+impl Script {
+    pub(super) fn read(input: &mut Input<'_>) -> Self {
+        let count = 1 + usize::from(input.u8() % 2);
+        let volumes = (0..count)
+            .map(|i| {
+                let b = input.u8();
+                // 0 to 4 blocks, the last one short when bit 4 is set.
+                let blocks = u64::from(b % 5);
+                let short = if b & 0x10 != 0 && blocks > 0 { 1000 } else { 0 };
+                VolumeDecl {
+                    name: format!("v{i}"),
+                    size: blocks * u64::from(BS) - short,
+                    block_size: BS,
+                }
+            })
+            .collect();
+        Self {
+            volumes,
+            streams: u16::from(input.u8() % 4),
+        }
+    }
+}
+
+/// What one step sends.
+pub(super) enum Out {
+    Frame(Frame),
+    Raw(Vec<u8>),
+}
+
+impl Run {
+    /// The frame (or bytes) a send step sends.
+    pub(super) async fn message(&mut self, script: &Script, input: &mut Input<'_>) -> Out {
+        let kind = input.u8();
+        let frame = match kind % 12 {
+            0 => Frame::Hello {
+                version: if kind & 0x80 == 0 { VERSION } else { !VERSION },
+                features: 0,
+            },
+            1 => open(script, input),
+            2 => Frame::Join {
+                session: self.session_id(input).await,
+            },
+            3..=5 => Frame::Block(self.block(script, input)),
+            6 => self.end_point(input),
+            7 => Frame::GetHashes {
+                volume: u16::from(input.u8() % 3),
+            },
+            8 => Frame::Goodbye,
+            9 => Frame::Error {
+                code: ErrorCode::Protocol,
+                message: "fuzzing".into(),
+            },
+            10 => receiver_only(input),
+            _ => {
+                let len = input.u8() % 32;
+                return Out::Raw((0..len).map(|_| input.u8()).collect());
+            }
+        };
+        Out::Frame(frame)
+    }
+
+    /// A session id to join: one a `Welcome` named (waiting a moment for
+    /// the first), or, for a pick from 0xf0, any.
+    async fn session_id(&self, input: &mut Input<'_>) -> u64 {
+        let pick = input.u8();
+        if pick >= 0xf0 {
+            return input.u64();
+        }
+        for _ in 0..100 {
+            let seen = self
+                .seen
+                .lock()
+                .map(|s| s.welcomes.clone())
+                .unwrap_or_default();
+            if let Some(&id) = seen.iter().rev().nth(usize::from(pick % 4)).or(seen.last()) {
+                return id;
+            }
+            settle().await;
+        }
+        0
+    }
+
+    /// A block: well formed most often, else with a bad hash, a payload
+    /// that does not decode, or the wrong length; for a declared volume or
+    /// not, in range or not.
+    fn block(&mut self, script: &Script, input: &mut Input<'_>) -> BlockFrame {
+        let (a, b, fill) = (input.u8(), input.u8(), input.u8());
+        let tag = u64::from(a % 4);
+        let volume = (a >> 2) % 3;
+        let size = script
+            .volumes
+            .get(usize::from(volume))
+            .map_or(u64::from(BS), |v| v.size);
+        let index = u64::from(b % 6);
+        let raw_len = match block_len(size, BS, index) {
+            0 => BS,
+            n => n,
+        };
+        let raw = vec![fill; raw_len as usize];
+        let mut hash = BlockHash::of(&raw);
+        let (mut encoding, mut payload) = match (fill, self.encoder.as_mut()) {
+            (0, _) | (_, None) => (Encoding::Zero, Bytes::new()),
+            (_, Some(enc)) => {
+                let (e, p) = enc.encode(&raw);
+                (e, Bytes::copy_from_slice(p))
+            }
+        };
+        let mut raw_len = raw_len;
+        match (a >> 4) % 8 {
+            4 => (encoding, payload) = (Encoding::Raw, Bytes::from(raw)),
+            5 => hash.0[0] ^= 1,
+            6 => (encoding, payload) = (Encoding::Zstd, Bytes::from(vec![fill; 64])),
+            7 => raw_len = raw_len.wrapping_add(u32::from(b)),
+            _ => {}
+        }
+        *self.blocks_sent.entry(tag).or_default() += 1;
+        BlockFrame {
+            tag,
+            volume: u16::from(volume),
+            encoding,
+            index,
+            raw_len,
+            hash,
+            payload,
+        }
+    }
+
+    /// An `EndPoint`: for the blocks sent so far with its tag, or any count.
+    fn end_point(&self, input: &mut Input<'_>) -> Frame {
+        let flags = input.u8();
+        let tag = u64::from(flags % 4);
+        let blocks = if flags & 0x10 == 0 {
+            self.blocks_sent.get(&tag).copied().unwrap_or(0)
+        } else {
+            u64::from(input.u8())
+        };
+        Frame::EndPoint {
+            tag,
+            blocks,
+            created_ms: input.u64() as i64,
+            consistency: if flags & 0x20 == 0 {
+                Consistency::Fuzzy
+            } else {
+                Consistency::CrashConsistent
+            },
+            commit: if flags & 0x40 == 0 {
+                CommitMode::Sync
+            } else {
+                CommitMode::Async
+            },
+        }
+    }
+}
+
+/// The script's `Open`, or a variation of it: other streams or commit
+/// mode, a volume declared twice, another block size, an empty volume.
+fn open(script: &Script, input: &mut Input<'_>) -> Frame {
+    let flags = input.u8();
+    let mut volumes = script.volumes.clone();
+    if flags & 0x04 != 0 {
+        volumes.extend(volumes.first().cloned());
+    }
+    if let Some(first) = volumes.first_mut() {
+        if flags & 0x08 != 0 {
+            first.block_size = 2 * BS;
+        }
+        if flags & 0x10 != 0 {
+            first.size = 0;
+        }
+    }
+    Frame::Open {
+        streams: if flags & 0x01 == 0 {
+            script.streams
+        } else {
+            u16::from(input.u8() % 20)
+        },
+        commit: if flags & 0x02 == 0 {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        },
+        volumes,
+    }
+}
+
+/// A frame only the receiver sends.
+fn receiver_only(input: &mut Input<'_>) -> Frame {
+    let n = input.u64();
+    match input.u8() % 6 {
+        0 => Frame::Welcome {
+            session: n,
+            store_id: [0; 16],
+            last_point: n,
+        },
+        1 => Frame::Joined,
+        2 => Frame::Received { seq: n },
+        3 => Frame::Durable { tag: n, point: n },
+        4 => Frame::Hashes {
+            volume: 0,
+            start: n,
+            hashes: vec![BlockHash::of(&[]); 2],
+        },
+        _ => Frame::HashesEnd {
+            volume: 0,
+            point: n,
+            blocks: n,
+        },
+    }
+}
