@@ -2,7 +2,8 @@
 //! `revoke`, `points`.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 
 use pilotlight_protocol::limits::valid_name;
 
@@ -68,6 +69,37 @@ pub fn enroll(dir: &Path, server: &str, out: &Path) -> Result<(), ReceiveError> 
     pki::write_new(out, pem.as_bytes(), 0o600)?;
     store.catalog()?.set_identity(server, &serial)?;
     Ok(())
+}
+
+/// Issue an operator identity `name` (remote export over TLS): the bundle
+/// at `out` (0600, like an agent's), and beside it `OUT.nbd/` (0700) with
+/// `ca-cert.pem`, `client-cert.pem` and `client-key.pem`, the layout libnbd
+/// and QEMU read. Returns that directory.
+pub fn enroll_operator(dir: &Path, name: &str, out: &Path) -> Result<PathBuf, ReceiveError> {
+    if !valid_name(name) {
+        return Err(ReceiveError::Refused(format!(
+            "{name:?} is not a valid operator name (use 1 to 64 of a-z, 0-9, '.', '_', '-')"
+        )));
+    }
+    let id = pki::issue_operator(dir, name)?;
+    let mut certs = out.as_os_str().to_owned();
+    certs.push(".nbd");
+    let certs = PathBuf::from(certs);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&certs)
+        .map_err(|e| ReceiveError::storage(&certs, e))?;
+    let bundle = format!(
+        "{}{}{}",
+        id.cert,
+        id.ca.trim_end().to_owned() + "\n",
+        id.key
+    );
+    pki::write_new(out, bundle.as_bytes(), 0o600)?;
+    pki::write_new(&certs.join("ca-cert.pem"), id.ca.as_bytes(), 0o600)?;
+    pki::write_new(&certs.join("client-cert.pem"), id.cert.as_bytes(), 0o600)?;
+    pki::write_new(&certs.join("client-key.pem"), id.key.as_bytes(), 0o600)?;
+    Ok(certs)
 }
 
 /// Refuse the current identity of `server` from now on.

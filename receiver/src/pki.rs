@@ -30,6 +30,9 @@ use crate::ReceiveError;
 
 /// Organizational unit that marks agent certificates.
 const AGENT_OU: &str = "pilotlight-agent";
+/// The organizational unit of an operator identity (remote export, console):
+/// never accepted where an agent is, nor an agent's where an operator is.
+const OPERATOR_OU: &str = "pilotlight-operator";
 
 fn cfg_err(what: &str, e: impl std::fmt::Display) -> ReceiveError {
     ReceiveError::Config(format!("{what}: {e}"))
@@ -128,18 +131,45 @@ pub fn create_ca(dir: &Path, extra_ips: &[IpAddr]) -> Result<(), ReceiveError> {
 /// Issue an agent identity for `server`: returns the PEM text (agent cert,
 /// CA cert, private key) and the certificate serial (hex).
 pub fn issue_identity(dir: &Path, server: &str) -> Result<(String, String), ReceiveError> {
+    let c = issue_client(dir, server, AGENT_OU)?;
+    let pem = format!("{}{}{}", c.cert, c.ca.trim_end().to_owned() + "\n", c.key);
+    Ok((pem, c.serial))
+}
+
+/// A client identity: PEM texts of its certificate, the CA and its key,
+/// and the certificate's serial (hex).
+pub struct ClientIdentity {
+    /// The client certificate (PEM).
+    pub cert: String,
+    /// The receiver's CA certificate (PEM).
+    pub ca: String,
+    /// The private key (PEM).
+    pub key: String,
+    /// Serial number (hex).
+    pub serial: String,
+}
+
+/// An operator identity named `name` (remote export over TLS): never
+/// accepted where an agent is, nor an agent's where an operator is.
+pub fn issue_operator(dir: &Path, name: &str) -> Result<ClientIdentity, ReceiveError> {
+    issue_client(dir, name, OPERATOR_OU)
+}
+
+/// A client certificate for `cn` in organizational unit `ou`, signed by
+/// the receiver's CA.
+fn issue_client(dir: &Path, cn: &str, ou: &str) -> Result<ClientIdentity, ReceiveError> {
     let ca_pem = read(&dir.join("ca.pem"))?;
     let ca_key_pem = read(&dir.join("ca.key"))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| cfg_err("reading ca.key", e))?;
     let issuer =
         Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| cfg_err("reading ca.pem", e))?;
-    let key = KeyPair::generate().map_err(|e| cfg_err("generating the agent key", e))?;
-    let mut params =
-        CertificateParams::new(Vec::<String>::new()).map_err(|e| cfg_err("agent parameters", e))?;
-    params.distinguished_name.push(DnType::CommonName, server);
+    let key = KeyPair::generate().map_err(|e| cfg_err("generating the client key", e))?;
+    let mut params = CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| cfg_err("client parameters", e))?;
+    params.distinguished_name.push(DnType::CommonName, cn);
     params
         .distinguished_name
-        .push(DnType::OrganizationalUnitName, AGENT_OU);
+        .push(DnType::OrganizationalUnitName, ou);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let sn = serial();
@@ -148,14 +178,13 @@ pub fn issue_identity(dir: &Path, server: &str) -> Result<(String, String), Rece
     validity(&mut params, 10);
     let cert = params
         .signed_by(&key, &issuer)
-        .map_err(|e| cfg_err("signing the agent certificate", e))?;
-    let pem = format!(
-        "{}{}{}",
-        cert.pem(),
-        ca_pem.trim_end().to_owned() + "\n",
-        key.serialize_pem()
-    );
-    Ok((pem, serial_hex))
+        .map_err(|e| cfg_err("signing the client certificate", e))?;
+    Ok(ClientIdentity {
+        cert: cert.pem(),
+        ca: ca_pem,
+        key: key.serialize_pem(),
+        serial: serial_hex,
+    })
 }
 
 fn read(path: &Path) -> Result<String, ReceiveError> {
@@ -174,6 +203,20 @@ fn read(path: &Path) -> Result<String, ReceiveError> {
 /// The TLS server configuration: TLS 1.3 only, client certificates from our
 /// CA required.
 pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, ReceiveError> {
+    let mut cfg = tls_config(dir)?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The TLS configuration of an export over TLS: as [`server_config`]
+/// (TLS 1.3, the receiver's certificate, client certificates from its CA),
+/// without the agents' ALPN (NBD clients send none); the operator identity
+/// is checked after the handshake ([`operator_identity`]).
+pub fn operator_server_config(dir: &Path) -> Result<Arc<ServerConfig>, ReceiveError> {
+    Ok(Arc::new(tls_config(dir)?))
+}
+
+fn tls_config(dir: &Path) -> Result<ServerConfig, ReceiveError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let ca = CertificateDer::from_pem_slice(read(&dir.join("ca.pem"))?.as_bytes())
         .map_err(|e| cfg_err("reading ca.pem", e))?;
@@ -188,14 +231,44 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, ReceiveError> {
             .map_err(|e| cfg_err("reading server.pem", e))?;
     let key = PrivateKeyDer::from_pem_slice(read(&dir.join("server.key"))?.as_bytes())
         .map_err(|e| cfg_err("reading server.key", e))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| cfg_err("TLS versions", e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| cfg_err("server certificate", e))?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(Arc::new(cfg))
+        .map_err(|e| cfg_err("server certificate", e))
+}
+
+/// The operator named by a verified client certificate; an agent's (or any
+/// other) certificate is refused.
+pub fn operator_identity(certs: &[CertificateDer<'_>]) -> Result<String, ReceiveError> {
+    let (name, ou) = subject_of(certs)?;
+    if ou.as_deref() != Some(OPERATOR_OU) {
+        return Err(ReceiveError::Unauthorized(
+            "certificate is not an operator identity (`enroll --operator`)".into(),
+        ));
+    }
+    Ok(name)
+}
+
+/// The common name and organizational unit of the first certificate.
+fn subject_of(certs: &[CertificateDer<'_>]) -> Result<(String, Option<String>), ReceiveError> {
+    let der = certs
+        .first()
+        .ok_or_else(|| ReceiveError::Unauthorized("no client certificate".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| ReceiveError::Unauthorized("client certificate does not parse".into()))?;
+    let subject = cert.subject();
+    let ou = subject
+        .iter_organizational_unit()
+        .find_map(|ou| ou.as_str().ok().map(str::to_owned));
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .filter(|n| pilotlight_protocol::limits::valid_name(n))
+        .ok_or_else(|| ReceiveError::Unauthorized("certificate names no valid identity".into()))?;
+    Ok((name.to_owned(), ou))
 }
 
 /// The server name and serial (hex) of a verified agent certificate.

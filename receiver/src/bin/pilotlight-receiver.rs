@@ -49,8 +49,18 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
         /// Server name ([a-z0-9._-]{1,64}).
+        #[arg(
+            long,
+            required_unless_present = "operator",
+            conflicts_with = "operator"
+        )]
+        server: Option<String>,
+        /// An operator identity instead (remote export over TLS): never
+        /// accepted as a source server. Beside FILE, FILE.nbd/ holds the
+        /// ca-cert.pem, client-cert.pem and client-key.pem that libnbd
+        /// (`tls-certificates=`) and QEMU (`tls-creds-x509`) read.
         #[arg(long)]
-        server: String,
+        operator: Option<String>,
         /// Where to write the identity (created with mode 0600).
         #[arg(long)]
         out: PathBuf,
@@ -222,6 +232,11 @@ enum Cmd {
         /// export stops.
         #[arg(long, requires = "writable")]
         keep_overlay: Option<PathBuf>,
+        /// NBD over TLS: clients must STARTTLS and present an operator
+        /// identity (`enroll --operator`). Needed for a --listen address
+        /// that is not loopback.
+        #[arg(long, conflicts_with = "socket")]
+        tls: bool,
     },
     /// Export every volume of a point writable (copy-on-write overlays, on
     /// unix sockets), print how to attach them, and discard the overlays on
@@ -305,10 +320,27 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             admin::init(&dir, listen.as_deref())?;
             println!("initialized receiver directory {}", dir.display());
         }
-        Cmd::Enroll { dir, server, out } => {
-            admin::enroll(&dir, &server, &out)?;
-            println!("wrote identity of server {server} to {}", out.display());
-        }
+        Cmd::Enroll {
+            dir,
+            server,
+            operator,
+            out,
+        } => match (server, operator) {
+            (Some(server), _) => {
+                admin::enroll(&dir, &server, &out)?;
+                println!("wrote identity of server {server} to {}", out.display());
+            }
+            (None, Some(name)) => {
+                let certs = admin::enroll_operator(&dir, &name, &out)?;
+                println!(
+                    "wrote operator identity {name} to {} and {}/ (for nbds:// clients: tls-certificates={})",
+                    out.display(),
+                    certs.display(),
+                    certs.display()
+                );
+            }
+            (None, None) => anyhow::bail!("enroll needs --server NAME or --operator NAME"),
+        },
         Cmd::Revoke { dir, server } => {
             admin::revoke(&dir, &server)?;
             println!("revoked the identity of server {server}");
@@ -406,6 +438,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             socket,
             writable,
             keep_overlay,
+            tls,
         } => {
             let listen = match socket {
                 Some(path) => export::Listen::Unix(path),
@@ -418,6 +451,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 listen,
                 writable,
                 keep_overlay,
+                tls,
             };
             run_export(dir, req)?;
         }

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::disk::Disk;
-use super::options::{negotiate, ExportInfo, Haggled};
+use super::options::{greet, haggle, ExportInfo, Haggled, Tls};
 use super::transmission::transmit;
 use crate::ReceiveError;
 
@@ -41,26 +41,84 @@ pub(crate) enum ConnError {
     /// The handshake took too long.
     #[error("handshake timed out")]
     Timeout,
+    /// The TLS handshake failed, or the client's certificate is not an
+    /// operator identity of this receiver.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Our own bug (a disk task that panicked).
     #[error(transparent)]
     Internal(ReceiveError),
 }
 
-/// Serve one client to the end.
+/// Serve one client to the end: plain NBD without `tls`, else NBD that
+/// must `STARTTLS` and present an operator identity of this receiver.
 pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     info: &ExportInfo,
     disk: &Arc<Disk>,
     stop: &CancellationToken,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
 ) -> Result<(), ConnError> {
+    let Some(acceptor) = tls else {
+        return serve_plain(stream, info, disk, stop).await;
+    };
+    let started = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let upgrade = async {
+        let no_zeroes = greet(&mut stream).await?;
+        match haggle(&mut stream, info, no_zeroes, Tls::Required).await? {
+            Haggled::StartTls => {}
+            Haggled::Aborted => return Ok(None),
+            Haggled::Transmit(_) => return Err(ConnError::Malformed("transmission without TLS")),
+        }
+        let tls = acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| ConnError::Tls(e.to_string()))?;
+        let (_, conn) = tls.get_ref();
+        let certs = conn.peer_certificates().unwrap_or_default();
+        let operator =
+            crate::pki::operator_identity(certs).map_err(|e| ConnError::Tls(e.to_string()))?;
+        Ok(Some((tls, operator, no_zeroes)))
+    };
+    let upgraded = tokio::select! {
+        r = tokio::time::timeout_at(started, upgrade) => r.map_err(|_| ConnError::Timeout)??,
+        () = stop.cancelled() => return Ok(()),
+    };
+    let Some((mut tls, operator, no_zeroes)) = upgraded else {
+        return Ok(());
+    };
+    tracing::info!(%operator, export = %info.name, "operator connected over TLS");
     let haggled = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, info)) => {
+        r = tokio::time::timeout_at(started, haggle(&mut tls, info, no_zeroes, Tls::Done)) => {
             r.map_err(|_| ConnError::Timeout)??
         }
         () = stop.cancelled() => return Ok(()),
     };
     match haggled {
-        Haggled::Aborted => Ok(()),
+        Haggled::Aborted | Haggled::StartTls => Ok(()),
+        Haggled::Transmit(neg) => transmit(&mut tls, disk, neg, stop).await,
+    }
+}
+
+/// Plain NBD (loopback or a unix socket).
+async fn serve_plain<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    info: &ExportInfo,
+    disk: &Arc<Disk>,
+    stop: &CancellationToken,
+) -> Result<(), ConnError> {
+    let handshake = async {
+        let no_zeroes = greet(&mut stream).await?;
+        haggle(&mut stream, info, no_zeroes, Tls::Off).await
+    };
+    let haggled = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => {
+            r.map_err(|_| ConnError::Timeout)??
+        }
+        () = stop.cancelled() => return Ok(()),
+    };
+    match haggled {
+        Haggled::Aborted | Haggled::StartTls => Ok(()),
         Haggled::Transmit(neg) => transmit(&mut stream, disk, neg, stop).await,
     }
 }

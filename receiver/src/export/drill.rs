@@ -45,6 +45,7 @@ impl Drill {
                 listen: Listen::Unix(req.socket_dir.join(format!("{}.sock", vol.name))),
                 writable: true,
                 keep_overlay: None,
+                tls: false,
             };
             exports.push((vol.name.clone(), Export::open(dir, &ereq).await?));
         }

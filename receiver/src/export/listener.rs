@@ -32,16 +32,16 @@ pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
 
 impl Bound {
-    /// Bind `listen`.
-    pub(crate) async fn bind(listen: &Listen) -> Result<Self, ReceiveError> {
+    /// Bind `listen`; without `tls`, TCP only on a loopback address.
+    pub(crate) async fn bind(listen: &Listen, tls: bool) -> Result<Self, ReceiveError> {
         match listen {
             Listen::Tcp(addr) => {
                 let parsed: SocketAddr = addr.parse().map_err(|_| {
                     ReceiveError::Refused(format!("--listen {addr:?} is not an address (ip:port)"))
                 })?;
-                if !parsed.ip().is_loopback() {
+                if !tls && !parsed.ip().is_loopback() {
                     return Err(ReceiveError::Refused(format!(
-                        "--listen {addr}: plain NBD is only served on loopback (127.0.0.1, ::1) or a unix socket (--socket); NBD over TLS is not there yet"
+                        "--listen {addr}: plain NBD is only served on loopback (127.0.0.1, ::1) or a unix socket (--socket); add --tls to serve it over TLS to operator identities (`enroll --operator`)"
                     )));
                 }
                 let l = TcpListener::bind(parsed).await.map_err(ReceiveError::Net)?;
@@ -54,12 +54,13 @@ impl Bound {
         }
     }
 
-    /// The URI of export `name` on this listener.
-    pub(crate) fn uri(&self, name: &str) -> Result<String, ReceiveError> {
+    /// The URI of export `name` on this listener (`nbds://` with `tls`).
+    pub(crate) fn uri(&self, name: &str, tls: bool) -> Result<String, ReceiveError> {
         match self {
             Self::Tcp(l) => {
                 let addr = l.local_addr().map_err(ReceiveError::Net)?;
-                Ok(format!("nbd://{addr}/{name}"))
+                let scheme = if tls { "nbds" } else { "nbd" };
+                Ok(format!("{scheme}://{addr}/{name}"))
             }
             Self::Unix(_, path) => {
                 let abs = std::path::absolute(path).map_err(|e| ReceiveError::storage(path, e))?;

@@ -65,6 +65,9 @@ pub struct ExportRequest {
     pub writable: bool,
     /// Keep the overlay at this path when the export stops.
     pub keep_overlay: Option<PathBuf>,
+    /// Serve NBD over TLS (`STARTTLS` required) to operator identities of
+    /// this receiver (`enroll --operator`); needed off loopback.
+    pub tls: bool,
 }
 
 /// An export, bound and ready for clients.
@@ -76,6 +79,8 @@ pub struct Export {
     disk: Arc<Disk>,
     bound: Bound,
     uri: String,
+    /// With `--tls`: the handshake after `STARTTLS`.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     _pin: pin::Pin,
 }
 
@@ -89,9 +94,15 @@ impl Export {
         }
         let (dir2, req2) = (dir.to_owned(), req.clone());
         let (disk, point, pin) = blocking(move || prepare(&dir2, &req2)).await?;
-        let bound = Bound::bind(&req.listen).await?;
+        let tls = if req.tls {
+            let cfg = crate::pki::operator_server_config(dir)?;
+            Some(tokio_rustls::TlsAcceptor::from(cfg))
+        } else {
+            None
+        };
+        let bound = Bound::bind(&req.listen, req.tls).await?;
         let name = format!("{}/{}", req.server, req.volume);
-        let uri = bound.uri(&name)?;
+        let uri = bound.uri(&name, req.tls)?;
         let mut flags = wire::TF_HAS_FLAGS | wire::TF_SEND_FLUSH | wire::TF_CAN_MULTI_CONN;
         flags |= if disk.writable() {
             wire::TF_SEND_FUA | wire::TF_SEND_TRIM | wire::TF_SEND_WRITE_ZEROES
@@ -120,6 +131,7 @@ impl Export {
             disk: Arc::new(disk),
             bound,
             uri,
+            tls,
             _pin: pin,
         })
     }
@@ -155,10 +167,11 @@ impl Export {
                 continue;
             };
             let (info, disk, stop) = (self.info.clone(), self.disk.clone(), stop.clone());
+            let tls = self.tls.clone();
             tracker.spawn(async move {
                 let _permit = permit;
                 tracing::debug!(%peer, "client connected");
-                match connection::serve(stream, &info, &disk, &stop).await {
+                match connection::serve(stream, &info, &disk, &stop, tls.as_ref()).await {
                     Ok(()) => tracing::debug!(%peer, "client left"),
                     Err(e) => tracing::info!(%peer, cause = %e, "client connection closed"),
                 }

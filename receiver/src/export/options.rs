@@ -4,9 +4,11 @@
 //!
 //! Served: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`,
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` (the one
-//! context, `base:allocation`). Every other option is answered
-//! `NBD_REP_ERR_UNSUP` (`STARTTLS` too, for now: plain NBD is only offered
-//! on loopback or a unix socket). Each option's length is checked against
+//! context, `base:allocation`), and `STARTTLS` where the export wants TLS:
+//! then every option but `STARTTLS` and `ABORT` is answered
+//! `NBD_REP_ERR_TLS_REQD` until the client has switched to TLS (and
+//! `EXPORT_NAME` closes the connection). Every other option is answered
+//! `NBD_REP_ERR_UNSUP`. Each option's length is checked against
 //! [`MAX_OPTION_LEN`] before anything is read into memory, and a connection
 //! gets at most [`MAX_OPTIONS`] options.
 
@@ -55,14 +57,26 @@ pub(crate) enum Haggled {
     Transmit(Negotiated),
     /// The client aborted.
     Aborted,
+    /// `STARTTLS` was acknowledged: the TLS handshake comes next, then
+    /// haggling again (`Tls::Done`) over TLS.
+    StartTls,
 }
 
-/// Greet the client and haggle until transmission starts or it aborts.
-pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    export: &ExportInfo,
-) -> Result<Haggled, ConnError> {
-    let mut out = BytesMut::with_capacity(256);
+/// Where TLS stands on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tls {
+    /// Plain NBD (loopback or a unix socket); `STARTTLS` is not offered.
+    Off,
+    /// TLS is required and not started yet.
+    Required,
+    /// The connection runs over TLS now.
+    Done,
+}
+
+/// Greet the client; returns whether it asked for no zeroes after
+/// `EXPORT_NAME`.
+pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, ConnError> {
+    let mut out = BytesMut::with_capacity(32);
     out.put_u64(NBD_MAGIC);
     out.put_u64(OPT_MAGIC);
     out.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
@@ -71,7 +85,29 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     if client_flags & !KNOWN_CLIENT_FLAGS != 0 {
         return Err(ConnError::Malformed("unknown client flags"));
     }
-    let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
+    Ok(client_flags & u32::from(FLAG_NO_ZEROES) != 0)
+}
+
+/// Greet the client and haggle until transmission starts or it aborts
+/// (plain NBD).
+#[cfg(test)]
+pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &ExportInfo,
+) -> Result<Haggled, ConnError> {
+    let no_zeroes = greet(s).await?;
+    haggle(s, export, no_zeroes, Tls::Off).await
+}
+
+/// Haggle over options until transmission starts, the client aborts, or
+/// (with `Tls::Required`) it asks for TLS.
+pub(crate) async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &ExportInfo,
+    no_zeroes: bool,
+    tls: Tls,
+) -> Result<Haggled, ConnError> {
+    let mut out = BytesMut::with_capacity(256);
     let mut state = Negotiated::default();
     for _ in 0..MAX_OPTIONS {
         let mut head = [0u8; OPTION_HEADER_LEN];
@@ -93,6 +129,37 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data).await?;
+        match (option, tls) {
+            (OPT_STARTTLS, Tls::Required) if data.is_empty() => {
+                option_reply(&mut out, option, REP_ACK, &[]);
+                send(s, &mut out).await?;
+                return Ok(Haggled::StartTls);
+            }
+            (OPT_STARTTLS, Tls::Required) => {
+                error(&mut out, option, REP_ERR_INVALID, "no data expected");
+                send(s, &mut out).await?;
+                continue;
+            }
+            (OPT_STARTTLS, Tls::Done) => {
+                error(&mut out, option, REP_ERR_INVALID, "TLS is already on");
+                send(s, &mut out).await?;
+                continue;
+            }
+            (OPT_EXPORT_NAME, Tls::Required) => {
+                return Err(ConnError::Malformed("EXPORT_NAME before the TLS it needs"));
+            }
+            (OPT_ABORT, _) | (_, Tls::Off | Tls::Done) => {}
+            (_, Tls::Required) => {
+                error(
+                    &mut out,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    "this export is served over TLS only: STARTTLS first",
+                );
+                send(s, &mut out).await?;
+                continue;
+            }
+        }
         match option {
             OPT_EXPORT_NAME => {
                 if !export.is(&data) {

@@ -44,6 +44,7 @@ pub(crate) const KNOWN_CLIENT_FLAGS: u32 = 1 | 2;
 pub(crate) const OPT_EXPORT_NAME: u32 = 1;
 pub(crate) const OPT_ABORT: u32 = 2;
 pub(crate) const OPT_LIST: u32 = 3;
+pub(crate) const OPT_STARTTLS: u32 = 5;
 pub(crate) const OPT_INFO: u32 = 6;
 pub(crate) const OPT_GO: u32 = 7;
 pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -58,6 +59,7 @@ pub(crate) const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub(crate) const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 pub(crate) const REP_ERR_INVALID: u32 = REP_ERR | 3;
+pub(crate) const REP_ERR_TLS_REQD: u32 = REP_ERR | 5;
 pub(crate) const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
 
 /// `NBD_REP_INFO` types.
