@@ -26,10 +26,24 @@ fn s(p: &Path) -> &str {
 struct FakedGuard(std::process::Child);
 
 impl Drop for FakedGuard {
+    /// SIGTERM to the group, then wait until none of it is left: the
+    /// receiver under `faketime` may outlive `faketime` for a moment, still
+    /// holding the store's lock.
     fn drop(&mut self) {
         let group = format!("-{}", self.0.id());
         let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
         let _ = self.0.wait();
+        let alive = || {
+            Command::new("kill")
+                .args(["-0", "--", &group])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let deadline = pilotlight::Deadline::after(std::time::Duration::from_secs(20));
+        while alive() {
+            deadline.next_blocking(|| "the receiver under faketime did not stop".into());
+        }
     }
 }
 
