@@ -78,8 +78,15 @@ pub struct ReceiverConfig {
     /// stored bytes of the blocks it has stored plus what its open session
     /// wrote and has not committed. Unlimited by default.
     pub quota: Size,
+    /// Every server's recovery point objective: `status`, the console and
+    /// `pilotlight_receiver_rpo_breached` flag a server whose newest point
+    /// is older (humantime, default "5m").
+    pub rpo_target: Span,
     /// Per-server quotas, overriding `quota`: `web1 = "2 TiB"`.
     pub quotas: BTreeMap<String, Size>,
+    /// Per-server recovery point objectives, overriding `rpo_target`:
+    /// `db1 = "1m"`.
+    pub rpo_targets: BTreeMap<String, Span>,
     /// Most pack bytes a session's uncommitted points may write. By default
     /// what one point of the declared volumes may send (every block,
     /// `point_resend_factor` times) plus the in-flight window.
@@ -111,7 +118,9 @@ impl Default for ReceiverConfig {
             max_clock_skew_secs: 300,
             dedup: DedupScope::Server,
             quota: Size::UNLIMITED,
+            rpo_target: Span(Duration::from_secs(300)),
             quotas: BTreeMap::new(),
+            rpo_targets: BTreeMap::new(),
             max_session_uncommitted: None,
             retention: crate::retention::Policy::default(),
         }
@@ -170,6 +179,11 @@ impl ReceiverConfig {
         self.max_session_inflight_mib.max(8) << 20
     }
 
+    /// The recovery point objective of `server`.
+    pub fn rpo_target_of(&self, server: &str) -> Duration {
+        self.rpo_targets.get(server).unwrap_or(&self.rpo_target).0
+    }
+
     /// The quota of `server` (`None`: unlimited).
     pub fn quota_of(&self, server: &str) -> Option<u64> {
         crate::quota::quota_of(self.quota, &self.quotas, server)
@@ -195,6 +209,25 @@ impl ReceiverConfig {
     /// Idle timeout.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+}
+
+/// A duration written for humans in `receiver.toml` ("5m", "90s", "1h").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(pub Duration);
+
+impl Serialize for Span {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Span)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))
     }
 }
 

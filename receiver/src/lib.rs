@@ -29,6 +29,7 @@ pub mod quota;
 mod registry;
 pub mod restore;
 pub mod retention;
+pub mod rpo;
 pub mod server;
 pub mod session;
 pub mod staging;

@@ -75,6 +75,11 @@ pub async fn run(
         };
         tracker.spawn(m.run(every, shutdown.clone()));
     }
+    tracker.spawn(crate::rpo::publish(
+        store.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+    ));
     tracker.spawn(registry.clone().watch_identities(
         store.clone(),
         cfg.identity_check(),

@@ -91,6 +91,11 @@ pub struct ServerStatus {
     /// block it has stored (shared with other servers or not; blocks of
     /// pruned points count until the next garbage collection).
     pub quota_used: u64,
+    /// Whether the newest point is older than the server's recovery point
+    /// objective (`rpo_target`).
+    pub rpo_breached: bool,
+    /// The server's recovery point objective, in seconds.
+    pub rpo_target_seconds: f64,
     /// Server name.
     pub server: String,
     /// Staging images of the server that fail to update (each with its
@@ -151,6 +156,9 @@ pub fn status_with(
         let stored = cat.stored_bytes(s.id)?;
         let mut line = server_status(&s, &mine, stored, live, now_ms);
         line.quota = cfg.quota_of(&s.name);
+        let target = cfg.rpo_target_of(&s.name);
+        line.rpo_target_seconds = target.as_secs_f64();
+        line.rpo_breached = crate::rpo::breached(line.lag_seconds, target, s.revoked);
         line.quota_used = cat.server_usage(s.id)?;
         line.staging_failures = staging.of_server(&s.name).cloned().collect();
         servers.push(line);
@@ -178,6 +186,8 @@ pub fn server_status(
         points: points.len(),
         quota: None,
         quota_used: 0,
+        rpo_breached: false,
+        rpo_target_seconds: 0.0,
         server: server.name.clone(),
         staging_failures: Vec::new(),
         state: ServerState::of(server, last.is_some(), live),

@@ -349,6 +349,7 @@ fn package_of(program: &str) -> &'static str {
         "faketime" => "faketime",
         "nbdinfo" | "nbdcopy" | "nbdfuse" => "libnbd-bin",
         "qemu-img" | "qemu-io" => "qemu-utils",
+        "promtool" => "prometheus",
         p if p.starts_with("mkfs.xfs") => "xfsprogs",
         p if p.starts_with("mkfs.ext") || p == "e2fsck" => "e2fsprogs",
         _ => "util-linux",

@@ -756,6 +756,14 @@ fn print_status(status: &Status, json: bool) -> anyhow::Result<()> {
             r.last_point_time.as_deref().unwrap_or("-")
         );
     }
+    for r in status.servers.iter().filter(|r| r.rpo_breached) {
+        println!(
+            "RPO breached: {} (newest point {:.0} s old, target {:.0} s)",
+            r.server,
+            r.lag_seconds.unwrap_or_default(),
+            r.rpo_target_seconds
+        );
+    }
     for r in &status.servers {
         for f in &r.staging_failures {
             let what = match &f.volume {

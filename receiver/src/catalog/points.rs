@@ -74,6 +74,18 @@ impl Catalog {
             .ok_or_else(|| ReceiveError::NotFound(format!("no point with key {key}")))
     }
 
+    /// When a server's newest point was created (receiver's clock, ms).
+    pub fn latest_point_time(&self, server_id: i64) -> Result<Option<i64>, ReceiveError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT created_ms FROM points WHERE server_id=?1 ORDER BY id DESC LIMIT 1",
+                params![server_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// The number of a server's newest point (0 when it has none).
     pub fn latest_seq(&self, server_id: i64) -> Result<i64, ReceiveError> {
         Ok(self.conn.query_row(
