@@ -154,11 +154,9 @@ pub fn status_with(
     for s in cat.servers()? {
         let mine: Vec<&PointInfo> = points.iter().filter(|p| p.server == s.name).collect();
         let stored = cat.stored_bytes(s.id)?;
-        let mut line = server_status(&s, &mine, stored, live, now_ms);
-        line.quota = cfg.quota_of(&s.name);
         let target = cfg.rpo_target_of(&s.name);
-        line.rpo_target_seconds = target.as_secs_f64();
-        line.rpo_breached = crate::rpo::breached(line.lag_seconds, target, s.revoked);
+        let mut line = server_status(&s, &mine, stored, live, (now_ms, target));
+        line.quota = cfg.quota_of(&s.name);
         line.quota_used = cat.server_usage(s.id)?;
         line.staging_failures = staging.of_server(&s.name).cloned().collect();
         servers.push(line);
@@ -167,27 +165,29 @@ pub fn status_with(
 }
 
 /// One server's line from its points (oldest first), the bytes they keep
-/// stored, and what the running `serve` reports.
+/// stored, what the running `serve` reports, and the time now with the
+/// server's recovery point objective.
 pub fn server_status(
     server: &ServerRow,
     points: &[&PointInfo],
     bytes_stored: u64,
     live: Option<&Live>,
-    now_ms: i64,
+    (now_ms, rpo_target): (i64, std::time::Duration),
 ) -> ServerStatus {
     let last = points.last();
+    let lag_seconds = last.map(|p| (now_ms - p.created_ms).max(0) as f64 / 1000.0);
     ServerStatus {
         bytes_stored,
         clock_skew_seconds: last.map(|p| p.source_ms.saturating_sub(p.created_ms) as f64 / 1000.0),
         connected_since: live.and_then(|l| l.connected.get(&server.name).cloned()),
-        lag_seconds: last.map(|p| (now_ms - p.created_ms).max(0) as f64 / 1000.0),
+        lag_seconds,
         last_point: last.map(|p| p.id),
         last_point_time: last.map(|p| p.created.clone()),
         points: points.len(),
         quota: None,
         quota_used: 0,
-        rpo_breached: false,
-        rpo_target_seconds: 0.0,
+        rpo_breached: crate::rpo::breached(lag_seconds, rpo_target, server.revoked),
+        rpo_target_seconds: rpo_target.as_secs_f64(),
         server: server.name.clone(),
         staging_failures: Vec::new(),
         state: ServerState::of(server, last.is_some(), live),
@@ -212,6 +212,8 @@ mod tests {
 
     use super::*;
     use crate::catalog::PointVolumeInfo;
+
+    const FIVE_MIN: std::time::Duration = std::time::Duration::from_secs(300);
 
     fn server(name: &str, revoked: bool) -> ServerRow {
         ServerRow {
@@ -283,18 +285,18 @@ mod tests {
             &[&p1, &p2],
             123,
             Some(&live(&["web1"])),
-            7_500,
+            (7_500, FIVE_MIN),
         );
         let json = serde_json::to_string(&line).unwrap();
         assert_eq!(
             json,
-            r#"{"bytes_stored":123,"clock_skew_seconds":90.0,"connected_since":"2026-11-30T10:00:00Z","lag_seconds":2.5,"last_point":2,"last_point_time":"1970-01-01T00:00:05Z","points":2,"quota":null,"quota_used":0,"server":"web1","state":"replicating","volumes":[{"name":"root","size":1048576}]}"#
+            r#"{"bytes_stored":123,"clock_skew_seconds":90.0,"connected_since":"2026-11-30T10:00:00Z","lag_seconds":2.5,"last_point":2,"last_point_time":"1970-01-01T00:00:05Z","points":2,"quota":null,"quota_used":0,"rpo_breached":false,"rpo_target_seconds":300.0,"server":"web1","state":"replicating","volumes":[{"name":"root","size":1048576}]}"#
         );
     }
 
     #[test]
     fn a_failing_staging_image_is_listed_with_its_error_and_since_when() {
-        let mut line = server_status(&server("web1", false), &[], 0, None, 7_500);
+        let mut line = server_status(&server("web1", false), &[], 0, None, (7_500, FIVE_MIN));
         let mut health = StagingHealth::new();
         health.fail("web1", Some("root"), "Is a directory".into(), 1_000);
         health.fail("db2", Some("data"), "No space left".into(), 2_000);
@@ -308,11 +310,11 @@ mod tests {
 
     #[test]
     fn a_server_without_points_has_no_last_point_and_no_volumes() {
-        let line = server_status(&server("db2", false), &[], 0, None, 7_500);
+        let line = server_status(&server("db2", false), &[], 0, None, (7_500, FIVE_MIN));
         let json = serde_json::to_string(&line).unwrap();
         assert_eq!(
             json,
-            r#"{"bytes_stored":0,"clock_skew_seconds":null,"connected_since":null,"lag_seconds":null,"last_point":null,"last_point_time":null,"points":0,"quota":null,"quota_used":0,"server":"db2","state":"receiver-stopped","volumes":[]}"#
+            r#"{"bytes_stored":0,"clock_skew_seconds":null,"connected_since":null,"lag_seconds":null,"last_point":null,"last_point_time":null,"points":0,"quota":null,"quota_used":0,"rpo_breached":false,"rpo_target_seconds":300.0,"server":"db2","state":"receiver-stopped","volumes":[]}"#
         );
     }
 }
