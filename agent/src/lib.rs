@@ -9,6 +9,7 @@ pub mod consistency;
 mod cycle;
 mod durable;
 pub mod error;
+pub mod hashfile;
 pub mod identity;
 pub mod link;
 mod policy;
