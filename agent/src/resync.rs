@@ -35,8 +35,8 @@ pub(crate) async fn base(
     let mut trusted = Vec::with_capacity(vols.len());
     for v in vols {
         let meta = local.and_then(|s| s.volume(&v.name));
-        let fits = matches
-            && meta.is_some_and(|m| m.size == v.size && m.block_size == v.block_size);
+        let fits =
+            matches && meta.is_some_and(|m| m.size == v.size && m.block_size == v.block_size);
         let file = if fits {
             off_async(|| HashFile::open(dir, &v.name, v.size, v.block_size))?
         } else {

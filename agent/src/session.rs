@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::collector::Collector;
 use crate::durable::DurableHashes;
+use crate::hashfile::Overlay;
 use crate::link::{Link, LinkConfig};
 use crate::replicate::PointReport;
 use crate::reporter::Reporter;
-use crate::hashfile::Overlay;
 use crate::state::StateHeader;
 use crate::status::{State, StatusVolume};
 use crate::{policy, resync, volume, AgentConfig, AgentError};
