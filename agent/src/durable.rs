@@ -90,13 +90,18 @@ impl DurableHashes {
             off_async(|| untrusted.save(dir))?;
             self.header_trusted = false;
         }
-        off_async(|| {
+        let written = off_async(|| {
             for (file, ch) in self.files.iter().zip(changes.iter_mut()) {
                 settle_order(ch);
                 file.write(ch)?;
             }
             Ok::<(), AgentError>(())
-        })?;
+        });
+        if let Err(e) = written {
+            // The files hold part of a point: never name one over them.
+            self.unsaved = false;
+            return Err(e);
+        }
         self.last_point = point;
         self.unsaved = true;
         Ok(())
