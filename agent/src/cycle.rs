@@ -9,6 +9,7 @@ use pilotlight_protocol::frame::Consistency;
 use pilotlight_protocol::Frame;
 
 use crate::consistency::{prepare, Snapshot};
+use crate::hashfile::View;
 use crate::policy::{self, Precopy};
 use crate::replicate::PointReport;
 use crate::scan::{scan, ScanJob, Sink};
@@ -363,10 +364,11 @@ impl Session<'_> {
                 Some(Plan::Blocks(b)) => Some(b.clone()),
                 Some(Plan::Full(_)) | None => None,
             };
-            let Some(slot) = self.view.get_mut(i) else {
+            let (Some(slot), Some(file)) = (self.view.get_mut(i), self.durable.file(i)) else {
                 continue;
             };
-            let base = std::mem::take(slot);
+            let overlay = std::mem::take(slot);
+            let file = file.clone();
             let (tx, window, stop) = (
                 self.link.data_tx.clone(),
                 self.link.window.clone(),
@@ -385,7 +387,11 @@ impl Session<'_> {
             let progress = cfg.progress.clone();
             // A device is read directly (a snapshot never clones one).
             let direct = v.is_device && path == v.path;
-            let (base, result) = tokio::task::spawn_blocking(move || {
+            let (overlay, result) = tokio::task::spawn_blocking(move || {
+                let base = View {
+                    file: &file,
+                    overlay: &overlay,
+                };
                 let job = ScanJob {
                     vol_idx,
                     name: &name,
@@ -405,24 +411,20 @@ impl Session<'_> {
                     progress: progress.as_deref(),
                 };
                 let r = scan(&job, &sink, workers, level);
-                (base, r)
+                (overlay, r)
             })
             .await
             .map_err(|e| AgentError::task("scan", e))?;
             let Some(slot) = self.view.get_mut(i) else {
                 continue;
             };
-            *slot = base;
+            *slot = overlay;
             let result = match result {
                 Err(AgentError::Net(_)) => return Err(self.link.take_error()),
                 Err(AgentError::Stopped) if self.agent.shutdown.is_cancelled() => return Ok(false),
                 r => r?,
             };
-            for &(index, h) in &result.changed {
-                if let Some(s) = usize::try_from(index).ok().and_then(|x| slot.get_mut(x)) {
-                    *s = h;
-                }
-            }
+            slot.record(point.tag, &result.changed);
             let report = &mut point.report;
             report.blocks_sent += result.changed.len() as u64;
             report.payload_bytes += result.payload_bytes;

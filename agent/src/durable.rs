@@ -1,58 +1,110 @@
-//! The block hashes as of the receiver's last durable point: advanced in
-//! place by each point's changes when its `DURABLE` comes (cost in the
-//! number of changed blocks, not in the size of the volumes), and written
-//! to `state.bin` at most every [`STATE_SAVE_EVERY`](crate::policy::STATE_SAVE_EVERY)
+//! The block hashes as of the receiver's last durable point, in one hash
+//! file per volume ([`hashfile`](crate::hashfile)): each point's changes are
+//! written in place when its `DURABLE` comes (cost in the number of changed
+//! blocks, not in the size of the volumes), and `state.bin` records the
+//! point at most every [`STATE_SAVE_EVERY`](crate::policy::STATE_SAVE_EVERY)
 //! and when the session ends.
+//!
+//! Order on disk: before the first record of a saved point changes,
+//! `state.bin` is rewritten with no point (last point 0); at a save the
+//! files are synced (`fdatasync`) and only then is the point written. A
+//! crash anywhere between leaves a state that the next start does not
+//! trust: it fetches the receiver's hashes instead.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use pilotlight_protocol::BlockHash;
 
 use crate::blocking::off_async;
+use crate::hashfile::{settle_order, HashFile};
 use crate::policy;
 use crate::session::Volume;
-use crate::state::{StateView, VolumeView};
+use crate::state::{StateHeader, VolumeMeta};
 use crate::AgentError;
 
-/// One session's durable hash tables, one per volume, in volume order.
+/// One session's durable hash files, one per volume, in volume order.
 pub(crate) struct DurableHashes {
     store_id: [u8; 16],
     last_point: u64,
-    tables: Vec<Vec<BlockHash>>,
+    files: Vec<Arc<HashFile>>,
     /// When `state.bin` was last written in this session.
     saved_at: Option<Instant>,
     /// Whether the last durable point is not written yet.
     unsaved: bool,
+    /// Whether `state.bin` names a point (the files must not change before
+    /// it is withdrawn).
+    header_trusted: bool,
 }
 
 impl DurableHashes {
-    pub(crate) fn new(store_id: [u8; 16], last_point: u64, tables: Vec<Vec<BlockHash>>) -> Self {
+    /// `header_trusted`: whether `state.bin` names the point the files hold.
+    pub(crate) fn new(
+        store_id: [u8; 16],
+        last_point: u64,
+        files: Vec<Arc<HashFile>>,
+        header_trusted: bool,
+    ) -> Self {
         Self {
             store_id,
             last_point,
-            tables,
+            files,
             saved_at: None,
             unsaved: false,
+            header_trusted,
         }
     }
 
-    #[cfg(test)]
-    pub(crate) fn tables(&self) -> &[Vec<BlockHash>] {
-        &self.tables
+    /// The hash file of volume `i`.
+    pub(crate) fn file(&self, i: usize) -> Option<&Arc<HashFile>> {
+        self.files.get(i)
     }
 
-    /// Point `point` is durable with `changes` (per volume: block, hash).
-    pub(crate) fn advance(&mut self, point: u64, changes: &[Vec<(u64, BlockHash)>]) {
-        for (table, ch) in self.tables.iter_mut().zip(changes) {
-            for &(i, h) in ch {
-                if let Some(slot) = usize::try_from(i).ok().and_then(|i| table.get_mut(i)) {
-                    *slot = h;
-                }
+    fn header(&self, vols: &[Volume], last_point: u64) -> StateHeader {
+        StateHeader {
+            store_id: self.store_id,
+            last_point,
+            volumes: vols
+                .iter()
+                .map(|v| VolumeMeta {
+                    name: v.name.clone(),
+                    size: v.size,
+                    block_size: v.block_size,
+                })
+                .collect(),
+        }
+    }
+
+    /// Point `point` is durable with `changes` (per volume: block, hash;
+    /// sorted and deduplicated here): write them into the hash files.
+    pub(crate) fn advance(
+        &mut self,
+        dir: &Path,
+        vols: &[Volume],
+        point: u64,
+        changes: &mut [Vec<(u64, BlockHash)>],
+    ) -> Result<(), AgentError> {
+        if self.header_trusted {
+            let untrusted = self.header(vols, 0);
+            off_async(|| untrusted.save(dir))?;
+            self.header_trusted = false;
+        }
+        let written = off_async(|| {
+            for (file, ch) in self.files.iter().zip(changes.iter_mut()) {
+                settle_order(ch);
+                file.write(ch)?;
             }
+            Ok::<(), AgentError>(())
+        });
+        if let Err(e) = written {
+            // The files hold part of a point: never name one over them.
+            self.unsaved = false;
+            return Err(e);
         }
         self.last_point = point;
         self.unsaved = true;
+        Ok(())
     }
 
     /// Write `state.bin` now if [`policy::state_save_due`] says so.
@@ -76,25 +128,19 @@ impl DurableHashes {
         Ok(())
     }
 
-    /// Write `state.bin` (blocking I/O and fsync, off the async workers).
+    /// Sync the hash files, then write `state.bin` (blocking I/O and
+    /// fsync, off the async workers).
     fn save(&mut self, dir: &Path, vols: &[Volume]) -> Result<(), AgentError> {
-        let view = StateView {
-            store_id: self.store_id,
-            last_point: self.last_point,
-            volumes: vols
-                .iter()
-                .zip(&self.tables)
-                .map(|(v, h)| VolumeView {
-                    name: &v.name,
-                    size: v.size,
-                    block_size: v.block_size,
-                    hashes: h,
-                })
-                .collect(),
-        };
-        off_async(|| view.save(dir))?;
+        let header = self.header(vols, self.last_point);
+        off_async(|| {
+            for f in &self.files {
+                f.sync()?;
+            }
+            header.save(dir)
+        })?;
         self.saved_at = Some(Instant::now());
         self.unsaved = false;
+        self.header_trusted = self.last_point != 0;
         Ok(())
     }
 }
@@ -104,6 +150,7 @@ mod tests {
     #![allow(clippy::unwrap_used)] // test code
     use super::*;
     use crate::state::AgentState;
+    use pilotlight_protocol::block::zero_hash;
 
     fn vol(name: &str, blocks: u64) -> Volume {
         Volume {
@@ -118,29 +165,38 @@ mod tests {
     #[test]
     fn advances_in_place_and_saves_what_is_durable() {
         let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
         let vols = [vol("a", 3), vol("b", 2)];
-        let zero = BlockHash([0; 32]);
-        let mut d = DurableHashes::new([9; 16], 4, vec![vec![zero; 3], vec![zero; 2]]);
-        d.advance(
+        let zero = zero_hash(4096);
+        let files = vols
+            .iter()
+            .map(|v| Arc::new(HashFile::create_zero(d, &v.name, v.size, 4096).unwrap()))
+            .collect();
+        let mut dh = DurableHashes::new([9; 16], 4, files, false);
+        dh.advance(
+            d,
+            &vols,
             5,
-            &[
+            &mut [
                 vec![(1, BlockHash([1; 32]))],
                 vec![(0, BlockHash([2; 32])), (9, zero)],
             ],
-        );
-        assert_eq!(d.tables()[0], [zero, BlockHash([1; 32]), zero]);
-        assert_eq!(d.tables()[1], [BlockHash([2; 32]), zero]);
+        )
+        .unwrap();
         // The first durable point of a session is written at once...
-        d.save_if_due(false, dir.path(), &vols).unwrap();
-        let st = AgentState::load(dir.path()).unwrap().unwrap();
+        dh.save_if_due(false, d, &vols).unwrap();
+        let st = AgentState::load(d).unwrap().unwrap();
         assert_eq!((st.store_id, st.last_point), ([9; 16], 5));
-        assert_eq!(st.volumes[1].hashes, d.tables()[1]);
-        // ...later ones wait, and the end of the session writes them.
-        d.advance(6, &[vec![], vec![(1, BlockHash([3; 32]))]]);
-        d.save_if_due(false, dir.path(), &vols).unwrap();
-        assert_eq!(AgentState::load(dir.path()).unwrap().unwrap().last_point, 5);
-        d.save_unsaved(dir.path(), &vols).unwrap();
-        let st = AgentState::load(dir.path()).unwrap().unwrap();
+        assert_eq!(st.volumes[0].hashes, [zero, BlockHash([1; 32]), zero]);
+        assert_eq!(st.volumes[1].hashes, [BlockHash([2; 32]), zero]);
+        // ...later ones wait (the state names no point while the files
+        // hold one it does not name), and the end of the session writes them.
+        dh.advance(d, &vols, 6, &mut [vec![], vec![(1, BlockHash([3; 32]))]])
+            .unwrap();
+        dh.save_if_due(false, d, &vols).unwrap();
+        assert_eq!(AgentState::load(d).unwrap().unwrap().last_point, 0);
+        dh.save_unsaved(d, &vols).unwrap();
+        let st = AgentState::load(d).unwrap().unwrap();
         assert_eq!(st.last_point, 6);
         assert_eq!(st.volumes[1].hashes[1], BlockHash([3; 32]));
     }

@@ -7,12 +7,13 @@
 //! almost never match: each entry point parses the input as it is, then
 //! again with the right checksum appended, so the fuzzer reaches the fields.
 
-use crate::state::AgentState;
+use crate::state::{parse, AgentState, Parsed};
 use crate::trace::saved::SavedDirty;
 
-/// `state.bin`: parsing arbitrary bytes never panics, and what parses is
-/// exactly what `AgentState::save` writes for the state it yields (no
-/// trailing bytes, no second spelling of one state).
+/// `state.bin` of either version: parsing arbitrary bytes never panics,
+/// and what parses is exactly the bytes that version's writer gives for
+/// the state it yields (no trailing bytes, no second spelling of one
+/// state).
 pub fn state_file(data: &[u8]) {
     check_state(data);
     let mut summed = data.to_vec();
@@ -21,10 +22,41 @@ pub fn state_file(data: &[u8]) {
 }
 
 fn check_state(data: &[u8]) {
-    if let Some(state) = AgentState::parse(data) {
-        let again = state.view().serialize();
-        assert!(again == data, "state.bin re-encodes differently: {state:?}");
+    match parse(data) {
+        None => {}
+        Some(Parsed::Header(h)) => {
+            let again = h.serialize();
+            assert!(again == data, "state.bin v2 re-encodes differently: {h:?}");
+        }
+        Some(Parsed::Inline(s)) => {
+            let again = version_1(&s);
+            assert!(again == data, "state.bin v1 re-encodes differently: {s:?}");
+        }
     }
+}
+
+/// The version 1 layout (hashes inline), as the agents before the hash
+/// files wrote it: only read now, so its writer lives here.
+fn version_1(s: &AgentState) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(b"PLAGST01");
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&s.store_id);
+    out.extend_from_slice(&s.last_point.to_le_bytes());
+    out.extend_from_slice(&(s.volumes.len() as u32).to_le_bytes());
+    for v in &s.volumes {
+        out.push(v.name.len() as u8);
+        out.extend_from_slice(v.name.as_bytes());
+        out.extend_from_slice(&v.size.to_le_bytes());
+        out.extend_from_slice(&v.block_size.to_le_bytes());
+        out.extend_from_slice(&(v.hashes.len() as u64).to_le_bytes());
+        for h in &v.hashes {
+            out.extend_from_slice(&h.0);
+        }
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
 }
 
 /// The saved dirty set (`dirty.bin`): parsing arbitrary bytes never

@@ -11,6 +11,7 @@ mod durable;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hashfile;
 pub mod identity;
 pub mod link;
 mod policy;

@@ -11,7 +11,7 @@ use crate::collector::Collector;
 use crate::policy::Backoff;
 use crate::reporter::Reporter;
 use crate::session::Agent;
-use crate::state::AgentState;
+use crate::state::StateHeader;
 use crate::trace::{TrackedVolume, Tracking};
 use crate::{identity, session, volume, AgentConfig, AgentError, Track};
 
@@ -76,13 +76,13 @@ pub async fn run(
 /// Start live tracking of the configured volumes, with the block size each
 /// was first replicated with.
 fn start_tracking(cfg: &AgentConfig) -> Result<Tracking, AgentError> {
-    let local = AgentState::load(&cfg.state_dir)?;
+    let local = StateHeader::load(&cfg.state_dir)?;
     let mut vols = Vec::new();
     for spec in &cfg.volumes {
         let (size, _) = volume::probe(&spec.name, &spec.path)?;
         let block_size = local
             .as_ref()
-            .and_then(|s| s.volumes.iter().find(|h| h.name == spec.name))
+            .and_then(|s| s.volume(&spec.name))
             .map_or(cfg.block_size, |h| h.block_size);
         vols.push(TrackedVolume {
             name: spec.name.clone(),

@@ -1,47 +1,78 @@
-//! The base each volume's next point is compared against: the local state
-//! when it matches the receiver's last durable point, otherwise the
-//! receiver's own hashes (checksum resync), or zeros when the receiver has
-//! nothing of this server. A volume whose base is not the local state is
-//! scanned in full by live tracking.
+//! The base each volume's next point is compared against, as the volume's
+//! hash file: the local one when `state.bin` names the receiver's last
+//! durable point, otherwise one rebuilt from the receiver's own hashes
+//! (checksum resync), or all zeros when the receiver has nothing of this
+//! server. A volume whose base is not the local state is scanned in full by
+//! live tracking.
 
-use pilotlight_protocol::limits::block_count;
-use pilotlight_protocol::{BlockHash, Frame};
+use std::path::Path;
+use std::sync::Arc;
 
+use pilotlight_protocol::Frame;
+
+use crate::blocking::off_async;
+use crate::hashfile::HashFile;
 use crate::link::Link;
-use crate::scan::zero_table;
 use crate::session::Volume;
-use crate::state::AgentState;
+use crate::state::{StateHeader, VolumeMeta};
 use crate::trace::{RescanReason, Tracking};
 use crate::AgentError;
 
-/// The base hash tables of `vols`, one per volume.
+/// The base hash files of `vols` (one per volume), and whether `state.bin`
+/// still names the point they hold.
 pub(crate) async fn base(
     link: &mut Link,
     vols: &[Volume],
-    local: Option<AgentState>,
+    dir: &Path,
+    local: Option<&StateHeader>,
     mut tracking: Option<&mut Tracking>,
-) -> Result<Vec<Vec<BlockHash>>, AgentError> {
+) -> Result<(Vec<Arc<HashFile>>, bool), AgentError> {
+    let matches = local
+        .filter(|s| {
+            link.last_point != 0 && s.store_id == link.store_id && s.last_point == link.last_point
+        })
+        .is_some();
+    let mut trusted = Vec::with_capacity(vols.len());
+    for v in vols {
+        let meta = local.and_then(|s| s.volume(&v.name));
+        let fits =
+            matches && meta.is_some_and(|m| m.size == v.size && m.block_size == v.block_size);
+        let file = if fits {
+            off_async(|| HashFile::open(dir, &v.name, v.size, v.block_size))?
+        } else {
+            None
+        };
+        trusted.push(file);
+    }
+    let all_trusted = trusted.iter().all(Option::is_some);
+    if !all_trusted && local.is_some_and(|s| s.last_point != 0) {
+        // No file changes while `state.bin` names a point.
+        let untrusted = StateHeader {
+            store_id: link.store_id,
+            last_point: 0,
+            volumes: vols
+                .iter()
+                .map(|v| VolumeMeta {
+                    name: v.name.clone(),
+                    size: v.size,
+                    block_size: v.block_size,
+                })
+                .collect(),
+        };
+        off_async(|| untrusted.save(dir))?;
+    }
     let mut out = Vec::with_capacity(vols.len());
-    for (i, v) in vols.iter().enumerate() {
+    for (i, (v, file)) in vols.iter().zip(trusted).enumerate() {
+        if let Some(f) = file {
+            out.push(Arc::new(f));
+            continue;
+        }
+        let f = off_async(|| HashFile::create_zero(dir, &v.name, v.size, v.block_size))?;
         if link.last_point == 0 {
-            out.push(zero_table(v.size, v.block_size));
             if let Some(t) = tracking.as_deref_mut() {
                 t.force_rescan(i, RescanReason::InitialSync);
             }
-            continue;
-        }
-        let count = block_count(v.size, v.block_size);
-        let trusted = local
-            .as_ref()
-            .filter(|s| s.store_id == link.store_id && s.last_point == link.last_point)
-            .and_then(|s| {
-                s.volumes
-                    .iter()
-                    .find(|h| h.name == v.name && h.size == v.size && h.block_size == v.block_size)
-            })
-            .filter(|h| h.hashes.len() as u64 == count);
-        if let Some(h) = trusted {
-            out.push(h.hashes.clone());
+            out.push(Arc::new(f));
             continue;
         }
         tracing::info!(volume = %v.name, "local state does not match the receiver; fetching its block hashes");
@@ -50,32 +81,24 @@ pub(crate) async fn base(
         }
         let idx = u16::try_from(i)
             .map_err(|_| AgentError::Internal(format!("volume index {i} out of range")))?;
-        out.push(fetch(link, idx, v).await?);
+        fetch(link, idx, &f).await?;
+        out.push(Arc::new(f));
     }
-    Ok(out)
+    Ok((out, matches && all_trusted))
 }
 
-/// The receiver's hashes of volume `idx` (`GetHashes`).
-async fn fetch(link: &mut Link, idx: u16, v: &Volume) -> Result<Vec<BlockHash>, AgentError> {
+/// The receiver's hashes of volume `idx` (`GetHashes`), into `file` (all
+/// zeros before).
+async fn fetch(link: &mut Link, idx: u16, file: &HashFile) -> Result<(), AgentError> {
     link.send(&Frame::GetHashes { volume: idx }).await?;
-    let mut table = zero_table(v.size, v.block_size);
     loop {
         match link.recv().await? {
             Frame::Hashes {
                 volume,
                 start,
                 hashes,
-            } if volume == idx => {
-                for (k, h) in hashes.into_iter().enumerate() {
-                    if let Some(slot) = usize::try_from(start)
-                        .ok()
-                        .and_then(|s| table.get_mut(s + k))
-                    {
-                        *slot = h;
-                    }
-                }
-            }
-            Frame::HashesEnd { volume, .. } if volume == idx => return Ok(table),
+            } if volume == idx => off_async(|| file.fill(start, &hashes))?,
+            Frame::HashesEnd { volume, .. } if volume == idx => return Ok(()),
             other => {
                 return Err(AgentError::Protocol(format!(
                     "unexpected {:?} while fetching hashes",

@@ -20,6 +20,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::hashfile::BaseHashes;
 use crate::link::Outgoing;
 use crate::AgentError;
 
@@ -38,8 +39,8 @@ pub struct ScanJob<'a> {
     pub size: u64,
     /// Block size.
     pub block_size: u32,
-    /// Hashes of the last point.
-    pub base: &'a [BlockHash],
+    /// Hashes of the last point, read per work unit.
+    pub base: &'a dyn BaseHashes,
     /// The point's tag.
     pub tag: u64,
     /// Read only these blocks (ascending), not the whole volume.
@@ -152,7 +153,7 @@ pub fn scan(
     }
     .map_err(src_err)?;
     let blocks = block_count(job.size, job.block_size);
-    if job.base.len() as u64 != blocks {
+    if job.base.blocks() != blocks {
         return Err(AgentError::Internal(format!(
             "hash table of volume {} does not match its size",
             job.name
@@ -258,6 +259,7 @@ fn worker(
     let mut encoder = Encoder::new(level).map_err(src_err)?;
     let bs = u64::from(job.block_size);
     let mut buf = AlignedBuf::new((per_chunk * bs) as usize);
+    let mut base: Vec<BlockHash> = Vec::with_capacity(per_chunk as usize);
     loop {
         if failed.load(Ordering::Relaxed) || sink.stop.is_cancelled() {
             return Err(AgentError::Stopped);
@@ -272,6 +274,7 @@ fn worker(
             .get_mut(len)
             .filter(|d| d.len() == len)
             .ok_or_else(|| AgentError::Internal("chunk larger than its buffer".into()))?;
+        job.base.read(first, count, &mut base)?;
         let hole = src.is_hole(offset, len as u64);
         if !hole {
             src.file.read_exact_at(data, offset).map_err(src_err)?;
@@ -303,7 +306,7 @@ fn worker(
                 (true, false) => zero_hash(blen),
                 (false, _) => BlockHash::of(block),
             };
-            let Some(old) = job.base.get(index as usize) else {
+            let Some(old) = base.get(i) else {
                 continue;
             };
             if *old == hash {

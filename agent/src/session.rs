@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::collector::Collector;
 use crate::durable::DurableHashes;
+use crate::hashfile::Overlay;
 use crate::link::{Link, LinkConfig};
 use crate::replicate::PointReport;
 use crate::reporter::Reporter;
-use crate::state::AgentState;
+use crate::state::StateHeader;
 use crate::status::{State, StatusVolume};
 use crate::{policy, resync, volume, AgentConfig, AgentError};
 use pilotlight_protocol::clock::now_ms;
@@ -71,8 +72,9 @@ pub(crate) struct Session<'a> {
     pub(crate) link: Link,
     pub(crate) vols: Vec<Volume>,
     pub(crate) durable: DurableHashes,
-    /// The hashes as sent: durable, plus the points pending.
-    pub(crate) view: Vec<Vec<BlockHash>>,
+    /// The hashes as sent: the durable files under the changes of the
+    /// points pending (per volume).
+    pub(crate) view: Vec<Overlay>,
     pub(crate) pending: VecDeque<Pending>,
     /// Bytes written to the network by this session.
     pub(crate) wire: Arc<AtomicU64>,
@@ -106,11 +108,11 @@ impl<'a> Session<'a> {
     async fn open(agent: Agent<'a>, tls: Arc<rustls::ClientConfig>) -> Result<Self, AgentError> {
         let cfg = agent.cfg;
         let mut vols = probe(cfg)?;
-        let local = AgentState::load(&cfg.state_dir)?;
+        let local = crate::blocking::off_async(|| StateHeader::load(&cfg.state_dir))?;
         // Keep the block size a volume was first replicated with.
         if let Some(st) = &local {
             for v in &mut vols {
-                if let Some(h) = st.volumes.iter().find(|h| h.name == v.name) {
+                if let Some(h) = st.volume(&v.name) {
                     v.block_size = h.block_size;
                 }
             }
@@ -156,13 +158,14 @@ impl<'a> Session<'a> {
         }
         // A checksum resync waits on the receiver's hash listing: a stop
         // does not wait for it (nothing was sent yet; the link just drops).
-        let tables = tokio::select! {
-            t = resync::base(&mut link, &vols, local, agent.collector.get_mut()) => t?,
+        let dir = &cfg.state_dir;
+        let (files, trusted) = tokio::select! {
+            t = resync::base(&mut link, &vols, dir, local.as_ref(), agent.collector.get_mut()) => t?,
             () = agent.shutdown.cancelled() => return Err(AgentError::Stopped),
         };
-        let view = tables.clone();
+        let view = vols.iter().map(|_| Overlay::default()).collect();
         Ok(Self {
-            durable: DurableHashes::new(link.store_id, link.last_point, tables),
+            durable: DurableHashes::new(link.store_id, link.last_point, files, trusted),
             agent,
             link,
             vols,
@@ -304,7 +307,7 @@ impl<'a> Session<'a> {
                 frame.kind()
             )));
         };
-        let Some(p) = self.pending.pop_front().filter(|p| p.tag == tag) else {
+        let Some(mut p) = self.pending.pop_front().filter(|p| p.tag == tag) else {
             return Err(AgentError::Protocol(format!(
                 "Durable for tag {tag}, which is not the oldest pending point"
             )));
@@ -313,7 +316,11 @@ impl<'a> Session<'a> {
             t.durable();
         }
         let cfg = self.agent.cfg;
-        self.durable.advance(point, &p.changes);
+        self.durable
+            .advance(&cfg.state_dir, &self.vols, point, &mut p.changes)?;
+        for (overlay, ch) in self.view.iter_mut().zip(&p.changes) {
+            overlay.settle(tag, ch);
+        }
         self.durable
             .save_if_due(cfg.once, &cfg.state_dir, &self.vols)?;
         self.progressed = true;
