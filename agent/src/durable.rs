@@ -36,6 +36,11 @@ pub(crate) struct DurableHashes {
     /// Whether `state.bin` names a point (the files must not change before
     /// it is withdrawn).
     header_trusted: bool,
+    /// Per volume, the changes of the durable points not yet in the hash
+    /// files, oldest first. They are written at the next save, not at
+    /// each `DURABLE`: a state directory on a traced volume would
+    /// otherwise make every point cause the next one.
+    unflushed: Vec<Vec<(u64, BlockHash)>>,
 }
 
 impl DurableHashes {
@@ -53,6 +58,7 @@ impl DurableHashes {
             saved_at: None,
             unsaved: false,
             header_trusted,
+            unflushed: Vec::new(),
         }
     }
 
@@ -76,31 +82,21 @@ impl DurableHashes {
         }
     }
 
-    /// Point `point` is durable with `changes` (per volume: block, hash;
-    /// sorted and deduplicated here): write them into the hash files.
+    /// Point `point` is durable with `changes` (per volume: block, hash):
+    /// kept in memory until the next save writes them (the caller keeps
+    /// them in its view until then: see [`Self::save_if_due`]).
     pub(crate) fn advance(
         &mut self,
-        dir: &Path,
-        vols: &[Volume],
+        _dir: &Path,
+        _vols: &[Volume],
         point: u64,
         changes: &mut [Vec<(u64, BlockHash)>],
     ) -> Result<(), AgentError> {
-        if self.header_trusted {
-            let untrusted = self.header(vols, 0);
-            off_async(|| untrusted.save(dir))?;
-            self.header_trusted = false;
+        if self.unflushed.len() < changes.len() {
+            self.unflushed.resize_with(changes.len(), Vec::new);
         }
-        let written = off_async(|| {
-            for (file, ch) in self.files.iter().zip(changes.iter_mut()) {
-                settle_order(ch);
-                file.write(ch)?;
-            }
-            Ok::<(), AgentError>(())
-        });
-        if let Err(e) = written {
-            // The files hold part of a point: never name one over them.
-            self.unsaved = false;
-            return Err(e);
+        for (pending, ch) in self.unflushed.iter_mut().zip(changes.iter()) {
+            pending.extend_from_slice(ch);
         }
         self.last_point = point;
         self.unsaved = true;
@@ -113,11 +109,12 @@ impl DurableHashes {
         once: bool,
         dir: &Path,
         vols: &[Volume],
-    ) -> Result<(), AgentError> {
+    ) -> Result<bool, AgentError> {
         if policy::state_save_due(once, self.saved_at.map(|t| t.elapsed())) {
             self.save(dir, vols)?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Write `state.bin` if the last durable point is not in it yet.
@@ -128,16 +125,36 @@ impl DurableHashes {
         Ok(())
     }
 
-    /// Sync the hash files, then write `state.bin` (blocking I/O and
-    /// fsync, off the async workers).
+    /// Write the durable changes into the hash files and record their
+    /// point in `state.bin` (blocking I/O and fsync, off the async
+    /// workers). The order keeps every crash safe: `state.bin` is first
+    /// withdrawn (names no point) if it names one, then the records are
+    /// written and synced, and only then does `state.bin` name the point.
     fn save(&mut self, dir: &Path, vols: &[Volume]) -> Result<(), AgentError> {
         let header = self.header(vols, self.last_point);
-        off_async(|| {
-            for f in &self.files {
+        let withdraw = self.header_trusted && self.unflushed.iter().any(|c| !c.is_empty());
+        let untrusted = self.header(vols, 0);
+        let mut unflushed = std::mem::take(&mut self.unflushed);
+        let files = &self.files;
+        let written = off_async(|| {
+            if withdraw {
+                untrusted.save(dir)?;
+            }
+            for (file, ch) in files.iter().zip(unflushed.iter_mut()) {
+                settle_order(ch);
+                file.write(ch)?;
+            }
+            for f in files {
                 f.sync()?;
             }
             header.save(dir)
-        })?;
+        });
+        if let Err(e) = written {
+            // state.bin names no point now (or still the old one, if
+            // nothing was written): the next start resynchronises.
+            self.header_trusted = false;
+            return Err(e);
+        }
         self.saved_at = Some(Instant::now());
         self.unsaved = false;
         self.header_trusted = self.last_point != 0;
@@ -189,12 +206,14 @@ mod tests {
         assert_eq!((st.store_id, st.last_point), ([9; 16], 5));
         assert_eq!(st.volumes[0].hashes, [zero, BlockHash([1; 32]), zero]);
         assert_eq!(st.volumes[1].hashes, [BlockHash([2; 32]), zero]);
-        // ...later ones wait (the state names no point while the files
-        // hold one it does not name), and the end of the session writes them.
+        // ...later ones wait in memory (state and files still agree on
+        // point 5), and the end of the session writes them.
         dh.advance(d, &vols, 6, &mut [vec![], vec![(1, BlockHash([3; 32]))]])
             .unwrap();
-        dh.save_if_due(false, d, &vols).unwrap();
-        assert_eq!(AgentState::load(d).unwrap().unwrap().last_point, 0);
+        assert!(!dh.save_if_due(false, d, &vols).unwrap());
+        let st = AgentState::load(d).unwrap().unwrap();
+        assert_eq!(st.last_point, 5);
+        assert_eq!(st.volumes[1].hashes[1], zero);
         dh.save_unsaved(d, &vols).unwrap();
         let st = AgentState::load(d).unwrap().unwrap();
         assert_eq!(st.last_point, 6);

@@ -264,14 +264,10 @@ impl Overlay {
         }
     }
 
-    /// Point `tag` is durable (its `changes` are in the file): forget what
-    /// it alone holds; a later point's change of the same block stays.
-    pub(crate) fn settle(&mut self, tag: u64, changes: &[(u64, BlockHash)]) {
-        for (i, _) in changes {
-            if self.sent.get(i).is_some_and(|&(_, t)| t == tag) {
-                self.sent.remove(i);
-            }
-        }
+    /// The durable points up to `tag` are written into the file: forget
+    /// what they alone hold; a later point's change of a block stays.
+    pub(crate) fn settle_through(&mut self, tag: u64) {
+        self.sent.retain(|_, &mut (_, t)| t > tag);
     }
 
     /// Number of blocks held.
@@ -391,9 +387,10 @@ mod tests {
         .unwrap();
         let z = zero_hash(4096);
         assert_eq!(out, [z, a, b, z]);
-        // Point 1 durable: its block 1 leaves the overlay, block 2 is point 2's.
+        // Point 1 durable and written: its block 1 leaves the overlay,
+        // block 2 is point 2's.
         f.write(&[(1, a), (2, a)]).unwrap();
-        o.settle(1, &[(1, a), (2, a)]);
+        o.settle_through(1);
         assert_eq!(o.len(), 1);
         View {
             file: &f,

@@ -318,11 +318,16 @@ impl<'a> Session<'a> {
         let cfg = self.agent.cfg;
         self.durable
             .advance(&cfg.state_dir, &self.vols, point, &mut p.changes)?;
-        for (overlay, ch) in self.view.iter_mut().zip(&p.changes) {
-            overlay.settle(tag, ch);
+        // The view keeps the point's changes until they are in the hash
+        // files (written at most every STATE_SAVE_EVERY, or now).
+        if self
+            .durable
+            .save_if_due(cfg.once, &cfg.state_dir, &self.vols)?
+        {
+            for overlay in &mut self.view {
+                overlay.settle_through(tag);
+            }
         }
-        self.durable
-            .save_if_due(cfg.once, &cfg.state_dir, &self.vols)?;
         self.progressed = true;
         let mut report = p.report;
         report.point = point;
