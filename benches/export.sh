@@ -139,7 +139,8 @@ fio --name=randread --ioengine=nbd --uri="$(uri "$LATEST")" --rw=randread --bs=4
 stop_export; MEM_FIO=$(cat "$WORK/mem-export$LATEST")
 read -r P50 P99 IOPS < <(python3 - "$WORK/fio.json" <<'PY'
 import json, sys
-r = json.load(open(sys.argv[1]))["jobs"][0]["read"]
+text = open(sys.argv[1]).read()  # fio's nbd engine prints a line before the JSON
+r = json.loads(text[text.index("{"):])["jobs"][0]["read"]
 p = r["clat_ns"]["percentile"]
 print(f'{p["50.000000"] / 1000:.0f} {p["99.000000"] / 1000:.0f} {r["iops"]:.0f}')
 PY
