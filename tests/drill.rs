@@ -114,7 +114,10 @@ fn sample_files() -> Vec<(&'static str, Vec<u8>)> {
     };
     vec![
         ("big.bin", random(5 * MIB as usize + 1234)),
-        ("notes.txt", b"a drill never changes a stored point\n".repeat(300)),
+        (
+            "notes.txt",
+            b"a drill never changes a stored point\n".repeat(300),
+        ),
         ("tiny", b"x".to_vec()),
         ("etc/fstab", b"/dev/vda1 / ext4 defaults 0 1\n".to_vec()),
         ("var/lib/db.dat", random(700_000)),
