@@ -110,8 +110,7 @@ printf '   first byte: point %s %.3fs (%d MiB), point %s %.3fs (%d MiB)\n' \
     "$FIRST" "$TTFB_FIRST" $((MEM_TTFB_FIRST / 1024)) "$LATEST" "$TTFB_LATEST" $((MEM_TTFB_LATEST / 1024))
 
 # (b) sequential read: nbdcopy vs restore of the same point, for the oldest
-# point (restore reads the packs) and the latest (restore may copy the
-# staging image). Sets COPY RESTORE MEM_COPY MEM_RESTORE.
+# and the latest point. Sets COPY RESTORE MEM_COPY MEM_RESTORE.
 nbdcopy --version >"$WORK/nbdcopy-version"
 sequential() {
     start_export "$1"
