@@ -81,7 +81,8 @@ impl PointImage {
         block_len(self.size, self.block_size, index)
     }
 
-    /// Block `index`, verified. Blocking: call off the async workers.
+    /// Block `index`, verified, kept in the cache for the next partial
+    /// read of it. Blocking: call off the async workers.
     pub(crate) fn block(&self, index: u64) -> Result<Block, ReceiveError> {
         let Some(hash) = self.hash(index) else {
             return Ok(Block::Zero);
@@ -89,19 +90,28 @@ impl PointImage {
         if let Some(b) = self.cache.get(index) {
             return Ok(Block::Data(b));
         }
+        let mut out = Vec::new();
+        self.fetch(index, &hash, &mut out)?;
+        let data: Arc<[u8]> = Arc::from(out);
+        self.cache.put(index, data.clone());
+        Ok(Block::Data(data))
+    }
+
+    /// Fetch, decompress and verify block `index` (stored as `hash`) from
+    /// the packs into `out`, logging a damaged one. Blocking.
+    fn fetch(&self, index: u64, hash: &BlockHash, out: &mut Vec<u8>) -> Result<(), ReceiveError> {
         let mut fetcher = match self.fetchers.lock().ok().and_then(|mut f| f.pop()) {
             Some(f) => f,
             None => BlockFetcher::new(self.store.dir())?,
         };
-        let mut out = Vec::new();
         let result = self
             .store
-            .locate(&hash)
-            .and_then(|loc| fetcher.fetch_current(&self.store, &loc, &hash, &mut out));
+            .locate(hash)
+            .and_then(|loc| fetcher.fetch_current(&self.store, &loc, hash, out));
         if let Ok(mut idle) = self.fetchers.lock() {
             idle.push(fetcher);
         }
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::error!(
                 volume = %self.volume,
                 point = self.point,
@@ -110,11 +120,39 @@ impl PointImage {
                 cause = %e,
                 "damaged block: the read is answered with EIO"
             );
-            return Err(e);
         }
-        let data: Arc<[u8]> = Arc::from(out);
-        self.cache.put(index, data.clone());
-        Ok(Block::Data(data))
+        result
+    }
+
+    /// Fill `dst`, all of block `index`: a reader that takes whole blocks
+    /// (nbdcopy, qemu-img) will not ask for it again soon, so it is copied
+    /// once and not cached. Blocking.
+    fn whole_block(
+        &self,
+        index: u64,
+        dst: &mut [u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ReceiveError> {
+        let Some(hash) = self.hash(index) else {
+            dst.fill(0);
+            return Ok(());
+        };
+        let cached = self.cache.get(index);
+        let src: &[u8] = match &cached {
+            Some(b) => b,
+            None => {
+                self.fetch(index, &hash, buf)?;
+                buf
+            }
+        };
+        let src = src.get(..dst.len()).ok_or_else(|| {
+            ReceiveError::Corrupt(format!(
+                "block {index} of volume {} is shorter than the volume says",
+                self.volume
+            ))
+        })?;
+        dst.copy_from_slice(src);
+        Ok(())
     }
 
     /// Read `out.len()` bytes at `offset` (within the volume) from the
@@ -128,6 +166,7 @@ impl PointImage {
     ) -> Result<(), ReceiveError> {
         let bs = u64::from(self.block_size);
         let mut done = 0usize;
+        let mut buf = Vec::new();
         while done < out.len() {
             let pos = offset + done as u64;
             let index = pos / bs;
@@ -136,7 +175,11 @@ impl PointImage {
             let dst = out
                 .get_mut(done..done + n)
                 .ok_or_else(|| ReceiveError::Internal("read past its buffer".into()))?;
-            if !skip(index) {
+            if skip(index) {
+                // The caller fills it.
+            } else if within == 0 && n == self.block_len(index) as usize {
+                self.whole_block(index, dst, &mut buf)?;
+            } else {
                 match self.block(index)? {
                     Block::Zero => dst.fill(0),
                     Block::Data(b) => {

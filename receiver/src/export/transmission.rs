@@ -1,15 +1,20 @@
-//! The transmission phase: requests one after the other, each answered
-//! before the next is read. READ, FLUSH, DISC and BLOCK_STATUS
-//! (`base:allocation`) always; WRITE, TRIM and WRITE_ZEROES on a writable
-//! export (EPERM otherwise). A request's length is checked against
-//! [`MAX_PAYLOAD`] before its buffer is reserved: a too-long READ gets an
-//! error, a too-long WRITE closes the connection (its payload cannot be
-//! skipped safely).
+//! The transmission phase: requests read one after the other and answered
+//! in the order they came, but worked on concurrently: a client with many
+//! requests in flight (nbdcopy keeps 64 per connection) gets the disk
+//! reads of several at once, bounded by [`IN_FLIGHT`] requests and
+//! [`IN_FLIGHT_BYTES`] of reads per connection. READ, FLUSH, DISC and
+//! BLOCK_STATUS (`base:allocation`) always; WRITE, TRIM and WRITE_ZEROES on
+//! a writable export (EPERM otherwise). A request's length is checked
+//! against [`MAX_PAYLOAD`] before its buffer is reserved: a too-long READ
+//! gets an error, a too-long WRITE closes the connection (its payload
+//! cannot be skipped safely).
 
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::ConnError;
@@ -18,6 +23,24 @@ use super::options::Negotiated;
 use super::wire::*;
 use crate::ReceiveError;
 
+/// Requests one connection has in flight at most (read, not yet answered).
+pub(crate) const IN_FLIGHT: usize = 64;
+/// Bytes of reads one connection has in flight at most; a larger read
+/// waits until it is the only one.
+pub(crate) const IN_FLIGHT_BYTES: u32 = 8 << 20;
+
+/// A reply to send, in request order.
+enum Reply {
+    /// Encoded already.
+    Ready(BytesMut),
+    /// Being worked on by a disk task: the reply's head and its data; the
+    /// permit holds the read's share of [`IN_FLIGHT_BYTES`] until sent.
+    Pending(
+        JoinHandle<(BytesMut, Vec<u8>)>,
+        Option<OwnedSemaphorePermit>,
+    ),
+}
+
 /// Serve requests until the client disconnects or the export stops.
 pub(crate) async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
@@ -25,7 +48,21 @@ pub(crate) async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
     neg: Negotiated,
     stop: &CancellationToken,
 ) -> Result<(), ConnError> {
-    let mut out = BytesMut::with_capacity(64 << 10);
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let (tx, rx) = mpsc::channel(IN_FLIGHT);
+    tokio::try_join!(receive(&mut rd, disk, neg, stop, tx), send(&mut wr, rx))?;
+    Ok(())
+}
+
+/// Read requests and start each; ends at DISC, end of stream or stop.
+async fn receive<R: AsyncRead + Unpin>(
+    s: &mut R,
+    disk: &Arc<Disk>,
+    neg: Negotiated,
+    stop: &CancellationToken,
+    tx: mpsc::Sender<Reply>,
+) -> Result<(), ConnError> {
+    let budget = Arc::new(Semaphore::new(IN_FLIGHT_BYTES as usize));
     loop {
         let mut head = [0u8; REQUEST_LEN];
         tokio::select! {
@@ -37,9 +74,21 @@ pub(crate) async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
             () = stop.cancelled() => return Ok(()),
         }
         let req = Request::parse(&head).ok_or(ConnError::Malformed("request without its magic"))?;
-        match req.kind {
+        let reply = match req.kind {
             CMD_DISC => return Ok(()),
-            CMD_READ => read(&mut out, disk, neg, req).await?,
+            CMD_READ => {
+                let share = req.length.min(IN_FLIGHT_BYTES);
+                let permit = budget
+                    .clone()
+                    .acquire_many_owned(share)
+                    .await
+                    .map_err(|_| {
+                        ConnError::Internal(ReceiveError::Internal("read budget closed".into()))
+                    })?;
+                let d = disk.clone();
+                let task = tokio::task::spawn_blocking(move || read(&d, neg, req));
+                Reply::Pending(task, Some(permit))
+            }
             CMD_WRITE => {
                 if req.length > MAX_PAYLOAD {
                     return Err(ConnError::TooLarge {
@@ -49,73 +98,102 @@ pub(crate) async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 let mut data = vec![0u8; req.length as usize];
                 s.read_exact(&mut data).await?;
-                let err = write(disk, req, Some(data)).await?;
-                status(&mut out, neg, req.cookie, err);
+                let d = disk.clone();
+                let task = tokio::task::spawn_blocking(move || {
+                    let err = write(&d, req, Some(data));
+                    (status(neg, req.cookie, err), Vec::new())
+                });
+                Reply::Pending(task, None)
             }
             CMD_TRIM | CMD_WRITE_ZEROES => {
-                let err = write(disk, req, None).await?;
-                status(&mut out, neg, req.cookie, err);
+                let d = disk.clone();
+                let task = tokio::task::spawn_blocking(move || {
+                    let err = write(&d, req, None);
+                    (status(neg, req.cookie, err), Vec::new())
+                });
+                Reply::Pending(task, None)
             }
             CMD_FLUSH => {
                 let d = disk.clone();
-                let err = match blocking(move || d.flush()).await? {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        tracing::warn!(cause = %e, "flush of the overlay failed");
-                        EIO
-                    }
-                };
-                status(&mut out, neg, req.cookie, err);
+                let task = tokio::task::spawn_blocking(move || {
+                    let err = match d.flush() {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            tracing::warn!(cause = %e, "flush of the overlay failed");
+                            EIO
+                        }
+                    };
+                    (status(neg, req.cookie, err), Vec::new())
+                });
+                Reply::Pending(task, None)
             }
-            CMD_BLOCK_STATUS => block_status(&mut out, disk, neg, req),
-            _ => status(&mut out, neg, req.cookie, EINVAL),
+            CMD_BLOCK_STATUS => Reply::Ready(block_status(disk, neg, req)),
+            _ => Reply::Ready(status(neg, req.cookie, EINVAL)),
+        };
+        if tx.send(reply).await.is_err() {
+            // The sender has stopped on an error, which `transmit` reports.
+            return Ok(());
         }
-        s.write_all(&out).await?;
-        s.flush().await?;
-        out.clear();
     }
+}
+
+/// Send the replies in request order, each as soon as its work is done.
+async fn send<W: AsyncWrite + Unpin>(
+    s: &mut W,
+    mut rx: mpsc::Receiver<Reply>,
+) -> Result<(), ConnError> {
+    while let Some(reply) = rx.recv().await {
+        let (head, data, _permit) = match reply {
+            Reply::Ready(head) => (head, Vec::new(), None),
+            Reply::Pending(task, permit) => {
+                let (head, data) = task
+                    .await
+                    .map_err(|e| ConnError::Internal(ReceiveError::join("export disk", e)))?;
+                (head, data, permit)
+            }
+        };
+        s.write_all(&head).await?;
+        if !data.is_empty() {
+            s.write_all(&data).await?;
+        }
+        s.flush().await?;
+    }
+    Ok(())
 }
 
 /// A reply with no data: success (0) or an NBD error.
-fn status(out: &mut BytesMut, neg: Negotiated, cookie: u64, err: u32) {
+fn status(neg: Negotiated, cookie: u64, err: u32) -> BytesMut {
+    let mut out = BytesMut::with_capacity(64);
     if err != 0 && neg.structured {
-        error_chunk(out, cookie, err, "");
+        error_chunk(&mut out, cookie, err, "");
     } else {
-        simple_reply(out, err, cookie);
+        simple_reply(&mut out, err, cookie);
     }
+    out
 }
 
-async fn read(
-    out: &mut BytesMut,
-    disk: &Arc<Disk>,
-    neg: Negotiated,
-    req: Request,
-) -> Result<(), ConnError> {
+/// READ: the reply's head and data. Blocking: runs in a disk task.
+fn read(disk: &Disk, neg: Negotiated, req: Request) -> (BytesMut, Vec<u8>) {
     if req.length > MAX_PAYLOAD {
         let err = if neg.structured { EOVERFLOW } else { EINVAL };
-        status(out, neg, req.cookie, err);
-        return Ok(());
+        return (status(neg, req.cookie, err), Vec::new());
     }
     if !req.within(disk.size()) {
-        status(out, neg, req.cookie, EINVAL);
-        return Ok(());
+        return (status(neg, req.cookie, EINVAL), Vec::new());
     }
-    let d = disk.clone();
-    let data = match blocking(move || d.read(req.offset, req.length as usize)).await? {
+    let data = match disk.read(req.offset, req.length as usize) {
         Ok(data) => data,
         // The image logged which block is damaged.
-        Err(_) => {
-            status(out, neg, req.cookie, EIO);
-            return Ok(());
-        }
+        Err(_) => return (status(neg, req.cookie, EIO), Vec::new()),
     };
+    let mut out = BytesMut::with_capacity(32);
     if !neg.structured {
-        simple_reply(out, 0, req.cookie);
+        simple_reply(&mut out, 0, req.cookie);
     } else if data.is_empty() {
-        chunk_header(out, CHUNK_DONE, CHUNK_NONE, req.cookie, 0);
+        chunk_header(&mut out, CHUNK_DONE, CHUNK_NONE, req.cookie, 0);
     } else {
         chunk_header(
-            out,
+            &mut out,
             CHUNK_DONE,
             CHUNK_OFFSET_DATA,
             req.cookie,
@@ -123,24 +201,20 @@ async fn read(
         );
         out.put_u64(req.offset);
     }
-    out.extend_from_slice(&data);
-    Ok(())
+    (out, data)
 }
 
-/// WRITE (`data`), or TRIM / WRITE_ZEROES (`None`); the NBD error, 0 for success.
-async fn write(disk: &Arc<Disk>, req: Request, data: Option<Vec<u8>>) -> Result<u32, ConnError> {
+/// WRITE (`data`), or TRIM / WRITE_ZEROES (`None`); the NBD error, 0 for
+/// success. Blocking: runs in a disk task.
+fn write(disk: &Disk, req: Request, data: Option<Vec<u8>>) -> u32 {
     if !disk.writable() {
-        return Ok(EPERM);
+        return EPERM;
     }
     if !req.within(disk.size()) {
-        return Ok(EINVAL);
+        return EINVAL;
     }
-    let d = disk.clone();
     let fua = req.flags & CMD_FLAG_FUA != 0;
-    let r = blocking(move || Ok(d.write(req.offset, req.length as usize, data.as_deref(), fua)))
-        .await?
-        .map_err(ConnError::Internal)?;
-    Ok(match r {
+    match disk.write(req.offset, req.length as usize, data.as_deref(), fua) {
         Ok(()) => 0,
         Err(WriteError::ReadOnly) => EPERM,
         Err(WriteError::Failed(e)) => {
@@ -154,32 +228,25 @@ async fn write(disk: &Arc<Disk>, req: Request, data: Option<Vec<u8>>) -> Result<
                 _ => EIO,
             }
         }
-    })
+    }
 }
 
-fn block_status(out: &mut BytesMut, disk: &Disk, neg: Negotiated, req: Request) {
+fn block_status(disk: &Disk, neg: Negotiated, req: Request) -> BytesMut {
     let Some(id) = neg.allocation.filter(|_| neg.structured) else {
-        return status(out, neg, req.cookie, EINVAL);
+        return status(neg, req.cookie, EINVAL);
     };
     if req.length == 0 || !req.within(disk.size()) {
-        return status(out, neg, req.cookie, EINVAL);
+        return status(neg, req.cookie, EINVAL);
     }
     let runs = disk.extents(req.offset, req.length, req.flags & CMD_FLAG_REQ_ONE != 0);
+    let mut out = BytesMut::with_capacity(32 + 8 * runs.len());
     // INVARIANT: at most 2^20 runs of 8 bytes.
     let len = u32::try_from(4 + 8 * runs.len()).unwrap_or(u32::MAX);
-    chunk_header(out, CHUNK_DONE, CHUNK_BLOCK_STATUS, req.cookie, len);
+    chunk_header(&mut out, CHUNK_DONE, CHUNK_BLOCK_STATUS, req.cookie, len);
     out.put_u32(id);
     for (n, state) in runs {
         out.put_u32(n);
         out.put_u32(state);
     }
-}
-
-/// Run disk work off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ReceiveError> + Send + 'static,
-) -> Result<Result<T, ReceiveError>, ConnError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ConnError::Internal(ReceiveError::join("export disk", e)))
+    out
 }
