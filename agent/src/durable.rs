@@ -87,10 +87,8 @@ impl DurableHashes {
     /// them in its view until then: see [`Self::save_if_due`]).
     pub(crate) fn advance(
         &mut self,
-        _dir: &Path,
-        _vols: &[Volume],
         point: u64,
-        changes: &mut [Vec<(u64, BlockHash)>],
+        changes: &[Vec<(u64, BlockHash)>],
     ) -> Result<(), AgentError> {
         if self.unflushed.len() < changes.len() {
             self.unflushed.resize_with(changes.len(), Vec::new);
@@ -151,8 +149,11 @@ impl DurableHashes {
         });
         if let Err(e) = written {
             // state.bin names no point now (or still the old one, if
-            // nothing was written): the next start resynchronises.
+            // nothing was written): the next start resynchronises. The
+            // changes stay for a later save, which must not name the point
+            // without them (writing them again is harmless).
             self.header_trusted = false;
+            self.unflushed = unflushed;
             return Err(e);
         }
         self.saved_at = Some(Instant::now());
@@ -191,10 +192,8 @@ mod tests {
             .collect();
         let mut dh = DurableHashes::new([9; 16], 4, files, false);
         dh.advance(
-            d,
-            &vols,
             5,
-            &mut [
+            &[
                 vec![(1, BlockHash([1; 32]))],
                 vec![(0, BlockHash([2; 32])), (9, zero)],
             ],
@@ -208,7 +207,7 @@ mod tests {
         assert_eq!(st.volumes[1].hashes, [BlockHash([2; 32]), zero]);
         // ...later ones wait in memory (state and files still agree on
         // point 5), and the end of the session writes them.
-        dh.advance(d, &vols, 6, &mut [vec![], vec![(1, BlockHash([3; 32]))]])
+        dh.advance(6, &[vec![], vec![(1, BlockHash([3; 32]))]])
             .unwrap();
         assert!(!dh.save_if_due(false, d, &vols).unwrap());
         let st = AgentState::load(d).unwrap().unwrap();

@@ -307,7 +307,7 @@ impl<'a> Session<'a> {
                 frame.kind()
             )));
         };
-        let Some(mut p) = self.pending.pop_front().filter(|p| p.tag == tag) else {
+        let Some(p) = self.pending.pop_front().filter(|p| p.tag == tag) else {
             return Err(AgentError::Protocol(format!(
                 "Durable for tag {tag}, which is not the oldest pending point"
             )));
@@ -316,8 +316,7 @@ impl<'a> Session<'a> {
             t.durable();
         }
         let cfg = self.agent.cfg;
-        self.durable
-            .advance(&cfg.state_dir, &self.vols, point, &mut p.changes)?;
+        self.durable.advance(point, &p.changes)?;
         // The view keeps the point's changes until they are in the hash
         // files (written at most every STATE_SAVE_EVERY, or now).
         if self
