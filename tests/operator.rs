@@ -2,7 +2,6 @@
 //! transfer, the send-rate cap, the config file, and the service units.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,15 +25,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn scrape(port: u16) -> Option<String> {
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut out = String::new();
-    c.read_to_string(&mut out).ok()?;
-    Some(out)
-}
+use pilotlight::scrape_metrics as scrape;
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()

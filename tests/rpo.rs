@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read, Write};
+use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -58,15 +58,7 @@ async fn status_flags_servers_past_their_rpo() {
     rcv.stop().await;
 }
 
-fn scrape(port: u16) -> Option<String> {
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut out = String::new();
-    c.read_to_string(&mut out).ok()?;
-    Some(out)
-}
+use pilotlight::scrape_metrics as scrape;
 
 /// The value of `name{server="SERVER"}` in a scrape.
 fn gauge(text: &str, name: &str, server: &str) -> Option<f64> {

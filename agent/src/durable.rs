@@ -85,11 +85,7 @@ impl DurableHashes {
     /// Point `point` is durable with `changes` (per volume: block, hash):
     /// kept in memory until the next save writes them (the caller keeps
     /// them in its view until then: see [`Self::save_if_due`]).
-    pub(crate) fn advance(
-        &mut self,
-        point: u64,
-        changes: &[Vec<(u64, BlockHash)>],
-    ) -> Result<(), AgentError> {
+    pub(crate) fn advance(&mut self, point: u64, changes: &[Vec<(u64, BlockHash)>]) {
         if self.unflushed.len() < changes.len() {
             self.unflushed.resize_with(changes.len(), Vec::new);
         }
@@ -98,7 +94,6 @@ impl DurableHashes {
         }
         self.last_point = point;
         self.unsaved = true;
-        Ok(())
     }
 
     /// Write `state.bin` now if [`policy::state_save_due`] says so.
@@ -197,8 +192,7 @@ mod tests {
                 vec![(1, BlockHash([1; 32]))],
                 vec![(0, BlockHash([2; 32])), (9, zero)],
             ],
-        )
-        .unwrap();
+        );
         // The first durable point of a session is written at once...
         dh.save_if_due(false, d, &vols).unwrap();
         let st = AgentState::load(d).unwrap().unwrap();
@@ -207,8 +201,7 @@ mod tests {
         assert_eq!(st.volumes[1].hashes, [BlockHash([2; 32]), zero]);
         // ...later ones wait in memory (state and files still agree on
         // point 5), and the end of the session writes them.
-        dh.advance(6, &[vec![], vec![(1, BlockHash([3; 32]))]])
-            .unwrap();
+        dh.advance(6, &[vec![], vec![(1, BlockHash([3; 32]))]]);
         assert!(!dh.save_if_due(false, d, &vols).unwrap());
         let st = AgentState::load(d).unwrap().unwrap();
         assert_eq!(st.last_point, 5);

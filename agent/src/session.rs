@@ -316,7 +316,7 @@ impl<'a> Session<'a> {
             t.durable();
         }
         let cfg = self.agent.cfg;
-        self.durable.advance(point, &p.changes)?;
+        self.durable.advance(point, &p.changes);
         // The view keeps the point's changes until they are in the hash
         // files (written at most every STATE_SAVE_EVERY, or now).
         if self

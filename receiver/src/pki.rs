@@ -242,61 +242,66 @@ fn tls_config(dir: &Path) -> Result<ServerConfig, ReceiveError> {
 /// The operator named by a verified client certificate; an agent's (or any
 /// other) certificate is refused.
 pub fn operator_identity(certs: &[CertificateDer<'_>]) -> Result<String, ReceiveError> {
-    let (name, ou) = subject_of(certs)?;
-    if ou.as_deref() != Some(OPERATOR_OU) {
+    let s = subject_of(certs)?;
+    if !s.units.iter().any(|u| u == OPERATOR_OU) {
         return Err(ReceiveError::Unauthorized(
             "certificate is not an operator identity (`enroll --operator`)".into(),
         ));
     }
-    Ok(name)
+    s.name
+        .filter(|n| pilotlight_protocol::limits::valid_name(n))
+        .ok_or_else(|| ReceiveError::Unauthorized("certificate names no valid identity".into()))
 }
 
-/// The common name and organizational unit of the first certificate.
-fn subject_of(certs: &[CertificateDer<'_>]) -> Result<(String, Option<String>), ReceiveError> {
+/// What a verified client certificate says of its holder.
+struct Subject {
+    /// The first common name.
+    name: Option<String>,
+    /// Every organizational unit.
+    units: Vec<String>,
+    /// Serial number (hex).
+    serial: String,
+}
+
+/// The subject of the first certificate of a verified chain.
+fn subject_of(certs: &[CertificateDer<'_>]) -> Result<Subject, ReceiveError> {
     let der = certs
         .first()
         .ok_or_else(|| ReceiveError::Unauthorized("no client certificate".into()))?;
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|_| ReceiveError::Unauthorized("client certificate does not parse".into()))?;
     let subject = cert.subject();
-    let ou = subject
-        .iter_organizational_unit()
-        .find_map(|ou| ou.as_str().ok().map(str::to_owned));
     let name = subject
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
-        .filter(|n| pilotlight_protocol::limits::valid_name(n))
-        .ok_or_else(|| ReceiveError::Unauthorized("certificate names no valid identity".into()))?;
-    Ok((name.to_owned(), ou))
+        .map(str::to_owned);
+    let units = subject
+        .iter_organizational_unit()
+        .filter_map(|ou| ou.as_str().ok().map(str::to_owned))
+        .collect();
+    Ok(Subject {
+        name,
+        units,
+        serial: crate::catalog::hex(cert.raw_serial()),
+    })
 }
 
 /// The server name and serial (hex) of a verified agent certificate.
 pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Result<(String, String), ReceiveError> {
-    let der = certs
-        .first()
-        .ok_or_else(|| ReceiveError::Unauthorized("no client certificate".into()))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|_| ReceiveError::Unauthorized("client certificate does not parse".into()))?;
-    let subject = cert.subject();
-    let is_agent = subject
-        .iter_organizational_unit()
-        .any(|ou| ou.as_str().ok() == Some(AGENT_OU));
-    if !is_agent {
+    let s = subject_of(certs)?;
+    if !s.units.iter().any(|u| u == AGENT_OU) {
         return Err(ReceiveError::Unauthorized(
             "certificate is not an agent identity".into(),
         ));
     }
-    let name = subject
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
+    let name = s
+        .name
         .ok_or_else(|| ReceiveError::Unauthorized("agent certificate has no server name".into()))?;
-    if !pilotlight_protocol::limits::valid_name(name) {
+    if !pilotlight_protocol::limits::valid_name(&name) {
         return Err(ReceiveError::Unauthorized(format!(
             "agent certificate names an invalid server {name:?}"
         )));
     }
-    let serial = crate::catalog::hex(cert.raw_serial());
-    Ok((name.to_owned(), serial))
+    Ok((name, s.serial))
 }

@@ -630,3 +630,17 @@ pub fn fill_filesystem(dir: &Path, leave: u64) -> PathBuf {
     f.sync_all().expect("sync filler");
     filler
 }
+
+/// The Prometheus text a `--metrics` endpoint on 127.0.0.1:`port` serves
+/// now (HTTP headers included), or `None` while it does not answer.
+pub fn scrape_metrics(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    Some(out)
+}

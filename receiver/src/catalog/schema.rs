@@ -123,16 +123,21 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
     Ok(())
 }
 
+/// Whether the `points` table has the column `name` (a fresh file is
+/// created with every column; an older one gets them by its upgrades).
+fn points_has(conn: &Connection, name: &str) -> Result<bool, ReceiveError> {
+    Ok(conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('points') WHERE name=?1",
+        [name],
+        |r| r.get(0),
+    )?)
+}
+
 /// Version 1 to 2: the agent's time of each point in `source_ms`. A
 /// version-1 row's `created_ms` is the agent's time, the only one known, so
 /// it is both. (A fresh file already has the column.)
 fn upgrade_to_2(conn: &Connection) -> Result<(), ReceiveError> {
-    let has: bool = conn.query_row(
-        "SELECT count(*) > 0 FROM pragma_table_info('points') WHERE name='source_ms'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has {
+    if !points_has(conn, "source_ms")? {
         conn.execute_batch(
             "ALTER TABLE points ADD COLUMN source_ms INTEGER NOT NULL DEFAULT 0;
              UPDATE points SET source_ms = created_ms;",
@@ -158,12 +163,7 @@ fn upgrade_to_3(conn: &Connection) -> Result<(), ReceiveError> {
 /// order, and make the number unique per server. (A fresh file has the
 /// column and no points.)
 fn upgrade_to_4(conn: &Connection) -> Result<(), ReceiveError> {
-    let has: bool = conn.query_row(
-        "SELECT count(*) > 0 FROM pragma_table_info('points') WHERE name='seq'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has {
+    if !points_has(conn, "seq")? {
         conn.execute_batch("ALTER TABLE points ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;")?;
     }
     conn.execute_batch(
