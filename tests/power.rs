@@ -31,8 +31,15 @@ use pilotlight::{
 use pilotlight_receiver::retention::Policy;
 use rand::{Rng, SeedableRng};
 
-/// Size of the recorded filesystem.
-const FS_SIZE: u64 = 32 << 20;
+/// The recorded disk holds two filesystems, the store's and the agent's
+/// (offset, size): one order of writes and flushes for both, as on one
+/// disk, while an fsync of one does not commit the other's journal (an
+/// agent's fsync on the same filesystem would hide a receiver's missing one).
+const PARTS: [(u64, u64); 2] = [(0, 32 << 20), (32 << 20, 16 << 20)];
+/// Size of the recorded disk.
+const DISK_SIZE: u64 = 48 << 20;
+/// Mount points of the parts, under a recording's or a check's root.
+const MOUNTS: [&str; 2] = ["store-fs", "agent-fs"];
 /// Size of the replicated volume.
 const VOLUME: u64 = 4 << 20;
 const SERVER: &str = "web1";
@@ -40,12 +47,14 @@ const VOLUME_NAME: &str = "disk";
 /// One image in this many also takes a new point.
 const NEW_POINT_EVERY: usize = 40;
 
-/// The store's device: nbdkit (recorder.py) -> nbdfuse -> loop -> ext4.
+/// The store's and the agent's device: nbdkit (recorder.py) -> nbdfuse ->
+/// a loop device per part -> ext4.
 struct Recording {
-    mount: PathBuf,
+    /// Mount points: the store's filesystem, the agent's.
+    mounts: [PathBuf; 2],
     fuse: PathBuf,
     log: PathBuf,
-    dev: Option<LoopDevice>,
+    devs: Vec<LoopDevice>,
     nbdfuse: Option<ChildGuard>,
     nbdkit: Option<ChildGuard>,
 }
@@ -81,17 +90,24 @@ impl Recording {
         let nbdfuse = ChildGuard(nbdfuse);
         let file = fuse.join("nbd");
         let deadline = Deadline::after(Duration::from_secs(30));
-        while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) != FS_SIZE {
+        while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) != DISK_SIZE {
             deadline.next_blocking(|| "nbdfuse did not show the device".into());
         }
-        let dev = LoopDevice::attach(&file);
-        let mount = root.join("mnt");
-        mount_at(&dev.path, &mount).expect("mount the recorded filesystem");
+        let mounts = MOUNTS.map(|m| root.join(m));
+        let devs = PARTS
+            .iter()
+            .zip(&mounts)
+            .map(|(&(offset, size), mount)| {
+                let dev = attach_part(&file, offset, size);
+                mount_at(&dev.path, mount).expect("mount a recorded filesystem");
+                dev
+            })
+            .collect();
         Self {
-            mount,
+            mounts,
             fuse,
             log,
-            dev: Some(dev),
+            devs,
             nbdfuse: Some(nbdfuse),
             nbdkit: Some(nbdkit),
         }
@@ -109,11 +125,13 @@ impl Recording {
     }
 
     fn teardown(&mut self) {
-        let Some(dev) = self.dev.take() else {
+        if self.devs.is_empty() {
             return;
-        };
-        let _ = Command::new("umount").arg(&self.mount).status();
-        drop(dev);
+        }
+        for m in &self.mounts {
+            let _ = Command::new("umount").arg(m).status();
+        }
+        self.devs.clear();
         let _ = Command::new("umount").arg(&self.fuse).status();
         if let Some(mut f) = self.nbdfuse.take() {
             let _ = f.0.wait();
@@ -125,6 +143,22 @@ impl Recording {
 impl Drop for Recording {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+/// A loop device over `size` bytes at `offset` of `file`.
+fn attach_part(file: &Path, offset: u64, size: u64) -> LoopDevice {
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--offset"])
+        .arg(offset.to_string())
+        .arg("--sizelimit")
+        .arg(size.to_string())
+        .arg(file)
+        .output()
+        .expect("run losetup");
+    assert!(out.status.success(), "losetup: {out:?}");
+    LoopDevice {
+        path: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
     }
 }
 
@@ -250,6 +284,8 @@ struct Crash {
     name: String,
     /// Flushes fully included.
     flushes: usize,
+    /// With a random part of the writes after the last flush (else none).
+    partial: bool,
     /// Log position past every write the image may hold.
     end: u64,
     new_point: bool,
@@ -270,45 +306,68 @@ struct Checker<'a> {
 impl Checker<'_> {
     /// Check one image; `Err` says what promise it broke.
     async fn check(&mut self, image: &[u8], crash: &Crash) -> Result<(), String> {
-        let file = self.root.join("crash.img");
-        let t = Instant::now();
-        std::fs::write(&file, image).map_err(|e| format!("write image: {e}"))?;
-        self.phases[0] += t.elapsed();
-        let t = Instant::now();
-        let fsck = Command::new("e2fsck")
-            .args(["-f", "-y"])
-            .arg(&file)
-            .output()
-            .map_err(|e| e.to_string())?;
-        match fsck.status.code() {
-            Some(0) => {}
-            Some(1 | 2) => self.fsck_repairs += 1,
-            _ => {
-                return Err(format!(
-                    "e2fsck could not repair the filesystem: {}",
-                    String::from_utf8_lossy(&fsck.stdout).trim()
-                ))
+        let mut devs = Vec::new();
+        let mut mounts = Vec::new();
+        for (i, &(offset, size)) in PARTS.iter().enumerate() {
+            let file = self.root.join(format!("crash{i}.img"));
+            let t = Instant::now();
+            let part = &image[offset as usize..(offset + size) as usize];
+            std::fs::write(&file, part).map_err(|e| format!("write image: {e}"))?;
+            self.phases[0] += t.elapsed();
+            let t = Instant::now();
+            let fsck = Command::new("e2fsck")
+                .args(["-f", "-y"])
+                .arg(&file)
+                .output()
+                .map_err(|e| e.to_string())?;
+            match fsck.status.code() {
+                Some(0) => {}
+                Some(1 | 2) => self.fsck_repairs += 1,
+                _ => {
+                    return Err(format!(
+                        "e2fsck could not repair the {} filesystem: {}",
+                        MOUNTS[i],
+                        String::from_utf8_lossy(&fsck.stdout).trim()
+                    ))
+                }
             }
+            self.phases[1] += t.elapsed();
+            let t = Instant::now();
+            let dev = LoopDevice::attach(&file);
+            let mount = self.root.join(MOUNTS[i]);
+            let mounted = mount_at(&dev.path, &mount);
+            devs.push(dev);
+            self.phases[2] += t.elapsed();
+            if let Err(e) = mounted {
+                Self::unmount(&mounts);
+                return Err(e);
+            }
+            mounts.push(mount);
         }
-        self.phases[1] += t.elapsed();
         let t = Instant::now();
-        let dev = LoopDevice::attach(&file);
-        let mount = self.root.join("crash");
-        mount_at(&dev.path, &mount)?;
-        self.phases[2] += t.elapsed();
-        let t = Instant::now();
-        let result = self.check_mounted(&mount, crash).await;
+        let result = self.check_mounted(&mounts[0], &mounts[1], crash).await;
         self.phases[3] += t.elapsed();
         let t = Instant::now();
-        let _ = Command::new("umount").arg(&mount).status();
-        drop(dev);
+        Self::unmount(&mounts);
+        drop(devs);
         self.phases[2] += t.elapsed();
         result
     }
 
-    async fn check_mounted(&mut self, mount: &Path, crash: &Crash) -> Result<(), String> {
+    fn unmount(mounts: &[PathBuf]) {
+        for m in mounts {
+            let _ = Command::new("umount").arg(m).status();
+        }
+    }
+
+    async fn check_mounted(
+        &mut self,
+        store_fs: &Path,
+        agent: &Path,
+        crash: &Crash,
+    ) -> Result<(), String> {
         let p = self.promises;
-        let dir = mount.join("store");
+        let dir = store_fs.join("store");
         let required: Vec<u64> = p
             .acked
             .iter()
@@ -367,25 +426,34 @@ impl Checker<'_> {
             return Err(format!("verify found damage: {:?}", report.damaged));
         }
         if crash.new_point {
-            self.new_point(mount, &dir).await?;
+            self.new_point(agent, &dir).await?;
         }
         Ok(())
     }
 
     /// Serve the store again and make a point with the agent's state as it
     /// was at the cut; the point must restore the volume as it is now.
-    async fn new_point(&mut self, mount: &Path, dir: &Path) -> Result<(), String> {
+    async fn new_point(&mut self, agent: &Path, dir: &Path) -> Result<(), String> {
         let receiver = TestReceiver::serve(dir).await;
         let cfg = agent_config(
             receiver.addr,
-            &mount.join("agent/web1.pem"),
-            &mount.join("agent/state"),
+            &agent.join("web1.pem"),
+            &agent.join("state"),
             &[(VOLUME_NAME, self.source)],
         );
         let point = tokio::time::timeout(Duration::from_secs(60), replicate_once(&cfg))
             .await
             .map_err(|_| "the agent made no point within 60 s".to_string())?;
+        // Staging was repaired at start (or rebuilt): it must follow.
+        receiver.wait_staging(SERVER).await;
         receiver.stop().await;
+        let staging = pilotlight_receiver::store::Store::open(dir)
+            .map_err(|e| format!("reopen: {e}"))?
+            .staging_path(SERVER, VOLUME_NAME);
+        let staged = std::fs::read(&staging).map_err(|e| format!("staging image: {e}"))?;
+        if staged.get(..self.promises.last.len()) != Some(&self.promises.last[..]) {
+            return Err("the staging image differs from the new point".into());
+        }
         let restored = self.root.join("new.img");
         restore_point(dir, SERVER, VOLUME_NAME, point.point, &restored);
         let got = std::fs::read(&restored).map_err(|e| e.to_string())?;
@@ -404,10 +472,9 @@ impl Checker<'_> {
 /// filesystem; note every promise with the log position it was made at.
 async fn workload(rec: &Recording, source: &Path) -> Promises {
     let mut p = Promises::default();
-    let dir = rec.mount.join("store");
+    let dir = rec.mounts[0].join("store");
     pilotlight_receiver::admin::init(&dir, Some("127.0.0.1:0")).expect("init");
-    let agent = rec.mount.join("agent");
-    std::fs::create_dir_all(&agent).expect("agent dir");
+    let agent = &rec.mounts[1];
     pilotlight_receiver::admin::enroll(&dir, SERVER, &agent.join("web1.pem")).expect("enroll");
     p.enrolled = Some(rec.position());
     let mut seed = 1;
@@ -429,7 +496,11 @@ async fn workload(rec: &Recording, source: &Path) -> Promises {
         .collect();
     assert!(!removed.is_empty(), "prune removed nothing: {items:?}");
     p.pruned = Some((start, removed));
-    pilotlight_receiver::admin::gc(&dir, Default::default()).expect("gc");
+    let gc = pilotlight_receiver::admin::gc(&dir, Default::default()).expect("gc");
+    assert!(
+        gc.packs_removed + gc.packs_rewritten > 0,
+        "gc rewrote and removed nothing, so the images would not cover it: {gc:?}"
+    );
     let receiver = TestReceiver::serve(&dir).await;
     for _ in 0..3 {
         seed += 1;
@@ -449,7 +520,7 @@ async fn round(
     source: &Path,
     seed: u64,
 ) {
-    let agent = rec.mount.join("agent");
+    let agent = &rec.mounts[1];
     let cfg = agent_config(
         receiver.addr,
         &agent.join("web1.pem"),
@@ -488,15 +559,21 @@ async fn acknowledged_points_survive_power_loss() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
     let base = root.join("base.img");
-    std::fs::File::create(&base)
-        .and_then(|f| f.set_len(FS_SIZE))
-        .expect("base image");
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-        .arg(&base)
-        .output()
-        .expect("mkfs.ext4");
-    assert!(out.status.success(), "mkfs.ext4: {out:?}");
+    let mut disk = Vec::with_capacity(DISK_SIZE as usize);
+    for (i, &(_, size)) in PARTS.iter().enumerate() {
+        let part = root.join(format!("part{i}.img"));
+        std::fs::File::create(&part)
+            .and_then(|f| f.set_len(size))
+            .expect("part image");
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&part)
+            .output()
+            .expect("mkfs.ext4");
+        assert!(out.status.success(), "mkfs.ext4: {out:?}");
+        disk.extend(std::fs::read(&part).expect("read part"));
+    }
+    std::fs::write(&base, &disk).expect("write base image");
     let source = root.join("source.img");
     sample_image(&source, VOLUME, 7);
 
@@ -533,7 +610,7 @@ async fn acknowledged_points_survive_power_loss() {
             log.apply(&mut base_image, op, None);
         }
         applied = upto;
-        let image = if crash.name.starts_with("flush") {
+        let image = if !crash.partial {
             std::borrow::Cow::Borrowed(&base_image[..])
         } else {
             let (img, torn) = variant(&log, &base_image, crash.flushes, &boundaries, &mut rng);
@@ -541,24 +618,29 @@ async fn acknowledged_points_survive_power_loss() {
             std::borrow::Cow::Owned(img)
         };
         if let Err(why) = checker.check(&image, crash).await {
-            let keep =
-                std::env::temp_dir().join(format!("pilotlight-power-{seed}-{}.img", crash.name));
-            let _ = std::fs::write(&keep, &image[..]);
-            println!(
-                "FAILED {}: {why} (image kept at {})",
-                crash.name,
-                keep.display()
-            );
+            // The first few failing images are kept for a look.
+            if failures.len() < 3 {
+                let keep = std::env::temp_dir()
+                    .join(format!("pilotlight-power-{seed}-{}.img", crash.name));
+                let _ = std::fs::write(&keep, &image[..]);
+                println!(
+                    "FAILED {}: {why} (image kept at {})",
+                    crash.name,
+                    keep.display()
+                );
+            } else {
+                println!("FAILED {}: {why}", crash.name);
+            }
             failures.push(format!("{}: {why}", crash.name));
         }
     }
     let flushes = boundaries.len() - 1;
     println!(
         "power loss: {} images ({} at a flush of {flushes}, the rest with a random part of the writes after one, {torn_writes} with a torn write), \
-         {} acknowledged points, {} point restores, {} new points, {} repaired by e2fsck, {} failed; \
+         {} acknowledged points, {} point restores, {} new points, {} with the journal replayed or repaired by e2fsck, {} failed; \
          workload {:.1} s, checks {:.1} s",
         crashes.len(),
-        crashes.iter().filter(|c| c.name.starts_with("flush")).count(),
+        crashes.iter().filter(|c| !c.partial).count(),
         promises.acked.len(),
         checker.points_restored,
         checker.new_points,
@@ -596,6 +678,7 @@ fn plan(log: &Log, images: usize, seed: u64) -> Vec<Crash> {
         .map(|j| Crash {
             name: format!("flush{j}"),
             flushes: j,
+            partial: false,
             end: end_of(boundaries[j]),
             new_point: false,
         })
@@ -616,6 +699,7 @@ fn plan(log: &Log, images: usize, seed: u64) -> Vec<Crash> {
         crashes.push(Crash {
             name: format!("flush{j}-part{n}"),
             flushes: j,
+            partial: true,
             end: end_of(next),
             new_point: false,
         });

@@ -350,6 +350,7 @@ fn package_of(program: &str) -> &'static str {
         "nbdinfo" | "nbdcopy" | "nbdfuse" => "libnbd-bin",
         "qemu-img" | "qemu-io" => "qemu-utils",
         "promtool" => "prometheus",
+        "nbdkit" => "nbdkit and nbdkit-plugin-python",
         p if p.starts_with("mkfs.xfs") => "xfsprogs",
         p if p.starts_with("mkfs.ext") || p == "e2fsck" => "e2fsprogs",
         _ => "util-linux",
