@@ -12,6 +12,7 @@ pub mod catalog;
 mod commit;
 pub mod config;
 mod connection;
+pub mod console;
 pub mod error;
 pub mod export;
 #[cfg(feature = "fuzzing")]

@@ -351,6 +351,8 @@ fn package_of(program: &str) -> &'static str {
         "qemu-img" | "qemu-io" => "qemu-utils",
         "promtool" => "prometheus",
         "nbdkit" => "nbdkit and nbdkit-plugin-python",
+        "chromium" => "chromium",
+        "curl" => "curl",
         p if p.starts_with("mkfs.xfs") => "xfsprogs",
         p if p.starts_with("mkfs.ext") || p == "e2fsck" => "e2fsprogs",
         _ => "util-linux",

@@ -85,9 +85,20 @@ enum Cmd {
         /// Serve Prometheus metrics on this address (overrides receiver.toml).
         #[arg(long)]
         metrics: Option<String>,
-        /// Print the bound address to stdout once listening.
+        /// Print the bound address to stdout once listening (and, with
+        /// --console, the console's URL on the next line).
         #[arg(long)]
         print_addr: bool,
+        /// Serve the read-only web console on this address (e.g.
+        /// 127.0.0.1:8080). On loopback it is plain HTTP for loopback
+        /// clients; on any other address only HTTPS with an operator identity
+        /// (`enroll --operator NAME`).
+        #[arg(long)]
+        console: Option<String>,
+        /// Serve the console over HTTPS with operator identities even on
+        /// loopback.
+        #[arg(long, requires = "console")]
+        console_tls: bool,
     },
     /// Remove recovery points by a retention policy (flags, or receiver.toml's
     /// [retention]). The newest point of a server is always kept, and so is
@@ -350,7 +361,15 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             listen,
             metrics,
             print_addr,
-        } => serve(dir, listen, metrics, print_addr)?,
+            console,
+            console_tls,
+        } => serve(
+            dir,
+            listen,
+            metrics,
+            print_addr,
+            console.map(|c| (c, console_tls)),
+        )?,
         Cmd::Prune {
             dir,
             server,
@@ -641,6 +660,7 @@ fn serve(
     listen: Option<String>,
     metrics: Option<String>,
     print_addr: bool,
+    console: Option<(String, bool)>,
 ) -> anyhow::Result<()> {
     let cfg = ReceiverConfig::load(&dir)?;
     let addr = listen.unwrap_or_else(|| cfg.listen.clone());
@@ -660,11 +680,24 @@ fn serve(
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
+        let console = match console {
+            Some((addr, tls)) => {
+                Some(pilotlight_receiver::console::Console::bind(&addr, dir.clone(), tls).await?)
+            }
+            None => None,
+        };
         if print_addr {
             println!("{}", listener.local_addr()?);
+            if let Some(c) = &console {
+                println!("console {}", c.url()?);
+            }
             std::io::stdout().flush()?;
         }
         let shutdown = CancellationToken::new();
+        if let Some(c) = console {
+            tracing::info!(url = %c.url()?, "console");
+            tokio::spawn(c.run(shutdown.clone()));
+        }
         let s = shutdown.clone();
         tokio::spawn(async move {
             process::stop_signal().await;
