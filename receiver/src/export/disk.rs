@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::image::PointImage;
 use super::overlay::Overlay;
+use super::reply::Pieces;
 use super::wire::{STATE_HOLE, STATE_ZERO};
 use crate::ReceiveError;
 
@@ -59,15 +60,26 @@ impl Disk {
         self.overlay.is_some()
     }
 
-    /// `len` bytes at `offset` (the caller checked the range).
-    pub(crate) fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, ReceiveError> {
-        let mut out = vec![0u8; len];
-        match &self.overlay {
-            None => self.image.read_into(offset, &mut out, &|_| false)?,
-            Some(o) => {
-                self.image.read_into(offset, &mut out, &|i| o.holds(i))?;
-                o.read_held(offset, &mut out)?;
+    /// `len` bytes at `offset` (the caller checked the range), block by
+    /// block: the overlay's blocks from the overlay, the rest from the
+    /// point (zeros as zeros, data as the verified blocks themselves).
+    pub(crate) fn read(&self, offset: u64, len: usize) -> Result<Pieces, ReceiveError> {
+        let bs = u64::from(self.image.block_size);
+        let mut out = Pieces::default();
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset + done as u64;
+            let (index, within) = (pos / bs, (pos % bs) as usize);
+            let n = (bs as usize - within).min(len - done);
+            let held = match &self.overlay {
+                Some(o) => o.read_block(index, pos, n)?,
+                None => None,
+            };
+            match held {
+                Some(b) => out.data(b),
+                None => self.image.piece(index, within, n, &mut out)?,
             }
+            done += n;
         }
         Ok(out)
     }
