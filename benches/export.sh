@@ -20,6 +20,8 @@
 #
 # PILOTLIGHT_BENCH_BIN=DIR runs the binaries in DIR instead of building
 # (to measure a before and an after on the same store).
+# PILOTLIGHT_BENCH_BEFORE=DIR also runs DIR's export (an older build) over
+# the unix socket in each repetition, interleaved with the others.
 # PILOTLIGHT_BENCH_KEEP=1 keeps the receiver directory after the run, and a
 # later run with the same directory, size and points reuses it (for profiling
 # one step: the image and the replication are the slow part).
@@ -149,8 +151,16 @@ printf '   first byte: point %s %.3fs (%d MiB), point %s %.3fs (%d MiB)\n' \
 # times to $WORK/t-{restore,unix,tcp}-$1 and peak RSS (KiB) to
 # $WORK/m-{restore,unix,tcp}-$1.
 nbdcopy --version >"$WORK/nbdcopy-version"
-copy_once() {  # point, unix|tcp
-    start_export "$1" "$2"
+BEFORE=${PILOTLIGHT_BENCH_BEFORE:-}
+copy_once() {  # point, unix|tcp|before
+    if [ "$2" = before ]; then
+        local bin_was=$BIN
+        BIN=$BEFORE
+        start_export "$1"
+        BIN=$bin_was
+    else
+        start_export "$1" "$2"
+    fi
     drop_caches
     local t0 t1
     t0=$(now)
@@ -176,9 +186,11 @@ sequential() {
         cat "$WORK/mem-restore" >>"$WORK/m-restore-$1"
         copy_once "$1" unix
         copy_once "$1" tcp
+        [ -z "$BEFORE" ] || copy_once "$1" before
         rm -f "$WORK/restored"
-        printf '   point %s, run %s: restore %.2fs, nbdcopy unix %.2fs, tcp %.2fs\n' "$1" "$r" \
-            "$(tail -1 "$WORK/t-restore-$1")" "$(tail -1 "$WORK/t-unix-$1")" "$(tail -1 "$WORK/t-tcp-$1")"
+        printf '   point %s, run %s: restore %.2fs, nbdcopy unix %.2fs, tcp %.2fs, before %.2fs\n' "$1" "$r" \
+            "$(tail -1 "$WORK/t-restore-$1")" "$(tail -1 "$WORK/t-unix-$1")" "$(tail -1 "$WORK/t-tcp-$1")" \
+            "$(tail -1 "$WORK/t-before-$1" 2>/dev/null || echo 0)"
     done
 }
 MIBS=$((G * 1024))
@@ -188,14 +200,18 @@ seq_rows() {
     local rm rlo rhi mem_r
     read -r rm rlo rhi < <(stats <"$WORK/t-restore-$1")
     mem_r=$(sort -n "$WORK/m-restore-$1" | tail -1)
-    for how in unix tcp; do
+    local kinds="unix tcp"
+    [ -z "$BEFORE" ] || kinds="unix tcp before"
+    for how in $kinds; do
         local cm clo chi mem_c
         read -r cm clo chi < <(stats <"$WORK/t-$how-$1")
         mem_c=$(sort -n "$WORK/m-$how-$1" | tail -1)
         # Each run's ratio (restore and nbdcopy ran back to back).
         local qm qlo qhi
         read -r qm qlo qhi < <(paste "$WORK/t-restore-$1" "$WORK/t-$how-$1" | awk '{print $1 / $2}' | stats)
-        echo "| sequential, $2, nbdcopy over $how | $cm s ($clo-$chi), $(echo "$MIBS / $cm" | bc) MiB/s | $rm s ($rlo-$rhi), $((mem_r / 1024)) MiB RSS | **${qm}x** ($qlo-$qhi) | $((mem_c / 1024)) MiB | ≥ 0.8x |"
+        local label="over $how"
+        [ "$how" = before ] && label="over unix, export before the change"
+        echo "| sequential, $2, nbdcopy $label | $cm s ($clo-$chi), $(echo "$MIBS / $cm" | bc) MiB/s | $rm s ($rlo-$rhi), $((mem_r / 1024)) MiB RSS | **${qm}x** ($qlo-$qhi) | $((mem_c / 1024)) MiB | ≥ 0.8x |"
     done
 }
 sequential "$FIRST"; ROWS_OLD=$(seq_rows "$FIRST" "oldest point")

@@ -407,6 +407,33 @@ async fn bad_input_gets_nbd_errors_or_a_closed_connection() {
     assert_eq!(kind, 2);
     assert_eq!(&server[4..], b"db1/root");
     assert_eq!(c.reply().1, 1);
+    // Option data that lies about its lengths, and meta contexts before
+    // structured replies: NBD_REP_ERR_INVALID, and the haggling goes on.
+    let mut lying = BytesMut::new();
+    lying.put_u32(4000); // a name of 4000 bytes in 8
+    lying.put_slice(b"db1/root");
+    c.option(7, &lying);
+    assert_eq!(c.reply().1, (1 << 31) | 3, "GO with a truncated name");
+    c.option(6, &[0, 0]);
+    assert_eq!(
+        c.reply().1,
+        (1 << 31) | 3,
+        "INFO shorter than its name length"
+    );
+    let mut meta = BytesMut::new();
+    meta.put_u32(8);
+    meta.put_slice(b"db1/root");
+    meta.put_u32(1);
+    meta.put_u32(15);
+    meta.put_slice(b"base:allocation");
+    c.option(10, &meta);
+    assert_eq!(
+        c.reply().1,
+        (1 << 31) | 3,
+        "SET_META_CONTEXT before structured replies"
+    );
+    c.option(8, b"junk");
+    assert_eq!(c.reply().1, (1 << 31) | 3, "STRUCTURED_REPLY with data");
     c.option(2, b"");
     assert_eq!(c.reply().1, 1, "abort acknowledged");
     assert!(c.closed());
@@ -451,6 +478,17 @@ async fn bad_input_gets_nbd_errors_or_a_closed_connection() {
     );
     assert_eq!(good.request(1, 0, 512, &[0xab; 512], 0), 1, "EPERM");
     assert_eq!(good.request(6, 0, 512, &[], 0), 1, "EPERM for WRITE_ZEROES");
+    assert_eq!(good.request(4, 0, 512, &[], 0), 1, "EPERM for TRIM");
+    assert_eq!(
+        good.request(3, 0, 0, &[], 0),
+        0,
+        "FLUSH of a read-only export"
+    );
+    assert_eq!(
+        good.request(99, 0, 512, &[], 0),
+        22,
+        "EINVAL for an unknown command"
+    );
     assert_eq!(
         good.request(7, 0, 512, &[], 0),
         22,
@@ -477,6 +515,20 @@ async fn bad_input_gets_nbd_errors_or_a_closed_connection() {
     assert_eq!(r.get_u32(), 0x668e_33ef);
     assert_eq!((r.get_u16(), r.get_u16(), r.get_u64()), (1, 0x8001, 9));
     assert_eq!((r.get_u32(), r.get_u32()), (6, 22), "EINVAL past the end");
+    // A WRITE longer than any payload closes that connection only (its
+    // data cannot be skipped safely).
+    let mut c = Raw::connect(&addr);
+    c.send(&[0, 0, 0, 3]);
+    assert_eq!(c.go("db1/root"), 1);
+    let mut req = BytesMut::new();
+    req.put_u32(0x2560_9513);
+    req.put_u16(0);
+    req.put_u16(1);
+    req.put_u64(3);
+    req.put_u64(0);
+    req.put_u32(64 << 20);
+    c.send(&req);
+    assert!(c.closed(), "a 64 MiB write");
     // A request without its magic closes that connection only.
     let mut c = Raw::connect(&addr);
     c.send(&[0, 0, 0, 3]);
