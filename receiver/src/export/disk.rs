@@ -3,6 +3,9 @@
 //! is blocking (pack reads, file writes) and runs off the async workers.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::image::PointImage;
 use super::overlay::Overlay;
@@ -23,10 +26,20 @@ pub(crate) enum WriteError {
     Failed(ReceiveError),
 }
 
+/// Reads worked on at once per available core, across all clients of an
+/// export: enough to keep every core decompressing and verifying while
+/// other reads wait for the disk, few enough that a client with many
+/// requests in flight (nbdcopy: 4 connections x 64) does not start a
+/// thread for each, which costs more in switches and lock contention than
+/// it gains.
+const READERS_PER_CORE: usize = 2;
+
 /// The served disk.
 pub(crate) struct Disk {
     image: PointImage,
     overlay: Option<Overlay>,
+    /// Slots of the reads worked on at once.
+    readers: Arc<Semaphore>,
 }
 
 impl Disk {
@@ -42,7 +55,13 @@ impl Disk {
         } else {
             None
         };
-        Ok(Self { image, overlay })
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let readers = Arc::new(Semaphore::new((cores * READERS_PER_CORE).clamp(2, 16)));
+        Ok(Self {
+            image,
+            overlay,
+            readers,
+        })
     }
 
     /// Bytes of the disk.
@@ -53,6 +72,11 @@ impl Disk {
     /// Bytes per block of the volume.
     pub(crate) fn block_size(&self) -> u32 {
         self.image.block_size
+    }
+
+    /// A slot to work on one read in; held until the read is done.
+    pub(crate) async fn read_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.readers.clone().acquire_owned().await.ok()
     }
 
     /// Whether writes are accepted.

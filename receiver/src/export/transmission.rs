@@ -1,8 +1,9 @@
 //! The transmission phase: requests read one after the other and answered
 //! in the order they came, but worked on concurrently: a client with many
 //! requests in flight (nbdcopy keeps 64 per connection) gets the disk
-//! reads of several at once, bounded by [`IN_FLIGHT`] requests and
-//! [`IN_FLIGHT_BYTES`] of reads per connection. READ, FLUSH, DISC and
+//! reads, decompression and BLAKE3 checks of several at once, on every
+//! core, bounded by [`IN_FLIGHT`] requests and [`IN_FLIGHT_BYTES`] of reads
+//! per connection and by the disk's read slots across connections. READ, FLUSH, DISC and
 //! BLOCK_STATUS (`base:allocation`) always; WRITE, TRIM and WRITE_ZEROES on
 //! a writable export (EPERM otherwise). A request's length is checked
 //! against [`MAX_PAYLOAD`] before its buffer is reserved: a too-long READ
@@ -83,8 +84,14 @@ async fn receive<R: AsyncRead + Unpin>(
                     .map_err(|_| {
                         ConnError::Internal(ReceiveError::Internal("read budget closed".into()))
                     })?;
+                let slot = disk.read_slot().await.ok_or_else(|| {
+                    ConnError::Internal(ReceiveError::Internal("read slots closed".into()))
+                })?;
                 let d = disk.clone();
-                let task = tokio::task::spawn_blocking(move || read(&d, neg, req));
+                let task = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    read(&d, neg, req)
+                });
                 Reply::Pending(task, Some(permit))
             }
             CMD_WRITE => {
