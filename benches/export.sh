@@ -63,6 +63,16 @@ ratio() { printf '%.2f' "$(echo "scale=3; $1 / $2" | bc)"; }
 # Median, smallest and largest of the numbers on stdin: "MED MIN MAX".
 stats() { sort -g | awk '{v[NR]=$1} END {m = NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; printf "%.2f %.2f %.2f\n", m, v[1], v[NR]}'; }
 
+# The disk is shared: refuse to start without room for the image (or one
+# copy of it) and the store, rather than fill it for everyone.
+free_gib() { df --output=avail -BG "$WORK" | tail -1 | tr -dc 0-9; }
+NEED=$((G * 2 + 1))
+[ -n "$REUSE" ] && NEED=$((G + 1))
+if [ "$(free_gib)" -lt "$NEED" ]; then
+    echo "only $(free_gib) GiB free under $WORK, $NEED GiB needed" >&2
+    exit 1
+fi
+
 if [ -z "$REUSE" ]; then
 $BIN/pilotlight-receiver init --dir "$WORK/rcv" --listen 127.0.0.1:0 >/dev/null
 $BIN/pilotlight-receiver enroll --dir "$WORK/rcv" --server bench --out "$WORK/bench.pem" >/dev/null
