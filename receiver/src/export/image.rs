@@ -106,10 +106,22 @@ impl PointImage {
             None => BlockFetcher::new(self.store.dir())?,
         };
         let mut out = Vec::new();
+        let want = self.block_len(index) as usize;
         let result = self
             .store
             .locate(hash)
-            .and_then(|loc| fetcher.fetch_current(&self.store, &loc, hash, &mut out));
+            .and_then(|loc| fetcher.fetch_current(&self.store, &loc, hash, &mut out))
+            .and_then(|()| {
+                if out.len() < want {
+                    Err(ReceiveError::Corrupt(format!(
+                        "block {index} of volume {} is {} bytes, shorter than the volume says ({want})",
+                        self.volume,
+                        out.len(),
+                    )))
+                } else {
+                    Ok(())
+                }
+            });
         if let Ok(mut idle) = self.fetchers.lock() {
             idle.push(fetcher);
         }
@@ -124,14 +136,6 @@ impl PointImage {
             );
         }
         result?;
-        if out.len() < self.block_len(index) as usize {
-            return Err(ReceiveError::Corrupt(format!(
-                "block {index} of volume {} is {} bytes, shorter than the volume says ({})",
-                self.volume,
-                out.len(),
-                self.block_len(index)
-            )));
-        }
         Ok(Bytes::from(out))
     }
 
