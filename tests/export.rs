@@ -319,6 +319,62 @@ impl Raw {
         err
     }
 
+    /// A READ answered by a simple reply: its data.
+    fn read_data(&mut self, offset: u64, len: u32) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_u32(0x2560_9513);
+        b.put_u32(0); // flags 0, NBD_CMD_READ
+        b.put_u64(5);
+        b.put_u64(offset);
+        b.put_u32(len);
+        self.send(&b);
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        let mut r = &h[..];
+        assert_eq!((r.get_u32(), r.get_u32(), r.get_u64()), (0x6744_6698, 0, 5));
+        let mut data = vec![0u8; len as usize];
+        self.0.read_exact(&mut data).unwrap();
+        data
+    }
+
+    /// Negotiate structured replies, then NBD_OPT_GO on `name`.
+    fn structured(addr: &str, name: &str) -> Self {
+        let mut c = Self::connect(addr);
+        c.send(&[0, 0, 0, 3]);
+        c.option(8, b"");
+        assert_eq!(c.reply().1, 1, "structured replies acknowledged");
+        assert_eq!(c.go(name), 1);
+        c
+    }
+
+    /// A READ with command `flags`, answered in structured chunks:
+    /// `(chunk flags, chunk type, payload)` up to the one flagged done.
+    fn read_chunks(&mut self, flags: u16, offset: u64, len: u32) -> Vec<(u16, u16, Vec<u8>)> {
+        let mut b = BytesMut::new();
+        b.put_u32(0x2560_9513);
+        b.put_u16(flags);
+        b.put_u16(0);
+        b.put_u64(77);
+        b.put_u64(offset);
+        b.put_u32(len);
+        self.send(&b);
+        let mut chunks = Vec::new();
+        loop {
+            let mut h = [0u8; 20];
+            self.0.read_exact(&mut h).unwrap();
+            let mut r = &h[..];
+            assert_eq!(r.get_u32(), 0x668e_33ef);
+            let (flags, kind, cookie, n) = (r.get_u16(), r.get_u16(), r.get_u64(), r.get_u32());
+            assert_eq!(cookie, 77);
+            let mut payload = vec![0u8; n as usize];
+            self.0.read_exact(&mut payload).unwrap();
+            chunks.push((flags, kind, payload));
+            if flags & 1 != 0 {
+                return chunks;
+            }
+        }
+    }
+
     /// Whether the server closed the connection.
     fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
@@ -351,6 +407,33 @@ async fn bad_input_gets_nbd_errors_or_a_closed_connection() {
     assert_eq!(kind, 2);
     assert_eq!(&server[4..], b"db1/root");
     assert_eq!(c.reply().1, 1);
+    // Option data that lies about its lengths, and meta contexts before
+    // structured replies: NBD_REP_ERR_INVALID, and the haggling goes on.
+    let mut lying = BytesMut::new();
+    lying.put_u32(4000); // a name of 4000 bytes in 8
+    lying.put_slice(b"db1/root");
+    c.option(7, &lying);
+    assert_eq!(c.reply().1, (1 << 31) | 3, "GO with a truncated name");
+    c.option(6, &[0, 0]);
+    assert_eq!(
+        c.reply().1,
+        (1 << 31) | 3,
+        "INFO shorter than its name length"
+    );
+    let mut meta = BytesMut::new();
+    meta.put_u32(8);
+    meta.put_slice(b"db1/root");
+    meta.put_u32(1);
+    meta.put_u32(15);
+    meta.put_slice(b"base:allocation");
+    c.option(10, &meta);
+    assert_eq!(
+        c.reply().1,
+        (1 << 31) | 3,
+        "SET_META_CONTEXT before structured replies"
+    );
+    c.option(8, b"junk");
+    assert_eq!(c.reply().1, (1 << 31) | 3, "STRUCTURED_REPLY with data");
     c.option(2, b"");
     assert_eq!(c.reply().1, 1, "abort acknowledged");
     assert!(c.closed());
@@ -395,6 +478,17 @@ async fn bad_input_gets_nbd_errors_or_a_closed_connection() {
     );
     assert_eq!(good.request(1, 0, 512, &[0xab; 512], 0), 1, "EPERM");
     assert_eq!(good.request(6, 0, 512, &[], 0), 1, "EPERM for WRITE_ZEROES");
+    assert_eq!(good.request(4, 0, 512, &[], 0), 1, "EPERM for TRIM");
+    assert_eq!(
+        good.request(3, 0, 0, &[], 0),
+        0,
+        "FLUSH of a read-only export"
+    );
+    assert_eq!(
+        good.request(99, 0, 512, &[], 0),
+        22,
+        "EINVAL for an unknown command"
+    );
     assert_eq!(
         good.request(7, 0, 512, &[], 0),
         22,
@@ -421,6 +515,20 @@ async fn bad_input_gets_nbd_errors_or_a_closed_connection() {
     assert_eq!(r.get_u32(), 0x668e_33ef);
     assert_eq!((r.get_u16(), r.get_u16(), r.get_u64()), (1, 0x8001, 9));
     assert_eq!((r.get_u32(), r.get_u32()), (6, 22), "EINVAL past the end");
+    // A WRITE longer than any payload closes that connection only (its
+    // data cannot be skipped safely).
+    let mut c = Raw::connect(&addr);
+    c.send(&[0, 0, 0, 3]);
+    assert_eq!(c.go("db1/root"), 1);
+    let mut req = BytesMut::new();
+    req.put_u32(0x2560_9513);
+    req.put_u16(0);
+    req.put_u16(1);
+    req.put_u64(3);
+    req.put_u64(0);
+    req.put_u32(64 << 20);
+    c.send(&req);
+    assert!(c.closed(), "a 64 MiB write");
     // A request without its magic closes that connection only.
     let mut c = Raw::connect(&addr);
     c.send(&[0, 0, 0, 3]);
@@ -434,6 +542,84 @@ async fn bad_input_gets_nbd_errors_or_a_closed_connection() {
     disc.put_bytes(0, 20);
     good.send(&disc);
     assert!(good.closed());
+    exp.stop();
+    rcv.stop().await;
+}
+
+/// The bytes a structured READ's chunks stand for, `len` from `offset`;
+/// also how many hole chunks and data chunks there were.
+fn assemble(chunks: &[(u16, u16, Vec<u8>)], offset: u64, len: usize) -> (Vec<u8>, usize, usize) {
+    let mut out = vec![0xeeu8; len];
+    let (mut holes, mut datas) = (0, 0);
+    for (_, kind, payload) in chunks {
+        let mut p = &payload[..];
+        match kind {
+            1 => {
+                let at = (p.get_u64() - offset) as usize;
+                out[at..at + p.len()].copy_from_slice(p);
+                datas += 1;
+            }
+            2 => {
+                assert_eq!(payload.len(), 12, "a hole chunk is 12 bytes");
+                let at = (p.get_u64() - offset) as usize;
+                let n = p.get_u32() as usize;
+                assert!(n > 0);
+                out[at..at + n].fill(0);
+                holes += 1;
+            }
+            0 => assert!(payload.is_empty()),
+            other => panic!("unexpected chunk type {other:#x}"),
+        }
+    }
+    (out, holes, datas)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_reads_answer_zero_blocks_as_holes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (rcv, points, _, _) = two_points(root).await;
+    let (point, copy) = &points[1];
+    let want = std::fs::read(copy).unwrap();
+    let bs = 64 * 1024usize;
+    let zero_block = want
+        .chunks(bs)
+        .position(|b| b.iter().all(|x| *x == 0))
+        .expect("the sample image has zero blocks");
+    let exp = Exported::start(&rcv.dir, *point, &["--listen", "127.0.0.1:0"]);
+    let mut c = Raw::structured(&exp.addr(), "db1/root");
+
+    // The whole disk in one read: zero blocks come as holes, data as data,
+    // and together they are the point.
+    let chunks = c.read_chunks(0, 0, SIZE as u32);
+    let (got, holes, datas) = assemble(&chunks, 0, SIZE as usize);
+    assert!(holes > 0 && datas > 0, "{holes} holes, {datas} data chunks");
+    assert!(got == want, "the chunks read as the point");
+    for (_, kind, payload) in &chunks {
+        if *kind == 2 {
+            let mut p = &payload[..];
+            let (at, n) = (p.get_u64() as usize, p.get_u32() as usize);
+            assert!(at % bs == 0 && n % bs == 0, "holes are whole blocks");
+            assert!(want[at..at + n].iter().all(|x| *x == 0));
+        }
+    }
+    // A read inside one zero block is one hole, flagged done.
+    let at = (zero_block * bs + 512) as u64;
+    let chunks = c.read_chunks(0, at, 4096);
+    assert_eq!(chunks.len(), 1, "{chunks:?}");
+    assert_eq!((chunks[0].0, chunks[0].1), (1, 2));
+    assert_eq!(assemble(&chunks, at, 4096).0, vec![0u8; 4096]);
+    // "Don't fragment": one data chunk with the zeros written out.
+    let chunks = c.read_chunks(1 << 2, 0, SIZE as u32);
+    assert_eq!(chunks.len(), 1, "one chunk with NBD_CMD_FLAG_DF");
+    let (got, holes, _) = assemble(&chunks, 0, SIZE as usize);
+    assert!(holes == 0 && got == want);
+    // Without structured replies the zeros are sent as data.
+    let mut plain = Raw::connect(&exp.addr());
+    plain.send(&[0, 0, 0, 3]);
+    assert_eq!(plain.go("db1/root"), 1);
+    let data = plain.read_data(0, SIZE as u32);
+    assert!(data == want, "a simple reply carries every byte");
     exp.stop();
     rcv.stop().await;
 }
@@ -506,6 +692,15 @@ async fn a_damaged_block_reads_as_eio_never_as_wrong_data() {
     c.send(&[0, 0, 0, 3]);
     assert_eq!(c.go("db1/root"), 1);
     assert_eq!(c.request(0, data_block * bs + 512, 4096, &[], 0), 5, "EIO");
+    // With structured replies: an error chunk alone, no data before it,
+    // also when the read spans good blocks and holes as well.
+    let mut s = Raw::structured(&exp.addr(), "db1/root");
+    let from = data_block.saturating_sub(1) * bs;
+    let chunks = s.read_chunks(0, from, (3 * bs) as u32);
+    assert_eq!(chunks.len(), 1, "{chunks:?}");
+    let (flags, kind, payload) = &chunks[0];
+    assert_eq!((*flags, *kind), (1, 0x8001));
+    assert_eq!((&payload[..]).get_u32(), 5, "EIO");
     // The rest of the disk still reads.
     let other = (0..blocks).find(|i| *i != data_block).unwrap();
     assert_eq!(c.request(0, other * bs, 4096, &[], 4096), 0);

@@ -4,7 +4,9 @@
 //! sequential, and a miss only costs one verified pack read.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+
+use bytes::Bytes;
 
 /// Bytes of decompressed blocks the cache holds at most.
 pub(crate) const CACHE_BYTES: usize = 64 << 20;
@@ -17,7 +19,7 @@ pub(crate) struct BlockCache {
 
 #[derive(Default)]
 struct Inner {
-    blocks: HashMap<u64, Arc<[u8]>>,
+    blocks: HashMap<u64, Bytes>,
     order: VecDeque<u64>,
     bytes: usize,
 }
@@ -32,12 +34,12 @@ impl BlockCache {
     }
 
     /// The block at `index`, if cached.
-    pub(crate) fn get(&self, index: u64) -> Option<Arc<[u8]>> {
+    pub(crate) fn get(&self, index: u64) -> Option<Bytes> {
         self.inner.lock().ok()?.blocks.get(&index).cloned()
     }
 
     /// Remember a verified block, evicting the oldest ones to stay in bounds.
-    pub(crate) fn put(&self, index: u64, block: Arc<[u8]>) {
+    pub(crate) fn put(&self, index: u64, block: Bytes) {
         if block.len() > self.capacity {
             return;
         }
@@ -69,13 +71,13 @@ mod tests {
     fn the_cache_stays_within_its_bytes_and_drops_the_oldest() {
         let cache = BlockCache::new(10);
         for i in 0..5u64 {
-            cache.put(i, Arc::from(vec![i as u8; 4]));
+            cache.put(i, Bytes::from(vec![i as u8; 4]));
         }
         // 10 bytes hold two 4-byte blocks: the two newest.
         assert!(cache.get(0).is_none() && cache.get(2).is_none());
         assert_eq!(cache.get(4).as_deref(), Some(&[4u8; 4][..]));
         assert!(cache.get(3).is_some());
-        cache.put(9, Arc::from(vec![0u8; 11]));
+        cache.put(9, Bytes::from(vec![0u8; 11]));
         assert!(
             cache.get(9).is_none(),
             "a block larger than the cache is not kept"

@@ -3,9 +3,13 @@
 //! is blocking (pack reads, file writes) and runs off the async workers.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::image::PointImage;
 use super::overlay::Overlay;
+use super::reply::Pieces;
 use super::wire::{STATE_HOLE, STATE_ZERO};
 use crate::ReceiveError;
 
@@ -22,10 +26,20 @@ pub(crate) enum WriteError {
     Failed(ReceiveError),
 }
 
+/// Reads worked on at once per available core, across all clients of an
+/// export: enough to keep every core decompressing and verifying while
+/// other reads wait for the disk, few enough that a client with many
+/// requests in flight (nbdcopy: 4 connections x 64) does not start a
+/// thread for each, which costs more in switches and lock contention than
+/// it gains.
+const READERS_PER_CORE: usize = 2;
+
 /// The served disk.
 pub(crate) struct Disk {
     image: PointImage,
     overlay: Option<Overlay>,
+    /// Slots of the reads worked on at once.
+    readers: Arc<Semaphore>,
 }
 
 impl Disk {
@@ -41,7 +55,13 @@ impl Disk {
         } else {
             None
         };
-        Ok(Self { image, overlay })
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let readers = Arc::new(Semaphore::new((cores * READERS_PER_CORE).clamp(2, 16)));
+        Ok(Self {
+            image,
+            overlay,
+            readers,
+        })
     }
 
     /// Bytes of the disk.
@@ -54,20 +74,36 @@ impl Disk {
         self.image.block_size
     }
 
+    /// A slot to work on one read in; held until the read is done.
+    pub(crate) async fn read_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.readers.clone().acquire_owned().await.ok()
+    }
+
     /// Whether writes are accepted.
     pub(crate) fn writable(&self) -> bool {
         self.overlay.is_some()
     }
 
-    /// `len` bytes at `offset` (the caller checked the range).
-    pub(crate) fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, ReceiveError> {
-        let mut out = vec![0u8; len];
-        match &self.overlay {
-            None => self.image.read_into(offset, &mut out, &|_| false)?,
-            Some(o) => {
-                self.image.read_into(offset, &mut out, &|i| o.holds(i))?;
-                o.read_held(offset, &mut out)?;
+    /// `len` bytes at `offset` (the caller checked the range), block by
+    /// block: the overlay's blocks from the overlay, the rest from the
+    /// point (zeros as zeros, data as the verified blocks themselves).
+    pub(crate) fn read(&self, offset: u64, len: usize) -> Result<Pieces, ReceiveError> {
+        let bs = u64::from(self.image.block_size);
+        let mut out = Pieces::default();
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset + done as u64;
+            let (index, within) = (pos / bs, (pos % bs) as usize);
+            let n = (bs as usize - within).min(len - done);
+            let held = match &self.overlay {
+                Some(o) => o.read_block(index, pos, n)?,
+                None => None,
+            };
+            match held {
+                Some(b) => out.data(b),
+                None => self.image.piece(index, within, n, &mut out)?,
             }
+            done += n;
         }
         Ok(out)
     }

@@ -7,12 +7,14 @@
 //! damaged block fails that read (and is logged); zero blocks cost no pack
 //! read.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
+use bytes::Bytes;
 use pilotlight_protocol::limits::block_len;
 use pilotlight_protocol::BlockHash;
 
 use super::cache::{BlockCache, CACHE_BYTES};
+use super::reply::Pieces;
 use crate::catalog::PointVolumeInfo;
 use crate::store::{BlockFetcher, Store};
 use crate::ReceiveError;
@@ -41,7 +43,7 @@ pub(crate) enum Block {
     /// All zeros: nothing stored.
     Zero,
     /// The block's bytes, verified.
-    Data(Arc<[u8]>),
+    Data(Bytes),
 }
 
 impl PointImage {
@@ -90,24 +92,36 @@ impl PointImage {
         if let Some(b) = self.cache.get(index) {
             return Ok(Block::Data(b));
         }
-        let mut out = Vec::new();
-        self.fetch(index, &hash, &mut out)?;
-        let data: Arc<[u8]> = Arc::from(out);
+        let data = self.fetch(index, &hash)?;
         self.cache.put(index, data.clone());
         Ok(Block::Data(data))
     }
 
     /// Fetch, decompress and verify block `index` (stored as `hash`) from
-    /// the packs into `out`, logging a damaged one. Blocking.
-    fn fetch(&self, index: u64, hash: &BlockHash, out: &mut Vec<u8>) -> Result<(), ReceiveError> {
+    /// the packs, logging a damaged one. The block is decoded into a buffer
+    /// of its own that the reply sends as is. Blocking.
+    fn fetch(&self, index: u64, hash: &BlockHash) -> Result<Bytes, ReceiveError> {
         let mut fetcher = match self.fetchers.lock().ok().and_then(|mut f| f.pop()) {
             Some(f) => f,
             None => BlockFetcher::new(self.store.dir())?,
         };
+        let mut out = Vec::new();
+        let want = self.block_len(index) as usize;
         let result = self
             .store
             .locate(hash)
-            .and_then(|loc| fetcher.fetch_current(&self.store, &loc, hash, out));
+            .and_then(|loc| fetcher.fetch_current(&self.store, &loc, hash, &mut out))
+            .and_then(|()| {
+                if out.len() < want {
+                    Err(ReceiveError::Corrupt(format!(
+                        "block {index} of volume {} is {} bytes, shorter than the volume says ({want})",
+                        self.volume,
+                        out.len(),
+                    )))
+                } else {
+                    Ok(())
+                }
+            });
         if let Ok(mut idle) = self.fetchers.lock() {
             idle.push(fetcher);
         }
@@ -121,80 +135,43 @@ impl PointImage {
                 "damaged block: the read is answered with EIO"
             );
         }
-        result
+        result?;
+        Ok(Bytes::from(out))
     }
 
-    /// Fill `dst`, all of block `index`: a reader that takes whole blocks
-    /// (nbdcopy, qemu-img) will not ask for it again soon, so it is copied
-    /// once and not cached. Blocking.
-    fn whole_block(
+    /// Append `n` bytes of block `index` from byte `within` of it to
+    /// `out`: zeros for a block never stored (no pack read), else the
+    /// verified block or a slice of it. A reader that takes whole blocks
+    /// (nbdcopy, qemu-img) will not ask for the block again soon, so a
+    /// whole block is not cached; a partial one is, for the next piece.
+    /// Blocking.
+    pub(crate) fn piece(
         &self,
         index: u64,
-        dst: &mut [u8],
-        buf: &mut Vec<u8>,
+        within: usize,
+        n: usize,
+        out: &mut Pieces,
     ) -> Result<(), ReceiveError> {
         let Some(hash) = self.hash(index) else {
-            dst.fill(0);
+            out.zeros(n);
             return Ok(());
         };
-        let cached = self.cache.get(index);
-        let src: &[u8] = match &cached {
+        let whole = within == 0 && n == self.block_len(index) as usize;
+        let data = match self.cache.get(index) {
             Some(b) => b,
+            None if whole => self.fetch(index, &hash)?,
             None => {
-                self.fetch(index, &hash, buf)?;
-                buf
+                let b = self.fetch(index, &hash)?;
+                self.cache.put(index, b.clone());
+                b
             }
         };
-        let src = src.get(..dst.len()).ok_or_else(|| {
-            ReceiveError::Corrupt(format!(
-                "block {index} of volume {} is shorter than the volume says",
-                self.volume
-            ))
-        })?;
-        dst.copy_from_slice(src);
-        Ok(())
-    }
-
-    /// Read `out.len()` bytes at `offset` (within the volume) from the
-    /// point, block by block; `skip(index)` says which blocks the caller
-    /// fills itself (an overlay's). Blocking.
-    pub(crate) fn read_into(
-        &self,
-        offset: u64,
-        out: &mut [u8],
-        skip: &dyn Fn(u64) -> bool,
-    ) -> Result<(), ReceiveError> {
-        let bs = u64::from(self.block_size);
-        let mut done = 0usize;
-        let mut buf = Vec::new();
-        while done < out.len() {
-            let pos = offset + done as u64;
-            let index = pos / bs;
-            let within = (pos % bs) as usize;
-            let n = (bs as usize - within).min(out.len() - done);
-            let dst = out
-                .get_mut(done..done + n)
-                .ok_or_else(|| ReceiveError::Internal("read past its buffer".into()))?;
-            if skip(index) {
-                // The caller fills it.
-            } else if within == 0 && n == self.block_len(index) as usize {
-                self.whole_block(index, dst, &mut buf)?;
-            } else {
-                match self.block(index)? {
-                    Block::Zero => dst.fill(0),
-                    Block::Data(b) => {
-                        let src = b.get(within..within + n).ok_or_else(|| {
-                            ReceiveError::Corrupt(format!(
-                                "block {index} of volume {} is shorter than the volume says",
-                                self.volume
-                            ))
-                        })?;
-                        dst.copy_from_slice(src);
-                    }
-                }
-            }
-            done += n;
+        if within + n > data.len() {
+            return Err(ReceiveError::Internal(format!(
+                "read of {n} bytes at {within} past block {index}"
+            )));
         }
+        out.data(data.slice(within..within + n));
         Ok(())
     }
 }

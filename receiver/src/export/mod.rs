@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Rooms: `wire` (NBD numbers and layouts), `options` (handshake and
-//! option haggling), `transmission` (requests), `connection` (one
+//! option haggling), `transmission` (requests), `reply` (a READ's answer:
+//! data and hole chunks, vectored writes), `connection` (one
 //! client), `listener` (socket, URI), `disk` / `image` / `cache` /
 //! `overlay` (what is served), `pin` (kept from prune while exported),
 //! `drill` (every volume of a point, writable, overlays discarded).
@@ -36,6 +37,7 @@ mod listener;
 mod options;
 mod overlay;
 pub mod pin;
+mod reply;
 mod transmission;
 mod wire;
 

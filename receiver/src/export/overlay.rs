@@ -18,6 +18,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use bytes::Bytes;
+
 use super::image::{Block, PointImage};
 use crate::store::{punch_hole, PRIVATE_FILE_MODE};
 use crate::ReceiveError;
@@ -95,22 +97,27 @@ impl Overlay {
         self.held.lock().is_ok_and(|h| bit(&h, index))
     }
 
-    /// Read `out.len()` bytes at `offset` where the overlay holds the
-    /// blocks, leaving the rest of `out` alone. Blocking.
-    pub(crate) fn read_held(&self, offset: u64, out: &mut [u8]) -> Result<(), ReceiveError> {
+    /// `n` bytes at `pos` (within block `index`) if the overlay holds the
+    /// block, `None` if the point's block shows. Blocking.
+    pub(crate) fn read_block(
+        &self,
+        index: u64,
+        pos: u64,
+        n: usize,
+    ) -> Result<Option<Bytes>, ReceiveError> {
+        // Held across the read: a write into the block is one step.
         let held = self
             .held
             .lock()
             .map_err(|_| ReceiveError::poisoned("overlay"))?;
-        self.for_blocks(offset, out.len(), |index, pos, range| {
-            if bit(&held, index) {
-                let dst = out.get_mut(range).ok_or_else(out_of_range)?;
-                self.file
-                    .read_exact_at(dst, pos)
-                    .map_err(|e| ReceiveError::storage(self.path(), e))?;
-            }
-            Ok(())
-        })
+        if !bit(&held, index) {
+            return Ok(None);
+        }
+        let mut out = vec![0u8; n];
+        self.file
+            .read_exact_at(&mut out, pos)
+            .map_err(|e| ReceiveError::storage(self.path(), e))?;
+        Ok(Some(Bytes::from(out)))
     }
 
     /// Write `data` at `offset`, or zeros there when `data` is `None`

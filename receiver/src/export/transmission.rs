@@ -1,8 +1,9 @@
 //! The transmission phase: requests read one after the other and answered
 //! in the order they came, but worked on concurrently: a client with many
 //! requests in flight (nbdcopy keeps 64 per connection) gets the disk
-//! reads of several at once, bounded by [`IN_FLIGHT`] requests and
-//! [`IN_FLIGHT_BYTES`] of reads per connection. READ, FLUSH, DISC and
+//! reads, decompression and BLAKE3 checks of several at once, on every
+//! core, bounded by [`IN_FLIGHT`] requests and [`IN_FLIGHT_BYTES`] of reads
+//! per connection and by the disk's read slots across connections. READ, FLUSH, DISC and
 //! BLOCK_STATUS (`base:allocation`) always; WRITE, TRIM and WRITE_ZEROES on
 //! a writable export (EPERM otherwise). A request's length is checked
 //! against [`MAX_PAYLOAD`] before its buffer is reserved: a too-long READ
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::connection::ConnError;
 use super::disk::{Disk, WriteError};
 use super::options::Negotiated;
+use super::reply::{self, Encoded, ReadReply};
 use super::wire::*;
 use crate::ReceiveError;
 
@@ -32,13 +34,10 @@ pub(crate) const IN_FLIGHT_BYTES: u32 = 8 << 20;
 /// A reply to send, in request order.
 enum Reply {
     /// Encoded already.
-    Ready(BytesMut),
-    /// Being worked on by a disk task: the reply's head and its data; the
-    /// permit holds the read's share of [`IN_FLIGHT_BYTES`] until sent.
-    Pending(
-        JoinHandle<(BytesMut, Vec<u8>)>,
-        Option<OwnedSemaphorePermit>,
-    ),
+    Ready(Encoded),
+    /// Being worked on by a disk task; the permit holds a read's share of
+    /// [`IN_FLIGHT_BYTES`] until it is sent.
+    Pending(JoinHandle<Encoded>, Option<OwnedSemaphorePermit>),
 }
 
 /// Serve requests until the client disconnects or the export stops.
@@ -85,8 +84,14 @@ async fn receive<R: AsyncRead + Unpin>(
                     .map_err(|_| {
                         ConnError::Internal(ReceiveError::Internal("read budget closed".into()))
                     })?;
+                let slot = disk.read_slot().await.ok_or_else(|| {
+                    ConnError::Internal(ReceiveError::Internal("read slots closed".into()))
+                })?;
                 let d = disk.clone();
-                let task = tokio::task::spawn_blocking(move || read(&d, neg, req));
+                let task = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    read(&d, neg, req)
+                });
                 Reply::Pending(task, Some(permit))
             }
             CMD_WRITE => {
@@ -101,7 +106,7 @@ async fn receive<R: AsyncRead + Unpin>(
                 let d = disk.clone();
                 let task = tokio::task::spawn_blocking(move || {
                     let err = write(&d, req, Some(data));
-                    (status(neg, req.cookie, err), Vec::new())
+                    status(neg, req.cookie, err).into()
                 });
                 Reply::Pending(task, None)
             }
@@ -109,7 +114,7 @@ async fn receive<R: AsyncRead + Unpin>(
                 let d = disk.clone();
                 let task = tokio::task::spawn_blocking(move || {
                     let err = write(&d, req, None);
-                    (status(neg, req.cookie, err), Vec::new())
+                    status(neg, req.cookie, err).into()
                 });
                 Reply::Pending(task, None)
             }
@@ -123,12 +128,12 @@ async fn receive<R: AsyncRead + Unpin>(
                             EIO
                         }
                     };
-                    (status(neg, req.cookie, err), Vec::new())
+                    status(neg, req.cookie, err).into()
                 });
                 Reply::Pending(task, None)
             }
-            CMD_BLOCK_STATUS => Reply::Ready(block_status(disk, neg, req)),
-            _ => Reply::Ready(status(neg, req.cookie, EINVAL)),
+            CMD_BLOCK_STATUS => Reply::Ready(block_status(disk, neg, req).into()),
+            _ => Reply::Ready(status(neg, req.cookie, EINVAL).into()),
         };
         if tx.send(reply).await.is_err() {
             // The sender has stopped on an error, which `transmit` reports.
@@ -137,26 +142,29 @@ async fn receive<R: AsyncRead + Unpin>(
     }
 }
 
-/// Send the replies in request order, each as soon as its work is done.
+/// Send the replies in request order, each as soon as its work is done;
+/// the socket is flushed whenever the next reply is not ready yet.
 async fn send<W: AsyncWrite + Unpin>(
     s: &mut W,
     mut rx: mpsc::Receiver<Reply>,
 ) -> Result<(), ConnError> {
     while let Some(reply) = rx.recv().await {
-        let (head, data, _permit) = match reply {
-            Reply::Ready(head) => (head, Vec::new(), None),
+        let (encoded, _permit) = match reply {
+            Reply::Ready(encoded) => (encoded, None),
             Reply::Pending(task, permit) => {
-                let (head, data) = task
+                if !task.is_finished() {
+                    s.flush().await?;
+                }
+                let encoded = task
                     .await
                     .map_err(|e| ConnError::Internal(ReceiveError::join("export disk", e)))?;
-                (head, data, permit)
+                (encoded, permit)
             }
         };
-        s.write_all(&head).await?;
-        if !data.is_empty() {
-            s.write_all(&data).await?;
+        reply::write(s, &encoded).await?;
+        if rx.is_empty() {
+            s.flush().await?;
         }
-        s.flush().await?;
     }
     Ok(())
 }
@@ -172,36 +180,26 @@ fn status(neg: Negotiated, cookie: u64, err: u32) -> BytesMut {
     out
 }
 
-/// READ: the reply's head and data. Blocking: runs in a disk task.
-fn read(disk: &Disk, neg: Negotiated, req: Request) -> (BytesMut, Vec<u8>) {
+/// READ: the whole answer. Blocking: runs in a disk task.
+fn read(disk: &Disk, neg: Negotiated, req: Request) -> Encoded {
     if req.length > MAX_PAYLOAD {
         let err = if neg.structured { EOVERFLOW } else { EINVAL };
-        return (status(neg, req.cookie, err), Vec::new());
+        return status(neg, req.cookie, err).into();
     }
     if !req.within(disk.size()) {
-        return (status(neg, req.cookie, EINVAL), Vec::new());
+        return status(neg, req.cookie, EINVAL).into();
     }
-    let data = match disk.read(req.offset, req.length as usize) {
-        Ok(data) => data,
+    match disk.read(req.offset, req.length as usize) {
+        Ok(pieces) => ReadReply {
+            cookie: req.cookie,
+            offset: req.offset,
+            structured: neg.structured,
+            holes: req.flags & CMD_FLAG_DF == 0,
+        }
+        .encode(pieces),
         // The image logged which block is damaged.
-        Err(_) => return (status(neg, req.cookie, EIO), Vec::new()),
-    };
-    let mut out = BytesMut::with_capacity(32);
-    if !neg.structured {
-        simple_reply(&mut out, 0, req.cookie);
-    } else if data.is_empty() {
-        chunk_header(&mut out, CHUNK_DONE, CHUNK_NONE, req.cookie, 0);
-    } else {
-        chunk_header(
-            &mut out,
-            CHUNK_DONE,
-            CHUNK_OFFSET_DATA,
-            req.cookie,
-            req.length + 8,
-        );
-        out.put_u64(req.offset);
+        Err(_) => status(neg, req.cookie, EIO).into(),
     }
-    (out, data)
 }
 
 /// WRITE (`data`), or TRIM / WRITE_ZEROES (`None`); the NBD error, 0 for

@@ -15,6 +15,8 @@
 //!                   (+ data[length] for WRITE)
 //! simple reply      SIMPLE_MAGIC:u32 | error:u32 | cookie:u64 (+ data for READ)
 //! structured chunk  CHUNK_MAGIC:u32 | flags:u16 | type:u16 | cookie:u64 | length:u32 | data[length]
+//!   OFFSET_DATA     data = offset:u64 | bytes[length - 8]
+//!   OFFSET_HOLE     data = offset:u64 | hole size:u32          (reads as zeros)
 //! ```
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -88,6 +90,8 @@ pub(crate) const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flag: the write is durable before the reply.
 pub(crate) const CMD_FLAG_FUA: u16 = 1;
+/// Command flag: answer a READ with one content chunk ("don't fragment").
+pub(crate) const CMD_FLAG_DF: u16 = 1 << 2;
 /// Command flag: answer block status with one descriptor only.
 pub(crate) const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
@@ -96,6 +100,7 @@ pub(crate) const CHUNK_DONE: u16 = 1;
 /// Structured reply chunk types.
 pub(crate) const CHUNK_NONE: u16 = 0;
 pub(crate) const CHUNK_OFFSET_DATA: u16 = 1;
+pub(crate) const CHUNK_OFFSET_HOLE: u16 = 2;
 pub(crate) const CHUNK_BLOCK_STATUS: u16 = 5;
 pub(crate) const CHUNK_ERROR: u16 = (1 << 15) | 1;
 
