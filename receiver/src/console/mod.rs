@@ -45,7 +45,7 @@ impl Console {
             .await
             .map_err(|e| ReceiveError::Refused(format!("console cannot listen on {addr}: {e}")))?;
         let local = listener.local_addr().map_err(ReceiveError::Net)?;
-        let tls = if tls || !local.ip().is_loopback() {
+        let tls = if needs_tls(local, tls) {
             Some(TlsAcceptor::from(crate::pki::operator_server_config(&dir)?))
         } else {
             None
@@ -100,6 +100,12 @@ impl Console {
     }
 }
 
+/// Whether a console on `local` speaks TLS with operator identities: asked
+/// for, or on any address other than loopback.
+fn needs_tls(local: SocketAddr, asked: bool) -> bool {
+    asked || !local.ip().is_loopback()
+}
+
 /// One client: the TLS handshake and identity check where the console needs
 /// them, the loopback check where it does not, then HTTP/1.1.
 async fn connection(
@@ -143,5 +149,21 @@ async fn connection(
                 tracing::debug!(%peer, "console connection: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_may_be_plain() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert!(!needs_tls(at("127.0.0.1:8080"), false));
+        assert!(!needs_tls(at("[::1]:8080"), false));
+        assert!(needs_tls(at("127.0.0.1:8080"), true));
+        assert!(needs_tls(at("0.0.0.0:8080"), false));
+        assert!(needs_tls(at("[::]:8080"), false));
+        assert!(needs_tls(at("10.1.2.3:8080"), false));
     }
 }
