@@ -14,6 +14,7 @@ pub mod config;
 mod connection;
 pub mod error;
 pub mod export;
+mod failback;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
