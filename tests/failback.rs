@@ -11,8 +11,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use pilotlight::{
-    assert_same_bytes, bin, overwrite_random_4k, run_bin, sample_image, spawn_receiver,
-    ChildGuard, Deadline,
+    assert_same_bytes, bin, overwrite_random_4k, run_bin, sample_image, spawn_receiver, ChildGuard,
+    Deadline,
 };
 use rand::{RngCore, SeedableRng};
 
@@ -326,7 +326,11 @@ fn a_damaged_stored_block_fails_the_restore_naming_it() {
     let (index, (_, loc)) = blocks.iter().find_map(|(i, e)| e.map(|e| (*i, e))).unwrap();
     drop(store);
     let pack = pilotlight_receiver::store::pack_file(&site.dir, loc.pack);
-    let f = std::fs::File::options().read(true).write(true).open(&pack).unwrap();
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
     let at = loc.offset + 48 + u64::from(loc.stored_len) / 2;
     let mut byte = [0u8];
     f.read_exact_at(&mut byte, at).unwrap();
@@ -334,7 +338,10 @@ fn a_damaged_stored_block_fails_the_restore_naming_it() {
 
     let out = tmp.path().join("out.img");
     let err = refused(&site.restore(&id, &out, &["--latest"]));
-    assert!(err.contains(&format!("block {index} of volume root")), "{err}");
+    assert!(
+        err.contains(&format!("block {index} of volume root")),
+        "{err}"
+    );
 }
 
 #[test]
