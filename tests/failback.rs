@@ -372,3 +372,100 @@ fn a_restore_to_a_loop_device_is_byte_exact() {
     let err = refused(&site.restore(&id, &small.path, &["--latest"]));
     assert!(err.contains("less than the volume"), "{err}");
 }
+
+/// The runbook's last step: web1's disk, failed back from web1-recovery by
+/// delta while web1's agent was stopped, replicates again as web1 with
+/// only the blocks the restore changed (a checksum against web1's own last
+/// point), not the whole disk.
+#[test]
+fn after_failing_back_replication_sends_only_what_the_restore_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let site = Site::new(root);
+    let web1 = site.enroll("web1");
+    let rec = site.enroll("web1-recovery");
+    let img = root.join("web1.img");
+    let size = 4 << 20;
+    sample_image(&img, size, 21);
+    let config = root.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "receiver = \"{}\"\nidentity = \"{}\"\nstate = \"{}\"\n[volumes]\nroot = \"{}\"\n",
+            site.addr,
+            s(&web1),
+            s(&root.join("web1-state")),
+            s(&img)
+        ),
+    )
+    .unwrap();
+    let run_once = || {
+        let out = run_bin(
+            "pilotlight-agent",
+            &["run", "--config", s(&config), "--once"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run_once();
+
+    // Failed over: the recovery server ran from web1's data and changed it.
+    let rec_img = root.join("rec.img");
+    std::fs::copy(&img, &rec_img).unwrap();
+    overwrite_random_4k(&rec_img, 8, 7);
+    site.replicate(&rec, &rec_img);
+    let changed = differing_blocks(&img, &rec_img, size);
+    assert!(changed > 0);
+
+    // Fail back by delta onto web1's own disk (its agent is stopped).
+    assert!(site
+        .grant(&["--server", "web1", "--restore-from", "web1-recovery"])
+        .status
+        .success());
+    let out = run_bin(
+        "pilotlight-agent",
+        &[
+            "restore",
+            "--config",
+            s(&config),
+            "--server",
+            "web1-recovery",
+            "--volume",
+            "root",
+            "--latest",
+            "--to",
+            s(&img),
+            "--json",
+        ],
+    );
+    assert_eq!(report(&out)["blocks_fetched"], changed);
+    assert_same_bytes(&img, &rec_img, size);
+
+    // Normal replication resumes: the next point carries those blocks only.
+    run_once();
+    let points = run_bin(
+        "pilotlight-receiver",
+        &[
+            "points",
+            "--dir",
+            s(&site.dir),
+            "--server",
+            "web1",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&points.stdout).unwrap();
+    let last = v.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["id"], 2, "{v}");
+    assert_eq!(
+        last["volumes"][0]["changed_bytes"],
+        changed * BS,
+        "the point after the fail back resent more than the restore changed: {v}"
+    );
+    let back = root.join("back.img");
+    pilotlight::restore_point(&site.dir, "web1", "root", 2, &back);
+    assert_same_bytes(&back, &rec_img, size);
+}
