@@ -44,13 +44,28 @@ const FETCH_QUEUE: usize = 16;
 /// Bytes of blocks read ahead of the socket, at most (at least one block).
 const FETCH_BATCH_BYTES: usize = 8 << 20;
 
-/// Serve one restore connection to its end.
+/// Serve one restore connection to its end, or until `cancel` (the
+/// receiver shuts down).
 pub(crate) async fn serve(
     store: &Arc<Store>,
     (rd, wr): (&mut Reader, &mut Writer),
     peer: &AuthorizedPeer,
     (features, req): (u32, RestoreRequest),
     (cancel, idle): (&CancellationToken, Duration),
+) -> Result<(), ReceiveError> {
+    tokio::select! {
+        () = cancel.cancelled() => Err(ReceiveError::Shutdown),
+        r = restore(store, (rd, wr), peer, (features, req), idle) => r,
+    }
+}
+
+/// The restore: the point and its hashes, then the fetches.
+async fn restore(
+    store: &Arc<Store>,
+    (rd, wr): (&mut Reader, &mut Writer),
+    peer: &AuthorizedPeer,
+    (features, req): (u32, RestoreRequest),
+    idle: Duration,
 ) -> Result<(), ReceiveError> {
     if features & FEATURE_RESTORE == 0 {
         return Err(ReceiveError::Protocol(
@@ -88,10 +103,7 @@ pub(crate) async fn serve(
     let (tx, rx) = mpsc::channel(FETCH_QUEUE);
     let read = requests(rd, tx, &source, &outstanding, idle);
     let write = blocks(wr, rx, &source, &outstanding);
-    tokio::select! {
-        () = cancel.cancelled() => Err(ReceiveError::Shutdown),
-        r = async { tokio::try_join!(read, write) } => r.map(|_| ()),
-    }
+    tokio::try_join!(read, write).map(|_| ())
 }
 
 /// Check the agent's right to the volume, find the point and its blocks,
