@@ -5,6 +5,9 @@
 #
 #   benches/failback.sh [SIZE_GIB]      (default: 4)
 #
+# PILOTLIGHT_BENCH_PROFILE=debug uses the dev build (dependencies at
+# opt-level 2, as Cargo.toml sets) instead of building a release.
+#
 # A mixed image (half random, a quarter zeros, a quarter text, as e2e.sh
 # and export.sh) replicated to a receiver, then, page cache dropped before
 # each timed step:
@@ -20,8 +23,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=${1:-4}
-cargo build --release --locked --bins -q
-BIN=$PWD/target/release
+PROFILE=${PILOTLIGHT_BENCH_PROFILE:-release}
+if [ "$PROFILE" = release ]; then
+    cargo build --release --locked --bins -q
+else
+    cargo build --locked --bins -q
+fi
+BIN=$PWD/target/$PROFILE
 WORK=${PILOTLIGHT_BENCH_DIR:-/work/pilotlight-failback-bench}
 rm -rf "$WORK"; mkdir -p "$WORK"
 RPID=""
@@ -132,7 +140,7 @@ cat <<EOF2
 
 ## Fail back by delta (issue 17)
 
-\`benches/failback.sh $G\` ($(date -u +%Y-%m-%d), $(nproc) cores, release build): a ${G} GiB mixed image
+\`benches/failback.sh $G\` ($(date -u +%Y-%m-%d), $(nproc) cores, $PROFILE build): a ${G} GiB mixed image
 (half random, a quarter zeros, a quarter text) replicated to a receiver on 127.0.0.1, then
 \`pilotlight-agent restore\` over TLS onto a target file; page cache dropped before each timed step.
 
