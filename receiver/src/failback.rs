@@ -7,32 +7,35 @@
 //!
 //! ```text
 //! frame reader --(Fetch indexes, mpsc(FETCH_QUEUE))--> block sender --> TLS
-//!    refuses a Fetch past the window          reads batches off the async
-//!    (blocks asked for, not yet sent)         workers, sends in order
+//!    refuses a Fetch past the window          reads the next batch off the
+//!    (blocks asked for, not yet sent)         async workers while it sends
+//!                                             this one, in order
 //! ```
 //!
 //! The send side is bounded like the receive side: at most
 //! [`FETCH_WINDOW`] blocks asked for and not yet sent, checked before the
-//! request is queued, and at most [`FETCH_BATCH_BYTES`] of blocks read ahead
-//! of the socket.
+//! request is queued, and at most two batches of [`FETCH_BATCH_BYTES`] of
+//! blocks read ahead of the socket (one sent while the next is read).
 
 mod source;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pilotlight_protocol::frame::{PointSelector, RestoreInfo, RestoreRequest};
+use pilotlight_protocol::frame::{BlockFrame, PointSelector, RestoreInfo, RestoreRequest};
 use pilotlight_protocol::limits::{FEATURE_RESTORE, FETCH_WINDOW};
 use pilotlight_protocol::Frame;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::export::pin::{self, Pin};
 use crate::handshake::AuthorizedPeer;
 use crate::hashes::Listing;
 use crate::restore::{point_blocks, point_volume, resolve_point, PointSel};
-use crate::store::{blocking, Store};
+use crate::store::{blocking, BlockFetcher, Store};
 use crate::wire::{next_or_eof, send, unexpected, Reader, Writer};
 use crate::ReceiveError;
 
@@ -202,8 +205,9 @@ async fn requests(
     }
 }
 
-/// Send the blocks of each queued request, in order, reading a batch of
-/// at most [`FETCH_BATCH_BYTES`] at a time off the async workers.
+/// Send the blocks of each queued request, in order, in batches of at most
+/// [`FETCH_BATCH_BYTES`]: the next batch is read (off the async workers)
+/// while this one is sent, so at most two are in memory.
 async fn blocks(
     wr: &mut Writer,
     mut rx: mpsc::Receiver<Vec<u64>>,
@@ -211,27 +215,63 @@ async fn blocks(
     outstanding: &AtomicUsize,
 ) -> Result<(), ReceiveError> {
     let batch = (FETCH_BATCH_BYTES / source.block_size as usize).max(1);
-    let mut pool = Vec::new();
-    while let Some(indexes) = rx.recv().await {
-        for part in indexes.chunks(batch) {
-            let (src, part) = (source.clone(), part.to_vec());
-            let mut fetchers = std::mem::take(&mut pool);
-            let (frames, fetchers) = blocking(move || {
-                let r = src.read_batch(&part, &mut fetchers);
-                Ok((r, fetchers))
-            })
-            .await?;
-            pool = fetchers;
-            let frames = frames?;
-            metrics::counter!("pilotlight_receiver_fetched_blocks_total")
-                .increment(frames.len() as u64);
-            for f in frames {
-                send(wr, &Frame::Fetched(f)).await?;
-                outstanding.fetch_sub(1, Ordering::AcqRel);
-            }
+    let mut parts: VecDeque<Vec<u64>> = VecDeque::new();
+    let mut spare: Vec<Vec<BlockFetcher>> = Vec::new();
+    let mut reading = None;
+    loop {
+        let current = match reading.take() {
+            Some(r) => r,
+            None => match next_part(&mut parts, &mut rx, batch, true).await {
+                Some(part) => read(source, part, spare.pop().unwrap_or_default()),
+                None => return Ok(()),
+            },
+        };
+        let (frames, pool) = current
+            .await
+            .map_err(|e| ReceiveError::join("fetch read", e))?;
+        spare.push(pool);
+        if let Some(part) = next_part(&mut parts, &mut rx, batch, false).await {
+            reading = Some(read(source, part, spare.pop().unwrap_or_default()));
+        }
+        let frames = frames?;
+        metrics::counter!("pilotlight_receiver_fetched_blocks_total")
+            .increment(frames.len() as u64);
+        for f in frames {
+            send(wr, &Frame::Fetched(f)).await?;
+            outstanding.fetch_sub(1, Ordering::AcqRel);
         }
     }
-    Ok(())
+}
+
+/// Blocks read for a batch, and the fetchers that read them.
+type Batch = (Result<Vec<BlockFrame>, ReceiveError>, Vec<BlockFetcher>);
+
+/// Read the blocks `part` on the blocking pool with the fetchers `pool`.
+fn read(source: &Arc<Source>, part: Vec<u64>, mut pool: Vec<BlockFetcher>) -> JoinHandle<Batch> {
+    let src = source.clone();
+    tokio::task::spawn_blocking(move || {
+        let r = src.read_batch(&part, &mut pool);
+        (r, pool)
+    })
+}
+
+/// The next batch of indexes: from what is queued, else from the next
+/// request (waiting for one only if `wait`); `None` when there is none.
+async fn next_part(
+    parts: &mut VecDeque<Vec<u64>>,
+    rx: &mut mpsc::Receiver<Vec<u64>>,
+    batch: usize,
+    wait: bool,
+) -> Option<Vec<u64>> {
+    if parts.is_empty() {
+        let indexes = if wait {
+            rx.recv().await?
+        } else {
+            rx.try_recv().ok()?
+        };
+        parts.extend(indexes.chunks(batch).map(<[u64]>::to_vec));
+    }
+    parts.pop_front()
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use futures_util::SinkExt;
 use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::frame::{BlockFrame, RestoreInfo};
 use pilotlight_protocol::limits::{block_len, BLOCK_HEADER_LEN, FETCH_WINDOW, MAX_FETCH_PER_FRAME};
-use pilotlight_protocol::{BlockHash, Frame};
+use pilotlight_protocol::{BlockHash, Encoding, Frame};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -171,7 +171,11 @@ fn write_blocks(
                     index: b.index,
                     why: e.to_string(),
                 })?;
-            target.write(&out, b.index * u64::from(block_size), &mut buf)?;
+            let offset = b.index * u64::from(block_size);
+            match b.encoding {
+                Encoding::Zero => target.zero(offset, out.len(), &mut buf)?,
+                _ => target.write(&out, offset, &mut buf)?,
+            }
             counters.blocks.fetch_add(1, Ordering::Relaxed);
             counters
                 .bytes

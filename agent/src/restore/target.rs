@@ -162,6 +162,28 @@ impl Target {
         r.map_err(|e| target_err(&self.path, e))
     }
 
+    /// Make `len` bytes at `offset` zeros: a hole in a file (as a restore
+    /// to a new file leaves them), zeros written on a device (or where the
+    /// filesystem cannot punch holes). `buf` is scratch. Blocking.
+    pub(crate) fn zero(
+        &self,
+        offset: u64,
+        len: usize,
+        buf: &mut AlignedBuf,
+    ) -> Result<(), AgentError> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        if self.tail.is_none() {
+            let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            if let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) {
+                if fallocate(&self.file, flags, off, l).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+        let zeros = vec![0u8; len];
+        self.write(&zeros, offset, buf)
+    }
+
     /// Make every write durable. Blocking.
     pub(crate) fn sync(&self) -> Result<(), AgentError> {
         if let Some(tail) = &self.tail {
@@ -246,6 +268,17 @@ mod tests {
         let got = t.read(&mut buf, 4096, 5000).unwrap().to_vec();
         assert_eq!(&got[..4096], &[7u8; 4096][..]);
         assert!(got[4096..].iter().all(|&b| b == 0));
+        t.zero(4096, 4096, &mut buf).unwrap();
+        assert!(t
+            .read(&mut buf, 4096, 4096)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            10_000,
+            "a hole keeps the size"
+        );
         t.fit(4096).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
     }
