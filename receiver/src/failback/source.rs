@@ -2,12 +2,12 @@
 //! point, its block map resolved once (`restore::point_blocks`, the map
 //! `restore` and `verify` read), each block read from its pack with the
 //! store's [`BlockFetcher`] (decompressed and BLAKE3-checked) and sent as it
-//! is stored, so a compressed block is not compressed again.
+//! is stored if compressed (not compressed again), compressed if stored raw.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pilotlight_protocol::block::zero_hash;
+use pilotlight_protocol::block::{zero_hash, Encoder};
 use pilotlight_protocol::frame::BlockFrame;
 use pilotlight_protocol::limits::{block_count, block_len};
 use pilotlight_protocol::{BlockHash, Encoding};
@@ -18,6 +18,9 @@ use crate::ReceiveError;
 
 /// Most threads reading one batch of fetched blocks.
 const READERS: usize = 4;
+/// zstd level of a block stored raw, compressed to be sent (the agent's
+/// default).
+const ZSTD_LEVEL: i32 = 1;
 
 /// One volume of one point, ready to be fetched from.
 pub(crate) struct Source {
@@ -62,11 +65,14 @@ impl Source {
         }
     }
 
-    /// Block `index` as a `Fetched` body, verified. Blocking.
+    /// Block `index` as a `Fetched` body, verified: compressed as stored,
+    /// or compressed now by `enc` if it was stored raw (the agent's encoder
+    /// stores blocks raw without trying while they compress poorly).
+    /// Blocking.
     pub(crate) fn read(
         &self,
         index: u64,
-        fetcher: &mut BlockFetcher,
+        (fetcher, enc): (&mut BlockFetcher, &mut Encoder),
         out: &mut Vec<u8>,
     ) -> Result<BlockFrame, ReceiveError> {
         let len = block_len(self.size, self.block_size, index);
@@ -93,21 +99,20 @@ impl Source {
             .map_err(|e| self.damaged(index, &e))?;
         if out.len() == len as usize {
             frame.hash = hash;
-            let fits = encoding != Encoding::Zstd || fetcher.payload().len() <= out.len();
-            (frame.encoding, frame.payload) = match encoding {
-                Encoding::Zstd | Encoding::Raw if fits => {
-                    (encoding, Bytes::copy_from_slice(fetcher.payload()))
-                }
-                _ => (Encoding::Raw, Bytes::copy_from_slice(out)),
-            };
+            if encoding == Encoding::Zstd && fetcher.payload().len() <= out.len() {
+                frame.encoding = Encoding::Zstd;
+                frame.payload = Bytes::copy_from_slice(fetcher.payload());
+                return Ok(frame);
+            }
         } else {
             // Stored before the volume grew (or shrank): the volume's block
             // is the stored bytes cut or padded with zeros to its length.
             out.resize(len as usize, 0);
             frame.hash = BlockHash::of(out);
-            frame.encoding = Encoding::Raw;
-            frame.payload = Bytes::copy_from_slice(out);
         }
+        let (encoding, payload) = enc.encode(out);
+        frame.encoding = encoding;
+        frame.payload = Bytes::copy_from_slice(payload);
         Ok(frame)
     }
 
@@ -146,8 +151,10 @@ impl Source {
                 .map(|(part, fetcher)| {
                     s.spawn(move || {
                         let mut out = Vec::new();
+                        let mut enc = Encoder::new(ZSTD_LEVEL)
+                            .map_err(|e| ReceiveError::storage(self.store.dir(), e))?;
                         part.iter()
-                            .map(|&i| self.read(i, fetcher, &mut out))
+                            .map(|&i| self.read(i, (fetcher, &mut enc), &mut out))
                             .collect()
                     })
                 })
