@@ -187,7 +187,8 @@ pub async fn restore(cfg: &RestoreConfig) -> Result<RestoreReport, AgentError> {
 
     progress.enter(Phase::Compare, info.size);
     let (t, h, p) = (target.clone(), hashes.clone(), progress.clone());
-    let list = blocking(move || compare::differing(&t, shape, &h, workers, &p.done)).await?;
+    let comparing = blocking(move || compare::differing(&t, shape, &h, workers, &p.done));
+    let list = connection::pinging(&mut conn.wr, comparing).await?;
     let list = Arc::new(list);
     tracing::info!(volume = %cfg.volume, point = info.point, differing = list.len(), "target compared");
 
@@ -216,11 +217,11 @@ pub async fn restore(cfg: &RestoreConfig) -> Result<RestoreReport, AgentError> {
 
     progress.enter(Phase::Check, list.len() as u64 * u64::from(info.block_size));
     let (t, h, l, p) = (target.clone(), hashes, list.clone(), progress.clone());
-    let still = blocking(move || {
+    let checking = blocking(move || {
         t.sync()?;
         compare::recheck(&t, shape, &h, &l, &p.done)
-    })
-    .await?;
+    });
+    let still = connection::pinging(&mut conn.wr, checking).await?;
     if let Some(&index) = still.first() {
         return Err(AgentError::BadBlock {
             volume: cfg.volume.clone(),

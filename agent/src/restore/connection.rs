@@ -13,7 +13,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
 use pilotlight_protocol::frame::{RestoreInfo, RestoreRequest};
-use pilotlight_protocol::limits::{block_count, FEATURE_PING, FEATURE_RESTORE, VERSION};
+use pilotlight_protocol::limits::{
+    block_count, FEATURE_PING, FEATURE_RESTORE, PING_INTERVAL, VERSION,
+};
 use pilotlight_protocol::tls::RECEIVER_NAME;
 use pilotlight_protocol::{BlockHash, DecodeError, Frame};
 use rustls_pki_types::ServerName;
@@ -187,6 +189,24 @@ async fn connect(
     }
 }
 
+/// Wait for `work` while saying `Ping` every [`PING_INTERVAL`]: the
+/// receiver closes a restore connection that is silent for its idle time
+/// while nothing is asked for, and hashing a large target takes longer.
+pub(crate) async fn pinging<T, W: AsyncWrite + Unpin>(
+    wr: &mut FramedWrite<W, FrameCodec>,
+    work: impl std::future::Future<Output = Result<T, AgentError>>,
+) -> Result<T, AgentError> {
+    tokio::pin!(work);
+    let mut ticks = tokio::time::interval(PING_INTERVAL);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = ticks.tick() => wr.send(&Frame::Ping).await.map_err(codec_err)?,
+        }
+    }
+}
+
 /// The `Hashes` frames of volume 0, in order, up to `HashesEnd`: one hash
 /// per block of the volume `info` describes.
 async fn read_hashes(rd: &mut Reader, info: &RestoreInfo) -> Result<Vec<BlockHash>, AgentError> {
@@ -215,5 +235,30 @@ async fn read_hashes(rd: &mut Reader, info: &RestoreInfo) -> Result<Vec<BlockHas
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // test code
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_compare_is_kept_alive_with_pings() {
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let mut wr = FramedWrite::new(near, FrameCodec::default());
+        let work = async {
+            tokio::time::sleep(PING_INTERVAL * 3 + PING_INTERVAL / 2).await;
+            Ok::<_, AgentError>(7)
+        };
+        assert_eq!(pinging(&mut wr, work).await.unwrap(), 7);
+        drop(wr);
+        let mut rd = FramedRead::new(far, FrameCodec::default());
+        let mut pings = 0;
+        while let Some(f) = rd.next().await {
+            assert_eq!(f.unwrap().1, Frame::Ping);
+            pings += 1;
+        }
+        assert_eq!(pings, 3, "one Ping per interval, none at the start");
     }
 }
