@@ -345,7 +345,7 @@ fn a_damaged_stored_block_fails_the_restore_naming_it() {
 }
 
 #[test]
-#[ignore = "needs root (a loop device)"]
+#[ignore = "needs root (loop devices, mkfs.ext4, mount)"]
 fn a_restore_to_a_loop_device_is_byte_exact() {
     pilotlight::require_root("loop devices");
     pilotlight::require_tools(&["losetup"]);
@@ -371,6 +371,11 @@ fn a_restore_to_a_loop_device_is_byte_exact() {
     let small = pilotlight::LoopDevice::attach(&small);
     let err = refused(&site.restore(&id, &small.path, &["--latest"]));
     assert!(err.contains("less than the volume"), "{err}");
+    // A mounted device is refused (the kernel refuses it exclusively).
+    pilotlight::require_tools(&["mkfs.ext4", "mount"]);
+    let fs = pilotlight::SmallFs::create(tmp.path(), size * 2);
+    let err = refused(&site.restore(&id, fs.device(), &["--latest"]));
+    assert!(err.contains("is mounted or in use"), "{err}");
 }
 
 /// The runbook's last step: web1's disk, failed back from web1-recovery by
