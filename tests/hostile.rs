@@ -279,3 +279,123 @@ async fn revocation_stops_a_live_session() {
         "points kept coming after the revocation"
     );
 }
+
+/// A restore connection of the server "good": `Hello` with the restore
+/// feature, `Restore` of `volume` at `point`.
+async fn restore_conn(
+    w: &peer::World,
+    (server, volume): (&str, &str),
+    point: pilotlight_protocol::frame::PointSelector,
+) -> peer::Conn {
+    use futures_util::StreamExt;
+    use pilotlight_protocol::limits::{FEATURE_PING, FEATURE_RESTORE, VERSION};
+    let tls = tls_connect(w.rcv.addr, &w.good_id).await.unwrap();
+    let mut c = Framed::new(tls, FrameCodec::default());
+    let hello = Frame::Hello {
+        version: VERSION,
+        features: FEATURE_PING | FEATURE_RESTORE,
+    };
+    c.send(&hello).await.unwrap();
+    match c.next().await.unwrap().unwrap().1 {
+        Frame::Hello { features, .. } => assert_ne!(features & FEATURE_RESTORE, 0),
+        other => panic!("expected Hello, got {other:?}"),
+    }
+    let req = pilotlight_protocol::frame::RestoreRequest {
+        server: server.into(),
+        volume: volume.into(),
+        point,
+    };
+    c.send(&Frame::Restore(req)).await.unwrap();
+    c
+}
+
+/// Read the answer to `Restore` up to `HashesEnd`; returns the block count.
+async fn restore_listing(c: &mut peer::Conn) -> u64 {
+    use futures_util::StreamExt;
+    loop {
+        match c.next().await.unwrap().unwrap().1 {
+            Frame::RestoreInfo(_) | Frame::Hashes { .. } => {}
+            Frame::HashesEnd { blocks, .. } => return blocks,
+            other => panic!("expected the listing, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_fetch_past_the_end_is_refused() {
+    use pilotlight_protocol::frame::PointSelector;
+    let w = world().await;
+    let before = store_snapshot(&w.rcv.dir);
+    let mut c = restore_conn(&w, ("", "root"), PointSelector::Latest).await;
+    let blocks = restore_listing(&mut c).await;
+    c.send(&Frame::Fetch {
+        indexes: vec![0, blocks],
+    })
+    .await
+    .unwrap();
+    let past = format!("fetch of block {blocks} past the end of volume root");
+    expect_error(&mut c, ErrorCode::Protocol, &past).await;
+    w.good_agent_still_works(&before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_fetch_flood_beyond_the_window_is_refused() {
+    use pilotlight_protocol::frame::PointSelector;
+    use pilotlight_protocol::limits::{FETCH_WINDOW, MAX_FETCH_PER_FRAME};
+    let w = world().await;
+    let before = store_snapshot(&w.rcv.dir);
+    let mut c = restore_conn(&w, ("", "root"), PointSelector::Latest).await;
+    restore_listing(&mut c).await;
+    // Far more than the window, without reading a block: the receiver
+    // cannot have sent enough to stay within it.
+    let frames = 8 * FETCH_WINDOW / MAX_FETCH_PER_FRAME;
+    for _ in 0..frames {
+        let flood = Frame::Fetch {
+            indexes: vec![0; MAX_FETCH_PER_FRAME],
+        };
+        if c.feed(&flood).await.is_err() {
+            break;
+        }
+    }
+    let _ = c.flush().await;
+    expect_error(&mut c, ErrorCode::Protocol, "fetch window exceeded").await;
+    w.good_agent_still_works(&before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_of_an_unknown_volume_point_or_server_is_refused() {
+    use pilotlight_protocol::frame::{PointSelector, RestoreRequest};
+    let w = world().await;
+    let before = store_snapshot(&w.rcv.dir);
+    let mut c = restore_conn(&w, ("", "nope"), PointSelector::Latest).await;
+    expect_error(
+        &mut c,
+        ErrorCode::Other,
+        "server good has no volume named nope",
+    )
+    .await;
+    let mut c = restore_conn(&w, ("", "root"), PointSelector::Id(99)).await;
+    expect_error(&mut c, ErrorCode::Other, "server good has no point 99").await;
+    let mut c = restore_conn(&w, ("", "root"), PointSelector::At(0)).await;
+    expect_error(&mut c, ErrorCode::Other, "no point at or before").await;
+    // Another server's, enrolled or not: the same refusal.
+    w.enroll("other");
+    for server in ["other", "ghost"] {
+        let mut c = restore_conn(&w, (server, "root"), PointSelector::Latest).await;
+        let no = format!("server good may not restore the volumes of server {server}");
+        expect_error(&mut c, ErrorCode::Unauthorized, &no).await;
+    }
+    // A Restore from a peer whose Hello lacks the restore feature.
+    let mut c = hello(w.rcv.addr, &w.good_id).await;
+    let req = RestoreRequest {
+        server: String::new(),
+        volume: "root".into(),
+        point: PointSelector::Latest,
+    };
+    c.send(&Frame::Restore(req)).await.unwrap();
+    expect_error(&mut c, ErrorCode::Protocol, "restore feature").await;
+    let mut c = restore_conn(&w, ("", "root"), PointSelector::Latest).await;
+    restore_listing(&mut c).await;
+    c.send(&Frame::Goodbye).await.unwrap();
+    w.good_agent_still_works(&before).await;
+}

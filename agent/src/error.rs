@@ -27,6 +27,26 @@ pub enum AgentError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Reading or writing the target of a restore failed.
+    #[error("restore target {path}: {source}")]
+    Target {
+        /// The target.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A block fetched for a restore is not what the point holds.
+    #[error("block {index} of volume {volume} (point {point}) failed verification: {why}")]
+    BadBlock {
+        /// Volume name.
+        volume: String,
+        /// The point.
+        point: u64,
+        /// Block index.
+        index: u64,
+        /// What was wrong.
+        why: String,
+    },
     /// Connecting to or talking with the receiver failed.
     #[error("connection to the receiver failed: {0}")]
     Net(#[source] std::io::Error),
@@ -87,6 +107,8 @@ impl AgentError {
             Self::Decode(_) | Self::Protocol(_) => true,
             Self::Source { .. }
             | Self::State { .. }
+            | Self::Target { .. }
+            | Self::BadBlock { .. }
             | Self::Consistency(_)
             | Self::Config(_)
             | Self::Unprotected { .. }

@@ -17,6 +17,7 @@ pub mod link;
 mod policy;
 mod replicate;
 mod reporter;
+pub mod restore;
 mod resync;
 pub mod scan;
 mod session;

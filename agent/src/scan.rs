@@ -53,24 +53,24 @@ pub struct ScanJob<'a> {
 }
 
 /// Alignment of O_DIRECT buffers (covers 512 and 4096-byte sectors).
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 /// A zeroed buffer of `len` bytes aligned for O_DIRECT, carved out of a
 /// slightly larger allocation.
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     raw: Vec<u8>,
     start: usize,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let raw = vec![0u8; len + DIRECT_ALIGN];
         let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
         Self { raw, start, len }
     }
 
-    fn get_mut(&mut self, n: usize) -> Option<&mut [u8]> {
+    pub(crate) fn get_mut(&mut self, n: usize) -> Option<&mut [u8]> {
         let end = self.start.checked_add(n.min(self.len))?;
         self.raw.get_mut(self.start..end)
     }

@@ -11,6 +11,10 @@ use crate::limits::{
 use crate::reader::Reader;
 use crate::DecodeError;
 
+mod restore;
+
+pub use restore::{PointSelector, RestoreInfo, RestoreRequest};
+
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Length of the trailing CRC.
@@ -36,6 +40,10 @@ pub enum Kind {
     HashesEnd = 13,
     Goodbye = 14,
     Ping = 15,
+    Restore = 16,
+    RestoreInfo = 17,
+    Fetch = 18,
+    Fetched = 19,
 }
 
 impl Kind {
@@ -57,6 +65,10 @@ impl Kind {
             13 => Self::HashesEnd,
             14 => Self::Goodbye,
             15 => Self::Ping,
+            16 => Self::Restore,
+            17 => Self::RestoreInfo,
+            18 => Self::Fetch,
+            19 => Self::Fetched,
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -268,6 +280,21 @@ pub enum Frame {
     /// "Still here": sent on an idle control connection by a peer whose
     /// `Hello` advertised [`crate::limits::FEATURE_PING`]; no answer.
     Ping,
+    /// An agent asks for a point of a volume to restore (the first frame
+    /// after `Hello`, instead of `Open` or `Join`).
+    Restore(RestoreRequest),
+    /// The receiver's answer to `Restore`, followed by the point's
+    /// `Hashes` (volume 0) and `HashesEnd`.
+    RestoreInfo(RestoreInfo),
+    /// The agent asks for these blocks of the restored volume (at most
+    /// [`crate::limits::MAX_FETCH_PER_FRAME`]; at most
+    /// [`crate::limits::FETCH_WINDOW`] asked for and not yet answered).
+    Fetch {
+        indexes: Vec<u64>,
+    },
+    /// One fetched block, in the order asked for: a `Block` body whose
+    /// `tag` is the point and `volume` is 0.
+    Fetched(BlockFrame),
 }
 
 impl Frame {
@@ -297,6 +324,10 @@ impl Frame {
             Self::HashesEnd { .. } => Kind::HashesEnd,
             Self::Goodbye => Kind::Goodbye,
             Self::Ping => Kind::Ping,
+            Self::Restore(_) => Kind::Restore,
+            Self::RestoreInfo(_) => Kind::RestoreInfo,
+            Self::Fetch { .. } => Kind::Fetch,
+            Self::Fetched(_) => Kind::Fetched,
         }
     }
 
@@ -364,7 +395,10 @@ impl Frame {
             }
             Self::Join { session } => dst.put_u64_le(*session),
             Self::Joined | Self::Goodbye | Self::Ping => {}
-            Self::Block(b) => {
+            Self::Restore(r) => r.encode(dst),
+            Self::RestoreInfo(i) => i.encode(dst),
+            Self::Fetch { indexes } => restore::encode_fetch(indexes, dst),
+            Self::Block(b) | Self::Fetched(b) => {
                 b.encode_header(dst);
                 dst.put_slice(&b.payload);
             }
@@ -557,6 +591,12 @@ impl Frame {
                 Frame::Ping
             }
             Kind::Block => Frame::Block(BlockFrame::parse(body)?),
+            Kind::Fetched => Frame::Fetched(BlockFrame::parse(body)?),
+            Kind::Restore => Frame::Restore(RestoreRequest::parse(&body)?),
+            Kind::RestoreInfo => Frame::RestoreInfo(RestoreInfo::parse(&body)?),
+            Kind::Fetch => Frame::Fetch {
+                indexes: restore::parse_fetch(&body)?,
+            },
             Kind::Received => {
                 let mut r = Reader::new(&body, "Received");
                 let seq = r.u64()?;

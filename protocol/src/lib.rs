@@ -22,8 +22,18 @@
 //!           agent -> EndPoint{tag, blocks, ..}    receiver -> Durable{tag, point}
 //! data:     agent -> Join{session}                receiver -> Joined
 //!           agent -> Block{tag, volume, index..}  receiver -> Received{seq}
+//! restore:  agent -> Restore{server, volume, point}  receiver -> RestoreInfo{point, size,
+//!                                                          block size} Hashes{..}* HashesEnd{..}
+//!           agent -> Fetch{indexes}*             receiver -> Fetched{block}* (in order)
+//!           agent -> Goodbye
 //! any:      either side -> Error{code, message} and the connection closes
 //! ```
+//!
+//! A restore connection (only between peers whose `Hello` both have
+//! features bit 1, `FEATURE_RESTORE` = 2) serves one volume of one point: the
+//! agent compares the hashes with its target and fetches the blocks that
+//! differ, keeping at most [`limits::FETCH_WINDOW`] blocks asked for and not
+//! yet received; a receiver refuses a `Fetch` beyond that window.
 //!
 //! A point is identified during transfer by the agent's `tag` (a sequence
 //! number within the session); the receiver assigns the durable point id when
@@ -67,6 +77,12 @@
 //! HashesEnd (13)  volume u16 | point u64 | blocks u64
 //! Goodbye   (14)  (empty)
 //! Ping      (15)  (empty)   (only to a peer whose Hello has features bit 0, FEATURE_PING)
+//! Restore   (16)  server_len u8 | server[server_len] (empty = the peer's own)
+//!                 | volume_len u8 | volume[volume_len] | which u8 | value u64
+//!                 which: 0 = latest (value 0), 1 = point id, 2 = at time (ms, i64)
+//! RestoreInfo (17) point u64 | size u64 | block_size u32
+//! Fetch     (18)  count u16 (1..=256) | index u64 x count
+//! Fetched   (19)  the Block body: tag = point | volume = 0 | encoding | ... | payload
 //! ```
 //!
 //! Block `encoding`: 0 = all-zero block (empty payload), 1 = raw (payload is the

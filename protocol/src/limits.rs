@@ -9,6 +9,20 @@ pub const VERSION: u16 = 1;
 /// a control connection silent for longer than its idle limit.
 pub const FEATURE_PING: u32 = 1;
 
+/// `Hello.features` bit: this peer speaks the restore frames (`Restore`,
+/// `RestoreInfo`, `Fetch`, `Fetched`). A receiver that advertises it serves
+/// restores; an agent sends `Restore` only to a receiver that did, and
+/// advertises it in the `Hello` of a restore connection.
+pub const FEATURE_RESTORE: u32 = 2;
+
+/// Most block indexes in one `Fetch` frame.
+pub const MAX_FETCH_PER_FRAME: usize = 256;
+
+/// Most blocks an agent may have asked for with `Fetch` and not yet received
+/// on one restore connection. The receiver refuses a `Fetch` beyond it
+/// before it queues the request.
+pub const FETCH_WINDOW: usize = 1024;
+
 /// How often an agent that advertised [`FEATURE_PING`] sends `Ping` on its
 /// control connection. A receiver's idle limit for such a connection must be
 /// well above it (at least 3x).

@@ -3,7 +3,10 @@
 
 use bytes::{Bytes, BytesMut};
 use pilotlight_protocol::block::{BlockHash, Encoding};
-use pilotlight_protocol::frame::{BlockFrame, CommitMode, Consistency, ErrorCode, VolumeDecl};
+use pilotlight_protocol::frame::{
+    BlockFrame, CommitMode, Consistency, ErrorCode, PointSelector, RestoreInfo, RestoreRequest,
+    VolumeDecl,
+};
 use pilotlight_protocol::golden::{self, hex};
 use pilotlight_protocol::{DecodeError, Frame};
 
@@ -121,6 +124,53 @@ fn fixtures() -> Vec<(&'static str, Frame, u64)> {
         ),
         ("goodbye.hex", Frame::Goodbye, 9),
         ("ping.hex", Frame::Ping, 10),
+        (
+            "restore.hex",
+            Frame::Restore(RestoreRequest {
+                server: "web1-recovery".into(),
+                volume: "root".into(),
+                point: PointSelector::At(1_790_000_000_000),
+            }),
+            0,
+        ),
+        (
+            "restore_latest.hex",
+            Frame::Restore(RestoreRequest {
+                server: String::new(),
+                volume: "root".into(),
+                point: PointSelector::Latest,
+            }),
+            0,
+        ),
+        (
+            "restoreinfo.hex",
+            Frame::RestoreInfo(RestoreInfo {
+                point: 5,
+                size: 1 << 30,
+                block_size: 65536,
+            }),
+            1,
+        ),
+        (
+            "fetch.hex",
+            Frame::Fetch {
+                indexes: vec![3, 0x0102_0304],
+            },
+            1,
+        ),
+        (
+            "fetched.hex",
+            Frame::Fetched(BlockFrame {
+                tag: 5,
+                volume: 0,
+                encoding: Encoding::Raw,
+                index: 3,
+                raw_len: 4,
+                hash: BlockHash::of(b"abcd"),
+                payload: Bytes::from_static(b"abcd"),
+            }),
+            4,
+        ),
     ]
 }
 

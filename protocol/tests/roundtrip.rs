@@ -5,7 +5,11 @@
 
 use bytes::{Bytes, BytesMut};
 use pilotlight_protocol::block::{BlockHash, Encoding};
-use pilotlight_protocol::frame::{BlockFrame, CommitMode, Consistency, ErrorCode, VolumeDecl};
+use pilotlight_protocol::frame::{
+    BlockFrame, CommitMode, Consistency, ErrorCode, PointSelector, RestoreInfo, RestoreRequest,
+    VolumeDecl,
+};
+use pilotlight_protocol::limits::{valid_name, MAX_FETCH_PER_FRAME, MAX_VOLUME_SIZE};
 use pilotlight_protocol::{fuzzing, Frame};
 use proptest::prelude::*;
 
@@ -119,6 +123,47 @@ fn frame() -> impl Strategy<Value = Frame> {
                 blocks,
             }
         }),
+        (
+            prop_oneof![Just(String::new()), "[a-z0-9._-]{1,64}"],
+            "[a-z0-9_-]{1,64}",
+            prop_oneof![
+                Just(PointSelector::Latest),
+                any::<u64>().prop_map(PointSelector::Id),
+                any::<i64>().prop_map(PointSelector::At),
+            ],
+        )
+            .prop_filter("valid names", |(s, v, _)| {
+                (s.is_empty() || valid_name(s)) && valid_name(v)
+            })
+            .prop_map(|(server, volume, point)| Frame::Restore(RestoreRequest {
+                server,
+                volume,
+                point
+            })),
+        (any::<u64>(), 0..=MAX_VOLUME_SIZE, 12u32..=22).prop_map(|(point, size, shift)| {
+            Frame::RestoreInfo(RestoreInfo {
+                point,
+                size,
+                block_size: 1 << shift,
+            })
+        }),
+        proptest::collection::vec(any::<u64>(), 1..=MAX_FETCH_PER_FRAME)
+            .prop_map(|indexes| Frame::Fetch { indexes }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            hash(),
+            proptest::collection::vec(any::<u8>(), 1..2000)
+        )
+            .prop_map(|(tag, index, hash, payload)| Frame::Fetched(BlockFrame {
+                tag,
+                volume: 0,
+                encoding: Encoding::Raw,
+                index,
+                raw_len: payload.len() as u32,
+                hash,
+                payload: Bytes::from(payload),
+            })),
     ]
 }
 

@@ -1,5 +1,5 @@
 //! Operator commands that manage the receiver directory: `init`, `enroll`,
-//! `revoke`, `points`.
+//! `revoke`, `grant`, `points`.
 
 use std::net::IpAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use pilotlight_protocol::limits::valid_name;
 
-use crate::catalog::{Catalog, PointInfo, ServerRow};
+use crate::catalog::{Catalog, PointInfo, RestoreGrant, ServerRow};
 use crate::config::{ReceiverConfig, CONFIG_FILE};
 use crate::store::{Store, CATALOG_FILE};
 use crate::{pki, ReceiveError};
@@ -109,6 +109,29 @@ pub fn revoke(dir: &Path, server: &str) -> Result<(), ReceiveError> {
         return Err(crate::catalog::no_such_server(server));
     }
     Ok(())
+}
+
+/// Let `server` restore the volumes of `from` over the network (fail back:
+/// `web1` restores from `web1-recovery`). Returns false if it already could.
+pub fn grant_restore(dir: &Path, server: &str, from: &str) -> Result<bool, ReceiveError> {
+    let store = Store::open(dir)?;
+    let granted = store.catalog()?.grant_restore(server, from)?;
+    Ok(granted)
+}
+
+/// Withdraw the grant that lets `server` restore the volumes of `from`;
+/// restores already running finish. Returns false if there was none.
+pub fn revoke_restore(dir: &Path, server: &str, from: &str) -> Result<bool, ReceiveError> {
+    let store = Store::open(dir)?;
+    let revoked = store.catalog()?.revoke_restore(server, from)?;
+    Ok(revoked)
+}
+
+/// Every restore grant.
+pub fn restore_grants(dir: &Path) -> Result<Vec<RestoreGrant>, ReceiveError> {
+    let store = Store::open(dir)?;
+    let grants = store.catalog()?.restore_grants()?;
+    Ok(grants)
 }
 
 /// The points of one server or of all.

@@ -1,6 +1,7 @@
 //! One agent connection from TLS to goodbye: the handshake, `Hello`, then
 //! either a control session (`Open`: takeover, `Welcome`, then `EndPoint`,
-//! `GetHashes` and `Goodbye`) or a data stream (`Join`, see [`crate::apply`]).
+//! `GetHashes` and `Goodbye`), a data stream (`Join`, see [`crate::apply`])
+//! or a restore (`Restore`, see [`crate::failback`]).
 //! An error ends the connection with an `Error` frame to the agent.
 
 use std::collections::HashSet;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
-use pilotlight_protocol::limits::{FEATURE_PING, VERSION};
+use pilotlight_protocol::limits::{FEATURE_PING, FEATURE_RESTORE, VERSION};
 use pilotlight_protocol::{DecodeError, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -143,12 +144,10 @@ impl Connection {
         peer: AuthorizedPeer,
     ) -> Result<(), ReceiveError> {
         let timeout = self.shared.cfg.handshake_timeout();
-        let pings = match tokio::time::timeout(timeout, next(rd)).await {
+        let features = match tokio::time::timeout(timeout, next(rd)).await {
             Err(_) => return Err(ReceiveError::Timeout("waiting for Hello")),
             Ok(f) => match f? {
-                Frame::Hello { version, features } if version == VERSION => {
-                    features & FEATURE_PING != 0
-                }
+                Frame::Hello { version, features } if version == VERSION => features,
                 Frame::Hello { version, .. } => {
                     return Err(DecodeError::BadVersion {
                         got: version,
@@ -159,7 +158,12 @@ impl Connection {
                 other => return Err(unexpected(&other, "Hello")),
             },
         };
-        send(wr, &Frame::hello()).await?;
+        let pings = features & FEATURE_PING != 0;
+        let hello = Frame::Hello {
+            version: VERSION,
+            features: FEATURE_PING | FEATURE_RESTORE,
+        };
+        send(wr, &hello).await?;
         let first = match tokio::time::timeout(timeout, next(rd)).await {
             Err(_) => return Err(ReceiveError::Timeout("waiting for Open or Join")),
             Ok(f) => f?,
@@ -187,7 +191,18 @@ impl Connection {
                 )
                 .await
             }
-            other => Err(unexpected(&other, "Open or Join")),
+            Frame::Restore(req) => {
+                let idle = self.shared.cfg.idle_timeout();
+                crate::failback::serve(
+                    &self.shared.store,
+                    (rd, wr),
+                    &peer,
+                    (features, req),
+                    (&self.cancel, idle),
+                )
+                .await
+            }
+            other => Err(unexpected(&other, "Open, Join or Restore")),
         }
     }
 

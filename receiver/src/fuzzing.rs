@@ -7,7 +7,8 @@
 //! use) one of [`CONNS`] in-memory connections as an enrolled server (`web`,
 //! `db`) or as an identity the catalog refused, and sends it a frame in any
 //! order: `Hello`, `Open`, `Join`, `Block`, `EndPoint`, `GetHashes`,
-//! `Goodbye`, a frame only the receiver sends, or raw bytes. Each
+//! `Goodbye`, `Restore` and `Fetch` (a restore connection, issue 17), a
+//! frame only the receiver sends, or raw bytes. Each
 //! connection is served by the receiver's own connection code
 //! (`Connection::serve_authorized`: everything after TLS) over a real
 //! store in a temporary directory, on a runtime with paused time that the
@@ -416,7 +417,9 @@ fn peer_caused(e: &ReceiveError) -> bool {
         | E::Unauthorized(_)
         | E::Timeout(_)
         | E::Superseded
-        | E::Busy(_) => true,
+        | E::Busy(_)
+        // A restore of a volume or point that does not exist.
+        | E::NotFound(_) => true,
         E::SessionFailed { code, .. } => matches!(
             code,
             ErrorCode::Protocol

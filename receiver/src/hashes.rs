@@ -57,12 +57,12 @@ pub(crate) async fn send_hashes(
 
 /// The `Hashes` frames of one volume, built from its block map (`(index,
 /// hash)` in index order, `None` for a zero block; absent = zero).
-struct Listing<M: Iterator<Item = (u64, Option<BlockHash>)>> {
+pub(crate) struct Listing<M: Iterator<Item = (u64, Option<BlockHash>)>> {
     volume: u16,
     size: u64,
     block_size: u32,
     /// Blocks in the volume.
-    total: u64,
+    pub(crate) total: u64,
     /// First block of the next frame.
     start: u64,
     map: Peekable<M>,
@@ -70,7 +70,12 @@ struct Listing<M: Iterator<Item = (u64, Option<BlockHash>)>> {
 }
 
 impl Listing<std::vec::IntoIter<(u64, Option<BlockHash>)>> {
-    fn new(volume: u16, size: u64, block_size: u32, map: Vec<(u64, Option<BlockHash>)>) -> Self {
+    pub(crate) fn new(
+        volume: u16,
+        size: u64,
+        block_size: u32,
+        map: Vec<(u64, Option<BlockHash>)>,
+    ) -> Self {
         Self {
             volume,
             size,

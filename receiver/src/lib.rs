@@ -15,6 +15,7 @@ mod connection;
 pub mod console;
 pub mod error;
 pub mod export;
+mod failback;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

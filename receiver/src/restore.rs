@@ -162,21 +162,32 @@ fn requested_volume(
     point: &PointInfo,
     req: &RestoreRequest,
 ) -> Result<PointVolumeInfo, ReceiveError> {
-    if let Some(vol) = point.volumes.iter().find(|v| v.name == req.volume) {
+    point_volume(store, point, &req.server, &req.volume)
+}
+
+/// The volume `volume` of `server` in `point`; the error says whether the
+/// server has no such volume at all or only not in this point.
+pub(crate) fn point_volume(
+    store: &Store,
+    point: &PointInfo,
+    server: &str,
+    volume: &str,
+) -> Result<PointVolumeInfo, ReceiveError> {
+    if let Some(vol) = point.volumes.iter().find(|v| v.name == volume) {
         return Ok(vol.clone());
     }
     let cat = store.catalog()?;
     let known = cat
-        .server(&req.server)?
-        .map(|s| cat.volume(s.id, &req.volume))
+        .server(server)?
+        .map(|s| cat.volume(s.id, volume))
         .transpose()?
         .flatten();
     Err(ReceiveError::NotFound(match known {
         Some(_) => format!(
-            "volume {} is not part of point {} of server {}",
-            req.volume, point.id, req.server
+            "volume {volume} is not part of point {} of server {server}",
+            point.id
         ),
-        None => format!("server {} has no volume named {}", req.server, req.volume),
+        None => format!("server {server} has no volume named {volume}"),
     }))
 }
 

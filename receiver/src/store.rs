@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use pilotlight_protocol::block::Decoder;
-use pilotlight_protocol::BlockHash;
+use pilotlight_protocol::{BlockHash, Encoding};
 
 use crate::catalog::Catalog;
 use crate::owners::Owners;
@@ -327,6 +327,31 @@ impl BlockFetcher {
             .map_err(|e| {
                 ReceiveError::Corrupt(format!("block {} in pack {}: {e}", hash.to_hex(), loc.pack))
             })
+    }
+
+    /// Like [`fetch_current`](Self::fetch_current), and says how the record
+    /// that was read is encoded: its payload, as stored, is then
+    /// [`payload`](Self::payload) (what a network restore sends without
+    /// compressing the block again).
+    pub fn fetch_stored(
+        &mut self,
+        store: &Store,
+        loc: &BlockLoc,
+        hash: &BlockHash,
+        out: &mut Vec<u8>,
+    ) -> Result<Encoding, ReceiveError> {
+        match self.fetch(loc, hash, out) {
+            Ok(()) => Ok(loc.encoding),
+            Err(first) => match store.locate(hash) {
+                Ok(now) if now != *loc => self.fetch(&now, hash, out).map(|()| now.encoding),
+                _ => Err(first),
+            },
+        }
+    }
+
+    /// The stored payload of the last block fetched (verified with it).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
     }
 
     /// Like [`fetch`](Self::fetch), but if the block is not at `loc` any

@@ -176,7 +176,7 @@ pub(crate) async fn expect_error(conn: &mut Conn, code: ErrorCode, needle: &str)
     let frame = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match conn.next().await {
-                Some(Ok((_, Frame::Received { .. }))) => continue,
+                Some(Ok((_, Frame::Received { .. } | Frame::Fetched(_)))) => continue,
                 Some(Ok((_, f))) => return Some(f),
                 _ => return None,
             }

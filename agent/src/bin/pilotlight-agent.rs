@@ -103,6 +103,53 @@ struct RunArgs {
     metrics: Option<String>,
 }
 
+/// `restore` flags. `--receiver`, `--identity` and `--state` may come from
+/// the `--config` file, as for `run`; its volumes are the ones refused as a
+/// target while the agent runs.
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// agent.toml: receiver, identity, state and volumes; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Receiver address (host:port).
+    #[arg(long)]
+    receiver: Option<String>,
+    /// Identity file from `pilotlight-receiver enroll`.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// The agent's state directory (whether it runs, from its status).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// The volume to restore (its name).
+    #[arg(long)]
+    volume: String,
+    /// Restore another server's volume (needs a grant on the receiver:
+    /// `pilotlight-receiver grant --server THIS --restore-from NAME`).
+    #[arg(long)]
+    server: Option<String>,
+    /// Point id.
+    #[arg(long, group = "which")]
+    point: Option<u64>,
+    /// The latest point at or before this time (RFC 3339).
+    #[arg(long, group = "which")]
+    at: Option<String>,
+    /// The newest point.
+    #[arg(long, group = "which")]
+    latest: bool,
+    /// Target file or block device, written in place.
+    #[arg(long)]
+    to: PathBuf,
+    /// Write a mounted device, or a volume the agent replicates while it runs.
+    #[arg(long)]
+    force: bool,
+    /// Cap the receive rate at N megabits per second.
+    #[arg(long)]
+    limit_mbps: Option<u32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// The config file: the same keys as the flags.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +177,9 @@ struct FileConfig {
 enum Cmd {
     /// Replicate volumes to a receiver.
     Run(Box<RunArgs>),
+    /// Restore a volume's point from the receiver onto a file or block
+    /// device, fetching only the blocks that differ (fail back by delta).
+    Restore(Box<RestoreArgs>),
     /// Show what the agent last did.
     Status {
         /// The agent's state directory.
@@ -158,6 +208,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let file = match &cli.cmd {
         Cmd::Run(a) => match load_file(a.config.as_ref()) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("pilotlight-agent: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Cmd::Restore(a) => match load_file(a.config.as_ref()) {
             Ok(f) => f,
             Err(e) => {
                 eprintln!("pilotlight-agent: {e:#}");
@@ -310,6 +367,7 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Restore(args) => restore(*args, file)?,
         Cmd::Status { state, json } => {
             let st = Status::load(&state)?;
             if json {
@@ -366,6 +424,106 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
         Cmd::Man => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
     }
     Ok(())
+}
+
+/// `restore`: the configuration from flags and file, the restore, its report.
+fn restore(a: RestoreArgs, f: FileConfig) -> anyhow::Result<()> {
+    use pilotlight_agent::restore::{restore, RestoreConfig};
+    use pilotlight_protocol::frame::PointSelector;
+    let need =
+        |what: &str| anyhow::anyhow!("--{what} is required (or `{what}` in the config file)");
+    let receiver = a.receiver.or(f.receiver).ok_or_else(|| need("receiver"))?;
+    let identity = a.identity.or(f.identity).ok_or_else(|| need("identity"))?;
+    let point = match (a.point, a.at, a.latest) {
+        (Some(id), None, false) => PointSelector::Id(id),
+        (None, Some(t), false) => PointSelector::At(
+            pilotlight_protocol::clock::parse_rfc3339(&t).with_context(|| {
+                format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z")
+            })?,
+        ),
+        (None, None, true) => PointSelector::Latest,
+        _ => anyhow::bail!("say which point: --point ID, --at TIME or --latest"),
+    };
+    let mut cfg = RestoreConfig::new(receiver, identity, a.volume, point, a.to);
+    cfg.server = a.server;
+    cfg.force = a.force;
+    cfg.state_dir = a.state.or(f.state);
+    cfg.replicated = f
+        .volumes
+        .into_iter()
+        .map(|(name, path)| pilotlight_agent::VolumeSpec { name, path })
+        .collect();
+    cfg.limit_mbps = a.limit_mbps.filter(|&m| m > 0);
+    let bar = restore_bar(&mut cfg);
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(async {
+        let drawing = bar.map(|(bar, progress)| tokio::spawn(draw_restore(bar, progress)));
+        let r = restore(&cfg).await;
+        if let Some(d) = drawing {
+            d.abort();
+        }
+        r
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "restored point {} of volume {} ({} bytes) to {}: {} of {} blocks differed and were fetched ({} bytes on the wire) in {:.1} s",
+            report.point,
+            report.volume,
+            report.size,
+            cfg.to.display(),
+            report.blocks_fetched,
+            report.blocks_compared,
+            report.wire_bytes,
+            report.seconds
+        );
+    }
+    Ok(())
+}
+
+type RestoreBar = (
+    indicatif::ProgressBar,
+    std::sync::Arc<pilotlight_agent::restore::Progress>,
+);
+
+/// A progress bar of a restore, only when stderr is a terminal.
+fn restore_bar(cfg: &mut pilotlight_agent::restore::RestoreConfig) -> Option<RestoreBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let progress = std::sync::Arc::new(pilotlight_agent::restore::Progress::default());
+    cfg.progress = Some(progress.clone());
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:9} {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    Some((bar, progress))
+}
+
+/// Redraw the restore's bar until aborted.
+async fn draw_restore(
+    bar: indicatif::ProgressBar,
+    p: std::sync::Arc<pilotlight_agent::restore::Progress>,
+) {
+    use pilotlight_agent::restore::Phase;
+    use std::sync::atomic::Ordering;
+    let mut ticks = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        ticks.tick().await;
+        let msg = match p.phase() {
+            Phase::Connect => "connect",
+            Phase::Compare => "compare",
+            Phase::Fetch => "fetch",
+            Phase::Check => "check",
+        };
+        bar.set_message(msg);
+        bar.set_length(p.total.load(Ordering::Relaxed));
+        bar.set_position(p.done.load(Ordering::Relaxed));
+    }
 }
 
 /// A progress bar of the first scan, only when stderr is a terminal.

@@ -74,6 +74,30 @@ enum Cmd {
         #[arg(long)]
         server: String,
     },
+    /// Let a server restore another server's volumes over the network (fail
+    /// back: `--server web1 --restore-from web1-recovery`); `--revoke`
+    /// withdraws it, `--list` shows every grant. A server always restores
+    /// its own volumes.
+    Grant {
+        /// Receiver directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The server that restores.
+        #[arg(long, required_unless_present = "list", requires = "restore_from")]
+        server: Option<String>,
+        /// The server whose volumes it may restore.
+        #[arg(long, requires = "server")]
+        restore_from: Option<String>,
+        /// Withdraw the grant instead.
+        #[arg(long, conflicts_with = "list")]
+        revoke: bool,
+        /// List the grants.
+        #[arg(long, conflicts_with = "server")]
+        list: bool,
+        /// Print JSON (with --list).
+        #[arg(long, requires = "list")]
+        json: bool,
+    },
     /// Serve agents until SIGINT or SIGTERM.
     Serve {
         /// Receiver directory.
@@ -356,6 +380,18 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             admin::revoke(&dir, &server)?;
             println!("revoked the identity of server {server}");
         }
+        Cmd::Grant {
+            dir,
+            server,
+            restore_from,
+            revoke,
+            list,
+            json,
+        } => match (server, restore_from) {
+            (Some(server), Some(from)) => grant(&dir, &server, &from, revoke)?,
+            _ if list => print_grants(&admin::restore_grants(&dir)?, json)?,
+            _ => anyhow::bail!("--server and --restore-from, or --list"),
+        },
         Cmd::Serve {
             dir,
             listen,
@@ -825,4 +861,44 @@ fn human(bytes: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// `grant`: make or withdraw one restore grant, saying what changed.
+fn grant(dir: &std::path::Path, server: &str, from: &str, revoke: bool) -> anyhow::Result<()> {
+    let line = if !revoke {
+        if admin::grant_restore(dir, server, from)? {
+            "may now restore"
+        } else {
+            "could already restore"
+        }
+    } else if admin::revoke_restore(dir, server, from)? {
+        "may no longer restore"
+    } else {
+        "had no grant to restore"
+    };
+    println!("server {server} {line} the volumes of server {from}");
+    Ok(())
+}
+
+/// `grant --list`.
+fn print_grants(
+    grants: &[pilotlight_receiver::catalog::RestoreGrant],
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(grants)?);
+        return Ok(());
+    }
+    if grants.is_empty() {
+        println!("no restore grants (each server restores only its own volumes)");
+    }
+    for g in grants {
+        println!(
+            "{} may restore the volumes of {} (granted {})",
+            g.server,
+            g.restore_from,
+            pilotlight_protocol::clock::rfc3339(g.granted_ms)
+        );
+    }
+    Ok(())
 }

@@ -11,6 +11,7 @@
 //! blocks(hash, pack_id, offset, stored_len, raw_len, encoding)
 //! packs(id, committed_len)
 //! server_blocks(server_id, hash)           the blocks each server has stored
+//! restore_grants(server_id, from_server_id, granted_ms)  who may restore whose volumes
 //! ```
 //!
 //! The schema version is SQLite's `PRAGMA user_version`: see
@@ -26,7 +27,8 @@
 //! `volumes.rs`, `points.rs` (a point's commit), `blocks.rs` (block index,
 //! packs, block maps), `gc.rs` (moving blocks between packs), `prune.rs`
 //! (deleting a point), `server_blocks.rs` (what each server has stored: the
-//! scope of deduplication and of quotas) and `report.rs` (listing points).
+//! scope of deduplication and of quotas), `grants.rs` (who may restore whose
+//! volumes) and `report.rs` (listing points).
 
 use std::path::Path;
 
@@ -36,6 +38,7 @@ use crate::ReceiveError;
 
 mod blocks;
 mod gc;
+mod grants;
 mod identities;
 mod points;
 mod prune;
@@ -44,6 +47,7 @@ mod schema;
 mod server_blocks;
 mod volumes;
 
+pub use grants::RestoreGrant;
 pub use identities::{no_such_server, ServerRow};
 pub use points::{BlockRef, NewPoint};
 pub use report::{PointInfo, PointVolumeInfo};

@@ -13,6 +13,7 @@
 //! | 2 | `points.created_ms` is the receiver's clock at the commit; the agent's time moves to the new `points.source_ms` (old rows: `source_ms = created_ms`, the only time they have) |
 //! | 3 | new table `server_blocks(server_id, hash)`: the blocks each server has stored (dedup is scoped per server, quotas charge by it); filled from the block maps of the existing points |
 //! | 4 | `points.seq`: each server numbers its own points 1, 2, 3, ... (what agents and operators see as the point's id, so that no server learns another's commit rate from the ids); old rows are numbered in commit order |
+//! | 5 | new table `restore_grants(server_id, from_server_id, granted_ms)`: which server may restore which other server's volumes over the network (`grant --restore-from`); created empty |
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
@@ -21,7 +22,7 @@ use crate::ReceiveError;
 /// The schema version this receiver reads and writes. Raise it with every
 /// change to the tables below, and teach `create` to upgrade the older
 /// versions.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,6 +76,11 @@ CREATE TABLE IF NOT EXISTS server_blocks(
     server_id INTEGER NOT NULL REFERENCES servers(id),
     hash BLOB NOT NULL,
     PRIMARY KEY(server_id, hash)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS restore_grants(
+    server_id INTEGER NOT NULL REFERENCES servers(id),
+    from_server_id INTEGER NOT NULL REFERENCES servers(id),
+    granted_ms INTEGER NOT NULL,
+    PRIMARY KEY(server_id, from_server_id)) WITHOUT ROWID;
 ";
 
 /// The version recorded in the file (0 when none is).
@@ -117,6 +123,7 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
             upgrade_to_3(&tx)?;
         }
         upgrade_to_4(&tx)?;
+        // Version 5 adds `restore_grants`, created empty by [`SCHEMA`].
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;

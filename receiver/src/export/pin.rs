@@ -4,7 +4,7 @@
 //!
 //! An export is its own process, beside `serve` (which prunes on a
 //! schedule) and beside a `prune` command, so the pin is a file:
-//! `DIR/exports/PID-POINT-VOLUME.pin` (JSON: pid, server, volume, point), on which
+//! `DIR/exports/PID-N-POINT-VOLUME.pin` (JSON: pid, server, volume, point), on which
 //! the export holds an exclusive `flock` for its whole life. A pin counts
 //! while its lock is held: a pin whose process died (killed, crashed, the
 //! machine rebooted) lost its lock with it, is ignored and removed by the
@@ -91,8 +91,11 @@ pub(crate) fn pin(
     let _guard = lock(dir)?;
     let exports = dir.join(EXPORTS_DIR);
     let pid = std::process::id();
-    // One process may export several volumes of a point (a drill).
-    let name = format!("{pid}-{point}-{volume}.pin");
+    // One process may export several volumes of a point (a drill), and
+    // `serve` may pin the same point for several network restores at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{pid}-{n}-{point}-{volume}.pin");
     let tmp = exports.join(format!(".{name}.tmp"));
     let path = exports.join(&name);
     let _ = std::fs::remove_file(&tmp);

@@ -2,8 +2,11 @@
 //! and, step by step, the frames (or raw bytes) an agent side sends.
 
 use bytes::Bytes;
-use pilotlight_protocol::frame::{BlockFrame, CommitMode, Consistency, ErrorCode, VolumeDecl};
-use pilotlight_protocol::limits::{block_len, VERSION};
+use pilotlight_protocol::frame::{
+    BlockFrame, CommitMode, Consistency, ErrorCode, PointSelector, RestoreInfo, RestoreRequest,
+    VolumeDecl,
+};
+use pilotlight_protocol::limits::{block_len, FEATURE_RESTORE, MAX_FETCH_PER_FRAME, VERSION};
 use pilotlight_protocol::{BlockHash, Encoding, Frame};
 
 use super::{settle, Run, BS};
@@ -69,7 +72,7 @@ impl Run {
         let frame = match kind % 12 {
             0 => Frame::Hello {
                 version: if kind & 0x80 == 0 { VERSION } else { !VERSION },
-                features: 0,
+                features: if kind & 0x40 == 0 { 0 } else { FEATURE_RESTORE },
             },
             1 => open(script, input),
             2 => Frame::Join {
@@ -86,6 +89,7 @@ impl Run {
                 message: "fuzzing".into(),
             },
             10 => receiver_only(input),
+            11 if kind & 0x80 != 0 => restore(input),
             _ => {
                 let len = input.u8() % 32;
                 return Out::Raw((0..len).map(|_| input.u8()).collect());
@@ -219,6 +223,36 @@ fn open(script: &Script, input: &mut Input<'_>) -> Frame {
 }
 
 /// A frame only the receiver sends.
+/// A frame of a restore connection: `Restore` of a volume (declared by the
+/// script's `Open` or not) of the connection's server, another one or
+/// none, at a point that may not exist; or `Fetch` of blocks in range or
+/// not, or of a flood of them.
+fn restore(input: &mut Input<'_>) -> Frame {
+    let (a, b) = (input.u8(), input.u8());
+    if a & 0x80 != 0 {
+        let n = if b & 0x80 != 0 {
+            MAX_FETCH_PER_FRAME
+        } else {
+            1 + usize::from(b % 4)
+        };
+        return Frame::Fetch {
+            indexes: (0..n).map(|i| u64::from(b % 8) + i as u64 % 3).collect(),
+        };
+    }
+    let server = ["", "web", "db", "ghost"][usize::from(a % 4)];
+    let volume = ["v0", "v1", "nope"][usize::from((a >> 2) % 3)];
+    let point = match (a >> 4) % 3 {
+        0 => PointSelector::Latest,
+        1 => PointSelector::Id(u64::from(b % 4)),
+        _ => PointSelector::At(i64::from(b) << 40),
+    };
+    Frame::Restore(RestoreRequest {
+        server: server.into(),
+        volume: volume.into(),
+        point,
+    })
+}
+
 fn receiver_only(input: &mut Input<'_>) -> Frame {
     let n = input.u64();
     match input.u8() % 6 {
@@ -235,6 +269,11 @@ fn receiver_only(input: &mut Input<'_>) -> Frame {
             start: n,
             hashes: vec![BlockHash::of(&[]); 2],
         },
+        5 if n & 1 != 0 => Frame::RestoreInfo(RestoreInfo {
+            point: n,
+            size: n >> 24,
+            block_size: BS,
+        }),
         _ => Frame::HashesEnd {
             volume: 0,
             point: n,
