@@ -9,6 +9,12 @@ pub const VERSION: u16 = 1;
 /// a control connection silent for longer than its idle limit.
 pub const FEATURE_PING: u32 = 1;
 
+/// `Hello.features` bit: this peer takes part in resumable full syncs
+/// (`Checkpoint`, `Checkpointed`, `Resume`, `SyncState`). An agent sends
+/// those frames only to a receiver that advertised it; a receiver answers
+/// them only when asked.
+pub const FEATURE_CHECKPOINT: u32 = 4;
+
 /// How often an agent that advertised [`FEATURE_PING`] sends `Ping` on its
 /// control connection. A receiver's idle limit for such a connection must be
 /// well above it (at least 3x).
