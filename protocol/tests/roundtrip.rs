@@ -119,14 +119,14 @@ fn frame() -> impl Strategy<Value = Frame> {
                 blocks,
             }
         }),
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-            |(tag, blocks, a, b)| Frame::Checkpoint {
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(tag, blocks, a, b)| {
+            Frame::Checkpoint {
                 tag,
                 blocks,
                 done: a.min(b),
                 total: a.max(b),
             }
-        ),
+        }),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(tag, sync, generation)| {
             Frame::Checkpointed {
                 tag,

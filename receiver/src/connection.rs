@@ -327,11 +327,39 @@ impl Connection {
                 Frame::GetHashes { volume } => {
                     crate::hashes::send_hashes(wr, &self.shared.store, session, volume).await?
                 }
+                Frame::Checkpoint {
+                    tag,
+                    blocks,
+                    done,
+                    total,
+                } => {
+                    let req = crate::checkpoint::CheckpointRequest {
+                        tag,
+                        blocks,
+                        done,
+                        total,
+                    };
+                    let store = &self.shared.store;
+                    let idle = self.shared.cfg.idle_timeout();
+                    let answer = crate::checkpoint::checkpoint(store, idle, session, req).await?;
+                    send_in(wr, &answer, session).await?;
+                }
+                Frame::Resume { sync, generation } => {
+                    let store = &self.shared.store;
+                    let answer =
+                        crate::checkpoint::resume(store, session, sync, generation).await?;
+                    send_in(wr, &answer, session).await?;
+                }
                 Frame::Goodbye => {
                     session.ended.store(true, Ordering::SeqCst);
                     return Ok(());
                 }
-                other => return Err(unexpected(&other, "EndPoint, GetHashes or Goodbye")),
+                other => {
+                    return Err(unexpected(
+                        &other,
+                        "EndPoint, GetHashes, Checkpoint, Resume or Goodbye",
+                    ))
+                }
             }
         }
     }

@@ -398,6 +398,9 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Status { dir, json } => print_status(&status::status(&dir)?, json)?,
         Cmd::Points { dir, server, json } => {
             print_points(&admin::points(&dir, server.as_deref())?, json)?;
+            if !json {
+                print_syncs(&admin::syncs(&dir, server.as_deref())?)?;
+            }
         }
         Cmd::Restore {
             dir,
@@ -610,6 +613,24 @@ fn print_points(points: &[PointInfo], json: bool) -> anyhow::Result<()> {
             p.consistency,
             p.commit,
             vols.join(" ")
+        )?;
+    }
+    Ok(())
+}
+
+/// In-progress syncs, after the points: never restorable.
+fn print_syncs(syncs: &[(i64, pilotlight_receiver::catalog::SyncRow)]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for (seq, s) in syncs {
+        let pct = (s.done_bytes as f64 * 100.0 / s.total_bytes.max(1) as f64).min(100.0);
+        writeln!(
+            out,
+            "{:>6}  {:<20} {:<25} in progress ({pct:.0}% at its last checkpoint, {} of {}; not restorable)",
+            seq,
+            s.server,
+            pilotlight_protocol::clock::rfc3339(s.updated_ms),
+            human(s.done_bytes),
+            human(s.total_bytes),
         )?;
     }
     Ok(())

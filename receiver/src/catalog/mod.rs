@@ -11,6 +11,8 @@
 //! blocks(hash, pack_id, offset, stored_len, raw_len, encoding)
 //! packs(id, committed_len)
 //! server_blocks(server_id, hash)           the blocks each server has stored
+//! syncs(server_id, sync_id, generation, ..) a server's in-progress full sync
+//! sync_blocks(server_id, volume, block_index, hash, raw_len)   its blocks
 //! ```
 //!
 //! The schema version is SQLite's `PRAGMA user_version`: see
@@ -42,12 +44,14 @@ mod prune;
 mod report;
 mod schema;
 mod server_blocks;
+mod syncs;
 mod volumes;
 
 pub use identities::{no_such_server, ServerRow};
 pub use points::{BlockRef, NewPoint};
 pub use report::{PointInfo, PointVolumeInfo};
 pub use schema::SCHEMA_VERSION;
+pub use syncs::{volumes_signature, NewCheckpoint, SyncRow};
 pub use volumes::VolumeRow;
 
 /// The catalog connection.

@@ -13,6 +13,7 @@
 //! | 2 | `points.created_ms` is the receiver's clock at the commit; the agent's time moves to the new `points.source_ms` (old rows: `source_ms = created_ms`, the only time they have) |
 //! | 3 | new table `server_blocks(server_id, hash)`: the blocks each server has stored (dedup is scoped per server, quotas charge by it); filled from the block maps of the existing points |
 //! | 4 | `points.seq`: each server numbers its own points 1, 2, 3, ... (what agents and operators see as the point's id, so that no server learns another's commit rate from the ids); old rows are numbered in commit order |
+//! | 6 | new tables `syncs` and `sync_blocks`: a server's in-progress full sync, durable at each checkpoint, not a point (see `syncs.rs`); created empty |
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
@@ -21,7 +22,7 @@ use crate::ReceiveError;
 /// The schema version this receiver reads and writes. Raise it with every
 /// change to the tables below, and teach `create` to upgrade the older
 /// versions.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,6 +76,23 @@ CREATE TABLE IF NOT EXISTS server_blocks(
     server_id INTEGER NOT NULL REFERENCES servers(id),
     hash BLOB NOT NULL,
     PRIMARY KEY(server_id, hash)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS syncs(
+    server_id INTEGER PRIMARY KEY REFERENCES servers(id),
+    sync_id INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    base_seq INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    done_bytes INTEGER NOT NULL,
+    total_bytes INTEGER NOT NULL,
+    volumes TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sync_blocks(
+    server_id INTEGER NOT NULL,
+    volume INTEGER NOT NULL,
+    block_index INTEGER NOT NULL,
+    hash BLOB,
+    raw_len INTEGER NOT NULL,
+    PRIMARY KEY(server_id, volume, block_index)) WITHOUT ROWID;
 ";
 
 /// The version recorded in the file (0 when none is).
@@ -116,7 +134,11 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
         if from < 3 {
             upgrade_to_3(&tx)?;
         }
-        upgrade_to_4(&tx)?;
+        if from < 4 {
+            upgrade_to_4(&tx)?;
+        }
+        // Version 6 (resumable syncs) adds only the tables of `SCHEMA`,
+        // created empty above.
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
@@ -349,6 +371,7 @@ mod tests {
                 volumes: &[("root", 4096, 16384)],
                 blocks: &[],
                 new_blocks: &[],
+                merge_sync: false,
                 packs: &[],
             })
             .unwrap();
