@@ -57,6 +57,15 @@ impl Reporter {
         }
     }
 
+    /// A full sync's progress `(done, total, eta)`, or none under way.
+    pub(crate) fn sync_progress(&mut self, p: Option<(u64, u64, Option<f64>)>) {
+        self.status.sync = p.map(|(done, total, eta)| crate::status::SyncStatus {
+            done_bytes: done.min(total),
+            total_bytes: total,
+            eta_seconds: eta.map(|s| (s * 10.0).round() / 10.0),
+        });
+    }
+
     pub(crate) fn set_state(&mut self, state: State) {
         self.status.state = state;
     }
