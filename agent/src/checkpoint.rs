@@ -302,10 +302,11 @@ impl Session<'_> {
         let Some(sp) = point.sync.as_ref() else {
             return Ok(true);
         };
-        self.agent
+        let first = self
+            .agent
             .reporter
             .sync_progress(Some((sp.done, sp.total, sp.eta_seconds())));
-        if self.agent.reporter.due() {
+        if self.agent.reporter.due() || first {
             self.agent.reporter.save();
         }
         if !self.agent.cfg.checkpoints.due(sp.sent, sp.last.elapsed()) {

@@ -342,7 +342,7 @@ impl<'a> Session<'a> {
             self.sync_tag = None;
             self.resumed = false;
             self.durable.complete_sync();
-            self.agent.reporter.sync_progress(None);
+            let _ = self.agent.reporter.sync_progress(None);
         }
         // The view keeps the point's changes until they are in the hash
         // files (written at most every STATE_SAVE_EVERY, or now).
