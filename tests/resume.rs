@@ -226,6 +226,7 @@ async fn agent_killed_mid_sync_resumes_from_its_last_checkpoint() {
         std::io::Read::read_to_string(agent.0.stdout.as_mut().unwrap(), &mut point).unwrap();
         assert_eq!(point.trim(), "1", "killed at {at}");
         let received = counter(rport, "pilotlight_receiver_bytes_received_total").unwrap();
+        eprintln!("killed at {at}: received {received} bytes in all for {SIZE}");
         assert!(
             received as u64 <= allowed(),
             "killed at {at}: the receiver got {received} bytes in all for {SIZE} of data"
@@ -253,6 +254,7 @@ async fn receiver_killed_mid_sync_the_agent_continues_from_the_checkpoint() {
             .await;
     }
     let sent = counter(aport, "pilotlight_agent_bytes_compressed_total").unwrap();
+    eprintln!("receiver killed: the agent sent {sent} bytes in all for {SIZE}");
     assert!(
         sent as u64 <= allowed(),
         "the agent compressed and sent {sent} bytes in all for {SIZE} of data"
