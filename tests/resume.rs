@@ -156,9 +156,18 @@ fn assert_restores(r: &Rig, point: u64) {
     assert_same_bytes(&r.img, &out, SIZE);
 }
 
-/// While the agent is dead: `points` lists the sync as in progress and
-/// restore --point refuses it with a sentence that says so.
+/// While the agent is dead: `status` shows the sync's progress, `points`
+/// lists it as in progress and restore --point refuses it with a sentence
+/// that says so.
 fn assert_in_progress_not_restorable(r: &Rig) {
+    let out = run_bin(
+        "pilotlight-receiver",
+        &["status", "--json", "--dir", r.rcv.to_str().unwrap()],
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sync = &status[0]["sync"];
+    assert_eq!(sync["total_bytes"].as_u64(), Some(SIZE), "{status}");
+    assert!(sync["done_bytes"].as_u64().unwrap() > 0, "{status}");
     let out = run_bin(
         "pilotlight-receiver",
         &["points", "--dir", r.rcv.to_str().unwrap()],

@@ -777,6 +777,20 @@ fn print_status(status: &Status, json: bool) -> anyhow::Result<()> {
             r.last_point_time.as_deref().unwrap_or("-")
         );
     }
+    for r in &status.servers {
+        if let Some(s) = &r.sync {
+            let pct = (s.done_bytes as f64 * 100.0 / s.total_bytes.max(1) as f64).min(100.0);
+            println!(
+                "sync in progress: {} {pct:.0}% ({} of {} at the checkpoint of {}), ETA {}",
+                r.server,
+                human(s.done_bytes),
+                human(s.total_bytes),
+                s.checkpoint_time,
+                s.eta_seconds
+                    .map_or_else(|| "unknown".into(), |e| format!("{e:.0} s"))
+            );
+        }
+    }
     for r in status.servers.iter().filter(|r| r.rpo_breached) {
         println!(
             "RPO breached: {} (newest point {:.0} s old, target {:.0} s)",
