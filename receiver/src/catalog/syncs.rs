@@ -281,3 +281,151 @@ pub(super) fn merge_sync(
     drop_sync(tx, server_id)?;
     Ok(counts)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use pilotlight_protocol::Encoding;
+
+    use super::*;
+    use crate::catalog::NewPoint;
+
+    const BS: u32 = 4096;
+
+    fn block(index: u64, hash: Option<BlockHash>) -> BlockRef {
+        BlockRef {
+            volume: 0,
+            index,
+            raw_len: BS,
+            hash,
+        }
+    }
+
+    fn loc(offset: u64) -> BlockLoc {
+        BlockLoc {
+            pack: 1,
+            offset,
+            stored_len: BS,
+            raw_len: BS,
+            encoding: Encoding::Raw,
+        }
+    }
+
+    fn checkpoint<'a>(
+        server_id: i64,
+        continues: Option<u64>,
+        blocks: &'a [BlockRef],
+        new_blocks: &'a [(BlockHash, BlockLoc)],
+    ) -> NewCheckpoint<'a> {
+        NewCheckpoint {
+            server_id,
+            continues,
+            new_id: 77,
+            base_seq: 0,
+            now_ms: 1000,
+            done_bytes: 8192,
+            total_bytes: 16384,
+            volumes: "root:4096:16384",
+            blocks,
+            new_blocks,
+            packs: &[(1, 1 << 20)],
+        }
+    }
+
+    fn point<'a>(server_id: i64, blocks: &'a [BlockRef], merge_sync: bool) -> NewPoint<'a> {
+        NewPoint {
+            server_id,
+            created_ms: 2000,
+            source_ms: 2000,
+            consistency: "fuzzy",
+            commit: "sync",
+            volumes: &[("root", BS, 16384)],
+            blocks,
+            new_blocks: &[],
+            packs: &[],
+            merge_sync,
+        }
+    }
+
+    /// Two checkpoints, then the point: the point's block map holds the
+    /// sync's blocks (a block sent again after a checkpoint wins), the sync
+    /// is gone, and GC kept its hashes meanwhile.
+    #[test]
+    fn checkpoints_become_the_point_that_completes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        cat.set_identity("web1", "01").unwrap();
+        let server = cat.require_server("web1").unwrap().id;
+        let [h1, h2, h3] = [1u8, 2, 3].map(|b| BlockHash([b; 32]));
+        let first = [block(0, Some(h1)), block(1, Some(h2))];
+        let (id, g) = cat
+            .checkpoint(&checkpoint(
+                server,
+                None,
+                &first,
+                &[(h1, loc(0)), (h2, loc(5000))],
+            ))
+            .unwrap();
+        assert_eq!((id, g), (77, 1));
+        let again = [block(1, Some(h3)), block(2, None)];
+        let (id, g) = cat
+            .checkpoint(&checkpoint(server, Some(77), &again, &[(h3, loc(10000))]))
+            .unwrap();
+        assert_eq!((id, g), (77, 2));
+        // A checkpoint of a sync the catalog does not hold is refused.
+        assert!(cat
+            .checkpoint(&checkpoint(server, Some(78), &again, &[]))
+            .is_err());
+        let row = cat.sync_of(server).unwrap().unwrap();
+        assert_eq!((row.generation, row.blocks, row.base_seq), (2, 3, 0));
+        assert_eq!(cat.syncs(Some("web1")).unwrap(), vec![row]);
+        // Not a point: none listed, GC keeps its blocks, restore refuses it.
+        assert!(cat.points(Some("web1")).unwrap().is_empty());
+        let live = cat.referenced_hashes().unwrap();
+        // (Block 1's first copy was replaced by the second checkpoint.)
+        assert!(live.contains(&h1) && live.contains(&h3) && !live.contains(&h2));
+        let refused = cat.refuse_in_progress("web1", 1).unwrap_err();
+        assert!(
+            refused.to_string().contains("sync in progress"),
+            "{refused}"
+        );
+        cat.refuse_in_progress("web1", 2).unwrap();
+
+        let key = cat
+            .commit_point(&point(server, &[block(3, Some(h1))], true))
+            .unwrap();
+        assert!(cat.sync_of(server).unwrap().is_none());
+        let vol = cat.volume(server, "root").unwrap().unwrap();
+        assert_eq!(
+            cat.block_map(vol.id, key, 0).unwrap(),
+            vec![(0, Some(h1)), (1, Some(h3)), (2, None), (3, Some(h1))]
+        );
+        let info = cat.points(Some("web1")).unwrap();
+        assert_eq!(info[0].volumes[0].changed_bytes, 4 * u64::from(BS));
+    }
+
+    /// A point that does not complete the sync drops it: the agent
+    /// started over.
+    #[test]
+    fn another_point_drops_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        cat.set_identity("web1", "01").unwrap();
+        let server = cat.require_server("web1").unwrap().id;
+        let h = BlockHash([5; 32]);
+        cat.checkpoint(&checkpoint(
+            server,
+            None,
+            &[block(0, Some(h))],
+            &[(h, loc(0))],
+        ))
+        .unwrap();
+        let key = cat
+            .commit_point(&point(server, &[block(1, None)], false))
+            .unwrap();
+        assert!(cat.sync_of(server).unwrap().is_none());
+        let vol = cat.volume(server, "root").unwrap().unwrap();
+        assert_eq!(cat.block_map(vol.id, key, 0).unwrap(), vec![(1, None)]);
+        assert!(!cat.referenced_hashes().unwrap().contains(&h));
+    }
+}
