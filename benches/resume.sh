@@ -12,11 +12,13 @@
 #       (continuous) reconnects: bytes it sent in all
 #       (`pilotlight_agent_bytes_compressed_total`) against the data.
 # Each point is restored and compared with the image (cmp).
-# PILOTLIGHT_BENCH_PROFILE=debug uses target/debug (no release build).
+# PILOTLIGHT_BENCH_PROFILE=debug uses target/debug (no release build);
+# PILOTLIGHT_BENCH_MIB=N makes the image N MiB instead (a quick, small run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=${1:-8}
 CKPT=${2:-1024}
+MIB=${PILOTLIGHT_BENCH_MIB:-$((G * 1024))}
 PROFILE=${PILOTLIGHT_BENCH_PROFILE:-release}
 if [ "$PROFILE" = release ]; then
     cargo build --release --locked --bins -q
@@ -48,7 +50,7 @@ print("" if v is None else v)
 PY
 }
 wait_done() { # STATE FRACTION: until the sync has read that much
-    local want; want=$(python3 -c "print(int($G * (1<<30) * $2))")
+    local want; want=$(python3 -c "print(int($MIB * (1<<20) * $2))")
     for _ in $(seq 100000); do
         local d; d=$(status_field "$1" sync.done_bytes)
         [ -n "$d" ] && [ "$d" -ge "$want" ] && return 0
@@ -78,13 +80,14 @@ restore_cmp() { # DIR
 }
 setup() { # DIR
     $BIN/pilotlight-receiver init --dir "$1" --listen 127.0.0.1:0 >/dev/null
-    $BIN/pilotlight-receiver enroll --dir "$1" --server bench --out "$WORK/bench.pem" >/dev/null 2>&1 || true
+    rm -f "$WORK/bench.pem"
+    $BIN/pilotlight-receiver enroll --dir "$1" --server bench --out "$WORK/bench.pem" >/dev/null
 }
 
 IMG="$WORK/img"
-echo "== ${G} GiB: incompressible image" >&2
-head -c $((G << 30)) /dev/urandom >"$IMG"
-DATA=$((G << 30))
+echo "== ${MIB} MiB: incompressible image" >&2
+head -c $((MIB << 20)) /dev/urandom >"$IMG"
+DATA=$((MIB << 20))
 
 # (a) kill -9 of the agent at 90%.
 setup "$WORK/a"
@@ -124,7 +127,7 @@ ratio() { printf '%.3f' "$(echo "scale=4; $1 / $2" | bc)"; }
 cat <<MD
 ## Resumable initial sync (issue 15)
 
-\`benches/resume.sh $G $CKPT\` ($PROFILE build, $(date -u +%Y-%m-%d), $(nproc) cores): a ${G} GiB
+\`benches/resume.sh $G $CKPT\` ($PROFILE build, $(date -u +%Y-%m-%d), $(nproc) cores): a ${MIB} MiB
 incompressible image, checkpoints every ${CKPT} MiB or 30 s, kill -9 at 90% of the
 initial sync read (the agent's status), restart. Target: bytes in all <= 1.15x the data.
 

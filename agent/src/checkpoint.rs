@@ -5,8 +5,8 @@
 //! receiver to make what it received durable as the server's in-progress
 //! sync (`Checkpoint`), waits for `Checkpointed`, and only then records it
 //! here: the sync's changes go into the hash files (see
-//! [`DurableHashes::checkpoint`](crate::durable::DurableHashes::checkpoint))
-//! and `sync.bin` says which checkpoint they hold.
+//! `DurableHashes::checkpoint` in the `durable` module) and `sync.bin` says
+//! which checkpoint they hold.
 //!
 //! After a restart the agent offers that checkpoint (`Resume`); when the
 //! receiver still holds it, the hash files are the base of the next point,

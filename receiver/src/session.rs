@@ -77,8 +77,8 @@ pub struct SessionState {
     pub sync: Option<AttachedSync>,
 }
 
-/// A session's link to its server's in-progress sync (see
-/// [`crate::checkpoint`]).
+/// A session's link to its server's in-progress sync (see the
+/// receiver's `checkpoint` module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttachedSync {
     /// The sync's id.
