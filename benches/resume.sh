@@ -19,6 +19,9 @@ cd "$(dirname "$0")/.."
 G=${1:-8}
 CKPT=${2:-1024}
 MIB=${PILOTLIGHT_BENCH_MIB:-$((G * 1024))}
+# The send rate is capped so that the sync takes about 50 s: the status is
+# written every second, and the kill must land near 90%, not after the end.
+MBPS=$((MIB / 6 > 0 ? MIB / 6 : 1))
 PROFILE=${PILOTLIGHT_BENCH_PROFILE:-release}
 if [ "$PROFILE" = release ]; then
     cargo build --release --locked --bins -q
@@ -69,7 +72,8 @@ serve() { # DIR LISTEN METRICS_PORT -> address in DIR.addr
 agent() { # STATE ARGS...
     local state=$1; shift
     RUST_LOG=warn $BIN/pilotlight-agent run --receiver "$ADDR" --identity "$WORK/bench.pem" \
-        --state "$state" --volume root="$IMG" --checkpoint-mib "$CKPT" "$@" >/dev/null &
+        --state "$state" --volume root="$IMG" --checkpoint-mib "$CKPT" --limit-mbps "$MBPS" \
+        "$@" >/dev/null &
     PIDS+=($!); APID=$!
 }
 restore_cmp() { # DIR
@@ -128,8 +132,9 @@ cat <<MD
 ## Resumable initial sync (issue 15)
 
 \`benches/resume.sh $G $CKPT\` ($PROFILE build, $(date -u +%Y-%m-%d), $(nproc) cores): a ${MIB} MiB
-incompressible image, checkpoints every ${CKPT} MiB or 30 s, kill -9 at 90% of the
-initial sync read (the agent's status), restart. Target: bytes in all <= 1.15x the data.
+incompressible image, checkpoints every ${CKPT} MiB or 30 s, send rate capped at
+${MBPS} Mbit/s (so that the kill lands near 90%), kill -9 at 90% of the initial
+sync read (the agent's status), restart. Target: bytes in all <= 1.15x the data.
 
 | kill -9 of | bytes in all | x data | time, start to durable | point |
 |---|---:|---:|---:|---|

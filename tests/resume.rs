@@ -17,8 +17,10 @@ use rand::{RngCore, SeedableRng};
 const MIB: u64 = 1 << 20;
 /// The image: incompressible, so that bytes sent are bytes of data.
 const SIZE: u64 = 16 * MIB;
-/// A checkpoint every MiB sent (test-only: the default is 1 GiB or 30 s).
-const CHECKPOINT_MIB: &str = "1";
+/// A checkpoint every 2 MiB sent (test-only: the default is 1 GiB or 30
+/// s); the sync is read in parts of 1 MiB, and the status first shows
+/// progress after the first part, before the first checkpoint.
+const CHECKPOINT_MIB: &str = "2";
 /// 16 Mbit/s: the sync takes about 8 s.
 const LIMIT_MBPS: &str = "16";
 
@@ -82,7 +84,7 @@ fn spawn_receiver(dir: &Path, listen: &str, metrics: u16) -> (ChildGuard, Socket
     (guard, line.trim().parse().unwrap())
 }
 
-/// The agent, rate-capped, checkpointing every MiB; with `once`, it makes
+/// The agent, rate-capped, checkpointing every 2 MiB; with `once`, it makes
 /// one point and exits, otherwise it serves metrics on `metrics`.
 fn spawn_agent(r: &Rig, addr: SocketAddr, once: bool, metrics: u16) -> ChildGuard {
     let mut cmd = Command::new(bin("pilotlight-agent"));
