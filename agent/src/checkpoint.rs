@@ -334,6 +334,12 @@ impl Session<'_> {
         let (sync, generation) = loop {
             let f = tokio::select! {
                 f = self.link.recv() => f?,
+                // Live tracking keeps bringing in trace events meanwhile
+                // (the commit of a checkpoint may take seconds).
+                () = self.agent.collector.tick() => {
+                    self.agent.collector.collect()?;
+                    continue;
+                }
                 () = self.agent.shutdown.cancelled() => return Ok(false),
             };
             match f {
