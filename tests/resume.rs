@@ -4,6 +4,8 @@
 //! the kills land mid-sync, at moments read from the agent's status file.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
+mod peer;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -272,4 +274,123 @@ async fn receiver_killed_mid_sync_the_agent_continues_from_the_checkpoint() {
     );
     assert!(status(&r.state).unwrap().get("sync").is_none());
     assert_restores(&r, 1);
+}
+
+/// A connection from an agent built before checkpoints: its Hello does not
+/// advertise them.
+async fn old_agent_conn(addr: SocketAddr, identity: &Path) -> peer::Conn {
+    use futures_util::{SinkExt, StreamExt};
+    use pilotlight_protocol::limits::{FEATURE_PING, VERSION};
+    let tls = peer::tls_connect(addr, identity).await.unwrap();
+    let mut c =
+        tokio_util::codec::Framed::new(tls, pilotlight_protocol::codec::FrameCodec::default());
+    c.send(&pilotlight_protocol::Frame::Hello {
+        version: VERSION,
+        features: FEATURE_PING,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        c.next().await.unwrap().unwrap().1,
+        pilotlight_protocol::Frame::Hello { .. }
+    ));
+    c
+}
+
+/// An agent without checkpoints against a receiver holding a stale sync of
+/// its server (left by a newer agent that died): it is sent none of the new
+/// frames, its point commits as before, and the sync is dropped, not taken
+/// into the point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_agent_commits_as_before_and_a_stale_sync_is_dropped() {
+    use futures_util::{SinkExt, StreamExt};
+    use pilotlight_protocol::frame::{CommitMode, Consistency, VolumeDecl};
+    use pilotlight_protocol::Frame;
+    let tmp = tempfile::tempdir().unwrap();
+    let rcv = pilotlight::TestReceiver::create(tmp.path()).await;
+    let id = rcv.enroll("web1");
+    // A newer agent checkpoints two blocks of its initial sync, then dies.
+    let (mut control, mut data, _) = peer::session(rcv.addr, &id).await;
+    for i in 0..2 {
+        data.send(&Frame::Block(peer::block(1, i, &[9u8; 65536])))
+            .await
+            .unwrap();
+    }
+    control
+        .send(&Frame::Checkpoint {
+            tag: 1,
+            blocks: 2,
+            done: 2 << 16,
+            total: 1 << 20,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        control.next().await.unwrap().unwrap().1,
+        Frame::Checkpointed { tag: 1, .. }
+    ));
+    drop((control, data));
+    let dir = rcv.dir.clone();
+    wait_until_syncs(&dir, 1).await;
+
+    // The old agent: Open, one block, EndPoint.
+    let mut control = old_agent_conn(rcv.addr, &id).await;
+    control
+        .send(&Frame::Open {
+            streams: 1,
+            commit: CommitMode::Sync,
+            volumes: vec![VolumeDecl {
+                name: "root".into(),
+                size: 1 << 20,
+                block_size: 65536,
+            }],
+        })
+        .await
+        .unwrap();
+    let session = match control.next().await.unwrap().unwrap().1 {
+        Frame::Welcome { session, .. } => session,
+        other => panic!("expected Welcome, got {other:?}"),
+    };
+    let mut data = old_agent_conn(rcv.addr, &id).await;
+    data.send(&Frame::Join { session }).await.unwrap();
+    assert_eq!(data.next().await.unwrap().unwrap().1, Frame::Joined);
+    data.send(&Frame::Block(peer::block(1, 5, &[5u8; 65536])))
+        .await
+        .unwrap();
+    control
+        .send(&Frame::EndPoint {
+            tag: 1,
+            blocks: 1,
+            created_ms: 1,
+            consistency: Consistency::Fuzzy,
+            commit: CommitMode::Sync,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        control.next().await.unwrap().unwrap().1,
+        Frame::Durable { tag: 1, point: 1 }
+    );
+    wait_until_syncs(&dir, 0).await;
+    // Block 5 of the point, and none of the stale sync's blocks.
+    let out = tmp.path().join("restored.img");
+    restore_point(&dir, "web1", "root", 1, &out);
+    let restored = std::fs::read(&out).unwrap();
+    assert!(restored[..5 << 16].iter().all(|&b| b == 0));
+    assert!(restored[5 << 16..6 << 16].iter().all(|&b| b == 5));
+    control.send(&Frame::Goodbye).await.unwrap();
+}
+
+/// Wait until the receiver directory holds `n` syncs in progress.
+async fn wait_until_syncs(dir: &Path, n: usize) {
+    let deadline = Deadline::after(Duration::from_secs(10)).every(Duration::from_millis(20));
+    loop {
+        let got = pilotlight_receiver::admin::syncs(dir, None).unwrap().len();
+        if got == n {
+            return;
+        }
+        deadline
+            .next(|| format!("{got} syncs in progress, not {n}"))
+            .await;
+    }
 }
