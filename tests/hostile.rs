@@ -319,9 +319,9 @@ async fn lying_checkpoints_end_the_session() {
             .await
             .unwrap();
     }
-    // Both recorded (Join was frame 0 of the stream).
+    // Both recorded (Hello and Join were frames 0 and 1 of the stream).
     let mut acked = 0;
-    while acked < 2 {
+    while acked < 3 {
         match futures_util::StreamExt::next(&mut data).await {
             Some(Ok((_, Frame::Received { seq }))) => acked = seq,
             other => panic!("expected Received, got {other:?}"),
