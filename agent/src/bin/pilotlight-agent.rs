@@ -344,6 +344,16 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
                     st.last_point_time.as_deref().unwrap_or("-")
                 );
                 println!("pending:      {}", st.pending_points);
+                if let Some(s) = &st.sync {
+                    let pct = s.done_bytes as f64 * 100.0 / s.total_bytes.max(1) as f64;
+                    let eta = s
+                        .eta_seconds
+                        .map_or_else(|| "unknown".into(), |e| format!("{e:.0} s"));
+                    println!(
+                        "sync:         {pct:.0}% ({} of {} bytes read), ETA {eta}",
+                        s.done_bytes, s.total_bytes
+                    );
+                }
                 if let Some(lag) = st.lag_seconds {
                     println!("lag:          {lag:.1} s (oldest write not yet durable)");
                 }
