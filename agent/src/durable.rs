@@ -288,4 +288,54 @@ mod tests {
         assert_eq!(st.last_point, 6);
         assert_eq!(st.volumes[1].hashes[1], BlockHash([3; 32]));
     }
+
+    /// A checkpoint puts the sync's hashes in the files and withdraws
+    /// `state.bin` (it names no point while the sync is in progress, even
+    /// at a save); the point that completes the sync is named and the
+    /// checkpoint record forgotten.
+    #[test]
+    fn a_checkpoint_withdraws_the_state_until_the_sync_completes() {
+        use crate::checkpoint::SyncRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let vols = [vol("a", 3)];
+        let zero = zero_hash(4096);
+        let files = vec![Arc::new(
+            HashFile::create_zero(d, "a", 3 * 4096, 4096).unwrap(),
+        )];
+        let mut dh = DurableHashes::new([9; 16], 0, files, false);
+        dh.advance(4, &[vec![(0, BlockHash([4; 32]))]]);
+        dh.save_unsaved(d, &vols).unwrap();
+        assert_eq!(AgentState::load(d).unwrap().unwrap().last_point, 4);
+        // Point 5 durable, not saved yet; then a checkpoint of the sync.
+        dh.advance(5, &[vec![(1, BlockHash([5; 32]))]]);
+        let record = SyncRecord {
+            store_id: [9; 16],
+            sync: 7,
+            generation: 1,
+            base_point: 5,
+            done: 4096,
+            total: 3 * 4096,
+        };
+        let mut changes = vec![vec![(2, BlockHash([6; 32]))]];
+        dh.checkpoint(d, &vols, &mut changes, &record).unwrap();
+        assert_eq!(SyncRecord::load(d).unwrap(), Some(record));
+        // The files hold point 5 and the checkpoint; state.bin names none.
+        let st = AgentState::load(d).unwrap().unwrap();
+        assert_eq!(st.last_point, 0);
+        assert_eq!(
+            st.volumes[0].hashes,
+            [BlockHash([4; 32]), BlockHash([5; 32]), BlockHash([6; 32])]
+        );
+        dh.save_unsaved(d, &vols).unwrap();
+        assert_eq!(AgentState::load(d).unwrap().unwrap().last_point, 0);
+        // The point completing the sync (6) is named; sync.bin is gone.
+        dh.advance(6, &[vec![(0, zero)]]);
+        dh.complete_sync();
+        dh.save_unsaved(d, &vols).unwrap();
+        let st = AgentState::load(d).unwrap().unwrap();
+        assert_eq!(st.last_point, 6);
+        assert_eq!(st.volumes[0].hashes[0], zero);
+        assert_eq!(SyncRecord::load(d).unwrap(), None);
+    }
 }
