@@ -51,6 +51,7 @@ fn commit(cat: &mut Catalog, server_id: i64, indices: &[u64], first: u64) -> i64
         blocks: &refs,
         new_blocks: &new,
         packs: &[(1, 1 << 40)],
+        merge_sync: false,
     })
     .unwrap()
 }

@@ -399,3 +399,71 @@ async fn restore_of_an_unknown_volume_point_or_server_is_refused() {
     c.send(&Frame::Goodbye).await.unwrap();
     w.good_agent_still_works(&before).await;
 }
+
+/// Checkpoint frames from a peer that lies (issue 15): one for a point out
+/// of order, one that announces fewer blocks than arrived, and a `Resume`
+/// of a sync the receiver never made each end the session with a protocol
+/// error (or, for the last, an answer that resumes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_checkpoints_end_the_session() {
+    let w = world().await;
+    let before = store_snapshot(&w.rcv.dir);
+    // A Resume of a sync that does not exist resumes nothing.
+    let (mut control, _data, _) = session(w.rcv.addr, &w.good_id).await;
+    control
+        .send(&Frame::Resume {
+            sync: 42,
+            generation: 7,
+        })
+        .await
+        .unwrap();
+    match futures_util::StreamExt::next(&mut control).await {
+        Some(Ok((_, Frame::SyncState { resumed, .. }))) => assert!(!resumed),
+        other => panic!("expected SyncState, got {other:?}"),
+    }
+    // A checkpoint of a point that is not next.
+    control
+        .send(&Frame::Checkpoint {
+            tag: 5,
+            blocks: 0,
+            done: 0,
+            total: 1,
+        })
+        .await
+        .unwrap();
+    expect_error(&mut control, ErrorCode::Protocol, "out of order").await;
+    // More blocks arrived than the checkpoint says were sent.
+    let (mut control, mut data, _) = session(w.rcv.addr, &w.good_id).await;
+    for i in 0..2 {
+        data.send(&Frame::Block(block(1, i, &[i as u8 + 1; 65536])))
+            .await
+            .unwrap();
+    }
+    // Both recorded (Hello and Join were frames 0 and 1 of the stream).
+    let mut acked = 0;
+    while acked < 3 {
+        match futures_util::StreamExt::next(&mut data).await {
+            Some(Ok((_, Frame::Received { seq }))) => acked = seq,
+            other => panic!("expected Received, got {other:?}"),
+        }
+    }
+    control
+        .send(&Frame::Checkpoint {
+            tag: 1,
+            blocks: 1,
+            done: 0,
+            total: 1,
+        })
+        .await
+        .unwrap();
+    expect_error(
+        &mut control,
+        ErrorCode::Protocol,
+        "announced 1 blocks but 2",
+    )
+    .await;
+    drop((control, data));
+    // Nothing of it was kept: the snapshot counts packs and points; the
+    // refused checkpoints recorded nothing.
+    w.good_agent_still_works(&before).await;
+}

@@ -30,15 +30,17 @@ pub(crate) enum Outcome {
 }
 
 /// What one point has read and sent so far.
-struct Point {
-    tag: u64,
+pub(crate) struct Point {
+    pub(crate) tag: u64,
     created_ms: i64,
-    report: PointReport,
-    changes: Vec<Vec<(u64, pilotlight_protocol::BlockHash)>>,
+    pub(crate) report: PointReport,
+    pub(crate) changes: Vec<Vec<(u64, pilotlight_protocol::BlockHash)>>,
     /// Whether pre-copy rounds sent some of it unfrozen.
     precopied: bool,
     /// How long the last barrier before the freeze waited.
     barrier: std::time::Duration,
+    /// A full sync that checkpoints: its progress.
+    pub(crate) sync: Option<crate::checkpoint::SyncProgress>,
 }
 
 impl Session<'_> {
@@ -79,6 +81,7 @@ impl Session<'_> {
             changes: vec![Vec::new(); self.vols.len()],
             precopied: false,
             barrier: std::time::Duration::ZERO,
+            sync: None,
         };
         let freeze_mount = match &cfg.consistency {
             ConsistencyMode::Freeze(m) if !full && self.agent.collector.is_live() => {
@@ -128,6 +131,14 @@ impl Session<'_> {
             return Ok(Outcome::Nothing);
         }
         point.report.consistency = snapshot.consistency;
+        if self.full_sync(plans.as_deref()) {
+            point.sync = Some(self.sync_progress());
+            if self.resumed {
+                // Read partly before the restart, partly after: not from
+                // one instant.
+                point.report.consistency = Consistency::Fuzzy;
+            }
+        }
         let paths: Vec<PathBuf> = self
             .vols
             .iter()
@@ -339,7 +350,9 @@ impl Session<'_> {
 
     /// Read, hash and send what `plans` says of every volume (all of each
     /// without plans) from `paths`, comparing with the session's view and
-    /// updating it with what changed. Returns false if stopped.
+    /// updating it with what changed. A full sync reads each volume in
+    /// parts and checkpoints between them when due. Returns false if
+    /// stopped.
     async fn send_volumes(
         &mut self,
         paths: &[PathBuf],
@@ -353,86 +366,144 @@ impl Session<'_> {
         } else {
             cfg.workers
         };
-        for (i, v) in self.vols.iter().enumerate() {
+        for i in 0..self.vols.len() {
+            let Some(v) = self.vols.get(i) else { break };
             let (size, _) = crate::volume::probe(&v.name, &v.path)?;
             if size != v.size {
                 return Err(AgentError::Resized(v.name.clone()));
             }
+            let (vsize, bs) = (v.size, v.block_size);
             let path = paths.get(i).cloned().unwrap_or_else(|| v.path.clone());
             let only: Option<Vec<u64>> = match plans.and_then(|p| p.get(i)) {
                 Some(Plan::Blocks(b)) if b.is_empty() => continue,
                 Some(Plan::Blocks(b)) => Some(b.clone()),
                 Some(Plan::Full(_)) | None => None,
             };
-            let (Some(slot), Some(file)) = (self.view.get_mut(i), self.durable.file(i)) else {
-                continue;
+            let blocks = pilotlight_protocol::limits::block_count(vsize, bs);
+            let parts: Vec<Option<(u64, u64)>> = match (&only, &point.sync) {
+                (None, Some(_)) => {
+                    let step = cfg.checkpoints.segment_blocks(bs);
+                    (0..blocks.div_ceil(step))
+                        .map(|k| Some((k * step, step.min(blocks - k * step))))
+                        .collect()
+                }
+                _ => vec![None],
             };
-            let overlay = std::mem::take(slot);
-            let file = file.clone();
-            let (tx, window, stop) = (
-                self.link.data_tx.clone(),
-                self.link.window.clone(),
-                self.agent.shutdown.clone(),
-            );
-            let (name, vsize, bs, level, tag) = (
-                v.name.clone(),
-                v.size,
-                v.block_size,
-                cfg.zstd_level,
-                point.tag,
-            );
-            let vol_idx = u16::try_from(i)
-                .map_err(|_| AgentError::Internal(format!("volume index {i} out of range")))?;
-            let rt = tokio::runtime::Handle::current();
-            let progress = cfg.progress.clone();
-            // A device is read directly (a snapshot never clones one).
-            let direct = v.is_device && path == v.path;
-            let (overlay, result) = tokio::task::spawn_blocking(move || {
-                let base = View {
-                    file: &file,
-                    overlay: &overlay,
-                };
-                let job = ScanJob {
-                    vol_idx,
-                    name: &name,
-                    path: &path,
-                    size: vsize,
-                    block_size: bs,
-                    base: &base,
-                    tag,
+            for range in parts {
+                let part = Part {
+                    vol: i,
+                    path: path.clone(),
                     only: only.as_deref(),
-                    direct,
+                    range,
                 };
-                let sink = Sink {
-                    tx: &tx,
-                    window: &window,
-                    rt: &rt,
-                    stop: &stop,
-                    progress: progress.as_deref(),
+                let Some(result) = self.scan_part(&part, point.tag, workers).await? else {
+                    return Ok(false);
                 };
-                let r = scan(&job, &sink, workers, level);
-                (overlay, r)
-            })
-            .await
-            .map_err(|e| AgentError::task("scan", e))?;
-            let Some(slot) = self.view.get_mut(i) else {
-                continue;
-            };
-            *slot = overlay;
-            let result = match result {
-                Err(AgentError::Net(_)) => return Err(self.link.take_error()),
-                Err(AgentError::Stopped) if self.agent.shutdown.is_cancelled() => return Ok(false),
-                r => r?,
-            };
-            slot.record(point.tag, &result.changed);
-            let report = &mut point.report;
-            report.blocks_sent += result.changed.len() as u64;
-            report.payload_bytes += result.payload_bytes;
-            report.bytes_read += result.bytes_read;
-            if let Some(c) = point.changes.get_mut(i) {
-                c.extend(result.changed);
+                if let Some(slot) = self.view.get_mut(i) {
+                    slot.record(point.tag, &result.changed);
+                }
+                let report = &mut point.report;
+                report.blocks_sent += result.changed.len() as u64;
+                report.payload_bytes += result.payload_bytes;
+                report.bytes_read += result.bytes_read;
+                if let Some(sp) = point.sync.as_mut() {
+                    let (first, n) = range.unwrap_or((0, blocks));
+                    let end = first
+                        .saturating_add(n)
+                        .saturating_mul(u64::from(bs))
+                        .min(vsize);
+                    sp.done += end.saturating_sub(first.saturating_mul(u64::from(bs)));
+                    sp.sent += result.changed.len() as u64 * u64::from(bs);
+                }
+                if let Some(c) = point.changes.get_mut(i) {
+                    c.extend(result.changed);
+                }
+                if !self.after_part(point).await? {
+                    return Ok(false);
+                }
             }
         }
         Ok(true)
     }
+
+    /// Scan one part of a volume (blocking work, off the async workers);
+    /// `None` if stopped.
+    async fn scan_part(
+        &mut self,
+        part: &Part<'_>,
+        tag: u64,
+        workers: usize,
+    ) -> Result<Option<crate::scan::ScanResult>, AgentError> {
+        let cfg = self.agent.cfg;
+        let i = part.vol;
+        let (Some(v), Some(slot), Some(file)) =
+            (self.vols.get(i), self.view.get_mut(i), self.durable.file(i))
+        else {
+            return Ok(Some(crate::scan::ScanResult::default()));
+        };
+        let overlay = std::mem::take(slot);
+        let file = file.clone();
+        let (tx, window, stop) = (
+            self.link.data_tx.clone(),
+            self.link.window.clone(),
+            self.agent.shutdown.clone(),
+        );
+        let (name, vsize, bs, level) = (v.name.clone(), v.size, v.block_size, cfg.zstd_level);
+        let vol_idx = u16::try_from(i)
+            .map_err(|_| AgentError::Internal(format!("volume index {i} out of range")))?;
+        let rt = tokio::runtime::Handle::current();
+        let progress = cfg.progress.clone();
+        // A device is read directly (a snapshot never clones one).
+        let direct = v.is_device && part.path == v.path;
+        let (path, only, range) = (
+            part.path.clone(),
+            part.only.map(<[u64]>::to_vec),
+            part.range,
+        );
+        let (overlay, result) = tokio::task::spawn_blocking(move || {
+            let base = View {
+                file: &file,
+                overlay: &overlay,
+            };
+            let job = ScanJob {
+                vol_idx,
+                name: &name,
+                path: &path,
+                size: vsize,
+                block_size: bs,
+                base: &base,
+                tag,
+                only: only.as_deref(),
+                range,
+                direct,
+            };
+            let sink = Sink {
+                tx: &tx,
+                window: &window,
+                rt: &rt,
+                stop: &stop,
+                progress: progress.as_deref(),
+            };
+            let r = scan(&job, &sink, workers, level);
+            (overlay, r)
+        })
+        .await
+        .map_err(|e| AgentError::task("scan", e))?;
+        if let Some(slot) = self.view.get_mut(i) {
+            *slot = overlay;
+        }
+        match result {
+            Err(AgentError::Net(_)) => Err(self.link.take_error()),
+            Err(AgentError::Stopped) if self.agent.shutdown.is_cancelled() => Ok(None),
+            r => r.map(Some),
+        }
+    }
+}
+
+/// One part of one volume to scan.
+struct Part<'a> {
+    vol: usize,
+    path: PathBuf,
+    only: Option<&'a [u64]>,
+    range: Option<(u64, u64)>,
 }

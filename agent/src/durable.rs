@@ -41,6 +41,9 @@ pub(crate) struct DurableHashes {
     /// each `DURABLE`: a state directory on a traced volume would
     /// otherwise make every point cause the next one.
     unflushed: Vec<Vec<(u64, BlockHash)>>,
+    /// Whether the files hold checkpointed blocks of a full sync not yet
+    /// durable as a point: `state.bin` names no point until it is.
+    sync_pending: bool,
 }
 
 impl DurableHashes {
@@ -59,7 +62,71 @@ impl DurableHashes {
             unsaved: false,
             header_trusted,
             unflushed: Vec::new(),
+            sync_pending: false,
         }
+    }
+
+    /// The files hold the checkpoints of a sync that a resumed session
+    /// completes (its `state.bin` names no point).
+    pub(crate) fn resuming(mut self) -> Self {
+        self.sync_pending = true;
+        self.header_trusted = false;
+        self
+    }
+
+    /// The receiver's last durable point.
+    pub(crate) fn last_point(&self) -> u64 {
+        self.last_point
+    }
+
+    /// The point that completes the sync is durable: the next save may
+    /// name it (and forgets the checkpoint record).
+    pub(crate) fn complete_sync(&mut self) {
+        self.sync_pending = false;
+        self.unsaved = true;
+    }
+
+    /// A checkpoint the receiver confirmed: write the changes of the
+    /// durable points not in the files yet, then the sync's `changes`, into
+    /// the hash files, sync them, then write `record` (`sync.bin`).
+    /// `state.bin` is withdrawn first (if it names a point): the files hold
+    /// more than any point now. Blocking I/O, off the async workers.
+    pub(crate) fn checkpoint(
+        &mut self,
+        dir: &Path,
+        vols: &[Volume],
+        changes: &mut [Vec<(u64, BlockHash)>],
+        record: &crate::checkpoint::SyncRecord,
+    ) -> Result<(), AgentError> {
+        let untrusted = self.header(vols, 0);
+        let withdraw = self.header_trusted;
+        let mut unflushed = std::mem::take(&mut self.unflushed);
+        let files = &self.files;
+        let written = off_async(|| {
+            if withdraw {
+                untrusted.save(dir)?;
+            }
+            for (i, file) in files.iter().enumerate() {
+                for ch in [unflushed.get_mut(i), changes.get_mut(i)]
+                    .into_iter()
+                    .flatten()
+                {
+                    settle_order(ch);
+                    file.write(ch)?;
+                }
+            }
+            for f in files {
+                f.sync()?;
+            }
+            record.save(dir)
+        });
+        self.header_trusted = false;
+        self.sync_pending = true;
+        if let Err(e) = written {
+            self.unflushed = unflushed;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The hash file of volume `i`.
@@ -124,7 +191,13 @@ impl DurableHashes {
     /// withdrawn (names no point) if it names one, then the records are
     /// written and synced, and only then does `state.bin` name the point.
     fn save(&mut self, dir: &Path, vols: &[Volume]) -> Result<(), AgentError> {
-        let header = self.header(vols, self.last_point);
+        let named = if self.sync_pending {
+            0
+        } else {
+            self.last_point
+        };
+        let header = self.header(vols, named);
+        let sync_done = !self.sync_pending;
         let withdraw = self.header_trusted && self.unflushed.iter().any(|c| !c.is_empty());
         let untrusted = self.header(vols, 0);
         let mut unflushed = std::mem::take(&mut self.unflushed);
@@ -140,7 +213,11 @@ impl DurableHashes {
             for f in files {
                 f.sync()?;
             }
-            header.save(dir)
+            header.save(dir)?;
+            if sync_done {
+                crate::checkpoint::SyncRecord::forget(dir)?;
+            }
+            Ok(())
         });
         if let Err(e) = written {
             // state.bin names no point now (or still the old one, if
@@ -153,7 +230,7 @@ impl DurableHashes {
         }
         self.saved_at = Some(Instant::now());
         self.unsaved = false;
-        self.header_trusted = self.last_point != 0;
+        self.header_trusted = named != 0;
         Ok(())
     }
 }
@@ -210,5 +287,55 @@ mod tests {
         let st = AgentState::load(d).unwrap().unwrap();
         assert_eq!(st.last_point, 6);
         assert_eq!(st.volumes[1].hashes[1], BlockHash([3; 32]));
+    }
+
+    /// A checkpoint puts the sync's hashes in the files and withdraws
+    /// `state.bin` (it names no point while the sync is in progress, even
+    /// at a save); the point that completes the sync is named and the
+    /// checkpoint record forgotten.
+    #[test]
+    fn a_checkpoint_withdraws_the_state_until_the_sync_completes() {
+        use crate::checkpoint::SyncRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let vols = [vol("a", 3)];
+        let zero = zero_hash(4096);
+        let files = vec![Arc::new(
+            HashFile::create_zero(d, "a", 3 * 4096, 4096).unwrap(),
+        )];
+        let mut dh = DurableHashes::new([9; 16], 0, files, false);
+        dh.advance(4, &[vec![(0, BlockHash([4; 32]))]]);
+        dh.save_unsaved(d, &vols).unwrap();
+        assert_eq!(AgentState::load(d).unwrap().unwrap().last_point, 4);
+        // Point 5 durable, not saved yet; then a checkpoint of the sync.
+        dh.advance(5, &[vec![(1, BlockHash([5; 32]))]]);
+        let record = SyncRecord {
+            store_id: [9; 16],
+            sync: 7,
+            generation: 1,
+            base_point: 5,
+            done: 4096,
+            total: 3 * 4096,
+        };
+        let mut changes = vec![vec![(2, BlockHash([6; 32]))]];
+        dh.checkpoint(d, &vols, &mut changes, &record).unwrap();
+        assert_eq!(SyncRecord::load(d).unwrap(), Some(record));
+        // The files hold point 5 and the checkpoint; state.bin names none.
+        let st = AgentState::load(d).unwrap().unwrap();
+        assert_eq!(st.last_point, 0);
+        assert_eq!(
+            st.volumes[0].hashes,
+            [BlockHash([4; 32]), BlockHash([5; 32]), BlockHash([6; 32])]
+        );
+        dh.save_unsaved(d, &vols).unwrap();
+        assert_eq!(AgentState::load(d).unwrap().unwrap().last_point, 0);
+        // The point completing the sync (6) is named; sync.bin is gone.
+        dh.advance(6, &[vec![(0, zero)]]);
+        dh.complete_sync();
+        dh.save_unsaved(d, &vols).unwrap();
+        let st = AgentState::load(d).unwrap().unwrap();
+        assert_eq!(st.last_point, 6);
+        assert_eq!(st.volumes[0].hashes[0], zero);
+        assert_eq!(SyncRecord::load(d).unwrap(), None);
     }
 }

@@ -59,6 +59,25 @@ fn version_1(s: &AgentState) -> Vec<u8> {
     out
 }
 
+/// The checkpoint record (`sync.bin`): parsing arbitrary bytes never
+/// panics, and what parses is exactly what `SyncRecord::serialize` writes
+/// for the record it yields.
+pub fn sync_file(data: &[u8]) {
+    check_sync(data);
+    let mut summed = data.to_vec();
+    summed.extend_from_slice(blake3::hash(data).as_bytes());
+    check_sync(&summed);
+}
+
+fn check_sync(data: &[u8]) {
+    if let Some(rec) = crate::checkpoint::SyncRecord::parse(data) {
+        assert!(
+            rec.serialize() == data,
+            "sync.bin does not re-encode exactly: {rec:?}"
+        );
+    }
+}
+
 /// The saved dirty set (`dirty.bin`): parsing arbitrary bytes never
 /// panics, and what parses is what `SavedDirty::encode` writes for the
 /// set it yields, up to the order of a treemap's keys (the roaring crate

@@ -4,6 +4,7 @@
 //! The binary `pilotlight-agent` is a thin CLI over [`run`].
 
 mod blocking;
+pub mod checkpoint;
 mod collector;
 pub mod consistency;
 mod cycle;
@@ -94,6 +95,9 @@ pub struct AgentConfig {
     /// How often the control connection says `Ping` to a receiver that
     /// closes silent ones ([`pilotlight_protocol::limits::PING_INTERVAL`]).
     pub ping_interval: Duration,
+    /// When a full sync checkpoints (with a receiver that keeps
+    /// checkpoints): every 1 GiB sent or 30 s by default.
+    pub checkpoints: checkpoint::CheckpointPolicy,
 }
 
 impl AgentConfig {
@@ -126,6 +130,7 @@ impl AgentConfig {
             early_point_bytes: 64 << 20,
             progress: None,
             ping_interval: pilotlight_protocol::limits::PING_INTERVAL,
+            checkpoints: checkpoint::CheckpointPolicy::default(),
         }
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
 use pilotlight_protocol::frame::{BlockFrame, CommitMode, VolumeDecl};
-use pilotlight_protocol::limits::{BLOCK_HEADER_LEN, FEATURE_PING, VERSION};
+use pilotlight_protocol::limits::{BLOCK_HEADER_LEN, FEATURE_CHECKPOINT, FEATURE_PING, VERSION};
 use pilotlight_protocol::{DecodeError, Frame};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
@@ -130,6 +130,9 @@ pub struct Link {
     pub store_id: [u8; 16],
     /// The receiver's last durable point of this server (0 = none).
     pub last_point: u64,
+    /// Whether the receiver keeps checkpoints of full syncs
+    /// ([`FEATURE_CHECKPOINT`]).
+    pub checkpoints: bool,
 }
 
 fn codec_err(e: CodecError) -> AgentError {
@@ -152,8 +155,8 @@ async fn read_frame(rd: &mut Reader) -> Result<Frame, AgentError> {
 }
 
 /// Open one TLS connection and exchange `Hello`; returns its halves and
-/// whether the receiver takes `Ping` on an idle control connection.
-async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, bool), AgentError> {
+/// the features the receiver advertised.
+async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, u32), AgentError> {
     let tcp = TcpStream::connect(&cfg.receiver)
         .await
         .map_err(AgentError::Net)?;
@@ -177,9 +180,7 @@ async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, bool), AgentEr
     let mut wr = FramedWrite::new(w, FrameCodec::default());
     wr.send(&Frame::hello()).await.map_err(codec_err)?;
     match read_frame(&mut rd).await? {
-        Frame::Hello { version, features } if version == VERSION => {
-            Ok((rd, wr, features & FEATURE_PING != 0))
-        }
+        Frame::Hello { version, features } if version == VERSION => Ok((rd, wr, features)),
         Frame::Hello { version, .. } => Err(DecodeError::BadVersion {
             got: version,
             supported: VERSION,
@@ -206,7 +207,8 @@ impl Link {
     }
 
     async fn connect_inner(cfg: &LinkConfig) -> Result<Self, AgentError> {
-        let (mut crd, mut cwr, pings) = open_stream(cfg).await?;
+        let (mut crd, mut cwr, features) = open_stream(cfg).await?;
+        let pings = features & FEATURE_PING != 0;
         let open = Frame::Open {
             streams: cfg.streams,
             commit: cfg.commit,
@@ -283,6 +285,7 @@ impl Link {
             session,
             store_id,
             last_point,
+            checkpoints: features & FEATURE_CHECKPOINT != 0,
         })
     }
 

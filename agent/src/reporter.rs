@@ -57,6 +57,18 @@ impl Reporter {
         }
     }
 
+    /// A full sync's progress `(done, total, eta)`, or none under way.
+    /// Returns whether none was shown before.
+    pub(crate) fn sync_progress(&mut self, p: Option<(u64, u64, Option<f64>)>) -> bool {
+        let first = self.status.sync.is_none();
+        self.status.sync = p.map(|(done, total, eta)| crate::status::SyncStatus {
+            done_bytes: done.min(total),
+            total_bytes: total,
+            eta_seconds: eta.map(|s| (s * 10.0).round() / 10.0),
+        });
+        first
+    }
+
     pub(crate) fn set_state(&mut self, state: State) {
         self.status.state = state;
     }

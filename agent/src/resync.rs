@@ -26,7 +26,11 @@ pub(crate) async fn base(
     dir: &Path,
     local: Option<&StateHeader>,
     mut tracking: Option<&mut Tracking>,
+    resumed: bool,
 ) -> Result<(Vec<Arc<HashFile>>, bool), AgentError> {
+    if resumed {
+        return resume(vols, dir, link.last_point, tracking);
+    }
     let matches = local
         .filter(|s| {
             link.last_point != 0 && s.store_id == link.store_id && s.last_point == link.last_point
@@ -85,6 +89,37 @@ pub(crate) async fn base(
         out.push(Arc::new(f));
     }
     Ok((out, matches && all_trusted))
+}
+
+/// A resumed sync: the hash files hold the receiver's last point and the
+/// sync's checkpoints (`state.bin` names no point), and they are the base;
+/// live tracking rescans every volume (writes while the agent was not
+/// running are not in any dirty set).
+fn resume(
+    vols: &[Volume],
+    dir: &Path,
+    last_point: u64,
+    mut tracking: Option<&mut Tracking>,
+) -> Result<(Vec<Arc<HashFile>>, bool), AgentError> {
+    let mut out = Vec::with_capacity(vols.len());
+    for (i, v) in vols.iter().enumerate() {
+        let Some(f) = off_async(|| HashFile::open(dir, &v.name, v.size, v.block_size))? else {
+            return Err(AgentError::Internal(format!(
+                "hash file of volume {} vanished while resuming its sync",
+                v.name
+            )));
+        };
+        if let Some(t) = tracking.as_deref_mut() {
+            let reason = if last_point == 0 {
+                RescanReason::InitialSync
+            } else {
+                RescanReason::ChecksumResync
+            };
+            t.force_rescan(i, reason);
+        }
+        out.push(Arc::new(f));
+    }
+    Ok((out, false))
 }
 
 /// The receiver's hashes of volume `idx` (`GetHashes`), into `file` (all

@@ -45,6 +45,10 @@ pub struct ScanJob<'a> {
     pub tag: u64,
     /// Read only these blocks (ascending), not the whole volume.
     pub only: Option<&'a [u64]>,
+    /// Without `only`: read only this span of blocks (first, count), not
+    /// the whole volume (a full sync reads a volume in parts, checkpointing
+    /// between them).
+    pub range: Option<(u64, u64)>,
     /// Read with O_DIRECT (block devices): the device's page cache is not
     /// kept in step with a filesystem mounted on it, nor with direct writes
     /// in flight, so a buffered read could return data older than a write
@@ -164,7 +168,16 @@ pub fn scan(
     let sparse = !job.direct && file.metadata().map(|m| m.is_file()).unwrap_or(false);
     let per_chunk = (CHUNK_BYTES / u64::from(job.block_size)).max(1);
     let gap = GAP_BYTES / u64::from(job.block_size);
-    let units = work_units(blocks, per_chunk, gap, job.only);
+    let units = match (job.range, job.only) {
+        (Some((first, count)), None) => {
+            let count = count.min(blocks.saturating_sub(first));
+            work_units(count, per_chunk, gap, None)
+                .into_iter()
+                .map(|(f, n)| (f + first, n))
+                .collect()
+        }
+        _ => work_units(blocks, per_chunk, gap, job.only),
+    };
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<AgentError>> = Mutex::new(None);
@@ -407,6 +420,7 @@ mod tests {
             base: &base,
             tag: 1,
             only: Some(&only),
+            range: None,
             direct: false,
         };
         let sink = Sink {

@@ -82,6 +82,12 @@ pub(crate) struct Session<'a> {
     pub(crate) progressed: bool,
     /// When the stop began, while the last acks are awaited.
     stop_deadline: Option<tokio::time::Instant>,
+    /// Whether the session's first point continues a sync checkpointed
+    /// before a restart.
+    pub(crate) resumed: bool,
+    /// The point whose durability completes the sync in progress (its
+    /// checkpoints are in the hash files).
+    pub(crate) sync_tag: Option<u64>,
 }
 
 /// Run one session; however it ends, the state of its last durable point
@@ -159,13 +165,25 @@ impl<'a> Session<'a> {
         // A checksum resync waits on the receiver's hash listing: a stop
         // does not wait for it (nothing was sent yet; the link just drops).
         let dir = &cfg.state_dir;
+        let resumed = tokio::select! {
+            r = crate::checkpoint::offer(&mut link, dir, &vols) => r?,
+            () = agent.shutdown.cancelled() => return Err(AgentError::Stopped),
+        };
+        let tracking = agent.collector.get_mut();
         let (files, trusted) = tokio::select! {
-            t = resync::base(&mut link, &vols, dir, local.as_ref(), agent.collector.get_mut()) => t?,
+            t = resync::base(&mut link, &vols, dir, local.as_ref(), tracking, resumed) => t?,
             () = agent.shutdown.cancelled() => return Err(AgentError::Stopped),
         };
         let view = vols.iter().map(|_| Overlay::default()).collect();
+        let mut durable = DurableHashes::new(link.store_id, link.last_point, files, trusted);
+        if resumed {
+            durable = durable.resuming();
+        }
         Ok(Self {
-            durable: DurableHashes::new(link.store_id, link.last_point, files, trusted),
+            resumed,
+            // The session's first point completes the resumed sync.
+            sync_tag: resumed.then_some(1),
+            durable,
             agent,
             link,
             vols,
@@ -300,7 +318,7 @@ impl<'a> Session<'a> {
     }
 
     /// A `DURABLE`: advance the durable hashes, save them when due, report.
-    fn on_frame(&mut self, frame: Frame) -> Result<(), AgentError> {
+    pub(crate) fn on_frame(&mut self, frame: Frame) -> Result<(), AgentError> {
         let Frame::Durable { tag, point } = frame else {
             return Err(AgentError::Protocol(format!(
                 "unexpected {:?} on the control connection",
@@ -317,11 +335,20 @@ impl<'a> Session<'a> {
         }
         let cfg = self.agent.cfg;
         self.durable.advance(point, &p.changes);
+        // The point that completes a sync is saved at once: until then
+        // `state.bin` names no point.
+        let completes = self.sync_tag == Some(tag);
+        if completes {
+            self.sync_tag = None;
+            self.resumed = false;
+            self.durable.complete_sync();
+            let _ = self.agent.reporter.sync_progress(None);
+        }
         // The view keeps the point's changes until they are in the hash
         // files (written at most every STATE_SAVE_EVERY, or now).
         if self
             .durable
-            .save_if_due(cfg.once, &cfg.state_dir, &self.vols)?
+            .save_if_due(cfg.once || completes, &cfg.state_dir, &self.vols)?
         {
             for overlay in &mut self.view {
                 overlay.settle_through(tag);

@@ -158,12 +158,27 @@ pub struct Status {
     /// Live tracking: rescans and freeze durations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracking: Option<crate::trace::TrackStats>,
+    /// A full sync (initial sync or rescan) under way: its progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
     /// Last error, if the agent is retrying.
     pub last_error: Option<String>,
     /// Volumes: name, size, block size.
     pub volumes: Vec<StatusVolume>,
     /// When this status was written (RFC 3339).
     pub updated: String,
+}
+
+/// The progress of a full sync.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// Bytes of the volumes read so far (by this run of the agent).
+    pub done_bytes: u64,
+    /// Bytes of the volumes in all.
+    pub total_bytes: u64,
+    /// Seconds left at the rate so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
 }
 
 /// A volume in the status.

@@ -1,4 +1,4 @@
-//! The fuzz targets `agent_state` and `dirty_set` (`fuzz/fuzz_targets/`),
+//! The fuzz targets `agent_state`, `agent_sync` and `dirty_set` (`fuzz/fuzz_targets/`),
 //! run by plain `cargo test`: every seed in `fuzz/seeds/<target>/`, then
 //! random inputs for a bounded number of cases. The checks themselves live
 //! in `pilotlight_agent::fuzzing`, shared with the fuzzers.
@@ -44,6 +44,11 @@ fn replay(target: &str, check: fn(&[u8])) {
 #[test]
 fn state_seeds_replay() {
     replay("agent_state", fuzzing::state_file);
+}
+
+#[test]
+fn sync_seeds_replay() {
+    replay("agent_sync", fuzzing::sync_file);
 }
 
 #[test]
@@ -95,6 +100,11 @@ proptest! {
     #[test]
     fn random_state_files(data in proptest::collection::vec(any::<u8>(), 0..512)) {
         fuzzing::state_file(&data);
+    }
+
+    #[test]
+    fn random_sync_files(data in proptest::collection::vec(any::<u8>(), 0..160)) {
+        fuzzing::sync_file(&data);
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub enum Kind {
     RestoreInfo = 17,
     Fetch = 18,
     Fetched = 19,
+    Checkpoint = 20,
+    Checkpointed = 21,
+    Resume = 22,
+    SyncState = 23,
 }
 
 impl Kind {
@@ -69,6 +73,10 @@ impl Kind {
             17 => Self::RestoreInfo,
             18 => Self::Fetch,
             19 => Self::Fetched,
+            20 => Self::Checkpoint,
+            21 => Self::Checkpointed,
+            22 => Self::Resume,
+            23 => Self::SyncState,
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -295,6 +303,39 @@ pub enum Frame {
     /// One fetched block, in the order asked for: a `Block` body whose
     /// `tag` is the point and `volume` is 0.
     Fetched(BlockFrame),
+    /// Make every block of the full sync `tag` received so far (`blocks`
+    /// of them, counted from the point's first block) durable as the
+    /// server's in-progress sync; `done` of `total` bytes are read.
+    Checkpoint {
+        tag: u64,
+        blocks: u64,
+        done: u64,
+        total: u64,
+    },
+    /// The blocks of `Checkpoint{tag}` are durable in sync `sync`, as its
+    /// checkpoint number `generation`.
+    Checkpointed {
+        tag: u64,
+        sync: u64,
+        generation: u64,
+    },
+    /// Asked once, before the session's first point: the agent holds
+    /// checkpoint `generation` of sync `sync` (0, 0: none) and would
+    /// continue it.
+    Resume {
+        sync: u64,
+        generation: u64,
+    },
+    /// The answer to `Resume`: the in-progress sync the receiver holds for
+    /// the server (`sync` 0: none), its last durable checkpoint and
+    /// progress, and whether the session's next point continues it.
+    SyncState {
+        sync: u64,
+        generation: u64,
+        done: u64,
+        total: u64,
+        resumed: bool,
+    },
 }
 
 impl Frame {
@@ -302,7 +343,7 @@ impl Frame {
     pub fn hello() -> Self {
         Self::Hello {
             version: VERSION,
-            features: crate::limits::FEATURE_PING,
+            features: crate::limits::FEATURE_PING | crate::limits::FEATURE_CHECKPOINT,
         }
     }
 
@@ -328,6 +369,10 @@ impl Frame {
             Self::RestoreInfo(_) => Kind::RestoreInfo,
             Self::Fetch { .. } => Kind::Fetch,
             Self::Fetched(_) => Kind::Fetched,
+            Self::Checkpoint { .. } => Kind::Checkpoint,
+            Self::Checkpointed { .. } => Kind::Checkpointed,
+            Self::Resume { .. } => Kind::Resume,
+            Self::SyncState { .. } => Kind::SyncState,
         }
     }
 
@@ -440,6 +485,41 @@ impl Frame {
                 dst.put_u16_le(*volume);
                 dst.put_u64_le(*point);
                 dst.put_u64_le(*blocks);
+            }
+            Self::Checkpoint {
+                tag,
+                blocks,
+                done,
+                total,
+            } => {
+                for v in [tag, blocks, done, total] {
+                    dst.put_u64_le(*v);
+                }
+            }
+            Self::Checkpointed {
+                tag,
+                sync,
+                generation,
+            } => {
+                for v in [tag, sync, generation] {
+                    dst.put_u64_le(*v);
+                }
+            }
+            Self::Resume { sync, generation } => {
+                dst.put_u64_le(*sync);
+                dst.put_u64_le(*generation);
+            }
+            Self::SyncState {
+                sync,
+                generation,
+                done,
+                total,
+                resumed,
+            } => {
+                for v in [sync, generation, done, total] {
+                    dst.put_u64_le(*v);
+                }
+                dst.put_u8(u8::from(*resumed));
             }
         }
     }
@@ -664,6 +744,53 @@ impl Frame {
                     volume,
                     point,
                     blocks,
+                }
+            }
+            Kind::Checkpoint => {
+                let mut r = Reader::new(&body, "Checkpoint");
+                let (tag, blocks, done, total) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                r.finish()?;
+                if done > total {
+                    return Err(DecodeError::Invalid("checkpoint progress"));
+                }
+                Frame::Checkpoint {
+                    tag,
+                    blocks,
+                    done,
+                    total,
+                }
+            }
+            Kind::Checkpointed => {
+                let mut r = Reader::new(&body, "Checkpointed");
+                let (tag, sync, generation) = (r.u64()?, r.u64()?, r.u64()?);
+                r.finish()?;
+                Frame::Checkpointed {
+                    tag,
+                    sync,
+                    generation,
+                }
+            }
+            Kind::Resume => {
+                let mut r = Reader::new(&body, "Resume");
+                let (sync, generation) = (r.u64()?, r.u64()?);
+                r.finish()?;
+                Frame::Resume { sync, generation }
+            }
+            Kind::SyncState => {
+                let mut r = Reader::new(&body, "SyncState");
+                let (sync, generation, done, total) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let resumed = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Invalid("resumed flag")),
+                };
+                r.finish()?;
+                Frame::SyncState {
+                    sync,
+                    generation,
+                    done,
+                    total,
+                    resumed,
                 }
             }
         };

@@ -20,6 +20,8 @@
 //! control:  agent -> Open{streams, volumes}       receiver -> Welcome{session, store, last point}
 //!           agent -> GetHashes{volume}            receiver -> Hashes{..}* HashesEnd{..}
 //!           agent -> EndPoint{tag, blocks, ..}    receiver -> Durable{tag, point}
+//!           agent -> Resume{sync, gen}         receiver -> SyncState{..}     (FEATURE_CHECKPOINT)
+//!           agent -> Checkpoint{tag, blocks..}  receiver -> Checkpointed{tag, sync, gen}
 //! data:     agent -> Join{session}                receiver -> Joined
 //!           agent -> Block{tag, volume, index..}  receiver -> Received{seq}
 //! restore:  agent -> Restore{server, volume, point}  receiver -> RestoreInfo{point, size,
@@ -84,6 +86,27 @@
 //! Fetch     (18)  count u16 (1..=256) | index u64 x count
 //! Fetched   (19)  the Block body: tag = point | volume = 0 | encoding | ... | payload
 //! ```
+//!
+//! Resumable full syncs (only between peers whose Hello has features bit 2,
+//! FEATURE_CHECKPOINT = 4; kinds 16-19 and 24-27 are taken by other features):
+//!
+//! ```text
+//! Checkpoint   (20)  tag u64 | blocks u64 | done u64 | total u64      (done <= total)
+//! Checkpointed (21)  tag u64 | sync u64 | generation u64
+//! Resume       (22)  sync u64 | generation u64                         (0, 0 = none held)
+//! SyncState    (23)  sync u64 | generation u64 | done u64 | total u64 | resumed u8 (0 or 1)
+//! ```
+//!
+//! During a full sync (initial sync or rescan) the agent sends `Checkpoint`
+//! on the control connection every so often: `blocks` is the number of
+//! `Block` frames of point `tag` sent so far. The receiver waits for them,
+//! makes them durable as the server's *in-progress sync* (not a point: it
+//! is never restorable) and answers `Checkpointed`; only then does the agent
+//! record the checkpoint. When the point's `EndPoint` commits, the
+//! in-progress sync becomes part of that point. An agent that restarts sends
+//! `Resume` with the checkpoint it recorded before its first point; the
+//! receiver answers `SyncState` with the sync it holds and `resumed = 1` when
+//! the session's first point continues it (its blocks are not sent again).
 //!
 //! Block `encoding`: 0 = all-zero block (empty payload), 1 = raw (payload is the
 //! block), 2 = zstd (payload decompresses to exactly `raw_len` bytes). `hash` is

@@ -22,6 +22,11 @@ pub const MAX_FETCH_PER_FRAME: usize = 256;
 /// on one restore connection. The receiver refuses a `Fetch` beyond it
 /// before it queues the request.
 pub const FETCH_WINDOW: usize = 1024;
+/// `Hello.features` bit: this peer takes part in resumable full syncs
+/// (`Checkpoint`, `Checkpointed`, `Resume`, `SyncState`). An agent sends
+/// those frames only to a receiver that advertised it; a receiver answers
+/// them only when asked.
+pub const FEATURE_CHECKPOINT: u32 = 4;
 
 /// How often an agent that advertised [`FEATURE_PING`] sends `Ping` on its
 /// control connection. A receiver's idle limit for such a connection must be

@@ -171,6 +171,44 @@ fn fixtures() -> Vec<(&'static str, Frame, u64)> {
             }),
             4,
         ),
+        (
+            "checkpoint.hex",
+            Frame::Checkpoint {
+                tag: 1,
+                blocks: 16384,
+                done: 1 << 30,
+                total: 4 << 30,
+            },
+            11,
+        ),
+        (
+            "checkpointed.hex",
+            Frame::Checkpointed {
+                tag: 1,
+                sync: 0x0102030405060708,
+                generation: 3,
+            },
+            12,
+        ),
+        (
+            "resume.hex",
+            Frame::Resume {
+                sync: 0x0102030405060708,
+                generation: 3,
+            },
+            13,
+        ),
+        (
+            "syncstate.hex",
+            Frame::SyncState {
+                sync: 0x0102030405060708,
+                generation: 4,
+                done: 1 << 30,
+                total: 4 << 30,
+                resumed: true,
+            },
+            14,
+        ),
     ]
 }
 

@@ -164,6 +164,39 @@ fn frame() -> impl Strategy<Value = Frame> {
                 hash,
                 payload: Bytes::from(payload),
             })),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(tag, blocks, a, b)| {
+            Frame::Checkpoint {
+                tag,
+                blocks,
+                done: a.min(b),
+                total: a.max(b),
+            }
+        }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(tag, sync, generation)| {
+            Frame::Checkpointed {
+                tag,
+                sync,
+                generation,
+            }
+        }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(sync, generation)| Frame::Resume { sync, generation }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(|(sync, generation, done, total, resumed)| {
+                Frame::SyncState {
+                    sync,
+                    generation,
+                    done,
+                    total,
+                    resumed,
+                }
+            }),
     ]
 }
 

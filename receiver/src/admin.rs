@@ -144,6 +144,23 @@ pub fn points(dir: &Path, server: Option<&str>) -> Result<Vec<PointInfo>, Receiv
     Ok(points)
 }
 
+/// The in-progress syncs (of one server, or all), each with the number
+/// its point will get: `points` lists them as in progress.
+pub fn syncs(
+    dir: &Path,
+    server: Option<&str>,
+) -> Result<Vec<(i64, crate::catalog::SyncRow)>, ReceiveError> {
+    let store = Store::open(dir)?;
+    let cat = store.catalog()?;
+    let mut out = Vec::new();
+    for row in cat.syncs(server)? {
+        if let Some(s) = cat.sync_seq(&row.server)? {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
 /// Collect garbage: free the pack space no point needs. Takes the store the
 /// way `serve` does (repairs included), so it refuses while `serve` runs;
 /// `serve` collects by itself every `prune_interval_secs`.

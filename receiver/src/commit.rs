@@ -197,7 +197,7 @@ impl Committer {
 }
 
 /// Step 1: the point's pack data on disk. Blocking.
-fn sync_packs(store: &Store, pending: &PendingPoint) -> Result<(), ReceiveError> {
+pub(crate) fn sync_packs(store: &Store, pending: &PendingPoint) -> Result<(), ReceiveError> {
     for (id, (file, _)) in &pending.packs {
         file.sync_data()
             .map_err(|e| ReceiveError::storage(pack_file(store.dir(), *id), e))?;
@@ -233,6 +233,9 @@ fn record_point(
         )));
     }
     check_quota(store, s, pending)?;
+    // The point completes the in-progress sync its session checkpointed
+    // (or resumed); any other sync of the server is dropped by the commit.
+    let merge_sync = s.state()?.sync.is_some_and(|a| a.tag == end.tag);
     let created_ms = now_ms();
     let key = cat.commit_point(&NewPoint {
         server_id: s.server_id,
@@ -244,6 +247,7 @@ fn record_point(
         blocks: &pending.refs,
         new_blocks: &pending.new_blocks,
         packs: &packs,
+        merge_sync,
     })?;
     let point = Committed {
         key,
@@ -270,6 +274,7 @@ fn record_point(
     let mut st = s.state()?;
     st.committed_tag = end.tag;
     st.committing.remove(&end.tag);
+    st.sync = None;
     for (h, _) in &pending.new_blocks {
         st.pending_hashes.remove(h);
     }
@@ -280,7 +285,11 @@ fn record_point(
 /// pass the server's quota (blocks it shares with other servers count too,
 /// under `dedup = "global"`). Called with the catalog locked, so that the
 /// usage cannot change under it. Blocking.
-fn check_quota(store: &Store, s: &Session, pending: &PendingPoint) -> Result<(), ReceiveError> {
+pub(crate) fn check_quota(
+    store: &Store,
+    s: &Session,
+    pending: &PendingPoint,
+) -> Result<(), ReceiveError> {
     let Some(quota) = s.limits.quota else {
         return Ok(());
     };

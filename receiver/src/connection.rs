@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
-use pilotlight_protocol::limits::{FEATURE_PING, FEATURE_RESTORE, VERSION};
+use pilotlight_protocol::limits::{FEATURE_CHECKPOINT, FEATURE_PING, FEATURE_RESTORE, VERSION};
 use pilotlight_protocol::{DecodeError, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -161,7 +161,7 @@ impl Connection {
         let pings = features & FEATURE_PING != 0;
         let hello = Frame::Hello {
             version: VERSION,
-            features: FEATURE_PING | FEATURE_RESTORE,
+            features: FEATURE_PING | FEATURE_CHECKPOINT | FEATURE_RESTORE,
         };
         send(wr, &hello).await?;
         let first = match tokio::time::timeout(timeout, next(rd)).await {
@@ -342,11 +342,39 @@ impl Connection {
                 Frame::GetHashes { volume } => {
                     crate::hashes::send_hashes(wr, &self.shared.store, session, volume).await?
                 }
+                Frame::Checkpoint {
+                    tag,
+                    blocks,
+                    done,
+                    total,
+                } => {
+                    let req = crate::checkpoint::CheckpointRequest {
+                        tag,
+                        blocks,
+                        done,
+                        total,
+                    };
+                    let store = &self.shared.store;
+                    let idle = self.shared.cfg.idle_timeout();
+                    let answer = crate::checkpoint::checkpoint(store, idle, session, req).await?;
+                    send_in(wr, &answer, session).await?;
+                }
+                Frame::Resume { sync, generation } => {
+                    let store = &self.shared.store;
+                    let answer =
+                        crate::checkpoint::resume(store, session, sync, generation).await?;
+                    send_in(wr, &answer, session).await?;
+                }
                 Frame::Goodbye => {
                     session.ended.store(true, Ordering::SeqCst);
                     return Ok(());
                 }
-                other => return Err(unexpected(&other, "EndPoint, GetHashes or Goodbye")),
+                other => {
+                    return Err(unexpected(
+                        &other,
+                        "EndPoint, GetHashes, Checkpoint, Resume or Goodbye",
+                    ))
+                }
             }
         }
     }

@@ -9,6 +9,7 @@ pub mod admin;
 mod admission;
 mod apply;
 pub mod catalog;
+mod checkpoint;
 mod commit;
 pub mod config;
 mod connection;

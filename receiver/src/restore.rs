@@ -69,6 +69,11 @@ pub fn resolve_point(
     let cat = store.catalog()?;
     cat.require_server(server)?;
     let points = cat.points(Some(server))?;
+    if let PointSel::Id(id) = sel {
+        if !points.iter().any(|p| p.id == id) {
+            cat.refuse_in_progress(server, id)?;
+        }
+    }
     let found = match sel {
         PointSel::Id(id) => points.into_iter().find(|p| p.id == id),
         PointSel::At(ms) => points.into_iter().rfind(|p| p.created_ms <= ms),

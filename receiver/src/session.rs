@@ -72,6 +72,19 @@ pub struct SessionState {
     pub pending_hashes: HashMap<BlockHash, u64>,
     /// Data streams joined so far.
     pub streams_joined: u16,
+    /// The server's in-progress sync this session adds to, and the tag of
+    /// the point that completes it.
+    pub sync: Option<AttachedSync>,
+}
+
+/// A session's link to its server's in-progress sync (see the
+/// receiver's `checkpoint` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachedSync {
+    /// The sync's id.
+    pub id: u64,
+    /// The point (tag) whose commit completes it.
+    pub tag: u64,
 }
 
 /// One agent session.

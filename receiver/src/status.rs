@@ -104,8 +104,43 @@ pub struct ServerStatus {
     pub staging_failures: Vec<StagingFailure>,
     /// What the server is doing.
     pub state: ServerState,
+    /// The server's full sync in progress (initial sync or rescan), as of
+    /// its last checkpoint; left out of the JSON when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
     /// The volumes of the newest point.
     pub volumes: Vec<VolumeStatus>,
+}
+
+/// A full sync in progress as of its last checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncStatus {
+    /// Bytes the agent had read.
+    pub done_bytes: u64,
+    /// Bytes the sync reads in all.
+    pub total_bytes: u64,
+    /// When the last checkpoint was made durable (RFC 3339).
+    pub checkpoint_time: String,
+    /// Seconds left at the rate from the first checkpoint to the last.
+    pub eta_seconds: Option<f64>,
+}
+
+impl SyncStatus {
+    /// The status of a catalog's sync row.
+    pub fn of(row: &crate::catalog::SyncRow) -> Self {
+        let done = row.done_bytes.min(row.total_bytes);
+        let secs = (row.updated_ms - row.started_ms).max(0) as f64 / 1000.0;
+        let eta_seconds = (done > 0 && secs > 0.0).then(|| {
+            let rate = done as f64 / secs;
+            (row.total_bytes - done) as f64 / rate
+        });
+        Self {
+            done_bytes: done,
+            total_bytes: row.total_bytes,
+            checkpoint_time: pilotlight_protocol::clock::rfc3339(row.updated_ms),
+            eta_seconds: eta_seconds.map(|s| s.round()),
+        }
+    }
 }
 
 /// One volume of a server's newest point.
@@ -159,6 +194,7 @@ pub fn status_with(
         line.quota = cfg.quota_of(&s.name);
         line.quota_used = cat.server_usage(s.id)?;
         line.staging_failures = staging.of_server(&s.name).cloned().collect();
+        line.sync = cat.sync_of(s.id)?.as_ref().map(SyncStatus::of);
         servers.push(line);
     }
     Ok(Status { servers })
@@ -191,6 +227,7 @@ pub fn server_status(
         server: server.name.clone(),
         staging_failures: Vec::new(),
         state: ServerState::of(server, last.is_some(), live),
+        sync: None,
         volumes: last
             .map(|p| {
                 p.volumes

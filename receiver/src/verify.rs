@@ -66,6 +66,9 @@ pub fn verify(
         .filter(|p| point.is_none_or(|id| p.id == id))
         .collect();
     if let (Some(id), true) = (point, points.is_empty()) {
+        if let Some(s) = server {
+            store.catalog()?.refuse_in_progress(s, id)?;
+        }
         return Err(ReceiveError::NotFound(format!(
             "there is no point {id}{}",
             server

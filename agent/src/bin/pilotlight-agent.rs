@@ -98,6 +98,12 @@ struct RunArgs {
     /// Cap the send rate at N megabits per second.
     #[arg(long)]
     limit_mbps: Option<u32>,
+    /// A full sync checkpoints after this many MiB sent [default: 1024].
+    #[arg(long)]
+    checkpoint_mib: Option<u64>,
+    /// ...or after this many seconds, whichever comes first [default: 30].
+    #[arg(long)]
+    checkpoint_secs: Option<u64>,
     /// Serve Prometheus metrics on this address (host:port).
     #[arg(long)]
     metrics: Option<String>,
@@ -169,6 +175,8 @@ struct FileConfig {
     streams: Option<u16>,
     block_size: Option<u32>,
     limit_mbps: Option<u32>,
+    checkpoint_mib: Option<u64>,
+    checkpoint_secs: Option<u64>,
     metrics: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -316,6 +324,14 @@ fn config(a: RunArgs, f: FileConfig) -> anyhow::Result<(AgentConfig, Option<Stri
         cfg.block_size = b;
     }
     cfg.limit_mbps = a.limit_mbps.or(f.limit_mbps).filter(|&m| m > 0);
+    if let Some(m) = a.checkpoint_mib.or(f.checkpoint_mib) {
+        anyhow::ensure!(m > 0, "checkpoint-mib must be at least 1");
+        cfg.checkpoints.bytes = m << 20;
+    }
+    if let Some(s) = a.checkpoint_secs.or(f.checkpoint_secs) {
+        anyhow::ensure!(s > 0, "checkpoint-secs must be at least 1");
+        cfg.checkpoints.every = std::time::Duration::from_secs(s);
+    }
     Ok((cfg, a.metrics.or(f.metrics)))
 }
 
@@ -386,6 +402,16 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
                     st.last_point_time.as_deref().unwrap_or("-")
                 );
                 println!("pending:      {}", st.pending_points);
+                if let Some(s) = &st.sync {
+                    let pct = s.done_bytes as f64 * 100.0 / s.total_bytes.max(1) as f64;
+                    let eta = s
+                        .eta_seconds
+                        .map_or_else(|| "unknown".into(), |e| format!("{e:.0} s"));
+                    println!(
+                        "sync:         {pct:.0}% ({} of {} bytes read), ETA {eta}",
+                        s.done_bytes, s.total_bytes
+                    );
+                }
                 if let Some(lag) = st.lag_seconds {
                     println!("lag:          {lag:.1} s (oldest write not yet durable)");
                 }

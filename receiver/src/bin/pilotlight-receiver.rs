@@ -453,6 +453,9 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Status { dir, json } => print_status(&status::status(&dir)?, json)?,
         Cmd::Points { dir, server, json } => {
             print_points(&admin::points(&dir, server.as_deref())?, json)?;
+            if !json {
+                print_syncs(&admin::syncs(&dir, server.as_deref())?)?;
+            }
         }
         Cmd::Restore {
             dir,
@@ -670,6 +673,24 @@ fn print_points(points: &[PointInfo], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// In-progress syncs, after the points: never restorable.
+fn print_syncs(syncs: &[(i64, pilotlight_receiver::catalog::SyncRow)]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for (seq, s) in syncs {
+        let pct = (s.done_bytes as f64 * 100.0 / s.total_bytes.max(1) as f64).min(100.0);
+        writeln!(
+            out,
+            "{:>6}  {:<20} {:<25} in progress ({pct:.0}% at its last checkpoint, {} of {}; not restorable)",
+            seq,
+            s.server,
+            pilotlight_protocol::clock::rfc3339(s.updated_ms),
+            human(s.done_bytes),
+            human(s.total_bytes),
+        )?;
+    }
+    Ok(())
+}
+
 fn print_verify(report: &verify::VerifyReport, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
@@ -824,6 +845,20 @@ fn print_status(status: &Status, json: bool) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             r.last_point_time.as_deref().unwrap_or("-")
         );
+    }
+    for r in &status.servers {
+        if let Some(s) = &r.sync {
+            let pct = (s.done_bytes as f64 * 100.0 / s.total_bytes.max(1) as f64).min(100.0);
+            println!(
+                "sync in progress: {} {pct:.0}% ({} of {} at the checkpoint of {}), ETA {}",
+                r.server,
+                human(s.done_bytes),
+                human(s.total_bytes),
+                s.checkpoint_time,
+                s.eta_seconds
+                    .map_or_else(|| "unknown".into(), |e| format!("{e:.0} s"))
+            );
+        }
     }
     for r in status.servers.iter().filter(|r| r.rpo_breached) {
         println!(

@@ -54,9 +54,10 @@ impl Catalog {
 
     /// Every hash some point references.
     pub fn referenced_hashes(&self) -> Result<HashSet<BlockHash>, ReceiveError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT DISTINCT hash FROM point_blocks WHERE hash IS NOT NULL")?;
+        let mut st = self.conn.prepare(
+            "SELECT hash FROM point_blocks WHERE hash IS NOT NULL
+             UNION SELECT hash FROM sync_blocks WHERE hash IS NOT NULL",
+        )?;
         let mut rows = st.query([])?;
         let mut out = HashSet::new();
         while let Some(r) = rows.next()? {

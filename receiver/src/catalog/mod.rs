@@ -12,6 +12,8 @@
 //! packs(id, committed_len)
 //! server_blocks(server_id, hash)           the blocks each server has stored
 //! restore_grants(server_id, from_server_id, granted_ms)  who may restore whose volumes
+//! syncs(server_id, sync_id, generation, ..) a server's in-progress full sync
+//! sync_blocks(server_id, volume, block_index, hash, raw_len)   its blocks
 //! ```
 //!
 //! The schema version is SQLite's `PRAGMA user_version`: see
@@ -45,6 +47,7 @@ mod prune;
 mod report;
 mod schema;
 mod server_blocks;
+mod syncs;
 mod volumes;
 
 pub use grants::RestoreGrant;
@@ -52,6 +55,7 @@ pub use identities::{no_such_server, ServerRow};
 pub use points::{BlockRef, NewPoint};
 pub use report::{PointInfo, PointVolumeInfo};
 pub use schema::SCHEMA_VERSION;
+pub use syncs::{volumes_signature, NewCheckpoint, SyncRow};
 pub use volumes::VolumeRow;
 
 /// The catalog connection.

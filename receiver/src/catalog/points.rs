@@ -45,6 +45,9 @@ pub struct NewPoint<'a> {
     pub new_blocks: &'a [(BlockHash, BlockLoc)],
     /// `(pack id, committed length)` of packs written by this point.
     pub packs: &'a [(u64, u64)],
+    /// Whether the point completes the server's in-progress sync (takes
+    /// its blocks, before its own); otherwise the commit drops the sync.
+    pub merge_sync: bool,
 }
 
 /// `(volume row id, size)` of each session volume, by session index.
@@ -116,7 +119,17 @@ impl Catalog {
         )?;
         let point_id = tx.last_insert_rowid();
         let ids = volume_ids(&tx, p)?;
-        let counts = record_point_blocks(&tx, p, point_id, &ids)?;
+        let merged = if p.merge_sync {
+            super::syncs::merge_sync(&tx, p.server_id, point_id, &ids)?
+        } else {
+            super::syncs::drop_sync(&tx, p.server_id)?;
+            Vec::new()
+        };
+        let mut counts = record_point_blocks(&tx, p, point_id, &ids)?;
+        for (c, m) in counts.iter_mut().zip(&merged) {
+            c.0 += m.0;
+            c.1 += m.1;
+        }
         super::volumes::end_rows_beyond_resizes(&tx, point_id, p.volumes, &ids)?;
         record_point_volumes(&tx, point_id, &ids, &counts)?;
         record_new_blocks(&tx, p.new_blocks)?;
@@ -220,7 +233,7 @@ fn record_point_volumes(
 }
 
 /// Where the blocks first stored by the point are.
-fn record_new_blocks(
+pub(super) fn record_new_blocks(
     tx: &Connection,
     new_blocks: &[(BlockHash, BlockLoc)],
 ) -> Result<(), ReceiveError> {
@@ -281,6 +294,7 @@ mod tests {
                 blocks: &[block(5, h1), block(6, h3), block(5, h2)],
                 new_blocks: &[(h1, loc(0)), (h3, loc(5000)), (h2, loc(10000))],
                 packs: &[(1, 15000)],
+                merge_sync: false,
             })
             .unwrap();
         let info = cat.points(Some("web1")).unwrap();

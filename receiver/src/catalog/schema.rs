@@ -14,6 +14,7 @@
 //! | 3 | new table `server_blocks(server_id, hash)`: the blocks each server has stored (dedup is scoped per server, quotas charge by it); filled from the block maps of the existing points |
 //! | 4 | `points.seq`: each server numbers its own points 1, 2, 3, ... (what agents and operators see as the point's id, so that no server learns another's commit rate from the ids); old rows are numbered in commit order |
 //! | 5 | new table `restore_grants(server_id, from_server_id, granted_ms)`: which server may restore which other server's volumes over the network (`grant --restore-from`); created empty |
+//! | 6 | new tables `syncs` and `sync_blocks`: a server's in-progress full sync, durable at each checkpoint, not a point (see `syncs.rs`); created empty |
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
@@ -22,7 +23,7 @@ use crate::ReceiveError;
 /// The schema version this receiver reads and writes. Raise it with every
 /// change to the tables below, and teach `create` to upgrade the older
 /// versions.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,6 +82,23 @@ CREATE TABLE IF NOT EXISTS restore_grants(
     from_server_id INTEGER NOT NULL REFERENCES servers(id),
     granted_ms INTEGER NOT NULL,
     PRIMARY KEY(server_id, from_server_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS syncs(
+    server_id INTEGER PRIMARY KEY REFERENCES servers(id),
+    sync_id INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    base_seq INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    done_bytes INTEGER NOT NULL,
+    total_bytes INTEGER NOT NULL,
+    volumes TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sync_blocks(
+    server_id INTEGER NOT NULL,
+    volume INTEGER NOT NULL,
+    block_index INTEGER NOT NULL,
+    hash BLOB,
+    raw_len INTEGER NOT NULL,
+    PRIMARY KEY(server_id, volume, block_index)) WITHOUT ROWID;
 ";
 
 /// The version recorded in the file (0 when none is).
@@ -122,8 +140,11 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
         if from < 3 {
             upgrade_to_3(&tx)?;
         }
-        upgrade_to_4(&tx)?;
-        // Version 5 adds `restore_grants`, created empty by [`SCHEMA`].
+        if from < 4 {
+            upgrade_to_4(&tx)?;
+        }
+        // Version 5 adds `restore_grants` and version 6 (resumable syncs)
+        // `syncs` and `sync_blocks`: tables of `SCHEMA`, created empty above.
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
@@ -356,6 +377,7 @@ mod tests {
                 volumes: &[("root", 4096, 16384)],
                 blocks: &[],
                 new_blocks: &[],
+                merge_sync: false,
                 packs: &[],
             })
             .unwrap();

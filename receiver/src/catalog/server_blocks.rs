@@ -80,7 +80,8 @@ impl Catalog {
             let mut st = tx.prepare(
                 "SELECT DISTINCT v.server_id, pb.hash
                  FROM point_blocks pb JOIN volumes v ON v.id = pb.volume_id
-                 WHERE pb.hash IS NOT NULL",
+                 WHERE pb.hash IS NOT NULL
+                 UNION SELECT server_id, hash FROM sync_blocks WHERE hash IS NOT NULL",
             )?;
             let mut rows = st.query([])?;
             while let Some(r) = rows.next()? {

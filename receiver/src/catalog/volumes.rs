@@ -193,6 +193,7 @@ mod tests {
             volumes: &[("root", BS, size)],
             blocks: &blocks,
             new_blocks: &new_blocks,
+            merge_sync: false,
             packs: &[(1, 1 << 20)],
         })
         .unwrap()

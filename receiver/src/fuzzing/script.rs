@@ -69,7 +69,7 @@ impl Run {
     /// The frame (or bytes) a send step sends.
     pub(super) async fn message(&mut self, script: &Script, input: &mut Input<'_>) -> Out {
         let kind = input.u8();
-        let frame = match kind % 12 {
+        let frame = match kind % 14 {
             0 => Frame::Hello {
                 version: if kind & 0x80 == 0 { VERSION } else { !VERSION },
                 features: if kind & 0x40 == 0 { 0 } else { FEATURE_RESTORE },
@@ -89,7 +89,17 @@ impl Run {
                 message: "fuzzing".into(),
             },
             10 => receiver_only(input),
-            11 if kind & 0x80 != 0 => restore(input),
+            11 => Frame::Checkpoint {
+                tag: u64::from(input.u8() % 4),
+                blocks: u64::from(input.u8()),
+                done: 0,
+                total: input.u64(),
+            },
+            12 => Frame::Resume {
+                sync: input.u64(),
+                generation: u64::from(input.u8()),
+            },
+            13 if kind & 0x80 != 0 => restore(input),
             _ => {
                 let len = input.u8() % 32;
                 return Out::Raw((0..len).map(|_| input.u8()).collect());
@@ -255,7 +265,7 @@ fn restore(input: &mut Input<'_>) -> Frame {
 
 fn receiver_only(input: &mut Input<'_>) -> Frame {
     let n = input.u64();
-    match input.u8() % 6 {
+    match input.u8() % 8 {
         0 => Frame::Welcome {
             session: n,
             store_id: [0; 16],
@@ -264,6 +274,18 @@ fn receiver_only(input: &mut Input<'_>) -> Frame {
         1 => Frame::Joined,
         2 => Frame::Received { seq: n },
         3 => Frame::Durable { tag: n, point: n },
+        6 => Frame::Checkpointed {
+            tag: n,
+            sync: n,
+            generation: n,
+        },
+        7 => Frame::SyncState {
+            sync: n,
+            generation: n,
+            done: 0,
+            total: n,
+            resumed: true,
+        },
         4 => Frame::Hashes {
             volume: 0,
             start: n,

@@ -1,0 +1,250 @@
+//! Checkpoints of a full sync: the blocks an agent has sent so far for its
+//! initial sync or rescan made durable as the server's in-progress sync
+//! (`catalog::syncs`), so that a killed agent or receiver does not make the
+//! agent start over. An in-progress sync is never a point.
+//!
+//! # Checkpoint order
+//!
+//! The commit order of [`crate::commit`], with the in-progress sync in
+//! place of the point:
+//!
+//! 1. **pack fsync** of every pack the blocks since the last checkpoint
+//!    were appended to (their directory entries were synced when the packs
+//!    were created);
+//! 2. **SQLite commit**: identity and quota re-checked, then one
+//!    transaction records the blocks in `sync_blocks`, the new blocks'
+//!    locations, the server's stored blocks and the packs' committed
+//!    lengths; the blocks enter the in-memory index;
+//! 3. **`Checkpointed`** to the agent, which only then records the
+//!    checkpoint on its side.
+//!
+//! The point's `EndPoint` later commits the rest, and the sync becomes part
+//! of that point in the same transaction.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pilotlight_protocol::clock::now_ms;
+use pilotlight_protocol::Frame;
+
+use crate::catalog::{volumes_signature, NewCheckpoint};
+use crate::commit::{check_quota, sync_packs};
+use crate::handshake::still_authorized;
+use crate::session::{AttachedSync, PendingPoint, Session};
+use crate::store::{blocking, Store};
+use crate::ReceiveError;
+
+/// What the agent's `Checkpoint` frame asks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CheckpointRequest {
+    /// The full sync's point tag.
+    pub(crate) tag: u64,
+    /// Blocks of that point sent so far (since its start).
+    pub(crate) blocks: u64,
+    /// Bytes the agent has read.
+    pub(crate) done: u64,
+    /// Bytes it reads in all.
+    pub(crate) total: u64,
+}
+
+/// Make the blocks of `req` durable as the server's in-progress sync;
+/// returns the `Checkpointed` answer. `idle`: how long to wait without
+/// progress for the blocks announced.
+pub(crate) async fn checkpoint(
+    store: &Arc<Store>,
+    idle: Duration,
+    session: &Arc<Session>,
+    req: CheckpointRequest,
+) -> Result<Frame, ReceiveError> {
+    if req.tag != session.state()?.committed_tag + 1 {
+        return Err(ReceiveError::Protocol(format!(
+            "Checkpoint for tag {} out of order",
+            req.tag
+        )));
+    }
+    let part = take_received(session, req, idle).await?;
+    let (st, s) = (store.clone(), session.clone());
+    let p = part.clone();
+    let result = blocking(move || {
+        sync_packs(&st, &p)?;
+        record(&st, &s, req, &p)
+    })
+    .await;
+    session.state()?.committing.remove(&req.tag);
+    let (sync, generation) = result.inspect_err(|e| {
+        if matches!(e, ReceiveError::QuotaExceeded { .. }) {
+            session.fail(e);
+        }
+    })?;
+    tracing::info!(server = %session.server, tag = req.tag, sync = format_args!("{sync:016x}"), generation, done = req.done, total = req.total, "checkpoint durable");
+    metrics::counter!("pilotlight_receiver_checkpoints_total").increment(1);
+    Ok(Frame::Checkpointed {
+        tag: req.tag,
+        sync,
+        generation,
+    })
+}
+
+/// Wait until the point has received `req.blocks` blocks, then take what
+/// arrived since the last checkpoint out of it (the point keeps its count).
+async fn take_received(
+    session: &Session,
+    req: CheckpointRequest,
+    idle: Duration,
+) -> Result<Arc<PendingPoint>, ReceiveError> {
+    loop {
+        let notified = session.progress.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let mut st = session.state()?;
+            let received = st.pending.get(&req.tag).map_or(0, |p| p.received);
+            if received > req.blocks {
+                return Err(ReceiveError::Protocol(format!(
+                    "checkpoint of tag {} announced {} blocks but {received} arrived",
+                    req.tag, req.blocks
+                )));
+            }
+            if received == req.blocks {
+                let p = st.pending.entry(req.tag).or_default();
+                let part = Arc::new(PendingPoint {
+                    refs: std::mem::take(&mut p.refs),
+                    new_blocks: std::mem::take(&mut p.new_blocks),
+                    packs: std::mem::take(&mut p.packs),
+                    received,
+                });
+                st.committing.insert(req.tag, part.clone());
+                return Ok(part);
+            }
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            () = session.cancel.cancelled() => return Err(session.cancel_reason()),
+            () = tokio::time::sleep(idle) => {
+                return Err(ReceiveError::Timeout("waiting for the blocks of a checkpoint"))
+            }
+        }
+    }
+}
+
+/// Step 2 of the checkpoint order. Blocking.
+fn record(
+    store: &Store,
+    s: &Session,
+    req: CheckpointRequest,
+    part: &PendingPoint,
+) -> Result<(u64, u64), ReceiveError> {
+    let packs: Vec<(u64, u64)> = part
+        .packs
+        .iter()
+        .map(|(id, (_, end))| (*id, *end))
+        .collect();
+    let mut cat = store.catalog()?;
+    if !still_authorized(cat.server(&s.server)?.as_ref(), &s.serial) {
+        return Err(ReceiveError::Unauthorized(format!(
+            "the identity of server {} was revoked or superseded",
+            s.server
+        )));
+    }
+    check_quota(store, s, part)?;
+    let attached = s.state()?.sync;
+    let base_seq = cat.latest_seq(s.server_id)?;
+    let volumes = signature(s);
+    let (id, generation) = cat.checkpoint(&NewCheckpoint {
+        server_id: s.server_id,
+        continues: attached.map(|a| a.id),
+        new_id: rand::random::<u64>().max(1),
+        base_seq,
+        now_ms: now_ms(),
+        done_bytes: req.done,
+        total_bytes: req.total,
+        volumes: &volumes,
+        blocks: &part.refs,
+        new_blocks: &part.new_blocks,
+        packs: &packs,
+    })?;
+    store.index_blocks(&part.new_blocks)?;
+    {
+        let index = store.index_read()?;
+        let hashes = part.refs.iter().filter_map(|r| r.hash.as_ref());
+        store.owners_write()?.add(s.server_id, hashes, &index);
+    }
+    store.note_committed(&packs)?;
+    drop(cat);
+    let written: u64 = part
+        .new_blocks
+        .iter()
+        .map(|(_, l)| u64::from(l.stored_len))
+        .sum();
+    let _ = s
+        .uncommitted
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            Some(n.saturating_sub(written))
+        });
+    let mut st = s.state()?;
+    st.sync = Some(AttachedSync { id, tag: req.tag });
+    for (h, _) in &part.new_blocks {
+        st.pending_hashes.remove(h);
+    }
+    Ok((id, generation))
+}
+
+/// The session's volumes as a sync records them.
+fn signature(s: &Session) -> String {
+    volumes_signature(
+        s.volumes
+            .iter()
+            .map(|v| (v.name.as_str(), v.block_size, v.size)),
+    )
+}
+
+/// The answer to `Resume`: the server's in-progress sync, attached to the
+/// session's first point when the agent holds one of its checkpoints and
+/// nothing changed under it (same base point, same volumes).
+pub(crate) async fn resume(
+    store: &Arc<Store>,
+    session: &Arc<Session>,
+    sync: u64,
+    generation: u64,
+) -> Result<Frame, ReceiveError> {
+    {
+        let st = session.state()?;
+        if st.committed_tag != 0 || !st.pending.is_empty() || st.sync.is_some() {
+            return Err(ReceiveError::Protocol(
+                "Resume after the session's first point began".into(),
+            ));
+        }
+    }
+    let (st, server_id) = (store.clone(), session.server_id);
+    let (row, latest) = blocking(move || {
+        let cat = st.catalog()?;
+        Ok::<_, ReceiveError>((cat.sync_of(server_id)?, cat.latest_seq(server_id)?))
+    })
+    .await?;
+    let Some(row) = row else {
+        return Ok(Frame::SyncState {
+            sync: 0,
+            generation: 0,
+            done: 0,
+            total: 0,
+            resumed: false,
+        });
+    };
+    let resumed = sync != 0
+        && row.sync_id == sync
+        && row.generation >= generation
+        && row.base_seq == latest
+        && row.volumes == signature(session);
+    if resumed {
+        session.state()?.sync = Some(AttachedSync { id: sync, tag: 1 });
+        tracing::info!(server = %session.server, sync = format_args!("{sync:016x}"), generation = row.generation, "the agent resumes its sync");
+    }
+    Ok(Frame::SyncState {
+        sync: row.sync_id,
+        generation: row.generation,
+        done: row.done_bytes.min(row.total_bytes),
+        total: row.total_bytes,
+        resumed,
+    })
+}
