@@ -22,6 +22,7 @@
 //!           agent -> EndPoint{tag, blocks, ..}    receiver -> Durable{tag, point}
 //! data:     agent -> Join{session}                receiver -> Joined
 //!           agent -> Block{tag, volume, index..}  receiver -> Received{seq}
+//!           agent -> ZeroRun{tag, volume, first, count} (FEATURE_ZEROS)
 //! any:      either side -> Error{code, message} and the connection closes
 //! ```
 //!
@@ -67,7 +68,18 @@
 //! HashesEnd (13)  volume u16 | point u64 | blocks u64
 //! Goodbye   (14)  (empty)
 //! Ping      (15)  (empty)   (only to a peer whose Hello has features bit 0, FEATURE_PING)
+//! ZeroRun   (24)  tag u64 | volume u16 | first u64 | count u64
+//!                 (data streams; only to a receiver whose Hello has bit 3,
+//!                 FEATURE_ZEROS; kinds 25-27 are reserved for zero ranges)
 //! ```
+//!
+//! `ZeroRun` says blocks `first .. first + count` of `volume` are all zeros in
+//! point `tag`, exactly as `count` zero `Block`s (encoding 0) would: it counts
+//! as `count` blocks in `EndPoint.blocks` and is acknowledged by `Received`
+//! like any frame of the stream. `count` is at least 1 and `first + count`
+//! does not overflow (checked when decoding); the receiver checks the run
+//! against the volume's block count and the point's block cap before it
+//! records anything. A short last block is named by its index like any other.
 //!
 //! Block `encoding`: 0 = all-zero block (empty payload), 1 = raw (payload is the
 //! block), 2 = zstd (payload decompresses to exactly `raw_len` bytes). `hash` is
@@ -93,4 +105,4 @@ pub mod tls;
 
 pub use block::{BlockError, BlockHash, Encoding};
 pub use error::DecodeError;
-pub use frame::{Frame, Kind};
+pub use frame::{Frame, Kind, ZeroRunFrame};
