@@ -6,11 +6,11 @@ use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pilotlight_protocol::frame::CommitMode;
-use pilotlight_protocol::BlockHash;
+use pilotlight_protocol::{BlockHash, ZeroRunFrame};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::BlockRef;
+use crate::catalog::{BlockRef, ZeroRun};
 use crate::pack::{BlockLoc, PackWriter};
 use crate::store::Store;
 use crate::ReceiveError;
@@ -50,11 +50,14 @@ pub struct SessionVolume {
 pub struct PendingPoint {
     /// Changed blocks.
     pub refs: Vec<BlockRef>,
+    /// Runs of zero blocks, kept as runs until the commit writes a row per
+    /// block (ordered by `at`, the number of `refs` recorded before each).
+    pub zero_runs: Vec<ZeroRun>,
     /// Blocks first written for this point.
     pub new_blocks: Vec<(BlockHash, BlockLoc)>,
     /// Packs written for this point: file and end of the last record.
     pub packs: HashMap<u64, (Arc<File>, u64)>,
-    /// Blocks received so far.
+    /// Blocks received so far (a zero run counts its blocks).
     pub received: u64,
 }
 
@@ -271,6 +274,34 @@ impl Session {
                 e.1 = e.1.max(loc.end());
                 p.new_blocks.push((h, loc));
             }
+        }
+        self.progress.notify_waiters();
+        Ok(())
+    }
+
+    /// Record a run of zero blocks of point `tag` (the caller checked it
+    /// against its volume): refused whole, before anything is kept, when
+    /// its blocks would take the point past its block cap.
+    pub fn record_zeros(&self, run: &ZeroRunFrame) -> Result<(), ReceiveError> {
+        let tag = run.tag;
+        {
+            let mut st = self.state()?;
+            let p = st.pending.entry(tag).or_default();
+            let received = p.received.saturating_add(run.count);
+            if received > self.max_point_blocks {
+                return Err(ReceiveError::Protocol(format!(
+                    "point tag {tag} has more than {} blocks, the most its declared volumes allow",
+                    self.max_point_blocks
+                )));
+            }
+            let at = p.refs.len();
+            p.zero_runs.push(ZeroRun {
+                volume: run.volume,
+                first: run.first,
+                count: run.count,
+                at,
+            });
+            p.received = received;
         }
         self.progress.notify_waiters();
         Ok(())

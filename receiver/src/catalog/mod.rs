@@ -45,7 +45,7 @@ mod server_blocks;
 mod volumes;
 
 pub use identities::{no_such_server, ServerRow};
-pub use points::{BlockRef, NewPoint};
+pub use points::{BlockRef, NewPoint, ZeroRun};
 pub use report::{PointInfo, PointVolumeInfo};
 pub use schema::SCHEMA_VERSION;
 pub use volumes::VolumeRow;

@@ -348,6 +348,7 @@ mod tests {
                 commit: "sync",
                 volumes: &[("root", 4096, 16384)],
                 blocks: &[],
+                zero_runs: &[],
                 new_blocks: &[],
                 packs: &[],
             })
