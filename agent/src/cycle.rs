@@ -75,6 +75,7 @@ impl Session<'_> {
                 payload_bytes: 0,
                 wire_bytes: 0,
                 bytes_read: 0,
+                frames_sent: 0,
             },
             changes: vec![Vec::new(); self.vols.len()],
             precopied: false,
@@ -385,6 +386,7 @@ impl Session<'_> {
                 .map_err(|_| AgentError::Internal(format!("volume index {i} out of range")))?;
             let rt = tokio::runtime::Handle::current();
             let progress = cfg.progress.clone();
+            let zero_runs = self.link.zero_runs;
             // A device is read directly (a snapshot never clones one).
             let direct = v.is_device && path == v.path;
             let (overlay, result) = tokio::task::spawn_blocking(move || {
@@ -409,6 +411,7 @@ impl Session<'_> {
                     rt: &rt,
                     stop: &stop,
                     progress: progress.as_deref(),
+                    zero_runs,
                 };
                 let r = scan(&job, &sink, workers, level);
                 (overlay, r)
@@ -429,6 +432,7 @@ impl Session<'_> {
             report.blocks_sent += result.changed.len() as u64;
             report.payload_bytes += result.payload_bytes;
             report.bytes_read += result.bytes_read;
+            report.frames_sent += result.frames;
             if let Some(c) = point.changes.get_mut(i) {
                 c.extend(result.changed);
             }

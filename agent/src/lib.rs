@@ -20,6 +20,7 @@ mod reporter;
 mod resync;
 pub mod scan;
 mod session;
+mod sparse;
 pub mod state;
 pub mod status;
 pub mod throttle;

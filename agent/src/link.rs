@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
-use pilotlight_protocol::frame::{BlockFrame, CommitMode, VolumeDecl};
-use pilotlight_protocol::limits::{BLOCK_HEADER_LEN, FEATURE_PING, VERSION};
+use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
+use pilotlight_protocol::limits::{
+    BLOCK_HEADER_LEN, FEATURE_PING, FEATURE_ZEROS, VERSION, ZERO_RUN_LEN,
+};
 use pilotlight_protocol::{DecodeError, Frame};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
@@ -82,12 +84,26 @@ type Stream = TlsStream<Counted>;
 type Reader = FramedRead<ReadHalf<Stream>, FrameCodec>;
 type Writer = FramedWrite<WriteHalf<Stream>, FrameCodec>;
 
-/// A block on its way, holding its share of the in-flight window.
+/// A data-stream frame (a `Block` or a `ZeroRun`) on its way, holding its
+/// share of the in-flight window.
 pub struct Outgoing {
-    /// The block.
-    pub block: BlockFrame,
+    /// The frame.
+    pub frame: Frame,
     /// Released when the receiver acknowledges it.
     pub permit: OwnedSemaphorePermit,
+}
+
+impl Outgoing {
+    /// Bytes the frame takes on the wire (header and CRC included), for the
+    /// rate cap.
+    fn wire_len(&self) -> usize {
+        let body = match &self.frame {
+            Frame::Block(b) => b.payload.len() + BLOCK_HEADER_LEN,
+            Frame::ZeroRun(_) => ZERO_RUN_LEN,
+            _ => 0,
+        };
+        body + 20
+    }
 }
 
 /// How to connect.
@@ -130,6 +146,9 @@ pub struct Link {
     pub store_id: [u8; 16],
     /// The receiver's last durable point of this server (0 = none).
     pub last_point: u64,
+    /// The receiver takes `ZeroRun` frames (its `Hello` advertised
+    /// `FEATURE_ZEROS`).
+    pub zero_runs: bool,
 }
 
 fn codec_err(e: CodecError) -> AgentError {
@@ -152,8 +171,8 @@ async fn read_frame(rd: &mut Reader) -> Result<Frame, AgentError> {
 }
 
 /// Open one TLS connection and exchange `Hello`; returns its halves and
-/// whether the receiver takes `Ping` on an idle control connection.
-async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, bool), AgentError> {
+/// the features the receiver's `Hello` advertised.
+async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, u32), AgentError> {
     let tcp = TcpStream::connect(&cfg.receiver)
         .await
         .map_err(AgentError::Net)?;
@@ -177,9 +196,7 @@ async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, bool), AgentEr
     let mut wr = FramedWrite::new(w, FrameCodec::default());
     wr.send(&Frame::hello()).await.map_err(codec_err)?;
     match read_frame(&mut rd).await? {
-        Frame::Hello { version, features } if version == VERSION => {
-            Ok((rd, wr, features & FEATURE_PING != 0))
-        }
+        Frame::Hello { version, features } if version == VERSION => Ok((rd, wr, features)),
         Frame::Hello { version, .. } => Err(DecodeError::BadVersion {
             got: version,
             supported: VERSION,
@@ -206,7 +223,8 @@ impl Link {
     }
 
     async fn connect_inner(cfg: &LinkConfig) -> Result<Self, AgentError> {
-        let (mut crd, mut cwr, pings) = open_stream(cfg).await?;
+        let (mut crd, mut cwr, features) = open_stream(cfg).await?;
+        let pings = features & FEATURE_PING != 0;
         let open = Frame::Open {
             streams: cfg.streams,
             commit: cfg.commit,
@@ -283,6 +301,7 @@ impl Link {
             session,
             store_id,
             last_point,
+            zero_runs: features & FEATURE_ZEROS != 0,
         })
     }
 
@@ -417,12 +436,12 @@ async fn data_stream(
                             let seq = wr.encoder().next_seq();
                             if let Some(t) = &throttle {
                                 // Paced: each frame waits for its tokens and goes out at once.
-                                t.take(o.block.payload.len() + BLOCK_HEADER_LEN + 20).await;
-                                wr.send(&Frame::Block(o.block)).await.map_err(codec_err)?;
+                                t.take(o.wire_len()).await;
+                                wr.send(&o.frame).await.map_err(codec_err)?;
                                 in_flight.push_back((seq, o.permit));
                                 continue;
                             }
-                            wr.feed(&Frame::Block(o.block)).await.map_err(codec_err)?;
+                            wr.feed(&o.frame).await.map_err(codec_err)?;
                             in_flight.push_back((seq, o.permit));
                             if !in_flight.len().is_multiple_of(16) {
                                 batch = rx.try_recv().ok();

@@ -1,9 +1,13 @@
 //! The scan tracker and the read → hash → compress pipeline.
 //!
-//! Worker threads (one per core) take chunks of about 1 MiB of a volume, read
+//! Worker threads (one per core) take chunks of about 2 MiB of a volume, read
 //! them with `pread`, hash every block with BLAKE3, compare with the hashes of
 //! the last point, and compress changed blocks with zstd. Changed blocks go to
-//! the data streams holding a share of the in-flight window.
+//! the data streams holding a share of the in-flight window. Blocks that
+//! became zeros (read back as zeros, or in a hole of a sparse image, which is
+//! not read at all: see [`crate::sparse`]) go as runs: one `ZeroRun` frame
+//! per run of consecutive such blocks to a receiver that takes them, one
+//! zero `Block` each to one that does not.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -14,14 +18,15 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use pilotlight_protocol::block::{is_zero, zero_hash, Encoder};
 use pilotlight_protocol::frame::BlockFrame;
-use pilotlight_protocol::limits::{block_count, block_len, BLOCK_HEADER_LEN};
-use pilotlight_protocol::{BlockHash, Encoding};
+use pilotlight_protocol::limits::{block_count, block_len, BLOCK_HEADER_LEN, ZERO_RUN_LEN};
+use pilotlight_protocol::{BlockHash, Encoding, Frame, ZeroRunFrame};
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::hashfile::BaseHashes;
 use crate::link::Outgoing;
+use crate::sparse::{units_along, Source, Unit};
 use crate::AgentError;
 
 /// Bytes read per work unit.
@@ -57,6 +62,7 @@ const DIRECT_ALIGN: usize = 4096;
 
 /// A zeroed buffer of `len` bytes aligned for O_DIRECT, carved out of a
 /// slightly larger allocation.
+#[derive(Default)]
 struct AlignedBuf {
     raw: Vec<u8>,
     start: usize,
@@ -73,6 +79,11 @@ impl AlignedBuf {
     fn get_mut(&mut self, n: usize) -> Option<&mut [u8]> {
         let end = self.start.checked_add(n.min(self.len))?;
         self.raw.get_mut(self.start..end)
+    }
+
+    fn get(&self, n: usize) -> Option<&[u8]> {
+        let end = self.start.checked_add(n.min(self.len))?;
+        self.raw.get(self.start..end)
     }
 }
 
@@ -114,6 +125,8 @@ pub struct ScanResult {
     pub payload_bytes: u64,
     /// Bytes read from the volume.
     pub bytes_read: u64,
+    /// Frames sent (blocks and zero runs).
+    pub frames: u64,
 }
 
 /// Where scan workers send, and what stops them.
@@ -128,6 +141,9 @@ pub struct Sink<'a> {
     pub stop: &'a CancellationToken,
     /// Counts bytes read, for a progress display.
     pub progress: Option<&'a AtomicU64>,
+    /// The receiver takes `ZeroRun` frames (its `Hello` advertised
+    /// `FEATURE_ZEROS`); otherwise each zero block is a `Block` frame.
+    pub zero_runs: bool,
 }
 
 /// Scan one volume with `workers` threads (blocking; call from a blocking task).
@@ -162,28 +178,38 @@ pub fn scan(
     // Holes of an image file read as zeros without a read (SEEK_DATA);
     // devices and O_DIRECT reads are read whole.
     let sparse = !job.direct && file.metadata().map(|m| m.is_file()).unwrap_or(false);
+    let src = Source {
+        file: &file,
+        sparse,
+    };
     let per_chunk = (CHUNK_BYTES / u64::from(job.block_size)).max(1);
     let gap = GAP_BYTES / u64::from(job.block_size);
-    let units = work_units(blocks, per_chunk, gap, job.only);
-    let next = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
+    let units: Vec<Unit> = match (job.only, src.data_extents(job.size)) {
+        (None, Some(extents)) => units_along(&extents, blocks, job.block_size, per_chunk),
+        (only, _) => work_units(blocks, per_chunk, gap, only)
+            .into_iter()
+            .map(|(first, count)| Unit::data(first, count))
+            .collect(),
+    };
+    let shared = Shared {
+        job,
+        sink,
+        src,
+        units: &units,
+        next: AtomicU64::new(0),
+        per_chunk,
+        full_zero: zero_hash(job.block_size as usize),
+        level,
+        failed: AtomicBool::new(false),
+    };
     let first_error: Mutex<Option<AgentError>> = Mutex::new(None);
-    let full_zero = zero_hash(job.block_size as usize);
     let results: Vec<ScanResult> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers.max(1))
             .map(|_| {
                 s.spawn(|| {
                     let mut out = ScanResult::default();
-                    let src = Source {
-                        file: &file,
-                        sparse,
-                    };
-                    let r = worker(
-                        job, sink, src, &next, &units, per_chunk, full_zero, level, &failed,
-                        &mut out,
-                    );
-                    if let Err(e) = r {
-                        failed.store(true, Ordering::Relaxed);
+                    if let Err(e) = worker(&shared, &mut out) {
+                        shared.failed.store(true, Ordering::Relaxed);
                         if let Ok(mut slot) = first_error.lock() {
                             slot.get_or_insert(e);
                         }
@@ -205,83 +231,143 @@ pub fn scan(
         total.changed.extend(r.changed);
         total.payload_bytes += r.payload_bytes;
         total.bytes_read += r.bytes_read;
+        total.frames += r.frames;
     }
     Ok(total)
 }
 
-/// What a worker reads from.
-#[derive(Clone, Copy)]
-struct Source<'a> {
-    file: &'a File,
-    /// A regular file, whose holes need no read.
-    sparse: bool,
+/// What the workers of one scan share.
+struct Shared<'a> {
+    job: &'a ScanJob<'a>,
+    sink: &'a Sink<'a>,
+    src: Source<'a>,
+    units: &'a [Unit],
+    /// The next unit to take.
+    next: AtomicU64,
+    per_chunk: u64,
+    /// Hash of a whole zero block.
+    full_zero: BlockHash,
+    level: i32,
+    /// A worker failed: the others stop.
+    failed: AtomicBool,
 }
 
-impl Source<'_> {
-    /// Whether `[offset, offset + len)` is one hole (reads as zeros): the
-    /// next data at or after `offset` starts at or past its end. Asked just
-    /// before the read it replaces, so it is what a read would have seen.
-    fn is_hole(&self, offset: u64, len: u64) -> bool {
-        if !self.sparse {
-            return false;
+impl Shared<'_> {
+    /// Hash of block `index` if it is all zeros (the last may be short).
+    fn zero_of(&self, index: u64) -> (u32, BlockHash) {
+        let len = block_len(self.job.size, self.job.block_size, index);
+        if len == self.job.block_size {
+            (len, self.full_zero)
+        } else {
+            (len, zero_hash(len as usize))
         }
-        let Ok(off) = libc::off_t::try_from(offset) else {
-            return false;
-        };
-        match nix::unistd::lseek(self.file, off, nix::unistd::Whence::SeekData) {
-            Ok(data) => u64::try_from(data).is_ok_and(|d| d >= offset.saturating_add(len)),
-            // No data from `offset` to the end of the file.
-            Err(nix::errno::Errno::ENXIO) => true,
-            // No SEEK_DATA here (or another error): read.
-            Err(_) => false,
+    }
+
+    fn src_err(&self, e: std::io::Error) -> AgentError {
+        AgentError::Source {
+            volume: self.job.name.to_owned(),
+            path: self.job.path.to_owned(),
+            source: e,
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn worker(
-    job: &ScanJob<'_>,
-    sink: &Sink<'_>,
-    src: Source<'_>,
-    next: &AtomicU64,
-    units: &[(u64, u64)],
-    per_chunk: u64,
-    full_zero: BlockHash,
-    level: i32,
-    failed: &AtomicBool,
-    out: &mut ScanResult,
-) -> Result<(), AgentError> {
-    let src_err = |e| AgentError::Source {
-        volume: job.name.to_owned(),
-        path: job.path.to_owned(),
-        source: e,
+/// One worker's state: its buffers, its encoder and the run of zero blocks
+/// it has not sent yet.
+struct Worker<'a> {
+    sh: &'a Shared<'a>,
+    encoder: Encoder,
+    buf: AlignedBuf,
+    base: Vec<BlockHash>,
+    /// `(first, count)` of changed blocks that are zeros, not sent yet.
+    run: Option<(u64, u64)>,
+}
+
+fn worker(sh: &Shared<'_>, out: &mut ScanResult) -> Result<(), AgentError> {
+    let bs = u64::from(sh.job.block_size);
+    let mut w = Worker {
+        sh,
+        encoder: Encoder::new(sh.level).map_err(|e| sh.src_err(e))?,
+        buf: AlignedBuf::new((sh.per_chunk * bs) as usize),
+        base: Vec::with_capacity(sh.per_chunk as usize),
+        run: None,
     };
-    let mut encoder = Encoder::new(level).map_err(src_err)?;
-    let bs = u64::from(job.block_size);
-    let mut buf = AlignedBuf::new((per_chunk * bs) as usize);
-    let mut base: Vec<BlockHash> = Vec::with_capacity(per_chunk as usize);
     loop {
-        if failed.load(Ordering::Relaxed) || sink.stop.is_cancelled() {
+        if sh.failed.load(Ordering::Relaxed) || sh.sink.stop.is_cancelled() {
             return Err(AgentError::Stopped);
         }
-        let unit = next.fetch_add(1, Ordering::Relaxed);
-        let Some(&(first, count)) = usize::try_from(unit).ok().and_then(|u| units.get(u)) else {
-            return Ok(());
+        let unit = sh.next.fetch_add(1, Ordering::Relaxed);
+        let Some(&u) = usize::try_from(unit).ok().and_then(|u| sh.units.get(u)) else {
+            return w.flush(out);
         };
+        let (offset, end) = (u.first * bs, sh.job.size.min((u.first + u.count) * bs));
+        if u.hole && sh.src.is_hole(offset, end - offset) {
+            w.hole(u.first, u.count, out)?;
+        } else {
+            // A unit mapped as a hole that holds data now is read by chunks.
+            let mut first = u.first;
+            while first < u.first + u.count {
+                let count = (u.first + u.count - first).min(sh.per_chunk);
+                w.chunk(first, count, out)?;
+                first += count;
+            }
+        }
+        // A run does not span units: another worker sends what follows.
+        w.flush(out)?;
+    }
+}
+
+impl Worker<'_> {
+    /// Blocks `first..first + count`, one hole: those whose base is not
+    /// zeros become zeros, without a read.
+    fn hole(&mut self, first: u64, count: u64, out: &mut ScanResult) -> Result<(), AgentError> {
+        let sh = self.sh;
+        if let Some(p) = sh.sink.progress {
+            let len = block_len_sum(sh.job.size, sh.job.block_size, first, count);
+            p.fetch_add(len, Ordering::Relaxed);
+        }
+        let step = (sh.per_chunk * 64).max(1);
+        let mut at = first;
+        while at < first + count {
+            let n = (first + count - at).min(step);
+            sh.job.base.read(at, n, &mut self.base)?;
+            for i in 0..n {
+                let index = at + i;
+                let (_, zero) = sh.zero_of(index);
+                match self.base.get(i as usize) {
+                    Some(old) if *old != zero => self.zero(index, zero, out)?,
+                    _ => self.flush(out)?,
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Read blocks `first..first + count` (at most a chunk; not at all when
+    /// they are one hole) and send those that changed.
+    fn chunk(&mut self, first: u64, count: u64, out: &mut ScanResult) -> Result<(), AgentError> {
+        let sh = self.sh;
+        let job = sh.job;
+        let bs = u64::from(job.block_size);
         let offset = first * bs;
         let len = (job.size - offset).min(count * bs) as usize;
-        let data = buf
+        job.base.read(first, count, &mut self.base)?;
+        let hole = sh.src.is_hole(offset, len as u64);
+        let data = self
+            .buf
             .get_mut(len)
             .filter(|d| d.len() == len)
             .ok_or_else(|| AgentError::Internal("chunk larger than its buffer".into()))?;
-        job.base.read(first, count, &mut base)?;
-        let hole = src.is_hole(offset, len as u64);
         if !hole {
-            src.file.read_exact_at(data, offset).map_err(src_err)?;
+            sh.src
+                .file
+                .read_exact_at(data, offset)
+                .map_err(|e| sh.src_err(e))?;
             out.bytes_read += len as u64;
             metrics::counter!("pilotlight_agent_bytes_read_total").increment(len as u64);
         }
-        if let Some(p) = sink.progress {
+        if let Some(p) = sh.sink.progress {
             p.fetch_add(len as u64, Ordering::Relaxed);
         }
         // With a list, the span may hold blocks not asked for: skip them.
@@ -289,67 +375,160 @@ fn worker(
             let start = list.partition_point(|&b| b < first);
             list.get(start..).unwrap_or_default().iter().peekable()
         });
-        for (i, block) in data.chunks(job.block_size as usize).enumerate() {
-            let index = first + i as u64;
-            if let Some(w) = wanted.as_mut() {
-                while w.next_if(|&&b| b < index).is_some() {}
-                if w.next_if(|&&b| b == index).is_none() {
+        let data = std::mem::take(&mut self.buf);
+        let result = (|| {
+            let bytes = data
+                .get(len)
+                .ok_or_else(|| AgentError::Internal("chunk larger than its buffer".into()))?;
+            for (i, block) in bytes.chunks(job.block_size as usize).enumerate() {
+                let index = first + i as u64;
+                if let Some(w) = wanted.as_mut() {
+                    while w.next_if(|&&b| b < index).is_some() {}
+                    if w.next_if(|&&b| b == index).is_none() {
+                        self.flush(out)?;
+                        continue;
+                    }
+                }
+                let (blen, zero_hash) = sh.zero_of(index);
+                let block = block.get(..blen as usize).unwrap_or(block);
+                // A hole's blocks are zeros; the buffer holds an earlier read.
+                let zero = hole || is_zero(block);
+                let hash = if zero {
+                    zero_hash
+                } else {
+                    BlockHash::of(block)
+                };
+                let Some(&old) = self.base.get(i) else {
                     continue;
+                };
+                if old == hash {
+                    self.flush(out)?;
+                } else if zero {
+                    self.zero(index, hash, out)?;
+                } else {
+                    self.flush(out)?;
+                    self.data(index, block, hash, out)?;
                 }
             }
-            let blen = block_len(job.size, job.block_size, index) as usize;
-            let block = block.get(..blen).unwrap_or(block);
-            // A hole's blocks are zeros; the buffer holds an earlier read.
-            let zero = hole || is_zero(block);
-            let hash = match (zero, blen == job.block_size as usize) {
-                (true, true) => full_zero,
-                (true, false) => zero_hash(blen),
-                (false, _) => BlockHash::of(block),
-            };
-            let Some(old) = base.get(i) else {
-                continue;
-            };
-            if *old == hash {
-                continue;
-            }
-            let (encoding, payload) = if zero {
-                (Encoding::Zero, Bytes::new())
-            } else {
-                metrics::counter!("pilotlight_agent_bytes_compressed_total").increment(blen as u64);
-                let (e, p) = encoder.encode(block);
-                (e, Bytes::copy_from_slice(p))
-            };
-            out.payload_bytes += payload.len() as u64;
-            let cost = u32::try_from(payload.len() + BLOCK_HEADER_LEN).unwrap_or(u32::MAX);
-            let window = sink.window.clone();
-            let frame = BlockFrame {
-                tag: job.tag,
-                volume: job.vol_idx,
-                encoding,
-                index,
-                raw_len: blen as u32,
-                hash,
-                payload,
-            };
-            // Both waits give way to a stop: a stalled receiver neither
-            // frees the window nor drains the queue.
-            sink.rt.block_on(async {
-                let permit = tokio::select! {
-                    p = window.acquire_many_owned(cost) => p.map_err(|_| link_closed())?,
-                    () = sink.stop.cancelled() => return Err(AgentError::Stopped),
-                };
-                let out = Outgoing {
-                    block: frame,
-                    permit,
-                };
-                tokio::select! {
-                    r = sink.tx.send(out) => r.map_err(|_| link_closed()),
-                    () = sink.stop.cancelled() => Err(AgentError::Stopped),
-                }
-            })?;
-            out.changed.push((index, hash));
-        }
+            Ok(())
+        })();
+        self.buf = data;
+        result
     }
+
+    /// Block `index` changed to zeros: it joins (or starts) the run.
+    fn zero(
+        &mut self,
+        index: u64,
+        hash: BlockHash,
+        out: &mut ScanResult,
+    ) -> Result<(), AgentError> {
+        match &mut self.run {
+            Some((first, count)) if *first + *count == index => *count += 1,
+            _ => {
+                self.flush(out)?;
+                self.run = Some((index, 1));
+            }
+        }
+        out.changed.push((index, hash));
+        Ok(())
+    }
+
+    /// Send the pending run of zero blocks, if any.
+    fn flush(&mut self, out: &mut ScanResult) -> Result<(), AgentError> {
+        let Some((first, count)) = self.run.take() else {
+            return Ok(());
+        };
+        let sh = self.sh;
+        if sh.sink.zero_runs {
+            let frame = Frame::ZeroRun(ZeroRunFrame {
+                tag: sh.job.tag,
+                volume: sh.job.vol_idx,
+                first,
+                count,
+            });
+            return send(sh.sink, frame, ZERO_RUN_LEN, out);
+        }
+        for index in first..first + count {
+            let (raw_len, hash) = sh.zero_of(index);
+            let frame = Frame::Block(BlockFrame {
+                tag: sh.job.tag,
+                volume: sh.job.vol_idx,
+                encoding: Encoding::Zero,
+                index,
+                raw_len,
+                hash,
+                payload: Bytes::new(),
+            });
+            send(sh.sink, frame, BLOCK_HEADER_LEN, out)?;
+        }
+        Ok(())
+    }
+
+    /// Compress and send a changed block of data.
+    fn data(
+        &mut self,
+        index: u64,
+        block: &[u8],
+        hash: BlockHash,
+        out: &mut ScanResult,
+    ) -> Result<(), AgentError> {
+        let sh = self.sh;
+        metrics::counter!("pilotlight_agent_bytes_compressed_total").increment(block.len() as u64);
+        let (encoding, payload) = self.encoder.encode(block);
+        let payload = Bytes::copy_from_slice(payload);
+        out.payload_bytes += payload.len() as u64;
+        let cost = payload.len() + BLOCK_HEADER_LEN;
+        let frame = Frame::Block(BlockFrame {
+            tag: sh.job.tag,
+            volume: sh.job.vol_idx,
+            encoding,
+            index,
+            raw_len: block.len() as u32,
+            hash,
+            payload,
+        });
+        send(sh.sink, frame, cost, out)?;
+        out.changed.push((index, hash));
+        Ok(())
+    }
+}
+
+/// Bytes of blocks `first..first + count` of a volume of `size`.
+fn block_len_sum(size: u64, block_size: u32, first: u64, count: u64) -> u64 {
+    let bs = u64::from(block_size);
+    let start = first.saturating_mul(bs).min(size);
+    first
+        .saturating_add(count)
+        .saturating_mul(bs)
+        .min(size)
+        .saturating_sub(start)
+}
+
+/// Queue `frame` for the data streams once the window has room for its
+/// `cost`. Both waits give way to a stop: a stalled receiver neither frees
+/// the window nor drains the queue.
+fn send(
+    sink: &Sink<'_>,
+    frame: Frame,
+    cost: usize,
+    out: &mut ScanResult,
+) -> Result<(), AgentError> {
+    let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+    let window = sink.window.clone();
+    sink.rt.block_on(async {
+        let permit = tokio::select! {
+            p = window.acquire_many_owned(cost) => p.map_err(|_| link_closed())?,
+            () = sink.stop.cancelled() => return Err(AgentError::Stopped),
+        };
+        let out = Outgoing { frame, permit };
+        tokio::select! {
+            r = sink.tx.send(out) => r.map_err(|_| link_closed()),
+            () = sink.stop.cancelled() => Err(AgentError::Stopped),
+        }
+    })?;
+    out.frames += 1;
+    Ok(())
 }
 
 fn link_closed() -> AgentError {
@@ -415,6 +594,7 @@ mod tests {
             rt: rt.handle(),
             stop: &stop,
             progress: None,
+            zero_runs: true,
         };
         let result = scan(&job, &sink, 3, 1).unwrap();
         let mut changed: Vec<u64> = result.changed.iter().map(|c| c.0).collect();
@@ -423,7 +603,10 @@ mod tests {
         // Spans 1..=10 (gaps of 1 and 2 read through), 28, 63.
         assert_eq!(result.bytes_read, (10 + 1 + 1) * 4096);
         let mut sent: Vec<(u64, BlockHash)> = std::iter::from_fn(|| rx.try_recv().ok())
-            .map(|o| (o.block.index, o.block.hash))
+            .filter_map(|o| match o.frame {
+                Frame::Block(b) => Some((b.index, b.hash)),
+                _ => None,
+            })
             .collect();
         sent.sort_unstable_by_key(|s| s.0);
         let want: Vec<(u64, BlockHash)> = [1u64, 3, 6, 10, 28, 63]

@@ -6,7 +6,7 @@
 //! The input is a script of agent connections: each step opens (on first
 //! use) one of [`CONNS`] in-memory connections as an enrolled server (`web`,
 //! `db`) or as an identity the catalog refused, and sends it a frame in any
-//! order: `Hello`, `Open`, `Join`, `Block`, `EndPoint`, `GetHashes`,
+//! order: `Hello`, `Open`, `Join`, `Block`, `ZeroRun`, `EndPoint`, `GetHashes`,
 //! `Goodbye`, a frame only the receiver sends, or raw bytes. Each
 //! connection is served by the receiver's own connection code
 //! (`Connection::serve_authorized`: everything after TLS) over a real
