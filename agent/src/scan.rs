@@ -616,6 +616,94 @@ mod tests {
         assert_eq!(sent, want);
     }
 
+    /// Scan `data` (4 KiB blocks) against `base`; the frames sent.
+    fn frames_of(data: &[u8], base: &[BlockHash], zero_runs: bool) -> (ScanResult, Vec<Frame>) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), data).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (tx, rx) = async_channel::bounded(1024);
+        let window = Arc::new(Semaphore::new(64 << 20));
+        let stop = CancellationToken::new();
+        let base = base.to_vec();
+        let job = ScanJob {
+            vol_idx: 0,
+            name: "v",
+            path: file.path(),
+            size: data.len() as u64,
+            block_size: 4096,
+            base: &base,
+            tag: 1,
+            only: None,
+            direct: false,
+        };
+        let sink = Sink {
+            tx: &tx,
+            window: &window,
+            rt: rt.handle(),
+            stop: &stop,
+            progress: None,
+            zero_runs,
+        };
+        let result = scan(&job, &sink, 1, 1).unwrap();
+        let mut frames: Vec<Frame> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|o| o.frame)
+            .collect();
+        frames.sort_by_key(|f| match f {
+            Frame::Block(b) => b.index,
+            Frame::ZeroRun(z) => z.first,
+            _ => u64::MAX,
+        });
+        (result, frames)
+    }
+
+    #[test]
+    fn blocks_that_became_zeros_go_as_runs_or_one_zero_block_each() {
+        // 12 blocks, all data in the base; now blocks 2..5 and 7 are
+        // zeros, and the short last block (100 bytes) too.
+        let bs = 4096usize;
+        let size = 11 * bs + 100;
+        let base: Vec<BlockHash> = (0..12).map(|i| BlockHash([i as u8 + 1; 32])).collect();
+        let mut data = vec![0u8; size];
+        for i in [0usize, 1, 5, 6, 8, 9, 10] {
+            data[i * bs..(i + 1) * bs].fill(i as u8 + 1);
+        }
+        let (r, frames) = frames_of(&data, &base, true);
+        let run = |first, count| {
+            Frame::ZeroRun(ZeroRunFrame {
+                tag: 1,
+                volume: 0,
+                first,
+                count,
+            })
+        };
+        let zero_runs: Vec<&Frame> = frames
+            .iter()
+            .filter(|f| matches!(f, Frame::ZeroRun(_)))
+            .collect();
+        assert_eq!(zero_runs, [&run(2, 3), &run(7, 1), &run(11, 1)]);
+        assert_eq!(r.frames, frames.len() as u64);
+        assert_eq!(r.frames, 7 + 3);
+        // Every block is in `changed`, zeros with their zero hash.
+        assert_eq!(r.changed.len(), 12);
+        assert!(r.changed.contains(&(11, zero_hash(100))));
+        assert!(r.changed.contains(&(3, zero_hash(bs))));
+
+        // To a receiver without ZeroRun: one zero Block per block.
+        let (r, frames) = frames_of(&data, &base, false);
+        assert_eq!(r.frames, 12);
+        let zeros: Vec<(u64, u32)> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Block(b) if b.encoding == Encoding::Zero => Some((b.index, b.raw_len)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            zeros,
+            [(2, 4096), (3, 4096), (4, 4096), (7, 4096), (11, 100)]
+        );
+    }
+
     #[test]
     fn work_units_cover_exactly_the_blocks_asked_for() {
         // The whole volume: chunks of 4, the last one short.
