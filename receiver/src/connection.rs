@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::PreAuth;
+use crate::admission::Waiting;
 use crate::commit::{Committer, EndPoint};
 use crate::handshake::{self, AuthorizedPeer};
 use crate::server::Shared;
@@ -73,13 +73,23 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Serve the connection to its end. `preauth` is its place until it
-    /// has authenticated; then it takes a session slot (or gets `Busy`).
-    pub(crate) async fn serve(self, tcp: TcpStream, preauth: PreAuth) {
+    /// Serve the connection to its end. It waits (`waiting`) for a
+    /// pre-authentication place, its place until it has authenticated;
+    /// then it takes a session slot (or gets `Busy`).
+    pub(crate) async fn serve(self, tcp: TcpStream, waiting: Waiting) {
         if let Err(e) = pilotlight_protocol::net::tune(socket2::SockRef::from(&tcp)) {
             tracing::debug!(cause = %e, "cannot set TCP keepalive or nodelay");
         }
         let cfg = &self.shared.cfg;
+        let place = tokio::select! {
+            p = tokio::time::timeout(cfg.handshake_timeout(), self.shared.admission.place(waiting)) => p.ok().flatten(),
+            () = self.cancel.cancelled() => None,
+        };
+        let Some(preauth) = place else {
+            metrics::counter!("pilotlight_receiver_preauth_refused_total").increment(1);
+            tracing::debug!(peer = %self.peer, "connection dropped: no pre-authentication place in time");
+            return;
+        };
         let timeouts = (cfg.first_byte_timeout(), cfg.handshake_timeout());
         let Some(tls) = handshake::accept_tls(&self.tls, tcp, timeouts, self.peer).await else {
             return;
