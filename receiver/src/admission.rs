@@ -2,7 +2,9 @@
 //! authenticated, a connection holds a pre-authentication place (global, and
 //! per source address) for at most the first-byte deadline plus the TLS
 //! handshake; only an enrolled, authorized peer then takes one of the
-//! session slots (`max_connections`). Idle or slow TCP connections from one
+//! session slots (`max_connections`; a session's control connection takes
+//! the slots of its data streams when it opens, and they take them when
+//! they connect). Idle or slow TCP connections from one
 //! address therefore cannot take the slots of enrolled agents, and a full
 //! receiver answers an authenticated agent `Busy` instead of a reset.
 //!
@@ -136,6 +138,24 @@ impl Admission {
                 }
             }
         }
+    }
+
+    /// Slots for the `streams` data streams a session declared, taken at
+    /// once when it opens (or `Busy`): an agent either gets room for all
+    /// of its connections or is told to come back, so that many agents
+    /// starting at once cannot each hold a control connection whose data
+    /// streams find no room (none would ever finish).
+    pub(crate) fn reserve(&self, streams: u16) -> Result<Vec<OwnedSemaphorePermit>, ReceiveError> {
+        let mut all = self
+            .sessions
+            .clone()
+            .try_acquire_many_owned(u32::from(streams))
+            .map_err(|_| ReceiveError::Busy("at the connection limit; try again later"))?;
+        let mut one_each = Vec::with_capacity(usize::from(streams));
+        while let Some(p) = all.split(1) {
+            one_each.push(p);
+        }
+        Ok(one_each)
     }
 
     /// A session slot for an authenticated connection, or `Busy`.

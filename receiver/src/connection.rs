@@ -114,8 +114,8 @@ impl Connection {
         let (r, w) = tokio::io::split(io);
         let mut rd: Reader = FramedRead::new(Box::new(r), FrameCodec::default());
         let mut wr: Writer = Writer::new(Box::new(w), self.shared.cfg.write_timeout());
-        let result = match authorized.and_then(|p| Ok((p, self.shared.admission.session()?))) {
-            Ok((peer, _slot)) => self.session(&mut rd, &mut wr, peer).await,
+        let result = match authorized.and_then(|p| Ok((self.slot(&p)?, p))) {
+            Ok((_slot, peer)) => self.session(&mut rd, &mut wr, peer).await,
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
@@ -126,6 +126,19 @@ impl Connection {
             linger(&mut rd).await;
         }
         result
+    }
+
+    /// The connection slot of an authenticated connection: one its
+    /// server's session kept for a data stream, or one of the free ones, or
+    /// `Busy`.
+    fn slot(
+        &self,
+        peer: &AuthorizedPeer,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ReceiveError> {
+        match self.shared.registry.reserved_slot(peer.server_id)? {
+            Some(slot) => Ok(slot),
+            None => self.shared.admission.session(),
+        }
     }
 
     /// Count, log and send to the agent the error that ends the connection.
@@ -181,6 +194,8 @@ impl Connection {
                 volumes,
             } => {
                 let session = self.open(&peer, streams, commit, volumes).await?;
+                // Room for every data stream now, or Busy before any connects.
+                session.hold_slots(self.shared.admission.reserve(streams)?);
                 let idle = pings.then(|| self.shared.cfg.control_idle_timeout());
                 self.control(rd, wr, Arc::new(session), idle).await
             }

@@ -112,6 +112,9 @@ pub struct Session {
     pub limits: crate::quota::Limits,
     /// Pack bytes (stored lengths) written for points not committed yet.
     pub uncommitted: std::sync::atomic::AtomicU64,
+    /// Connection slots taken for the data streams not connected yet (see
+    /// [`crate::admission::Admission::reserve`]).
+    slots: Mutex<Vec<tokio::sync::OwnedSemaphorePermit>>,
     /// Pack writers of finished data streams, returned to the store when the
     /// session is gone.
     writers: Mutex<Vec<PackWriter>>,
@@ -164,6 +167,7 @@ impl Session {
             ended: std::sync::atomic::AtomicBool::new(false),
             limits: crate::quota::Limits::default(),
             uncommitted: std::sync::atomic::AtomicU64::new(0),
+            slots: Mutex::new(Vec::new()),
             writers: Mutex::new(Vec::new()),
             store,
             failure: Mutex::new(None),
@@ -191,6 +195,26 @@ impl Session {
         match self.failure.lock().ok().and_then(|f| f.clone()) {
             Some((code, message)) => ReceiveError::SessionFailed { code, message },
             None => ReceiveError::Superseded,
+        }
+    }
+
+    /// Keep the connection slots taken for the session's data streams.
+    pub fn hold_slots(&self, slots: Vec<tokio::sync::OwnedSemaphorePermit>) {
+        if let Ok(mut s) = self.slots.lock() {
+            s.extend(slots);
+        }
+    }
+
+    /// One of the slots kept for the session's data streams, for a stream
+    /// connecting now; `None` when none is left.
+    pub fn take_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.lock().ok()?.pop()
+    }
+
+    /// Give back the slots of data streams that never connected.
+    pub fn release_slots(&self) {
+        if let Ok(mut s) = self.slots.lock() {
+            s.clear();
         }
     }
 
