@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Many agents against one receiver (issue 15, item 5): N real agent
-# processes started at once, each with a 64 MiB volume (16 MiB of random
-# data, the rest a hole) changing 1% per point (random 4 KiB writes), all
-# on loopback, the receiver with its default budgets.
+# processes started at once, each with a 64 MiB volume (DATA_MIB, default
+# 16, of random data in 1 MiB pieces, the rest a hole) changing 1% per point
+# (random 4 KiB writes), all on loopback, the receiver with its default
+# budgets.
 #
 #   benches/many_agents.sh [AGENTS] [POINTS]      (default: 500 3)
 #
@@ -16,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-500}
 POINTS=${2:-3}
+DATA_MIB=${DATA_MIB:-16}
 if [ -z "${BIN:-}" ]; then
     cargo build --release --locked --bins -q
     BIN=$PWD/target/release
@@ -32,14 +34,14 @@ echo "== enrolling $N servers, making their images"
 for i in $(seq -w 1 "$N"); do
     $BIN/pilotlight-receiver enroll --dir "$WORK/rcv" --server "s$i" --out "$WORK/s$i.pem" >/dev/null
 done
-python3 - "$WORK" "$N" <<'PY'
+python3 - "$WORK" "$N" "$DATA_MIB" <<'PY'
 import os, sys
-work, n = sys.argv[1], int(sys.argv[2])
+work, n, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 for i in range(1, n + 1):
     with open(f"{work}/s{i:0{len(str(n))}d}.img", "wb") as f:
         f.truncate(64 << 20)
-        for k in range(16):  # 16 MiB of data in 1 MiB pieces, 4 MiB apart
-            f.seek(k * (4 << 20))
+        for k in range(min(data, 64)):  # 1 MiB pieces spread over the volume
+            f.seek(k * ((64 << 20) // min(data, 64)))
             f.write(os.urandom(1 << 20))
 PY
 PORT=$((20000 + RANDOM % 20000))
@@ -73,8 +75,8 @@ PY
     failed=0
     for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
     t1=$(now)
-    busy=$(grep -l "connection limit" "$WORK"/logs/*."$p".log 2>/dev/null | wc -l)
-    resets=$(grep -il "reset" "$WORK"/logs/*."$p".log 2>/dev/null | wc -l)
+    busy=$( (grep -l "connection limit" "$WORK"/logs/*."$p".log 2>/dev/null || true) | wc -l)
+    resets=$( (grep -il "reset" "$WORK"/logs/*."$p".log 2>/dev/null || true) | wc -l)
     printf 'round %d: %d agents, %.1f s until every point durable, %d told Busy, %d saw a reset, %d gave up\n' \
         "$p" "$N" "$(echo "$t1 - $t0" | bc)" "$busy" "$resets" "$failed"
 done

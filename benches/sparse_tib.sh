@@ -67,7 +67,7 @@ cycle() {
     drop_caches
     local t0 t1
     t0=$(now)
-    /usr/bin/time -f %M -o "$WORK/mem" $BIN/pilotlight-agent run --receiver "$ADDR" --identity "$WORK/tib.pem" \
+    RUST_LOG=warn /usr/bin/time -f %M -o "$WORK/mem" $BIN/pilotlight-agent run --receiver "$ADDR" --identity "$WORK/tib.pem" \
         --state "$WORK/state" --volume "root=$IMG" --once >/dev/null
     t1=$(now)
     echo "$(secs "$t0" "$t1") s, agent peak RSS $(( $(cat "$WORK/mem") / 1024 )) MiB"
