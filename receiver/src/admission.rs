@@ -10,8 +10,9 @@
 //!
 //! A connection that finds no pre-authentication place free waits for one
 //! in a bounded waiting room (`max_preauth_waiting`, and per address
-//! `max_preauth_waiting_per_ip`), first come first served, for at most the
-//! handshake timeout: hundreds of agents starting at once (all from one
+//! `max_preauth_waiting_per_ip`), first come first served, for at most
+//! `preauth_wait_secs` (longer than an agent's connect timeout, so that an
+//! agent kept waiting gives up and backs off by itself): hundreds of agents starting at once (all from one
 //! address behind a NAT, or on loopback) queue for their TLS handshakes
 //! instead of being dropped, which they would see as "connection reset by
 //! peer". Only past the waiting room is a connection dropped.

@@ -39,6 +39,11 @@ pub struct ReceiverConfig {
     /// Most connections of one source address waiting for, or holding, a
     /// pre-authentication place.
     pub max_preauth_waiting_per_ip: usize,
+    /// Seconds a connection may wait for a pre-authentication place before
+    /// it is dropped: longer than an agent's own connect timeout (15 s), so
+    /// that under a burst of connections an agent gives up and backs off
+    /// by itself rather than see a reset.
+    pub preauth_wait_secs: u64,
     /// Length of the listen queue (`listen(2)` backlog; the kernel caps it
     /// at `net.core.somaxconn`).
     pub listen_backlog: u32,
@@ -117,6 +122,7 @@ impl Default for ReceiverConfig {
             max_preauth_per_ip: 8,
             max_preauth_waiting: 4096,
             max_preauth_waiting_per_ip: 2048,
+            preauth_wait_secs: 60,
             listen_backlog: 4096,
             first_byte_timeout_secs: 3,
             handshake_timeout_secs: 10,
@@ -154,7 +160,12 @@ impl ReceiverConfig {
         }
     }
 
-    /// Handshake timeout.
+    /// How long a connection may wait for a pre-authentication place.
+    pub fn preauth_wait(&self) -> Duration {
+        Duration::from_secs(self.preauth_wait_secs.max(1))
+    }
+
+    /// How long a peer has to finish the TLS handshake and its `Hello`.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs.max(1))
     }

@@ -82,7 +82,7 @@ impl Connection {
         }
         let cfg = &self.shared.cfg;
         let place = tokio::select! {
-            p = tokio::time::timeout(cfg.handshake_timeout(), self.shared.admission.place(waiting)) => p.ok().flatten(),
+            p = tokio::time::timeout(cfg.preauth_wait(), self.shared.admission.place(waiting)) => p.ok().flatten(),
             () = self.cancel.cancelled() => None,
         };
         let Some(preauth) = place else {
