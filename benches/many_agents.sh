@@ -25,7 +25,14 @@ fi
 WORK=${PILOTLIGHT_BENCH_DIR:-/work/pilotlight-bench-many}
 rm -rf "$WORK"; mkdir -p "$WORK/logs"
 RPID=""
-cleanup() { [ -n "$RPID" ] && kill "$RPID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
+cleanup() {
+    [ -n "$RPID" ] && kill "$RPID" 2>/dev/null; wait 2>/dev/null
+    # The logs of agents that saw a reset outlive the run.
+    if [ -n "${KEEP_LOGS:-}" ]; then
+        mkdir -p "$KEEP_LOGS"; grep -il reset "$WORK"/logs/*.log 2>/dev/null | xargs -r cp -t "$KEEP_LOGS"
+    fi
+    rm -rf "$WORK"
+}
 trap cleanup EXIT
 now() { date +%s.%N; }
 
