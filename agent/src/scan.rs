@@ -5,7 +5,7 @@
 //! the last point, and compress changed blocks with zstd. Changed blocks go to
 //! the data streams holding a share of the in-flight window. Blocks that
 //! became zeros (read back as zeros, or in a hole of a sparse image, which is
-//! not read at all: see [`crate::sparse`]) go as runs: one `ZeroRun` frame
+//! not read at all: see `agent::sparse`) go as runs: one `ZeroRun` frame
 //! per run of consecutive such blocks to a receiver that takes them, one
 //! zero `Block` each to one that does not.
 

@@ -113,7 +113,7 @@ pub struct Session {
     /// Pack bytes (stored lengths) written for points not committed yet.
     pub uncommitted: std::sync::atomic::AtomicU64,
     /// Connection slots taken for the data streams not connected yet (see
-    /// [`crate::admission::Admission::reserve`]).
+    /// `Admission::reserve`).
     slots: Mutex<Vec<tokio::sync::OwnedSemaphorePermit>>,
     /// Pack writers of finished data streams, returned to the store when the
     /// session is gone.
