@@ -26,6 +26,8 @@ WORK=${PILOTLIGHT_BENCH_DIR:-/work/pilotlight-bench-many}
 rm -rf "$WORK"; mkdir -p "$WORK/logs"
 RPID=""
 cleanup() {
+    # Never stop before the rm: the work directory holds gigabytes.
+    set +e
     [ -n "$RPID" ] && kill "$RPID" 2>/dev/null; wait 2>/dev/null
     # The logs of agents that saw a reset outlive the run.
     if [ -n "${KEEP_LOGS:-}" ]; then

@@ -18,7 +18,7 @@ fi
 WORK=${PILOTLIGHT_BENCH_DIR:-/work/pilotlight-bench-sparse}
 rm -rf "$WORK"; mkdir -p "$WORK"
 RPID=""
-cleanup() { [ -n "$RPID" ] && kill "$RPID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
+cleanup() { set +e; [ -n "$RPID" ] && kill "$RPID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 now() { date +%s.%N; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
