@@ -49,6 +49,7 @@ fn commit(cat: &mut Catalog, server_id: i64, indices: &[u64], first: u64) -> i64
         commit: "sync",
         volumes: &[("root", BLOCK, BLOCKS * u64::from(BLOCK))],
         blocks: &refs,
+        zero_runs: &[],
         new_blocks: &new,
         packs: &[(1, 1 << 40)],
         merge_sync: false,

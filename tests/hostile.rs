@@ -199,6 +199,103 @@ async fn out_of_range_block_index() {
     w.good_agent_still_works(&before).await;
 }
 
+fn zero_run(first: u64, count: u64) -> Frame {
+    Frame::ZeroRun(pilotlight_protocol::ZeroRunFrame {
+        tag: 1,
+        volume: 0,
+        first,
+        count,
+    })
+}
+
+/// The volume holds 16 blocks: a run from 10 of 7 blocks ends past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_run_past_the_volume_end() {
+    let w = world().await;
+    let before = store_snapshot(&w.rcv.dir);
+    let (_control, mut data, _) = session(w.rcv.addr, &w.good_id).await;
+    data.send(&zero_run(10, 7)).await.unwrap();
+    expect_error(&mut data, ErrorCode::Protocol, "out of range").await;
+    w.good_agent_still_works(&before).await;
+}
+
+/// A run of no blocks, or one whose end overflows, is not a frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_run_of_zero_blocks_or_wrapping() {
+    let w = world().await;
+    let before = store_snapshot(&w.rcv.dir);
+    for (first, count, needle) in [(3, 0, "zero run count"), (u64::MAX - 1, 4, "zero run end")] {
+        let (_control, mut data, _) = session(w.rcv.addr, &w.good_id).await;
+        data.send(&zero_run(first, count)).await.unwrap();
+        expect_error(&mut data, ErrorCode::Protocol, needle).await;
+    }
+    w.good_agent_still_works(&before).await;
+}
+
+/// Overlapping runs are honest up to the point's block cap (the volume's
+/// 16 blocks, 4 times): each counts its blocks, and the run that would pass
+/// the cap is refused whole, before anything of it is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_zero_runs_past_the_point_cap() {
+    let w = world().await;
+    let before = store_snapshot(&w.rcv.dir);
+    let (_control, mut data, _) = session(w.rcv.addr, &w.good_id).await;
+    for _ in 0..4 {
+        data.send(&zero_run(0, 16)).await.unwrap();
+    }
+    data.send(&zero_run(15, 1)).await.unwrap();
+    expect_error(&mut data, ErrorCode::Protocol, "more than 64 blocks").await;
+    w.good_agent_still_works(&before).await;
+}
+
+/// Overlapping runs and blocks within the cap make one point, whose block
+/// map says zero for each block a run named last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_zero_runs_commit_as_one_zero_per_block() {
+    let w = world().await;
+    let (mut control, mut data, _) = session(w.rcv.addr, &w.good_id).await;
+    data.send(&Frame::Block(block(1, 5, &[9u8; 65536])))
+        .await
+        .unwrap();
+    data.send(&zero_run(2, 6)).await.unwrap();
+    data.send(&zero_run(4, 12)).await.unwrap();
+    data.send(&Frame::Block(block(1, 6, &[8u8; 65536])))
+        .await
+        .unwrap();
+    control
+        .send(&Frame::EndPoint {
+            tag: 1,
+            blocks: 1 + 6 + 12 + 1,
+            created_ms: 1,
+            consistency: pilotlight_protocol::frame::Consistency::Fuzzy,
+            commit: pilotlight_protocol::frame::CommitMode::Sync,
+        })
+        .await
+        .unwrap();
+    let point = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(20),
+            futures_util::StreamExt::next(&mut control),
+        )
+        .await
+        .expect("Durable in time")
+        {
+            Some(Ok((_, Frame::Durable { point, .. }))) => break point,
+            Some(Ok((_, Frame::Ping))) => continue,
+            other => panic!("expected Durable, got {other:?}"),
+        }
+    };
+    let out = w.root.join("zero-runs.img");
+    w.rcv.restore("good", "root", point, &out);
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(got.len(), 1 << 20);
+    // Blocks 0 and 1 are the world's earlier point's; 2..16 are this one's.
+    for (i, b) in got.chunks(65536).enumerate().skip(2) {
+        let want = if i == 6 { 8u8 } else { 0 };
+        assert!(b.iter().all(|&x| x == want), "block {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_stalling_mid_frame_times_out() {
     let w = world().await;

@@ -77,6 +77,7 @@ impl Session<'_> {
                 payload_bytes: 0,
                 wire_bytes: 0,
                 bytes_read: 0,
+                frames_sent: 0,
             },
             changes: vec![Vec::new(); self.vols.len()],
             precopied: false,
@@ -395,6 +396,7 @@ impl Session<'_> {
                     path: path.clone(),
                     only: only.as_deref(),
                     range,
+                    zero_runs: point.sync.is_none(),
                 };
                 let Some(result) = self.scan_part(&part, point.tag, workers).await? else {
                     return Ok(false);
@@ -406,6 +408,7 @@ impl Session<'_> {
                 report.blocks_sent += result.changed.len() as u64;
                 report.payload_bytes += result.payload_bytes;
                 report.bytes_read += result.bytes_read;
+                report.frames_sent += result.frames;
                 if let Some(sp) = point.sync.as_mut() {
                     let (first, n) = range.unwrap_or((0, blocks));
                     let end = first
@@ -453,6 +456,7 @@ impl Session<'_> {
             .map_err(|_| AgentError::Internal(format!("volume index {i} out of range")))?;
         let rt = tokio::runtime::Handle::current();
         let progress = cfg.progress.clone();
+        let zero_runs = self.link.zero_runs && part.zero_runs;
         // A device is read directly (a snapshot never clones one).
         let direct = v.is_device && part.path == v.path;
         let (path, only, range) = (
@@ -483,6 +487,7 @@ impl Session<'_> {
                 rt: &rt,
                 stop: &stop,
                 progress: progress.as_deref(),
+                zero_runs,
             };
             let r = scan(&job, &sink, workers, level);
             (overlay, r)
@@ -506,4 +511,8 @@ struct Part<'a> {
     path: PathBuf,
     only: Option<&'a [u64]>,
     range: Option<(u64, u64)>,
+    /// Zero blocks may go as `ZeroRun`s. Not in a checkpointed full sync:
+    /// a checkpoint counts and keeps `Block`s, and a run it did not keep
+    /// would be lost to a resume.
+    zero_runs: bool,
 }

@@ -22,6 +22,7 @@ pub mod restore;
 mod resync;
 pub mod scan;
 mod session;
+mod sparse;
 pub mod state;
 pub mod status;
 pub mod throttle;

@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
-use pilotlight_protocol::frame::{BlockFrame, CommitMode, VolumeDecl};
-use pilotlight_protocol::limits::{BLOCK_HEADER_LEN, FEATURE_CHECKPOINT, FEATURE_PING, VERSION};
+use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
+use pilotlight_protocol::limits::{
+    BLOCK_HEADER_LEN, FEATURE_CHECKPOINT, FEATURE_PING, FEATURE_ZEROS, VERSION, ZERO_RUN_LEN,
+};
 use pilotlight_protocol::{DecodeError, Frame};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
@@ -82,12 +84,26 @@ type Stream = TlsStream<Counted>;
 type Reader = FramedRead<ReadHalf<Stream>, FrameCodec>;
 type Writer = FramedWrite<WriteHalf<Stream>, FrameCodec>;
 
-/// A block on its way, holding its share of the in-flight window.
+/// A data-stream frame (a `Block` or a `ZeroRun`) on its way, holding its
+/// share of the in-flight window.
 pub struct Outgoing {
-    /// The block.
-    pub block: BlockFrame,
+    /// The frame.
+    pub frame: Frame,
     /// Released when the receiver acknowledges it.
     pub permit: OwnedSemaphorePermit,
+}
+
+impl Outgoing {
+    /// Bytes the frame takes on the wire (header and CRC included), for the
+    /// rate cap.
+    fn wire_len(&self) -> usize {
+        let body = match &self.frame {
+            Frame::Block(b) => b.payload.len() + BLOCK_HEADER_LEN,
+            Frame::ZeroRun(_) => ZERO_RUN_LEN,
+            _ => 0,
+        };
+        body + 20
+    }
 }
 
 /// How to connect.
@@ -133,6 +149,9 @@ pub struct Link {
     /// Whether the receiver keeps checkpoints of full syncs
     /// ([`FEATURE_CHECKPOINT`]).
     pub checkpoints: bool,
+    /// The receiver takes `ZeroRun` frames (its `Hello` advertised
+    /// `FEATURE_ZEROS`).
+    pub zero_runs: bool,
 }
 
 fn codec_err(e: CodecError) -> AgentError {
@@ -155,7 +174,7 @@ async fn read_frame(rd: &mut Reader) -> Result<Frame, AgentError> {
 }
 
 /// Open one TLS connection and exchange `Hello`; returns its halves and
-/// the features the receiver advertised.
+/// the features the receiver's `Hello` advertised.
 async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, u32), AgentError> {
     let tcp = TcpStream::connect(&cfg.receiver)
         .await
@@ -286,6 +305,7 @@ impl Link {
             store_id,
             last_point,
             checkpoints: features & FEATURE_CHECKPOINT != 0,
+            zero_runs: features & FEATURE_ZEROS != 0,
         })
     }
 
@@ -420,12 +440,12 @@ async fn data_stream(
                             let seq = wr.encoder().next_seq();
                             if let Some(t) = &throttle {
                                 // Paced: each frame waits for its tokens and goes out at once.
-                                t.take(o.block.payload.len() + BLOCK_HEADER_LEN + 20).await;
-                                wr.send(&Frame::Block(o.block)).await.map_err(codec_err)?;
+                                t.take(o.wire_len()).await;
+                                wr.send(&o.frame).await.map_err(codec_err)?;
                                 in_flight.push_back((seq, o.permit));
                                 continue;
                             }
-                            wr.feed(&Frame::Block(o.block)).await.map_err(codec_err)?;
+                            wr.feed(&o.frame).await.map_err(codec_err)?;
                             in_flight.push_back((seq, o.permit));
                             if !in_flight.len().is_multiple_of(16) {
                                 batch = rx.try_recv().ok();

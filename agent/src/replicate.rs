@@ -30,6 +30,9 @@ pub struct PointReport {
     pub wire_bytes: u64,
     /// Bytes read from the volumes.
     pub bytes_read: u64,
+    /// Frames sent on the data streams (a run of zero blocks is one frame
+    /// to a receiver that takes `ZeroRun`).
+    pub frames_sent: u64,
 }
 
 /// Replicate until `shutdown` (or, with `once`, until one point is durable).

@@ -24,6 +24,7 @@
 //!           agent -> Checkpoint{tag, blocks..}  receiver -> Checkpointed{tag, sync, gen}
 //! data:     agent -> Join{session}                receiver -> Joined
 //!           agent -> Block{tag, volume, index..}  receiver -> Received{seq}
+//!           agent -> ZeroRun{tag, volume, first, count} (FEATURE_ZEROS)
 //! restore:  agent -> Restore{server, volume, point}  receiver -> RestoreInfo{point, size,
 //!                                                          block size} Hashes{..}* HashesEnd{..}
 //!           agent -> Fetch{indexes}*             receiver -> Fetched{block}* (in order)
@@ -85,7 +86,18 @@
 //! RestoreInfo (17) point u64 | size u64 | block_size u32
 //! Fetch     (18)  count u16 (1..=256) | index u64 x count
 //! Fetched   (19)  the Block body: tag = point | volume = 0 | encoding | ... | payload
+//! ZeroRun   (24)  tag u64 | volume u16 | first u64 | count u64
+//!                 (data streams; only to a receiver whose Hello has bit 3,
+//!                 FEATURE_ZEROS; kinds 25-27 are reserved for zero ranges)
 //! ```
+//!
+//! `ZeroRun` says blocks `first .. first + count` of `volume` are all zeros in
+//! point `tag`, exactly as `count` zero `Block`s (encoding 0) would: it counts
+//! as `count` blocks in `EndPoint.blocks` and is acknowledged by `Received`
+//! like any frame of the stream. `count` is at least 1 and `first + count`
+//! does not overflow (checked when decoding); the receiver checks the run
+//! against the volume's block count and the point's block cap before it
+//! records anything. A short last block is named by its index like any other.
 //!
 //! Resumable full syncs (only between peers whose Hello has features bit 2,
 //! FEATURE_CHECKPOINT = 4; kinds 16-19 and 24-27 are taken by other features):
@@ -132,4 +144,4 @@ pub mod tls;
 
 pub use block::{BlockError, BlockHash, Encoding};
 pub use error::DecodeError;
-pub use frame::{Frame, Kind};
+pub use frame::{Frame, Kind, ZeroRunFrame};

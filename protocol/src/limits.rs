@@ -27,6 +27,14 @@ pub const FETCH_WINDOW: usize = 1024;
 /// those frames only to a receiver that advertised it; a receiver answers
 /// them only when asked.
 pub const FEATURE_CHECKPOINT: u32 = 4;
+/// `Hello.features` bit: this peer takes `ZeroRun` frames (kind 24) on its
+/// data streams: one frame for a run of all-zero blocks. An agent sends them
+/// only to a receiver that advertised this bit; to others it sends one
+/// zero `Block` per block.
+pub const FEATURE_ZEROS: u32 = 8;
+
+/// Fixed length of a `ZeroRun` body.
+pub const ZERO_RUN_LEN: usize = 8 + 2 + 8 + 8;
 
 /// How often an agent that advertised [`FEATURE_PING`] sends `Ping` on its
 /// control connection. A receiver's idle limit for such a connection must be

@@ -8,7 +8,7 @@ use pilotlight_protocol::frame::{
     VolumeDecl,
 };
 use pilotlight_protocol::golden::{self, hex};
-use pilotlight_protocol::{DecodeError, Frame};
+use pilotlight_protocol::{DecodeError, Frame, ZeroRunFrame};
 
 fn check(frame: Frame, seq: u64, golden: &str) {
     let mut buf = BytesMut::new();
@@ -40,6 +40,24 @@ fn durable_frame_matches_the_documented_layout() {
     let mut buf = BytesMut::new();
     Frame::Durable { tag: 7, point: 42 }.encode(3, &mut buf);
     assert_eq!(hex(&buf), hex(&want));
+}
+
+/// The ZeroRun body laid out by hand from the crate docs.
+#[test]
+fn zero_run_frame_matches_the_documented_layout() {
+    let mut want = Vec::new();
+    want.extend_from_slice(&26u32.to_le_bytes()); // len
+    want.push(24); // kind ZeroRun
+    want.extend_from_slice(&[0, 0, 0]); // flags, reserved
+    want.extend_from_slice(&11u64.to_le_bytes()); // seq
+    want.extend_from_slice(&2u64.to_le_bytes()); // tag
+    want.extend_from_slice(&1u16.to_le_bytes()); // volume
+    want.extend_from_slice(&0x100u64.to_le_bytes()); // first
+    want.extend_from_slice(&(1u64 << 32).to_le_bytes()); // count
+    let crc = crc32fast::hash(&want);
+    want.extend_from_slice(&crc.to_le_bytes());
+    let golden = std::fs::read_to_string(testdata("zerorun.hex")).unwrap();
+    assert_eq!(hex(&unhex(&golden)), hex(&want));
 }
 
 /// Every frame kind, as it is pinned in `testdata/NAME`.
@@ -208,6 +226,16 @@ fn fixtures() -> Vec<(&'static str, Frame, u64)> {
                 resumed: true,
             },
             14,
+        ),
+        (
+            "zerorun.hex",
+            Frame::ZeroRun(ZeroRunFrame {
+                tag: 2,
+                volume: 1,
+                first: 0x0100,
+                count: 0x0001_0000_0000,
+            }),
+            11,
         ),
     ]
 }

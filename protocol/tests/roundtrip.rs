@@ -58,6 +58,14 @@ fn frame() -> impl Strategy<Value = Frame> {
         Just(Frame::Joined),
         Just(Frame::Goodbye),
         Just(Frame::Ping),
+        (any::<u64>(), any::<u16>(), 0..u64::MAX / 2, 1..u64::MAX / 2).prop_map(
+            |(tag, volume, first, count)| Frame::ZeroRun(pilotlight_protocol::ZeroRunFrame {
+                tag,
+                volume,
+                first,
+                count,
+            })
+        ),
         (
             any::<u64>(),
             any::<u16>(),

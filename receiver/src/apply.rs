@@ -3,6 +3,8 @@
 //! the blocks its server stored (or, with `dedup = "global"`, any server's)
 //! and the session, checks the session's uncommitted-bytes cap and the
 //! server's quota, appends it to a pack and records it in the session.
+//! A `ZeroRun` frame is checked against its volume and recorded as one run
+//! (no per-block work until the commit writes its rows).
 //! Acks (`RECEIVED`) are cumulative and coalesced.
 //!
 //! ```text
@@ -17,8 +19,8 @@ use std::time::Duration;
 
 use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::frame::BlockFrame;
-use pilotlight_protocol::limits::{block_count, block_len, BLOCK_HEADER_LEN};
-use pilotlight_protocol::{Encoding, Frame};
+use pilotlight_protocol::limits::{block_count, block_len, BLOCK_HEADER_LEN, ZERO_RUN_LEN};
+use pilotlight_protocol::{Encoding, Frame, ZeroRunFrame};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::catalog::BlockRef;
@@ -35,9 +37,35 @@ const APPLY_QUEUE: usize = 8;
 /// Depth of the queue of acks from an applier (must exceed `APPLY_QUEUE` + 2).
 const ACK_QUEUE: usize = 64;
 
-/// A block on its way to the applier, with its share of the session's
-/// in-flight byte budget.
-type Applying = (u64, BlockFrame, OwnedSemaphorePermit);
+/// What a data stream carries to its applier.
+enum Item {
+    /// One block.
+    Block(BlockFrame),
+    /// A run of zero blocks.
+    Zeros(ZeroRunFrame),
+}
+
+impl Item {
+    fn tag(&self) -> u64 {
+        match self {
+            Self::Block(b) => b.tag,
+            Self::Zeros(z) => z.tag,
+        }
+    }
+
+    /// Its share of the in-flight byte budget.
+    fn cost(&self) -> u32 {
+        let len = match self {
+            Self::Block(b) => b.payload.len() + BLOCK_HEADER_LEN,
+            Self::Zeros(_) => ZERO_RUN_LEN,
+        };
+        u32::try_from(len).unwrap_or(u32::MAX)
+    }
+}
+
+/// A block (or zero run) on its way to the applier, with its share of the
+/// session's in-flight byte budget.
+type Applying = (u64, Item, OwnedSemaphorePermit);
 
 /// What the applier reports: the seq of a block applied, or why it stopped.
 type Ack = Result<u64, ReceiveError>;
@@ -137,7 +165,11 @@ impl Stream<'_> {
                     Ok(Ok(None)) | Ok(Ok(Some(Frame::Goodbye))) => self.apply_tx = None,
                     Ok(Ok(Some(Frame::Block(b)))) => {
                         let seq = rd.decoder().last_seq();
-                        self.queue(seq, b).await?;
+                        self.queue(seq, Item::Block(b)).await?;
+                    }
+                    Ok(Ok(Some(Frame::ZeroRun(z)))) => {
+                        let seq = rd.decoder().last_seq();
+                        self.queue(seq, Item::Zeros(z)).await?;
                     }
                     Ok(Ok(Some(other))) => return Err(unexpected(&other, "Block")),
                 },
@@ -164,9 +196,9 @@ impl Stream<'_> {
 
     /// Hand a block to the applier once the session's in-flight byte budget
     /// has room for it (the applier gives its share back).
-    async fn queue(&mut self, seq: u64, b: BlockFrame) -> Result<(), ReceiveError> {
+    async fn queue(&mut self, seq: u64, b: Item) -> Result<(), ReceiveError> {
         let session = self.session;
-        session.check_tag(b.tag)?;
+        session.check_tag(b.tag())?;
         // Before any memory is reserved for the block.
         let max = session.limits.max_uncommitted;
         if session.uncommitted.load(Ordering::SeqCst) >= max {
@@ -174,7 +206,7 @@ impl Stream<'_> {
                 "the uncommitted points of this session wrote {max} bytes to packs, the most allowed"
             )));
         }
-        let cost = u32::try_from(b.payload.len() + BLOCK_HEADER_LEN).unwrap_or(u32::MAX);
+        let cost = b.cost();
         let permit = tokio::select! {
             p = session.inflight.clone().acquire_many_owned(cost) => match p {
                 Ok(p) => p,
@@ -218,7 +250,11 @@ fn apply_loop(
     let mut writer = store.take_writer();
     let mut buf = Vec::new();
     while let Some((seq, b, _permit)) = rx.blocking_recv() {
-        let r = apply_one(session, store, &mut decoder, &mut writer, &mut buf, b).map(|()| seq);
+        let r = match b {
+            Item::Block(b) => apply_one(session, store, &mut decoder, &mut writer, &mut buf, b),
+            Item::Zeros(z) => apply_zeros(session, &z),
+        }
+        .map(|()| seq);
         let failed = r.is_err();
         if ack.blocking_send(r).is_err() || failed {
             break;
@@ -306,6 +342,28 @@ fn apply_one(
     metrics::counter!("pilotlight_receiver_bytes_stored_total")
         .increment(u64::from(loc.stored_len));
     session.record(b.tag, r, Some((b.hash, loc, pack.file)))
+}
+
+/// Check a run of zero blocks against its volume (its block count; the
+/// session checks the point's block cap) and record it as one run.
+fn apply_zeros(session: &Session, z: &ZeroRunFrame) -> Result<(), ReceiveError> {
+    let Some(v) = session.volumes.get(usize::from(z.volume)) else {
+        return Err(ReceiveError::Protocol(format!(
+            "zero run for undeclared volume {}",
+            z.volume
+        )));
+    };
+    let count = block_count(v.size, v.block_size);
+    if z.count == 0 || z.first >= count || z.end() > count {
+        return Err(ReceiveError::Protocol(format!(
+            "zero run of blocks {}..{} is out of range for volume {} ({count} blocks)",
+            z.first,
+            z.end(),
+            v.name
+        )));
+    }
+    metrics::counter!("pilotlight_receiver_zero_runs_total").increment(1);
+    session.record_zeros(z)
 }
 
 /// Refuse to write `len` more pack bytes for `session` past its cap on

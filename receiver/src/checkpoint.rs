@@ -108,11 +108,20 @@ async fn take_received(
             }
             if received == req.blocks {
                 let p = st.pending.entry(req.tag).or_default();
+                // A checkpoint keeps blocks, not runs: an agent sends the
+                // zero blocks of a checkpointed sync as blocks.
+                if !p.zero_runs.is_empty() {
+                    return Err(ReceiveError::Protocol(format!(
+                        "checkpoint of tag {} after ZeroRun frames: a checkpointed sync sends zero blocks as blocks",
+                        req.tag
+                    )));
+                }
                 let part = Arc::new(PendingPoint {
                     refs: std::mem::take(&mut p.refs),
                     new_blocks: std::mem::take(&mut p.new_blocks),
                     packs: std::mem::take(&mut p.packs),
                     received,
+                    zero_runs: Vec::new(),
                 });
                 st.committing.insert(req.tag, part.clone());
                 return Ok(part);

@@ -245,6 +245,7 @@ fn record_point(
         commit: end.commit.label(),
         volumes: &volumes,
         blocks: &pending.refs,
+        zero_runs: &pending.zero_runs,
         new_blocks: &pending.new_blocks,
         packs: &packs,
         merge_sync,

@@ -31,6 +31,22 @@ pub struct ReceiverConfig {
     pub max_preauth_connections: usize,
     /// Most connections not yet authenticated from one source address.
     pub max_preauth_per_ip: usize,
+    /// Most connections waiting for a pre-authentication place, from all
+    /// addresses together: past the budgets above a new connection waits
+    /// (up to `handshake_timeout_secs`) instead of being dropped; only past
+    /// this one is it dropped (which the peer sees as a reset).
+    pub max_preauth_waiting: usize,
+    /// Most connections of one source address waiting for, or holding, a
+    /// pre-authentication place.
+    pub max_preauth_waiting_per_ip: usize,
+    /// Seconds a connection may wait for a pre-authentication place before
+    /// it is dropped: longer than an agent's own connect timeout (15 s), so
+    /// that under a burst of connections an agent gives up and backs off
+    /// by itself rather than see a reset.
+    pub preauth_wait_secs: u64,
+    /// Length of the listen queue (`listen(2)` backlog; the kernel caps it
+    /// at `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// Seconds a new TCP connection has to send its first byte (the start
     /// of the TLS ClientHello); then `handshake_timeout_secs` applies.
     pub first_byte_timeout_secs: u64,
@@ -100,9 +116,14 @@ impl Default for ReceiverConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:7443".into(),
-            max_connections: 256,
+            // 500 agents with a control connection and two data streams each.
+            max_connections: 2048,
             max_preauth_connections: 128,
             max_preauth_per_ip: 8,
+            max_preauth_waiting: 4096,
+            max_preauth_waiting_per_ip: 2048,
+            preauth_wait_secs: 60,
+            listen_backlog: 4096,
             first_byte_timeout_secs: 3,
             handshake_timeout_secs: 10,
             write_timeout_secs: 30,
@@ -139,7 +160,12 @@ impl ReceiverConfig {
         }
     }
 
-    /// Handshake timeout.
+    /// How long a connection may wait for a pre-authentication place.
+    pub fn preauth_wait(&self) -> Duration {
+        Duration::from_secs(self.preauth_wait_secs.max(1))
+    }
+
+    /// How long a peer has to finish the TLS handshake and its `Hello`.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs.max(1))
     }

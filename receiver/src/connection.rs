@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
-use pilotlight_protocol::limits::{FEATURE_CHECKPOINT, FEATURE_PING, FEATURE_RESTORE, VERSION};
+use pilotlight_protocol::limits::{
+    FEATURE_CHECKPOINT, FEATURE_PING, FEATURE_RESTORE, FEATURE_ZEROS, VERSION,
+};
 use pilotlight_protocol::{DecodeError, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::PreAuth;
+use crate::admission::Waiting;
 use crate::commit::{Committer, EndPoint};
 use crate::handshake::{self, AuthorizedPeer};
 use crate::server::Shared;
@@ -74,13 +76,23 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Serve the connection to its end. `preauth` is its place until it
-    /// has authenticated; then it takes a session slot (or gets `Busy`).
-    pub(crate) async fn serve(self, tcp: TcpStream, preauth: PreAuth) {
+    /// Serve the connection to its end. It waits (`waiting`) for a
+    /// pre-authentication place, its place until it has authenticated;
+    /// then it takes a session slot (or gets `Busy`).
+    pub(crate) async fn serve(self, tcp: TcpStream, waiting: Waiting) {
         if let Err(e) = pilotlight_protocol::net::tune(socket2::SockRef::from(&tcp)) {
             tracing::debug!(cause = %e, "cannot set TCP keepalive or nodelay");
         }
         let cfg = &self.shared.cfg;
+        let place = tokio::select! {
+            p = tokio::time::timeout(cfg.preauth_wait(), self.shared.admission.place(waiting)) => p.ok().flatten(),
+            () = self.cancel.cancelled() => None,
+        };
+        let Some(preauth) = place else {
+            metrics::counter!("pilotlight_receiver_preauth_refused_total").increment(1);
+            tracing::debug!(peer = %self.peer, "connection dropped: no pre-authentication place in time");
+            return;
+        };
         let timeouts = (cfg.first_byte_timeout(), cfg.handshake_timeout());
         let Some(tls) = handshake::accept_tls(&self.tls, tcp, timeouts, self.peer).await else {
             return;
@@ -105,8 +117,8 @@ impl Connection {
         let (r, w) = tokio::io::split(io);
         let mut rd: Reader = FramedRead::new(Box::new(r), FrameCodec::default());
         let mut wr: Writer = Writer::new(Box::new(w), self.shared.cfg.write_timeout());
-        let result = match authorized.and_then(|p| Ok((p, self.shared.admission.session()?))) {
-            Ok((peer, _slot)) => self.session(&mut rd, &mut wr, peer).await,
+        let result = match authorized.and_then(|p| Ok((self.slot(&p)?, p))) {
+            Ok((_slot, peer)) => self.session(&mut rd, &mut wr, peer).await,
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
@@ -117,6 +129,19 @@ impl Connection {
             linger(&mut rd).await;
         }
         result
+    }
+
+    /// The connection slot of an authenticated connection: one its
+    /// server's session kept for a data stream, or one of the free ones, or
+    /// `Busy`.
+    fn slot(
+        &self,
+        peer: &AuthorizedPeer,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ReceiveError> {
+        match self.shared.registry.reserved_slot(peer.server_id)? {
+            Some(slot) => Ok(slot),
+            None => self.shared.admission.session(),
+        }
     }
 
     /// Count, log and send to the agent the error that ends the connection.
@@ -161,7 +186,7 @@ impl Connection {
         let pings = features & FEATURE_PING != 0;
         let hello = Frame::Hello {
             version: VERSION,
-            features: FEATURE_PING | FEATURE_CHECKPOINT | FEATURE_RESTORE,
+            features: FEATURE_PING | FEATURE_CHECKPOINT | FEATURE_RESTORE | FEATURE_ZEROS,
         };
         send(wr, &hello).await?;
         let first = match tokio::time::timeout(timeout, next(rd)).await {
@@ -175,6 +200,8 @@ impl Connection {
                 volumes,
             } => {
                 let session = self.open(&peer, streams, commit, volumes).await?;
+                // Room for every data stream now, or Busy before any connects.
+                session.hold_slots(self.shared.admission.reserve(streams)?);
                 let idle = pings.then(|| self.shared.cfg.control_idle_timeout());
                 self.control(rd, wr, Arc::new(session), idle).await
             }

@@ -6,9 +6,10 @@
 //! The input is a script of agent connections: each step opens (on first
 //! use) one of [`CONNS`] in-memory connections as an enrolled server (`web`,
 //! `db`) or as an identity the catalog refused, and sends it a frame in any
-//! order: `Hello`, `Open`, `Join`, `Block`, `EndPoint`, `GetHashes`,
-//! `Goodbye`, `Restore` and `Fetch` (a restore connection, issue 17), a
-//! frame only the receiver sends, or raw bytes. Each
+//! order: `Hello`, `Open`, `Join`, `Block`, `ZeroRun`, `EndPoint`, `GetHashes`,
+//! `Goodbye`, `Restore` and `Fetch` (a restore connection, issue 17),
+//! `Checkpoint` and `Resume` (issue 15), a frame only the receiver sends, or
+//! raw bytes. Each
 //! connection is served by the receiver's own connection code
 //! (`Connection::serve_authorized`: everything after TLS) over a real
 //! store in a temporary directory, on a runtime with paused time that the

@@ -120,8 +120,22 @@ impl Registry {
         self.set_live(&session.server, None).await;
         metrics::gauge!("pilotlight_receiver_sessions").decrement(1.0);
         session.cancel.cancel();
+        session.release_slots();
         lock(&self.sessions, "sessions")?.remove(&session.id);
         Ok(())
+    }
+
+    /// A connection slot one of `server_id`'s open sessions kept for a data
+    /// stream, for a connection of that server that just authenticated.
+    pub(crate) fn reserved_slot(
+        &self,
+        server_id: i64,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ReceiveError> {
+        let sessions = lock(&self.sessions, "sessions")?;
+        Ok(sessions
+            .values()
+            .filter(|s| s.server_id == server_id)
+            .find_map(|s| s.take_slot()))
     }
 
     /// The open session `session_id`, if it is one of `server_id`'s.

@@ -103,14 +103,14 @@ pub async fn run(
                         continue;
                     }
                 };
-                let Some(permit) = shared.admission.pre_auth(peer.ip()) else {
+                let Some(waiting) = shared.admission.enqueue(peer.ip()) else {
                     metrics::counter!("pilotlight_receiver_preauth_refused_total").increment(1);
-                    tracing::debug!(%peer, "connection refused: no pre-authentication place");
+                    tracing::debug!(%peer, "connection refused: the pre-authentication waiting room is full");
                     drop(tcp);
                     continue;
                 };
                 let conn = Connection { shared: shared.clone(), tls: tls.clone(), cancel: shutdown.child_token(), peer };
-                tracker.spawn(conn.serve(tcp, permit));
+                tracker.spawn(conn.serve(tcp, waiting));
             }
         }
     }

@@ -6,11 +6,11 @@ use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pilotlight_protocol::frame::CommitMode;
-use pilotlight_protocol::BlockHash;
+use pilotlight_protocol::{BlockHash, ZeroRunFrame};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::BlockRef;
+use crate::catalog::{BlockRef, ZeroRun};
 use crate::pack::{BlockLoc, PackWriter};
 use crate::store::Store;
 use crate::ReceiveError;
@@ -50,11 +50,14 @@ pub struct SessionVolume {
 pub struct PendingPoint {
     /// Changed blocks.
     pub refs: Vec<BlockRef>,
+    /// Runs of zero blocks, kept as runs until the commit writes a row per
+    /// block (ordered by `at`, the number of `refs` recorded before each).
+    pub zero_runs: Vec<ZeroRun>,
     /// Blocks first written for this point.
     pub new_blocks: Vec<(BlockHash, BlockLoc)>,
     /// Packs written for this point: file and end of the last record.
     pub packs: HashMap<u64, (Arc<File>, u64)>,
-    /// Blocks received so far.
+    /// Blocks received so far (a zero run counts its blocks).
     pub received: u64,
 }
 
@@ -122,6 +125,9 @@ pub struct Session {
     pub limits: crate::quota::Limits,
     /// Pack bytes (stored lengths) written for points not committed yet.
     pub uncommitted: std::sync::atomic::AtomicU64,
+    /// Connection slots taken for the data streams not connected yet (see
+    /// `Admission::reserve`).
+    slots: Mutex<Vec<tokio::sync::OwnedSemaphorePermit>>,
     /// Pack writers of finished data streams, returned to the store when the
     /// session is gone.
     writers: Mutex<Vec<PackWriter>>,
@@ -174,6 +180,7 @@ impl Session {
             ended: std::sync::atomic::AtomicBool::new(false),
             limits: crate::quota::Limits::default(),
             uncommitted: std::sync::atomic::AtomicU64::new(0),
+            slots: Mutex::new(Vec::new()),
             writers: Mutex::new(Vec::new()),
             store,
             failure: Mutex::new(None),
@@ -201,6 +208,26 @@ impl Session {
         match self.failure.lock().ok().and_then(|f| f.clone()) {
             Some((code, message)) => ReceiveError::SessionFailed { code, message },
             None => ReceiveError::Superseded,
+        }
+    }
+
+    /// Keep the connection slots taken for the session's data streams.
+    pub fn hold_slots(&self, slots: Vec<tokio::sync::OwnedSemaphorePermit>) {
+        if let Ok(mut s) = self.slots.lock() {
+            s.extend(slots);
+        }
+    }
+
+    /// One of the slots kept for the session's data streams, for a stream
+    /// connecting now; `None` when none is left.
+    pub fn take_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.lock().ok()?.pop()
+    }
+
+    /// Give back the slots of data streams that never connected.
+    pub fn release_slots(&self) {
+        if let Ok(mut s) = self.slots.lock() {
+            s.clear();
         }
     }
 
@@ -284,6 +311,34 @@ impl Session {
                 e.1 = e.1.max(loc.end());
                 p.new_blocks.push((h, loc));
             }
+        }
+        self.progress.notify_waiters();
+        Ok(())
+    }
+
+    /// Record a run of zero blocks of point `tag` (the caller checked it
+    /// against its volume): refused whole, before anything is kept, when
+    /// its blocks would take the point past its block cap.
+    pub fn record_zeros(&self, run: &ZeroRunFrame) -> Result<(), ReceiveError> {
+        let tag = run.tag;
+        {
+            let mut st = self.state()?;
+            let p = st.pending.entry(tag).or_default();
+            let received = p.received.saturating_add(run.count);
+            if received > self.max_point_blocks {
+                return Err(ReceiveError::Protocol(format!(
+                    "point tag {tag} has more than {} blocks, the most its declared volumes allow",
+                    self.max_point_blocks
+                )));
+            }
+            let at = p.refs.len();
+            p.zero_runs.push(ZeroRun {
+                volume: run.volume,
+                first: run.first,
+                count: run.count,
+                at,
+            });
+            p.received = received;
         }
         self.progress.notify_waiters();
         Ok(())

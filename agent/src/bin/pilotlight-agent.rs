@@ -86,6 +86,10 @@ struct RunArgs {
     /// Make one durable point, print its id and exit.
     #[arg(long)]
     once: bool,
+    /// With --once: give up after this many failed attempts (a busy
+    /// receiver counts too) [default: 3].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    once_attempts: Option<u32>,
     /// auto, reflink, freeze:MOUNT or none [default: auto].
     #[arg(long)]
     consistency: Option<ConsistencyMode>,
@@ -171,6 +175,7 @@ struct FileConfig {
     interval: Option<String>,
     stall_after: Option<String>,
     once: Option<bool>,
+    once_attempts: Option<u32>,
     consistency: Option<String>,
     streams: Option<u16>,
     block_size: Option<u32>,
@@ -307,6 +312,10 @@ fn config(a: RunArgs, f: FileConfig) -> anyhow::Result<(AgentConfig, Option<Stri
         "--stall-after must be longer than 0s"
     );
     cfg.once = a.once || f.once.unwrap_or(false);
+    if let Some(n) = a.once_attempts.or(f.once_attempts) {
+        anyhow::ensure!(n > 0, "once_attempts must be at least 1");
+        cfg.once_attempts = n;
+    }
     if let Some(c) = a.consistency {
         cfg.consistency = c;
     } else if let Some(c) = f.consistency {

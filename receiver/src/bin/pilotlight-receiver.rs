@@ -734,7 +734,7 @@ fn serve(
             )
             .with_context(|| format!("cannot serve metrics on {m}"))?;
         }
-        let listener = tokio::net::TcpListener::bind(&addr)
+        let listener = bind_listener(&addr, cfg.listen_backlog)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let console = match console {
@@ -763,6 +763,18 @@ fn serve(
         server::run(listener, dir, cfg, shutdown).await?;
         Ok(())
     })
+}
+
+/// Listen on the first address `addr` resolves to, with a listen queue of
+/// `backlog` (`listen_backlog`).
+async fn bind_listener(addr: &str, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let Some(sa) = tokio::net::lookup_host(addr).await?.next() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "resolves to no address",
+        ));
+    };
+    tokio::net::TcpListener::from_std(pilotlight_protocol::net::listen(sa, backlog)?)
 }
 
 /// `export`: open, print the URI, serve until SIGINT or SIGTERM.

@@ -52,7 +52,7 @@ mod volumes;
 
 pub use grants::RestoreGrant;
 pub use identities::{no_such_server, ServerRow};
-pub use points::{BlockRef, NewPoint};
+pub use points::{BlockRef, NewPoint, ZeroRun};
 pub use report::{PointInfo, PointVolumeInfo};
 pub use schema::SCHEMA_VERSION;
 pub use syncs::{volumes_signature, NewCheckpoint, SyncRow};

@@ -22,6 +22,24 @@ pub struct BlockRef {
     pub hash: Option<BlockHash>,
 }
 
+/// A run of zero blocks of a point being committed (one `ZeroRun` frame):
+/// recorded as one zero reference (`hash` NULL) per block, exactly as
+/// `count` zero blocks would be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroRun {
+    /// Index into the session's volumes.
+    pub volume: u16,
+    /// First block index.
+    pub first: u64,
+    /// Number of blocks (the receiver checked `first + count` against the
+    /// volume before recording the run).
+    pub count: u64,
+    /// How many of the point's [`BlockRef`]s were recorded before this run:
+    /// a block sent twice in one point keeps the copy recorded last, be it
+    /// a block or a run.
+    pub at: usize,
+}
+
 /// What a commit records.
 pub struct NewPoint<'a> {
     /// Server row id.
@@ -41,6 +59,8 @@ pub struct NewPoint<'a> {
     pub volumes: &'a [(&'a str, u32, u64)],
     /// Changed blocks.
     pub blocks: &'a [BlockRef],
+    /// Runs of zero blocks, in the order they were recorded (by `at`).
+    pub zero_runs: &'a [ZeroRun],
     /// Blocks first stored by this point.
     pub new_blocks: &'a [(BlockHash, BlockLoc)],
     /// `(pack id, committed length)` of packs written by this point.
@@ -166,46 +186,104 @@ fn volume_ids(tx: &Connection, p: &NewPoint<'_>) -> Result<VolumeIds, ReceiveErr
     Ok(ids)
 }
 
-/// The point's changed blocks; returns what changed in each volume.
+/// The point's changed blocks, the zero runs expanded in their place;
+/// returns what changed in each volume.
 fn record_point_blocks(
     tx: &Connection,
     p: &NewPoint<'_>,
     point_id: i64,
     ids: &VolumeIds,
 ) -> Result<Counts, ReceiveError> {
-    let mut counts = vec![(0u64, 0u64); p.volumes.len()];
-    // A block sent twice in one point (the agent's pre-copy, then
-    // the frozen delta) is one changed block: the copy recorded
-    // last wins, and it is counted once.
-    let mut ins = tx.prepare_cached(
-        "INSERT OR IGNORE INTO point_blocks(volume_id, block_index, point_id, hash) VALUES(?1, ?2, ?3, ?4)",
-    )?;
-    let mut again = tx.prepare_cached(
-        "UPDATE point_blocks SET hash=?4 WHERE volume_id=?1 AND block_index=?2 AND point_id=?3",
-    )?;
-    for b in p.blocks {
-        let Some(&(volume_id, _)) = ids.get(usize::from(b.volume)) else {
-            return Err(ReceiveError::Corrupt(format!(
-                "block refers to undeclared volume {}",
-                b.volume
-            )));
-        };
+    let mut rows = PointBlockRows {
+        // A block sent twice in one point (the agent's pre-copy, then
+        // the frozen delta) is one changed block: the copy recorded
+        // last wins, and it is counted once.
+        ins: tx.prepare_cached(
+            "INSERT OR IGNORE INTO point_blocks(volume_id, block_index, point_id, hash) VALUES(?1, ?2, ?3, ?4)",
+        )?,
+        again: tx.prepare_cached(
+            "UPDATE point_blocks SET hash=?4 WHERE volume_id=?1 AND block_index=?2 AND point_id=?3",
+        )?,
+        point_id,
+        counts: vec![(0u64, 0u64); p.volumes.len()],
+    };
+    let mut runs = p.zero_runs.iter().peekable();
+    for (at, b) in p.blocks.iter().enumerate() {
+        while let Some(run) = runs.next_if(|r| r.at <= at) {
+            rows.zero_run(p, ids, run)?;
+        }
+        let volume_id = volume_id(ids, b.volume)?;
+        rows.put(volume_id, b.volume, b.index, b.hash.as_ref(), b.raw_len)?;
+    }
+    for run in runs {
+        rows.zero_run(p, ids, run)?;
+    }
+    Ok(rows.counts)
+}
+
+/// The catalog row of session volume `volume`.
+fn volume_id(ids: &VolumeIds, volume: u16) -> Result<i64, ReceiveError> {
+    ids.get(usize::from(volume))
+        .map(|&(id, _)| id)
+        .ok_or_else(|| ReceiveError::Corrupt(format!("block refers to undeclared volume {volume}")))
+}
+
+/// The statements that write a point's `point_blocks` rows, and what they
+/// counted per volume.
+struct PointBlockRows<'c> {
+    ins: rusqlite::CachedStatement<'c>,
+    again: rusqlite::CachedStatement<'c>,
+    point_id: i64,
+    counts: Counts,
+}
+
+impl PointBlockRows<'_> {
+    /// One reference: a new row counts, a second copy replaces the first.
+    fn put(
+        &mut self,
+        volume_id: i64,
+        volume: u16,
+        index: u64,
+        hash: Option<&BlockHash>,
+        raw_len: u32,
+    ) -> Result<(), ReceiveError> {
         let row = params![
             volume_id,
-            b.index as i64,
-            point_id,
-            b.hash.as_ref().map(|h| &h.0[..])
+            index as i64,
+            self.point_id,
+            hash.map(|h| &h.0[..])
         ];
-        if ins.execute(row)? == 0 {
-            again.execute(row)?;
-            continue;
+        if self.ins.execute(row)? == 0 {
+            self.again.execute(row)?;
+            return Ok(());
         }
-        if let Some(c) = counts.get_mut(usize::from(b.volume)) {
+        if let Some(c) = self.counts.get_mut(usize::from(volume)) {
             c.0 += 1;
-            c.1 += u64::from(b.raw_len);
+            c.1 += u64::from(raw_len);
         }
+        Ok(())
     }
-    Ok(counts)
+
+    /// Every block of a zero run, as a zero reference.
+    fn zero_run(
+        &mut self,
+        p: &NewPoint<'_>,
+        ids: &VolumeIds,
+        run: &ZeroRun,
+    ) -> Result<(), ReceiveError> {
+        let volume_id = volume_id(ids, run.volume)?;
+        let Some(&(_, block_size, size)) = p.volumes.get(usize::from(run.volume)) else {
+            return Err(ReceiveError::Corrupt(format!(
+                "zero run refers to undeclared volume {}",
+                run.volume
+            )));
+        };
+        for index in run.first..run.first.saturating_add(run.count) {
+            let raw_len = pilotlight_protocol::limits::block_len(size, block_size, index);
+            self.put(volume_id, run.volume, index, None, raw_len)?;
+        }
+        Ok(())
+    }
 }
 
 /// Each volume's size and changes at the point.
@@ -292,6 +370,7 @@ mod tests {
                 commit: "sync",
                 volumes: &[("root", 4096, 16 * 4096)],
                 blocks: &[block(5, h1), block(6, h3), block(5, h2)],
+                zero_runs: &[],
                 new_blocks: &[(h1, loc(0)), (h3, loc(5000)), (h2, loc(10000))],
                 packs: &[(1, 15000)],
                 merge_sync: false,
@@ -304,6 +383,60 @@ mod tests {
         assert_eq!(
             cat.block_map(vol.id, point, 0).unwrap(),
             vec![(5, Some(h2)), (6, Some(h3))]
+        );
+    }
+
+    #[test]
+    fn a_zero_run_is_a_zero_reference_per_block_in_the_order_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        cat.set_identity("web1", "01").unwrap();
+        let server_id = cat.require_server("web1").unwrap().id;
+        let [h1, h2] = [1u8, 2].map(|b| BlockHash([b; 32]));
+        let block = |index, hash| BlockRef {
+            volume: 0,
+            index,
+            raw_len: 4096,
+            hash: Some(hash),
+        };
+        let loc = BlockLoc {
+            pack: 1,
+            offset: 0,
+            stored_len: 4096,
+            raw_len: 4096,
+            encoding: Encoding::Raw,
+        };
+        // 10 blocks, the last one short (100 bytes). Block 2 is data, then
+        // a run 1..4 zeros it; block 3 is zeroed, then data again (h2);
+        // a run 8..10 takes the short last block.
+        let size = 9 * 4096 + 100;
+        let run = |first, count, at| ZeroRun {
+            volume: 0,
+            first,
+            count,
+            at,
+        };
+        let point = cat
+            .commit_point(&NewPoint {
+                server_id,
+                created_ms: 1,
+                source_ms: 2,
+                consistency: "crash-consistent",
+                commit: "sync",
+                volumes: &[("root", 4096, size)],
+                blocks: &[block(2, h1), block(3, h2)],
+                zero_runs: &[run(1, 3, 1), run(8, 2, 2)],
+                new_blocks: &[(h1, loc), (h2, loc)],
+                packs: &[(1, 8192)],
+                merge_sync: false,
+            })
+            .unwrap();
+        let info = cat.points(Some("web1")).unwrap();
+        assert_eq!(info[0].volumes[0].changed_bytes, 4 * 4096 + 100);
+        let vol = cat.volume(server_id, "root").unwrap().unwrap();
+        assert_eq!(
+            cat.block_map(vol.id, point, 0).unwrap(),
+            vec![(1, None), (2, None), (3, Some(h2)), (8, None), (9, None)]
         );
     }
 }

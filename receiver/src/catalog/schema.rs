@@ -376,6 +376,7 @@ mod tests {
                 commit: "sync",
                 volumes: &[("root", 4096, 16384)],
                 blocks: &[],
+                zero_runs: &[],
                 new_blocks: &[],
                 merge_sync: false,
                 packs: &[],

@@ -341,6 +341,7 @@ mod tests {
             commit: "sync",
             volumes: &[("root", BS, 16384)],
             blocks,
+            zero_runs: &[],
             new_blocks: &[],
             packs: &[],
             merge_sync,

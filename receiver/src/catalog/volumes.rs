@@ -192,6 +192,7 @@ mod tests {
             commit: "sync",
             volumes: &[("root", BS, size)],
             blocks: &blocks,
+            zero_runs: &[],
             new_blocks: &new_blocks,
             merge_sync: false,
             packs: &[(1, 1 << 20)],

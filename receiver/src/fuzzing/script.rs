@@ -83,6 +83,7 @@ impl Run {
             7 => Frame::GetHashes {
                 volume: u16::from(input.u8() % 3),
             },
+            8 if kind >= 0x80 => self.zero_run(input),
             8 => Frame::Goodbye,
             9 => Frame::Error {
                 code: ErrorCode::Protocol,
@@ -162,7 +163,8 @@ impl Run {
             7 => raw_len = raw_len.wrapping_add(u32::from(b)),
             _ => {}
         }
-        *self.blocks_sent.entry(tag).or_default() += 1;
+        let sent = self.blocks_sent.entry(tag).or_default();
+        *sent = sent.saturating_add(1);
         BlockFrame {
             tag,
             volume: u16::from(volume),
@@ -172,6 +174,26 @@ impl Run {
             hash,
             payload,
         }
+    }
+
+    /// A `ZeroRun`: for a declared volume or not, in range or past the
+    /// end, of no blocks, or (for a count byte from 0xf0) wrapping past u64.
+    fn zero_run(&mut self, input: &mut Input<'_>) -> Frame {
+        let (a, b, n) = (input.u8(), input.u8(), input.u8());
+        let tag = u64::from(a % 4);
+        let count = if n >= 0xf0 {
+            u64::MAX
+        } else {
+            u64::from(n % 8)
+        };
+        let sent = self.blocks_sent.entry(tag).or_default();
+        *sent = sent.saturating_add(count);
+        Frame::ZeroRun(pilotlight_protocol::ZeroRunFrame {
+            tag,
+            volume: u16::from((a >> 2) % 3),
+            first: u64::from(b % 6),
+            count,
+        })
     }
 
     /// An `EndPoint`: for the blocks sent so far with its tag, or any count.
