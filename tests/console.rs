@@ -176,6 +176,10 @@ async fn the_console_shows_the_stopped_server_first_and_flagged() {
     );
     assert!(point.contains(&want), "{point}");
     assert!(point.contains("pilotlight-receiver drill --dir"), "{point}");
+    assert!(
+        point.contains("pilotlight-agent restore --config /etc/pilotlight/agent.toml --server db1 --volume root --point 1 --to /dev/TARGET"),
+        "{point}"
+    );
     let (code, body) = http_get(&url, "/servers/nosuch");
     assert_eq!(code, 404);
     assert!(body.contains("there is no server named nosuch"), "{body}");

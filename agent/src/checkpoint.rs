@@ -247,7 +247,14 @@ pub(crate) async fn offer(
                     .is_some()
             })
     });
-    let (sync, generation) = usable.map_or((0, 0), |r| (r.sync, r.generation));
+    // Nothing to offer, nothing to ask: the session's first point drops
+    // whatever sync the receiver may hold for this server.
+    let Some((sync, generation)) = usable.map(|r| (r.sync, r.generation)) else {
+        if local.is_some() {
+            off_async(|| SyncRecord::forget(dir))?;
+        }
+        return Ok(false);
+    };
     link.send(&Frame::Resume { sync, generation }).await?;
     let resumed = match link.recv().await? {
         Frame::SyncState {
@@ -266,7 +273,7 @@ pub(crate) async fn offer(
                     "resuming the sync from its last checkpoint"
                 );
             }
-            resumed && usable.is_some()
+            resumed
         }
         other => {
             return Err(AgentError::Protocol(format!(

@@ -279,7 +279,10 @@ async fn point(
             "\n# volume {v}: serve it over NBD now (read-only)\n\
              pilotlight-receiver export --dir {d} --server {s} --volume {v} --point {id} --socket /run/pilotlight/{s}-{v}.sock\n\
              # or restore it in full to a device or file\n\
-             pilotlight-receiver restore --dir {d} --server {s} --volume {v} --point {id} --to /dev/TARGET\n"
+             pilotlight-receiver restore --dir {d} --server {s} --volume {v} --point {id} --to /dev/TARGET\n\
+             # or fail back by delta, on the server to fail back to (its agent stopped; another\n\
+             # server's volume needs `pilotlight-receiver grant --restore-from {s}` first)\n\
+             pilotlight-agent restore --config /etc/pilotlight/agent.toml --server {s} --volume {v} --point {id} --to /dev/TARGET\n"
         );
     }
     let body = format!(
