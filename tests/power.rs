@@ -3,7 +3,7 @@
 //! order (nbdkit running `tests/support/recorder.py`, behind `nbdfuse` and a
 //! loop device). A workload enrolls a server, makes points, prunes, collects
 //! garbage and makes more points, noting the log's length at every
-//! acknowledgement. Crash images are then built from the log: the device at
+//! acknowledgement (the initial sync checkpoints every 512 KiB). Crash images are then built from the log: the device at
 //! every flush, and at random flushes with a random subset of the writes
 //! that followed (some torn at a 512-byte sector). Each image is repaired as
 //! after a power cut (`e2fsck -fy`, then mounted, which replays the
@@ -299,6 +299,8 @@ struct Checker<'a> {
     fsck_repairs: usize,
     points_restored: usize,
     new_points: usize,
+    /// Images where the agent had recorded a checkpoint (sync.bin).
+    with_checkpoint: usize,
     /// Time spent writing images, in e2fsck, mounting, checking the store.
     phases: [Duration; 4],
 }
@@ -368,6 +370,9 @@ impl Checker<'_> {
     ) -> Result<(), String> {
         let p = self.promises;
         let dir = store_fs.join("store");
+        if agent.join("state/sync.bin").exists() {
+            self.with_checkpoint += 1;
+        }
         let required: Vec<u64> = p
             .acked
             .iter()
@@ -435,12 +440,13 @@ impl Checker<'_> {
     /// was at the cut; the point must restore the volume as it is now.
     async fn new_point(&mut self, agent: &Path, dir: &Path) -> Result<(), String> {
         let receiver = TestReceiver::serve(dir).await;
-        let cfg = agent_config(
+        let mut cfg = agent_config(
             receiver.addr,
             &agent.join("web1.pem"),
             &agent.join("state"),
             &[(VOLUME_NAME, self.source)],
         );
+        checkpoint_often(&mut cfg);
         let point = tokio::time::timeout(Duration::from_secs(60), replicate_once(&cfg))
             .await
             .map_err(|_| "the agent made no point within 60 s".to_string())?;
@@ -512,6 +518,13 @@ async fn workload(rec: &Recording, source: &Path) -> Promises {
     p
 }
 
+/// A full sync of the small volume checkpoints every 512 KiB sent, so that
+/// the images cover checkpoints (the receiver's in-progress sync, the
+/// agent's sync.bin) and the new points resume from them.
+fn checkpoint_often(cfg: &mut pilotlight_agent::AgentConfig) {
+    cfg.checkpoints.bytes = 512 << 10;
+}
+
 /// Change the volume and make a point of it; note the ack.
 async fn round(
     p: &mut Promises,
@@ -521,12 +534,13 @@ async fn round(
     seed: u64,
 ) {
     let agent = &rec.mounts[1];
-    let cfg = agent_config(
+    let mut cfg = agent_config(
         receiver.addr,
         &agent.join("web1.pem"),
         &agent.join("state"),
         &[(VOLUME_NAME, source)],
     );
+    checkpoint_often(&mut cfg);
     overwrite_random_4k(source, 24, seed);
     let content = std::fs::read(source).expect("read source");
     let point = replicate_once(&cfg).await.point;
@@ -596,6 +610,7 @@ async fn acknowledged_points_survive_power_loss() {
         fsck_repairs: 0,
         points_restored: 0,
         new_points: 0,
+        with_checkpoint: 0,
         phases: Default::default(),
     };
     let mut failures = Vec::new();
@@ -637,13 +652,14 @@ async fn acknowledged_points_survive_power_loss() {
     let flushes = boundaries.len() - 1;
     println!(
         "power loss: {} images ({} at a flush of {flushes}, the rest with a random part of the writes after one, {torn_writes} with a torn write), \
-         {} acknowledged points, {} point restores, {} new points, {} with the journal replayed or repaired by e2fsck, {} failed; \
+         {} acknowledged points, {} point restores, {} new points, {} with a checkpoint recorded by the agent, {} with the journal replayed or repaired by e2fsck, {} failed; \
          workload {:.1} s, checks {:.1} s",
         crashes.len(),
         crashes.iter().filter(|c| !c.partial).count(),
         promises.acked.len(),
         checker.points_restored,
         checker.new_points,
+        checker.with_checkpoint,
         checker.fsck_repairs,
         failures.len(),
         recorded.as_secs_f64(),

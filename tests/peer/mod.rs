@@ -101,6 +101,15 @@ impl World {
         &self,
         before: &(Vec<(String, u64)>, usize, Vec<String>),
     ) {
+        // The receiver cuts an aborted session's uncommitted pack tail when
+        // it sees the connection go, which may be just after the client's
+        // last read: wait for that, bounded.
+        let deadline = pilotlight::Deadline::after(std::time::Duration::from_secs(10));
+        while &store_snapshot(&self.rcv.dir) != before && !deadline.passed() {
+            deadline
+                .next(|| "the store changed and did not settle".into())
+                .await;
+        }
         assert_eq!(&store_snapshot(&self.rcv.dir), before, "the store changed");
         pilotlight::overwrite_random_4k(&self.good_img, 8, rand::random());
         let cfg = agent_config(
