@@ -1,6 +1,6 @@
 //! `serve --console ADDR`: a read-only web console of the receiver, served
-//! by `serve` itself. HTML is rendered here ([`pages`]), with inline SVG
-//! charts ([`chart`]) and no JavaScript; `/api/` serves the same data as
+//! by `serve` itself. HTML is rendered here (`pages`), with inline SVG
+//! charts (`chart`) and no JavaScript; `/api/` serves the same data as
 //! JSON for scripts.
 //!
 //! On a loopback address the console speaks plain HTTP to loopback clients.
