@@ -154,7 +154,9 @@ pub struct Link {
     pub zero_runs: bool,
 }
 
-fn codec_err(e: CodecError) -> AgentError {
+/// A codec error as the agent's error: I/O is the network's, the rest the
+/// peer's bytes.
+pub(crate) fn codec_err(e: CodecError) -> AgentError {
     match e {
         CodecError::Io(e) => AgentError::Net(e),
         CodecError::Decode(d) => AgentError::Decode(d),

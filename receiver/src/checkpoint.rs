@@ -21,7 +21,6 @@
 //! The point's `EndPoint` later commits the rest, and the sync becomes part
 //! of that point in the same transaction.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +28,7 @@ use pilotlight_protocol::clock::now_ms;
 use pilotlight_protocol::Frame;
 
 use crate::catalog::{volumes_signature, NewCheckpoint};
-use crate::commit::{check_quota, sync_packs};
-use crate::handshake::still_authorized;
+use crate::commit::{lock_catalog, settle, sync_packs};
 use crate::session::{AttachedSync, PendingPoint, Session};
 use crate::store::{blocking, Store};
 use crate::ReceiveError;
@@ -144,19 +142,7 @@ fn record(
     req: CheckpointRequest,
     part: &PendingPoint,
 ) -> Result<(u64, u64), ReceiveError> {
-    let packs: Vec<(u64, u64)> = part
-        .packs
-        .iter()
-        .map(|(id, (_, end))| (*id, *end))
-        .collect();
-    let mut cat = store.catalog()?;
-    if !still_authorized(cat.server(&s.server)?.as_ref(), &s.serial) {
-        return Err(ReceiveError::Unauthorized(format!(
-            "the identity of server {} was revoked or superseded",
-            s.server
-        )));
-    }
-    check_quota(store, s, part)?;
+    let (mut cat, packs) = lock_catalog(store, s, part)?;
     let attached = s.state()?.sync;
     let base_seq = cat.latest_seq(s.server_id)?;
     let volumes = signature(s);
@@ -173,29 +159,8 @@ fn record(
         new_blocks: &part.new_blocks,
         packs: &packs,
     })?;
-    store.index_blocks(&part.new_blocks)?;
-    {
-        let index = store.index_read()?;
-        let hashes = part.refs.iter().filter_map(|r| r.hash.as_ref());
-        store.owners_write()?.add(s.server_id, hashes, &index);
-    }
-    store.note_committed(&packs)?;
-    drop(cat);
-    let written: u64 = part
-        .new_blocks
-        .iter()
-        .map(|(_, l)| u64::from(l.stored_len))
-        .sum();
-    let _ = s
-        .uncommitted
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-            Some(n.saturating_sub(written))
-        });
-    let mut st = s.state()?;
+    let mut st = settle(store, s, part, &packs, cat)?;
     st.sync = Some(AttachedSync { id, tag: req.tag });
-    for (h, _) in &part.new_blocks {
-        st.pending_hashes.remove(h);
-    }
     Ok((id, generation))
 }
 

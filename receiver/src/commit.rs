@@ -36,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pilotlight_protocol::clock::now_ms;
@@ -44,9 +44,9 @@ use pilotlight_protocol::clock::now_ms;
 use pilotlight_protocol::frame::{CommitMode, Consistency};
 use pilotlight_protocol::BlockHash;
 
-use crate::catalog::NewPoint;
+use crate::catalog::{Catalog, NewPoint};
 use crate::handshake::still_authorized;
-use crate::session::{PendingPoint, Session};
+use crate::session::{PendingPoint, Session, SessionState};
 use crate::store::{blocking, pack_file, Store};
 use crate::ReceiveError;
 
@@ -219,20 +219,7 @@ fn record_point(
         .iter()
         .map(|v| (v.name.as_str(), v.block_size, v.size))
         .collect();
-    let packs: Vec<(u64, u64)> = pending
-        .packs
-        .iter()
-        .map(|(id, (_, end))| (*id, *end))
-        .collect();
-    let mut cat = store.catalog()?;
-    // An identity revoked or superseded while the session ran commits nothing more.
-    if !still_authorized(cat.server(&s.server)?.as_ref(), &s.serial) {
-        return Err(ReceiveError::Unauthorized(format!(
-            "the identity of server {} was revoked or superseded",
-            s.server
-        )));
-    }
-    check_quota(store, s, pending)?;
+    let (mut cat, packs) = lock_catalog(store, s, pending)?;
     // The point completes the in-progress sync its session checkpointed
     // (or resumed); any other sync of the server is dropped by the commit.
     let merge_sync = s.state()?.sync.is_some_and(|a| a.tag == end.tag);
@@ -254,13 +241,59 @@ fn record_point(
         key,
         seq: cat.point_seq(key)?,
     };
+    let mut st = settle(store, s, pending, &packs, cat)?;
+    st.committed_tag = end.tag;
+    st.committing.remove(&end.tag);
+    st.sync = None;
+    Ok((point, created_ms))
+}
+
+/// The catalog, locked for a commit, and the packs' durable lengths.
+pub(crate) type Locked<'a> = (MutexGuard<'a, Catalog>, Vec<(u64, u64)>);
+
+/// Before a catalog transaction that records what a session received (a
+/// point's or a checkpoint's): the packs' durable lengths, and the catalog
+/// locked once the identity is still good (one revoked or superseded while
+/// the session ran records nothing more) and the blocks fit the quota.
+pub(crate) fn lock_catalog<'a>(
+    store: &'a Store,
+    s: &Session,
+    pending: &PendingPoint,
+) -> Result<Locked<'a>, ReceiveError> {
+    let packs: Vec<(u64, u64)> = pending
+        .packs
+        .iter()
+        .map(|(id, (_, end))| (*id, *end))
+        .collect();
+    let cat = store.catalog()?;
+    if !still_authorized(cat.server(&s.server)?.as_ref(), &s.serial) {
+        return Err(ReceiveError::Unauthorized(format!(
+            "the identity of server {} was revoked or superseded",
+            s.server
+        )));
+    }
+    check_quota(store, s, pending)?;
+    Ok((cat, packs))
+}
+
+/// After that transaction: index the new blocks, add their owners, note the
+/// packs' committed lengths, release the catalog, give back the session's
+/// uncommitted bytes and forget the hashes it held pending. Returns the
+/// session's state for the caller's own bookkeeping.
+pub(crate) fn settle<'a>(
+    store: &Store,
+    s: &'a Session,
+    pending: &PendingPoint,
+    packs: &[(u64, u64)],
+    cat: MutexGuard<'_, Catalog>,
+) -> Result<MutexGuard<'a, SessionState>, ReceiveError> {
     store.index_blocks(&pending.new_blocks)?;
     {
         let index = store.index_read()?;
         let hashes = pending.refs.iter().filter_map(|r| r.hash.as_ref());
         store.owners_write()?.add(s.server_id, hashes, &index);
     }
-    store.note_committed(&packs)?;
+    store.note_committed(packs)?;
     drop(cat);
     let written: u64 = pending
         .new_blocks
@@ -273,13 +306,10 @@ fn record_point(
             Some(n.saturating_sub(written))
         });
     let mut st = s.state()?;
-    st.committed_tag = end.tag;
-    st.committing.remove(&end.tag);
-    st.sync = None;
     for (h, _) in &pending.new_blocks {
         st.pending_hashes.remove(h);
     }
-    Ok((point, created_ms))
+    Ok(st)
 }
 
 /// Refuse the point if what it adds to its server's stored blocks would

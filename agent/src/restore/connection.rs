@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use pilotlight_protocol::codec::{CodecError, FrameCodec};
+use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{RestoreInfo, RestoreRequest};
 use pilotlight_protocol::limits::{
     block_count, FEATURE_PING, FEATURE_RESTORE, PING_INTERVAL, VERSION,
@@ -84,12 +84,7 @@ pub(crate) struct Opened {
     pub(crate) hashes: Vec<BlockHash>,
 }
 
-pub(crate) fn codec_err(e: CodecError) -> AgentError {
-    match e {
-        CodecError::Io(e) => AgentError::Net(e),
-        CodecError::Decode(d) => AgentError::Decode(d),
-    }
-}
+pub(crate) use crate::link::codec_err;
 
 /// The next frame; the receiver's `Error` and its closing are errors.
 pub(crate) async fn next(rd: &mut Reader) -> Result<Frame, AgentError> {
