@@ -1,17 +1,26 @@
 //! Power loss, not only kill -9: the receiver's store and the agent's state
 //! live on an ext4 filesystem whose device records every write and flush in
 //! order (nbdkit running `tests/support/recorder.py`, behind `nbdfuse` and a
-//! loop device). A workload enrolls a server, makes points, prunes, collects
-//! garbage and makes more points, noting the log's length at every
-//! acknowledgement (the initial sync checkpoints every 512 KiB). Crash images are then built from the log: the device at
+//! loop device). A workload enrolls a server and an operator, makes points,
+//! prunes, collects garbage and makes more points (the initial sync
+//! checkpoints every 512 KiB); then makes points while `serve` prunes and
+//! collects garbage by itself; then runs a live-tracking agent on a loop
+//! device over the volume and stops it cleanly after a write, so that it
+//! saves its dirty set. It notes the log's length at every acknowledgement.
+//! Crash images are then built from the log: the device at
 //! every flush, and at random flushes with a random subset of the writes
 //! that followed (some torn at a 512-byte sector). Each image is repaired as
 //! after a power cut (`e2fsck -fy`, then mounted, which replays the
-//! journal) and must keep every promise made before the cut: every point
+//! journal) and must keep every promise made before the cut: the identity
+//! files enrollment wrote are whole, every point
 //! acknowledged DURABLE is listed and restores byte for byte, every listed
 //! point restores as it was made, `verify` finds no damage, and on a sample
-//! of images a receiver serves the store again and the agent, with the state
-//! it had at the cut, makes a new point that restores byte for byte.
+//! of images (and on every image after the dirty set was saved) a receiver
+//! serves the store again and the agent, with the state it had at the cut,
+//! makes a new point that restores byte for byte: the live-tracking agent
+//! where the image may hold its state, taking up the saved dirty set where
+//! the image holds it (the device is unchanged since), so a stale or torn
+//! set that lost a write would show.
 //!
 //! `PILOTLIGHT_POWER_IMAGES` (default 1000) sets how many images to check,
 //! `PILOTLIGHT_POWER_SEED` the seed of the random choices (printed);
@@ -24,11 +33,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pilotlight::tracing_agent::{require_tracing, TracingAgent};
 use pilotlight::{
     agent_config, overwrite_random_4k, replicate_once, require_root, require_tools, restore_point,
     sample_image, ChildGuard, Deadline, LoopDevice, TestReceiver,
 };
+use pilotlight_agent::status::State;
+use pilotlight_agent::trace::DIRTY_FILE;
+use pilotlight_protocol::atomic_file::Access;
+use pilotlight_protocol::clock::now_ms;
 use pilotlight_receiver::retention::Policy;
+use pilotlight_receiver::ReceiverConfig;
+use rand::RngCore;
 use rand::{Rng, SeedableRng};
 
 /// The recorded disk holds two filesystems, the store's and the agent's
@@ -43,7 +59,12 @@ const MOUNTS: [&str; 2] = ["store-fs", "agent-fs"];
 /// Size of the replicated volume.
 const VOLUME: u64 = 4 << 20;
 const SERVER: &str = "web1";
-const VOLUME_NAME: &str = "disk";
+/// The volume's name: the one `TracingAgent` gives its device.
+const VOLUME_NAME: &str = "root";
+/// Block size of every agent here.
+const BLOCK_SIZE: u32 = 64 << 10;
+/// The tracing agent's flags for it.
+const TRACE_BLOCKS: [&str; 2] = ["--block-size", "65536"];
 /// One image in this many also takes a new point.
 const NEW_POINT_EVERY: usize = 40;
 
@@ -271,13 +292,25 @@ struct Promises {
     contents: BTreeMap<u64, Vec<u8>>,
     /// Points acknowledged DURABLE, with the log position at the ack.
     acked: Vec<(u64, u64)>,
-    /// Log position when `enroll` returned.
+    /// Log position when `enroll` returned, and the identity it wrote.
     enrolled: Option<u64>,
-    /// Log position when prune began, and the points it removed.
-    pruned: Option<(u64, Vec<u64>)>,
+    identity: Vec<u8>,
+    /// Log position when an operator identity was issued, and the files it
+    /// wrote (relative to the agent's filesystem) with their bytes.
+    operator: Option<(u64, Vec<Issued>)>,
+    /// Log position when a prune (by `prune`, or by the maintenance of a
+    /// serving receiver) may have begun, and the points it removed.
+    pruned: Vec<(u64, Vec<u64>)>,
+    /// Log position when the live-tracking agent started, and when its
+    /// clean stop had saved the dirty set (`dirty.bin`).
+    traced: Option<u64>,
+    dirty_saved: Option<u64>,
     /// The volume's contents at the end.
     last: Vec<u8>,
 }
+
+/// A file an enrollment wrote (relative to the agent's filesystem) and its bytes.
+type Issued = (PathBuf, Vec<u8>);
 
 /// One crash image to check: what it was built from and what it must hold.
 struct Crash {
@@ -294,6 +327,8 @@ struct Crash {
 struct Checker<'a> {
     root: &'a Path,
     source: &'a Path,
+    /// The loop device over `source` that the live-tracking agent traces.
+    device: &'a Path,
     log: &'a Log,
     promises: &'a Promises,
     fsck_repairs: usize,
@@ -301,6 +336,10 @@ struct Checker<'a> {
     new_points: usize,
     /// Images where the agent had recorded a checkpoint (sync.bin).
     with_checkpoint: usize,
+    /// New points made by the live-tracking agent, and of them those that
+    /// took up a saved dirty set instead of rescanning.
+    traced_points: usize,
+    dirty_resumed: usize,
     /// Time spent writing images, in e2fsck, mounting, checking the store.
     phases: [Duration; 4],
 }
@@ -378,9 +417,10 @@ impl Checker<'_> {
             .iter()
             .filter(|(_, at)| self.log.flushes_before(*at) <= crash.flushes)
             .map(|(id, _)| *id)
-            .filter(|id| match &p.pruned {
-                Some((at, removed)) => crash.end <= *at || !removed.contains(id),
-                None => true,
+            .filter(|id| {
+                p.pruned
+                    .iter()
+                    .all(|(at, removed)| crash.end <= *at || !removed.contains(id))
             })
             .collect();
         let enrolled = p
@@ -392,6 +432,23 @@ impl Checker<'_> {
                 Ok(listed) if !listed.is_empty() => Err("points before enroll".into()),
                 _ => Ok(()),
             };
+        }
+        // The files enrollment wrote are there, whole, once it returned.
+        let mut issued = vec![(PathBuf::from("web1.pem"), p.identity.clone())];
+        if let Some((at, files)) = &p.operator {
+            if self.log.flushes_before(*at) <= crash.flushes {
+                issued.extend(files.iter().cloned());
+            }
+        }
+        for (file, want) in &issued {
+            let got = std::fs::read(agent.join(file))
+                .map_err(|e| format!("{} (issued before the cut): {e}", file.display()))?;
+            if got != *want {
+                return Err(format!(
+                    "{} differs from what was issued before the cut",
+                    file.display()
+                ));
+            }
         }
         let listed = pilotlight_receiver::admin::points(&dir, Some(SERVER))
             .map_err(|e| format!("the store does not open: {e}"))?;
@@ -430,26 +487,42 @@ impl Checker<'_> {
         if !report.damaged.is_empty() {
             return Err(format!("verify found damage: {:?}", report.damaged));
         }
-        if crash.new_point {
-            self.new_point(agent, &dir).await?;
+        // The first images after the dirty set was saved, and some later.
+        let after_dirty_saved = p.dirty_saved.is_some_and(|at| {
+            let saved = self.log.flushes_before(at);
+            saved <= crash.flushes
+                && ((crash.flushes - saved) < 3 || (crash.flushes - saved) % 8 == 0)
+        });
+        if crash.new_point || after_dirty_saved {
+            let traced = p.traced.is_some_and(|at| crash.end > at);
+            self.new_point(agent, &dir, traced).await?;
         }
         Ok(())
     }
 
     /// Serve the store again and make a point with the agent's state as it
     /// was at the cut; the point must restore the volume as it is now.
-    async fn new_point(&mut self, agent: &Path, dir: &Path) -> Result<(), String> {
+    /// Where the image may hold the live-tracking agent's state (`traced`),
+    /// that agent makes it, on the loop device, taking up any dirty set its
+    /// clean stop saved (the device is unchanged since, so it is trusted).
+    async fn new_point(&mut self, agent: &Path, dir: &Path, traced: bool) -> Result<(), String> {
         let receiver = TestReceiver::serve(dir).await;
-        let mut cfg = agent_config(
-            receiver.addr,
-            &agent.join("web1.pem"),
-            &agent.join("state"),
-            &[(VOLUME_NAME, self.source)],
-        );
-        checkpoint_often(&mut cfg);
-        let point = tokio::time::timeout(Duration::from_secs(60), replicate_once(&cfg))
-            .await
-            .map_err(|_| "the agent made no point within 60 s".to_string())?;
+        let point = if traced {
+            self.traced_point(agent, dir, &receiver).await?
+        } else {
+            let mut cfg = agent_config(
+                receiver.addr,
+                &agent.join("web1.pem"),
+                &agent.join("state"),
+                &[(VOLUME_NAME, self.source)],
+            );
+            cfg.block_size = BLOCK_SIZE;
+            checkpoint_often(&mut cfg);
+            tokio::time::timeout(Duration::from_secs(60), replicate_once(&cfg))
+                .await
+                .map_err(|_| "the agent made no point within 60 s".to_string())?
+                .point
+        };
         // Staging was repaired at start (or rebuilt): it must follow.
         receiver.wait_staging(SERVER).await;
         receiver.stop().await;
@@ -461,28 +534,92 @@ impl Checker<'_> {
             return Err("the staging image differs from the new point".into());
         }
         let restored = self.root.join("new.img");
-        restore_point(dir, SERVER, VOLUME_NAME, point.point, &restored);
+        restore_point(dir, SERVER, VOLUME_NAME, point, &restored);
         let got = std::fs::read(&restored).map_err(|e| e.to_string())?;
         if got != self.promises.last {
-            return Err(format!(
-                "the new point {} restores different bytes",
-                point.point
-            ));
+            return Err(format!("the new point {point} restores different bytes"));
         }
         self.new_points += 1;
         Ok(())
     }
+
+    /// A point by the live-tracking agent with the state on the image.
+    async fn traced_point(
+        &mut self,
+        agent: &Path,
+        dir: &Path,
+        receiver: &TestReceiver,
+    ) -> Result<u64, String> {
+        let newest = pilotlight_receiver::admin::points(dir, Some(SERVER))
+            .map_err(|e| format!("points: {e}"))?
+            .iter()
+            .map(|pt| pt.id as u64)
+            .max()
+            .unwrap_or(0);
+        let resumable = agent.join("state").join(DIRTY_FILE).exists();
+        let started = now_ms();
+        let mut tracing = TracingAgent::start(
+            &receiver.addr.to_string(),
+            &agent.join("web1.pem"),
+            &agent.join("state"),
+            self.device,
+            &[&TRACE_BLOCKS[..], &["--interval", "1s", "--commit", "sync"]].concat(),
+        );
+        let st = tracing
+            .wait(60, "a new point", |s| {
+                s.last_point.is_some_and(|id| id > newest)
+                    && s.collected_ms.is_some_and(|c| c > started)
+                    && s.backlog_bytes == Some(0)
+                    && s.pending_points == 0
+            })
+            .await;
+        tracing.stop().await;
+        let rescans = st.tracking.map_or(0, |t| t.rescans);
+        self.traced_points += 1;
+        if resumable && rescans == 0 {
+            self.dirty_resumed += 1;
+        }
+        st.last_point.ok_or_else(|| "no point".to_string())
+    }
 }
 
 /// Make points, prune, collect garbage and make more, on the recorded
-/// filesystem; note every promise with the log position it was made at.
-async fn workload(rec: &Recording, source: &Path) -> Promises {
+/// filesystem; then again with prune and garbage collection running inside
+/// `serve`; then with a live-tracking agent on a loop device over the
+/// volume, stopped cleanly after a write so that it saves its dirty set.
+/// Note every promise with the log position it was made at. Returns the
+/// loop device, which the checks trace again.
+async fn workload(rec: &Recording, source: &Path) -> (Promises, LoopDevice) {
     let mut p = Promises::default();
     let dir = rec.mounts[0].join("store");
     pilotlight_receiver::admin::init(&dir, Some("127.0.0.1:0")).expect("init");
     let agent = &rec.mounts[1];
     pilotlight_receiver::admin::enroll(&dir, SERVER, &agent.join("web1.pem")).expect("enroll");
     p.enrolled = Some(rec.position());
+    p.identity = std::fs::read(agent.join("web1.pem")).expect("identity");
+    let ops = agent.join("ops.pem");
+    let nbd = pilotlight_receiver::admin::enroll_operator(&dir, "ops", &ops).expect("operator");
+    let mut files = vec![
+        ops,
+        nbd.join("ca-cert.pem"),
+        nbd.join("client-cert.pem"),
+        nbd.join("client-key.pem"),
+    ];
+    p.operator = Some((
+        rec.position(),
+        files
+            .drain(..)
+            .map(|f| {
+                let bytes = std::fs::read(&f).expect("operator file");
+                (
+                    f.strip_prefix(agent)
+                        .expect("under the agent's fs")
+                        .to_owned(),
+                    bytes,
+                )
+            })
+            .collect(),
+    ));
     let mut seed = 1;
     let receiver = TestReceiver::serve(&dir).await;
     for _ in 0..5 {
@@ -501,8 +638,13 @@ async fn workload(rec: &Recording, source: &Path) -> Promises {
         .map(|i| i.point as u64)
         .collect();
     assert!(!removed.is_empty(), "prune removed nothing: {items:?}");
-    p.pruned = Some((start, removed));
-    let gc = pilotlight_receiver::admin::gc(&dir, Default::default()).expect("gc");
+    p.pruned.push((start, removed));
+    // Any dead block makes a pack worth rewriting: with 4 KiB blocks a
+    // round kills only a few percent of one.
+    let opts = pilotlight_receiver::gc::GcOptions {
+        min_dead_percent: 1,
+    };
+    let gc = pilotlight_receiver::admin::gc(&dir, opts).expect("gc");
     assert!(
         gc.packs_removed + gc.packs_rewritten > 0,
         "gc rewrote and removed nothing, so the images would not cover it: {gc:?}"
@@ -514,8 +656,140 @@ async fn workload(rec: &Recording, source: &Path) -> Promises {
     }
     receiver.wait_staging(SERVER).await;
     receiver.stop().await;
+    seed = maintained(&mut p, rec, source, seed).await;
+    let device = traced(&mut p, rec, source, seed).await;
     p.last = std::fs::read(source).expect("read source");
-    p
+    (p, device)
+}
+
+/// Points while the serving receiver prunes (keeping the newest 2) and
+/// collects garbage by itself every second: its maintenance, as an
+/// operator runs it. Returns the last seed used.
+async fn maintained(p: &mut Promises, rec: &Recording, source: &Path, mut seed: u64) -> u64 {
+    let dir = rec.mounts[0].join("store");
+    let mut cfg = ReceiverConfig::load(&dir).expect("config");
+    let quiet = cfg.clone();
+    cfg.prune_interval_secs = 1;
+    cfg.gc_min_dead_percent = 1;
+    cfg.retention = Policy::none();
+    cfg.retention.keep_last = 2;
+    write_config(&dir, &cfg);
+    let packs = |dir: &Path| -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(dir.join("packs"))
+            .expect("packs")
+            .map(|e| e.expect("entry").file_name())
+            .collect()
+    };
+    let before = packs(&dir);
+    let start = rec.position();
+    let receiver = TestReceiver::serve(&dir).await;
+    for _ in 0..4 {
+        seed += 1;
+        round(p, rec, &receiver, source, seed).await;
+    }
+    // Until a pass has pruned down to 2 points and rewritten or removed a
+    // pack that was there before.
+    let deadline = Deadline::after(Duration::from_secs(60));
+    loop {
+        let listed = pilotlight_receiver::admin::points(&dir, Some(SERVER)).expect("points");
+        let now = packs(&dir);
+        if listed.len() <= 2 && before.iter().any(|f| !now.contains(f)) {
+            break;
+        }
+        deadline
+            .next(|| format!("maintenance did not prune and collect: {listed:?}"))
+            .await;
+    }
+    receiver.wait_staging(SERVER).await;
+    receiver.stop().await;
+    let listed: Vec<u64> = pilotlight_receiver::admin::points(&dir, Some(SERVER))
+        .expect("points")
+        .iter()
+        .map(|pt| pt.id as u64)
+        .collect();
+    let removed = p
+        .contents
+        .keys()
+        .copied()
+        .filter(|id| !listed.contains(id))
+        .collect();
+    p.pruned.push((start, removed));
+    write_config(&dir, &quiet);
+    seed
+}
+
+/// Write the receiver's configuration as an operator's editor would: a
+/// new file renamed over the old.
+fn write_config(dir: &Path, cfg: &ReceiverConfig) {
+    let text = toml::to_string(cfg).expect("config toml");
+    pilotlight_protocol::atomic_file::write(dir, "receiver.toml", text.as_bytes(), Access::Umask)
+        .expect("write receiver.toml");
+}
+
+/// The live-tracking agent on a loop device over the volume: a point, a
+/// write, and a clean stop before the next point, which saves the write
+/// in the dirty set (`dirty.bin`) instead of sending it.
+async fn traced(p: &mut Promises, rec: &Recording, source: &Path, seed: u64) -> LoopDevice {
+    let dir = rec.mounts[0].join("store");
+    let agent = &rec.mounts[1];
+    let device = LoopDevice::attach(source);
+    let receiver = TestReceiver::serve(&dir).await;
+    let newest = p.contents.keys().copied().max().unwrap_or(0);
+    p.traced = Some(rec.position());
+    let content = std::fs::read(source).expect("read source");
+    let mut tracing = TracingAgent::start(
+        &receiver.addr.to_string(),
+        &agent.join("web1.pem"),
+        &agent.join("state"),
+        &device.path,
+        &[&TRACE_BLOCKS[..], &["--interval", "1h", "--commit", "sync"]].concat(),
+    );
+    let st = tracing
+        .wait(60, "the rescan's point", |s| {
+            s.last_point.is_some_and(|id| id > newest) && s.state == State::Continuous
+        })
+        .await;
+    let point = st.last_point.expect("a point");
+    p.acked.push((point, rec.position()));
+    p.contents.insert(point, content);
+    let written = now_ms();
+    write_device(&device.path, 24, seed);
+    tracing
+        .wait(60, "the write to be collected", |s| {
+            s.collected_ms.is_some_and(|c| c > written)
+        })
+        .await;
+    tracing.stop().await;
+    assert!(
+        agent.join("state").join(DIRTY_FILE).exists(),
+        "the clean stop saved no dirty set"
+    );
+    p.dirty_saved = Some(rec.position());
+    receiver.stop().await;
+    // The stop made no point of the write: the dirty set holds it.
+    let listed = pilotlight_receiver::admin::points(&dir, Some(SERVER)).expect("points");
+    assert!(
+        listed.iter().all(|pt| pt.id as u64 <= point),
+        "a point was made after the write: {listed:?}"
+    );
+    device
+}
+
+/// Overwrite `count` random 4 KiB blocks of the device through the block
+/// layer (buffered, then synced), as a live-traced writer does.
+fn write_device(dev: &Path, count: usize, seed: u64) {
+    let f = std::fs::File::options()
+        .write(true)
+        .open(dev)
+        .expect("open device");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut buf = [0u8; 4096];
+    for _ in 0..count {
+        let off = rng.random_range(0..VOLUME / 4096) * 4096;
+        rng.fill_bytes(&mut buf);
+        std::os::unix::fs::FileExt::write_all_at(&f, &buf, off).expect("write device");
+    }
+    f.sync_all().expect("sync device");
 }
 
 /// A full sync of the small volume checkpoints every 512 KiB sent, so that
@@ -540,6 +814,7 @@ async fn round(
         &agent.join("state"),
         &[(VOLUME_NAME, source)],
     );
+    cfg.block_size = BLOCK_SIZE;
     checkpoint_often(&mut cfg);
     overwrite_random_4k(source, 24, seed);
     let content = std::fs::read(source).expect("read source");
@@ -549,9 +824,10 @@ async fn round(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root, nbdkit with its Python plugin, nbdfuse, e2fsprogs"]
+#[ignore = "needs root, tracefs, nbdkit with its Python plugin, nbdfuse, e2fsprogs"]
 async fn acknowledged_points_survive_power_loss() {
     require_root("loop devices and mounts");
+    require_tracing();
     require_tools(&[
         "nbdkit",
         "nbdfuse",
@@ -592,7 +868,7 @@ async fn acknowledged_points_survive_power_loss() {
     sample_image(&source, VOLUME, 7);
 
     let rec = Recording::start(root, &base);
-    let promises = workload(&rec, &source).await;
+    let (promises, device) = workload(&rec, &source).await;
     let log = Log::parse(rec.finish());
     let recorded = started.elapsed();
 
@@ -605,12 +881,15 @@ async fn acknowledged_points_survive_power_loss() {
     let mut checker = Checker {
         root: scratch.path(),
         source: &source,
+        device: &device.path,
         log: &log,
         promises: &promises,
         fsck_repairs: 0,
         points_restored: 0,
         new_points: 0,
         with_checkpoint: 0,
+        traced_points: 0,
+        dirty_resumed: 0,
         phases: Default::default(),
     };
     let mut failures = Vec::new();
@@ -652,13 +931,15 @@ async fn acknowledged_points_survive_power_loss() {
     let flushes = boundaries.len() - 1;
     println!(
         "power loss: {} images ({} at a flush of {flushes}, the rest with a random part of the writes after one, {torn_writes} with a torn write), \
-         {} acknowledged points, {} point restores, {} new points, {} with a checkpoint recorded by the agent, {} with the journal replayed or repaired by e2fsck, {} failed; \
+         {} acknowledged points, {} point restores, {} new points ({} by the live-tracking agent, {} of them from its saved dirty set), {} with a checkpoint recorded by the agent, {} with the journal replayed or repaired by e2fsck, {} failed; \
          workload {:.1} s, checks {:.1} s",
         crashes.len(),
         crashes.iter().filter(|c| !c.partial).count(),
         promises.acked.len(),
         checker.points_restored,
         checker.new_points,
+        checker.traced_points,
+        checker.dirty_resumed,
         checker.with_checkpoint,
         checker.fsck_repairs,
         failures.len(),
@@ -672,6 +953,10 @@ async fn acknowledged_points_survive_power_loss() {
         "{} crash images broke a promise (seed {seed}):\n{}",
         failures.len(),
         failures.join("\n")
+    );
+    assert!(
+        checker.dirty_resumed > 0,
+        "no image had the live-tracking agent take up its saved dirty set"
     );
     assert!(
         crashes.len() >= images.min(1000),

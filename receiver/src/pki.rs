@@ -57,7 +57,14 @@ pub fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), ReceiveError
         })?;
     f.write_all(data)
         .and_then(|()| f.sync_all())
-        .map_err(|e| ReceiveError::storage(path, e))
+        .map_err(|e| ReceiveError::storage(path, e))?;
+    // The new name too: without it a power cut can lose the file whose
+    // contents were synced (the catalog may already name its serial).
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    crate::store::sync_dir(parent)
 }
 
 fn serial() -> SerialNumber {

@@ -5,6 +5,8 @@
 //! This is test code: a failed step panics with a message, as a test should.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod tracing_agent;
+
 use std::fs::File;
 use std::io::Read;
 use std::net::SocketAddr;
