@@ -491,7 +491,7 @@ impl Checker<'_> {
         let after_dirty_saved = p.dirty_saved.is_some_and(|at| {
             let saved = self.log.flushes_before(at);
             saved <= crash.flushes
-                && ((crash.flushes - saved) < 3 || (crash.flushes - saved) % 8 == 0)
+                && ((crash.flushes - saved) < 3 || (crash.flushes - saved).is_multiple_of(8))
         });
         if crash.new_point || after_dirty_saved {
             let traced = p.traced.is_some_and(|at| crash.end > at);
