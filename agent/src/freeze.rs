@@ -1,15 +1,15 @@
 //! A frozen filesystem (FIFREEZE) that cannot outlive its limit.
 //!
 //! A point with `--consistency freeze:MOUNT` freezes the filesystem only to
-//! *read* the final delta into memory ([`capture`]); it is thawed before
+//! *read* the final delta into memory (`capture`); it is thawed before
 //! anything is hashed, compressed or sent, so neither the network, the
 //! receiver nor the rate cap can keep production writes blocked. Two things
 //! thaw a freeze that overstays, whatever the agent's async runtime does:
 //!
-//! - [`watchdog`]: a plain thread armed before FIFREEZE that thaws at the
+//! - `watchdog`: a plain thread armed before FIFREEZE that thaws at the
 //!   limit (`--freeze-limit`, 2 s by default). A point whose freeze it ended
 //!   is labelled `fuzzy` (its reads may straddle the thaw).
-//! - [`guard`]: a small process (`pilotlight-agent freeze-guard`, hidden)
+//! - `guard`: a small process (`pilotlight-agent freeze-guard`, hidden)
 //!   holding a pipe from the agent. It thaws when the pipe closes while a
 //!   freeze is on (the agent died, e.g. kill -9) or when the limit plus
 //!   [`GUARD_MARGIN`] passes.
