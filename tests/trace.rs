@@ -903,6 +903,7 @@ async fn the_watchdog_thaws_a_freeze_at_its_limit() {
         (1000.0..2500.0).contains(&longest),
         "longest freeze {longest} ms with a 1 s limit"
     );
+    assert!(st.tracking.as_ref().unwrap().watchdog_thaws >= 3);
     assert!(
         agent.log().contains("watchdog thaws"),
         "no watchdog thaw logged:\n{}",

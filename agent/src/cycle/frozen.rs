@@ -89,6 +89,7 @@ impl Session<'_> {
             return Ok(());
         };
         t.note_freeze(thawed.held);
+        t.note_frozen_read(captured, thawed.by_watchdog);
         t.note_thaw()?;
         self.agent.reporter.save();
         tracing::info!(
