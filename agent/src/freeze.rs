@@ -18,8 +18,8 @@
 //! fits [`FreezeOptions::memory`] (checked before anything is allocated).
 //! Pre-copy rounds first shrink the delta as they always did (until it is
 //! at most 16 MiB or the pre-copy patience is out); a delta still larger
-//! than the budget at the freeze is read live, thawed at once, and the
-//! point is labelled `fuzzy`.
+//! than the budget at the freeze (or one the kernel finds no memory for)
+//! is read live after the thaw, and the point is labelled `fuzzy`.
 //!
 //! This module and `consistency` are the ones with `unsafe`: the FIFREEZE
 //! and FITHAW ioctls, each a single call on a directory fd we own.

@@ -45,9 +45,9 @@ impl Session<'_> {
             let captured = if fits {
                 capture::capture(&sources, plans.as_deref())
             } else {
-                Ok(Captured::default())
+                Ok(None)
             };
-            if captured.is_ok() {
+            if matches!(captured, Ok(Some(_))) {
                 frozen.hold_for_tests();
             }
             (captured, frozen.thaw())
@@ -55,6 +55,10 @@ impl Session<'_> {
         .await
         .map_err(|e| AgentError::task("frozen read", e))?;
         let captured = captured?;
+        if fits && captured.is_none() {
+            point.report.consistency = Consistency::Fuzzy;
+        }
+        let captured = captured.unwrap_or_default();
         if !fits {
             point.report.consistency = Consistency::Fuzzy;
             tracing::warn!(

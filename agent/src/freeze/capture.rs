@@ -99,8 +99,32 @@ pub(crate) fn delta_bytes(vols: &[Source], plans: Option<&[Plan]>) -> u64 {
 }
 
 /// Read what `plans` says of every volume into memory (blocking). The
-/// caller checked the budget with [`delta_bytes`].
-pub(crate) fn capture(vols: &[Source], plans: Option<&[Plan]>) -> Result<Captured, AgentError> {
+/// caller checked the budget with [`delta_bytes`]. `None` if the memory
+/// could not be had (the kernel refused a memory file or its pages): the
+/// caller then reads live, as for a delta over the budget. A volume that
+/// cannot be read is an error.
+pub(crate) fn capture(
+    vols: &[Source],
+    plans: Option<&[Plan]>,
+) -> Result<Option<Captured>, AgentError> {
+    match capture_all(vols, plans) {
+        Ok(c) => Ok(Some(c)),
+        Err(Failed::Memory(e)) => {
+            tracing::warn!(cause = %e, "no memory for the frozen delta; it is read live and the point is fuzzy");
+            Ok(None)
+        }
+        Err(Failed::Source(e)) => Err(e),
+    }
+}
+
+/// Why a capture failed.
+enum Failed {
+    /// The memory file: not the volume's fault.
+    Memory(std::io::Error),
+    Source(AgentError),
+}
+
+fn capture_all(vols: &[Source], plans: Option<&[Plan]>) -> Result<Captured, Failed> {
     let mut out = Captured::default();
     for (i, v) in vols.iter().enumerate() {
         let bs = u64::from(v.block_size);
@@ -114,10 +138,12 @@ pub(crate) fn capture(vols: &[Source], plans: Option<&[Plan]>) -> Result<Capture
             out.files.push(None);
             continue;
         }
-        let src_err = |e| AgentError::Source {
-            volume: v.name.clone(),
-            path: v.path.clone(),
-            source: e,
+        let src_err = |e| {
+            Failed::Source(AgentError::Source {
+                volume: v.name.clone(),
+                path: v.path.clone(),
+                source: e,
+            })
         };
         let src = if v.is_device {
             File::options()
@@ -128,7 +154,7 @@ pub(crate) fn capture(vols: &[Source], plans: Option<&[Plan]>) -> Result<Capture
             File::open(&v.path)
         }
         .map_err(src_err)?;
-        let mem = memory_file(&v.name, v.size)?;
+        let mem = memory_file(v.size).map_err(Failed::Memory)?;
         let mut buf = AlignedBuf::new((per_read * bs) as usize);
         for (first, n) in runs {
             let offset = first * bs;
@@ -136,11 +162,13 @@ pub(crate) fn capture(vols: &[Source], plans: Option<&[Plan]>) -> Result<Capture
             let data = buf
                 .get_mut(len as usize)
                 .filter(|d| d.len() as u64 == len)
-                .ok_or_else(|| AgentError::Internal("capture larger than its buffer".into()))?;
+                .ok_or_else(|| {
+                    Failed::Source(AgentError::Internal(
+                        "capture larger than its buffer".into(),
+                    ))
+                })?;
             src.read_exact_at(data, offset).map_err(src_err)?;
-            mem.write_all_at(data, offset).map_err(|e| {
-                AgentError::Consistency(format!("cannot keep the frozen delta in memory: {e}"))
-            })?;
+            mem.write_all_at(data, offset).map_err(Failed::Memory)?;
             out.bytes += len;
         }
         out.files.push(Some(mem));
@@ -150,14 +178,10 @@ pub(crate) fn capture(vols: &[Source], plans: Option<&[Plan]>) -> Result<Capture
 }
 
 /// An anonymous memory file of `size` bytes, all holes.
-fn memory_file(name: &str, size: u64) -> Result<File, AgentError> {
-    let err = |e: std::io::Error| {
-        AgentError::Consistency(format!("cannot make a memory file for volume {name}: {e}"))
-    };
-    let fd = memfd_create("pilotlight-frozen-delta", MFdFlags::MFD_CLOEXEC)
-        .map_err(|e| err(e.into()))?;
+fn memory_file(size: u64) -> std::io::Result<File> {
+    let fd = memfd_create("pilotlight-frozen-delta", MFdFlags::MFD_CLOEXEC)?;
     let f = File::from(fd);
-    f.set_len(size).map_err(err)?;
+    f.set_len(size)?;
     Ok(f)
 }
 
@@ -205,7 +229,7 @@ mod tests {
         std::fs::write(&img, &data).unwrap();
         let vols = [source(img.clone(), data.len() as u64)];
         let plans = [Plan::Blocks(vec![1, 3])];
-        let c = capture(&vols, Some(&plans)).unwrap();
+        let c = capture(&vols, Some(&plans)).unwrap().unwrap();
         assert_eq!(c.bytes, 2 * 4096);
         // The volume changes after the capture: the memory file does not.
         std::fs::write(&img, vec![9u8; data.len()]).unwrap();
