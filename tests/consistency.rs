@@ -109,3 +109,45 @@ async fn frozen_filesystem_makes_a_crash_consistent_point_and_is_thawed() {
     rcv.stop().await;
     drop(fs);
 }
+
+/// A final delta over the freeze's memory budget is not read frozen: the
+/// filesystem is thawed at once, the volume read live, and the point is
+/// labelled fuzzy (here an idle image, so it still restores byte-exact).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, mkfs.ext4 and fsfreeze"]
+async fn a_delta_over_the_freeze_memory_budget_is_read_live_and_fuzzy() {
+    require_tools(&["fsfreeze"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fs = SmallFs::create(root, 64 << 20);
+    let rcv = TestReceiver::create(root).await;
+    let id = rcv.enroll("big");
+    let img = fs.mount.join("disk.img");
+    sample_image(&img, 16 << 20, 5);
+    let mut cfg = agent_config(rcv.addr, &id, &root.join("state"), &[("root", &img)]);
+    cfg.consistency = ConsistencyMode::Freeze(fs.mount.clone());
+    // The whole 16 MiB volume is the delta of a scan; 1 MiB may be held.
+    cfg.freeze.memory = 1 << 20;
+    let p = replicate_once(&cfg).await;
+    assert_eq!(p.consistency, Consistency::Fuzzy);
+    let probe = fs.mount.join("after");
+    let writer = std::thread::spawn(move || std::fs::write(&probe, b"thawed").is_ok());
+    let deadline = Deadline::after(Duration::from_secs(20));
+    while !writer.is_finished() {
+        deadline
+            .next(|| {
+                let _ = std::process::Command::new("fsfreeze")
+                    .arg("-u")
+                    .arg(&fs.mount)
+                    .status();
+                "the filesystem was left frozen".into()
+            })
+            .await;
+    }
+    assert!(writer.join().unwrap());
+    let out = root.join("out");
+    rcv.restore("big", "root", p.point, &out);
+    assert_same_bytes(&out, &img, file_len(&img));
+    rcv.stop().await;
+    drop(fs);
+}

@@ -232,6 +232,27 @@ async fn zero_run_of_zero_blocks_or_wrapping() {
     w.good_agent_still_works(&before).await;
 }
 
+/// A `PartialBlock` (kind 25) to a receiver that did not advertise
+/// `FEATURE_PARTIAL` ends the session; nothing of it is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_block_to_a_receiver_without_the_feature() {
+    let w = world().await;
+    let before = store_snapshot(&w.rcv.dir);
+    let (_control, mut data, _) = session(w.rcv.addr, &w.good_id).await;
+    let partial = pilotlight_protocol::PartialBlockFrame {
+        tag: 1,
+        volume: 0,
+        index: 0,
+        raw_len: 65536,
+        base_hash: pilotlight_protocol::BlockHash::of(&[0u8; 65536]),
+        ranges: vec![pilotlight_protocol::frame::ByteRange { offset: 0, len: 4 }],
+        data: bytes::Bytes::from_static(b"abcd"),
+    };
+    data.send(&Frame::PartialBlock(partial)).await.unwrap();
+    expect_error(&mut data, ErrorCode::Protocol, "PartialBlock").await;
+    w.good_agent_still_works(&before).await;
+}
+
 /// Overlapping runs are honest up to the point's block cap (the volume's
 /// 16 blocks, 4 times): each counts its blocks, and the run that would pass
 /// the cap is refused whole, before anything of it is kept.

@@ -579,18 +579,6 @@ async fn state_on_the_frozen_filesystem() {
         &["--consistency", &freeze],
         &root.join("agent.log"),
     );
-    // Whatever happens, the filesystem is not left frozen (dropped before the
-    // agent, which could not exit while blocked on it).
-    struct Thaw(PathBuf);
-    impl Drop for Thaw {
-        fn drop(&mut self) {
-            let _ = Command::new("fsfreeze")
-                .arg("-u")
-                .arg(&self.0)
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
     let _thaw = Thaw(fs.mount.clone());
     agent.initial_sync().await;
     let first = agent.status().unwrap().last_point.unwrap();
@@ -660,5 +648,212 @@ async fn state_on_the_frozen_filesystem() {
         "points made while nothing was written\n{}",
         agent.log()
     );
+    agent.stop().await;
+}
+
+/// Thaws a filesystem on drop, whatever a test left (dropped before the
+/// agent, which could not exit while blocked on it).
+struct Thaw(PathBuf);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Write `len` bytes to `path` and fsync, from a thread; panics unless it
+/// completes within `within` (a frozen filesystem blocks it).
+async fn write_within(path: PathBuf, len: usize, within: Duration, why: impl Fn() -> String) {
+    let start = std::time::Instant::now();
+    let writer = std::thread::spawn(move || {
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+    });
+    let deadline = Deadline::after(within);
+    while !writer.is_finished() {
+        deadline
+            .next(|| format!("a write blocked for {:?}: {}", start.elapsed(), why()))
+            .await;
+    }
+    writer.join().unwrap();
+}
+
+/// Remove the tracing instances a killed agent left behind.
+fn remove_instances_of(pid: u32) {
+    for e in std::fs::read_dir("/sys/kernel/tracing/instances").unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!("pilotlight-{pid}-")) {
+            let _ = std::fs::remove_dir(Path::new("/sys/kernel/tracing/instances").join(name));
+        }
+    }
+}
+
+/// A freeze the agent holds (the debug-build knob
+/// `PILOTLIGHT_TEST_HOLD_FREEZE`, as a stalled agent would) is thawed by
+/// the watchdog at `--freeze-limit`: writes to the mount complete within
+/// the limit (plus a margin), no freeze lasts much longer than the limit,
+/// and those points are labelled fuzzy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs, mkfs.ext4 and fsfreeze"]
+async fn the_watchdog_thaws_a_freeze_at_its_limit() {
+    require_tracing();
+    require_tools(&["fsfreeze"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fs = ext4(root, 64 * MIB);
+    let (dir, _rcv, addr) = receiver(root);
+    let id = enroll(&dir, "held");
+    let freeze = format!("freeze:{}", fs.mount.display());
+    let mut agent = Agent::start_with_env(
+        &addr,
+        &id,
+        &root.join("state"),
+        fs.device(),
+        &["--consistency", &freeze, "--freeze-limit", "1s"],
+        &root.join("agent.log"),
+        &[("PILOTLIGHT_TEST_HOLD_FREEZE", "1")],
+    );
+    let _thaw = Thaw(fs.mount.clone());
+    agent.initial_sync().await;
+    for i in 0..3 {
+        write_within(
+            fs.mount.join(format!("f{i}")),
+            256 << 10,
+            Duration::from_secs(4),
+            || agent.log(),
+        )
+        .await;
+        let done = now_ms();
+        agent
+            .wait(60, "a point after the write", |s| {
+                s.last_point_ms.is_some_and(|t| t > done)
+            })
+            .await;
+    }
+    let st = agent.status().unwrap();
+    let longest = st.tracking.as_ref().unwrap().max_freeze_ms.unwrap();
+    assert!(
+        (1000.0..2500.0).contains(&longest),
+        "longest freeze {longest} ms with a 1 s limit"
+    );
+    assert!(st.tracking.as_ref().unwrap().watchdog_thaws >= 3);
+    assert!(
+        agent.log().contains("watchdog thaws"),
+        "no watchdog thaw logged:\n{}",
+        agent.log()
+    );
+    assert_eq!(point_consistency(&dir, st.last_point.unwrap()), "fuzzy");
+    agent.stop().await;
+}
+
+/// kill -9 of the agent while it holds a freeze: its guard process thaws
+/// the filesystem at once (the limit here is a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs, mkfs.ext4 and fsfreeze"]
+async fn a_kill_9_while_frozen_is_thawed_by_the_guard() {
+    require_tracing();
+    require_tools(&["fsfreeze"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fs = ext4(root, 64 * MIB);
+    let (dir, _rcv, addr) = receiver(root);
+    let id = enroll(&dir, "killed");
+    let freeze = format!("freeze:{}", fs.mount.display());
+    let mut agent = Agent::start_with_env(
+        &addr,
+        &id,
+        &root.join("state"),
+        fs.device(),
+        &["--consistency", &freeze, "--freeze-limit", "60s"],
+        &root.join("agent.log"),
+        &[("PILOTLIGHT_TEST_HOLD_FREEZE", "1")],
+    );
+    let _thaw = Thaw(fs.mount.clone());
+    agent.initial_sync().await;
+    write_within(
+        fs.mount.join("before"),
+        256 << 10,
+        Duration::from_secs(10),
+        || agent.log(),
+    )
+    .await;
+    let deadline = Deadline::after(Duration::from_secs(60));
+    while !agent.log().contains("holding the freeze") {
+        deadline
+            .next(|| format!("the agent never froze:\n{}", agent.log()))
+            .await;
+    }
+    let pid = agent.pid();
+    let ok = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let _ = agent.child.0.wait();
+    remove_instances_of(pid);
+    write_within(fs.mount.join("after"), 4096, Duration::from_secs(5), || {
+        "the filesystem stayed frozen after kill -9 of the agent".into()
+    })
+    .await;
+}
+
+/// The receiver SIGSTOPped while the agent freezes and sends: the freeze
+/// only reads, so writes to the mount keep completing within the default
+/// limit (plus a margin); after SIGCONT the writes reach a point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs, mkfs.ext4 and fsfreeze"]
+async fn a_stopped_receiver_never_holds_a_freeze() {
+    require_tracing();
+    require_tools(&["fsfreeze"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let fs = ext4(root, 64 * MIB);
+    let (dir, rcv, addr) = receiver(root);
+    let id = enroll(&dir, "stopped");
+    let freeze = format!("freeze:{}", fs.mount.display());
+    let mut agent = Agent::start(
+        &addr,
+        &id,
+        &root.join("state"),
+        fs.device(),
+        &["--consistency", &freeze],
+    );
+    let _thaw = Thaw(fs.mount.clone());
+    agent.initial_sync().await;
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &rcv.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    signal("-STOP");
+    let start = std::time::Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(6) {
+        // Small writes: under pre-copy's threshold, so each point freezes
+        // at once and its delta goes to the stopped receiver.
+        write_within(
+            fs.mount.join(format!("w{}", i % 8)),
+            128 << 10,
+            Duration::from_secs(4),
+            || agent.log(),
+        )
+        .await;
+        i += 1;
+    }
+    signal("-CONT");
+    let done = now_ms();
+    let st = agent
+        .wait(90, "a point after SIGCONT", |s| {
+            s.last_point_ms.is_some_and(|t| t > done)
+        })
+        .await;
+    let longest = st.tracking.unwrap().max_freeze_ms.unwrap();
+    assert!(longest < 2000.0, "longest freeze {longest} ms");
     agent.stop().await;
 }

@@ -1,25 +1,25 @@
 //! Making a point consistent: reflink clones (FICLONE) of image files, or a
 //! frozen filesystem (FIFREEZE/FITHAW). Anything else is labelled `fuzzy`.
 //!
-//! This is the one module with `unsafe`: the three ioctls, each a single call
-//! on a file descriptor we own, with arguments the kernel documents.
+//! The freeze itself, its watchdog and guard are in [`crate::freeze`]. This
+//! module has one `unsafe` call: FICLONE on two file descriptors we own.
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use pilotlight_protocol::frame::Consistency;
 
+use crate::freeze::{Freezer, Frozen, Thawed};
 use crate::AgentError;
 
 mod ioctl {
     #![allow(missing_docs, unreachable_pub)]
     nix::ioctl_write_int!(ficlone, 0x94, 9);
-    nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
-    nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
 }
-use ioctl::{ficlone, fifreeze, fithaw};
+use ioctl::ficlone;
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub struct Snapshot {
     /// The label the point gets.
     pub consistency: Consistency,
     clones: Vec<PathBuf>,
-    frozen: Option<File>,
+    frozen: Option<Frozen>,
 }
 
 impl Snapshot {
@@ -78,15 +78,15 @@ impl Snapshot {
         self.frozen.is_some()
     }
 
-    /// Thaw a frozen filesystem now (reading is done). Idempotent.
-    pub fn release_freeze(&mut self) {
-        if let Some(f) = self.frozen.take() {
-            let mut arg: libc::c_int = 0;
-            // SAFETY: FITHAW on a directory fd we opened; arg is a valid int.
-            if let Err(e) = unsafe { fithaw(f.as_raw_fd(), &mut arg) } {
-                tracing::error!(cause = %e, "FITHAW failed; the filesystem may still be frozen");
-            }
-        }
+    /// Thaw a frozen filesystem now. Idempotent; `None` if nothing was
+    /// frozen.
+    pub(crate) fn release_freeze(&mut self) -> Option<Thawed> {
+        self.frozen.take().map(Frozen::thaw)
+    }
+
+    /// The freeze, to end elsewhere (after reading the delta).
+    pub(crate) fn take_freeze(&mut self) -> Option<Frozen> {
+        self.frozen.take()
     }
 }
 
@@ -133,9 +133,10 @@ pub fn sync_filesystem(mount: &Path) -> Result<(), AgentError> {
 }
 
 /// Prepare the sources of one cycle.
-pub fn prepare(
+pub(crate) fn prepare(
     mode: &ConsistencyMode,
     sources: &[(String, PathBuf, bool)],
+    freezer: &Arc<Freezer>,
 ) -> Result<Snapshot, AgentError> {
     let live = || {
         sources
@@ -188,21 +189,11 @@ pub fn prepare(
             }
             Ok(snap)
         }
-        ConsistencyMode::Freeze(mount) => {
-            let dir = File::open(mount).map_err(|e| {
-                AgentError::Consistency(format!("cannot open mount {}: {e}", mount.display()))
-            })?;
-            let mut arg: libc::c_int = 0;
-            // SAFETY: FIFREEZE on a directory fd we opened; arg is a valid int.
-            unsafe { fifreeze(dir.as_raw_fd(), &mut arg) }.map_err(|e| {
-                AgentError::Consistency(format!("cannot freeze {}: {e}", mount.display()))
-            })?;
-            Ok(Snapshot {
-                paths: live(),
-                consistency: Consistency::CrashConsistent,
-                clones: vec![],
-                frozen: Some(dir),
-            })
-        }
+        ConsistencyMode::Freeze(mount) => Ok(Snapshot {
+            paths: live(),
+            consistency: Consistency::CrashConsistent,
+            clones: vec![],
+            frozen: Some(freezer.freeze(mount)?),
+        }),
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use pilotlight_protocol::frame::Consistency;
@@ -17,6 +18,8 @@ use crate::session::{Pending, Session, Wait};
 use crate::trace::{Plan, RescanReason};
 use crate::{AgentError, ConsistencyMode};
 use pilotlight_protocol::clock::now_ms;
+
+mod frozen;
 
 /// How a cycle ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +110,8 @@ impl Session<'_> {
         // A freeze counts from the FIFREEZE call: writers block while it
         // flushes, too.
         let frozen_at = Instant::now();
-        let mut snapshot = tokio::task::spawn_blocking(move || prepare(&mode, &sources))
+        let freezer = Arc::clone(self.agent.freezer);
+        let mut snapshot = tokio::task::spawn_blocking(move || prepare(&mode, &sources, &freezer))
             .await
             .map_err(|e| AgentError::task("snapshot", e))??;
         let freeze_call = frozen_at.elapsed();
@@ -140,25 +144,28 @@ impl Session<'_> {
                 point.report.consistency = Consistency::Fuzzy;
             }
         }
-        let paths: Vec<PathBuf> = self
+        // Frozen: read the final delta into memory and thaw before
+        // anything is hashed, compressed or sent.
+        let captured = self
+            .read_frozen(&mut snapshot, plans.as_deref(), &mut point, freeze_call)
+            .await?;
+        let sources: Vec<ReadFrom> = self
             .vols
             .iter()
             .enumerate()
-            .map(|(i, v)| {
-                snapshot
-                    .paths
-                    .get(i)
-                    .cloned()
-                    .unwrap_or_else(|| v.path.clone())
+            .map(|(i, v)| ReadFrom {
+                path: captured.path(i, snapshot.paths.get(i).unwrap_or(&v.path)),
+                from_memory: captured.holds(i),
             })
             .collect();
-        if !self
-            .send_volumes(&paths, plans.as_deref(), &mut point)
-            .await?
-        {
+        let sent = self
+            .send_volumes(&sources, plans.as_deref(), &mut point)
+            .await;
+        drop(captured);
+        drop(snapshot);
+        if !sent? {
             return Ok(Outcome::Stopped);
         }
-        self.thaw(snapshot, frozen_at, freeze_call, &point)?;
         self.end_point(point, wire_before).await?;
         Ok(Outcome::Sent)
     }
@@ -234,7 +241,14 @@ impl Session<'_> {
             }
             let barrier = barrier_start.elapsed();
             point.precopied = true;
-            let live: Vec<PathBuf> = self.vols.iter().map(|v| v.path.clone()).collect();
+            let live: Vec<ReadFrom> = self
+                .vols
+                .iter()
+                .map(|v| ReadFrom {
+                    path: v.path.clone(),
+                    from_memory: false,
+                })
+                .collect();
             if !self.send_volumes(&live, Some(&pre), point).await? {
                 return Ok(false);
             }
@@ -291,37 +305,6 @@ impl Session<'_> {
         Ok(Some(plans))
     }
 
-    /// Release the freeze (or snapshot); after a freeze, note how long it
-    /// lasted and what the thaw itself wrote.
-    fn thaw(
-        &mut self,
-        mut snapshot: Snapshot,
-        frozen_at: Instant,
-        freeze_call: std::time::Duration,
-        point: &Point,
-    ) -> Result<(), AgentError> {
-        let was_frozen = snapshot.is_frozen();
-        snapshot.release_freeze();
-        drop(snapshot);
-        let (true, Some(t)) = (was_frozen, self.agent.collector.get_mut()) else {
-            return Ok(());
-        };
-        let frozen = frozen_at.elapsed();
-        t.note_freeze(frozen);
-        t.note_thaw()?;
-        self.agent.reporter.save();
-        tracing::info!(
-            tag = point.tag,
-            frozen_ms = frozen.as_secs_f64() * 1000.0,
-            fifreeze_ms = freeze_call.as_secs_f64() * 1000.0,
-            barrier_ms = point.barrier.as_secs_f64() * 1000.0,
-            precopied = point.precopied,
-            blocks = point.report.blocks_sent,
-            "filesystem thawed"
-        );
-        Ok(())
-    }
-
     /// Send `EndPoint`; the point is pending until its `DURABLE`.
     async fn end_point(&mut self, point: Point, wire_before: &mut u64) -> Result<(), AgentError> {
         let mut report = point.report;
@@ -356,7 +339,7 @@ impl Session<'_> {
     /// stopped.
     async fn send_volumes(
         &mut self,
-        paths: &[PathBuf],
+        sources: &[ReadFrom],
         plans: Option<&[Plan]>,
         point: &mut Point,
     ) -> Result<bool, AgentError> {
@@ -374,7 +357,9 @@ impl Session<'_> {
                 return Err(AgentError::Resized(v.name.clone()));
             }
             let (vsize, bs) = (v.size, v.block_size);
-            let path = paths.get(i).cloned().unwrap_or_else(|| v.path.clone());
+            let (path, from_memory) = sources
+                .get(i)
+                .map_or((v.path.clone(), false), |s| (s.path.clone(), s.from_memory));
             let only: Option<Vec<u64>> = match plans.and_then(|p| p.get(i)) {
                 Some(Plan::Blocks(b)) if b.is_empty() => continue,
                 Some(Plan::Blocks(b)) => Some(b.clone()),
@@ -394,6 +379,7 @@ impl Session<'_> {
                 let part = Part {
                     vol: i,
                     path: path.clone(),
+                    from_memory,
                     only: only.as_deref(),
                     range,
                     zero_runs: point.sync.is_none(),
@@ -459,6 +445,7 @@ impl Session<'_> {
         let zero_runs = self.link.zero_runs && part.zero_runs;
         // A device is read directly (a snapshot never clones one).
         let direct = v.is_device && part.path == v.path;
+        let from_memory = part.from_memory;
         let (path, only, range) = (
             part.path.clone(),
             part.only.map(<[u64]>::to_vec),
@@ -480,6 +467,7 @@ impl Session<'_> {
                 only: only.as_deref(),
                 range,
                 direct,
+                from_memory,
             };
             let sink = Sink {
                 tx: &tx,
@@ -505,10 +493,18 @@ impl Session<'_> {
     }
 }
 
+/// Where a cycle reads one volume.
+struct ReadFrom {
+    path: PathBuf,
+    /// `path` is the frozen delta in memory.
+    from_memory: bool,
+}
+
 /// One part of one volume to scan.
 struct Part<'a> {
     vol: usize,
     path: PathBuf,
+    from_memory: bool,
     only: Option<&'a [u64]>,
     range: Option<(u64, u64)>,
     /// Zero blocks may go as `ZeroRun`s. Not in a checkpointed full sync:

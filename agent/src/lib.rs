@@ -10,6 +10,7 @@ pub mod consistency;
 mod cycle;
 mod durable;
 pub mod error;
+pub mod freeze;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hashfile;
@@ -99,6 +100,10 @@ pub struct AgentConfig {
     /// When a full sync checkpoints (with a receiver that keeps
     /// checkpoints): every 1 GiB sent or 30 s by default.
     pub checkpoints: checkpoint::CheckpointPolicy,
+    /// With `--consistency freeze:MOUNT`: the freeze's hard limit
+    /// (`--freeze-limit`, 2 s), the memory the frozen delta may take
+    /// (256 MiB) and the guard process (see [`freeze`]).
+    pub freeze: freeze::FreezeOptions,
 }
 
 impl AgentConfig {
@@ -132,6 +137,7 @@ impl AgentConfig {
             progress: None,
             ping_interval: pilotlight_protocol::limits::PING_INTERVAL,
             checkpoints: checkpoint::CheckpointPolicy::default(),
+            freeze: freeze::FreezeOptions::default(),
         }
     }
 }

@@ -106,6 +106,7 @@ async fn replicate(
     let mut reports = Vec::new();
     let mut backoff = Backoff::default();
     let mut reporter = Reporter::new(cfg);
+    let freezer = Arc::new(crate::freeze::Freezer::new(cfg.freeze.clone()));
     loop {
         let agent = Agent {
             cfg,
@@ -113,6 +114,7 @@ async fn replicate(
             collector: &mut *collector,
             reporter: &mut reporter,
             reports: &mut reports,
+            freezer: &freezer,
         };
         let (progressed, result) = session::run(agent, tls.clone()).await;
         match result {

@@ -60,6 +60,10 @@ pub struct ScanJob<'a> {
     /// in flight, so a buffered read could return data older than a write
     /// that already completed.
     pub direct: bool,
+    /// `path` is the frozen delta kept in memory (`agent::freeze::capture`,
+    /// which counted the volume's reads): reading it is not a read of the
+    /// volume.
+    pub from_memory: bool,
 }
 
 /// Alignment of O_DIRECT buffers (covers 512 and 4096-byte sectors).

@@ -54,6 +54,8 @@ pub(crate) struct Agent<'a> {
     pub(crate) collector: &'a mut Collector,
     pub(crate) reporter: &'a mut Reporter,
     pub(crate) reports: &'a mut Vec<PointReport>,
+    /// Freezes filesystems (and keeps the guard process).
+    pub(crate) freezer: &'a Arc<crate::freeze::Freezer>,
 }
 
 /// What ends a wait.

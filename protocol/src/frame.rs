@@ -11,8 +11,10 @@ use crate::limits::{
 use crate::reader::Reader;
 use crate::DecodeError;
 
+mod partial;
 mod restore;
 
+pub use partial::{ByteRange, PartialAppliedFrame, PartialBlockFrame};
 pub use restore::{PointSelector, RestoreInfo, RestoreRequest};
 
 /// Length of the fixed frame header.
@@ -49,6 +51,8 @@ pub enum Kind {
     Resume = 22,
     SyncState = 23,
     ZeroRun = 24,
+    PartialBlock = 25,
+    PartialApplied = 26,
 }
 
 impl Kind {
@@ -79,6 +83,8 @@ impl Kind {
             22 => Self::Resume,
             23 => Self::SyncState,
             24 => Self::ZeroRun,
+            25 => Self::PartialBlock,
+            26 => Self::PartialApplied,
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -364,6 +370,11 @@ pub enum Frame {
     },
     /// A run of zero blocks (kind 24, [`crate::limits::FEATURE_ZEROS`]).
     ZeroRun(ZeroRunFrame),
+    /// Some byte ranges of a block (kind 25,
+    /// [`crate::limits::FEATURE_PARTIAL`]).
+    PartialBlock(PartialBlockFrame),
+    /// A partial block's merged hash (kind 26).
+    PartialApplied(PartialAppliedFrame),
 }
 
 impl Frame {
@@ -404,6 +415,8 @@ impl Frame {
             Self::Resume { .. } => Kind::Resume,
             Self::SyncState { .. } => Kind::SyncState,
             Self::ZeroRun(_) => Kind::ZeroRun,
+            Self::PartialBlock(_) => Kind::PartialBlock,
+            Self::PartialApplied(_) => Kind::PartialApplied,
         }
     }
 
@@ -558,6 +571,8 @@ impl Frame {
                 dst.put_u64_le(z.first);
                 dst.put_u64_le(z.count);
             }
+            Self::PartialBlock(p) => p.encode(dst),
+            Self::PartialApplied(a) => a.encode(dst),
         }
     }
 
@@ -708,6 +723,8 @@ impl Frame {
                 Frame::Ping
             }
             Kind::Block => Frame::Block(BlockFrame::parse(body)?),
+            Kind::PartialBlock => Frame::PartialBlock(PartialBlockFrame::parse(&body)?),
+            Kind::PartialApplied => Frame::PartialApplied(PartialAppliedFrame::parse(&body)?),
             Kind::Fetched => Frame::Fetched(BlockFrame::parse(body)?),
             Kind::Restore => Frame::Restore(RestoreRequest::parse(&body)?),
             Kind::RestoreInfo => Frame::RestoreInfo(RestoreInfo::parse(&body)?),
@@ -943,8 +960,11 @@ mod tests {
             raw_frame(Kind::ZeroRun as u8, &body, &mut buf);
             assert_eq!(Frame::decode(&mut buf), Err(DecodeError::Invalid(why)));
         }
-        // Kinds 25-27 are kept for later zero-range frames: unknown today.
-        for k in 25..=27u8 {
+        // Kinds 25-26 are the partial-block frames (issue 19); 27-28 are
+        // kept for them and unknown today.
+        assert_eq!(Kind::from_u8(25), Ok(Kind::PartialBlock));
+        assert_eq!(Kind::from_u8(26), Ok(Kind::PartialApplied));
+        for k in 27..=28u8 {
             assert_eq!(Kind::from_u8(k), Err(DecodeError::UnknownKind(k)));
         }
     }

@@ -88,8 +88,27 @@
 //! Fetched   (19)  the Block body: tag = point | volume = 0 | encoding | ... | payload
 //! ZeroRun   (24)  tag u64 | volume u16 | first u64 | count u64
 //!                 (data streams; only to a receiver whose Hello has bit 3,
-//!                 FEATURE_ZEROS; kinds 25-27 are reserved for zero ranges)
+//!                 FEATURE_ZEROS)
+//! PartialBlock (25) tag u64 | volume u16 | index u64 | raw_len u32 | base_hash[32]
+//!                 | count u16 | count x (offset u32 | len u32) | data[Σ len]
+//! PartialApplied (26) tag u64 | volume u16 | index u64 | hash[32]
+//!                 (data streams; only between peers whose Hello has bit 4,
+//!                 FEATURE_PARTIAL = 16; kinds 27-28 are reserved for it)
 //! ```
+//!
+//! `PartialBlock` carries only some byte ranges of block `index` (the
+//! sectors written since the last point): the receiver reads the block
+//! whose BLAKE3 is `base_hash` from the volume's previous point, checks
+//! that hash, copies the ranges over it, hashes and stores the result as a
+//! normal block, and answers `PartialApplied` with the new hash on the same
+//! stream before the `Received` that covers the frame. It counts as one
+//! block in `EndPoint.blocks`. Decoding refuses 0 or more than
+//! `MAX_PARTIAL_RANGES` (64) ranges, an empty range, ranges that overlap or
+//! descend, a range past `raw_len` (itself 1 to `MAX_BLOCK_SIZE`), and data
+//! that is not exactly the ranges' bytes. An agent sends a `PartialBlock`
+//! only when its body is smaller than the whole block's, and records the
+//! block's new hash only from `PartialApplied`; without one (a connection
+//! lost, a receiver killed) the block goes whole in a later point.
 //!
 //! `ZeroRun` says blocks `first .. first + count` of `volume` are all zeros in
 //! point `tag`, exactly as `count` zero `Block`s (encoding 0) would: it counts
@@ -144,4 +163,4 @@ pub mod tls;
 
 pub use block::{BlockError, BlockHash, Encoding};
 pub use error::DecodeError;
-pub use frame::{Frame, Kind, ZeroRunFrame};
+pub use frame::{Frame, Kind, PartialAppliedFrame, PartialBlockFrame, ZeroRunFrame};

@@ -33,6 +33,22 @@ pub const FEATURE_CHECKPOINT: u32 = 4;
 /// zero `Block` per block.
 pub const FEATURE_ZEROS: u32 = 8;
 
+/// `Hello.features` bit: this peer takes `PartialBlock` frames (kind 25)
+/// on its data streams and answers each with `PartialApplied` (kind 26).
+/// An agent sends them only to a receiver that advertised this bit; to
+/// others it sends whole blocks.
+pub const FEATURE_PARTIAL: u32 = 16;
+/// Most byte ranges in one `PartialBlock`; an agent that tracked more for
+/// a block sends the whole block.
+pub const MAX_PARTIAL_RANGES: usize = 64;
+
+/// Fixed part of a `PartialBlock` body, before the ranges.
+pub const PARTIAL_HEADER_LEN: usize = 8 + 2 + 8 + 4 + 32 + 2;
+/// Length of one range of a `PartialBlock` on the wire.
+pub const PARTIAL_RANGE_LEN: usize = 4 + 4;
+/// Length of a `PartialApplied` body.
+pub const PARTIAL_APPLIED_LEN: usize = 8 + 2 + 8 + 32;
+
 /// Fixed length of a `ZeroRun` body.
 pub const ZERO_RUN_LEN: usize = 8 + 2 + 8 + 8;
 

@@ -3,12 +3,15 @@
 
 use bytes::{Bytes, BytesMut};
 use pilotlight_protocol::block::{BlockHash, Encoding};
+use pilotlight_protocol::frame::ByteRange;
 use pilotlight_protocol::frame::{
     BlockFrame, CommitMode, Consistency, ErrorCode, PointSelector, RestoreInfo, RestoreRequest,
     VolumeDecl,
 };
 use pilotlight_protocol::golden::{self, hex};
-use pilotlight_protocol::{DecodeError, Frame, ZeroRunFrame};
+use pilotlight_protocol::{
+    DecodeError, Frame, PartialAppliedFrame, PartialBlockFrame, ZeroRunFrame,
+};
 
 fn check(frame: Frame, seq: u64, golden: &str) {
     let mut buf = BytesMut::new();
@@ -57,6 +60,50 @@ fn zero_run_frame_matches_the_documented_layout() {
     let crc = crc32fast::hash(&want);
     want.extend_from_slice(&crc.to_le_bytes());
     let golden = std::fs::read_to_string(testdata("zerorun.hex")).unwrap();
+    assert_eq!(hex(&unhex(&golden)), hex(&want));
+}
+
+fn partial_block() -> Frame {
+    Frame::PartialBlock(PartialBlockFrame {
+        tag: 3,
+        volume: 1,
+        index: 0x0203,
+        raw_len: 4096,
+        base_hash: BlockHash::of(b"base"),
+        ranges: vec![
+            ByteRange { offset: 0, len: 2 },
+            ByteRange {
+                offset: 0x0200,
+                len: 3,
+            },
+        ],
+        data: Bytes::from_static(b"abcde"),
+    })
+}
+
+/// The PartialBlock body laid out by hand from the crate docs.
+#[test]
+fn partial_block_frame_matches_the_documented_layout() {
+    let mut want = Vec::new();
+    let body_len = 8 + 2 + 8 + 4 + 32 + 2 + 2 * 8 + 5;
+    want.extend_from_slice(&(body_len as u32).to_le_bytes()); // len
+    want.push(25); // kind PartialBlock
+    want.extend_from_slice(&[0, 0, 0]); // flags, reserved
+    want.extend_from_slice(&12u64.to_le_bytes()); // seq
+    want.extend_from_slice(&3u64.to_le_bytes()); // tag
+    want.extend_from_slice(&1u16.to_le_bytes()); // volume
+    want.extend_from_slice(&0x0203u64.to_le_bytes()); // index
+    want.extend_from_slice(&4096u32.to_le_bytes()); // raw_len
+    want.extend_from_slice(BlockHash::of(b"base").as_bytes()); // base_hash
+    want.extend_from_slice(&2u16.to_le_bytes()); // count
+    for (offset, len) in [(0u32, 2u32), (0x0200, 3)] {
+        want.extend_from_slice(&offset.to_le_bytes());
+        want.extend_from_slice(&len.to_le_bytes());
+    }
+    want.extend_from_slice(b"abcde"); // data
+    let crc = crc32fast::hash(&want);
+    want.extend_from_slice(&crc.to_le_bytes());
+    let golden = std::fs::read_to_string(testdata("partialblock.hex")).unwrap();
     assert_eq!(hex(&unhex(&golden)), hex(&want));
 }
 
@@ -236,6 +283,17 @@ fn fixtures() -> Vec<(&'static str, Frame, u64)> {
                 count: 0x0001_0000_0000,
             }),
             11,
+        ),
+        ("partialblock.hex", partial_block(), 12),
+        (
+            "partialapplied.hex",
+            Frame::PartialApplied(PartialAppliedFrame {
+                tag: 3,
+                volume: 1,
+                index: 0x0203,
+                hash: BlockHash::of(b"merged"),
+            }),
+            13,
         ),
     ]
 }

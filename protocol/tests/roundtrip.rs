@@ -71,6 +71,48 @@ fn frame() -> impl Strategy<Value = Frame> {
             any::<u16>(),
             any::<u64>(),
             hash(),
+            proptest::collection::vec((1u32..64, 1u32..64), 1..8)
+        )
+            .prop_map(|(tag, volume, index, base_hash, gaps)| {
+                // Ascending, disjoint ranges: a gap, then a length.
+                let mut at = 0u32;
+                let mut ranges = Vec::new();
+                for (gap, len) in gaps {
+                    ranges.push(pilotlight_protocol::frame::ByteRange {
+                        offset: at + gap,
+                        len,
+                    });
+                    at += gap + len;
+                }
+                let data: Vec<u8> = (0..at)
+                    .map(|i| i as u8)
+                    .take(ranges.iter().map(|r| r.len as usize).sum())
+                    .collect();
+                Frame::PartialBlock(pilotlight_protocol::PartialBlockFrame {
+                    tag,
+                    volume,
+                    index,
+                    raw_len: 4096,
+                    base_hash,
+                    ranges,
+                    data: Bytes::from(data),
+                })
+            }),
+        (any::<u64>(), any::<u16>(), any::<u64>(), hash()).prop_map(
+            |(tag, volume, index, hash)| Frame::PartialApplied(
+                pilotlight_protocol::PartialAppliedFrame {
+                    tag,
+                    volume,
+                    index,
+                    hash,
+                }
+            )
+        ),
+        (
+            any::<u64>(),
+            any::<u16>(),
+            any::<u64>(),
+            hash(),
             proptest::collection::vec(any::<u8>(), 1..2000)
         )
             .prop_map(

@@ -58,6 +58,19 @@ impl TracingAgent {
         extra: &[&str],
         log_path: &Path,
     ) -> Self {
+        Self::start_with_env(addr, id, state, dev, extra, log_path, &[])
+    }
+
+    /// [`Self::start_logging_to`] with more environment variables.
+    pub fn start_with_env(
+        addr: &str,
+        id: &Path,
+        state: &Path,
+        dev: &Path,
+        extra: &[&str],
+        log_path: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::fs::File::create(log_path).unwrap();
         let block_size: &[&str] = if extra.contains(&"--block-size") {
             &[]
@@ -75,6 +88,7 @@ impl TracingAgent {
             .args(block_size)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

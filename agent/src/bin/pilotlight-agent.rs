@@ -102,6 +102,10 @@ struct RunArgs {
     /// Cap the send rate at N megabits per second.
     #[arg(long)]
     limit_mbps: Option<u32>,
+    /// With freeze:MOUNT: thaw after this long whatever happens (that
+    /// point is labelled fuzzy), e.g. 500ms [default: 2s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    freeze_limit: Option<Duration>,
     /// A full sync checkpoints after this many MiB sent [default: 1024].
     #[arg(long)]
     checkpoint_mib: Option<u64>,
@@ -180,6 +184,7 @@ struct FileConfig {
     streams: Option<u16>,
     block_size: Option<u32>,
     limit_mbps: Option<u32>,
+    freeze_limit: Option<String>,
     checkpoint_mib: Option<u64>,
     checkpoint_secs: Option<u64>,
     metrics: Option<String>,
@@ -209,6 +214,15 @@ enum Cmd {
     },
     /// Print the man page (roff).
     Man,
+    /// Thaw MOUNT if the agent that started this dies while it is frozen
+    /// (started by the agent itself; see pilotlight_agent::freeze).
+    #[command(hide = true, name = "freeze-guard")]
+    FreezeGuard {
+        #[arg(long)]
+        mount: PathBuf,
+        #[arg(long)]
+        limit_ms: u64,
+    },
 }
 
 /// Histogram buckets of the agent's metrics, in seconds (a point may take
@@ -333,6 +347,17 @@ fn config(a: RunArgs, f: FileConfig) -> anyhow::Result<(AgentConfig, Option<Stri
         cfg.block_size = b;
     }
     cfg.limit_mbps = a.limit_mbps.or(f.limit_mbps).filter(|&m| m > 0);
+    if let Some(l) = a.freeze_limit {
+        cfg.freeze.limit = l;
+    } else if let Some(l) = f.freeze_limit {
+        cfg.freeze.limit =
+            humantime::parse_duration(&l).with_context(|| format!("freeze_limit {l:?}"))?;
+    }
+    anyhow::ensure!(
+        !cfg.freeze.limit.is_zero(),
+        "--freeze-limit must be longer than 0s"
+    );
+    cfg.freeze.guard_program = std::env::current_exe().ok();
     if let Some(m) = a.checkpoint_mib.or(f.checkpoint_mib) {
         anyhow::ensure!(m > 0, "checkpoint-mib must be at least 1");
         cfg.checkpoints.bytes = m << 20;
@@ -457,6 +482,9 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
             );
         }
         Cmd::Man => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
+        Cmd::FreezeGuard { mount, limit_ms } => {
+            pilotlight_agent::freeze::run_guard(&mount, Duration::from_millis(limit_ms))?;
+        }
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ fn a_listed_scan_sends_exactly_the_listed_blocks_that_changed() {
         only: Some(&only),
         range: None,
         direct: false,
+        from_memory: false,
     };
     let sink = Sink {
         tx: &tx,
@@ -83,6 +84,7 @@ fn frames_of(data: &[u8], base: &[BlockHash], zero_runs: bool) -> (ScanResult, V
         only: None,
         range: None,
         direct: false,
+        from_memory: false,
     };
     let sink = Sink {
         tx: &tx,

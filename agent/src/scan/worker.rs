@@ -144,8 +144,10 @@ impl Worker<'_> {
                 .file
                 .read_exact_at(data, offset)
                 .map_err(|e| sh.src_err(e))?;
-            out.bytes_read += len as u64;
-            metrics::counter!("pilotlight_agent_bytes_read_total").increment(len as u64);
+            if !job.from_memory {
+                out.bytes_read += len as u64;
+                metrics::counter!("pilotlight_agent_bytes_read_total").increment(len as u64);
+            }
         }
         if let Some(p) = sh.sink.progress {
             p.fetch_add(len as u64, Ordering::Relaxed);

@@ -48,6 +48,14 @@ pub struct TrackStats {
     pub last_freeze_ms: Option<f64>,
     /// Longest freeze so far.
     pub max_freeze_ms: Option<f64>,
+    /// Freezes the watchdog ended at `--freeze-limit` (their points are
+    /// fuzzy).
+    #[serde(default)]
+    pub watchdog_thaws: u64,
+    /// Bytes read while frozen for the last point (its final delta, kept
+    /// in memory until sent).
+    #[serde(default)]
+    pub last_frozen_read_bytes: Option<u64>,
 }
 
 /// One volume's bookkeeping.
@@ -433,6 +441,12 @@ impl<S: EventSource> Tracking<S> {
             }
         }
         total
+    }
+
+    /// Record what a freeze read and whether the watchdog ended it.
+    pub fn note_frozen_read(&mut self, bytes: u64, by_watchdog: bool) {
+        self.stats.last_frozen_read_bytes = Some(bytes);
+        self.stats.watchdog_thaws += u64::from(by_watchdog);
     }
 
     /// Record how long the filesystem was frozen for a point.

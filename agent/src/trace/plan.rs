@@ -45,7 +45,7 @@ impl std::fmt::Display for RescanReason {
 }
 
 /// What a cycle reads of one volume.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Plan {
     /// Every block (initial sync, lost events, unclean stop...).
     Full(RescanReason),

@@ -101,6 +101,7 @@ impl Run {
                 generation: u64::from(input.u8()),
             },
             13 if kind & 0x80 != 0 => restore(input),
+            13 if kind & 0x40 != 0 => partial_block(input),
             _ => {
                 let len = input.u8() % 32;
                 return Out::Raw((0..len).map(|_| input.u8()).collect());
@@ -324,4 +325,27 @@ fn receiver_only(input: &mut Input<'_>) -> Frame {
             blocks: n,
         },
     }
+}
+
+/// A `PartialBlock` (kind 25), which no receiver takes yet (it does not
+/// advertise `FEATURE_PARTIAL`): ranges in or past a block, a base hash of
+/// zeros or of nothing.
+fn partial_block(input: &mut Input<'_>) -> Frame {
+    let (a, b, n) = (input.u8(), input.u8(), input.u8());
+    let ranges: Vec<pilotlight_protocol::frame::ByteRange> = (0..=u32::from(n % 4))
+        .map(|i| pilotlight_protocol::frame::ByteRange {
+            offset: i * u32::from(b).max(1) * 16,
+            len: u32::from(b % 16) + 1,
+        })
+        .collect();
+    let len: usize = ranges.iter().map(|r| r.len as usize).sum();
+    Frame::PartialBlock(pilotlight_protocol::PartialBlockFrame {
+        tag: u64::from(a % 4),
+        volume: u16::from((a >> 2) % 3),
+        index: u64::from(b % 6),
+        raw_len: BS,
+        base_hash: BlockHash::of(&[]),
+        ranges,
+        data: Bytes::from(vec![a; len]),
+    })
 }

@@ -1,0 +1,242 @@
+//! The final delta, read into memory while the filesystem is frozen.
+//!
+//! Each volume's planned blocks are read (O_DIRECT from a device, as the
+//! scan does) and written at their own offsets into an anonymous memory
+//! file (memfd) the size of the volume: blocks not read are holes that take
+//! no memory. After the thaw, the scan reads that file by its
+//! `/proc/self/fd` path exactly as it would read the volume, hashes,
+//! compresses and sends. The budget is checked before the first byte is
+//! allocated.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use pilotlight_protocol::limits::block_count;
+
+use crate::scan::AlignedBuf;
+use crate::trace::Plan;
+use crate::AgentError;
+
+/// Largest single read.
+const READ_BYTES: u64 = 2 << 20;
+
+/// One volume as the capture sees it.
+pub(crate) struct Source {
+    pub(crate) name: String,
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
+    pub(crate) block_size: u32,
+    pub(crate) is_device: bool,
+}
+
+/// The captured volumes: a memory file per volume that had something to
+/// read. Dropping it frees the memory.
+#[derive(Default)]
+pub(crate) struct Captured {
+    files: Vec<Option<File>>,
+    /// Bytes read.
+    pub(crate) bytes: u64,
+}
+
+impl Captured {
+    /// Whether volume `i` was captured.
+    pub(crate) fn holds(&self, i: usize) -> bool {
+        matches!(self.files.get(i), Some(Some(_)))
+    }
+
+    /// Where the scan reads volume `i`: its memory file, or `live`.
+    pub(crate) fn path(&self, i: usize, live: &std::path::Path) -> PathBuf {
+        match self.files.get(i) {
+            Some(Some(f)) => PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
+            _ => live.to_owned(),
+        }
+    }
+}
+
+/// The runs `(first block, count)` a plan reads of a volume of `blocks`.
+fn runs(plan: Option<&Plan>, blocks: u64, per_read: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    match plan {
+        Some(Plan::Blocks(list)) => {
+            for &b in list.iter().filter(|&&b| b < blocks) {
+                match out.last_mut() {
+                    Some((first, n)) if *first + *n == b && *n < per_read => *n += 1,
+                    Some((first, n)) if b < *first + *n => {}
+                    _ => out.push((b, 1)),
+                }
+            }
+        }
+        Some(Plan::Full(_)) | None => {
+            let mut first = 0;
+            while first < blocks {
+                let n = per_read.min(blocks - first);
+                out.push((first, n));
+                first += n;
+            }
+        }
+    }
+    out
+}
+
+/// Bytes the plans read of the volumes (every volume in full without plans).
+pub(crate) fn delta_bytes(vols: &[Source], plans: Option<&[Plan]>) -> u64 {
+    vols.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let bs = u64::from(v.block_size);
+            let blocks = block_count(v.size, v.block_size);
+            runs(plans.and_then(|p| p.get(i)), blocks, u64::MAX)
+                .iter()
+                .map(|&(first, n)| {
+                    (first.saturating_add(n).saturating_mul(bs)).min(v.size) - first * bs
+                })
+                .fold(0u64, u64::saturating_add)
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
+/// Read what `plans` says of every volume into memory (blocking). The
+/// caller checked the budget with [`delta_bytes`]. `None` if the memory
+/// could not be had (the kernel refused a memory file or its pages): the
+/// caller then reads live, as for a delta over the budget. A volume that
+/// cannot be read is an error.
+pub(crate) fn capture(
+    vols: &[Source],
+    plans: Option<&[Plan]>,
+) -> Result<Option<Captured>, AgentError> {
+    match capture_all(vols, plans) {
+        Ok(c) => Ok(Some(c)),
+        Err(Failed::Memory(e)) => {
+            tracing::warn!(cause = %e, "no memory for the frozen delta; it is read live and the point is fuzzy");
+            Ok(None)
+        }
+        Err(Failed::Source(e)) => Err(e),
+    }
+}
+
+/// Why a capture failed.
+enum Failed {
+    /// The memory file: not the volume's fault.
+    Memory(std::io::Error),
+    Source(AgentError),
+}
+
+fn capture_all(vols: &[Source], plans: Option<&[Plan]>) -> Result<Captured, Failed> {
+    let mut out = Captured::default();
+    for (i, v) in vols.iter().enumerate() {
+        let bs = u64::from(v.block_size);
+        let per_read = (READ_BYTES / bs).max(1);
+        let runs = runs(
+            plans.and_then(|p| p.get(i)),
+            block_count(v.size, v.block_size),
+            per_read,
+        );
+        if runs.is_empty() {
+            out.files.push(None);
+            continue;
+        }
+        let src_err = |e| {
+            Failed::Source(AgentError::Source {
+                volume: v.name.clone(),
+                path: v.path.clone(),
+                source: e,
+            })
+        };
+        let src = if v.is_device {
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&v.path)
+        } else {
+            File::open(&v.path)
+        }
+        .map_err(src_err)?;
+        let mem = memory_file(v.size).map_err(Failed::Memory)?;
+        let mut buf = AlignedBuf::new((per_read * bs) as usize);
+        for (first, n) in runs {
+            let offset = first * bs;
+            let len = (first + n).saturating_mul(bs).min(v.size) - offset;
+            let data = buf
+                .get_mut(len as usize)
+                .filter(|d| d.len() as u64 == len)
+                .ok_or_else(|| {
+                    Failed::Source(AgentError::Internal(
+                        "capture larger than its buffer".into(),
+                    ))
+                })?;
+            src.read_exact_at(data, offset).map_err(src_err)?;
+            mem.write_all_at(data, offset).map_err(Failed::Memory)?;
+            out.bytes += len;
+        }
+        out.files.push(Some(mem));
+    }
+    metrics::counter!("pilotlight_agent_bytes_read_total").increment(out.bytes);
+    Ok(out)
+}
+
+/// An anonymous memory file of `size` bytes, all holes.
+fn memory_file(size: u64) -> std::io::Result<File> {
+    let fd = memfd_create("pilotlight-frozen-delta", MFdFlags::MFD_CLOEXEC)?;
+    let f = File::from(fd);
+    f.set_len(size)?;
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::RescanReason;
+
+    #[test]
+    fn runs_join_consecutive_blocks_up_to_a_read() {
+        let plan = Plan::Blocks(vec![0, 1, 2, 5, 6, 9, 20]);
+        assert_eq!(
+            runs(Some(&plan), 10, 2),
+            vec![(0, 2), (2, 1), (5, 2), (9, 1)]
+        );
+        assert_eq!(runs(None, 5, 2), vec![(0, 2), (2, 2), (4, 1)]);
+        let full = Plan::Full(RescanReason::LostEvents);
+        assert_eq!(runs(Some(&full), 3, 8), vec![(0, 3)]);
+        assert!(runs(Some(&Plan::Blocks(vec![])), 3, 8).is_empty());
+    }
+
+    fn source(path: PathBuf, size: u64) -> Source {
+        Source {
+            name: "v".into(),
+            path,
+            size,
+            block_size: 4096,
+            is_device: false,
+        }
+    }
+
+    #[test]
+    fn delta_bytes_count_the_short_last_block() {
+        let v = [source(PathBuf::from("/x"), 3 * 4096 + 100)];
+        assert_eq!(delta_bytes(&v, None), 3 * 4096 + 100);
+        let plans = [Plan::Blocks(vec![1, 3])];
+        assert_eq!(delta_bytes(&v, Some(&plans)), 4096 + 100);
+    }
+
+    #[test]
+    fn the_captured_blocks_read_back_from_the_memory_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("v.img");
+        let data: Vec<u8> = (0..4 * 4096u32).map(|i| (i / 4096 + 1) as u8).collect();
+        std::fs::write(&img, &data).unwrap();
+        let vols = [source(img.clone(), data.len() as u64)];
+        let plans = [Plan::Blocks(vec![1, 3])];
+        let c = capture(&vols, Some(&plans)).unwrap().unwrap();
+        assert_eq!(c.bytes, 2 * 4096);
+        // The volume changes after the capture: the memory file does not.
+        std::fs::write(&img, vec![9u8; data.len()]).unwrap();
+        let back = std::fs::read(c.path(0, &img)).unwrap();
+        assert_eq!(back.len(), data.len());
+        assert_eq!(&back[4096..8192], &data[4096..8192]);
+        assert_eq!(&back[3 * 4096..], &data[3 * 4096..]);
+        assert!(back[..4096].iter().all(|&b| b == 0), "not captured: a hole");
+    }
+}
