@@ -102,7 +102,15 @@ fn fixture(dir: &Path, servers: usize) -> Fixture {
 }
 
 fn session(f: &Fixture, n: u64) -> Session {
-    Session::new(
+    let serial = f
+        .store
+        .catalog()
+        .unwrap()
+        .require_server("s0")
+        .unwrap()
+        .cert_serial
+        .unwrap();
+    let mut s = Session::new(
         1,
         f.servers[0],
         "s0".into(),
@@ -117,7 +125,9 @@ fn session(f: &Fixture, n: u64) -> Session {
         4,
         f.store.clone(),
         8 << 20,
-    )
+    );
+    s.serial = serial;
+    s
 }
 
 /// A session recording `n` new blocks of one point (an initial sync: every
@@ -150,6 +160,24 @@ fn session_memory(dir: &Path, n: u64) {
         s2.record(1, r, None).unwrap();
     }
     let (dedup, _) = memory();
+    // As data streams do: spill after each block.
+    let s3 = session(&f, n);
+    let t = Instant::now();
+    for i in 0..n {
+        let h = hash(i, 5);
+        assert!(s3.claim(&h, 1).unwrap());
+        let r = BlockRef {
+            volume: 0,
+            index: i,
+            raw_len: BS,
+            hash: Some(h),
+        };
+        s3.record(1, r, Some((h, loc(i), file.clone()))).unwrap();
+        s3.spill().unwrap();
+    }
+    let spill_time = t.elapsed();
+    let (spilled, _) = memory();
+    let held = s3.state().unwrap().pending.get(&1).map_or(0, |p| p.refs.len());
     println!(
         "| session, new block (ref + location + pending hash) | {:.0} |",
         per(new - before, n)
@@ -157,6 +185,12 @@ fn session_memory(dir: &Path, n: u64) {
     println!(
         "| session, block already stored (ref only) | {:.0} |",
         per(dedup - new, n)
+    );
+    println!(
+        "| session spilling every {} refs, new block (memory, session and store) | {:.0} ({held} refs held at the end, {:.0} k refs/s recorded and spilled) |",
+        pilotlight_receiver::session::SPILL_REFS,
+        per(spilled.saturating_sub(dedup), n),
+        n as f64 / spill_time.as_secs_f64() / 1e3
     );
     let gib16 = (16u64 << 40) / u64::from(BS);
     println!(
