@@ -6,7 +6,7 @@
 //! 64 KiB blocks, an initial point that stores every block, and then
 //! `POINTS` points each changing 1% of the blocks. Every reference is to a
 //! block of its own (`blocks` and `server_blocks` hold a row per reference),
-//! hashes in insertion order so that the generation appends to each tree.
+//! hashes (a big-endian counter, then 24 bytes of fill) in insertion order so that the generation appends to each tree.
 //!
 //!     SCALE_DIR=/big/dir cargo bench --bench catalog_scale -- ROWS [SERVERS]
 //!
@@ -25,6 +25,8 @@ use pilotlight_receiver::store::{Store, CATALOG_FILE};
 use rusqlite::{params, Connection};
 
 const BS: u32 = 64 << 10;
+/// The last 24 bytes of every generated hash, in hex.
+const FILL: &str = "abababababababababababababababababababababababab";
 /// Incremental points per server after the initial one.
 const POINTS: u64 = 10;
 
@@ -79,7 +81,7 @@ fn generate(db: &Path, servers: u64, blocks: u64) -> u64 {
             conn.execute(
                 "WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i + 1 < ?1)
                  INSERT INTO point_blocks(volume_id, block_index, point_id, hash)
-                 SELECT ?2, (i * ?3 + ?4) % ?5, ?6, unhex(printf('%016x', ?7 + i)) || zeroblob(24) FROM c",
+                 SELECT ?2, (i * ?3 + ?4) % ?5, ?6, unhex(printf('%016x', ?7 + i) || ?8) FROM c",
                 params![
                     count as i64,
                     s as i64,
@@ -87,23 +89,24 @@ fn generate(db: &Path, servers: u64, blocks: u64) -> u64 {
                     round as i64,
                     blocks as i64,
                     point,
-                    first as i64
+                    first as i64,
+                    FILL
                 ],
             )
             .unwrap();
             conn.execute(
                 "WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i + 1 < ?1)
                  INSERT INTO blocks(hash, pack_id, offset, stored_len, raw_len, encoding)
-                 SELECT unhex(printf('%016x', ?2 + i)) || zeroblob(24), 1 + (?2 + i) / 16384,
+                 SELECT unhex(printf('%016x', ?2 + i) || ?4), 1 + (?2 + i) / 16384,
                         16 + ((?2 + i) % 16384) * 32768, 30000, ?3, 1 FROM c",
-                params![count as i64, first as i64, BS],
+                params![count as i64, first as i64, BS, FILL],
             )
             .unwrap();
             conn.execute(
                 "WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i + 1 < ?1)
                  INSERT INTO server_blocks(server_id, hash)
-                 SELECT ?2, unhex(printf('%016x', ?3 + i)) || zeroblob(24) FROM c",
-                params![count as i64, s as i64, first as i64],
+                 SELECT ?2, unhex(printf('%016x', ?3 + i) || ?4) FROM c",
+                params![count as i64, s as i64, first as i64, FILL],
             )
             .unwrap();
             next_hash += count;
@@ -128,7 +131,9 @@ fn dir_size(dir: &Path) -> u64 {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1).filter_map(|a| a.parse::<u64>().ok());
+    let mut args = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse::<u64>().ok());
     let rows: u64 = args.next().unwrap_or(1_000_000);
     let servers: u64 = args.next().unwrap_or(100);
     let base = std::env::var_os("SCALE_DIR")
@@ -154,62 +159,24 @@ fn main() {
         opened.as_secs_f64(),
     );
 
-    // Commits: one 1% point of each of the first servers, in turn.
-    let changed = (blocks / 100).max(1);
-    let mut commits = Vec::new();
+    // Commits: points of 10, 100, 1000 blocks and of 1% of the volume,
+    // each size once per server of the first 50, in turn.
     let mut next = u64::MAX / 2;
-    for s in 1..=servers.min(50) {
-        let refs: Vec<BlockRef> = (0..changed)
-            .map(|i| BlockRef {
-                volume: 0,
-                index: (i * 100 + 7) % blocks,
-                raw_len: BS,
-                hash: Some(hash(next + i)),
-            })
-            .collect();
-        let new: Vec<(BlockHash, BlockLoc)> = (0..changed)
-            .map(|i| {
-                (
-                    hash(next + i),
-                    BlockLoc {
-                        pack: 1_000_000 + s,
-                        offset: 16 + i * 32768,
-                        stored_len: 30000,
-                        raw_len: BS,
-                        encoding: Encoding::Zstd,
-                    },
-                )
-            })
-            .collect();
-        next += changed;
-        let packs = [(1_000_000 + s, 16 + changed * 32768)];
-        let size = blocks * u64::from(BS);
-        let t = Instant::now();
-        store
-            .catalog()
-            .unwrap()
-            .commit_point(&NewPoint {
-                server_id: s as i64,
-                created_ms: 1,
-                source_ms: 1,
-                consistency: "fuzzy",
-                commit: "sync",
-                volumes: &[("root", BS, size)],
-                blocks: &refs,
-                zero_runs: &[],
-                new_blocks: &new,
-                packs: &packs,
-                merge_sync: false,
-            })
-            .unwrap();
-        commits.push(t.elapsed());
+    let mut pack = 1_000_000u64;
+    for changed in [10, 100, 1000, (blocks / 100).max(1)] {
+        let mut commits = Vec::new();
+        for s in 1..=servers.min(50) {
+            pack += 1;
+            commits.push(commit(&store, s, blocks, changed, next, pack));
+            next += changed;
+        }
+        let n = commits.len();
+        println!(
+            "commit of a point of {changed} new blocks, {n} servers: p50 {:.1} ms, p99 {:.1} ms",
+            percentile(&mut commits, 0.5),
+            percentile(&mut commits, 0.99)
+        );
     }
-    let n = commits.len();
-    println!(
-        "commit of a 1% point ({changed} blocks), {n} servers: p50 {:.1} ms, p99 {:.1} ms",
-        percentile(&mut commits, 0.5),
-        percentile(&mut commits, 0.99)
-    );
 
     // Block maps: the newest point of each of the first servers.
     let mut maps = Vec::new();
@@ -227,6 +194,52 @@ fn main() {
         percentile(&mut maps, 0.5),
         percentile(&mut maps, 0.99)
     );
+}
+
+/// Commit a point of server `s` with `changed` new blocks spread over its
+/// volume of `blocks`; its time.
+fn commit(store: &Store, s: u64, blocks: u64, changed: u64, first: u64, pack: u64) -> Duration {
+    let refs: Vec<BlockRef> = (0..changed)
+        .map(|i| BlockRef {
+            volume: 0,
+            index: (i * (blocks / changed).max(1) + 7) % blocks,
+            raw_len: BS,
+            hash: Some(hash(first + i)),
+        })
+        .collect();
+    let new: Vec<(BlockHash, BlockLoc)> = (0..changed)
+        .map(|i| {
+            let loc = BlockLoc {
+                pack,
+                offset: 16 + i * 32768,
+                stored_len: 30000,
+                raw_len: BS,
+                encoding: Encoding::Zstd,
+            };
+            (hash(first + i), loc)
+        })
+        .collect();
+    let packs = [(pack, 16 + changed * 32768)];
+    let size = blocks * u64::from(BS);
+    let t = Instant::now();
+    store
+        .catalog()
+        .unwrap()
+        .commit_point(&NewPoint {
+            server_id: s as i64,
+            created_ms: 1,
+            source_ms: 1,
+            consistency: "fuzzy",
+            commit: "sync",
+            volumes: &[("root", BS, size)],
+            blocks: &refs,
+            zero_runs: &[],
+            new_blocks: &new,
+            packs: &packs,
+            merge_sync: false,
+        })
+        .unwrap();
+    t.elapsed()
 }
 
 fn hash(i: u64) -> BlockHash {

@@ -12,7 +12,6 @@
 //!     cargo test --release --bench receiver_scale -- [N]
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,7 +133,7 @@ fn session(f: &Fixture, n: u64) -> Session {
 /// block first stored by the point), then `n` blocks already stored.
 fn session_memory(dir: &Path, n: u64) {
     let f = fixture(dir, 1);
-    let file = Arc::new(File::open("/dev/null").unwrap());
+    let file = Arc::new(tempfile::tempfile_in(dir).unwrap());
     let s = session(&f, n);
     let (before, _) = memory();
     for i in 0..n {
@@ -177,7 +176,12 @@ fn session_memory(dir: &Path, n: u64) {
     }
     let spill_time = t.elapsed();
     let (spilled, _) = memory();
-    let held = s3.state().unwrap().pending.get(&1).map_or(0, |p| p.refs.len());
+    let held = s3
+        .state()
+        .unwrap()
+        .pending
+        .get(&1)
+        .map_or(0, |p| p.refs.len());
     println!(
         "| session, new block (ref + location + pending hash) | {:.0} |",
         per(new - before, n)

@@ -22,8 +22,10 @@ const DEFAULT_RESEND_FACTOR: u64 = 4;
 /// Block references a point keeps in memory before the session spills
 /// them to the catalog as an in-progress sync (see [`Session::spill`]):
 /// about 200 bytes each with the location and pending hash of a new block,
-/// so some 13 MiB per session.
-pub const SPILL_REFS: usize = 1 << 16;
+/// so some 3 MiB per session; 1 GiB of 64 KiB blocks, an agent's
+/// checkpoint. A spill holds the catalog about as long as such a
+/// checkpoint (`benches/receiver_scale.rs`).
+pub const SPILL_REFS: usize = 1 << 14;
 
 /// The least `point_resend_factor` honoured: agents send at most 3x their
 /// volumes' blocks in one point (pre-copy rounds 2x, the frozen delta 1x), and
