@@ -421,7 +421,10 @@ impl Session {
         let mut st = self.state()?;
         let tag = st.committed_tag + 1;
         let own_sync = st.sync.is_none_or(|a| a.spilled && a.tag == tag);
-        if st.spilling.is_some() || !own_sync {
+        // An agent's checkpoint of the point under way attaches its own
+        // sync when it is done (it waits for a spill the same way).
+        let checkpointing = st.committing.contains_key(&tag);
+        if st.spilling.is_some() || !own_sync || checkpointing {
             return Ok(None);
         }
         let Some(p) = st.pending.get_mut(&tag) else {

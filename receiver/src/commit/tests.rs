@@ -305,3 +305,20 @@ async fn a_spilled_point_that_never_commits_leaves_no_point() {
     assert_eq!(cat.latest_point(server).unwrap(), None);
     assert_eq!(cat.sync_of(server).unwrap().map(|r| r.blocks), Some(1));
 }
+
+/// No spill while an agent's checkpoint of the point is under way: that
+/// checkpoint attaches the agent's sync, which the receiver never adds to.
+#[tokio::test]
+async fn no_spill_while_the_agent_checkpoints_the_point() {
+    let f = fixture_spilling(1);
+    let held = |f: &Fixture| f.session.state().unwrap().pending[&1].refs.len();
+    let part = Arc::new(crate::session::PendingPoint::default());
+    f.session.state().unwrap().committing.insert(1, part);
+    f.block(1, 0, 1);
+    f.session.spill().unwrap();
+    assert_eq!(held(&f), 1);
+    f.session.state().unwrap().committing.remove(&1);
+    f.block(1, 1, 2);
+    f.session.spill().unwrap();
+    assert_eq!(held(&f), 0);
+}
