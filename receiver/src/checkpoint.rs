@@ -20,6 +20,12 @@
 //!
 //! The point's `EndPoint` later commits the rest, and the sync becomes part
 //! of that point in the same transaction.
+//!
+//! The receiver takes the same path on its own ([`spill`]) to bound the
+//! memory of a point that no agent checkpoints: see `Session::spill`. Such
+//! a sync is the receiver's alone (`AttachedSync::spilled`); an agent's
+//! `Checkpoint` of the point continues it and makes it the agent's, and the
+//! receiver never spills into an agent's sync.
 
 use std::sync::Arc;
 use std::time::Duration;
