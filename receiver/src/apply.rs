@@ -254,6 +254,7 @@ fn apply_loop(
             Item::Block(b) => apply_one(session, store, &mut decoder, &mut writer, &mut buf, b),
             Item::Zeros(z) => apply_zeros(session, &z),
         }
+        .and_then(|()| session.spill())
         .map(|()| seq);
         let failed = r.is_err();
         if ack.blocking_send(r).is_err() || failed {

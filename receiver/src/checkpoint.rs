@@ -20,6 +20,12 @@
 //!
 //! The point's `EndPoint` later commits the rest, and the sync becomes part
 //! of that point in the same transaction.
+//!
+//! The receiver takes the same path on its own ([`spill`]) to bound the
+//! memory of a point that no agent checkpoints: see `Session::spill`. Such
+//! a sync is the receiver's alone (`AttachedSync::spilled`); an agent's
+//! `Checkpoint` of the point continues it and makes it the agent's, and the
+//! receiver never spills into an agent's sync.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,13 +104,14 @@ async fn take_received(
         {
             let mut st = session.state()?;
             let received = st.pending.get(&req.tag).map_or(0, |p| p.received);
+            let spilling = st.spilling(req.tag);
             if received > req.blocks {
                 return Err(ReceiveError::Protocol(format!(
                     "checkpoint of tag {} announced {} blocks but {received} arrived",
                     req.tag, req.blocks
                 )));
             }
-            if received == req.blocks {
+            if received == req.blocks && !spilling {
                 let p = st.pending.entry(req.tag).or_default();
                 // A checkpoint keeps blocks, not runs: an agent sends the
                 // zero blocks of a checkpointed sync as blocks.
@@ -142,10 +149,53 @@ fn record(
     req: CheckpointRequest,
     part: &PendingPoint,
 ) -> Result<(u64, u64), ReceiveError> {
+    keep(store, s, req, part, false)
+}
+
+/// The receiver's own checkpoint of point `tag` (see
+/// [`Session::spill`]): `part` (taken out of the point) made durable in
+/// the order of an agent's, with no `Checkpointed` to send. The sync keeps
+/// the agent's progress figures of its last checkpoint, if it had one.
+/// Blocking.
+pub(crate) fn spill(
+    store: &Store,
+    s: &Session,
+    tag: u64,
+    part: &PendingPoint,
+) -> Result<(), ReceiveError> {
+    sync_packs(store, part)?;
+    let progress = store.catalog()?.sync_of(s.server_id)?;
+    let (done, total) = match (s.state()?.sync, progress) {
+        (Some(a), Some(row)) if row.sync_id == a.id => (row.done_bytes, row.total_bytes),
+        _ => (0, 0),
+    };
+    let req = CheckpointRequest {
+        tag,
+        blocks: part.received,
+        done,
+        total,
+    };
+    let (sync, generation) = keep(store, s, req, part, true)?;
+    tracing::debug!(server = %s.server, tag, sync = format_args!("{sync:016x}"), generation, refs = part.refs.len(), "point spilled to the catalog");
+    metrics::counter!("pilotlight_receiver_spills_total").increment(1);
+    Ok(())
+}
+
+/// Record `part` in the server's in-progress sync (the one attached to the
+/// session, or a new one) and attach it to point `req.tag`; `spilled`: the
+/// receiver's own checkpoint, which the agent is not told of. Blocking.
+fn keep(
+    store: &Store,
+    s: &Session,
+    req: CheckpointRequest,
+    part: &PendingPoint,
+    spilled: bool,
+) -> Result<(u64, u64), ReceiveError> {
     let (mut cat, packs) = lock_catalog(store, s, part)?;
     let attached = s.state()?.sync;
     let base_seq = cat.latest_seq(s.server_id)?;
     let volumes = signature(s);
+    let sizes: Vec<(u32, u64)> = s.volumes.iter().map(|v| (v.block_size, v.size)).collect();
     let (id, generation) = cat.checkpoint(&NewCheckpoint {
         server_id: s.server_id,
         continues: attached.map(|a| a.id),
@@ -156,11 +206,17 @@ fn record(
         total_bytes: req.total,
         volumes: &volumes,
         blocks: &part.refs,
+        zero_runs: &part.zero_runs,
+        sizes: &sizes,
         new_blocks: &part.new_blocks,
         packs: &packs,
     })?;
     let mut st = settle(store, s, part, &packs, cat)?;
-    st.sync = Some(AttachedSync { id, tag: req.tag });
+    st.sync = Some(AttachedSync {
+        id,
+        tag: req.tag,
+        spilled,
+    });
     Ok((id, generation))
 }
 
@@ -211,7 +267,11 @@ pub(crate) async fn resume(
         && row.base_seq == latest
         && row.volumes == signature(session);
     if resumed {
-        session.state()?.sync = Some(AttachedSync { id: sync, tag: 1 });
+        session.state()?.sync = Some(AttachedSync {
+            id: sync,
+            tag: 1,
+            spilled: false,
+        });
         tracing::info!(server = %session.server, sync = format_args!("{sync:016x}"), generation = row.generation, "the agent resumes its sync");
     }
     Ok(Frame::SyncState {

@@ -179,7 +179,9 @@ impl Committer {
                         "point tag {tag} announced {blocks} blocks but {received} arrived"
                     )));
                 }
-                if received == blocks {
+                // A part of the point being spilled is in neither the
+                // point nor its sync yet.
+                if received == blocks && !st.spilling(tag) {
                     let p = Arc::new(st.pending.remove(&tag).unwrap_or_default());
                     st.committing.insert(tag, p.clone());
                     return Ok(p);

@@ -19,6 +19,14 @@ use crate::ReceiveError;
 /// one (`point_resend_factor`).
 const DEFAULT_RESEND_FACTOR: u64 = 4;
 
+/// Block references a point keeps in memory before the session spills
+/// them to the catalog as an in-progress sync (see [`Session::spill`]):
+/// about 200 bytes each with the location and pending hash of a new block,
+/// so some 3 MiB per session; 1 GiB of 64 KiB blocks, an agent's
+/// checkpoint. A spill holds the catalog about as long as such a
+/// checkpoint (`benches/receiver_scale.rs`).
+pub const SPILL_REFS: usize = 1 << 14;
+
 /// The least `point_resend_factor` honoured: agents send at most 3x their
 /// volumes' blocks in one point (pre-copy rounds 2x, the frozen delta 1x), and
 /// a lower cap would refuse honest points.
@@ -78,6 +86,17 @@ pub struct SessionState {
     /// The server's in-progress sync this session adds to, and the tag of
     /// the point that completes it.
     pub sync: Option<AttachedSync>,
+    /// The part of a point (by tag) being spilled to the catalog now: out
+    /// of `pending`, not in the catalog yet (garbage collection pins it,
+    /// and the point's commit or checkpoint waits for it).
+    pub spilling: Option<(u64, Arc<PendingPoint>)>,
+}
+
+impl SessionState {
+    /// Whether part of point `tag` is being spilled.
+    pub fn spilling(&self, tag: u64) -> bool {
+        self.spilling.as_ref().is_some_and(|(t, _)| *t == tag)
+    }
 }
 
 /// A session's link to its server's in-progress sync (see the
@@ -88,6 +107,10 @@ pub struct AttachedSync {
     pub id: u64,
     /// The point (tag) whose commit completes it.
     pub tag: u64,
+    /// Whether only the receiver knows it: made by spilling the point
+    /// ([`Session::spill`]), never reported to the agent by `Checkpointed`.
+    /// The receiver spills only into a sync of its own.
+    pub spilled: bool,
 }
 
 /// One agent session.
@@ -115,6 +138,12 @@ pub struct Session {
     /// times the resend factor (pre-copy rounds resend blocks). Bounds the
     /// memory of a pending point.
     pub max_point_blocks: u64,
+    /// Block references a point keeps in memory before they are spilled
+    /// ([`SPILL_REFS`]).
+    pub spill_refs: usize,
+    /// Set by [`Session::record`] when a point holds `spill_refs`
+    /// references, so that [`Session::spill`] costs nothing otherwise.
+    spill_due: std::sync::atomic::AtomicBool,
     /// Bytes of block frames read but not yet applied, across the session's streams.
     pub inflight: Arc<tokio::sync::Semaphore>,
     /// Serial (hex) of the identity that opened the session.
@@ -175,6 +204,8 @@ impl Session {
             cancel,
             max_pending,
             max_point_blocks,
+            spill_refs: SPILL_REFS,
+            spill_due: std::sync::atomic::AtomicBool::new(false),
             serial: String::new(),
             inflight: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
             ended: std::sync::atomic::AtomicBool::new(false),
@@ -279,7 +310,8 @@ impl Session {
         let points = st
             .pending
             .values()
-            .chain(st.committing.values().map(|p| &**p));
+            .chain(st.committing.values().map(|p| &**p))
+            .chain(st.spilling.iter().map(|(_, p)| &**p));
         for p in points {
             pins.hashes.extend(p.refs.iter().filter_map(|r| r.hash));
             pins.packs.extend(p.packs.keys().copied());
@@ -306,6 +338,10 @@ impl Session {
             }
             p.refs.push(r);
             p.received += 1;
+            if p.refs.len() >= self.spill_refs {
+                self.spill_due
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             if let Some((h, loc, file)) = new {
                 let e = p.packs.entry(loc.pack).or_insert((file, 0));
                 e.1 = e.1.max(loc.end());
@@ -342,6 +378,70 @@ impl Session {
         }
         self.progress.notify_waiters();
         Ok(())
+    }
+}
+
+impl Session {
+    /// Bound the memory of the point received now: once it holds
+    /// [`Session::spill_refs`] block references, write them (with the
+    /// locations of its new blocks and its zero runs) to the catalog as the
+    /// server's in-progress sync, the way an agent's checkpoint does,
+    /// attached to the point so that its commit takes them in. A kill at
+    /// any moment leaves no point: an in-progress sync is never one, and the
+    /// server's next commit drops a sync it does not complete.
+    ///
+    /// Only the next point to commit is spilled, and only into a sync of
+    /// the receiver's own (not one an agent checkpoints and may resume).
+    /// Called by a data stream after each block, holding no store lock.
+    /// Blocking.
+    pub fn spill(&self) -> Result<(), ReceiveError> {
+        if !self
+            .spill_due
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(());
+        }
+        let Some((tag, part)) = self.take_spill()? else {
+            return Ok(());
+        };
+        let done = crate::checkpoint::spill(&self.store, self, tag, &part);
+        if let Ok(mut st) = self.state() {
+            st.spilling = None;
+        }
+        self.progress.notify_waiters();
+        if let Err(e) = &done {
+            self.fail(e);
+        }
+        done
+    }
+
+    /// Take the references of the next point to commit out of memory when
+    /// it is time to spill them.
+    fn take_spill(&self) -> Result<Option<(u64, Arc<PendingPoint>)>, ReceiveError> {
+        let mut st = self.state()?;
+        let tag = st.committed_tag + 1;
+        let own_sync = st.sync.is_none_or(|a| a.spilled && a.tag == tag);
+        // An agent's checkpoint of the point under way attaches its own
+        // sync when it is done (it waits for a spill the same way).
+        let checkpointing = st.committing.contains_key(&tag);
+        if st.spilling.is_some() || !own_sync || checkpointing {
+            return Ok(None);
+        }
+        let Some(p) = st.pending.get_mut(&tag) else {
+            return Ok(None);
+        };
+        if p.refs.len() < self.spill_refs.max(1) {
+            return Ok(None);
+        }
+        let part = Arc::new(PendingPoint {
+            refs: std::mem::take(&mut p.refs),
+            zero_runs: std::mem::take(&mut p.zero_runs),
+            new_blocks: std::mem::take(&mut p.new_blocks),
+            packs: std::mem::take(&mut p.packs),
+            received: p.received,
+        });
+        st.spilling = Some((tag, part.clone()));
+        Ok(Some((tag, part)))
     }
 }
 

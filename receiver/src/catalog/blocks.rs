@@ -96,7 +96,7 @@ impl Catalog {
         let mut out: Vec<(u64, Option<BlockHash>)> = Vec::new();
         while let Some(r) = rows.next()? {
             let index = r.get::<_, i64>(0)? as u64;
-            let hash = hash_from_blob(r.get(1)?)?;
+            let hash = hash_from_ref(r.get_ref(1)?)?;
             match out.last_mut() {
                 Some((i, h)) if *i == index => *h = hash,
                 _ => out.push((index, hash)),
@@ -132,6 +132,28 @@ pub(super) fn hash_from_blob(blob: Option<Vec<u8>>) -> Result<Option<BlockHash>,
             })?;
             Ok(Some(BlockHash(arr)))
         }
+    }
+}
+
+/// A hash column read in place (no copy of the blob per row).
+fn hash_from_ref(v: rusqlite::types::ValueRef<'_>) -> Result<Option<BlockHash>, rusqlite::Error> {
+    match v {
+        rusqlite::types::ValueRef::Null => Ok(None),
+        rusqlite::types::ValueRef::Blob(b) => {
+            let arr: [u8; 32] = b.try_into().map_err(|_| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    1,
+                    rusqlite::types::Type::Blob,
+                    "block hash is not 32 bytes".into(),
+                )
+            })?;
+            Ok(Some(BlockHash(arr)))
+        }
+        other => Err(rusqlite::Error::FromSqlConversionFailure(
+            1,
+            other.data_type(),
+            "block hash is not a blob".into(),
+        )),
     }
 }
 

@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use pilotlight_protocol::BlockHash;
 
 use super::blocks::{hash_from_blob, record_packs};
-use super::points::{record_new_blocks, BlockRef};
+use super::points::{record_new_blocks, BlockRef, ZeroRun};
 use super::server_blocks::record_server_blocks;
 use super::Catalog;
 use crate::pack::BlockLoc;
@@ -71,6 +71,13 @@ pub struct NewCheckpoint<'a> {
     pub volumes: &'a str,
     /// Blocks received since the last checkpoint.
     pub blocks: &'a [BlockRef],
+    /// Runs of zero blocks received with them (by `at` into `blocks`),
+    /// kept as a zero reference per block: the receiver's own spills of a
+    /// point take runs along (an agent's checkpoint never has any).
+    pub zero_runs: &'a [ZeroRun],
+    /// `(block size, size)` of each session volume, by session index (the
+    /// length of a zero run's last block).
+    pub sizes: &'a [(u32, u64)],
     /// Blocks first stored by them.
     pub new_blocks: &'a [(BlockHash, BlockLoc)],
     /// `(pack id, committed length)` of the packs written.
@@ -157,22 +164,7 @@ impl Catalog {
                 (c.new_id, 1)
             }
         };
-        {
-            // The copy recorded last wins, as within a point.
-            let mut ins = tx.prepare_cached(
-                "INSERT OR REPLACE INTO sync_blocks(server_id, volume, block_index, hash, raw_len)
-                 VALUES(?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for b in c.blocks {
-                ins.execute(params![
-                    c.server_id,
-                    b.volume,
-                    b.index as i64,
-                    b.hash.as_ref().map(|h| &h.0[..]),
-                    b.raw_len
-                ])?;
-            }
-        }
+        record_sync_blocks(&tx, c)?;
         record_new_blocks(&tx, c.new_blocks)?;
         record_server_blocks(&tx, c.server_id, c.blocks)?;
         record_packs(&tx, c.packs)?;
@@ -218,6 +210,57 @@ impl Catalog {
         }
         Ok(out)
     }
+}
+
+/// The blocks of a checkpoint in `sync_blocks`, zero runs expanded in
+/// their place: the copy recorded last wins, as within a point.
+fn record_sync_blocks(tx: &Connection, c: &NewCheckpoint<'_>) -> Result<(), ReceiveError> {
+    let mut ins = tx.prepare_cached(
+        "INSERT OR REPLACE INTO sync_blocks(server_id, volume, block_index, hash, raw_len)
+         VALUES(?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut runs = c.zero_runs.iter().peekable();
+    for (at, b) in c.blocks.iter().enumerate() {
+        while let Some(run) = runs.next_if(|r| r.at <= at) {
+            sync_zero_run(&mut ins, c, run)?;
+        }
+        ins.execute(params![
+            c.server_id,
+            b.volume,
+            b.index as i64,
+            b.hash.as_ref().map(|h| &h.0[..]),
+            b.raw_len
+        ])?;
+    }
+    for run in runs {
+        sync_zero_run(&mut ins, c, run)?;
+    }
+    Ok(())
+}
+
+/// Every block of a zero run, as a zero reference of the sync.
+fn sync_zero_run(
+    ins: &mut rusqlite::CachedStatement<'_>,
+    c: &NewCheckpoint<'_>,
+    run: &ZeroRun,
+) -> Result<(), ReceiveError> {
+    let Some(&(block_size, size)) = c.sizes.get(usize::from(run.volume)) else {
+        return Err(ReceiveError::Corrupt(format!(
+            "zero run refers to undeclared volume {}",
+            run.volume
+        )));
+    };
+    for index in run.first..run.first.saturating_add(run.count) {
+        let raw_len = pilotlight_protocol::limits::block_len(size, block_size, index);
+        ins.execute(params![
+            c.server_id,
+            run.volume,
+            index as i64,
+            None::<&[u8]>,
+            raw_len
+        ])?;
+    }
+    Ok(())
 }
 
 fn select_syncs(filter: &str) -> String {
@@ -327,6 +370,8 @@ mod tests {
             total_bytes: 16384,
             volumes: "root:4096:16384",
             blocks,
+            zero_runs: &[],
+            sizes: &[(BS, 16384)],
             new_blocks,
             packs: &[(1, 1 << 20)],
         }

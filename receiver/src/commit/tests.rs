@@ -26,6 +26,11 @@ struct Fixture {
 /// A store with server `web` enrolled and a session of it over one volume
 /// of four blocks.
 fn fixture() -> Fixture {
+    fixture_spilling(crate::session::SPILL_REFS)
+}
+
+/// [`fixture`] whose session spills a point every `spill_refs` references.
+fn fixture_spilling(spill_refs: usize) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("receiver");
     crate::admin::init(&dir, None).unwrap();
@@ -49,6 +54,7 @@ fn fixture() -> Fixture {
         8 << 20,
     );
     session.serial = row.cert_serial.unwrap();
+    session.spill_refs = spill_refs;
     Fixture {
         _tmp: tmp,
         dir,
@@ -213,4 +219,106 @@ async fn a_cancelled_session_gives_its_reason() {
         .await
         .unwrap_err();
     assert!(matches!(err, ReceiveError::Superseded), "{err}");
+}
+
+/// A point bigger than the session's spill bound: its references go to the
+/// catalog as the server's in-progress sync (the receiver's own, never a
+/// point) as they arrive, zero runs with them, and the commit takes them
+/// in, in the order received.
+#[tokio::test]
+async fn a_point_is_spilled_as_it_arrives_and_commits_whole() {
+    let f = fixture_spilling(2);
+    let in_memory = |f: &Fixture| {
+        let st = f.session.state().unwrap();
+        st.pending
+            .get(&1)
+            .map_or(0, |p| p.refs.len() + p.zero_runs.len())
+    };
+    let synced = |f: &Fixture| {
+        let cat = f.store.catalog().unwrap();
+        cat.sync_of(f.session.server_id).unwrap().map(|r| r.blocks)
+    };
+    f.block(1, 0, 1);
+    f.session.spill().unwrap();
+    assert_eq!((in_memory(&f), synced(&f)), (1, None), "under the bound");
+    f.block(1, 1, 2);
+    f.session.spill().unwrap();
+    assert_eq!((in_memory(&f), synced(&f)), (0, Some(2)));
+    assert!(f.session.state().unwrap().sync.unwrap().spilled);
+    // Block 2, then a run that zeroes block 0, then block 3: spilled
+    // together, the run in its place.
+    let h3 = f.block(1, 2, 3);
+    f.session
+        .record_zeros(&pilotlight_protocol::ZeroRunFrame {
+            tag: 1,
+            volume: 0,
+            first: 0,
+            count: 1,
+        })
+        .unwrap();
+    let h5 = f.block(1, 3, 5);
+    f.session.spill().unwrap();
+    assert_eq!((in_memory(&f), synced(&f)), (0, Some(4)));
+    // Block 1 again, kept in memory: the copy received last wins.
+    let h4 = f.block(1, 1, 4);
+    assert_eq!(f.latest(), None, "a spilled point is not a point");
+    // Garbage collection keeps every block of the spilled part.
+    let live = f.store.catalog().unwrap().referenced_hashes().unwrap();
+    assert!(live.contains(&h3) && live.contains(&h5));
+
+    let c = f.committer(Duration::from_secs(5));
+    let point = c.commit(&f.session, end(1, 6)).await.unwrap();
+    let cat = f.store.catalog().unwrap();
+    assert!(cat.sync_of(f.session.server_id).unwrap().is_none());
+    let vol = cat.volume(f.session.server_id, "root").unwrap().unwrap();
+    assert_eq!(
+        cat.block_map(vol.id, point.key, 0).unwrap(),
+        vec![(0, None), (1, Some(h4)), (2, Some(h3)), (3, Some(h5))]
+    );
+    let info = cat.points(Some("web")).unwrap();
+    assert_eq!(info[0].volumes[0].changed_bytes, 4 * u64::from(BS));
+    drop(cat);
+    for h in [h3, h4, h5] {
+        assert!(f.store.lookup(&h).is_some());
+    }
+}
+
+/// A session that dies after a spill leaves no point, and a store that
+/// opens; the server's next point drops the spilled sync.
+#[tokio::test]
+async fn a_spilled_point_that_never_commits_leaves_no_point() {
+    let f = fixture_spilling(1);
+    f.block(1, 0, 1);
+    f.session.spill().unwrap();
+    let server = f.session.server_id;
+    let Fixture {
+        _tmp,
+        dir,
+        store,
+        session,
+        ..
+    } = f;
+    drop(session);
+    drop(store);
+    let store = Store::open_for_serve(&dir).unwrap();
+    let cat = store.catalog().unwrap();
+    assert_eq!(cat.latest_point(server).unwrap(), None);
+    assert_eq!(cat.sync_of(server).unwrap().map(|r| r.blocks), Some(1));
+}
+
+/// No spill while an agent's checkpoint of the point is under way: that
+/// checkpoint attaches the agent's sync, which the receiver never adds to.
+#[tokio::test]
+async fn no_spill_while_the_agent_checkpoints_the_point() {
+    let f = fixture_spilling(1);
+    let held = |f: &Fixture| f.session.state().unwrap().pending[&1].refs.len();
+    let part = Arc::new(crate::session::PendingPoint::default());
+    f.session.state().unwrap().committing.insert(1, part);
+    f.block(1, 0, 1);
+    f.session.spill().unwrap();
+    assert_eq!(held(&f), 1);
+    f.session.state().unwrap().committing.remove(&1);
+    f.block(1, 1, 2);
+    f.session.spill().unwrap();
+    assert_eq!(held(&f), 0);
 }

@@ -1,0 +1,351 @@
+//! Receiver memory and the catalog at scale (issue 15 item 4): where the
+//! receiver's memory goes per block reference of a point in flight and per
+//! unique stored block, and how long a commit holds the catalog.
+//!
+//! Memory is the growth of this process's resident set (`VmRSS`, and the
+//! peak `VmHWM` reset through `/proc/self/clear_refs`) while the real
+//! structures fill: a session recording `N` blocks (as a data stream does),
+//! the store's block index and owners, and a garbage collection over a
+//! catalog of `N` blocks. Time is the wall time of commits, alone and two
+//! servers at once.
+//!
+//!     cargo test --release --bench receiver_scale -- [N]
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)] // bench code
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pilotlight_protocol::frame::CommitMode;
+use pilotlight_protocol::{BlockHash, Encoding};
+use pilotlight_receiver::catalog::{BlockRef, NewPoint};
+use pilotlight_receiver::pack::BlockLoc;
+use pilotlight_receiver::session::{Session, SessionVolume};
+use pilotlight_receiver::store::Store;
+use tokio_util::sync::CancellationToken;
+
+const BS: u32 = 64 << 10;
+
+/// (VmRSS, VmHWM) in bytes.
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (kib("VmRSS:") * 1024, kib("VmHWM:") * 1024)
+}
+
+/// Reset the peak to the current resident set.
+fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+}
+
+fn hash(i: u64, salt: u8) -> BlockHash {
+    let mut h = [salt; 32];
+    h[..8].copy_from_slice(&i.to_le_bytes());
+    h[8..16].copy_from_slice(&i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+    BlockHash(h)
+}
+
+fn loc(i: u64) -> BlockLoc {
+    BlockLoc {
+        pack: 1 + i / 16384,
+        offset: 16 + (i % 16384) * 4096,
+        stored_len: 4000,
+        raw_len: BS,
+        encoding: Encoding::Zstd,
+    }
+}
+
+fn per(bytes: u64, n: u64) -> f64 {
+    bytes as f64 / n as f64
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    store: Arc<Store>,
+    servers: Vec<i64>,
+}
+
+fn fixture(dir: &Path, servers: usize) -> Fixture {
+    let tmp = tempfile::tempdir_in(dir).unwrap();
+    let rdir = tmp.path().join("receiver");
+    pilotlight_receiver::admin::init(&rdir, None).unwrap();
+    let mut ids = Vec::new();
+    for s in 0..servers {
+        let name = format!("s{s}");
+        pilotlight_receiver::admin::enroll(&rdir, &name, &tmp.path().join(format!("{name}.pem")))
+            .unwrap();
+    }
+    let store = Arc::new(Store::open_for_serve(&rdir).unwrap());
+    for s in 0..servers {
+        ids.push(
+            store
+                .catalog()
+                .unwrap()
+                .require_server(&format!("s{s}"))
+                .unwrap()
+                .id,
+        );
+    }
+    Fixture {
+        _tmp: tmp,
+        store,
+        servers: ids,
+    }
+}
+
+fn session(f: &Fixture, n: u64) -> Session {
+    let serial = f
+        .store
+        .catalog()
+        .unwrap()
+        .require_server("s0")
+        .unwrap()
+        .cert_serial
+        .unwrap();
+    let mut s = Session::new(
+        1,
+        f.servers[0],
+        "s0".into(),
+        CommitMode::Sync,
+        1,
+        vec![SessionVolume {
+            name: "root".into(),
+            size: n * u64::from(BS),
+            block_size: BS,
+        }],
+        CancellationToken::new(),
+        4,
+        f.store.clone(),
+        8 << 20,
+    );
+    s.serial = serial;
+    s
+}
+
+/// A session recording `n` new blocks of one point (an initial sync: every
+/// block first stored by the point), then `n` blocks already stored.
+fn session_memory(dir: &Path, n: u64) {
+    let f = fixture(dir, 1);
+    let file = Arc::new(tempfile::tempfile_in(dir).unwrap());
+    let s = session(&f, n);
+    let (before, _) = memory();
+    for i in 0..n {
+        let h = hash(i, 1);
+        assert!(s.claim(&h, 1).unwrap());
+        let r = BlockRef {
+            volume: 0,
+            index: i,
+            raw_len: BS,
+            hash: Some(h),
+        };
+        s.record(1, r, Some((h, loc(i), file.clone()))).unwrap();
+    }
+    let (new, _) = memory();
+    let s2 = session(&f, n);
+    for i in 0..n {
+        let r = BlockRef {
+            volume: 0,
+            index: i,
+            raw_len: BS,
+            hash: Some(hash(i, 2)),
+        };
+        s2.record(1, r, None).unwrap();
+    }
+    let (dedup, _) = memory();
+    // As data streams do: spill after each block.
+    let s3 = session(&f, n);
+    let t = Instant::now();
+    for i in 0..n {
+        let h = hash(i, 5);
+        assert!(s3.claim(&h, 1).unwrap());
+        let r = BlockRef {
+            volume: 0,
+            index: i,
+            raw_len: BS,
+            hash: Some(h),
+        };
+        s3.record(1, r, Some((h, loc(i), file.clone()))).unwrap();
+        s3.spill().unwrap();
+    }
+    let spill_time = t.elapsed();
+    let (spilled, _) = memory();
+    let held = s3
+        .state()
+        .unwrap()
+        .pending
+        .get(&1)
+        .map_or(0, |p| p.refs.len());
+    println!(
+        "| session, new block (ref + location + pending hash) | {:.0} |",
+        per(new - before, n)
+    );
+    println!(
+        "| session, block already stored (ref only) | {:.0} |",
+        per(dedup - new, n)
+    );
+    println!(
+        "| session spilling every {} refs, new block (memory, session and store) | {:.0} ({held} refs held at the end, {:.0} k refs/s recorded and spilled) |",
+        pilotlight_receiver::session::SPILL_REFS,
+        per(spilled.saturating_sub(dedup), n),
+        n as f64 / spill_time.as_secs_f64() / 1e3
+    );
+    let gib16 = (16u64 << 40) / u64::from(BS);
+    println!(
+        "| (16 TiB initial sync at 64 KiB blocks = {gib16} refs: {:.1} GiB) | |",
+        per(new - before, n) * gib16 as f64 / f64::from(1u32 << 30)
+    );
+}
+
+/// The store's index and owners of `n` unique blocks.
+fn index_memory(dir: &Path, n: u64) {
+    let f = fixture(dir, 1);
+    let blocks: Vec<(BlockHash, BlockLoc)> = (0..n).map(|i| (hash(i, 3), loc(i))).collect();
+    let (before, _) = memory();
+    f.store.index_blocks(&blocks).unwrap();
+    let (indexed, _) = memory();
+    {
+        let index = f.store.index_read().unwrap();
+        f.store
+            .owners_write()
+            .unwrap()
+            .add(f.servers[0], blocks.iter().map(|(h, _)| h), &index);
+    }
+    let (owned, _) = memory();
+    println!(
+        "| block index (HashMap<BlockHash, BlockLoc>) per unique block | {:.0} |",
+        per(indexed - before, n)
+    );
+    println!(
+        "| owners (HashSet<BlockHash> per server) per unique block and server | {:.0} |",
+        per(owned - indexed, n)
+    );
+}
+
+fn new_point<'a>(
+    server_id: i64,
+    blocks: &'a [BlockRef],
+    new_blocks: &'a [(BlockHash, BlockLoc)],
+    size: u64,
+) -> NewPoint<'a> {
+    NewPoint {
+        server_id,
+        created_ms: 1,
+        source_ms: 1,
+        consistency: "fuzzy",
+        commit: "sync",
+        volumes: Box::leak(Box::new([("root", BS, size)])),
+        blocks,
+        zero_runs: &[],
+        new_blocks,
+        packs: &[],
+        merge_sync: false,
+    }
+}
+
+fn point_of(n: u64, salt: u8) -> (Vec<BlockRef>, Vec<(BlockHash, BlockLoc)>) {
+    let refs = (0..n)
+        .map(|i| BlockRef {
+            volume: 0,
+            index: i,
+            raw_len: BS,
+            hash: Some(hash(i, salt)),
+        })
+        .collect();
+    let new = (0..n).map(|i| (hash(i, salt), loc(i))).collect();
+    (refs, new)
+}
+
+/// GC over a catalog of `n` stored blocks, every one referenced: the peak
+/// over the store as `serve` holds it.
+fn gc_memory(dir: &Path, n: u64) {
+    let f = fixture(dir, 1);
+    let (refs, new) = point_of(n, 4);
+    let size = n * u64::from(BS);
+    f.store
+        .catalog()
+        .unwrap()
+        .commit_point(&new_point(f.servers[0], &refs, &new, size))
+        .unwrap();
+    f.store.index_blocks(&new).unwrap();
+    drop((refs, new));
+    reset_peak();
+    let (before, _) = memory();
+    let report =
+        pilotlight_receiver::gc::collect(&f.store, &|| Ok(Default::default()), Default::default())
+            .unwrap();
+    let (_, peak) = memory();
+    assert_eq!(report.blocks_dropped, 0);
+    println!(
+        "| GC, peak over the store, per stored block | {:.0} |",
+        per(peak.saturating_sub(before), n)
+    );
+}
+
+/// Commit latency: points of `n` new blocks, one server alone, then two
+/// servers at once (each in its own thread, as two sessions' commits).
+fn commit_times(dir: &Path) {
+    println!("\n| blocks per point | one commit alone, ms | two servers at once: each, ms | both done, ms |");
+    println!("|---|---|---|---|");
+    for (round, n) in [(1u8, 100u64), (2, 10_000), (3, 100_000)] {
+        let f = fixture(dir, 2);
+        let size = n * u64::from(BS);
+        let (refs, new) = point_of(n, 10 * round);
+        let t = Instant::now();
+        f.store
+            .catalog()
+            .unwrap()
+            .commit_point(&new_point(f.servers[0], &refs, &new, size))
+            .unwrap();
+        let alone = t.elapsed();
+        let both = Instant::now();
+        let times: Vec<Duration> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..2)
+                .map(|k| {
+                    let (refs, new) = point_of(n, 10 * round + 1 + k as u8);
+                    let store = f.store.clone();
+                    let server = f.servers[k];
+                    sc.spawn(move || {
+                        let t = Instant::now();
+                        store
+                            .catalog()
+                            .unwrap()
+                            .commit_point(&new_point(server, &refs, &new, size))
+                            .unwrap();
+                        t.elapsed()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        println!(
+            "| {n} | {:.1} | {:.1} / {:.1} | {:.1} |",
+            alone.as_secs_f64() * 1e3,
+            times[0].as_secs_f64() * 1e3,
+            times[1].as_secs_f64() * 1e3,
+            both.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
+
+fn main() {
+    let n: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = std::env::var_os("SCALE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    println!("N = {n}, block size {BS}\n");
+    println!("| what | bytes |\n|---|---|");
+    session_memory(&dir, n);
+    index_memory(&dir, n);
+    gc_memory(&dir, n);
+    commit_times(&dir);
+}
