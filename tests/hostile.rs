@@ -232,25 +232,102 @@ async fn zero_run_of_zero_blocks_or_wrapping() {
     w.good_agent_still_works(&before).await;
 }
 
-/// A `PartialBlock` (kind 25) to a receiver that did not advertise
-/// `FEATURE_PARTIAL` ends the session; nothing of it is kept.
+fn partial(index: u64, base_hash: pilotlight_protocol::BlockHash) -> Frame {
+    Frame::PartialBlock(pilotlight_protocol::PartialBlockFrame {
+        tag: 1,
+        volume: 0,
+        index,
+        raw_len: 65536,
+        base_hash,
+        ranges: vec![
+            pilotlight_protocol::frame::ByteRange {
+                offset: 100,
+                len: 4,
+            },
+            pilotlight_protocol::frame::ByteRange {
+                offset: 60000,
+                len: 3,
+            },
+        ],
+        data: bytes::Bytes::from_static(b"abcdxyz"),
+    })
+}
+
+/// A `PartialBlock` whose base is no block this server stored (here: bytes
+/// it never sent) ends the session; nothing of it is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partial_block_to_a_receiver_without_the_feature() {
+async fn partial_block_on_a_base_never_stored() {
     let w = world().await;
     let before = store_snapshot(&w.rcv.dir);
     let (_control, mut data, _) = session(w.rcv.addr, &w.good_id).await;
-    let partial = pilotlight_protocol::PartialBlockFrame {
-        tag: 1,
-        volume: 0,
-        index: 0,
-        raw_len: 65536,
-        base_hash: pilotlight_protocol::BlockHash::of(&[0u8; 65536]),
-        ranges: vec![pilotlight_protocol::frame::ByteRange { offset: 0, len: 4 }],
-        data: bytes::Bytes::from_static(b"abcd"),
-    };
-    data.send(&Frame::PartialBlock(partial)).await.unwrap();
-    expect_error(&mut data, ErrorCode::Protocol, "PartialBlock").await;
+    let base = pilotlight_protocol::BlockHash::of(&[0x5au8; 65536]);
+    data.send(&partial(0, base)).await.unwrap();
+    expect_error(&mut data, ErrorCode::Protocol, "not a stored block").await;
     w.good_agent_still_works(&before).await;
+}
+
+/// A `PartialBlock` on a block of the server's earlier point: the receiver
+/// answers the merged block's hash before acking it, and the point restores
+/// with the ranges written over the old block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_block_merges_with_its_stored_base() {
+    let w = world().await;
+    let old = std::fs::read(&w.good_img).unwrap();
+    let (index, base) = old
+        .chunks(65536)
+        .take(16)
+        .enumerate()
+        .find(|(_, b)| b.iter().any(|&x| x != 0))
+        .map(|(i, b)| (i as u64, b.to_vec()))
+        .expect("a block of data in the first megabyte");
+    let mut merged = base.clone();
+    merged[100..104].copy_from_slice(b"abcd");
+    merged[60000..60003].copy_from_slice(b"xyz");
+    let (mut control, mut data, _) = session(w.rcv.addr, &w.good_id).await;
+    data.send(&partial(index, pilotlight_protocol::BlockHash::of(&base)))
+        .await
+        .unwrap();
+    // The answer comes before the Received that covers the frame.
+    let applied = match tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::StreamExt::next(&mut data),
+    )
+    .await
+    .expect("PartialApplied in time")
+    {
+        Some(Ok((_, Frame::PartialApplied(a)))) => a,
+        other => panic!("expected PartialApplied, got {other:?}"),
+    };
+    assert_eq!(applied.index, index);
+    assert_eq!(applied.hash, pilotlight_protocol::BlockHash::of(&merged));
+    control
+        .send(&Frame::EndPoint {
+            tag: 1,
+            blocks: 1,
+            created_ms: 1,
+            consistency: pilotlight_protocol::frame::Consistency::Fuzzy,
+            commit: pilotlight_protocol::frame::CommitMode::Sync,
+        })
+        .await
+        .unwrap();
+    let point = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(20),
+            futures_util::StreamExt::next(&mut control),
+        )
+        .await
+        .expect("Durable in time")
+        {
+            Some(Ok((_, Frame::Durable { point, .. }))) => break point,
+            Some(Ok((_, Frame::Ping))) => continue,
+            other => panic!("expected Durable, got {other:?}"),
+        }
+    };
+    let out = w.root.join("partial.img");
+    w.rcv.restore("good", "root", point, &out);
+    let got = std::fs::read(&out).unwrap();
+    let at = index as usize * 65536;
+    assert_eq!(&got[at..at + 65536], &merged[..], "block {index}");
 }
 
 /// Overlapping runs are honest up to the point's block cap (the volume's

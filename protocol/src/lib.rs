@@ -98,8 +98,9 @@
 //!
 //! `PartialBlock` carries only some byte ranges of block `index` (the
 //! sectors written since the last point): the receiver reads the block
-//! whose BLAKE3 is `base_hash` from the volume's previous point, checks
-//! that hash, copies the ranges over it, hashes and stores the result as a
+//! whose BLAKE3 is `base_hash` from its store (a block this server stored
+//! in a committed point, or the all-zero block; anything else ends the
+//! session), checks that hash, copies the ranges over it, hashes and stores the result as a
 //! normal block, and answers `PartialApplied` with the new hash on the same
 //! stream before the `Received` that covers the frame. It counts as one
 //! block in `EndPoint.blocks`. Decoding refuses 0 or more than

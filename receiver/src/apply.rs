@@ -4,7 +4,9 @@
 //! and the session, checks the session's uncommitted-bytes cap and the
 //! server's quota, appends it to a pack and records it in the session.
 //! A `ZeroRun` frame is checked against its volume and recorded as one run
-//! (no per-block work until the commit writes its rows).
+//! (no per-block work until the commit writes its rows). A `PartialBlock`
+//! is merged with its base into a whole block first (`partial`), and its
+//! `PartialApplied` answer goes out before the `Received` that covers it.
 //! Acks (`RECEIVED`) are cumulative and coalesced.
 //!
 //! ```text
@@ -18,13 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pilotlight_protocol::block::Decoder;
-use pilotlight_protocol::frame::BlockFrame;
+use pilotlight_protocol::frame::{BlockFrame, PartialAppliedFrame};
 use pilotlight_protocol::limits::{block_count, block_len, BLOCK_HEADER_LEN, ZERO_RUN_LEN};
-use pilotlight_protocol::{Encoding, Frame, ZeroRunFrame};
+use pilotlight_protocol::{Encoding, Frame, PartialBlockFrame, ZeroRunFrame};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::catalog::BlockRef;
 use crate::pack::PackWriter;
+use crate::partial::Merger;
 use crate::quota::DedupScope;
 use crate::registry::Registry;
 use crate::session::Session;
@@ -43,6 +46,8 @@ enum Item {
     Block(BlockFrame),
     /// A run of zero blocks.
     Zeros(ZeroRunFrame),
+    /// Some byte ranges of a block.
+    Partial(PartialBlockFrame),
 }
 
 impl Item {
@@ -50,6 +55,7 @@ impl Item {
         match self {
             Self::Block(b) => b.tag,
             Self::Zeros(z) => z.tag,
+            Self::Partial(p) => p.tag,
         }
     }
 
@@ -58,6 +64,8 @@ impl Item {
         let len = match self {
             Self::Block(b) => b.payload.len() + BLOCK_HEADER_LEN,
             Self::Zeros(_) => ZERO_RUN_LEN,
+            // The merged block is as large as the block.
+            Self::Partial(p) => p.body_len().max(p.raw_len as usize) + BLOCK_HEADER_LEN,
         };
         u32::try_from(len).unwrap_or(u32::MAX)
     }
@@ -67,8 +75,9 @@ impl Item {
 /// session's in-flight byte budget.
 type Applying = (u64, Item, OwnedSemaphorePermit);
 
-/// What the applier reports: the seq of a block applied, or why it stopped.
-type Ack = Result<u64, ReceiveError>;
+/// What the applier reports: the seq of a block applied (with the answer
+/// to a partial block), or why it stopped.
+type Ack = Result<(u64, Option<PartialAppliedFrame>), ReceiveError>;
 
 /// Serve a data stream that asked to join `session_id`, until the agent
 /// ends it or the session ends.
@@ -153,7 +162,7 @@ impl Stream<'_> {
                     return if session.ended.load(Ordering::SeqCst) { Ok(()) } else { Err(session.cancel_reason()) };
                 }
                 ack = self.ack_rx.recv() => match ack {
-                    Some(Ok(seq)) => self.ack(wr, seq).await?,
+                    Some(Ok(done)) => self.ack(wr, done).await?,
                     Some(Err(e)) => return Err(e),
                     None => return Ok(()),
                 },
@@ -171,6 +180,10 @@ impl Stream<'_> {
                         let seq = rd.decoder().last_seq();
                         self.queue(seq, Item::Zeros(z)).await?;
                     }
+                    Ok(Ok(Some(Frame::PartialBlock(p)))) => {
+                        let seq = rd.decoder().last_seq();
+                        self.queue(seq, Item::Partial(p)).await?;
+                    }
                     Ok(Ok(Some(other))) => return Err(unexpected(&other, "Block")),
                 },
             }
@@ -179,11 +192,23 @@ impl Stream<'_> {
 
     /// Ack `seq` and every block applied since (acks are cumulative); an
     /// applier error queued behind them is returned after the ack is sent.
-    async fn ack(&mut self, wr: &mut Writer, mut seq: u64) -> Result<(), ReceiveError> {
+    async fn ack(
+        &mut self,
+        wr: &mut Writer,
+        (mut seq, applied): (u64, Option<PartialAppliedFrame>),
+    ) -> Result<(), ReceiveError> {
+        if let Some(a) = applied {
+            send_in(wr, &Frame::PartialApplied(a), self.session).await?;
+        }
         let mut failed = None;
         while let Ok(more) = self.ack_rx.try_recv() {
             match more {
-                Ok(s) => seq = s,
+                Ok((s, applied)) => {
+                    if let Some(a) = applied {
+                        send_in(wr, &Frame::PartialApplied(a), self.session).await?;
+                    }
+                    seq = s;
+                }
                 Err(e) => {
                     failed = Some(e);
                     break;
@@ -249,13 +274,26 @@ fn apply_loop(
     };
     let mut writer = store.take_writer();
     let mut buf = Vec::new();
+    let mut merger: Option<Merger> = None;
     while let Some((seq, b, _permit)) = rx.blocking_recv() {
         let r = match b {
-            Item::Block(b) => apply_one(session, store, &mut decoder, &mut writer, &mut buf, b),
-            Item::Zeros(z) => apply_zeros(session, &z),
+            Item::Block(b) => apply_one(session, store, &mut decoder, &mut writer, &mut buf, b)
+                .map(|()| (seq, None)),
+            Item::Zeros(z) => apply_zeros(session, &z).map(|()| (seq, None)),
+            Item::Partial(p) => {
+                let merged = match merger.as_mut() {
+                    Some(m) => m.merge(session, store, &p),
+                    None => {
+                        Merger::new(store).and_then(|m| merger.insert(m).merge(session, store, &p))
+                    }
+                };
+                merged.and_then(|(b, applied)| {
+                    apply_one(session, store, &mut decoder, &mut writer, &mut buf, b)
+                        .map(|()| (seq, Some(applied)))
+                })
+            }
         }
-        .and_then(|()| session.spill())
-        .map(|()| seq);
+        .and_then(|out| session.spill().map(|()| out));
         let failed = r.is_err();
         if ack.blocking_send(r).is_err() || failed {
             break;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
 use pilotlight_protocol::limits::{
-    FEATURE_CHECKPOINT, FEATURE_PING, FEATURE_RESTORE, FEATURE_ZEROS, VERSION,
+    FEATURE_CHECKPOINT, FEATURE_PARTIAL, FEATURE_PING, FEATURE_RESTORE, FEATURE_ZEROS, VERSION,
 };
 use pilotlight_protocol::{DecodeError, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -186,7 +186,11 @@ impl Connection {
         let pings = features & FEATURE_PING != 0;
         let hello = Frame::Hello {
             version: VERSION,
-            features: FEATURE_PING | FEATURE_CHECKPOINT | FEATURE_RESTORE | FEATURE_ZEROS,
+            features: FEATURE_PING
+                | FEATURE_CHECKPOINT
+                | FEATURE_RESTORE
+                | FEATURE_ZEROS
+                | FEATURE_PARTIAL,
         };
         send(wr, &hello).await?;
         let first = match tokio::time::timeout(timeout, next(rd)).await {

@@ -27,6 +27,7 @@ pub mod live;
 mod maintenance;
 pub mod owners;
 pub mod pack;
+mod partial;
 pub mod pki;
 pub mod quota;
 mod registry;

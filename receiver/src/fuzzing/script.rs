@@ -327,9 +327,8 @@ fn receiver_only(input: &mut Input<'_>) -> Frame {
     }
 }
 
-/// A `PartialBlock` (kind 25), which no receiver takes yet (it does not
-/// advertise `FEATURE_PARTIAL`): ranges in or past a block, a base hash of
-/// zeros or of nothing.
+/// A `PartialBlock` (kind 25): ranges in or past a block (or overlapping,
+/// for a stride of 0), on a base that is no stored block.
 fn partial_block(input: &mut Input<'_>) -> Frame {
     let (a, b, n) = (input.u8(), input.u8(), input.u8());
     let ranges: Vec<pilotlight_protocol::frame::ByteRange> = (0..=u32::from(n % 4))
