@@ -168,7 +168,8 @@ pub fn client_for(url: &StoreUrl) -> Result<Arc<dyn ObjectStore>, OffsiteError> 
 
 /// One sentence for what the store answered about `object`.
 pub(crate) fn classify(url: &StoreUrl, object: &str, e: object_store::Error) -> OffsiteError {
-    let text = e.to_string();
+    // One line: a store may answer with a multi-line body.
+    let text = e.to_string().replace(['\n', '\r'], " ");
     match e {
         object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. } => OffsiteError::Credentials {

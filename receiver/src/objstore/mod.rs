@@ -240,5 +240,6 @@ pub fn for_serve(dir: &Path) -> Result<Option<Arc<Offsite>>, ReceiveError> {
             .into_iter()
             .collect();
     o.reconcile(&committed)?;
+    o.state.update(&o.url.to_string(), |_| {});
     Ok(Some(o))
 }
