@@ -368,15 +368,20 @@ fn a_point_waits_for_the_store_and_is_durable_once_it_is_back() {
     let img = root.join("web1.img");
     sample_image(&img, 4 << 20, 22);
     let (rx, addr) = serve(&moto, &dir);
+    let status = |m: &Moto| ok(&receiver(m, &["status", "--dir", s(&dir)]));
+    // serve checks the bucket before it takes points.
+    let deadline = Deadline::after(Duration::from_secs(60)).every(Duration::from_millis(100));
+    while !status(&moto).contains(": ok") {
+        deadline.next_blocking(|| format!("serve never checked the store: {}", status(&moto)));
+    }
     moto.stop();
     let mut agent = agent(&addr, &id, &root.join("state"), &img)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let status = || ok(&receiver(&moto, &["status", "--dir", s(&dir)]));
     let deadline = Deadline::after(Duration::from_secs(60)).every(Duration::from_millis(200));
-    while !status().contains("UNREACHABLE") {
-        deadline.next_blocking(|| format!("status never showed the store down: {}", status()));
+    while !status(&moto).contains("UNREACHABLE") {
+        deadline.next_blocking(|| format!("status never showed the store down: {}", status(&moto)));
     }
     assert!(
         agent.try_wait().unwrap().is_none(),
@@ -399,7 +404,7 @@ fn a_point_waits_for_the_store_and_is_durable_once_it_is_back() {
     let points = ok(&receiver(&moto, &["points", "--dir", s(&dir), "--json"]));
     let points: serde_json::Value = serde_json::from_str(&points).unwrap();
     assert_eq!(points.as_array().map(Vec::len), Some(1), "{points}");
-    assert!(!status().contains("UNREACHABLE"));
+    assert!(!status(&moto).contains("UNREACHABLE"));
     stop(rx);
 }
 
