@@ -207,10 +207,10 @@ pub(crate) fn sync_packs(store: &Store, pending: &PendingPoint) -> Result<(), Re
         file.sync_data()
             .map_err(|e| ReceiveError::storage(pack_file(store.dir(), *id), e))?;
     }
-    let lens: Vec<(u64, u64)> = pending
+    let lens: Vec<(u64, u64, u64)> = pending
         .packs
         .iter()
-        .map(|(id, (_, end))| (*id, *end))
+        .map(|(id, (_, end))| (*id, store.committed_len(*id), *end))
         .collect();
     crate::objstore::seal_packs(store.dir(), &lens)
 }

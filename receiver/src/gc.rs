@@ -307,7 +307,11 @@ impl<'a> Collector<'a> {
             .iter()
             .map(|(id, (_, len))| (*id, *len))
             .collect();
-        crate::objstore::seal_packs(store.dir(), &new_packs)?;
+        let uploads: Vec<(u64, u64, u64)> = new_packs
+            .iter()
+            .map(|(id, end)| (*id, store.committed_len(*id), *end))
+            .collect();
+        crate::objstore::seal_packs(store.dir(), &uploads)?;
         let dead_hashes: Vec<BlockHash> = dead.iter().map(|(h, _)| *h).collect();
         let emptied = {
             let mut cat = store.catalog()?;

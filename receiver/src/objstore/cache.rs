@@ -36,7 +36,26 @@ impl Offsite {
             .dir
             .join("packs")
             .join(format!(".fetch-{pack:010}.tmp"));
-        let mut file = std::fs::File::create(&tmp).map_err(|e| OffsiteError::local(&tmp, e))?;
+        let filled = self.fill_file(pack, &segs, &tmp);
+        if filled.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let len = filled?;
+        std::fs::rename(&tmp, &path).map_err(|e| OffsiteError::local(&path, e))?;
+        metrics::counter!("pilotlight_receiver_cache_fills_total").increment(1);
+        tracing::info!(pack, bytes = len, "pack brought back from the object store");
+        Ok(())
+    }
+
+    /// Write the segments of `pack`, chained from 0, opened, into `tmp`;
+    /// returns the length.
+    fn fill_file(
+        &self,
+        pack: u64,
+        segs: &std::collections::BTreeMap<u64, u64>,
+        tmp: &Path,
+    ) -> Result<u64, OffsiteError> {
+        let mut file = std::fs::File::create(tmp).map_err(|e| OffsiteError::local(tmp, e))?;
         let mut at = 0;
         while let Some(&end) = segs.get(&at) {
             let name = segment_name(pack, at, end);
@@ -48,14 +67,11 @@ impl Offsite {
                 });
             }
             file.write_all(&plain)
-                .map_err(|e| OffsiteError::local(&tmp, e))?;
+                .map_err(|e| OffsiteError::local(tmp, e))?;
             at = end;
         }
-        file.sync_all().map_err(|e| OffsiteError::local(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| OffsiteError::local(&path, e))?;
-        metrics::counter!("pilotlight_receiver_cache_fills_total").increment(1);
-        tracing::info!(pack, bytes = at, "pack brought back from the object store");
-        Ok(())
+        file.sync_all().map_err(|e| OffsiteError::local(tmp, e))?;
+        Ok(at)
     }
 
     /// Download and open the object `name`.

@@ -208,6 +208,17 @@ impl Offsite {
     pub fn new(dir: &Path, cfg: &StoreConfig, key: StoreKey) -> Result<Self, ReceiveError> {
         let url = StoreUrl::parse(&cfg.url)?;
         let client = client_for(&url)?;
+        Self::with_client(dir, url, client, key, cfg.cache.0.unwrap_or(u64::MAX))
+    }
+
+    /// The store of `dir` through `client` (tests: an in-memory store).
+    pub(crate) fn with_client(
+        dir: &Path,
+        url: StoreUrl,
+        client: Arc<dyn ObjectStore>,
+        key: StoreKey,
+        cache_budget: u64,
+    ) -> Result<Self, ReceiveError> {
         let exec = match tokio::runtime::Handle::try_current() {
             Ok(h) => Exec::Handle(h),
             Err(_) => Exec::Own(
@@ -223,7 +234,7 @@ impl Offsite {
             client,
             key,
             dir: dir.to_owned(),
-            cache_budget: cfg.cache.0.unwrap_or(u64::MAX),
+            cache_budget,
             exec,
             segments: Mutex::new(None),
             upload: Mutex::new(()),

@@ -31,6 +31,9 @@ pub mod snapshot;
 mod state;
 mod upload;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -174,9 +177,10 @@ pub fn for_dir(dir: &Path) -> Result<Option<Arc<Offsite>>, ReceiveError> {
 
 /// Commit order, between the pack fsync and the catalog transaction: upload
 /// what a point (or checkpoint, or garbage collection) added to its packs
-/// (`packs`: id and durable length), and wait until it is in the bucket,
-/// for as long as `serve` runs. Nothing without a store. Blocking.
-pub(crate) fn seal_packs(dir: &Path, packs: &[(u64, u64)]) -> Result<(), ReceiveError> {
+/// (`packs`: id, length committed so far, durable length), and wait until
+/// it is in the bucket, for as long as `serve` runs. Nothing without a
+/// store. Blocking.
+pub(crate) fn seal_packs(dir: &Path, packs: &[(u64, u64, u64)]) -> Result<(), ReceiveError> {
     if let Some(o) = for_dir(dir)? {
         o.upload_packs(packs)?;
     }

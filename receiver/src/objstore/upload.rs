@@ -26,15 +26,18 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl Offsite {
-    /// Upload what `packs` (id and durable length) hold past what the
-    /// bucket has of them; wait until it is there. Blocking.
-    pub(crate) fn upload_packs(&self, packs: &[(u64, u64)]) -> Result<(), OffsiteError> {
+    /// Upload what `packs` (id, committed length, durable length) hold past
+    /// what the bucket has of them; wait until it is there. What the bucket
+    /// holds past the committed length was uploaded for a point that then
+    /// failed to commit (its bytes were cut and written anew): it is
+    /// replaced. Blocking.
+    pub(crate) fn upload_packs(&self, packs: &[(u64, u64, u64)]) -> Result<(), OffsiteError> {
         let cancel = &self.stop;
         let _one = self.upload.lock().map_err(|_| OffsiteError::Cancelled)?;
         self.block_on(async {
             self.retrying(cancel, || self.segments_listed()).await?;
-            for &(pack, end) in packs {
-                let start = self.uploaded_to(pack);
+            for &(pack, committed, end) in packs {
+                let start = self.uploaded_to(pack).min(committed);
                 if end <= start {
                     continue;
                 }
