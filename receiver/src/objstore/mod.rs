@@ -15,7 +15,7 @@
 //! ```
 //!
 //! The commit order gains one step between the pack fsync and the catalog
-//! transaction: the point's packs are uploaded ([`seal_packs`]), retried
+//! transaction: the point's packs are uploaded (`seal_packs`), retried
 //! with backoff for as long as the store is unreachable (the point waits,
 //! unacknowledged; `status` and `pilotlight_receiver_store_waiting` show
 //! it). The catalog is snapshotted after commits ([`snapshot`]); local packs
