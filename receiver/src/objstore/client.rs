@@ -384,6 +384,38 @@ mod tests {
     }
 
     #[test]
+    fn store_answers_become_one_sentence_each() {
+        let url = StoreUrl::parse("s3://b/p").unwrap();
+        let denied = object_store::Error::PermissionDenied {
+            path: "p/x".into(),
+            source: "403 AccessDenied".into(),
+        };
+        assert!(matches!(
+            classify(&url, "x", denied),
+            OffsiteError::Credentials { .. }
+        ));
+        let generic = |text: &str| object_store::Error::Generic {
+            store: "S3",
+            source: text.to_owned().into(),
+        };
+        let bad_key = generic("403 Forbidden: <Code>InvalidAccessKeyId</Code>");
+        assert!(matches!(
+            classify(&url, "x", bad_key),
+            OffsiteError::Credentials { .. }
+        ));
+        let no_bucket = generic("404: <Code>NoSuchBucket</Code>\n<Message>gone</Message>");
+        assert!(matches!(
+            classify(&url, "x", no_bucket),
+            OffsiteError::NoBucket { .. }
+        ));
+        let down = classify(&url, "x", generic("HTTP error: error sending request"));
+        assert!(matches!(down, OffsiteError::Unreachable { .. }));
+        assert!(down.is_retryable());
+        let e = classify(&url, "x", generic("500 line one\nline two"));
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
     fn segment_names_round_trip_and_sort_by_start() {
         let n = segment_name(7, 16, 4096);
         assert_eq!(parse_segment_name(&n), Some((7, 16, 4096)));
