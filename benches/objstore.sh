@@ -17,7 +17,11 @@ BIN=$PWD/target/$PROFILE
 WORK=${PILOTLIGHT_BENCH_DIR:-/tmp/pilotlight-objstore-bench}
 rm -rf "$WORK"; mkdir -p "$WORK"
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$WORK"; }
+# `run` goes in a subshell ($(...)): its receivers are known by their pid files.
+cleanup() {
+    for p in "${PIDS[@]}" $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null; rm -rf "$WORK"
+}
 trap cleanup EXIT
 now() { date +%s.%N; }
 secs() { echo "$2 - $1" | bc; }
@@ -40,11 +44,11 @@ run() { # NAME [init args...]: sync the image into a new receiver; prints second
     "$BIN/pilotlight-receiver" init --dir "$WORK/$name" --listen 127.0.0.1:0 "$@" >/dev/null
     "$BIN/pilotlight-receiver" enroll --dir "$WORK/$name" --server b --out "$WORK/$name.pem" >/dev/null
     RUST_LOG=warn "$BIN/pilotlight-receiver" serve --dir "$WORK/$name" --listen 127.0.0.1:0 --print-addr >"$WORK/$name.addr" &
-    PIDS+=($!)
+    echo $! >"$WORK/$name.pid"
     wait_for "[ -s $WORK/$name.addr ]"
     local t0; t0=$(now)
     "$BIN/pilotlight-agent" run --receiver "$(head -1 "$WORK/$name.addr")" --identity "$WORK/$name.pem" \
-        --state "$WORK/$name.state" --volume "root=$IMG" --once >/dev/null
+        --state "$WORK/$name.state" --volume "root=$IMG" --once >/dev/null 2>&1
     secs "$t0" "$(now)"
 }
 restore() { # NAME: restore the latest point; prints seconds
