@@ -12,7 +12,9 @@ pub use metrics_exporter_prometheus::BuildError as MetricsError;
 /// one JSON object per line.
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // The object store client logs each retry at info: the receiver
+        // reports what it means (one sentence, or `status`) instead.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,object_store=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -7,7 +7,9 @@
 //! The durability contract, in this order and nowhere else:
 //!
 //! 1. **pack fsync**: `fdatasync` of every pack this point appended to
-//!    ([`sync_packs`]);
+//!    ([`sync_packs`]), then, with an object store, what the point added
+//!    to them sealed and in the bucket ([`crate::objstore::seal_packs`]:
+//!    while the store is unreachable the point waits here);
 //! 2. **directory fsync**: the `packs/` directory entry of each new pack,
 //!    which `PackWriter` fsyncs when it creates the pack, before any record
 //!    that a point could reference is written to it;
@@ -125,7 +127,9 @@ impl Committer {
         let blocks = end.blocks;
         let (point, created_ms) = blocking(move || {
             sync_packs(&store, &pending)?;
-            record_point(&store, &s, end, &pending)
+            let done = record_point(&store, &s, end, &pending)?;
+            crate::objstore::committed(store.dir(), &store.open_packs());
+            Ok(done)
         })
         .await
         .inspect_err(|e| {
@@ -198,13 +202,19 @@ impl Committer {
     }
 }
 
-/// Step 1: the point's pack data on disk. Blocking.
+/// Step 1: the point's pack data on disk, then (with an object store) in
+/// the bucket. Blocking.
 pub(crate) fn sync_packs(store: &Store, pending: &PendingPoint) -> Result<(), ReceiveError> {
     for (id, (file, _)) in &pending.packs {
         file.sync_data()
             .map_err(|e| ReceiveError::storage(pack_file(store.dir(), *id), e))?;
     }
-    Ok(())
+    let lens: Vec<(u64, u64, u64)> = pending
+        .packs
+        .iter()
+        .map(|(id, (_, end))| (*id, store.committed_len(*id), *end))
+        .collect();
+    crate::objstore::seal_packs(store.dir(), &lens)
 }
 
 /// Step 3: re-check the identity, commit the catalog transaction (dated by

@@ -110,6 +110,33 @@ pub struct ReceiverConfig {
     /// Which points `prune` keeps when no `--keep-*` flag is given, and the
     /// minimum history (`min_keep`) it keeps whatever the flags say.
     pub retention: crate::retention::Policy,
+    /// Off-host history in S3-compatible object storage (`init --store`):
+    /// none by default (the local directory holds everything).
+    pub store: Option<StoreConfig>,
+}
+
+/// `[store]`: where sealed packs and catalog snapshots go. Endpoint and
+/// credentials come from the standard AWS environment (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`); the key that
+/// seals every object is `DIR/store.key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `s3://BUCKET/PREFIX`: every object of this receiver is under PREFIX,
+    /// so several receivers may share one bucket.
+    pub url: String,
+    /// Most bytes of packs kept in the local directory: packs already in
+    /// the bucket are evicted past it and downloaded again on a miss.
+    pub cache: Size,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            cache: Size(Some(8 << 30)),
+        }
+    }
 }
 
 impl Default for ReceiverConfig {
@@ -144,6 +171,7 @@ impl Default for ReceiverConfig {
             rpo_targets: BTreeMap::new(),
             max_session_uncommitted: None,
             retention: crate::retention::Policy::default(),
+            store: None,
         }
     }
 }
@@ -284,6 +312,23 @@ mod tests {
         assert_eq!(cfg.limits_for("other", &[]).max_uncommitted, 8 << 30);
         assert!(toml::from_str::<ReceiverConfig>("dedup = \"everyone\"").is_err());
         assert!(toml::from_str::<ReceiverConfig>("quota = \"lots\"").is_err());
+    }
+
+    #[test]
+    fn the_store_section_reads_from_toml_and_is_absent_by_default() {
+        let cfg: ReceiverConfig = toml::from_str(
+            r#"
+            [store]
+            url = "s3://bucket/site-a"
+            cache = "2 GiB"
+            "#,
+        )
+        .unwrap();
+        let store = cfg.store.unwrap();
+        assert_eq!(store.url, "s3://bucket/site-a");
+        assert_eq!(store.cache, Size(Some(2 << 30)));
+        assert!(ReceiverConfig::default().store.is_none());
+        assert!(toml::from_str::<ReceiverConfig>("[store]\nurl = \"s3://b\"\nbogus = 1").is_err());
     }
 
     #[test]

@@ -127,7 +127,9 @@ pub fn collect(
         let records = by_pack.remove(&pack).unwrap_or_default();
         collector.pack(pack, committed_len, records, &removed, opts)?;
     }
-    collector.finish()
+    let report = collector.finish()?;
+    crate::objstore::after_gc(store.dir())?;
+    Ok(report)
 }
 
 /// What [`unindex_garbage`] finds: the blocks taken out of the index, the
@@ -305,6 +307,11 @@ impl<'a> Collector<'a> {
             .iter()
             .map(|(id, (_, len))| (*id, *len))
             .collect();
+        let uploads: Vec<(u64, u64, u64)> = new_packs
+            .iter()
+            .map(|(id, end)| (*id, store.committed_len(*id), *end))
+            .collect();
+        crate::objstore::seal_packs(store.dir(), &uploads)?;
         let dead_hashes: Vec<BlockHash> = dead.iter().map(|(h, _)| *h).collect();
         let emptied = {
             let mut cat = store.catalog()?;
@@ -325,8 +332,13 @@ impl<'a> Collector<'a> {
         if emptied {
             let path = pack_path(store.dir(), pack);
             let len = std::fs::metadata(&path).map_or(committed_len, |m| m.len());
-            std::fs::remove_file(&path).map_err(|e| ReceiveError::storage(&path, e))?;
+            match std::fs::remove_file(&path) {
+                // Evicted from the cache of an object store: only there.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r.map_err(|e| ReceiveError::storage(&path, e))?,
+            }
             sync_dir(&store.dir().join("packs"))?;
+            crate::objstore::pack_removed(store.dir(), pack)?;
             store.forget_pack(pack);
             report.bytes_freed += len;
             if moved.is_empty() {

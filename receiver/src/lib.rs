@@ -25,6 +25,7 @@ mod handshake;
 mod hashes;
 pub mod live;
 mod maintenance;
+pub mod objstore;
 pub mod owners;
 pub mod pack;
 mod partial;

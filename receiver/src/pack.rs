@@ -275,7 +275,17 @@ impl PackReader {
             if self.files.len() > 64 {
                 self.files.clear();
             }
-            let f = File::open(&path).map_err(|e| ReceiveError::storage(&path, e))?;
+            let f = match File::open(&path) {
+                // Not in the local cache: from the object store, if any.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if !crate::objstore::cache::fetch_missing(&self.dir, loc.pack)? {
+                        return Err(ReceiveError::storage(&path, e));
+                    }
+                    File::open(&path)
+                }
+                r => r,
+            }
+            .map_err(|e| ReceiveError::storage(&path, e))?;
             self.files.insert(loc.pack, f);
         }
         let Some(file) = self.files.get(&loc.pack) else {

@@ -60,6 +60,8 @@ pub async fn run(
 ) -> Result<(), ReceiveError> {
     let open_dir = dir.clone();
     let store = Arc::new(blocking(move || Store::open_for_serve(&open_dir)).await?);
+    let offsite_dir = dir.clone();
+    let offsite = blocking(move || crate::objstore::for_serve(&offsite_dir)).await?;
     let tls = TlsAcceptor::from(pki::server_config(&dir)?);
     let admission = Admission::new(&cfg);
     let registry = Arc::new(Registry::new(dir));
@@ -74,6 +76,9 @@ pub async fn run(
             registry: registry.clone(),
         };
         tracker.spawn(m.run(every, shutdown.clone()));
+    }
+    if let Some(o) = offsite {
+        tracker.spawn(o.snapshots(shutdown.clone()));
     }
     tracker.spawn(crate::rpo::publish(
         store.clone(),

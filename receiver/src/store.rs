@@ -226,6 +226,15 @@ impl Store {
         }
     }
 
+    /// The length of pack `id` that commits have made durable (0 if none).
+    pub(crate) fn committed_len(&self, id: u64) -> u64 {
+        self.committed
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&id).copied())
+            .unwrap_or(0)
+    }
+
     /// Forget a pack that garbage collection removed.
     pub fn forget_pack(&self, id: u64) {
         if let Ok(mut c) = self.committed.lock() {

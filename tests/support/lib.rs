@@ -358,6 +358,7 @@ fn package_of(program: &str) -> &'static str {
         "dpkg" | "dpkg-deb" => "dpkg",
         "strip" => "binutils",
         "useradd" => "passwd",
+        "moto_server" => "moto[server] (pip install 'moto[server]')",
         p if p.starts_with("mkfs.xfs") => "xfsprogs",
         p if p.starts_with("mkfs.ext") || p == "e2fsck" => "e2fsprogs",
         _ => "util-linux",
@@ -651,4 +652,88 @@ pub fn scrape_metrics(port: u16) -> Option<String> {
     let mut out = String::new();
     c.read_to_string(&mut out).ok()?;
     Some(out)
+}
+
+/// A moto S3 server on 127.0.0.1 (an OS-chosen port), killed at drop.
+/// Its buckets live in its memory: a restarted one starts empty.
+pub struct Moto {
+    /// The port it listens on.
+    pub port: u16,
+    child: Option<ChildGuard>,
+}
+
+impl Moto {
+    /// Start `moto_server` on a free port and wait (up to 60 s) until it
+    /// answers.
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut m = Self { port, child: None };
+        m.restart();
+        m
+    }
+
+    /// Start it again on its port (after [`Moto::stop`]).
+    pub fn restart(&mut self) {
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn moto_server");
+        self.child = Some(ChildGuard(child));
+        let deadline = Deadline::after(std::time::Duration::from_secs(60))
+            .every(std::time::Duration::from_millis(100));
+        while self.request("GET", "/").is_none() {
+            deadline.next_blocking(|| format!("moto_server did not answer on port {}", self.port));
+        }
+    }
+
+    /// Kill it (its buckets are gone with it).
+    pub fn stop(&mut self) {
+        self.child = None;
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The AWS environment a receiver needs to use it.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+        ]
+    }
+
+    /// Create `bucket`.
+    pub fn create_bucket(&self, bucket: &str) {
+        let status = self
+            .request("PUT", &format!("/{bucket}"))
+            .expect("moto answers");
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "create bucket {bucket}: {status}"
+        );
+    }
+
+    /// One plain HTTP request; the status line, or `None` if nobody answers.
+    fn request(&self, method: &str, path: &str) -> Option<String> {
+        use std::io::{BufRead, Write};
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        write!(
+            tcp,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .ok()?;
+        let mut line = String::new();
+        std::io::BufReader::new(tcp).read_line(&mut line).ok()?;
+        (!line.is_empty()).then_some(line)
+    }
 }

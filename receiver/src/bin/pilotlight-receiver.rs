@@ -42,6 +42,25 @@ enum Cmd {
         /// Address agents connect to (host:port).
         #[arg(long)]
         listen: Option<String>,
+        /// Keep history off-host in S3-compatible object storage,
+        /// `s3://BUCKET/PREFIX` (endpoint and credentials from the AWS
+        /// environment); writes the key that seals it to DIR/store.key.
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// Recreate a receiver directory on a new host from its object store:
+    /// the newest catalog snapshot, the PKI and receiver.toml; packs come
+    /// back on first read, staging images when `serve` starts.
+    Rebuild {
+        /// The new receiver directory (absent or empty).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The store, `s3://BUCKET/PREFIX`.
+        #[arg(long)]
+        store: String,
+        /// The store key (the copy of DIR/store.key kept offline).
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
     /// Issue an agent identity (one PEM file) for a server.
     Enroll {
@@ -351,9 +370,31 @@ fn gc_summary(r: &pilotlight_receiver::gc::GcReport) -> String {
 
 fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Init { dir, listen } => {
+        Cmd::Init { dir, listen, store } => {
+            // The bucket is checked before anything is written.
+            let url = store
+                .as_deref()
+                .map(pilotlight_receiver::objstore::setup::check)
+                .transpose()?;
             admin::init(&dir, listen.as_deref())?;
             println!("initialized receiver directory {}", dir.display());
+            if let Some(url) = url {
+                let key = pilotlight_receiver::objstore::setup::record(&dir, &url)?;
+                println!(
+                    "history goes to {url}, sealed with the key {}: keep a copy of that file offline, away from this host, since without it the bucket cannot be read to rebuild this receiver",
+                    key.display()
+                );
+            }
+        }
+        Cmd::Rebuild { dir, store, key } => {
+            let r = pilotlight_receiver::objstore::rebuild::rebuild(&dir, &store, key.as_deref())?;
+            println!(
+                "rebuilt {} from {store}: {} points of {} servers (catalog snapshot of {}); packs come back on first read, staging images when serve starts",
+                dir.display(),
+                r.points,
+                r.servers,
+                pilotlight_protocol::clock::rfc3339(r.snapshot_ms)
+            );
         }
         Cmd::Enroll {
             dir,
@@ -450,7 +491,16 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             use clap::CommandFactory;
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
         }
-        Cmd::Status { dir, json } => print_status(&status::status(&dir)?, json)?,
+        Cmd::Status { dir, json } => {
+            print_status(&status::status(&dir)?, json)?;
+            let offsite = ReceiverConfig::load(&dir)?.store.is_some();
+            match pilotlight_receiver::objstore::OffsiteState::load(&dir) {
+                Some(st) if offsite && !json => {
+                    println!("{}", st.line(pilotlight_protocol::clock::now_ms()));
+                }
+                _ => {}
+            }
+        }
         Cmd::Points { dir, server, json } => {
             print_points(&admin::points(&dir, server.as_deref())?, json)?;
             if !json {

@@ -1,0 +1,49 @@
+//! `init --store s3://BUCKET/PREFIX`: check the bucket before anything is
+//! written, then record the store in `receiver.toml` and write the key.
+
+use std::path::Path;
+
+use pilotlight_protocol::atomic_file::{self, Access};
+
+use super::client::{client_for, probe};
+use super::crypto::KEY_FILE;
+use super::{OffsiteError, StoreKey, StoreUrl};
+use crate::config::{ReceiverConfig, StoreConfig, CONFIG_FILE};
+use crate::ReceiveError;
+
+/// Check that the store at `url` is reachable and writable (from the AWS
+/// environment), without a receiver directory.
+pub fn check(url: &str) -> Result<StoreUrl, OffsiteError> {
+    let url = StoreUrl::parse(url)?;
+    let client = client_for(&url)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OffsiteError::local(Path::new("."), e))?;
+    rt.block_on(probe(&url, &*client))?;
+    Ok(url)
+}
+
+/// Record the store in the new receiver directory `dir` and write its key
+/// (`DIR/store.key`, 0600). Returns the key file's path.
+pub fn record(dir: &Path, url: &StoreUrl) -> Result<std::path::PathBuf, ReceiveError> {
+    let mut cfg = ReceiverConfig::load(dir)?;
+    cfg.store = Some(StoreConfig {
+        url: url.to_string(),
+        ..StoreConfig::default()
+    });
+    let text = toml::to_string_pretty(&cfg)
+        .map_err(|e| ReceiveError::Config(format!("writing {CONFIG_FILE}: {e}")))?;
+    let header =
+        "# pilotlight receiver configuration. Flags on the command line override these keys.\n";
+    atomic_file::write(
+        dir,
+        CONFIG_FILE,
+        format!("{header}{text}").as_bytes(),
+        Access::Umask,
+    )
+    .map_err(|(p, e)| ReceiveError::storage(p, e))?;
+    let key = dir.join(KEY_FILE);
+    StoreKey::create(&key)?;
+    Ok(key)
+}

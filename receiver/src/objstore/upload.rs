@@ -1,0 +1,230 @@
+//! Uploading packs: what a commit added to each of its packs goes to the
+//! bucket as one sealed segment, multipart above [`MULTIPART_ABOVE`], and
+//! is retried with backoff for as long as the store does not take it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use object_store::{ObjectStoreExt, WriteMultipart};
+use pilotlight_protocol::clock::now_ms;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{classify, segment_name};
+use super::crypto::{Sealer, CHUNK_LEN};
+use super::{Offsite, OffsiteError};
+use crate::pack::pack_path;
+
+/// Segments larger than this go up in parts.
+pub(crate) const MULTIPART_ABOVE: u64 = 16 << 20;
+/// Size of one part of a multipart upload.
+const PART_LEN: usize = 8 << 20;
+/// Parts in flight at once.
+const PARTS_IN_FLIGHT: usize = 4;
+/// First and longest wait between two tries of an upload.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Offsite {
+    /// Upload what `packs` (id, committed length, durable length) hold past
+    /// what the bucket has of them; wait until it is there. What the bucket
+    /// holds past the committed length was uploaded for a point that then
+    /// failed to commit (its bytes were cut and written anew): it is
+    /// replaced. Blocking.
+    pub(crate) fn upload_packs(&self, packs: &[(u64, u64, u64)]) -> Result<(), OffsiteError> {
+        let cancel = &self.stop;
+        let _one = self.upload.lock().map_err(|_| OffsiteError::Cancelled)?;
+        self.block_on(async {
+            self.retrying(cancel, || self.segments_listed()).await?;
+            for &(pack, committed, end) in packs {
+                let start = self.uploaded_to(pack).min(committed);
+                if end <= start {
+                    continue;
+                }
+                self.retrying(cancel, || self.drop_stale(pack, start))
+                    .await?;
+                self.retrying(cancel, || self.upload_segment(pack, start, end))
+                    .await?;
+                if let Ok(mut s) = self.segments.lock() {
+                    if let Some(m) = s.as_mut() {
+                        m.entry(pack).or_default().insert(start, end);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        self.state
+            .update(&self.url.to_string(), |s| s.last_upload_ms = Some(now_ms()));
+        Ok(())
+    }
+
+    /// Run `op` until it succeeds, waiting longer each time (up to
+    /// [`BACKOFF_MAX`]); while it fails, the state says the store is
+    /// unreachable. Only `cancel` ends the wait.
+    async fn retrying<F, Fut>(
+        &self,
+        cancel: &CancellationToken,
+        mut op: F,
+    ) -> Result<(), OffsiteError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), OffsiteError>>,
+    {
+        let mut wait = BACKOFF_FIRST;
+        let url = self.url.to_string();
+        loop {
+            match op().await {
+                Ok(()) => {
+                    self.state.update(&url, |s| {
+                        s.waiting_since_ms = None;
+                        s.cause = None;
+                    });
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(cause = %e, retry_in_ms = wait.as_millis() as u64, "object store: upload failed; the point waits");
+                    let cause = e.to_string();
+                    self.state.update(&url, |s| {
+                        s.waiting_since_ms.get_or_insert_with(now_ms);
+                        s.cause = Some(cause);
+                    });
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Err(OffsiteError::Cancelled),
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Delete segments of `pack` at or past `start`: a crash after their
+    /// upload and before their commit left them, and the bytes they held
+    /// were cut and written anew.
+    async fn drop_stale(&self, pack: u64, start: u64) -> Result<(), OffsiteError> {
+        let stale: Vec<(u64, u64)> = self
+            .segments_of(pack)
+            .range(start..)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in stale {
+            self.delete(&segment_name(pack, s, e)).await?;
+            if let Ok(mut m) = self.segments.lock() {
+                if let Some(p) = m.as_mut().and_then(|m| m.get_mut(&pack)) {
+                    p.remove(&s);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Seal bytes `start..end` of pack `pack` and put them in the bucket.
+    async fn upload_segment(&self, pack: u64, start: u64, end: u64) -> Result<(), OffsiteError> {
+        let path = pack_path(&self.dir, pack);
+        let file = File::open(&path).map_err(|e| OffsiteError::local(&path, e))?;
+        let name = segment_name(pack, start, end);
+        let (mut sealer, header) = Sealer::new(&self.key, &name);
+        let mut plain = vec![0u8; CHUNK_LEN];
+        let mut sealed = header;
+        let mut at = start;
+        let read = |at: u64, buf: &mut Vec<u8>| -> Result<usize, OffsiteError> {
+            let n = usize::try_from((end - at).min(CHUNK_LEN as u64)).unwrap_or(CHUNK_LEN);
+            buf.resize(n, 0);
+            // The caller is a blocking thread (the commit's), not a worker.
+            file.read_exact_at(buf, at)
+                .map_err(|e| OffsiteError::local(&path, e))?;
+            Ok(n)
+        };
+        if end - start <= MULTIPART_ABOVE {
+            while at < end {
+                let n = read(at, &mut plain)?;
+                at += n as u64;
+                sealer.seal(&plain, at == end, &mut sealed)?;
+            }
+            return self.put(&name, sealed).await;
+        }
+        let target = self.url.path(&name);
+        let upload = self
+            .client
+            .put_multipart(&target)
+            .await
+            .map_err(|e| classify(&self.url, &name, e))?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_LEN);
+        let parts = async {
+            while at < end {
+                let n = read(at, &mut plain)?;
+                at += n as u64;
+                sealer.seal(&plain, at == end, &mut sealed)?;
+                w.write(&sealed);
+                sealed.clear();
+                w.wait_for_capacity(PARTS_IN_FLIGHT)
+                    .await
+                    .map_err(|e| classify(&self.url, &name, e))?;
+            }
+            Ok::<_, OffsiteError>(())
+        }
+        .await;
+        if let Err(e) = parts {
+            // No half-made upload left behind in the bucket.
+            let _ = w.abort().await;
+            return Err(e);
+        }
+        w.finish()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(&self.url, &name, e))
+    }
+
+    /// Delete every object of pack `pack` (garbage collection removed it).
+    /// Blocking.
+    pub(crate) fn delete_pack(&self, pack: u64) -> Result<(), OffsiteError> {
+        self.block_on(async {
+            self.segments_listed().await?;
+            for (s, e) in self.segments_of(pack) {
+                self.delete(&segment_name(pack, s, e)).await?;
+            }
+            if let Ok(mut m) = self.segments.lock() {
+                if let Some(m) = m.as_mut() {
+                    m.remove(&pack);
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Offsite {
+    /// When `serve` starts: delete what the bucket holds past the catalog's
+    /// committed lengths (`committed`: pack → length), uploads that a crash
+    /// kept from their commit. Blocking.
+    pub(crate) fn reconcile(
+        &self,
+        committed: &std::collections::HashMap<u64, u64>,
+    ) -> Result<(), OffsiteError> {
+        self.block_on(async {
+            self.segments_listed().await?;
+            let packs: Vec<u64> = self
+                .segments
+                .lock()
+                .ok()
+                .and_then(|s| s.as_ref().map(|m| m.keys().copied().collect()))
+                .unwrap_or_default();
+            for pack in packs {
+                let len = committed.get(&pack).copied().unwrap_or(0);
+                let mut keep_to = 0;
+                let segs = self.segments_of(pack);
+                while let Some(&end) = segs.get(&keep_to) {
+                    if end > len {
+                        break;
+                    }
+                    keep_to = end;
+                }
+                if segs.range(keep_to..).next().is_some() {
+                    tracing::info!(pack, from = keep_to, "deleting uploads no commit reached");
+                    self.drop_stale(pack, keep_to).await?;
+                }
+            }
+            Ok(())
+        })
+    }
+}

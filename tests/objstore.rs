@@ -1,0 +1,569 @@
+//! Off-host history in S3-compatible object storage (issue 18), through the
+//! real binaries over TLS on 127.0.0.1, against a real moto S3 server.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::{ObjectStore, ObjectStoreExt};
+use pilotlight::{
+    assert_same_bytes, bin, file_len, overwrite_random_4k, require_tools, sample_image, ChildGuard,
+    Deadline, Moto,
+};
+
+const BUCKET: &str = "dr-history";
+/// Written into the source image between random bytes: found verbatim in a
+/// local pack (zstd cannot shrink its block), never in the bucket.
+const MARKER: &[u8] = b"PILOTLIGHT-PLAINTEXT-MARKER-7f3a9c1e";
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `pilotlight-receiver ARGS` with moto's AWS environment.
+fn receiver(moto: &Moto, args: &[&str]) -> Output {
+    Command::new(bin("pilotlight-receiver"))
+        .args(args)
+        .envs(moto.env())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run pilotlight-receiver")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A failure: non-zero exit and exactly one sentence on stderr.
+fn fails(out: &Output, needle: &str) {
+    assert!(
+        !out.status.success(),
+        "unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want one line on stderr, got {err:?}");
+    assert!(
+        lines[0].contains(needle),
+        "stderr {:?} does not mention {needle:?}",
+        lines[0]
+    );
+}
+
+/// `serve` with moto's environment; returns it and its address.
+fn serve(moto: &Moto, dir: &Path) -> (ChildGuard, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(bin("pilotlight-receiver"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--print-addr", "--dir"])
+        .arg(dir)
+        .envs(moto.env())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn receiver");
+    let stdout = child.stdout.take().unwrap();
+    let guard = ChildGuard(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.trim().is_empty(), "serve printed no address");
+    (guard, line.trim().to_owned())
+}
+
+/// Stop `serve` with SIGTERM (it takes its last catalog snapshot) and wait.
+fn stop(mut rx: ChildGuard) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    kill(Pid::from_raw(rx.0.id() as i32), Signal::SIGTERM).unwrap();
+    let status = rx.0.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+}
+
+fn agent(addr: &str, id: &Path, state: &Path, img: &Path) -> Command {
+    let mut c = Command::new(bin("pilotlight-agent"));
+    c.args([
+        "run",
+        "--receiver",
+        addr,
+        "--identity",
+        s(id),
+        "--state",
+        s(state),
+    ])
+    .arg("--volume")
+    .arg(format!("root={}", s(img)))
+    .arg("--once")
+    .env("RUST_LOG", "warn");
+    c
+}
+
+/// A receiver directory with a store, and one enrolled server, `web1`.
+fn init(moto: &Moto, root: &Path, prefix: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = root.join("rcv");
+    let url = format!("s3://{BUCKET}/{prefix}");
+    let out = ok(&receiver(
+        moto,
+        &[
+            "init",
+            "--dir",
+            s(&dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &url,
+        ],
+    ));
+    assert!(
+        out.contains("offline"),
+        "init says to keep the key offline: {out}"
+    );
+    let id = root.join("web1.pem");
+    ok(&receiver(
+        moto,
+        &[
+            "enroll",
+            "--dir",
+            s(&dir),
+            "--server",
+            "web1",
+            "--out",
+            s(&id),
+        ],
+    ));
+    (dir, id)
+}
+
+/// Every object under `prefix`: name and bytes.
+fn bucket_objects(moto: &Moto, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let store = s3(moto);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let p = object_store::path::Path::from(prefix);
+        let mut out = Vec::new();
+        let metas: Vec<_> = store.list(Some(&p)).collect().await;
+        for m in metas {
+            let m = m.unwrap();
+            let bytes = store.get(&m.location).await.unwrap().bytes().await.unwrap();
+            out.push((m.location.to_string(), bytes.to_vec()));
+        }
+        out.sort();
+        out
+    })
+}
+
+fn s3(moto: &Moto) -> object_store::aws::AmazonS3 {
+    AmazonS3Builder::new()
+        .with_bucket_name(BUCKET)
+        .with_endpoint(moto.endpoint())
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .with_virtual_hosted_style_request(false)
+        .build()
+        .unwrap()
+}
+
+fn put_object(moto: &Moto, name: &str, bytes: Vec<u8>) {
+    let store = s3(moto);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(store.put(&object_store::path::Path::from(name), bytes.into()))
+        .unwrap();
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Write the marker into blocks of `img`, between random bytes.
+fn write_markers(img: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    for i in 0..8u64 {
+        f.write_all_at(MARKER, i * (1 << 20) + 1000).unwrap();
+    }
+}
+
+#[test]
+#[ignore = "needs moto_server"]
+fn a_new_host_rebuilds_from_the_bucket_and_restores_both_points_byte_exact() {
+    require_tools(&["moto_server"]);
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (dir, id) = init(&moto, root, "site-a");
+    use std::os::unix::fs::PermissionsExt;
+    let key_meta = std::fs::metadata(dir.join("store.key")).unwrap();
+    assert_eq!(key_meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(key_meta.len(), 32);
+    let key_copy = root.join("offline.key");
+    std::fs::copy(dir.join("store.key"), &key_copy).unwrap();
+
+    let img = root.join("web1.img");
+    sample_image(&img, 8 << 20, 21);
+    write_markers(&img);
+    let (rx, addr) = serve(&moto, &dir);
+    let state = root.join("state");
+    let p1 = ok(&agent(&addr, &id, &state, &img).output().unwrap())
+        .trim()
+        .to_owned();
+    let v1 = root.join("v1.img");
+    std::fs::copy(&img, &v1).unwrap();
+    overwrite_random_4k(&img, 20, 5);
+    let p2 = ok(&agent(&addr, &id, &state, &img).output().unwrap())
+        .trim()
+        .to_owned();
+    stop(rx);
+
+    // The check below means something: the local packs hold the marker.
+    let packs: Vec<u8> = std::fs::read_dir(dir.join("packs"))
+        .unwrap()
+        .flat_map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(contains(&packs, MARKER), "the marker is in the local packs");
+    let objects = bucket_objects(&moto, "site-a");
+    assert!(
+        objects.iter().any(|(n, _)| n.ends_with(".seg")),
+        "{objects:?}"
+    );
+    assert!(objects.iter().any(|(n, _)| n == "site-a/catalog/manifest"));
+    for (name, bytes) in &objects {
+        assert!(!contains(bytes, MARKER), "{name} holds plaintext");
+        assert!(
+            !contains(bytes, b"SQLite format"),
+            "{name} holds a plain catalog"
+        );
+    }
+
+    // The staging host is lost.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let url = format!("s3://{BUCKET}/site-a");
+    let new = root.join("rcv2");
+    fails(
+        &receiver(&moto, &["rebuild", "--dir", s(&new), "--store", &url]),
+        "needs the store key",
+    );
+    let wrong = root.join("wrong.key");
+    std::fs::write(&wrong, [7u8; 32]).unwrap();
+    fails(
+        &receiver(
+            &moto,
+            &[
+                "rebuild",
+                "--dir",
+                s(&new),
+                "--store",
+                &url,
+                "--key",
+                s(&wrong),
+            ],
+        ),
+        "does not open the store",
+    );
+    std::fs::remove_dir_all(&new).ok();
+    let out = ok(&receiver(
+        &moto,
+        &[
+            "rebuild",
+            "--dir",
+            s(&new),
+            "--store",
+            &url,
+            "--key",
+            s(&key_copy),
+        ],
+    ));
+    assert!(out.contains("2 points"), "{out}");
+
+    let r1 = root.join("r1.img");
+    let r2 = root.join("r2.img");
+    let rebuilt = |args: &[&str]| {
+        Command::new(bin("pilotlight-receiver"))
+            .args(args)
+            .envs(moto.env())
+            .output()
+            .unwrap()
+    };
+    ok(&rebuilt(&[
+        "restore",
+        "--dir",
+        s(&new),
+        "--server",
+        "web1",
+        "--volume",
+        "root",
+        "--point",
+        &p1,
+        "--to",
+        s(&r1),
+    ]));
+    ok(&rebuilt(&[
+        "restore",
+        "--dir",
+        s(&new),
+        "--server",
+        "web1",
+        "--volume",
+        "root",
+        "--point",
+        &p2,
+        "--to",
+        s(&r2),
+    ]));
+    assert_same_bytes(&r1, &v1, file_len(&v1));
+    assert_same_bytes(&r2, &img, file_len(&img));
+
+    // A damaged object: verify (cold cache) names it.
+    let (seg, bytes) = objects
+        .iter()
+        .find(|(n, _)| n.ends_with(".seg"))
+        .cloned()
+        .unwrap();
+    let mut bad = bytes;
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    put_object(&moto, &seg, bad);
+    for e in std::fs::read_dir(new.join("packs")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let verify = rebuilt(&["verify", "--dir", s(&new)]);
+    assert!(!verify.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let short = seg.strip_prefix("site-a/").unwrap();
+    assert!(text.contains(short), "verify names {short}: {text}");
+    // Nothing of another prefix was touched.
+    assert!(bucket_objects(&moto, "site-b").is_empty());
+}
+
+#[test]
+#[ignore = "needs moto_server"]
+fn a_point_waits_for_the_store_and_is_durable_once_it_is_back() {
+    require_tools(&["moto_server"]);
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (dir, id) = init(&moto, root, "site-b");
+    let img = root.join("web1.img");
+    sample_image(&img, 4 << 20, 22);
+    let (rx, addr) = serve(&moto, &dir);
+    let status = |m: &Moto| ok(&receiver(m, &["status", "--dir", s(&dir)]));
+    // serve checks the bucket before it takes points.
+    let deadline = Deadline::after(Duration::from_secs(60)).every(Duration::from_millis(100));
+    while !status(&moto).contains(": ok") {
+        deadline.next_blocking(|| format!("serve never checked the store: {}", status(&moto)));
+    }
+    moto.stop();
+    let mut agent = agent(&addr, &id, &root.join("state"), &img)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Deadline::after(Duration::from_secs(60)).every(Duration::from_millis(200));
+    while !status(&moto).contains("UNREACHABLE") {
+        deadline.next_blocking(|| format!("status never showed the store down: {}", status(&moto)));
+    }
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "no DURABLE while the store is down"
+    );
+    let points = ok(&receiver(&moto, &["points", "--dir", s(&dir), "--json"]));
+    let points: serde_json::Value = serde_json::from_str(&points).unwrap();
+    assert_eq!(points.as_array().map(Vec::len), Some(0), "{points}");
+
+    moto.restart();
+    moto.create_bucket(BUCKET);
+    let deadline = Deadline::after(Duration::from_secs(120)).every(Duration::from_millis(100));
+    let exit = loop {
+        if let Some(st) = agent.try_wait().unwrap() {
+            break st;
+        }
+        deadline.next_blocking(|| "the point never became durable".into());
+    };
+    assert!(exit.success());
+    let points = ok(&receiver(&moto, &["points", "--dir", s(&dir), "--json"]));
+    let points: serde_json::Value = serde_json::from_str(&points).unwrap();
+    assert_eq!(points.as_array().map(Vec::len), Some(1), "{points}");
+    assert!(!status(&moto).contains("UNREACHABLE"));
+    stop(rx);
+}
+
+#[test]
+#[ignore = "needs moto_server"]
+fn a_missing_bucket_or_an_unreachable_store_is_one_sentence() {
+    require_tools(&["moto_server"]);
+    let moto = Moto::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let dir = root.join("rcv");
+    let init = |url: &str| {
+        receiver(
+            &moto,
+            &[
+                "init",
+                "--dir",
+                s(&dir),
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                url,
+            ],
+        )
+    };
+    fails(&init("s3://no-such-bucket/x"), "does not exist");
+    assert!(!dir.exists(), "a failed check writes nothing");
+    fails(&init("http://x/y"), "not an object store URL");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let out = Command::new(bin("pilotlight-receiver"))
+        .args(["init", "--dir", s(&dir), "--store", "s3://b/x"])
+        .envs(moto.env())
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    fails(&out, "cannot reach the object store");
+
+    // serve checks too: the bucket went away after init.
+    moto.create_bucket(BUCKET);
+    let url = format!("s3://{BUCKET}/p");
+    ok(&init(&url));
+    let out = Command::new(bin("pilotlight-receiver"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--dir", s(&dir)])
+        .envs(moto.env())
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    fails(&out, "cannot reach the object store");
+}
+
+/// The pack ids the bucket holds segments of, under `prefix`.
+fn packs_in_bucket(moto: &Moto, prefix: &str) -> std::collections::BTreeSet<String> {
+    bucket_objects(moto, prefix)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".seg"))
+        .map(|(n, _)| n.split('/').nth(2).unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs moto_server"]
+fn gc_deletes_the_objects_of_the_packs_it_removes_and_what_stays_restores_cold() {
+    require_tools(&["moto_server"]);
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (dir, id) = init(&moto, root, "site-c");
+    // No minimum history, so that `prune --keep-last 1` prunes point 1.
+    let cfg_path = dir.join("receiver.toml");
+    let mut cfg: toml::Table = std::fs::read_to_string(&cfg_path).unwrap().parse().unwrap();
+    let retention = cfg
+        .entry("retention")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    retention
+        .as_table_mut()
+        .unwrap()
+        .insert("min_keep".into(), toml::Value::String("0s".into()));
+    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+
+    let img = root.join("web1.img");
+    sample_image(&img, 4 << 20, 31);
+    let (rx, addr) = serve(&moto, &dir);
+    let state = root.join("state");
+    ok(&agent(&addr, &id, &state, &img).output().unwrap());
+    // Every block differs in point 2: point 1's blocks are all garbage.
+    sample_image(&img, 4 << 20, 32);
+    let p2 = ok(&agent(&addr, &id, &state, &img).output().unwrap())
+        .trim()
+        .to_owned();
+    stop(rx);
+    let before = packs_in_bucket(&moto, "site-c");
+    assert!(!before.is_empty());
+
+    ok(&receiver(
+        &moto,
+        &[
+            "prune",
+            "--dir",
+            s(&dir),
+            "--server",
+            "web1",
+            "--keep-last",
+            "1",
+        ],
+    ));
+    let after = packs_in_bucket(&moto, "site-c");
+    let removed: Vec<_> = before.difference(&after).collect();
+    assert!(
+        !removed.is_empty(),
+        "gc removed a pack's objects: {before:?} -> {after:?}"
+    );
+    for pack in &removed {
+        assert!(
+            !dir.join("packs").join(format!("{pack}.pack")).exists(),
+            "only the objects of packs gc removed go"
+        );
+    }
+    // What stays is whole: from a cold cache, and from a rebuilt directory.
+    for e in std::fs::read_dir(dir.join("packs")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let out = root.join("p2.img");
+    ok(&receiver(
+        &moto,
+        &[
+            "restore",
+            "--dir",
+            s(&dir),
+            "--server",
+            "web1",
+            "--volume",
+            "root",
+            "--point",
+            &p2,
+            "--to",
+            s(&out),
+        ],
+    ));
+    assert_same_bytes(&out, &img, file_len(&img));
+    let key = dir.join("store.key");
+    let new = root.join("rcv2");
+    let url = format!("s3://{BUCKET}/site-c");
+    let text = ok(&receiver(
+        &moto,
+        &[
+            "rebuild",
+            "--dir",
+            s(&new),
+            "--store",
+            &url,
+            "--key",
+            s(&key),
+        ],
+    ));
+    assert!(text.contains("1 points"), "{text}");
+    let v = ok(&receiver(&moto, &["verify", "--dir", s(&new), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+}
