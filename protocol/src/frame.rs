@@ -49,6 +49,7 @@ pub enum Kind {
     Resume = 22,
     SyncState = 23,
     ZeroRun = 24,
+    HashesPacked = 29,
 }
 
 impl Kind {
@@ -79,6 +80,7 @@ impl Kind {
             22 => Self::Resume,
             23 => Self::SyncState,
             24 => Self::ZeroRun,
+            29 => Self::HashesPacked,
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -364,6 +366,14 @@ pub enum Frame {
     },
     /// A run of zero blocks (kind 24, [`crate::limits::FEATURE_ZEROS`]).
     ZeroRun(ZeroRunFrame),
+    /// `Hashes` with repeats coded short (kind 29, [`crate::hashpack`]),
+    /// only to a peer whose `Hello` has
+    /// [`crate::limits::FEATURE_HASHPACK`].
+    HashesPacked {
+        volume: u16,
+        start: u64,
+        hashes: Vec<BlockHash>,
+    },
 }
 
 impl Frame {
@@ -404,6 +414,7 @@ impl Frame {
             Self::Resume { .. } => Kind::Resume,
             Self::SyncState { .. } => Kind::SyncState,
             Self::ZeroRun(_) => Kind::ZeroRun,
+            Self::HashesPacked { .. } => Kind::HashesPacked,
         }
     }
 
@@ -508,6 +519,11 @@ impl Frame {
                     dst.put_slice(h.as_bytes());
                 }
             }
+            Self::HashesPacked {
+                volume,
+                start,
+                hashes,
+            } => crate::hashpack::encode(*volume, *start, hashes, dst),
             Self::HashesEnd {
                 volume,
                 point,
@@ -766,6 +782,14 @@ impl Frame {
                 }
                 r.finish()?;
                 Frame::Hashes {
+                    volume,
+                    start,
+                    hashes,
+                }
+            }
+            Kind::HashesPacked => {
+                let (volume, start, hashes) = crate::hashpack::decode(&body)?;
+                Frame::HashesPacked {
                     volume,
                     start,
                     hashes,

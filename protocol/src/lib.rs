@@ -89,6 +89,10 @@
 //! ZeroRun   (24)  tag u64 | volume u16 | first u64 | count u64
 //!                 (data streams; only to a receiver whose Hello has bit 3,
 //!                 FEATURE_ZEROS; kinds 25-27 are reserved for zero ranges)
+//! HashesPacked (29) volume u16 | start u64 | count u32 | op*: the hashes of a
+//!                 `Hashes` frame with repeats coded short (see [`hashpack`];
+//!                 only to a peer whose Hello has bit 5, FEATURE_HASHPACK = 32;
+//!                 a receiver sends it instead of `Hashes` on a restore connection)
 //! ```
 //!
 //! `ZeroRun` says blocks `first .. first + count` of `volume` are all zeros in
@@ -135,6 +139,7 @@ pub mod frame;
 pub mod fuzzing;
 #[doc(hidden)]
 pub mod golden;
+pub mod hashpack;
 pub mod limits;
 pub mod net;
 #[cfg(feature = "process")]
