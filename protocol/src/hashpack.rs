@@ -162,7 +162,10 @@ mod tests {
             })
             .collect();
         let len = roundtrip(&list);
-        assert!(len < list.len() * 32 * 55 / 100, "{len}");
+        // Half the list is unique (50%); the repeats cost 4 bytes a run,
+        // and 32 again each time new hashes have pushed them out of the
+        // table's 256 slots (here every eighth time round): 56%.
+        assert!(len < list.len() * 32 * 57 / 100, "{len}");
         // Unique hashes cost little more than plain; more than the table
         // holds, long runs, and the ends.
         let unique: Vec<BlockHash> = (0..1000).map(h).collect();
