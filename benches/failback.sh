@@ -6,7 +6,8 @@
 #   benches/failback.sh [SIZE_GIB]      (default: 4)
 #
 # PILOTLIGHT_BENCH_PROFILE=debug uses the dev build (dependencies at
-# opt-level 2, as Cargo.toml sets) instead of building a release.
+# opt-level 2, as Cargo.toml sets) instead of building a release;
+# PILOTLIGHT_BENCH_BIN=DIR uses the binaries in DIR as they are.
 #
 # A mixed image (half random, a quarter zeros, a quarter text, as e2e.sh
 # and export.sh) replicated to a receiver, then, page cache dropped before
@@ -20,16 +21,23 @@
 #       restore` (every block fetched) vs (a);
 #   (d) rsync --inplace --no-whole-file of the same 1% change (both ends
 #       local): bytes it sent and its time.
+# Also: the time to read the whole target alone (what a delta restore
+# that must hash the target cannot go under), and peak RSS (agent per
+# restore, receiver over the run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=${1:-4}
 PROFILE=${PILOTLIGHT_BENCH_PROFILE:-release}
-if [ "$PROFILE" = release ]; then
-    cargo build --release --locked --bins -q
+if [ -n "${PILOTLIGHT_BENCH_BIN:-}" ]; then
+    BIN=$PILOTLIGHT_BENCH_BIN
 else
-    cargo build --locked --bins -q
+    if [ "$PROFILE" = release ]; then
+        cargo build --release --locked --bins -q
+    else
+        cargo build --locked --bins -q
+    fi
+    BIN=$PWD/target/$PROFILE
 fi
-BIN=$PWD/target/$PROFILE
 WORK=${PILOTLIGHT_BENCH_DIR:-/work/pilotlight-failback-bench}
 rm -rf "$WORK"; mkdir -p "$WORK"
 RPID=""
@@ -68,10 +76,12 @@ with open(path, "wb") as f:
 PY
 $BIN/pilotlight-agent run --receiver "$ADDR" --identity "$WORK/bench.pem" \
     --state "$WORK/state" --volume "v=$IMG" --once >/dev/null
+# A network restore onto $T: its report in $1, the agent's peak RSS (KiB)
+# in $1.rss.
 restore_net() {
     drop_caches
-    $BIN/pilotlight-agent restore --receiver "$ADDR" --identity "$WORK/bench.pem" \
-        --volume v --latest --to "$T" --json >"$1"
+    /usr/bin/time -f %M -o "$1.rss" $BIN/pilotlight-agent restore --receiver "$ADDR" \
+        --identity "$WORK/bench.pem" --volume v --latest --to "$T" --json >"$1"
     cmp "$IMG" "$T"
 }
 
@@ -121,10 +131,19 @@ with open(sys.argv[1], "r+b") as f:
     while f.tell() < size:
         f.write(os.urandom(min(1 << 20, size - f.tell())))
 PY
+# The time to read the whole target alone, as the compare reads it.
+drop_caches
+t0=$(now)
+dd if="$T" of=/dev/null bs=4M iflag=direct status=none
+t1=$(now); READ=$(secs "$t0" "$t1")
+printf '   read the whole target alone: %.2fs\n' "$READ"
 restore_net "$WORK/full.json"
 FULL=$(json "$WORK/full.json" seconds); FWIRE=$(json "$WORK/full.json" wire_bytes)
 FFETCHED=$(json "$WORK/full.json" blocks_fetched)
 printf '   (c) all differs: fetched %s blocks, %s bytes on the wire, %.2fs\n' "$FFETCHED" "$FWIRE" "$FULL"
+
+RRSS=$(awk '/VmHWM/ {print $2}' /proc/$RPID/status)
+ARSS=$(cat "$WORK/delta.json.rss" "$WORK/full.json.rss" | sort -n | tail -1)
 
 # (d) rsync of the same 1% change.
 change_one_percent >/dev/null
@@ -150,5 +169,8 @@ cat <<EOF2
 | 1% differ: time | $(printf %.2f "$DELTA") s | local \`restore\` $(printf %.2f "$LOCAL") s | **$(ratio "$DELTA" "$LOCAL")x** | ≤ 0.3x |
 | 1% differ: time | $(printf %.2f "$DELTA") s | network restore of everything $(printf %.2f "$FULL") s | **$(ratio "$DELTA" "$FULL")x** | ≤ 0.3x |
 | every block differs | $(printf %.2f "$FULL") s ($FFETCHED blocks, $FWIRE bytes on the wire) | local \`restore\` $(printf %.2f "$LOCAL") s | **$(ratio "$LOCAL" "$FULL")x** of its speed | ≥ 0.8x |
+| 1% differ: reading the whole target alone | $(printf %.2f "$READ") s | local \`restore\` $(printf %.2f "$LOCAL") s | $(ratio "$READ" "$LOCAL")x | — |
 | rsync of the same 1% | $DWIRE bytes, $(printf %.2f "$DELTA") s | rsync --inplace --no-whole-file: $RSENT bytes sent, $(printf %.2f "$RSYNC") s | $(ratio "$DWIRE" "$RSENT")x the bytes, $(ratio "$DELTA" "$RSYNC")x the time | — |
+
+Peak RSS: agent $((ARSS / 1024)) MiB (the larger of its two restores), receiver $((RRSS / 1024)) MiB (over the whole run, replication included).
 EOF2

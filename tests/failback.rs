@@ -213,6 +213,44 @@ fn a_restore_to_a_file_is_byte_exact_and_then_fetches_only_what_differs() {
     assert_eq!(third["blocks_fetched"], 0, "{third}");
 }
 
+/// The hash listing goes packed (repeats coded short: a volume mostly of
+/// zeros lists in a few bytes, not 32 a block), and `--read-back` checks
+/// what was written once more after the sync.
+#[test]
+fn the_listing_of_a_sparse_volume_is_small_and_read_back_checks_the_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site = Site::new(tmp.path());
+    let id = site.enroll("sparse");
+    let img = tmp.path().join("sparse.img");
+    let size: u64 = 256 << 20; // 4096 blocks: a plain listing is 128 KiB
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all_at(&[7u8; 70_000], 5 * BS).unwrap();
+    drop(f);
+    site.replicate(&id, &img);
+
+    let out = tmp.path().join("out.img");
+    std::fs::copy(&img, &out).unwrap();
+    let same = report(&site.restore(&id, &out, &["--latest"]));
+    assert_eq!(same["blocks_fetched"], 0, "{same}");
+    let wire = same["wire_bytes"].as_u64().unwrap();
+    assert!(
+        wire < (size / BS) * 32 / 4,
+        "{wire} bytes on the wire to compare {} blocks",
+        size / BS
+    );
+
+    std::fs::File::options()
+        .write(true)
+        .open(&out)
+        .unwrap()
+        .write_all_at(&[9u8; 4096], 6 * BS)
+        .unwrap();
+    let checked = report(&site.restore(&id, &out, &["--latest", "--read-back"]));
+    assert_eq!(checked["blocks_fetched"], 1, "{checked}");
+    assert_same_bytes(&out, &img, size);
+}
+
 #[test]
 fn an_interrupted_restore_run_again_fetches_only_what_still_differs() {
     let tmp = tempfile::tempdir().unwrap();

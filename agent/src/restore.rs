@@ -8,9 +8,13 @@
 //! 2. The receiver answers the request with the point and the hash of every
 //!    block (`connection`; the receiver checks the agent's server may
 //!    restore that server's volume).
-//! 3. The target is hashed in parallel (`compare`), block by block.
-//! 4. The blocks that differ are fetched, verified and written (`fetch`),
-//!    then the target is synced and those blocks are read back and checked.
+//! 3. The target is hashed in parallel (`compare`), a run of blocks at a
+//!    time, and the blocks of each run that differ are fetched, verified
+//!    and written (`fetch`) while the next runs are hashed.
+//! 4. The target is synced. Each block written was checked (BLAKE3 against
+//!    the point's hash) in the buffer that was written, so a successful
+//!    sync completes the restore; with [`RestoreConfig::read_back`] the
+//!    blocks written are also read back and checked again.
 //!
 //! Nothing is written but blocks that differ, and each is written whole
 //! and verified, so an interrupted restore run again fetches only what
@@ -65,6 +69,14 @@ pub struct RestoreConfig {
     pub limit_mbps: Option<u32>,
     /// Progress, for a display.
     pub progress: Option<Arc<Progress>>,
+    /// After the sync, read back every block written and check its hash
+    /// again. Without it, each block is checked (BLAKE3 against the
+    /// point's hash) in the very buffer that is then written, and the
+    /// restore is complete once the target's sync succeeds: the same
+    /// guarantee as the receiver's local `restore`. Reading back adds a
+    /// check of the storage under the target (a device that loses or
+    /// misplaces acknowledged writes), at the cost of reading it again.
+    pub read_back: bool,
 }
 
 impl RestoreConfig {
@@ -89,6 +101,7 @@ impl RestoreConfig {
             workers: 0,
             limit_mbps: None,
             progress: None,
+            read_back: false,
         }
     }
 }
@@ -112,7 +125,7 @@ pub enum Phase {
     Compare,
     /// Fetching and writing the blocks that differ.
     Fetch,
-    /// Syncing and reading back what was written.
+    /// Syncing (and, if asked, reading back what was written).
     Check,
 }
 
@@ -186,40 +199,65 @@ pub async fn restore(cfg: &RestoreConfig) -> Result<RestoreReport, AgentError> {
     };
 
     progress.enter(Phase::Compare, info.size);
-    let (t, h, p) = (target.clone(), hashes.clone(), progress.clone());
-    let comparing = blocking(move || compare::differing(&t, shape, &h, workers, &p.done));
-    let list = connection::pinging(&mut conn.wr, comparing).await?;
-    let list = Arc::new(list);
-    tracing::info!(volume = %cfg.volume, point = info.point, differing = list.len(), "target compared");
-
-    progress.enter(Phase::Fetch, list.len() as u64 * u64::from(info.block_size));
-    let plan = Plan {
-        volume: cfg.volume.clone(),
-        info,
-        hashes: hashes.clone(),
-        list: list.clone(),
-    };
     let throttle = cfg
         .limit_mbps
         .map(|m| Arc::new(crate::throttle::Throttle::new(m)));
     let counters = Arc::new(Counters {
         progress: progress.clone(),
+        written: cfg.read_back.then(Default::default),
         ..Counters::default()
     });
-    fetch::fetch(
+    let plan = Plan {
+        volume: cfg.volume.clone(),
+        info,
+        hashes: hashes.clone(),
+    };
+    let (found_tx, found_rx) = tokio::sync::mpsc::channel(compare::FOUND_QUEUE);
+    let (t, h, p, c) = (
+        target.clone(),
+        hashes.clone(),
+        progress.clone(),
+        counters.clone(),
+    );
+    let comparing = blocking(move || {
+        let n = compare::differing(&t, shape, &h, workers, &p.done, &found_tx)?;
+        // The rest of the fetch is what the bar shows now.
+        let block_size = u64::from(shape.1);
+        p.enter(Phase::Fetch, n * block_size);
+        p.done
+            .store(c.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        Ok(n)
+    });
+    let fetching = fetch::fetch(
         (&mut conn.rd, &mut conn.wr),
         target.clone(),
         &plan,
+        found_rx,
         (workers, throttle),
         counters.clone(),
-    )
-    .await?;
+    );
+    let (compared, fetched) = tokio::join!(comparing, fetching);
+    // A failed fetch stops the compare: the fetch's error is the cause.
+    fetched?;
+    let differing = compared?;
+    tracing::info!(volume = %cfg.volume, point = info.point, differing, "target compared and fetched");
 
-    progress.enter(Phase::Check, list.len() as u64 * u64::from(info.block_size));
-    let (t, h, l, p) = (target.clone(), hashes, list.clone(), progress.clone());
+    let written = counters
+        .written
+        .as_ref()
+        .and_then(|w| w.lock().ok().map(|mut w| std::mem::take(&mut *w)))
+        .unwrap_or_default();
+    progress.enter(
+        Phase::Check,
+        written.len() as u64 * u64::from(info.block_size),
+    );
+    let (t, h, p) = (target.clone(), hashes, progress.clone());
     let checking = blocking(move || {
+        // Durable first: a write the sync reports failed fails the restore.
         t.sync()?;
-        compare::recheck(&t, shape, &h, &l, &p.done)
+        let mut written = written;
+        written.sort_unstable();
+        compare::recheck(&t, shape, &h, &written, &p.done)
     });
     let still = connection::pinging(&mut conn.wr, checking).await?;
     if let Some(&index) = still.first() {

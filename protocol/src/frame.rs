@@ -53,6 +53,7 @@ pub enum Kind {
     ZeroRun = 24,
     PartialBlock = 25,
     PartialApplied = 26,
+    HashesPacked = 29,
 }
 
 impl Kind {
@@ -85,6 +86,7 @@ impl Kind {
             24 => Self::ZeroRun,
             25 => Self::PartialBlock,
             26 => Self::PartialApplied,
+            29 => Self::HashesPacked,
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -375,6 +377,14 @@ pub enum Frame {
     PartialBlock(PartialBlockFrame),
     /// A partial block's merged hash (kind 26).
     PartialApplied(PartialAppliedFrame),
+    /// `Hashes` with repeats coded short (kind 29, [`crate::hashpack`]),
+    /// only to a peer whose `Hello` has
+    /// [`crate::limits::FEATURE_HASHPACK`].
+    HashesPacked {
+        volume: u16,
+        start: u64,
+        hashes: Vec<BlockHash>,
+    },
 }
 
 impl Frame {
@@ -417,6 +427,7 @@ impl Frame {
             Self::ZeroRun(_) => Kind::ZeroRun,
             Self::PartialBlock(_) => Kind::PartialBlock,
             Self::PartialApplied(_) => Kind::PartialApplied,
+            Self::HashesPacked { .. } => Kind::HashesPacked,
         }
     }
 
@@ -521,6 +532,11 @@ impl Frame {
                     dst.put_slice(h.as_bytes());
                 }
             }
+            Self::HashesPacked {
+                volume,
+                start,
+                hashes,
+            } => crate::hashpack::encode(*volume, *start, hashes, dst),
             Self::HashesEnd {
                 volume,
                 point,
@@ -783,6 +799,14 @@ impl Frame {
                 }
                 r.finish()?;
                 Frame::Hashes {
+                    volume,
+                    start,
+                    hashes,
+                }
+            }
+            Kind::HashesPacked => {
+                let (volume, start, hashes) = crate::hashpack::decode(&body)?;
+                Frame::HashesPacked {
                     volume,
                     start,
                     hashes,

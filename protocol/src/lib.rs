@@ -94,6 +94,10 @@
 //! PartialApplied (26) tag u64 | volume u16 | index u64 | hash[32]
 //!                 (data streams; only between peers whose Hello has bit 4,
 //!                 FEATURE_PARTIAL = 16; kinds 27-28 are reserved for it)
+//! HashesPacked (29) volume u16 | start u64 | count u32 | op*: the hashes of a
+//!                 `Hashes` frame with repeats coded short (see [`hashpack`];
+//!                 only to a peer whose Hello has bit 5, FEATURE_HASHPACK = 32;
+//!                 a receiver sends it instead of `Hashes` on a restore connection)
 //! ```
 //!
 //! `PartialBlock` carries only some byte ranges of block `index` (the
@@ -155,6 +159,7 @@ pub mod frame;
 pub mod fuzzing;
 #[doc(hidden)]
 pub mod golden;
+pub mod hashpack;
 pub mod limits;
 pub mod net;
 #[cfg(feature = "process")]

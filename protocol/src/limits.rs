@@ -32,6 +32,11 @@ pub const FEATURE_CHECKPOINT: u32 = 4;
 /// only to a receiver that advertised this bit; to others it sends one
 /// zero `Block` per block.
 pub const FEATURE_ZEROS: u32 = 8;
+/// `Hello.features` bit: this peer takes `HashesPacked` frames (kind 29)
+/// wherever it takes `Hashes`: the same hashes with repeats coded short. A
+/// receiver sends them on a restore connection only to an agent that
+/// advertised this bit; to others it sends `Hashes`.
+pub const FEATURE_HASHPACK: u32 = 32;
 
 /// `Hello.features` bit: this peer takes `PartialBlock` frames (kind 25)
 /// on its data streams and answers each with `PartialApplied` (kind 26).

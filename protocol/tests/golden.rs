@@ -107,6 +107,29 @@ fn partial_block_frame_matches_the_documented_layout() {
     assert_eq!(hex(&unhex(&golden)), hex(&want));
 }
 
+/// The HashesPacked body laid out by hand from the `hashpack` docs.
+#[test]
+fn hashes_packed_frame_matches_the_documented_layout() {
+    let mut body = Vec::new();
+    body.extend_from_slice(&0u16.to_le_bytes()); // volume
+    body.extend_from_slice(&0x20u64.to_le_bytes()); // start
+    body.extend_from_slice(&6u32.to_le_bytes()); // count
+    body.extend_from_slice(&[0, 3]); // three new hashes: slots 0, 1, 2
+    for b in [0x11, 0x22, 0x33] {
+        body.extend_from_slice(&[b; 32]);
+    }
+    body.extend_from_slice(&[1, 0, 2, 0]); // slot 0 twice
+    body.extend_from_slice(&[1, 2, 1, 0]); // slot 2 once
+    let mut want = (body.len() as u32).to_le_bytes().to_vec();
+    want.extend_from_slice(&[29, 0, 0, 0]); // kind HashesPacked, flags, reserved
+    want.extend_from_slice(&15u64.to_le_bytes()); // seq
+    want.extend_from_slice(&body);
+    let crc = crc32fast::hash(&want);
+    want.extend_from_slice(&crc.to_le_bytes());
+    let golden = std::fs::read_to_string(testdata("hashespacked.hex")).unwrap();
+    assert_eq!(hex(&unhex(&golden)), hex(&want));
+}
+
 /// Every frame kind, as it is pinned in `testdata/NAME`.
 fn fixtures() -> Vec<(&'static str, Frame, u64)> {
     vec![
@@ -294,6 +317,23 @@ fn fixtures() -> Vec<(&'static str, Frame, u64)> {
                 hash: BlockHash::of(b"merged"),
             }),
             13,
+        ),
+        (
+            // Three new hashes, a run of the first, one of the third.
+            "hashespacked.hex",
+            Frame::HashesPacked {
+                volume: 0,
+                start: 0x20,
+                hashes: vec![
+                    BlockHash([0x11; 32]),
+                    BlockHash([0x22; 32]),
+                    BlockHash([0x33; 32]),
+                    BlockHash([0x11; 32]),
+                    BlockHash([0x11; 32]),
+                    BlockHash([0x33; 32]),
+                ],
+            },
+            15,
         ),
     ]
 }

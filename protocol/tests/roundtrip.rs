@@ -166,6 +166,17 @@ fn frame() -> impl Strategy<Value = Frame> {
                 start,
                 hashes
             }),
+        (
+            any::<u16>(),
+            any::<u64>(),
+            // Few distinct hashes: runs and repeats.
+            proptest::collection::vec(0u8..4, 1..600)
+        )
+            .prop_map(|(volume, start, picks)| Frame::HashesPacked {
+                volume,
+                start,
+                hashes: picks.into_iter().map(|b| BlockHash([b; 32])).collect(),
+            }),
         (any::<u16>(), any::<u64>(), any::<u64>()).prop_map(|(volume, point, blocks)| {
             Frame::HashesEnd {
                 volume,

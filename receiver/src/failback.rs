@@ -2,8 +2,9 @@
 //! an agent whose `Hello` has [`FEATURE_RESTORE`]). The receiver checks that
 //! the agent's server may restore the volume (its own, or another server's
 //! with a grant in the catalog), pins the point against prune, answers
-//! `RestoreInfo` and the point's block hashes, then serves `Fetch` requests
-//! with `Fetched` blocks until `Goodbye`.
+//! `RestoreInfo` and the point's block hashes (`HashesPacked` to an agent
+//! whose `Hello` has [`FEATURE_HASHPACK`], `Hashes` to others), then serves
+//! `Fetch` requests with `Fetched` blocks until `Goodbye`.
 //!
 //! ```text
 //! frame reader --(Fetch indexes, mpsc(FETCH_QUEUE))--> block sender --> TLS
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pilotlight_protocol::frame::{BlockFrame, PointSelector, RestoreInfo, RestoreRequest};
-use pilotlight_protocol::limits::{FEATURE_RESTORE, FETCH_WINDOW};
+use pilotlight_protocol::limits::{FEATURE_HASHPACK, FEATURE_RESTORE, FETCH_WINDOW};
 use pilotlight_protocol::Frame;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -35,11 +36,11 @@ use crate::export::pin::{self, Pin};
 use crate::handshake::AuthorizedPeer;
 use crate::hashes::Listing;
 use crate::restore::{point_blocks, point_volume, resolve_point, PointSel};
-use crate::store::{blocking, BlockFetcher, Store};
+use crate::store::{blocking, Store};
 use crate::wire::{next_or_eof, send, unexpected, Reader, Writer};
 use crate::ReceiveError;
 
-use source::Source;
+use source::{Source, Worker};
 
 /// Depth of the queue of `Fetch` requests between the frame reader and the
 /// block sender (the window bounds what they hold).
@@ -93,8 +94,9 @@ async fn restore(
     send(wr, &info).await?;
     let listing = Listing::new(0, source.size, source.block_size, source.hashes());
     let total = listing.total;
+    let packed = features & FEATURE_HASHPACK != 0;
     for frame in listing {
-        send(wr, &frame).await?;
+        send(wr, &pack(frame, packed)).await?;
     }
     let end = Frame::HashesEnd {
         volume: 0,
@@ -107,6 +109,22 @@ async fn restore(
     let read = requests(rd, tx, &source, &outstanding, idle);
     let write = blocks(wr, rx, &source, &outstanding);
     tokio::try_join!(read, write).map(|_| ())
+}
+
+/// `Hashes` as `HashesPacked` when the agent takes them (`packed`).
+fn pack(frame: Frame, packed: bool) -> Frame {
+    match frame {
+        Frame::Hashes {
+            volume,
+            start,
+            hashes,
+        } if packed => Frame::HashesPacked {
+            volume,
+            start,
+            hashes,
+        },
+        other => other,
+    }
 }
 
 /// Check the agent's right to the volume, find the point and its blocks,
@@ -216,7 +234,7 @@ async fn blocks(
 ) -> Result<(), ReceiveError> {
     let batch = (FETCH_BATCH_BYTES / source.block_size as usize).max(1);
     let mut parts: VecDeque<Vec<u64>> = VecDeque::new();
-    let mut spare: Vec<Vec<BlockFetcher>> = Vec::new();
+    let mut spare: Vec<Vec<Worker>> = Vec::new();
     let mut reading = None;
     loop {
         let current = match reading.take() {
@@ -243,11 +261,11 @@ async fn blocks(
     }
 }
 
-/// Blocks read for a batch, and the fetchers that read them.
-type Batch = (Result<Vec<BlockFrame>, ReceiveError>, Vec<BlockFetcher>);
+/// Blocks read for a batch, and the workers that read them.
+type Batch = (Result<Vec<BlockFrame>, ReceiveError>, Vec<Worker>);
 
-/// Read the blocks `part` on the blocking pool with the fetchers `pool`.
-fn read(source: &Arc<Source>, part: Vec<u64>, mut pool: Vec<BlockFetcher>) -> JoinHandle<Batch> {
+/// Read the blocks `part` on the blocking pool with the workers `pool`.
+fn read(source: &Arc<Source>, part: Vec<u64>, mut pool: Vec<Worker>) -> JoinHandle<Batch> {
     let src = source.clone();
     tokio::task::spawn_blocking(move || {
         let r = src.read_batch(&part, &mut pool);

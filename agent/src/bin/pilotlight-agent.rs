@@ -159,6 +159,9 @@ struct RestoreArgs {
     /// Cap the receive rate at N megabits per second.
     #[arg(long)]
     limit_mbps: Option<u32>,
+    /// After the sync, read back every block written and check it again.
+    #[arg(long)]
+    read_back: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -517,6 +520,7 @@ fn restore(a: RestoreArgs, f: FileConfig) -> anyhow::Result<()> {
         .map(|(name, path)| pilotlight_agent::VolumeSpec { name, path })
         .collect();
     cfg.limit_mbps = a.limit_mbps.filter(|&m| m > 0);
+    cfg.read_back = a.read_back;
     let bar = restore_bar(&mut cfg);
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(async {

@@ -1,12 +1,16 @@
 //! Which blocks of the target differ from the point: worker threads read
 //! the target in runs of blocks (about 4 MiB each), hash every block with
-//! BLAKE3 and compare it with the point's hash of that block.
+//! BLAKE3, compare it with the point's hash of that block, and hand the
+//! run's differing blocks to the fetch at once (a bounded queue): blocks
+//! are fetched and written while the next runs are hashed, and a full
+//! queue holds the compare back to the fetch's pace.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use pilotlight_protocol::limits::block_len;
 use pilotlight_protocol::BlockHash;
+use tokio::sync::mpsc;
 
 use super::target::Target;
 use crate::scan::AlignedBuf;
@@ -14,28 +18,34 @@ use crate::AgentError;
 
 /// Bytes read per work unit.
 const RUN_BYTES: u64 = 4 << 20;
+/// Runs compared ahead of the fetch, at most (their differing blocks wait
+/// in the queue; at 64 KiB blocks a run is 64 indexes).
+pub(crate) const FOUND_QUEUE: usize = 32;
 
-/// The indexes (ascending) of the blocks of `target` whose hash is not the
-/// one in `hashes`, on `workers` threads; `done` counts the bytes compared.
-/// Blocking.
+/// Hash the blocks of `target` on `workers` threads and send the indexes of
+/// those whose hash is not the one in `hashes` to `found`, a run at a time
+/// (ascending within a run, runs roughly in order); `done` counts the bytes
+/// compared. Returns how many blocks differ. Stops with
+/// [`AgentError::Stopped`] when `found` is closed (the fetch failed: its
+/// error is the restore's). Blocking.
 pub(crate) fn differing(
     target: &Target,
     (size, block_size): (u64, u32),
     hashes: &[BlockHash],
     workers: usize,
     done: &AtomicU64,
-) -> Result<Vec<u64>, AgentError> {
+    found: &mpsc::Sender<Vec<u64>>,
+) -> Result<u64, AgentError> {
     let per_run = (RUN_BYTES / u64::from(block_size)).max(1);
     let total = hashes.len() as u64;
     let runs = total.div_ceil(per_run);
     let next = AtomicUsize::new(0);
+    let differ = AtomicU64::new(0);
     let first_error: Mutex<Option<AgentError>> = Mutex::new(None);
-    let found: Mutex<Vec<u64>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| {
                 let mut buf = AlignedBuf::new((per_run * u64::from(block_size)) as usize);
-                let mut mine = Vec::new();
                 loop {
                     let run = next.fetch_add(1, Ordering::Relaxed) as u64;
                     if run >= runs || first_error.lock().map_or(true, |e| e.is_some()) {
@@ -43,34 +53,30 @@ pub(crate) fn differing(
                     }
                     let first = run * per_run;
                     let last = (first + per_run).min(total);
-                    let r = compare_run(target, (size, block_size), hashes, first..last, &mut buf);
-                    match r {
-                        Ok((diff, bytes)) => {
-                            mine.extend(diff);
+                    let r = compare_run(target, (size, block_size), hashes, first..last, &mut buf)
+                        .and_then(|(diff, bytes)| {
                             done.fetch_add(bytes, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            if let Ok(mut slot) = first_error.lock() {
-                                slot.get_or_insert(e);
+                            if diff.is_empty() {
+                                return Ok(());
                             }
-                            break;
+                            differ.fetch_add(diff.len() as u64, Ordering::Relaxed);
+                            found.blocking_send(diff).map_err(|_| AgentError::Stopped)
+                        });
+                    if let Err(e) = r {
+                        if let Ok(mut slot) = first_error.lock() {
+                            slot.get_or_insert(e);
                         }
+                        break;
                     }
-                }
-                if let Ok(mut all) = found.lock() {
-                    all.extend(mine);
                 }
             });
         }
     });
-    if let Some(e) = first_error.into_inner().ok().flatten() {
-        return Err(e);
+    match first_error.into_inner() {
+        Ok(None) => Ok(differ.into_inner()),
+        Ok(Some(e)) => Err(e),
+        Err(_) => Err(AgentError::Internal("a compare worker panicked".into())),
     }
-    let mut found = found
-        .into_inner()
-        .map_err(|_| AgentError::Internal("a compare worker panicked".into()))?;
-    found.sort_unstable();
-    Ok(found)
 }
 
 /// The blocks of `list` that still differ from the point when read back
@@ -138,8 +144,38 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let target = Target::open(&path, false).unwrap();
         let done = AtomicU64::new(0);
-        let got = differing(&target, (size as u64, bs), &hashes, 3, &done).unwrap();
-        assert_eq!(got, vec![5, 299, 300]);
+        let (tx, mut rx) = mpsc::channel(FOUND_QUEUE);
+        let n = std::thread::scope(|s| {
+            let compare = s.spawn(|| differing(&target, (size as u64, bs), &hashes, 3, &done, &tx));
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                got.extend(rx.blocking_recv().unwrap());
+            }
+            got.sort_unstable();
+            assert_eq!(got, vec![5, 299, 300]);
+            compare.join().unwrap().unwrap()
+        });
+        assert_eq!(n, 3);
         assert_eq!(done.load(Ordering::Relaxed), size as u64);
+    }
+
+    #[test]
+    fn the_compare_stops_when_the_fetch_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.img");
+        std::fs::write(&path, vec![1u8; 64 * 4096]).unwrap();
+        let hashes = vec![BlockHash::of(&[0u8; 4096]); 64];
+        let target = Target::open(&path, false).unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let r = differing(
+            &target,
+            (64 * 4096, 4096),
+            &hashes,
+            2,
+            &AtomicU64::new(0),
+            &tx,
+        );
+        assert!(matches!(r, Err(AgentError::Stopped)), "{r:?}");
     }
 }

@@ -1,6 +1,7 @@
 //! The restore connection: TLS to the receiver with the agent's identity,
-//! `Hello` with [`FEATURE_RESTORE`] both ways, `Restore`, then the point's
-//! `RestoreInfo` and block hashes. Every byte read or written on the socket
+//! `Hello` with [`FEATURE_RESTORE`] both ways (and [`FEATURE_HASHPACK`]
+//! from the agent), `Restore`, then the point's `RestoreInfo` and block
+//! hashes. Every byte read or written on the socket
 //! (TLS included) is counted: the report's bytes on the wire.
 
 use std::io;
@@ -14,7 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::FrameCodec;
 use pilotlight_protocol::frame::{RestoreInfo, RestoreRequest};
 use pilotlight_protocol::limits::{
-    block_count, FEATURE_PING, FEATURE_RESTORE, PING_INTERVAL, VERSION,
+    block_count, FEATURE_HASHPACK, FEATURE_PING, FEATURE_RESTORE, PING_INTERVAL, VERSION,
 };
 use pilotlight_protocol::tls::RECEIVER_NAME;
 use pilotlight_protocol::{BlockHash, DecodeError, Frame};
@@ -162,7 +163,7 @@ async fn connect(
     let mut wr = FramedWrite::new(w, FrameCodec::default());
     let hello = Frame::Hello {
         version: VERSION,
-        features: FEATURE_PING | FEATURE_RESTORE,
+        features: FEATURE_PING | FEATURE_RESTORE | FEATURE_HASHPACK,
     };
     wr.send(&hello).await.map_err(codec_err)?;
     match next(&mut rd).await? {
@@ -202,14 +203,20 @@ pub(crate) async fn pinging<T, W: AsyncWrite + Unpin>(
     }
 }
 
-/// The `Hashes` frames of volume 0, in order, up to `HashesEnd`: one hash
-/// per block of the volume `info` describes.
+/// The `Hashes` (or `HashesPacked`: the agent's `Hello` takes them) frames
+/// of volume 0, in order, up to `HashesEnd`: one hash per block of the
+/// volume `info` describes.
 async fn read_hashes(rd: &mut Reader, info: &RestoreInfo) -> Result<Vec<BlockHash>, AgentError> {
     let total = block_count(info.size, info.block_size);
     let mut hashes: Vec<BlockHash> = Vec::new();
     loop {
         match next(rd).await? {
             Frame::Hashes {
+                volume: 0,
+                start,
+                hashes: more,
+            }
+            | Frame::HashesPacked {
                 volume: 0,
                 start,
                 hashes: more,

@@ -24,6 +24,10 @@ pub(crate) struct Target {
     pub(crate) path: PathBuf,
     /// Read and written; O_DIRECT on a device.
     file: File,
+    /// A file read with O_DIRECT (the compare reads the whole target once:
+    /// through the page cache, copying it costs more CPU than hashing it),
+    /// when its filesystem allows.
+    direct: Option<File>,
     /// A buffered handle on a device, for a last block whose length is not
     /// a multiple of the sector (O_DIRECT cannot write it).
     tail: Option<File>,
@@ -78,9 +82,19 @@ impl Target {
         } else {
             None
         };
+        let direct = if is_device {
+            None
+        } else {
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .ok()
+        };
         Ok(Self {
             path: path.to_owned(),
             file,
+            direct,
             tail,
             is_device,
             size,
@@ -124,12 +138,21 @@ impl Target {
             .get_mut(want)
             .ok_or_else(|| AgentError::Internal("read past its buffer".into()))?;
         let mut done = 0;
+        let mut direct = self.direct.as_ref();
         while done < len {
             let at = dst.get_mut(done..).unwrap_or_default();
-            match self.file.read_at(at, offset + done as u64) {
+            match direct
+                .unwrap_or(&self.file)
+                .read_at(at, offset + done as u64)
+            {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // A filesystem that opens O_DIRECT but refuses the read:
+                // through the page cache, then.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && direct.is_some() => {
+                    direct = None;
+                }
                 Err(e) => return Err(target_err(&self.path, e)),
             }
         }
