@@ -253,6 +253,38 @@ fn partial(index: u64, base_hash: pilotlight_protocol::BlockHash) -> Frame {
     })
 }
 
+/// Frames only a receiver sends (a partial block's merged hash, a packed
+/// hash listing), sent by an agent on a data stream or on the control
+/// connection, end that session with a clear error and store nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_only_frames_from_an_agent_end_the_session() {
+    let w = world().await;
+    let before = store_snapshot(&w.rcv.dir);
+    let hash = pilotlight_protocol::BlockHash::of(b"merged");
+    let frames = [
+        Frame::PartialApplied(pilotlight_protocol::PartialAppliedFrame {
+            tag: 1,
+            volume: 0,
+            index: 0,
+            hash,
+        }),
+        Frame::HashesPacked {
+            volume: 0,
+            start: 0,
+            hashes: vec![hash, hash],
+        },
+    ];
+    for frame in &frames {
+        let (_control, mut data, _) = session(w.rcv.addr, &w.good_id).await;
+        data.send(frame).await.unwrap();
+        expect_error(&mut data, ErrorCode::Protocol, "unexpected").await;
+        let (mut control, _data, _) = session(w.rcv.addr, &w.good_id).await;
+        control.send(frame).await.unwrap();
+        expect_error(&mut control, ErrorCode::Protocol, "unexpected").await;
+    }
+    w.good_agent_still_works(&before).await;
+}
+
 /// A `PartialBlock` whose base is no block this server stored (here: bytes
 /// it never sent) ends the session; nothing of it is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
