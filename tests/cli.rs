@@ -4,34 +4,9 @@
 use std::path::Path;
 
 use pilotlight::{
-    assert_same_bytes, file_len, overwrite_random_4k, run_bin, sample_image, spawn_receiver,
+    assert_same_bytes, fails, file_len, ok, overwrite_random_4k, run_bin, sample_image,
+    spawn_receiver,
 };
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// A failure: non-zero exit and exactly one sentence on stderr.
-fn fails(out: &std::process::Output, needle: &str) {
-    assert!(
-        !out.status.success(),
-        "unexpectedly succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "want one line on stderr, got {err:?}");
-    assert!(
-        lines[0].contains(needle),
-        "stderr {:?} does not mention {needle:?}",
-        lines[0]
-    );
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

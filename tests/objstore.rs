@@ -10,8 +10,8 @@ use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::{ObjectStore, ObjectStoreExt};
 use pilotlight::{
-    assert_same_bytes, bin, file_len, overwrite_random_4k, require_tools, sample_image, ChildGuard,
-    Deadline, Moto,
+    assert_same_bytes, bin, fails, file_len, ok, overwrite_random_4k, require_tools, sample_image,
+    ChildGuard, Deadline, Moto,
 };
 
 const BUCKET: &str = "dr-history";
@@ -31,32 +31,6 @@ fn receiver(moto: &Moto, args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run pilotlight-receiver")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// A failure: non-zero exit and exactly one sentence on stderr.
-fn fails(out: &Output, needle: &str) {
-    assert!(
-        !out.status.success(),
-        "unexpectedly succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "want one line on stderr, got {err:?}");
-    assert!(
-        lines[0].contains(needle),
-        "stderr {:?} does not mention {needle:?}",
-        lines[0]
-    );
 }
 
 /// `serve` with moto's environment; returns it and its address.

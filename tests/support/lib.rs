@@ -737,3 +737,32 @@ impl Moto {
         (!line.is_empty()).then_some(line)
     }
 }
+
+/// A command's output that succeeded: its stdout (panics with its stderr
+/// otherwise).
+pub fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A failure as the CLI contract wants it: non-zero exit and exactly one
+/// sentence on stderr, mentioning `needle`.
+pub fn fails(out: &std::process::Output, needle: &str) {
+    assert!(
+        !out.status.success(),
+        "unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want one line on stderr, got {err:?}");
+    assert!(
+        lines[0].contains(needle),
+        "stderr {:?} does not mention {needle:?}",
+        lines[0]
+    );
+}
