@@ -692,6 +692,58 @@ fn remove_instances_of(pid: u32) {
     }
 }
 
+/// The debug-build knob that makes the agent hold each freeze until the
+/// watchdog ends it, as a stalled agent would.
+const HOLD_FREEZE: &[(&str, &str)] = &[("PILOTLIGHT_TEST_HOLD_FREEZE", "1")];
+
+/// A live-tracking agent that freezes an ext4 mount on a loop device for
+/// its points (`--consistency freeze:MOUNT` and `extra`, environment
+/// `env`), replicating to a receiver (the real binary) with `server`
+/// enrolled; the initial sync done. Fields drop in order: the mount is
+/// thawed before the agent is killed, which could not exit while blocked
+/// on it.
+struct Freezing {
+    _thaw: Thaw,
+    agent: Agent,
+    fs: SmallFs,
+    dir: PathBuf,
+    rcv: ChildGuard,
+    _tmp: tempfile::TempDir,
+}
+
+impl Freezing {
+    async fn start(server: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        require_tracing();
+        require_tools(&["fsfreeze"]);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let fs = ext4(root, 64 * MIB);
+        let (dir, rcv, addr) = receiver(root);
+        let id = enroll(&dir, server);
+        let freeze = format!("freeze:{}", fs.mount.display());
+        let args = [&["--consistency", freeze.as_str()][..], extra].concat();
+        let mut agent = Agent::start_with_env(
+            &addr,
+            &id,
+            &root.join("state"),
+            fs.device(),
+            &args,
+            &root.join("agent.log"),
+            env,
+        );
+        let thaw = Thaw(fs.mount.clone());
+        agent.initial_sync().await;
+        Self {
+            _thaw: thaw,
+            agent,
+            fs,
+            dir,
+            rcv,
+            _tmp: tmp,
+        }
+    }
+}
+
 /// A freeze the agent holds (the debug-build knob
 /// `PILOTLIGHT_TEST_HOLD_FREEZE`, as a stalled agent would) is thawed by
 /// the watchdog at `--freeze-limit`: writes to the mount complete within
@@ -700,25 +752,8 @@ fn remove_instances_of(pid: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: loop devices, tracefs, mkfs.ext4 and fsfreeze"]
 async fn the_watchdog_thaws_a_freeze_at_its_limit() {
-    require_tracing();
-    require_tools(&["fsfreeze"]);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let fs = ext4(root, 64 * MIB);
-    let (dir, _rcv, addr) = receiver(root);
-    let id = enroll(&dir, "held");
-    let freeze = format!("freeze:{}", fs.mount.display());
-    let mut agent = Agent::start_with_env(
-        &addr,
-        &id,
-        &root.join("state"),
-        fs.device(),
-        &["--consistency", &freeze, "--freeze-limit", "1s"],
-        &root.join("agent.log"),
-        &[("PILOTLIGHT_TEST_HOLD_FREEZE", "1")],
-    );
-    let _thaw = Thaw(fs.mount.clone());
-    agent.initial_sync().await;
+    let mut held = Freezing::start("held", &["--freeze-limit", "1s"], HOLD_FREEZE).await;
+    let (agent, fs, dir) = (&mut held.agent, &held.fs, &held.dir);
     for i in 0..3 {
         write_within(
             fs.mount.join(format!("f{i}")),
@@ -746,8 +781,8 @@ async fn the_watchdog_thaws_a_freeze_at_its_limit() {
         "no watchdog thaw logged:\n{}",
         agent.log()
     );
-    assert_eq!(point_consistency(&dir, st.last_point.unwrap()), "fuzzy");
-    agent.stop().await;
+    assert_eq!(point_consistency(dir, st.last_point.unwrap()), "fuzzy");
+    held.agent.stop().await;
 }
 
 /// kill -9 of the agent while it holds a freeze: its guard process thaws
@@ -755,25 +790,8 @@ async fn the_watchdog_thaws_a_freeze_at_its_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: loop devices, tracefs, mkfs.ext4 and fsfreeze"]
 async fn a_kill_9_while_frozen_is_thawed_by_the_guard() {
-    require_tracing();
-    require_tools(&["fsfreeze"]);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let fs = ext4(root, 64 * MIB);
-    let (dir, _rcv, addr) = receiver(root);
-    let id = enroll(&dir, "killed");
-    let freeze = format!("freeze:{}", fs.mount.display());
-    let mut agent = Agent::start_with_env(
-        &addr,
-        &id,
-        &root.join("state"),
-        fs.device(),
-        &["--consistency", &freeze, "--freeze-limit", "60s"],
-        &root.join("agent.log"),
-        &[("PILOTLIGHT_TEST_HOLD_FREEZE", "1")],
-    );
-    let _thaw = Thaw(fs.mount.clone());
-    agent.initial_sync().await;
+    let mut killed = Freezing::start("killed", &["--freeze-limit", "60s"], HOLD_FREEZE).await;
+    let (agent, fs) = (&mut killed.agent, &killed.fs);
     write_within(
         fs.mount.join("before"),
         256 << 10,
@@ -807,23 +825,8 @@ async fn a_kill_9_while_frozen_is_thawed_by_the_guard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: loop devices, tracefs, mkfs.ext4 and fsfreeze"]
 async fn a_stopped_receiver_never_holds_a_freeze() {
-    require_tracing();
-    require_tools(&["fsfreeze"]);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let fs = ext4(root, 64 * MIB);
-    let (dir, rcv, addr) = receiver(root);
-    let id = enroll(&dir, "stopped");
-    let freeze = format!("freeze:{}", fs.mount.display());
-    let mut agent = Agent::start(
-        &addr,
-        &id,
-        &root.join("state"),
-        fs.device(),
-        &["--consistency", &freeze],
-    );
-    let _thaw = Thaw(fs.mount.clone());
-    agent.initial_sync().await;
+    let mut stopped = Freezing::start("stopped", &[], &[]).await;
+    let (agent, fs, rcv) = (&mut stopped.agent, &stopped.fs, &stopped.rcv);
     let signal = |sig: &str| {
         let ok = Command::new("kill")
             .args([sig, &rcv.0.id().to_string()])
@@ -855,5 +858,5 @@ async fn a_stopped_receiver_never_holds_a_freeze() {
         .await;
     let longest = st.tracking.unwrap().max_freeze_ms.unwrap();
     assert!(longest < 2000.0, "longest freeze {longest} ms");
-    agent.stop().await;
+    stopped.agent.stop().await;
 }
