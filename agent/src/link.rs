@@ -44,10 +44,12 @@ const CONTROL_QUEUE: usize = 64;
 /// Time allowed to connect and finish the handshakes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A TCP stream that counts the bytes written to the wire (TLS included).
+/// A TCP stream that counts the bytes written to the wire (TLS included)
+/// and, given a `read` counter, those read from it.
 pub struct Counted {
     inner: TcpStream,
     written: Arc<AtomicU64>,
+    read: Option<Arc<AtomicU64>>,
 }
 
 impl AsyncRead for Counted {
@@ -56,7 +58,13 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Some(read) = &self.read {
+            let n = buf.filled().len().saturating_sub(before);
+            read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
     }
 }
 
@@ -81,8 +89,10 @@ impl AsyncWrite for Counted {
 }
 
 type Stream = TlsStream<Counted>;
-type Reader = FramedRead<ReadHalf<Stream>, FrameCodec>;
-type Writer = FramedWrite<WriteHalf<Stream>, FrameCodec>;
+/// The read half of a connection to the receiver.
+pub(crate) type Reader = FramedRead<ReadHalf<Stream>, FrameCodec>;
+/// The write half of a connection to the receiver.
+pub(crate) type Writer = FramedWrite<WriteHalf<Stream>, FrameCodec>;
 
 /// A data-stream frame (a `Block` or a `ZeroRun`) on its way, holding its
 /// share of the in-flight window.
@@ -175,10 +185,16 @@ async fn read_frame(rd: &mut Reader) -> Result<Frame, AgentError> {
     }
 }
 
-/// Open one TLS connection and exchange `Hello`; returns its halves and
-/// the features the receiver's `Hello` advertised.
-async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, u32), AgentError> {
-    let tcp = TcpStream::connect(&cfg.receiver)
+/// TCP to `receiver` (keepalive, no delay), then TLS with the agent's
+/// identity, counting the bytes `written` (and `read`, if given) on the
+/// socket; the framed halves, before any `Hello`.
+pub(crate) async fn connect_tls(
+    receiver: &str,
+    tls: Arc<rustls::ClientConfig>,
+    written: Arc<AtomicU64>,
+    read: Option<Arc<AtomicU64>>,
+) -> Result<(Reader, Writer), AgentError> {
+    let tcp = TcpStream::connect(receiver)
         .await
         .map_err(AgentError::Net)?;
     if let Err(e) = pilotlight_protocol::net::tune(socket2::SockRef::from(&tcp)) {
@@ -186,19 +202,27 @@ async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, u32), AgentErr
     }
     let name = ServerName::try_from(RECEIVER_NAME)
         .map_err(|e| AgentError::Config(format!("server name: {e}")))?;
-    let tls = TlsConnector::from(cfg.tls.clone())
-        .connect(
-            name,
-            Counted {
-                inner: tcp,
-                written: cfg.wire_bytes.clone(),
-            },
-        )
+    let counted = Counted {
+        inner: tcp,
+        written,
+        read,
+    };
+    let stream = TlsConnector::from(tls)
+        .connect(name, counted)
         .await
         .map_err(AgentError::Net)?;
-    let (r, w) = tokio::io::split(tls);
-    let mut rd = FramedRead::new(r, FrameCodec::default());
-    let mut wr = FramedWrite::new(w, FrameCodec::default());
+    let (r, w) = tokio::io::split(stream);
+    Ok((
+        FramedRead::new(r, FrameCodec::default()),
+        FramedWrite::new(w, FrameCodec::default()),
+    ))
+}
+
+/// Open one TLS connection and exchange `Hello`; returns its halves and
+/// the features the receiver's `Hello` advertised.
+async fn open_stream(cfg: &LinkConfig) -> Result<(Reader, Writer, u32), AgentError> {
+    let (mut rd, mut wr) =
+        connect_tls(&cfg.receiver, cfg.tls.clone(), cfg.wire_bytes.clone(), None).await?;
     wr.send(&Frame::hello()).await.map_err(codec_err)?;
     match read_frame(&mut rd).await? {
         Frame::Hello { version, features } if version == VERSION => Ok((rd, wr, features)),

@@ -5,10 +5,8 @@
 //! (TLS included) is counted: the report's bytes on the wire.
 
 use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -17,65 +15,19 @@ use pilotlight_protocol::frame::{RestoreInfo, RestoreRequest};
 use pilotlight_protocol::limits::{
     block_count, FEATURE_HASHPACK, FEATURE_PING, FEATURE_RESTORE, PING_INTERVAL, VERSION,
 };
-use pilotlight_protocol::tls::RECEIVER_NAME;
 use pilotlight_protocol::{BlockHash, DecodeError, Frame};
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::io::AsyncWrite;
+use tokio_util::codec::FramedWrite;
 
 use crate::AgentError;
 
 /// Time allowed to connect and finish the handshakes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A TCP stream that counts the bytes it reads and writes.
-pub(crate) struct Metered {
-    inner: TcpStream,
-    bytes: Arc<AtomicU64>,
-}
-
-impl AsyncRead for Metered {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len().saturating_sub(before);
-        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        r
-    }
-}
-
-impl AsyncWrite for Metered {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.bytes.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-type Stream = TlsStream<Metered>;
 /// The read half of a restore connection.
-pub(crate) type Reader = FramedRead<ReadHalf<Stream>, FrameCodec>;
+pub(crate) type Reader = crate::link::Reader;
 /// The write half of a restore connection.
-pub(crate) type Writer = FramedWrite<WriteHalf<Stream>, FrameCodec>;
+pub(crate) type Writer = crate::link::Writer;
 
 /// An answered restore request: the point, and the hash of every block.
 pub(crate) struct Opened {
@@ -140,27 +92,8 @@ async fn connect(
     tls: Arc<rustls::ClientConfig>,
     wire: Arc<AtomicU64>,
 ) -> Result<(Reader, Writer), AgentError> {
-    let tcp = TcpStream::connect(receiver)
-        .await
-        .map_err(AgentError::Net)?;
-    if let Err(e) = pilotlight_protocol::net::tune(socket2::SockRef::from(&tcp)) {
-        tracing::debug!(cause = %e, "cannot set TCP keepalive or nodelay");
-    }
-    let name = ServerName::try_from(RECEIVER_NAME)
-        .map_err(|e| AgentError::Config(format!("server name: {e}")))?;
-    let stream = TlsConnector::from(tls)
-        .connect(
-            name,
-            Metered {
-                inner: tcp,
-                bytes: wire,
-            },
-        )
-        .await
-        .map_err(AgentError::Net)?;
-    let (r, w) = tokio::io::split(stream);
-    let mut rd = FramedRead::new(r, FrameCodec::default());
-    let mut wr = FramedWrite::new(w, FrameCodec::default());
+    let (mut rd, mut wr) =
+        crate::link::connect_tls(receiver, tls, wire.clone(), Some(wire)).await?;
     let hello = Frame::Hello {
         version: VERSION,
         features: FEATURE_PING | FEATURE_RESTORE | FEATURE_HASHPACK,
@@ -244,6 +177,7 @@ async fn read_hashes(rd: &mut Reader, info: &RestoreInfo) -> Result<Vec<BlockHas
 #[allow(clippy::unwrap_used)] // test code
 mod tests {
     use super::*;
+    use tokio_util::codec::FramedRead;
 
     #[tokio::test(start_paused = true)]
     async fn a_long_compare_is_kept_alive_with_pings() {
