@@ -213,6 +213,39 @@ fn a_restore_to_a_file_is_byte_exact_and_then_fetches_only_what_differs() {
     assert_eq!(third["blocks_fetched"], 0, "{third}");
 }
 
+/// A target that differs entirely (a replaced disk) is not read in full
+/// only to be overwritten: after a stretch of runs in which every block
+/// differed, runs are judged by a sample and fetched unread. The restore is
+/// still byte-exact, and the report says how many blocks were not read.
+#[test]
+fn a_target_that_differs_entirely_is_fetched_mostly_unread_and_byte_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site = Site::new(tmp.path());
+    let id = site.enroll("replaced");
+    let img = tmp.path().join("replaced.img");
+    let size: u64 = 48 << 20; // twelve 4 MiB runs of the compare
+    random_image(&img, size, 5);
+    site.replicate(&id, &img);
+    let out = tmp.path().join("other.img");
+    random_image(&out, size, 6);
+
+    let r = report(&site.restore(&id, &out, &["--latest"]));
+    assert_same_bytes(&out, &img, size);
+    let (compared, unread) = (
+        r["blocks_compared"].as_u64().unwrap(),
+        r["blocks_unread"].as_u64().unwrap(),
+    );
+    assert_eq!(r["blocks_fetched"], size / BS, "{r}");
+    assert_eq!(compared + unread, size / BS, "{r}");
+    assert!(unread > 0, "every block was read: {r}");
+
+    // The same target again: it matches now, so it is compared in full and
+    // nothing is fetched or left unread.
+    let again = report(&site.restore(&id, &out, &["--latest"]));
+    assert_eq!(again["blocks_fetched"], 0, "{again}");
+    assert_eq!(again["blocks_unread"], 0, "{again}");
+}
+
 /// The hash listing goes packed (repeats coded short: a volume mostly of
 /// zeros lists in a few bytes, not 32 a block), and `--read-back` checks
 /// what was written once more after the sync.

@@ -160,6 +160,12 @@ pub struct RestoreReport {
     pub block_size: u32,
     /// Blocks of the target hashed and compared.
     pub blocks_compared: u64,
+    /// Blocks fetched without reading the target: after a long stretch in
+    /// which every block differed, a run whose first block differs too is
+    /// fetched whole, unread (a blank or replaced target is not read in
+    /// full only to be overwritten). Counted in `blocks_fetched`, not in
+    /// `blocks_compared`.
+    pub blocks_unread: u64,
     /// Blocks that differed, fetched and written.
     pub blocks_fetched: u64,
     /// Bytes of those blocks.
@@ -220,13 +226,13 @@ pub async fn restore(cfg: &RestoreConfig) -> Result<RestoreReport, AgentError> {
         counters.clone(),
     );
     let comparing = blocking(move || {
-        let n = compare::differing(&t, shape, &h, workers, &p.done, &found_tx)?;
+        let found = compare::differing(&t, shape, &h, workers, &p.done, &found_tx)?;
         // The rest of the fetch is what the bar shows now.
         let block_size = u64::from(shape.1);
-        p.enter(Phase::Fetch, n * block_size);
+        p.enter(Phase::Fetch, found.differ * block_size);
         p.done
             .store(c.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
-        Ok(n)
+        Ok(found)
     });
     let fetching = fetch::fetch(
         (&mut conn.rd, &mut conn.wr),
@@ -239,8 +245,9 @@ pub async fn restore(cfg: &RestoreConfig) -> Result<RestoreReport, AgentError> {
     let (compared, fetched) = tokio::join!(comparing, fetching);
     // A failed fetch stops the compare: the fetch's error is the cause.
     fetched?;
-    let differing = compared?;
-    tracing::info!(volume = %cfg.volume, point = info.point, differing, "target compared and fetched");
+    let found = compared?;
+    tracing::info!(volume = %cfg.volume, point = info.point, differing = found.differ,
+        unread = found.unread, "target compared and fetched");
 
     let written = counters
         .written
@@ -279,7 +286,8 @@ pub async fn restore(cfg: &RestoreConfig) -> Result<RestoreReport, AgentError> {
         volume: cfg.volume.clone(),
         size: info.size,
         block_size: info.block_size,
-        blocks_compared: hashes_len(shape),
+        blocks_compared: hashes_len(shape) - found.unread,
+        blocks_unread: found.unread,
         blocks_fetched: counters.blocks.load(Ordering::Relaxed),
         bytes_fetched: counters.bytes.load(Ordering::Relaxed),
         wire_bytes: wire.load(Ordering::Relaxed),

@@ -541,10 +541,16 @@ fn restore(a: RestoreArgs, f: FileConfig) -> anyhow::Result<()> {
             report.size,
             cfg.to.display(),
             report.blocks_fetched,
-            report.blocks_compared,
+            report.blocks_compared + report.blocks_unread,
             report.wire_bytes,
             report.seconds
         );
+        if report.blocks_unread > 0 {
+            println!(
+                "{} of them were fetched without reading the target: it differed entirely there",
+                report.blocks_unread
+            );
+        }
     }
     Ok(())
 }

@@ -4,6 +4,16 @@
 //! run's differing blocks to the fetch at once (a bounded queue): blocks
 //! are fetched and written while the next runs are hashed, and a full
 //! queue holds the compare back to the fetch's pace.
+//!
+//! A target that differs entirely (a blank or replaced disk) would be read
+//! whole only to learn that every block must be fetched, and the reads
+//! compete with the writes on the same disk. So after [`SAMPLE_AFTER`]
+//! runs in a row in which every block differed, a run is first judged by
+//! one block of it: if that block differs too, the whole run is fetched
+//! unread; if it matches, the run is compared in full and the streak starts
+//! again. What this can cost is bytes: blocks of a sampled run that
+//! already matched are fetched (and rewritten with the same bytes), at
+//! most until the first sampled block that matches.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -21,11 +31,43 @@ const RUN_BYTES: u64 = 4 << 20;
 /// Runs compared ahead of the fetch, at most (their differing blocks wait
 /// in the queue; at 64 KiB blocks a run is 64 indexes).
 pub(crate) const FOUND_QUEUE: usize = 32;
+/// Runs in a row whose every block differed (32 MiB of target) before
+/// runs are judged by a sample.
+pub(crate) const SAMPLE_AFTER: u64 = 8;
+
+/// What the compare found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Compared {
+    /// Blocks sent to the fetch: those that differ, and those of sampled
+    /// runs fetched unread.
+    pub(crate) differ: u64,
+    /// Blocks fetched without being read (their run's sample differed).
+    pub(crate) unread: u64,
+}
+
+/// Runs in a row (as the workers finish them) whose every block differed.
+#[derive(Default)]
+struct Streak(AtomicU64);
+
+impl Streak {
+    fn sampling(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= SAMPLE_AFTER
+    }
+
+    fn record(&self, all_differ: bool) {
+        if all_differ {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.0.store(0, Ordering::Relaxed);
+        }
+    }
+}
 
 /// Hash the blocks of `target` on `workers` threads and send the indexes of
 /// those whose hash is not the one in `hashes` to `found`, a run at a time
 /// (ascending within a run, runs roughly in order); `done` counts the bytes
-/// compared. Returns how many blocks differ. Stops with
+/// compared (or judged by a sample). Returns how many blocks were sent, and
+/// how many of them unread (see the module's note). Stops with
 /// [`AgentError::Stopped`] when `found` is closed (the fetch failed: its
 /// error is the restore's). Blocking.
 pub(crate) fn differing(
@@ -35,12 +77,13 @@ pub(crate) fn differing(
     workers: usize,
     done: &AtomicU64,
     found: &mpsc::Sender<Vec<u64>>,
-) -> Result<u64, AgentError> {
+) -> Result<Compared, AgentError> {
     let per_run = (RUN_BYTES / u64::from(block_size)).max(1);
     let total = hashes.len() as u64;
     let runs = total.div_ceil(per_run);
     let next = AtomicUsize::new(0);
-    let differ = AtomicU64::new(0);
+    let (differ, unread) = (AtomicU64::new(0), AtomicU64::new(0));
+    let streak = Streak::default();
     let first_error: Mutex<Option<AgentError>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
@@ -53,13 +96,17 @@ pub(crate) fn differing(
                     }
                     let first = run * per_run;
                     let last = (first + per_run).min(total);
-                    let r = compare_run(target, (size, block_size), hashes, first..last, &mut buf)
-                        .and_then(|(diff, bytes)| {
+                    let shape = (size, block_size);
+                    let r = judge_run(target, shape, hashes, first..last, (&streak, &mut buf))
+                        .and_then(|(diff, bytes, sampled)| {
                             done.fetch_add(bytes, Ordering::Relaxed);
                             if diff.is_empty() {
                                 return Ok(());
                             }
                             differ.fetch_add(diff.len() as u64, Ordering::Relaxed);
+                            if sampled {
+                                unread.fetch_add(diff.len() as u64, Ordering::Relaxed);
+                            }
                             found.blocking_send(diff).map_err(|_| AgentError::Stopped)
                         });
                     if let Err(e) = r {
@@ -73,7 +120,10 @@ pub(crate) fn differing(
         }
     });
     match first_error.into_inner() {
-        Ok(None) => Ok(differ.into_inner()),
+        Ok(None) => Ok(Compared {
+            differ: differ.into_inner(),
+            unread: unread.into_inner(),
+        }),
         Ok(Some(e)) => Err(e),
         Err(_) => Err(AgentError::Internal("a compare worker panicked".into())),
     }
@@ -96,6 +146,33 @@ pub(crate) fn recheck(
         done.fetch_add(bytes, Ordering::Relaxed);
     }
     Ok(diff)
+}
+
+/// The blocks of `range` to fetch, the bytes they cover, and whether they
+/// were judged by a sample (unread): while `streak` says so, the run's
+/// first block is read alone, and if it differs the whole run is fetched;
+/// otherwise the run is compared in full, and its outcome kept in
+/// `streak`.
+fn judge_run(
+    target: &Target,
+    (size, block_size): (u64, u32),
+    hashes: &[BlockHash],
+    range: std::ops::Range<u64>,
+    (streak, buf): (&Streak, &mut AlignedBuf),
+) -> Result<(Vec<u64>, u64, bool), AgentError> {
+    let shape = (size, block_size);
+    let whole = range.end - range.start;
+    if streak.sampling() && whole > 1 {
+        let (sample, _) = compare_run(target, shape, hashes, range.start..range.start + 1, buf)?;
+        if !sample.is_empty() {
+            let bs = u64::from(block_size);
+            let bytes = (range.end * bs).min(size) - range.start * bs;
+            return Ok((range.collect(), bytes, true));
+        }
+    }
+    let (diff, bytes) = compare_run(target, shape, hashes, range, buf)?;
+    streak.record(diff.len() as u64 == whole);
+    Ok((diff, bytes, false))
 }
 
 /// Compare the blocks `range` in one read; returns those that differ and
@@ -155,8 +232,101 @@ mod tests {
             assert_eq!(got, vec![5, 299, 300]);
             compare.join().unwrap().unwrap()
         });
-        assert_eq!(n, 3);
+        assert_eq!(
+            n,
+            Compared {
+                differ: 3,
+                unread: 0
+            }
+        );
         assert_eq!(done.load(Ordering::Relaxed), size as u64);
+    }
+
+    /// Compare `data` against `point` (4 KiB blocks) on one worker (the
+    /// streak follows the runs in order); returns what was found and every
+    /// index sent, sorted.
+    fn compare_one_worker(data: &[u8], point: &[u8]) -> (Compared, Vec<u64>) {
+        let bs = 4096u32;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.img");
+        std::fs::write(&path, data).unwrap();
+        let hashes: Vec<BlockHash> = point.chunks(bs as usize).map(BlockHash::of).collect();
+        let target = Target::open(&path, false).unwrap();
+        let done = AtomicU64::new(0);
+        let (tx, mut rx) = mpsc::channel(FOUND_QUEUE);
+        let size = data.len() as u64;
+        let (found, mut got) = std::thread::scope(|s| {
+            let compare = s.spawn(|| {
+                let r = differing(&target, (size, bs), &hashes, 1, &done, &tx);
+                drop(tx);
+                r
+            });
+            let mut got = Vec::new();
+            while let Some(run) = rx.blocking_recv() {
+                got.extend(run);
+            }
+            (compare.join().unwrap().unwrap(), got)
+        });
+        assert_eq!(done.load(Ordering::Relaxed), size);
+        got.sort_unstable();
+        (found, got)
+    }
+
+    fn noise(len: usize, seed: u8) -> Vec<u8> {
+        let mut h = blake3::Hasher::new();
+        h.update(&[seed]);
+        let mut out = vec![0u8; len];
+        h.finalize_xof().fill(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_target_that_differs_entirely_is_sampled_and_then_compared_again_where_it_matches() {
+        const RUN: usize = RUN_BYTES as usize;
+        let per_run = (RUN / 4096) as u64;
+        // Ten runs that differ entirely, then four that match.
+        let point = noise(14 * RUN, 1);
+        let mut target = noise(10 * RUN, 2);
+        target.extend_from_slice(&point[10 * RUN..]);
+        let (found, got) = compare_one_worker(&target, &point);
+        // Eight runs compared in full start the sampling; runs 8 and 9 are
+        // fetched unread; run 10's sample matches, so it and the rest are
+        // compared in full and nothing of them is fetched.
+        assert_eq!(
+            found,
+            Compared {
+                differ: 10 * per_run,
+                unread: 2 * per_run
+            }
+        );
+        assert_eq!(got, (0..10 * per_run).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_sampled_run_is_fetched_whole_only_until_a_sample_matches() {
+        const RUN: usize = RUN_BYTES as usize;
+        let per_run = (RUN / 4096) as u64;
+        let point = noise(12 * RUN, 3);
+        let mut target = noise(8 * RUN, 4);
+        target.extend_from_slice(&point[8 * RUN..]);
+        // Run 8: only its first block differs (the sample): fetched whole,
+        // the cost of sampling. Run 9 matches: its sample matches, it is
+        // compared, and runs 10 and 11 have one differing block each, not
+        // sampled any more.
+        target[8 * RUN] ^= 1;
+        target[10 * RUN + 4096 * 5] ^= 1;
+        target[11 * RUN] ^= 1;
+        let (found, got) = compare_one_worker(&target, &point);
+        let mut want: Vec<u64> = (0..9 * per_run).collect();
+        want.extend([10 * per_run + 5, 11 * per_run]);
+        assert_eq!(got, want);
+        assert_eq!(
+            found,
+            Compared {
+                differ: 9 * per_run + 2,
+                unread: per_run
+            }
+        );
     }
 
     #[test]
