@@ -355,7 +355,7 @@ impl Session<'_> {
                     sync,
                     generation,
                 } if tag == point.tag => break (sync, generation),
-                other => self.on_frame(other)?,
+                other => self.on_frame(other).await?,
             }
         };
         let record = SyncRecord {

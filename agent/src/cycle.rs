@@ -13,13 +13,14 @@ use crate::consistency::{prepare, Snapshot};
 use crate::hashfile::View;
 use crate::policy::{self, Precopy};
 use crate::replicate::PointReport;
-use crate::scan::{scan, ScanJob, Sink};
+use crate::scan::{scan, PartialRead, ScanJob, Sink};
 use crate::session::{Pending, Session, Wait};
 use crate::trace::{Plan, RescanReason};
 use crate::{AgentError, ConsistencyMode};
 use pilotlight_protocol::clock::now_ms;
 
 mod frozen;
+mod partial;
 
 /// How a cycle ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +45,11 @@ pub(crate) struct Point {
     barrier: std::time::Duration,
     /// A full sync that checkpoints: its progress.
     pub(crate) sync: Option<crate::checkpoint::SyncProgress>,
+    /// Blocks sent as pages (`PartialBlock`).
+    partial: u64,
+    /// Per volume, what it sent as pages (a later round sends such a block
+    /// over the same base).
+    pages_sent: Vec<partial::SentPages>,
 }
 
 impl Session<'_> {
@@ -86,6 +92,8 @@ impl Session<'_> {
             precopied: false,
             barrier: std::time::Duration::ZERO,
             sync: None,
+            partial: 0,
+            pages_sent: Vec::new(),
         };
         let freeze_mount = match &cfg.consistency {
             ConsistencyMode::Freeze(m) if !full && self.agent.collector.is_live() => {
@@ -116,17 +124,19 @@ impl Session<'_> {
             .map_err(|e| AgentError::task("snapshot", e))??;
         let freeze_call = frozen_at.elapsed();
         let plans = match self.frozen_plans(&snapshot, point.precopied, full) {
-            Ok(p) => p,
+            Ok(mut p) => {
+                if let Some(p) = p.as_mut() {
+                    self.keep_pages(p, &point);
+                }
+                p
+            }
             Err(e) => {
                 snapshot.release_freeze();
                 return Err(e);
             }
         };
-        let nothing = !point.precopied
-            && plans.as_ref().is_some_and(|p| {
-                p.iter()
-                    .all(|p| matches!(p, Plan::Blocks(b) if b.is_empty()))
-            });
+        let nothing =
+            !point.precopied && plans.as_ref().is_some_and(|p| p.iter().all(Plan::is_empty));
         if nothing && !cfg.once {
             snapshot.release_freeze();
             drop(snapshot);
@@ -232,7 +242,8 @@ impl Session<'_> {
             let Some(t) = self.agent.collector.get_mut() else {
                 break;
             };
-            let pre = if precopied { t.plan_more() } else { t.plan() };
+            let mut pre = if precopied { t.plan_more() } else { t.plan() };
+            self.keep_pages(&mut pre, point);
             let barrier_start = Instant::now();
             // A block may be sent again by this round (see the barrier
             // before the freeze).
@@ -327,6 +338,7 @@ impl Session<'_> {
             report,
             created_ms: point.created_ms,
             ended: Instant::now(),
+            partial: point.partial,
         });
         self.agent.reporter.pending(self.pending.len());
         Ok(())
@@ -360,11 +372,15 @@ impl Session<'_> {
             let (path, from_memory) = sources
                 .get(i)
                 .map_or((v.path.clone(), false), |s| (s.path.clone(), s.from_memory));
-            let only: Option<Vec<u64>> = match plans.and_then(|p| p.get(i)) {
-                Some(Plan::Blocks(b)) if b.is_empty() => continue,
-                Some(Plan::Blocks(b)) => Some(b.clone()),
-                Some(Plan::Full(_)) | None => None,
-            };
+            let (only, partial): (Option<Vec<u64>>, Vec<PartialRead>) =
+                match plans.and_then(|p| p.get(i)) {
+                    Some(p) if p.is_empty() => continue,
+                    Some(Plan::Blocks(b, pages)) => {
+                        let (whole, partial) = partial::split(b, pages, point.pages_sent.get(i));
+                        (Some(whole), partial)
+                    }
+                    Some(Plan::Full(_)) | None => (None, Vec::new()),
+                };
             let blocks = pilotlight_protocol::limits::block_count(vsize, bs);
             let parts: Vec<Option<(u64, u64)>> = match (&only, &point.sync) {
                 (None, Some(_)) => {
@@ -381,10 +397,11 @@ impl Session<'_> {
                     path: path.clone(),
                     from_memory,
                     only: only.as_deref(),
+                    partial: &partial,
                     range,
                     zero_runs: point.sync.is_none(),
                 };
-                let Some(result) = self.scan_part(&part, point.tag, workers).await? else {
+                let Some(mut result) = self.scan_part(&part, point.tag, workers).await? else {
                     return Ok(false);
                 };
                 if let Some(slot) = self.view.get_mut(i) {
@@ -395,6 +412,14 @@ impl Session<'_> {
                 report.payload_bytes += result.payload_bytes;
                 report.bytes_read += result.bytes_read;
                 report.frames_sent += result.frames;
+                point.partial += result.partial;
+                if result.partial > 0 {
+                    self.partial_tag = point.tag;
+                }
+                Self::note_pages_sent(point, i, std::mem::take(&mut result.partial_sent));
+                if let Some(t) = self.agent.collector.get_mut() {
+                    t.note_read(result.bytes_read, only.is_some(), result.partial);
+                }
                 if let Some(sp) = point.sync.as_mut() {
                     let (first, n) = range.unwrap_or((0, blocks));
                     let end = first
@@ -446,9 +471,10 @@ impl Session<'_> {
         // A device is read directly (a snapshot never clones one).
         let direct = v.is_device && part.path == v.path;
         let from_memory = part.from_memory;
-        let (path, only, range) = (
+        let (path, only, partial, range) = (
             part.path.clone(),
             part.only.map(<[u64]>::to_vec),
+            part.partial.to_vec(),
             part.range,
         );
         let (overlay, result) = tokio::task::spawn_blocking(move || {
@@ -465,6 +491,7 @@ impl Session<'_> {
                 base: &base,
                 tag,
                 only: only.as_deref(),
+                partial: &partial,
                 range,
                 direct,
                 from_memory,
@@ -506,6 +533,8 @@ struct Part<'a> {
     path: PathBuf,
     from_memory: bool,
     only: Option<&'a [u64]>,
+    /// With `only`: blocks read as their written pages.
+    partial: &'a [PartialRead],
     range: Option<(u64, u64)>,
     /// Zero blocks may go as `ZeroRun`s. Not in a checkpointed full sync:
     /// a checkpoint counts and keeps `Block`s, and a run it did not keep

@@ -64,6 +64,11 @@ pub enum AgentError {
         /// The receiver's sentence.
         message: String,
     },
+    /// The receiver ended the session while partial blocks were not
+    /// confirmed (a base it does not hold, a merge that failed): the
+    /// agent reconnects and sends whole blocks until a point is durable.
+    #[error("receiver refused (partial blocks were in flight; sending whole blocks): {0}")]
+    PartialRefused(String),
     /// Consistency could not be established as asked.
     #[error("consistency: {0}")]
     Consistency(String),
@@ -104,7 +109,7 @@ impl AgentError {
         match self {
             Self::Net(_) | Self::Resized(_) => true,
             Self::Remote { code, .. } => code.is_retryable() || *code == ErrorCode::Superseded,
-            Self::Decode(_) | Self::Protocol(_) => true,
+            Self::Decode(_) | Self::Protocol(_) | Self::PartialRefused(_) => true,
             Self::Source { .. }
             | Self::State { .. }
             | Self::Target { .. }

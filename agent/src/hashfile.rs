@@ -270,6 +270,20 @@ impl Overlay {
         self.sent.retain(|_, &mut (_, t)| t > tag);
     }
 
+    /// The hash last sent of block `index` and its point's tag, if a
+    /// point not yet in the file sent it.
+    pub(crate) fn sent(&self, index: u64) -> Option<(BlockHash, u64)> {
+        self.sent.get(&index).copied()
+    }
+
+    /// Point `tag` sent block `index` as a partial block whose new hash is
+    /// now known: record it, unless a later point sent the block again.
+    pub(crate) fn resolve(&mut self, tag: u64, index: u64, hash: BlockHash) {
+        if let Some(e) = self.sent.get_mut(&index).filter(|e| e.1 == tag) {
+            e.0 = hash;
+        }
+    }
+
     /// Number of blocks held.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {

@@ -104,6 +104,10 @@ pub struct AgentConfig {
     /// (`--freeze-limit`, 2 s), the memory the frozen delta may take
     /// (256 MiB) and the guard process (see [`freeze`]).
     pub freeze: freeze::FreezeOptions,
+    /// Live tracking: send a block written only in a few pages as those
+    /// pages (`PartialBlock`) to a receiver that merges them (true;
+    /// `--partial-blocks off` sends whole blocks).
+    pub partial_blocks: bool,
 }
 
 impl AgentConfig {
@@ -138,6 +142,7 @@ impl AgentConfig {
             ping_interval: pilotlight_protocol::limits::PING_INTERVAL,
             checkpoints: checkpoint::CheckpointPolicy::default(),
             freeze: freeze::FreezeOptions::default(),
+            partial_blocks: true,
         }
     }
 }

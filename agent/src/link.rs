@@ -7,7 +7,6 @@
 //! control: cycle driver -> EndPoint / GetHashes; reader task -> Durable, Hashes
 //! ```
 
-use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,9 +18,10 @@ use futures_util::{SinkExt, StreamExt};
 use pilotlight_protocol::codec::{CodecError, FrameCodec};
 use pilotlight_protocol::frame::{CommitMode, VolumeDecl};
 use pilotlight_protocol::limits::{
-    BLOCK_HEADER_LEN, FEATURE_CHECKPOINT, FEATURE_PING, FEATURE_ZEROS, VERSION, ZERO_RUN_LEN,
+    BLOCK_HEADER_LEN, FEATURE_CHECKPOINT, FEATURE_PARTIAL, FEATURE_PING, FEATURE_ZEROS, VERSION,
+    ZERO_RUN_LEN,
 };
-use pilotlight_protocol::{DecodeError, Frame};
+use pilotlight_protocol::{BlockHash, DecodeError, Frame};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -34,6 +34,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AgentError;
 use pilotlight_protocol::tls::RECEIVER_NAME;
+
+mod acks;
+
+use acks::{Acks, Learned};
 
 /// Bytes of block frames that may be sent but not yet acknowledged.
 pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
@@ -110,6 +114,7 @@ impl Outgoing {
         let body = match &self.frame {
             Frame::Block(b) => b.payload.len() + BLOCK_HEADER_LEN,
             Frame::ZeroRun(_) => ZERO_RUN_LEN,
+            Frame::PartialBlock(p) => p.body_len(),
             _ => 0,
         };
         body + 20
@@ -162,6 +167,12 @@ pub struct Link {
     /// The receiver takes `ZeroRun` frames (its `Hello` advertised
     /// `FEATURE_ZEROS`).
     pub zero_runs: bool,
+    /// The receiver merges `PartialBlock` frames (its `Hello` advertised
+    /// `FEATURE_PARTIAL`).
+    pub partial: bool,
+    /// The new hashes of partial blocks (`PartialApplied`), by point tag,
+    /// volume and block, until their point's `DURABLE` takes them.
+    learned: Learned,
 }
 
 /// A codec error as the agent's error: I/O is the network's, the rest the
@@ -277,6 +288,7 @@ impl Link {
         let first_error = Arc::new(Mutex::new(None));
         let window = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
         let (data_tx, data_rx) = async_channel::bounded::<Outgoing>(SEND_QUEUE);
+        let learned = Learned::default();
         let mut tasks = JoinSet::new();
         for _ in 0..cfg.streams {
             let (mut rd, mut wr, _) = open_stream(cfg).await?;
@@ -297,12 +309,12 @@ impl Link {
                 window: window.clone(),
             };
             tasks.spawn(data_stream(
-                rd,
-                wr,
+                (rd, wr),
                 data_rx.clone(),
                 cancel.clone(),
                 fail,
                 cfg.throttle.clone(),
+                learned.clone(),
             ));
         }
         let (ctrl_tx, ctrl_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -332,7 +344,26 @@ impl Link {
             last_point,
             checkpoints: features & FEATURE_CHECKPOINT != 0,
             zero_runs: features & FEATURE_ZEROS != 0,
+            partial: features & FEATURE_PARTIAL != 0,
+            learned,
         })
+    }
+
+    /// The new hash the receiver gave block `index` of volume `volume`,
+    /// sent as a partial block in point `tag` (the last answer, if sent
+    /// twice).
+    pub(crate) fn learned(&self, tag: u64, volume: u16, index: u64) -> Option<BlockHash> {
+        self.learned
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(tag, volume, index)).copied())
+    }
+
+    /// Forget the answers for point `tag` (it is durable).
+    pub(crate) fn forget_learned(&self, tag: u64) {
+        if let Ok(mut m) = self.learned.lock() {
+            m.retain(|k, _| k.0 != tag);
+        }
     }
 
     /// Send a control frame.
@@ -447,14 +478,14 @@ impl Failer {
 }
 
 async fn data_stream(
-    mut rd: Reader,
-    mut wr: Writer,
+    (mut rd, mut wr): (Reader, Writer),
     rx: async_channel::Receiver<Outgoing>,
     cancel: CancellationToken,
     fail: Failer,
     throttle: Option<Arc<crate::throttle::Throttle>>,
+    learned: Learned,
 ) {
-    let mut in_flight: VecDeque<(u64, OwnedSemaphorePermit)> = VecDeque::new();
+    let mut acks = Acks::new(learned);
     let result: Result<(), AgentError> = async {
         loop {
             tokio::select! {
@@ -468,12 +499,12 @@ async fn data_stream(
                                 // Paced: each frame waits for its tokens and goes out at once.
                                 t.take(o.wire_len()).await;
                                 wr.send(&o.frame).await.map_err(codec_err)?;
-                                in_flight.push_back((seq, o.permit));
+                                acks.sent(seq, o);
                                 continue;
                             }
                             wr.feed(&o.frame).await.map_err(codec_err)?;
-                            in_flight.push_back((seq, o.permit));
-                            if !in_flight.len().is_multiple_of(16) {
+                            acks.sent(seq, o);
+                            if !acks.in_flight().is_multiple_of(16) {
                                 batch = rx.try_recv().ok();
                             }
                         }
@@ -482,13 +513,13 @@ async fn data_stream(
                     Err(_) => {
                         // Closed: the session is ending. Wait for the last acks.
                         wr.send(&Frame::Goodbye).await.map_err(codec_err)?;
-                        while !in_flight.is_empty() {
-                            ack(read_frame(&mut rd).await?, &mut in_flight)?;
+                        while acks.in_flight() > 0 {
+                            acks.take(read_frame(&mut rd).await?)?;
                         }
                         return Ok(());
                     }
                 },
-                f = read_frame(&mut rd) => ack(f?, &mut in_flight)?,
+                f = read_frame(&mut rd) => acks.take(f?)?,
             }
         }
     }
@@ -508,7 +539,7 @@ async fn receiver_reason(rd: &mut Reader, e: AgentError) -> AgentError {
     let reason = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
             match read_frame(rd).await {
-                Ok(Frame::Received { .. }) => continue,
+                Ok(Frame::Received { .. } | Frame::PartialApplied(_)) => continue,
                 Err(remote @ AgentError::Remote { .. }) => return Some(remote),
                 _ => return None,
             }
@@ -516,24 +547,6 @@ async fn receiver_reason(rd: &mut Reader, e: AgentError) -> AgentError {
     })
     .await;
     reason.ok().flatten().unwrap_or(e)
-}
-
-fn ack(
-    frame: Frame,
-    in_flight: &mut VecDeque<(u64, OwnedSemaphorePermit)>,
-) -> Result<(), AgentError> {
-    match frame {
-        Frame::Received { seq } => {
-            while in_flight.front().is_some_and(|(s, _)| *s <= seq) {
-                in_flight.pop_front();
-            }
-            Ok(())
-        }
-        other => Err(AgentError::Protocol(format!(
-            "unexpected {:?} on a data stream",
-            other.kind()
-        ))),
-    }
 }
 
 async fn control_reader(

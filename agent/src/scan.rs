@@ -7,7 +7,11 @@
 //! became zeros (read back as zeros, or in a hole of a sparse image, which is
 //! not read at all: see `agent::sparse`) go as runs: one `ZeroRun` frame
 //! per run of consecutive such blocks to a receiver that takes them, one
-//! zero `Block` each to one that does not.
+//! zero `Block` each to one that does not. A block live tracking saw
+//! written only in a few pages ([`PartialRead`]) is read as those pages and
+//! sent as a `PartialBlock` over the hash of the block the receiver
+//! committed; its new hash comes back in `PartialApplied` (until then it is
+//! recorded as [`MERGED_LATER`]).
 
 use std::fs::File;
 use std::path::Path;
@@ -24,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::hashfile::BaseHashes;
 use crate::link::Outgoing;
 use crate::sparse::{units_along, Source, Unit};
+use crate::trace::Pages;
 use crate::AgentError;
 
 mod worker;
@@ -32,6 +37,26 @@ use worker::{worker, Shared};
 
 /// Bytes read per work unit.
 const CHUNK_BYTES: u64 = 2 << 20;
+
+/// The hash a scan records for a block sent as pages: the receiver's
+/// `PartialApplied` gives the real one (no BLAKE3 output is expected to be
+/// all ones).
+pub const MERGED_LATER: BlockHash = BlockHash([0xff; 32]);
+
+/// A block to read only in part: its written pages, sent as a
+/// `PartialBlock` over its base hash (which must be the hash of the block
+/// in a point the receiver committed: the caller checked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialRead {
+    /// Block index (a whole block: never a short last one).
+    pub index: u64,
+    /// The pages written since the base was read.
+    pub pages: Pages,
+    /// The base hash, when it is not the one of the scan's base hashes
+    /// (the block went as pages earlier in the same point, whose hash is
+    /// not known yet: the same base, more pages).
+    pub base: Option<BlockHash>,
+}
 
 /// One volume to scan in one cycle.
 pub struct ScanJob<'a> {
@@ -51,6 +76,9 @@ pub struct ScanJob<'a> {
     pub tag: u64,
     /// Read only these blocks (ascending), not the whole volume.
     pub only: Option<&'a [u64]>,
+    /// With `only`: read these blocks (ascending, none in `only`) only in
+    /// part, and send them as `PartialBlock`s.
+    pub partial: &'a [PartialRead],
     /// Without `only`: read only this span of blocks (first, count), not
     /// the whole volume (a full sync reads a volume in parts, checkpointing
     /// between them).
@@ -152,6 +180,10 @@ pub struct ScanResult {
     pub bytes_read: u64,
     /// Frames sent (blocks and zero runs).
     pub frames: u64,
+    /// Blocks sent as pages (`PartialBlock`).
+    pub partial: u64,
+    /// Those blocks: index, pages and the base they went over.
+    pub partial_sent: Vec<(u64, Pages, BlockHash)>,
 }
 
 /// Where scan workers send, and what stops them.
@@ -260,6 +292,8 @@ pub fn scan(
         total.payload_bytes += r.payload_bytes;
         total.bytes_read += r.bytes_read;
         total.frames += r.frames;
+        total.partial += r.partial;
+        total.partial_sent.extend(r.partial_sent);
     }
     Ok(total)
 }

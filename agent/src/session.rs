@@ -45,6 +45,8 @@ pub(crate) struct Pending {
     pub(crate) created_ms: i64,
     /// When its EndPoint went out.
     pub(crate) ended: Instant,
+    /// Blocks it sent as pages, whose hashes the receiver gives.
+    pub(crate) partial: u64,
 }
 
 /// What the agent shares across sessions.
@@ -90,6 +92,10 @@ pub(crate) struct Session<'a> {
     /// The point whose durability completes the sync in progress (its
     /// checkpoints are in the hash files).
     pub(crate) sync_tag: Option<u64>,
+    /// The last point that sent partial blocks (0: none).
+    pub(crate) partial_tag: u64,
+    /// The last point made durable (0: none yet).
+    pub(crate) durable_tag: u64,
 }
 
 /// Run one session; however it ends, the state of its last durable point
@@ -102,7 +108,10 @@ pub(crate) async fn run(
         Ok(s) => s,
         Err(e) => return (false, Err(e)),
     };
-    let result = session.replicate().await;
+    let result = session
+        .replicate()
+        .await
+        .map_err(|e| session.partial_fallback(e));
     let dir = session.agent.cfg.state_dir.clone();
     if let Err(e) = session.durable.save_unsaved(&dir, &session.vols) {
         tracing::warn!(cause = %e, "cannot save the local state; the next start fetches the receiver's hashes");
@@ -194,6 +203,8 @@ impl<'a> Session<'a> {
             wire,
             progressed: false,
             stop_deadline: None,
+            partial_tag: 0,
+            durable_tag: 0,
         })
     }
 
@@ -303,7 +314,7 @@ impl<'a> Session<'a> {
                     tracing::warn!(pending = self.pending.len(), "stopping without the receiver's last acks");
                     return Err(AgentError::Stopped);
                 }
-                f = self.link.recv() => self.on_frame(f?)?,
+                f = self.link.recv() => self.on_frame(f?).await?,
                 () = self.agent.collector.tick() => {
                     self.agent.collector.collect()?;
                     if let (Wait::Interval { early: true }, Some(t)) = (until, self.agent.collector.get()) {
@@ -320,18 +331,20 @@ impl<'a> Session<'a> {
     }
 
     /// A `DURABLE`: advance the durable hashes, save them when due, report.
-    pub(crate) fn on_frame(&mut self, frame: Frame) -> Result<(), AgentError> {
+    pub(crate) async fn on_frame(&mut self, frame: Frame) -> Result<(), AgentError> {
         let Frame::Durable { tag, point } = frame else {
             return Err(AgentError::Protocol(format!(
                 "unexpected {:?} on the control connection",
                 frame.kind()
             )));
         };
-        let Some(p) = self.pending.pop_front().filter(|p| p.tag == tag) else {
+        let Some(mut p) = self.pending.pop_front().filter(|p| p.tag == tag) else {
             return Err(AgentError::Protocol(format!(
                 "Durable for tag {tag}, which is not the oldest pending point"
             )));
         };
+        self.resolve_partial(&mut p).await?;
+        self.durable_tag = tag;
         if let Some(t) = self.agent.collector.get_mut() {
             t.durable();
         }

@@ -111,9 +111,15 @@
 //! `MAX_PARTIAL_RANGES` (64) ranges, an empty range, ranges that overlap or
 //! descend, a range past `raw_len` (itself 1 to `MAX_BLOCK_SIZE`), and data
 //! that is not exactly the ranges' bytes. An agent sends a `PartialBlock`
-//! only when its body is smaller than the whole block's, and records the
-//! block's new hash only from `PartialApplied`; without one (a connection
-//! lost, a receiver killed) the block goes whole in a later point.
+//! only when its body is smaller than the whole block's, over the hash the
+//! block has in a point the receiver committed (never one only sent), and
+//! records the block's new hash only from `PartialApplied`, at the point's
+//! `Durable`; without one (a connection lost, a receiver killed) the block
+//! goes whole in a later point. An agent whose session ends while partial
+//! blocks are unconfirmed (a base the receiver does not hold ends the
+//! session) reconnects and sends whole blocks until a point is durable.
+//! The pages an agent sends are whole 4 KiB pages of the block (the
+//! written sectors rounded out).
 //!
 //! `ZeroRun` says blocks `first .. first + count` of `volume` are all zeros in
 //! point `tag`, exactly as `count` zero `Block`s (encoding 0) would: it counts

@@ -40,6 +40,13 @@ enum TrackArg {
 
 #[derive(Clone, Copy, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum CommitArg {
     Sync,
     Async,
@@ -73,6 +80,10 @@ struct RunArgs {
     /// Trace buffer per CPU in KiB for --track trace [default: 8192].
     #[arg(long)]
     trace_buffer_kb: Option<u32>,
+    /// With --track trace: send a block written only in a few 4 KiB pages
+    /// as those pages, which the receiver merges with the block [default: on].
+    #[arg(long, value_enum)]
+    partial_blocks: Option<OnOff>,
     /// sync: wait for each point to be durable; async: pipeline points [default: sync].
     #[arg(long, value_enum)]
     commit: Option<CommitArg>,
@@ -178,6 +189,7 @@ struct FileConfig {
     volumes: BTreeMap<String, PathBuf>,
     track: Option<TrackArg>,
     trace_buffer_kb: Option<u32>,
+    partial_blocks: Option<OnOff>,
     commit: Option<CommitArg>,
     interval: Option<String>,
     stall_after: Option<String>,
@@ -306,6 +318,9 @@ fn config(a: RunArgs, f: FileConfig) -> anyhow::Result<(AgentConfig, Option<Stri
     if let Some(kb) = a.trace_buffer_kb.or(f.trace_buffer_kb) {
         anyhow::ensure!(kb > 0, "--trace-buffer-kb must be at least 1");
         cfg.trace_buffer_kb = kb;
+    }
+    if let Some(p) = a.partial_blocks.or(f.partial_blocks) {
+        cfg.partial_blocks = matches!(p, OnOff::On);
     }
     if let Some(c) = a.commit.or(f.commit) {
         cfg.commit = match c {
@@ -466,6 +481,14 @@ fn run(cmd: Cmd, file: FileConfig) -> anyhow::Result<()> {
                     );
                     if let (Some(last), Some(max)) = (t.last_freeze_ms, t.max_freeze_ms) {
                         println!("freeze:       last {last:.1} ms, longest {max:.1} ms");
+                    }
+                    if let Some(r) = t.read_per_written {
+                        println!(
+                            "read/written: {r:.2} ({} bytes read for {} written; {} partial blocks)",
+                            t.tracked_read_bytes_total,
+                            t.traced_write_bytes_total,
+                            t.partial_blocks_total
+                        );
                     }
                 }
                 if let Some(e) = &st.last_error {

@@ -94,6 +94,8 @@ impl Session<'_> {
         };
         t.note_freeze(thawed.held);
         t.note_frozen_read(captured, thawed.by_watchdog);
+        // The frozen delta is dirty blocks (a full scan is never frozen).
+        t.note_read(captured, true, 0);
         t.note_thaw()?;
         self.agent.reporter.save();
         tracing::info!(

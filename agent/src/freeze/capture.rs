@@ -3,7 +3,9 @@
 //! Each volume's planned blocks are read (O_DIRECT from a device, as the
 //! scan does) and written at their own offsets into an anonymous memory
 //! file (memfd) the size of the volume: blocks not read are holes that take
-//! no memory. After the thaw, the scan reads that file by its
+//! no memory. A block planned as its written pages is read as those pages
+//! only (the scan sends them as a partial block and reads nothing else of
+//! it). After the thaw, the scan reads that file by its
 //! `/proc/self/fd` path exactly as it would read the volume, hashes,
 //! compresses and sends. The budget is checked before the first byte is
 //! allocated.
@@ -13,12 +15,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 
-use nix::sys::memfd::{memfd_create, MFdFlags};
-use pilotlight_protocol::limits::block_count;
-
 use crate::scan::AlignedBuf;
-use crate::trace::Plan;
+use crate::trace::{Plan, PAGE};
 use crate::AgentError;
+use nix::sys::memfd::{memfd_create, MFdFlags};
 
 /// Largest single read.
 const READ_BYTES: u64 = 2 << 20;
@@ -56,25 +56,38 @@ impl Captured {
     }
 }
 
-/// The runs `(first block, count)` a plan reads of a volume of `blocks`.
-fn runs(plan: Option<&Plan>, blocks: u64, per_read: u64) -> Vec<(u64, u64)> {
+/// The extents `(offset, len)` in bytes a plan reads of a volume of
+/// `size` in blocks of `bs`: runs of whole blocks at most `per_read`
+/// bytes long, and the written pages of blocks planned as pages.
+fn extents(plan: Option<&Plan>, size: u64, bs: u64, per_read: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
+    let blocks = size.div_ceil(bs.max(1));
     match plan {
-        Some(Plan::Blocks(list)) => {
+        Some(Plan::Blocks(list, pages)) => {
             for &b in list.iter().filter(|&&b| b < blocks) {
+                let at = b * bs;
+                if let Some(p) = pages.get(&b) {
+                    for &(first, end) in p.runs() {
+                        let len = u64::from(end.saturating_sub(first)) * PAGE;
+                        out.push((at + u64::from(first) * PAGE, len));
+                    }
+                    continue;
+                }
+                let len = bs.min(size - at);
                 match out.last_mut() {
-                    Some((first, n)) if *first + *n == b && *n < per_read => *n += 1,
-                    Some((first, n)) if b < *first + *n => {}
-                    _ => out.push((b, 1)),
+                    Some((o, n)) if *o + *n == at && *n + len <= per_read => *n += len,
+                    Some((o, n)) if at < *o + *n => {}
+                    _ => out.push((at, len)),
                 }
             }
         }
         Some(Plan::Full(_)) | None => {
-            let mut first = 0;
-            while first < blocks {
-                let n = per_read.min(blocks - first);
-                out.push((first, n));
-                first += n;
+            let step = per_read.max(bs) / bs.max(1) * bs.max(1);
+            let mut at = 0;
+            while at < size {
+                let n = step.min(size - at);
+                out.push((at, n));
+                at += n;
             }
         }
     }
@@ -86,14 +99,15 @@ pub(crate) fn delta_bytes(vols: &[Source], plans: Option<&[Plan]>) -> u64 {
     vols.iter()
         .enumerate()
         .map(|(i, v)| {
-            let bs = u64::from(v.block_size);
-            let blocks = block_count(v.size, v.block_size);
-            runs(plans.and_then(|p| p.get(i)), blocks, u64::MAX)
-                .iter()
-                .map(|&(first, n)| {
-                    (first.saturating_add(n).saturating_mul(bs)).min(v.size) - first * bs
-                })
-                .fold(0u64, u64::saturating_add)
+            extents(
+                plans.and_then(|p| p.get(i)),
+                v.size,
+                u64::from(v.block_size),
+                u64::MAX,
+            )
+            .iter()
+            .map(|e| e.1)
+            .fold(0u64, u64::saturating_add)
         })
         .fold(0u64, u64::saturating_add)
 }
@@ -128,12 +142,8 @@ fn capture_all(vols: &[Source], plans: Option<&[Plan]>) -> Result<Captured, Fail
     let mut out = Captured::default();
     for (i, v) in vols.iter().enumerate() {
         let bs = u64::from(v.block_size);
-        let per_read = (READ_BYTES / bs).max(1);
-        let runs = runs(
-            plans.and_then(|p| p.get(i)),
-            block_count(v.size, v.block_size),
-            per_read,
-        );
+        let per_read = (READ_BYTES / bs).max(1) * bs;
+        let runs = extents(plans.and_then(|p| p.get(i)), v.size, bs, per_read);
         if runs.is_empty() {
             out.files.push(None);
             continue;
@@ -155,10 +165,8 @@ fn capture_all(vols: &[Source], plans: Option<&[Plan]>) -> Result<Captured, Fail
         }
         .map_err(src_err)?;
         let mem = memory_file(v.size).map_err(Failed::Memory)?;
-        let mut buf = AlignedBuf::new((per_read * bs) as usize);
-        for (first, n) in runs {
-            let offset = first * bs;
-            let len = (first + n).saturating_mul(bs).min(v.size) - offset;
+        let mut buf = AlignedBuf::new(per_read as usize);
+        for (offset, len) in runs {
             let data = buf
                 .get_mut(len as usize)
                 .filter(|d| d.len() as u64 == len)
@@ -190,17 +198,37 @@ mod tests {
     use super::*;
     use crate::trace::RescanReason;
 
+    fn blocks(list: &[u64]) -> Plan {
+        Plan::Blocks(list.to_vec(), Default::default())
+    }
+
     #[test]
-    fn runs_join_consecutive_blocks_up_to_a_read() {
-        let plan = Plan::Blocks(vec![0, 1, 2, 5, 6, 9, 20]);
+    fn extents_join_consecutive_blocks_up_to_a_read() {
+        const K: u64 = 4096;
+        let plan = blocks(&[0, 1, 2, 5, 6, 9, 20]);
         assert_eq!(
-            runs(Some(&plan), 10, 2),
-            vec![(0, 2), (2, 1), (5, 2), (9, 1)]
+            extents(Some(&plan), 10 * K, K, 2 * K),
+            vec![(0, 2 * K), (2 * K, K), (5 * K, 2 * K), (9 * K, K)]
         );
-        assert_eq!(runs(None, 5, 2), vec![(0, 2), (2, 2), (4, 1)]);
+        assert_eq!(
+            extents(None, 5 * K, K, 2 * K),
+            vec![(0, 2 * K), (2 * K, 2 * K), (4 * K, K)]
+        );
         let full = Plan::Full(RescanReason::LostEvents);
-        assert_eq!(runs(Some(&full), 3, 8), vec![(0, 3)]);
-        assert!(runs(Some(&Plan::Blocks(vec![])), 3, 8).is_empty());
+        assert_eq!(extents(Some(&full), 3 * K, K, 8 * K), vec![(0, 3 * K)]);
+        assert!(extents(Some(&blocks(&[])), 3 * K, K, 8 * K).is_empty());
+    }
+
+    #[test]
+    fn blocks_planned_as_pages_read_their_pages_only() {
+        let bs = 64 << 10;
+        let mut pages = std::collections::BTreeMap::new();
+        pages.insert(1u64, crate::trace::Pages::one(2, 4));
+        let plan = Plan::Blocks(vec![0, 1, 2], pages);
+        assert_eq!(
+            extents(Some(&plan), 4 * bs, bs, 1 << 20),
+            vec![(0, bs), (bs + 2 * PAGE, 2 * PAGE), (2 * bs, bs)]
+        );
     }
 
     fn source(path: PathBuf, size: u64) -> Source {
@@ -217,7 +245,7 @@ mod tests {
     fn delta_bytes_count_the_short_last_block() {
         let v = [source(PathBuf::from("/x"), 3 * 4096 + 100)];
         assert_eq!(delta_bytes(&v, None), 3 * 4096 + 100);
-        let plans = [Plan::Blocks(vec![1, 3])];
+        let plans = [blocks(&[1, 3])];
         assert_eq!(delta_bytes(&v, Some(&plans)), 4096 + 100);
     }
 
@@ -228,7 +256,7 @@ mod tests {
         let data: Vec<u8> = (0..4 * 4096u32).map(|i| (i / 4096 + 1) as u8).collect();
         std::fs::write(&img, &data).unwrap();
         let vols = [source(img.clone(), data.len() as u64)];
-        let plans = [Plan::Blocks(vec![1, 3])];
+        let plans = [blocks(&[1, 3])];
         let c = capture(&vols, Some(&plans)).unwrap().unwrap();
         assert_eq!(c.bytes, 2 * 4096);
         // The volume changes after the capture: the memory file does not.

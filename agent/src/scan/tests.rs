@@ -32,6 +32,7 @@ fn a_listed_scan_sends_exactly_the_listed_blocks_that_changed() {
         base: &base,
         tag: 1,
         only: Some(&only),
+        partial: &[],
         range: None,
         direct: false,
         from_memory: false,
@@ -82,6 +83,7 @@ fn frames_of(data: &[u8], base: &[BlockHash], zero_runs: bool) -> (ScanResult, V
         base: &base,
         tag: 1,
         only: None,
+        partial: &[],
         range: None,
         direct: false,
         from_memory: false,
@@ -186,4 +188,86 @@ fn a_range_clips_the_units_to_its_span() {
         .map(|u| (u.first, u.count))
         .collect();
     assert_eq!(got, [(3, 1), (4, 4), (8, 1)]);
+}
+
+/// Blocks planned as pages go as `PartialBlock`s over their base hash,
+/// with exactly their pages' bytes; the others are read whole.
+#[test]
+fn blocks_planned_as_pages_go_as_their_pages() {
+    use crate::trace::Pages;
+    let bs = 64u32 << 10;
+    let data: Vec<u8> = (0..4 * bs)
+        .map(|i| (i / 4096 * 3 + i % 241) as u8)
+        .collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &data).unwrap();
+    let size = data.len() as u64;
+    let mut base = zero_table(size, bs);
+    base[2] = BlockHash([2; 32]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (tx, rx) = async_channel::bounded(128);
+    let window = Arc::new(Semaphore::new(64 << 20));
+    let stop = CancellationToken::new();
+    let mut pages = Pages::one(1, 2);
+    assert!(pages.add(5, 7, 16));
+    let partial = [PartialRead {
+        index: 2,
+        pages,
+        base: None,
+    }];
+    let job = ScanJob {
+        vol_idx: 0,
+        name: "v",
+        path: file.path(),
+        size,
+        block_size: bs,
+        base: &base,
+        tag: 3,
+        only: Some(&[0]),
+        partial: &partial,
+        range: None,
+        direct: false,
+        from_memory: false,
+    };
+    let sink = Sink {
+        tx: &tx,
+        window: &window,
+        rt: rt.handle(),
+        stop: &stop,
+        progress: None,
+        zero_runs: true,
+    };
+    let result = scan(&job, &sink, 2, 1).unwrap();
+    assert_eq!(result.partial, 1);
+    assert_eq!(result.partial_sent, [(2, pages, BlockHash([2; 32]))]);
+    assert_eq!(result.bytes_read, u64::from(bs) + 3 * 4096);
+    let mut changed = result.changed.clone();
+    changed.sort_unstable_by_key(|c| c.0);
+    assert_eq!(changed[1], (2, MERGED_LATER));
+    let frames: Vec<Frame> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|o| o.frame)
+        .collect();
+    let p = frames
+        .iter()
+        .find_map(|f| match f {
+            Frame::PartialBlock(p) => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!((p.tag, p.index, p.raw_len), (3, 2, bs));
+    assert_eq!(p.base_hash, BlockHash([2; 32]));
+    let at = 2 * bs as usize;
+    let want: Vec<u8> = [
+        &data[at + 4096..at + 8192],
+        &data[at + 5 * 4096..at + 7 * 4096],
+    ]
+    .concat();
+    assert_eq!(&p.data[..], &want[..]);
+    // Applied to the block's old content, the pages make the block as it is.
+    let mut old = vec![0u8; bs as usize];
+    assert!(p.apply(&mut old));
+    assert_eq!(&old[4096..8192], &data[at + 4096..at + 8192]);
+    assert!(frames
+        .iter()
+        .any(|f| matches!(f, Frame::Block(b) if b.index == 0)));
 }

@@ -5,15 +5,16 @@
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pilotlight_protocol::block::{is_zero, zero_hash, Encoder};
-use pilotlight_protocol::frame::BlockFrame;
+use pilotlight_protocol::frame::{BlockFrame, ByteRange};
 use pilotlight_protocol::limits::{block_len, BLOCK_HEADER_LEN, ZERO_RUN_LEN};
-use pilotlight_protocol::{BlockHash, Encoding, Frame, ZeroRunFrame};
+use pilotlight_protocol::{BlockHash, Encoding, Frame, PartialBlockFrame, ZeroRunFrame};
 
-use super::{AlignedBuf, ScanJob, ScanResult, Sink};
+use super::{AlignedBuf, PartialRead, ScanJob, ScanResult, Sink, MERGED_LATER};
 use crate::link::Outgoing;
 use crate::sparse::{Source, Unit};
+use crate::trace::PAGE;
 use crate::AgentError;
 
 /// What the workers of one scan share.
@@ -77,8 +78,20 @@ pub(super) fn worker(sh: &Shared<'_>, out: &mut ScanResult) -> Result<(), AgentE
             return Err(AgentError::Stopped);
         }
         let unit = sh.next.fetch_add(1, Ordering::Relaxed);
-        let Some(&u) = usize::try_from(unit).ok().and_then(|u| sh.units.get(u)) else {
-            return w.flush(out);
+        let unit = usize::try_from(unit).unwrap_or(usize::MAX);
+        let Some(&u) = sh.units.get(unit) else {
+            // The whole blocks are taken: then the partial ones.
+            let more = unit
+                .checked_sub(sh.units.len())
+                .and_then(|k| sh.job.partial.get(k));
+            match more {
+                Some(&p) => {
+                    w.flush(out)?;
+                    w.partial(p, out)?;
+                    continue;
+                }
+                None => return w.flush(out),
+            }
         };
         let (offset, end) = (u.first * bs, sh.job.size.min((u.first + u.count) * bs));
         if u.hole && sh.src.is_hole(offset, end - offset) {
@@ -244,6 +257,77 @@ impl Worker<'_> {
             });
             send(sh.sink, frame, BLOCK_HEADER_LEN, out)?;
         }
+        Ok(())
+    }
+
+    /// Read the written pages of block `p.index` and send them as a
+    /// `PartialBlock` over the block's base.
+    fn partial(&mut self, p: PartialRead, out: &mut ScanResult) -> Result<(), AgentError> {
+        let sh = self.sh;
+        let job = sh.job;
+        let bs = u64::from(job.block_size);
+        let base_hash = match p.base {
+            Some(h) => Some(h),
+            None => {
+                job.base.read(p.index, 1, &mut self.base)?;
+                self.base.first().copied()
+            }
+        };
+        let base_hash = match base_hash {
+            Some(h) if h != MERGED_LATER => h,
+            _ => {
+                return Err(AgentError::Internal(format!(
+                    "block {} of volume {} was planned as pages without a known base",
+                    p.index, job.name
+                )))
+            }
+        };
+        let mut data = BytesMut::with_capacity((p.pages.count() * PAGE) as usize);
+        let mut ranges = Vec::with_capacity(p.pages.runs().len());
+        for &(first, end) in p.pages.runs() {
+            let offset = u64::from(first) * PAGE;
+            let len = u64::from(end.saturating_sub(first)) * PAGE;
+            if offset + len > bs {
+                return Err(AgentError::Internal("pages past their block".into()));
+            }
+            let buf = self
+                .buf
+                .get_mut(len as usize)
+                .filter(|d| d.len() as u64 == len)
+                .ok_or_else(|| AgentError::Internal("pages larger than the buffer".into()))?;
+            sh.src
+                .file
+                .read_exact_at(buf, p.index * bs + offset)
+                .map_err(|e| sh.src_err(e))?;
+            data.extend_from_slice(buf);
+            ranges.push(ByteRange {
+                offset: offset as u32,
+                len: len as u32,
+            });
+        }
+        let read = data.len() as u64;
+        if !job.from_memory {
+            out.bytes_read += read;
+            metrics::counter!("pilotlight_agent_bytes_read_total").increment(read);
+        }
+        if let Some(progress) = sh.sink.progress {
+            progress.fetch_add(read, Ordering::Relaxed);
+        }
+        let frame = PartialBlockFrame {
+            tag: job.tag,
+            volume: job.vol_idx,
+            index: p.index,
+            raw_len: job.block_size,
+            base_hash,
+            ranges,
+            data: data.freeze(),
+        };
+        let cost = frame.body_len();
+        out.payload_bytes += read;
+        send(sh.sink, Frame::PartialBlock(frame), cost, out)?;
+        out.changed.push((p.index, MERGED_LATER));
+        out.partial += 1;
+        out.partial_sent.push((p.index, p.pages, base_hash));
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use super::plan::{min_opt, InFlight};
 use super::saved::{boot_id, SavedDirty, SavedVolume};
 use pilotlight_protocol::clock::now_ms;
 
-use super::{Device, EventSource, Plan, RescanReason, Target, Tracer};
+use super::{Device, Dirty, EventSource, Plan, RescanReason, Target, Tracer};
 use crate::AgentError;
 
 /// Longest a point waits when the only dirty blocks are the ones the last
@@ -56,6 +56,24 @@ pub struct TrackStats {
     /// in memory until sent).
     #[serde(default)]
     pub last_frozen_read_bytes: Option<u64>,
+    /// Bytes the agent read of the volumes since it started, full scans
+    /// included.
+    #[serde(default)]
+    pub read_bytes_total: u64,
+    /// Of those, the bytes read for dirty blocks (not by full scans).
+    #[serde(default)]
+    pub tracked_read_bytes_total: u64,
+    /// Bytes the workload wrote to the volumes as the tracer saw them
+    /// (completed writes, discards included).
+    #[serde(default)]
+    pub traced_write_bytes_total: u64,
+    /// `tracked_read_bytes_total / traced_write_bytes_total`: bytes read
+    /// per byte written (none before a write).
+    #[serde(default)]
+    pub read_per_written: Option<f64>,
+    /// Blocks sent as their written pages (`PartialBlock`).
+    #[serde(default)]
+    pub partial_blocks_total: u64,
 }
 
 /// One volume's bookkeeping.
@@ -63,8 +81,8 @@ pub struct TrackStats {
 struct VolumeTrack {
     vol: TrackedVolume,
     device: Device,
-    /// Dirty blocks not yet in a point.
-    unsent: RoaringTreemap,
+    /// Dirty blocks not yet in a point, with their written pages.
+    unsent: Dirty,
     /// When the oldest of them was written.
     unsent_first: Option<i64>,
     /// Why the volume needs a full scan before its next point, if it does.
@@ -79,7 +97,7 @@ struct VolumeTrack {
 impl VolumeTrack {
     /// Bytes of its dirty blocks not yet in a point.
     fn unsent_bytes(&self) -> u64 {
-        self.unsent.len() * u64::from(self.vol.block_size)
+        self.unsent.blocks.len() * u64::from(self.vol.block_size)
     }
 
     /// Flag it for a full scan (keeping an earlier reason), remembering
@@ -102,6 +120,10 @@ pub struct Tracking<S = Tracer> {
     pub collected_ms: i64,
     /// Counters for status.
     pub stats: TrackStats,
+    /// Partial blocks are not sent until a point is durable again (a
+    /// session ended with some unconfirmed: the receiver may have refused
+    /// one).
+    partial_paused: bool,
 }
 
 impl Tracking<Tracer> {
@@ -163,9 +185,9 @@ impl<S: EventSource> Tracking<S> {
         let vols = vols
             .into_iter()
             .map(|(vol, device)| VolumeTrack {
+                unsent: Dirty::new(vol.block_size),
                 vol,
                 device,
-                unsent: RoaringTreemap::new(),
                 unsent_first: None,
                 rescan: Some(RescanReason::NoSavedDirtySet),
                 rescan_since: Some(now),
@@ -179,6 +201,7 @@ impl<S: EventSource> Tracking<S> {
             echo_at: None,
             collected_ms: 0,
             stats: TrackStats::default(),
+            partial_paused: false,
         }
     }
 
@@ -204,7 +227,7 @@ impl<S: EventSource> Tracking<S> {
                 v.rescan = Some(RescanReason::WrittenWhileStopped);
                 continue;
             }
-            v.unsent = s.dirty.clone();
+            v.unsent = Dirty::whole(s.dirty.clone(), v.vol.block_size);
             v.rescan = None;
             v.rescan_since = None;
             v.unsent_first = (!s.dirty.is_empty()).then(now_ms);
@@ -226,7 +249,7 @@ impl<S: EventSource> Tracking<S> {
                 own: v.device.own,
                 block_size: v.vol.block_size,
                 counters: counters(&v.device)?,
-                dirty: v.unsent.clone(),
+                dirty: v.unsent.blocks.clone(),
             });
         }
         Ok(SavedDirty { boot_id, volumes })
@@ -264,11 +287,13 @@ impl<S: EventSource> Tracking<S> {
             }
         }
         for (i, v) in self.vols.iter_mut().enumerate() {
-            let (set, first) = self.source.take(i);
-            v.unsent |= set;
-            if let Some(t) = first {
+            let w = self.source.take(i);
+            v.unsent.merge(w.dirty);
+            if let Some(t) = w.first_ms {
                 v.unsent_first.get_or_insert(t);
             }
+            self.stats.traced_write_bytes_total += w.bytes;
+            metrics::counter!("pilotlight_agent_traced_write_bytes_total").increment(w.bytes);
         }
         self.collected_ms = started;
         Ok(())
@@ -296,7 +321,7 @@ impl<S: EventSource> Tracking<S> {
     fn plan_into(&mut self, point: &mut InFlight) -> Vec<Plan> {
         let mut plans = Vec::with_capacity(self.vols.len());
         for (i, v) in self.vols.iter_mut().enumerate() {
-            let set = std::mem::take(&mut v.unsent);
+            let set = v.unsent.take();
             let mut first = v.unsent_first.take();
             match v.rescan.take() {
                 Some(reason) => {
@@ -309,8 +334,8 @@ impl<S: EventSource> Tracking<S> {
                     point.add(i, RoaringTreemap::new(), true);
                 }
                 None => {
-                    plans.push(Plan::Blocks(set.iter().collect()));
-                    point.add(i, set, false);
+                    plans.push(Plan::Blocks(set.blocks.iter().collect(), set.pages));
+                    point.add(i, set.blocks, false);
                 }
             }
             point.first = min_opt(point.first, first);
@@ -323,7 +348,7 @@ impl<S: EventSource> Tracking<S> {
     pub fn note_thaw(&mut self) -> Result<(), AgentError> {
         self.collect()?;
         for v in &mut self.vols {
-            v.echo.clone_from(&v.unsent);
+            v.echo.clone_from(&v.unsent.blocks);
         }
         self.echo_at = Some(Instant::now());
         Ok(())
@@ -350,12 +375,44 @@ impl<S: EventSource> Tracking<S> {
     fn only_echo(&self, now: Instant) -> bool {
         self.echo_at
             .is_some_and(|t| now.saturating_duration_since(t) < ECHO_HOLD)
-            && self.vols.iter().all(|v| v.unsent.is_subset(&v.echo))
+            && self.vols.iter().all(|v| v.unsent.blocks.is_subset(&v.echo))
     }
 
-    /// The oldest point in flight became durable.
+    /// The oldest point in flight became durable (partial blocks may be
+    /// sent again).
     pub fn durable(&mut self) {
         self.inflight.pop_front();
+        self.partial_paused = false;
+    }
+
+    /// A session ended while partial blocks were not confirmed: send
+    /// blocks whole until a point is durable again (whenever in doubt,
+    /// whole blocks).
+    pub fn pause_partial(&mut self) {
+        self.partial_paused = true;
+    }
+
+    /// Whether partial blocks may be sent.
+    pub fn partial_allowed(&self) -> bool {
+        !self.partial_paused
+    }
+
+    /// Count bytes read of the volumes for a point (`tracked`: for dirty
+    /// blocks, not a full scan) and blocks sent as pages.
+    pub fn note_read(&mut self, bytes: u64, tracked: bool, partial_blocks: u64) {
+        let s = &mut self.stats;
+        s.read_bytes_total += bytes;
+        s.partial_blocks_total += partial_blocks;
+        if tracked {
+            s.tracked_read_bytes_total += bytes;
+            metrics::counter!("pilotlight_agent_tracked_read_bytes_total").increment(bytes);
+        }
+        metrics::counter!("pilotlight_agent_partial_blocks_total").increment(partial_blocks);
+        s.read_per_written = (s.traced_write_bytes_total > 0)
+            .then(|| s.tracked_read_bytes_total as f64 / s.traced_write_bytes_total as f64);
+        if let Some(r) = s.read_per_written {
+            metrics::gauge!("pilotlight_agent_read_per_written").set(r);
+        }
     }
 
     /// Points that will not become durable: their blocks are dirty again,
@@ -366,7 +423,8 @@ impl<S: EventSource> Tracking<S> {
             if taken.full {
                 v.flag_rescan(RescanReason::FullScanNotDurable, since);
             }
-            v.unsent |= taken.set;
+            // Their pages are not known any more: whole.
+            v.unsent.add_whole(&taken.set);
             if let Some(t) = p.first {
                 v.unsent_first = Some(v.unsent_first.map_or(t, |x| x.min(t)));
             }

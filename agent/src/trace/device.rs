@@ -5,9 +5,7 @@
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use roaring::RoaringTreemap;
-
-use super::trace_err;
+use super::{trace_err, Dirty};
 use crate::AgentError;
 
 /// A volume's device as the block layer reports it.
@@ -106,22 +104,21 @@ pub struct Target {
 }
 
 impl Target {
-    /// Mark the blocks a completed request of `nr` sectors at `sector`
-    /// touched.
-    pub(super) fn mark(&self, set: &mut RoaringTreemap, sector: u64, nr: u64) -> bool {
+    /// Mark the blocks (and pages) a completed request of `nr` sectors at
+    /// `sector` touched; the bytes of the volume it covered (0: none).
+    pub(super) fn mark(&self, dirty: &mut Dirty, sector: u64, nr: u64) -> u64 {
         let end = sector.saturating_add(nr);
         let (lo, hi) = (
             self.device.start,
             self.device.start + self.size.div_ceil(512),
         );
         if nr == 0 || end <= lo || sector >= hi {
-            return false;
+            return 0;
         }
         let first = (sector.max(lo) - lo) * 512;
-        let last = (end.min(hi) - lo) * 512 - 1;
-        let bs = u64::from(self.block_size);
-        set.insert_range(first / bs..=last / bs);
-        true
+        let last = ((end.min(hi) - lo) * 512).min(self.size.max(1));
+        dirty.mark(first, last.max(first + 1));
+        last.saturating_sub(first)
     }
 }
 
@@ -140,16 +137,16 @@ mod tests {
             size: 1 << 20,
             block_size: 4096,
         };
-        let mut s = RoaringTreemap::new();
+        let mut s = Dirty::new(4096);
         // Sectors 2048+7 .. 2048+9 straddle blocks 0 and 1 of the partition.
-        assert!(t.mark(&mut s, 2055, 2));
-        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(t.mark(&mut s, 2055, 2), 1024);
+        assert_eq!(s.blocks.iter().collect::<Vec<_>>(), vec![0, 1]);
         // Before the partition, and past its end: nothing.
-        assert!(!t.mark(&mut s, 0, 2048));
-        assert!(!t.mark(&mut s, 2048 + 2048, 8));
+        assert_eq!(t.mark(&mut s, 0, 2048), 0);
+        assert_eq!(t.mark(&mut s, 2048 + 2048, 8), 0);
         // Overlapping the end is clipped to the last block.
-        assert!(t.mark(&mut s, 2048 + 2040, 64));
-        assert_eq!(s.max(), Some(255));
+        assert_eq!(t.mark(&mut s, 2048 + 2040, 64), 8 * 512);
+        assert_eq!(s.blocks.max(), Some(255));
     }
 
     #[test]

@@ -30,11 +30,13 @@
 //! | `tracer.rs` | [`Tracer`]: the tracefs instance, its sync marker, stale instance cleanup |
 //! | `source.rs` | [`EventSource`]: what the bookkeeping needs of a tracer |
 //! | `plan.rs` | [`Plan`], [`RescanReason`], the points in flight |
+//! | `pages.rs` | [`Dirty`]: dirty blocks and the written 4 KiB pages of each ([`Pages`]) |
 //! | `book.rs` | [`Tracking`]: the bookkeeping, one record per volume |
 //! | `saved.rs` | the dirty set of a clean stop ([`DIRTY_FILE`]), with its byte diagram |
 
 mod book;
 mod device;
+mod pages;
 mod parse;
 mod plan;
 pub(crate) mod saved;
@@ -43,9 +45,10 @@ mod tracer;
 
 pub use book::{TrackStats, TrackedVolume, Tracking, ECHO_HOLD};
 pub use device::{Device, Target};
+pub use pages::{Dirty, Pages, MAX_RANGED_BLOCKS, MAX_RUNS, PAGE};
 pub use plan::{Plan, RescanReason};
 pub use saved::DIRTY_FILE;
-pub use source::EventSource;
+pub use source::{EventSource, Writes};
 pub use tracer::Tracer;
 
 use crate::AgentError;

@@ -1,7 +1,11 @@
 //! What a cycle reads of each volume, why a volume is read in full, and
 //! what a point sent but not yet durable took.
 
+use std::collections::BTreeMap;
+
 use roaring::RoaringTreemap;
+
+use super::Pages;
 
 /// Why a volume must be read in full before its next point. Its
 /// [`Display`](std::fmt::Display) is the sentence the status and the logs
@@ -49,8 +53,16 @@ impl std::fmt::Display for RescanReason {
 pub enum Plan {
     /// Every block (initial sync, lost events, unclean stop...).
     Full(RescanReason),
-    /// Only these blocks, ascending.
-    Blocks(Vec<u64>),
+    /// Only these blocks, ascending; of those, the ones in the map were
+    /// written only in these pages (see [`Dirty`](super::Dirty)).
+    Blocks(Vec<u64>, BTreeMap<u64, Pages>),
+}
+
+impl Plan {
+    /// Whether it reads nothing.
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Self::Blocks(b, _) if b.is_empty())
+    }
 }
 
 /// What one point took of one volume.

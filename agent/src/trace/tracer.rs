@@ -8,14 +8,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use roaring::RoaringTreemap;
-
 use super::parse::{parse_line, Line};
 use pilotlight_protocol::clock::now_ms;
 
 use crate::blocking::off_async;
 
-use super::{trace_err, EventSource, Target};
+use super::{trace_err, Dirty, EventSource, Target, Writes};
 use crate::AgentError;
 
 /// Where tracefs is usually mounted.
@@ -43,10 +41,8 @@ pub struct Tracer {
 /// One volume as the tracer sees it.
 struct Traced {
     target: Target,
-    /// Blocks written since the last take.
-    dirty: RoaringTreemap,
-    /// When the first of them was seen (ms since the epoch).
-    first_ms: Option<i64>,
+    /// Written since the last take.
+    writes: Writes,
 }
 
 impl Tracer {
@@ -105,8 +101,11 @@ impl Tracer {
             .into_iter()
             .map(|target| Traced {
                 target,
-                dirty: RoaringTreemap::new(),
-                first_ms: None,
+                writes: Writes {
+                    dirty: Dirty::new(target.block_size),
+                    first_ms: None,
+                    bytes: 0,
+                },
             })
             .collect();
         let mut t = Self {
@@ -230,9 +229,16 @@ impl Tracer {
             match parse_line(&line) {
                 Line::Write { dev, sector, nr } => {
                     tracing::trace!(dev, sector, nr, "write completed");
-                    for v in &mut self.volumes {
-                        if v.target.device.dev == dev && v.target.mark(&mut v.dirty, sector, nr) {
-                            v.first_ms.get_or_insert(now);
+                    for v in self
+                        .volumes
+                        .iter_mut()
+                        .filter(|v| v.target.device.dev == dev)
+                    {
+                        let w = &mut v.writes;
+                        let bytes = v.target.mark(&mut w.dirty, sector, nr);
+                        if bytes > 0 {
+                            w.bytes += bytes;
+                            w.first_ms.get_or_insert(now);
                         }
                     }
                 }
@@ -252,10 +258,14 @@ impl EventSource for Tracer {
         off_async(|| self.read_events())
     }
 
-    fn take(&mut self, volume: usize) -> (RoaringTreemap, Option<i64>) {
+    fn take(&mut self, volume: usize) -> Writes {
         match self.volumes.get_mut(volume) {
-            Some(v) => (std::mem::take(&mut v.dirty), v.first_ms.take()),
-            None => (RoaringTreemap::new(), None),
+            Some(v) => Writes {
+                dirty: v.writes.dirty.take(),
+                first_ms: v.writes.first_ms.take(),
+                bytes: std::mem::take(&mut v.writes.bytes),
+            },
+            None => Writes::default(),
         }
     }
 }

@@ -3,12 +3,13 @@
 #![allow(clippy::panic)] // test code: a wrong plan fails the test
 
 use super::*;
+use crate::trace::{Pages, Writes};
 
 /// Writes handed to the bookkeeping by hand.
 #[derive(Default)]
 struct FakeSource {
-    /// Per volume: blocks written since the last take, and when first.
-    pending: Vec<(RoaringTreemap, Option<i64>)>,
+    /// Per volume: the writes since the last take.
+    pending: Vec<Writes>,
     /// The next sync reports lost events.
     lose: bool,
     /// The next sync fails.
@@ -23,10 +24,14 @@ impl EventSource for FakeSource {
         Ok(std::mem::take(&mut self.lose))
     }
 
-    fn take(&mut self, volume: usize) -> (RoaringTreemap, Option<i64>) {
+    fn take(&mut self, volume: usize) -> Writes {
         self.pending
             .get_mut(volume)
-            .map(std::mem::take)
+            .map(|w| Writes {
+                dirty: w.dirty.take(),
+                first_ms: w.first_ms.take(),
+                bytes: std::mem::take(&mut w.bytes),
+            })
             .unwrap_or_default()
     }
 }
@@ -56,7 +61,12 @@ fn volume(i: u32) -> (TrackedVolume, Device) {
 /// `n` volumes as a first start finds them: every one needs a rescan.
 fn fresh(n: u32) -> Tracking<FakeSource> {
     let source = FakeSource {
-        pending: (0..n).map(|_| Default::default()).collect(),
+        pending: (0..n)
+            .map(|_| Writes {
+                dirty: Dirty::new(BS),
+                ..Writes::default()
+            })
+            .collect(),
         ..Default::default()
     };
     Tracking::new(source, (0..n).map(volume).collect())
@@ -92,14 +102,18 @@ fn clean(n: u32) -> Tracking<FakeSource> {
 
 /// Volume `vol` had `blocks` written, the first at `at` (ms).
 fn write(t: &mut Tracking<FakeSource>, vol: usize, blocks: &[u64], at: i64) {
-    let (set, first) = &mut t.source.pending[vol];
-    set.extend(blocks.iter().copied());
-    first.get_or_insert(at);
+    let w = &mut t.source.pending[vol];
+    for &b in blocks {
+        let at = b * u64::from(BS);
+        w.dirty.mark(at, at + u64::from(BS));
+        w.bytes += u64::from(BS);
+    }
+    w.first_ms.get_or_insert(at);
 }
 
 fn blocks(plan: &Plan) -> Vec<u64> {
     match plan {
-        Plan::Blocks(b) => b.clone(),
+        Plan::Blocks(b, _) => b.clone(),
         Plan::Full(r) => panic!("a full scan ({r}) where blocks were expected"),
     }
 }
@@ -163,7 +177,7 @@ fn a_saved_set_is_taken_up_only_if_nothing_changed() {
         let mut t = fresh(1);
         t.resume(&saved, BOOT, unchanged).unwrap();
         assert_eq!(t.needs_rescan(0), *want, "{what}");
-        let taken: Vec<u64> = t.vols[0].unsent.iter().collect();
+        let taken: Vec<u64> = t.vols[0].unsent.blocks.iter().collect();
         let expected = if want.is_none() { vec![9] } else { vec![] };
         assert_eq!(taken, expected, "{what}");
     }
@@ -316,7 +330,7 @@ fn unplan_puts_back_only_the_last_point() {
     t.plan();
     t.unplan();
     assert_eq!(t.inflight.len(), 1);
-    assert_eq!(t.vols[0].unsent.iter().collect::<Vec<_>>(), vec![2]);
+    assert_eq!(t.vols[0].unsent.blocks.iter().collect::<Vec<_>>(), vec![2]);
     t.durable();
     assert_eq!(t.backlog_bytes(), u64::from(BS));
 }
@@ -488,7 +502,10 @@ fn a_clean_stop_saves_what_is_not_durable() {
         reasons(&next),
         vec![None, Some(RescanReason::NoSavedDirtySet)]
     );
-    assert_eq!(next.vols[0].unsent.iter().collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        next.vols[0].unsent.blocks.iter().collect::<Vec<_>>(),
+        vec![1, 2]
+    );
     assert!(next.vols[0].unsent_first.is_some());
 }
 
@@ -500,4 +517,60 @@ fn freezes_keep_the_last_and_the_longest() {
     }
     assert_eq!(t.stats.last_freeze_ms, Some(10.0));
     assert_eq!(t.stats.max_freeze_ms, Some(80.0));
+}
+
+/// 64 KiB blocks: sub-block tracking keeps pages.
+fn ranged() -> Tracking<FakeSource> {
+    let mut t = clean(1);
+    let bs = 64 << 10;
+    t.vols[0].vol.block_size = bs;
+    t.vols[0].unsent = Dirty::new(bs);
+    t.source.pending[0].dirty = Dirty::new(bs);
+    t
+}
+
+#[test]
+fn plans_carry_the_written_pages_and_a_point_put_back_is_whole() {
+    let mut t = ranged();
+    let bs = 64u64 << 10;
+    let w = &mut t.source.pending[0];
+    w.dirty.mark(3 * bs + 8192, 3 * bs + 12288);
+    w.dirty.mark(5 * bs, 6 * bs);
+    w.bytes += 4096 + bs;
+    t.collect().unwrap();
+    assert_eq!(t.stats.traced_write_bytes_total, 4096 + bs);
+    let plans = t.plan();
+    let Plan::Blocks(b, pages) = &plans[0] else {
+        panic!("a full scan where blocks were expected");
+    };
+    assert_eq!(b, &[3, 5]);
+    assert_eq!(pages.get(&3), Some(&Pages::one(2, 3)));
+    assert!(!pages.contains_key(&5));
+    // The session dies: both come back, whole.
+    t.requeue();
+    assert_eq!(t.vols[0].unsent.blocks.iter().collect::<Vec<_>>(), [3, 5]);
+    assert!(t.vols[0].unsent.pages.is_empty());
+}
+
+#[test]
+fn reads_per_write_and_the_partial_pause() {
+    let mut t = ranged();
+    t.source.pending[0].bytes = 8192;
+    t.collect().unwrap();
+    t.note_read(1 << 20, false, 0);
+    assert_eq!(
+        t.stats.read_per_written,
+        Some(0.0),
+        "a full scan is not counted"
+    );
+    t.note_read(12288, true, 2);
+    assert_eq!(t.stats.read_per_written, Some(1.5));
+    assert_eq!(t.stats.read_bytes_total, (1 << 20) + 12288);
+    assert_eq!(t.stats.partial_blocks_total, 2);
+    assert!(t.partial_allowed());
+    t.pause_partial();
+    assert!(!t.partial_allowed());
+    t.plan();
+    t.durable();
+    assert!(t.partial_allowed(), "a durable point ends the pause");
 }
