@@ -260,7 +260,7 @@ fn stalled(rd: &Reader) -> bool {
 /// The blocking half of a data stream: verify, deduplicate, append to a pack,
 /// record in the session, ack.
 fn apply_loop(
-    session: &Session,
+    session: &Arc<Session>,
     store: &Store,
     mut rx: mpsc::Receiver<Applying>,
     ack: &mpsc::Sender<Ack>,

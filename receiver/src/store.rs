@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::{BlockHash, Encoding};
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Group};
 use crate::owners::Owners;
 use crate::pack::{pack_path, parse_pack_name, BlockLoc, OpenPacks, PackReader, PackWriter};
 use crate::ReceiveError;
@@ -44,6 +44,8 @@ pub type BlockIndex = HashMap<BlockHash, BlockLoc>;
 pub struct Store {
     dir: PathBuf,
     catalog: Mutex<Catalog>,
+    /// Commits waiting for the catalog, batched into one transaction.
+    group: Group,
     index: RwLock<BlockIndex>,
     /// Which server has stored which block (after `index` in lock order).
     owners: RwLock<Owners>,
@@ -71,6 +73,7 @@ impl Store {
         Ok(Self {
             dir: dir.to_owned(),
             catalog: Mutex::new(catalog),
+            group: Group::default(),
             index: RwLock::new(HashMap::new()),
             owners: RwLock::new(Owners::default()),
             next_pack: AtomicU64::new(1),
@@ -165,6 +168,20 @@ impl Store {
     /// Lock the catalog. Use from blocking contexts only.
     pub fn catalog(&self) -> Result<MutexGuard<'_, Catalog>, ReceiveError> {
         self.catalog.lock().map_err(|_| poisoned())
+    }
+
+    /// Run `job` in the catalog's next group commit (see
+    /// [`crate::catalog::Group`]): its writes share one transaction and one
+    /// WAL fsync with those of the commits waiting beside it, and its
+    /// `after` step runs once that transaction is durable, the catalog
+    /// still held (the in-memory index follows the catalog). Blocking.
+    pub fn write<T, A, F>(&self, job: F) -> Result<T, ReceiveError>
+    where
+        T: Send + 'static,
+        A: FnOnce() -> T + Send + 'static,
+        F: FnOnce(&mut Catalog) -> Result<A, ReceiveError> + Send + 'static,
+    {
+        self.group.write(&self.catalog, job)
     }
 
     /// Where a committed block with `hash` is, if it is stored.

@@ -41,6 +41,7 @@ use crate::ReceiveError;
 mod blocks;
 mod gc;
 mod grants;
+mod group;
 mod identities;
 mod points;
 mod prune;
@@ -51,6 +52,7 @@ mod syncs;
 mod volumes;
 
 pub use grants::RestoreGrant;
+pub use group::Group;
 pub use identities::{no_such_server, ServerRow};
 pub use points::{BlockRef, NewPoint, ZeroRun};
 pub use report::{PointInfo, PointVolumeInfo};
@@ -125,6 +127,30 @@ impl Catalog {
                 .ok_or_else(|| ReceiveError::Corrupt("store id in catalog is malformed".into()))?;
         }
         Ok(out)
+    }
+}
+
+impl Catalog {
+    /// Run `f` as one atomic write: its own `IMMEDIATE` transaction, or a
+    /// savepoint inside the transaction already open (a group commit's,
+    /// see [`Group`]). An error rolls back what `f` wrote.
+    pub(crate) fn atomically<T>(
+        &mut self,
+        f: impl FnOnce(&Connection) -> Result<T, ReceiveError>,
+    ) -> Result<T, ReceiveError> {
+        if self.conn.is_autocommit() {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let v = f(&tx)?;
+            tx.commit()?;
+            Ok(v)
+        } else {
+            let sp = self.conn.savepoint()?;
+            let v = f(&sp)?;
+            sp.commit()?;
+            Ok(v)
+        }
     }
 }
 
