@@ -246,8 +246,10 @@ fn record_point(
         authorize(cat, &s)?;
         check_quota(&store, &s, &pending)?;
         let created_ms = now_ms();
-        let volumes: Vec<(&str, u32, u64)> =
-            volumes.iter().map(|(n, b, z)| (n.as_str(), *b, *z)).collect();
+        let volumes: Vec<(&str, u32, u64)> = volumes
+            .iter()
+            .map(|(n, b, z)| (n.as_str(), *b, *z))
+            .collect();
         let key = cat.commit_point(&NewPoint {
             server_id: s.server_id,
             created_ms,

@@ -80,10 +80,8 @@ impl Group {
             .take()
             .ok_or_else(|| ReceiveError::Internal("a catalog job was never run".into()))?;
         result?;
-        out.lock()
-            .map_err(|_| poisoned())?
-            .take()
-            .ok_or_else(|| ReceiveError::Internal("a catalog job left no result".into()))
+        let value = out.lock().map_err(|_| poisoned())?.take();
+        value.ok_or_else(|| ReceiveError::Internal("a catalog job left no result".into()))
     }
 }
 
@@ -106,6 +104,12 @@ fn run(cat: &mut Catalog, batch: Vec<(Job, Slot)>) {
     }
     let mut done: Vec<(After, Slot)> = Vec::with_capacity(batch.len());
     for (job, slot) in batch {
+        // An error SQLite answers by rolling the whole transaction back
+        // (a full disk, an I/O error): nothing more runs outside it.
+        if cat.conn.is_autocommit() {
+            set(&slot, Err(lost()));
+            continue;
+        }
         if let Err(e) = cat.conn.execute_batch("SAVEPOINT job") {
             set(&slot, Err(e.into()));
             continue;
@@ -123,6 +127,12 @@ fn run(cat: &mut Catalog, batch: Vec<(Job, Slot)>) {
                 set(&slot, Err(e));
             }
         }
+    }
+    if cat.conn.is_autocommit() {
+        for (_, slot) in done {
+            set(&slot, Err(lost()));
+        }
+        return;
     }
     match cat.conn.execute_batch("COMMIT") {
         Ok(()) => {
@@ -159,6 +169,14 @@ fn again(e: &rusqlite::Error) -> ReceiveError {
         ),
     };
     ReceiveError::Catalog(copy)
+}
+
+/// The batch's transaction is gone: what its jobs wrote was rolled back.
+fn lost() -> ReceiveError {
+    ReceiveError::Catalog(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+        Some("the group commit's transaction was rolled back".into()),
+    ))
 }
 
 fn poisoned() -> ReceiveError {
@@ -218,7 +236,10 @@ mod tests {
         assert_eq!(results[2].as_ref().unwrap(), &(2, true));
         let c = cat.lock().unwrap();
         assert!(c.server("s0").unwrap().is_some());
-        assert!(c.server("s1").unwrap().is_none(), "a failed job's rows roll back");
+        assert!(
+            c.server("s1").unwrap().is_none(),
+            "a failed job's rows roll back"
+        );
         assert!(c.server("s2").unwrap().is_some());
         assert!(c.conn.is_autocommit());
         let batches = group.batches.load(std::sync::atomic::Ordering::Relaxed);
