@@ -198,10 +198,9 @@ fn keep(
     let (store, s, part) = (store.clone(), s.clone(), part.clone());
     store.clone().write(move |cat| {
         authorize(cat, &s)?;
-        check_quota(&store, &s, &part)?;
         let attached = s.state()?.sync;
         let base_seq = cat.latest_seq(s.server_id)?;
-        let (id, generation) = cat.checkpoint(&NewCheckpoint {
+        let (id, generation, charged) = cat.checkpoint_charged(&NewCheckpoint {
             server_id: s.server_id,
             continues: attached.map(|a| a.id),
             new_id: rand::random::<u64>().max(1),
@@ -216,8 +215,9 @@ fn keep(
             new_blocks: &part.new_blocks,
             packs: &packs,
         })?;
+        check_quota(&store, &s, charged)?;
         Ok(move || {
-            let mut st = settle(&store, &s, &part, &packs)?;
+            let mut st = settle(&store, &s, &part, &packs, charged)?;
             st.sync = Some(AttachedSync {
                 id,
                 tag: req.tag,

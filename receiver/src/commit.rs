@@ -40,7 +40,6 @@
 //! in `EndPoint` is kept beside it as the point's `source_ms`, and a skew
 //! over `max_clock_skew_secs` is logged once per session.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
@@ -48,7 +47,6 @@ use std::time::{Duration, Instant};
 use pilotlight_protocol::clock::now_ms;
 
 use pilotlight_protocol::frame::{CommitMode, Consistency};
-use pilotlight_protocol::BlockHash;
 
 use crate::catalog::{Catalog, NewPoint};
 use crate::handshake::still_authorized;
@@ -244,13 +242,12 @@ fn record_point(
     let (store, s, pending) = (store.clone(), s.clone(), pending.clone());
     store.clone().write(move |cat| {
         authorize(cat, &s)?;
-        check_quota(&store, &s, &pending)?;
         let created_ms = now_ms();
         let volumes: Vec<(&str, u32, u64)> = volumes
             .iter()
             .map(|(n, b, z)| (n.as_str(), *b, *z))
             .collect();
-        let key = cat.commit_point(&NewPoint {
+        let (key, charged) = cat.commit_point_charged(&NewPoint {
             server_id: s.server_id,
             created_ms,
             source_ms: end.created_ms,
@@ -263,12 +260,14 @@ fn record_point(
             packs: &packs,
             merge_sync,
         })?;
+        // Past the quota: the job fails, and its savepoint takes the rows back.
+        check_quota(&store, &s, charged)?;
         let point = Committed {
             key,
             seq: cat.point_seq(key)?,
         };
         Ok(move || {
-            let mut st = settle(&store, &s, &pending, &packs)?;
+            let mut st = settle(&store, &s, &pending, &packs, charged)?;
             st.committed_tag = end.tag;
             st.committing.remove(&end.tag);
             st.sync = None;
@@ -300,22 +299,22 @@ pub(crate) fn authorize(cat: &Catalog, s: &Session) -> Result<(), ReceiveError> 
 }
 
 /// Once that transaction is durable (the catalog still held by the group
-/// commit): index the new blocks, add their owners, note the packs'
-/// committed lengths, give back the session's uncommitted bytes and forget
-/// the hashes it held pending. Returns the session's state for the caller's
-/// own bookkeeping.
+/// commit): the new blocks' locations and the server's ownership into the
+/// index's cache, what the transaction `charged` into the server's usage,
+/// note the packs' committed lengths, give back the session's uncommitted
+/// bytes and forget the hashes it held pending. Returns the session's state
+/// for the caller's own bookkeeping.
 pub(crate) fn settle<'a>(
     store: &Store,
     s: &'a Session,
     pending: &PendingPoint,
     packs: &[(u64, u64)],
+    charged: u64,
 ) -> Result<MutexGuard<'a, SessionState>, ReceiveError> {
     store.index_blocks(&pending.new_blocks)?;
-    {
-        let index = store.index_read()?;
-        let hashes = pending.refs.iter().filter_map(|r| r.hash.as_ref());
-        store.owners_write()?.add(s.server_id, hashes, &index);
-    }
+    let hashes = pending.refs.iter().filter_map(|r| r.hash.as_ref());
+    store.index().owned(s.server_id, hashes)?;
+    store.owners().charge(s.server_id, charged)?;
     store.note_committed(packs)?;
     let written: u64 = pending
         .new_blocks
@@ -334,33 +333,21 @@ pub(crate) fn settle<'a>(
     Ok(st)
 }
 
-/// Refuse the point if what it adds to its server's stored blocks would
-/// pass the server's quota (blocks it shares with other servers count too,
-/// under `dedup = "global"`). Called with the catalog locked, so that the
-/// usage cannot change under it. Blocking.
-pub(crate) fn check_quota(
-    store: &Store,
-    s: &Session,
-    pending: &PendingPoint,
-) -> Result<(), ReceiveError> {
+/// Refuse the point if what it adds to its server's stored blocks
+/// (`charged`: counted by its own transaction, blocks it shares with other
+/// servers too) would pass the server's quota. Called inside that
+/// transaction (the group commit holds the catalog, so that the usage
+/// cannot change under it), which an error rolls back. Blocking.
+pub(crate) fn check_quota(store: &Store, s: &Session, charged: u64) -> Result<(), ReceiveError> {
     let Some(quota) = s.limits.quota else {
         return Ok(());
     };
-    let fresh: HashMap<BlockHash, u64> = pending
-        .new_blocks
-        .iter()
-        .map(|(h, l)| (*h, u64::from(l.stored_len)))
-        .collect();
-    let index = store.index_read()?;
-    let owners = store.owners_read()?;
-    let hashes = pending.refs.iter().filter_map(|r| r.hash.as_ref());
-    let needed = owners.charge(s.server_id, hashes, &index, &fresh);
-    let used = owners.used(s.server_id);
-    if used.saturating_add(needed) > quota {
+    let used = store.owners().used(s.server_id);
+    if used.saturating_add(charged) > quota {
         return Err(ReceiveError::QuotaExceeded {
             server: s.server.clone(),
             used,
-            needed,
+            needed: charged,
             quota,
         });
     }

@@ -136,6 +136,7 @@ fn run(cat: &mut Catalog, batch: Vec<(Job, Slot)>) {
     }
     match cat.conn.execute_batch("COMMIT") {
         Ok(()) => {
+            cat.nudge_checkpoint();
             metrics::histogram!("pilotlight_receiver_commit_batch").record(done.len() as f64);
             for (after, slot) in done {
                 after();

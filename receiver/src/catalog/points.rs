@@ -120,12 +120,20 @@ impl Catalog {
 
     /// Record a point atomically; returns its id.
     pub fn commit_point(&mut self, p: &NewPoint<'_>) -> Result<i64, ReceiveError> {
+        self.commit_point_charged(p).map(|(id, _)| id)
+    }
+
+    /// [`commit_point`](Self::commit_point), and what the point adds to
+    /// its server's usage: the stored bytes of the blocks the server had
+    /// not stored before.
+    pub fn commit_point_charged(&mut self, p: &NewPoint<'_>) -> Result<(i64, u64), ReceiveError> {
         self.atomically(|tx| commit_rows(tx, p))
     }
 }
 
-/// The rows of a point, inside the caller's transaction; returns its id.
-fn commit_rows(tx: &Connection, p: &NewPoint<'_>) -> Result<i64, ReceiveError> {
+/// The rows of a point, inside the caller's transaction; returns its id and
+/// what it charges its server.
+fn commit_rows(tx: &Connection, p: &NewPoint<'_>) -> Result<(i64, u64), ReceiveError> {
     // The server's next number: the newest point is never pruned, so a
     // number is never given twice.
     tx.execute(
@@ -156,9 +164,10 @@ fn commit_rows(tx: &Connection, p: &NewPoint<'_>) -> Result<i64, ReceiveError> {
     super::volumes::end_rows_beyond_resizes(tx, point_id, p.volumes, &ids)?;
     record_point_volumes(tx, point_id, &ids, &counts)?;
     record_new_blocks(tx, p.new_blocks)?;
-    super::server_blocks::record_server_blocks(tx, p.server_id, p.blocks)?;
+    let charged =
+        super::server_blocks::record_server_blocks(tx, p.server_id, p.blocks, p.new_blocks)?;
     record_packs(tx, p.packs)?;
-    Ok(point_id)
+    Ok((point_id, charged))
 }
 
 /// The row of each session volume, created where the catalog has none.

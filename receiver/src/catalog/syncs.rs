@@ -115,6 +115,15 @@ impl Catalog {
 
     /// Record a checkpoint atomically; returns the sync's id and generation.
     pub fn checkpoint(&mut self, c: &NewCheckpoint<'_>) -> Result<(u64, u64), ReceiveError> {
+        self.checkpoint_charged(c).map(|(id, g, _)| (id, g))
+    }
+
+    /// [`checkpoint`](Self::checkpoint), and what it adds to its server's
+    /// usage (see [`Catalog::commit_point_charged`]).
+    pub fn checkpoint_charged(
+        &mut self,
+        c: &NewCheckpoint<'_>,
+    ) -> Result<(u64, u64, u64), ReceiveError> {
         self.atomically(|tx| checkpoint_rows(tx, c))
     }
 
@@ -159,8 +168,11 @@ impl Catalog {
 }
 
 /// The rows of a checkpoint, inside the caller's transaction; returns the
-/// sync's id and generation.
-fn checkpoint_rows(tx: &Connection, c: &NewCheckpoint<'_>) -> Result<(u64, u64), ReceiveError> {
+/// sync's id and generation, and what it charges its server.
+fn checkpoint_rows(
+    tx: &Connection,
+    c: &NewCheckpoint<'_>,
+) -> Result<(u64, u64, u64), ReceiveError> {
     let current: Option<(i64, i64)> = tx
         .query_row(
             "SELECT sync_id, generation FROM syncs WHERE server_id=?1",
@@ -209,9 +221,9 @@ fn checkpoint_rows(tx: &Connection, c: &NewCheckpoint<'_>) -> Result<(u64, u64),
     };
     record_sync_blocks(tx, c)?;
     record_new_blocks(tx, c.new_blocks)?;
-    record_server_blocks(tx, c.server_id, c.blocks)?;
+    let charged = record_server_blocks(tx, c.server_id, c.blocks, c.new_blocks)?;
     record_packs(tx, c.packs)?;
-    Ok((id, generation))
+    Ok((id, generation, charged))
 }
 
 /// The blocks of a checkpoint in `sync_blocks`, zero runs expanded in
