@@ -14,7 +14,7 @@
 //!
 //! Memory: two generations of at most `entries / 2` each (a hit moves an
 //! entry to the young one; when the young one is full the old one is
-//! dropped), so about 100 bytes times `entries`, plus each reader
+//! dropped), so about 120 bytes times `entries`, plus each reader
 //! connection's page cache ([`READER_CACHE_KIB`], at most [`READERS`]
 //! kept).
 
@@ -32,8 +32,11 @@ use crate::pack::BlockLoc;
 use crate::ReceiveError;
 
 /// Cache entries (locations and ownerships together) by default: about
-/// 50 MiB, whatever the size of the store.
-pub const DEFAULT_CACHE_ENTRIES: usize = 1 << 19;
+/// 30 MiB (some 117 bytes an entry, `benches/receiver_scale.rs`),
+/// whatever the size of the store. With the writer's page cache (64 MiB),
+/// the readers' ([`READERS`] x 8 MiB) and garbage collection's (16 MiB),
+/// the catalog's share of a receiver stays near 150 MiB.
+pub const DEFAULT_CACHE_ENTRIES: usize = 1 << 18;
 
 /// Reader connections kept for lookups.
 const READERS: usize = 4;
