@@ -71,3 +71,46 @@ fn checkpoints(conn: &Connection, nudges: &Receiver<()>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+
+    /// A commit no longer checkpoints in the committing connection; the
+    /// thread copies the WAL into the database file after it.
+    #[test]
+    fn commits_are_checkpointed_by_the_thread_not_the_committer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let mut cat = Catalog::open(&path).unwrap();
+        // Everything so far in the database file itself.
+        cat.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        cat.checkpoint_in_background(&path).unwrap();
+        let auto: i64 = cat
+            .conn
+            .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+            .unwrap();
+        assert_eq!(auto, 0);
+        let before = std::fs::metadata(&path).unwrap().len();
+        cat.atomically(|tx| {
+            tx.execute_batch(
+                "CREATE TABLE filler(x BLOB);
+                 WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 2000)
+                 INSERT INTO filler SELECT randomblob(200) FROM c;",
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::fs::metadata(&path).unwrap().len() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was never checkpointed"
+            );
+            std::thread::yield_now();
+        }
+    }
+}
