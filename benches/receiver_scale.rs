@@ -160,7 +160,7 @@ fn session_memory(dir: &Path, n: u64) {
     }
     let (dedup, _) = memory();
     // As data streams do: spill after each block.
-    let s3 = session(&f, n);
+    let s3 = Arc::new(session(&f, n));
     let t = Instant::now();
     for i in 0..n {
         let h = hash(i, 5);
@@ -203,28 +203,42 @@ fn session_memory(dir: &Path, n: u64) {
     );
 }
 
-/// The store's index and owners of `n` unique blocks.
+/// The store's block index over `n` unique blocks, committed, then each
+/// looked up as a data stream does (held in the catalog; memory is its
+/// bounded cache and SQLite's page caches).
 fn index_memory(dir: &Path, n: u64) {
     let f = fixture(dir, 1);
-    let blocks: Vec<(BlockHash, BlockLoc)> = (0..n).map(|i| (hash(i, 3), loc(i))).collect();
+    let (refs, new) = point_of(n, 3);
+    let hashes: Vec<BlockHash> = new.iter().map(|(h, _)| *h).collect();
+    let size = n * u64::from(BS);
+    f.store
+        .catalog()
+        .unwrap()
+        .commit_point(&new_point(f.servers[0], &refs, &new, size))
+        .unwrap();
+    drop((refs, new));
     let (before, _) = memory();
-    f.store.index_blocks(&blocks).unwrap();
-    let (indexed, _) = memory();
-    {
-        let index = f.store.index_read().unwrap();
-        f.store
-            .owners_write()
-            .unwrap()
-            .add(f.servers[0], blocks.iter().map(|(h, _)| h), &index);
+    let t = Instant::now();
+    for h in &hashes {
+        let _gate = f.store.index_read().unwrap();
+        let found = f
+            .store
+            .find(
+                f.servers[0],
+                h,
+                pilotlight_receiver::quota::DedupScope::Server,
+            )
+            .unwrap();
+        assert!(found.is_some());
     }
-    let (owned, _) = memory();
+    let took = t.elapsed();
+    let (after, _) = memory();
     println!(
-        "| block index (HashMap<BlockHash, BlockLoc>) per unique block | {:.0} |",
-        per(indexed - before, n)
-    );
-    println!(
-        "| owners (HashSet<BlockHash> per server) per unique block and server | {:.0} |",
-        per(owned - indexed, n)
+        "| block index (catalog + cache of {} entries), resident growth per unique block looked up | {:.0} ({:.0} k lookups/s, {} cached) |",
+        pilotlight_receiver::catalog::DEFAULT_CACHE_ENTRIES,
+        per(after.saturating_sub(before), n),
+        n as f64 / took.as_secs_f64() / 1e3,
+        f.store.index().cached()
     );
 }
 
@@ -273,7 +287,6 @@ fn gc_memory(dir: &Path, n: u64) {
         .unwrap()
         .commit_point(&new_point(f.servers[0], &refs, &new, size))
         .unwrap();
-    f.store.index_blocks(&new).unwrap();
     drop((refs, new));
     reset_peak();
     let (before, _) = memory();
@@ -288,49 +301,97 @@ fn gc_memory(dir: &Path, n: u64) {
     );
 }
 
-/// Commit latency: points of `n` new blocks, one server alone, then two
-/// servers at once (each in its own thread, as two sessions' commits).
-fn commit_times(dir: &Path) {
-    println!("\n| blocks per point | one commit alone, ms | two servers at once: each, ms | both done, ms |");
-    println!("|---|---|---|---|");
-    for (round, n) in [(1u8, 100u64), (2, 10_000), (3, 100_000)] {
-        let f = fixture(dir, 2);
-        let size = n * u64::from(BS);
-        let (refs, new) = point_of(n, 10 * round);
-        let t = Instant::now();
-        f.store
+/// Commit a point of `refs`: in the store's group commit, as sessions do,
+/// or (`grouped` false) holding the catalog for the whole commit, as
+/// sessions did before it.
+fn commit(
+    store: &Store,
+    server: i64,
+    refs: Vec<BlockRef>,
+    new: Vec<(BlockHash, BlockLoc)>,
+    size: u64,
+    grouped: bool,
+) {
+    if !grouped {
+        store
             .catalog()
             .unwrap()
-            .commit_point(&new_point(f.servers[0], &refs, &new, size))
+            .commit_point(&new_point(server, &refs, &new, size))
             .unwrap();
-        let alone = t.elapsed();
-        let both = Instant::now();
-        let times: Vec<Duration> = std::thread::scope(|sc| {
-            let hs: Vec<_> = (0..2)
-                .map(|k| {
-                    let (refs, new) = point_of(n, 10 * round + 1 + k as u8);
-                    let store = f.store.clone();
-                    let server = f.servers[k];
-                    sc.spawn(move || {
-                        let t = Instant::now();
-                        store
-                            .catalog()
-                            .unwrap()
-                            .commit_point(&new_point(server, &refs, &new, size))
-                            .unwrap();
-                        t.elapsed()
-                    })
+        return;
+    }
+    store
+        .write(move |cat| {
+            cat.commit_point(&new_point(server, &refs, &new, size))?;
+            Ok(|| ())
+        })
+        .unwrap();
+}
+
+/// `k` servers' points of `n` new blocks each committed at once (a thread
+/// each, as sessions' commits): each one's time, and all done.
+fn at_once(f: &Fixture, k: usize, n: u64, salt: u8, grouped: bool) -> (Vec<Duration>, Duration) {
+    let size = n * u64::from(BS);
+    let start = std::sync::Barrier::new(k);
+    let both = Instant::now();
+    let times = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..k)
+            .map(|i| {
+                let (refs, new) = point_of(n, salt + i as u8);
+                let store = f.store.clone();
+                let server = f.servers[i];
+                let start = &start;
+                sc.spawn(move || {
+                    start.wait();
+                    let t = Instant::now();
+                    commit(&store, server, refs, new, size, grouped);
+                    t.elapsed()
                 })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        println!(
-            "| {n} | {:.1} | {:.1} / {:.1} | {:.1} |",
-            alone.as_secs_f64() * 1e3,
-            times[0].as_secs_f64() * 1e3,
-            times[1].as_secs_f64() * 1e3,
-            both.elapsed().as_secs_f64() * 1e3
-        );
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    (times, both.elapsed())
+}
+
+/// Commit latency: points of `n` new blocks, one server alone, then two
+/// and four servers at once; held catalog (before the group commit) beside
+/// the group commit, in the same run.
+fn commit_times(dir: &Path) {
+    println!("\n| blocks per point | commit | one alone, ms | two at once: each, ms | both done, ms | four at once: all done, ms |");
+    println!("|---|---|---|---|---|---|");
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for (round, n) in [(1u8, 100u64), (2, 10_000), (3, 100_000)] {
+        for grouped in [false, true] {
+            let f = fixture(dir, 4);
+            let salt = 40 * round + if grouped { 20 } else { 0 };
+            let (refs, new) = point_of(n, salt);
+            let t = Instant::now();
+            commit(
+                &f.store,
+                f.servers[0],
+                refs,
+                new,
+                n * u64::from(BS),
+                grouped,
+            );
+            let alone = t.elapsed();
+            let (two, two_done) = at_once(&f, 2, n, salt + 1, grouped);
+            let (_, four_done) = at_once(&f, 4, n, salt + 3, grouped);
+            println!(
+                "| {n} | {} | {:.1} | {:.1} / {:.1} | {:.1} | {:.1} |",
+                if grouped {
+                    "group commit"
+                } else {
+                    "catalog held throughout"
+                },
+                ms(alone),
+                ms(two[0]),
+                ms(two[1]),
+                ms(two_done),
+                ms(four_done)
+            );
+        }
     }
 }
 

@@ -28,7 +28,6 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use crate::catalog::BlockRef;
 use crate::pack::PackWriter;
 use crate::partial::Merger;
-use crate::quota::DedupScope;
 use crate::registry::Registry;
 use crate::session::Session;
 use crate::store::Store;
@@ -260,7 +259,7 @@ fn stalled(rd: &Reader) -> bool {
 /// The blocking half of a data stream: verify, deduplicate, append to a pack,
 /// record in the session, ack.
 fn apply_loop(
-    session: &Session,
+    session: &Arc<Session>,
     store: &Store,
     mut rx: mpsc::Receiver<Applying>,
     ack: &mpsc::Sender<Ack>,
@@ -350,16 +349,13 @@ fn apply_one(
         return session.record(b.tag, r, None);
     }
     {
-        let index = store.index_read()?;
-        let owners = store.owners_read()?;
+        let _gate = store.index_read()?;
         // Under the default scope a block counts as stored only if this
         // server stored it: a copy of another server's is written and
         // fsynced like a new block, so timing tells nothing about it.
-        let stored = index.contains_key(&b.hash)
-            && match session.limits.dedup {
-                DedupScope::Server => owners.owns(session.server_id, &b.hash),
-                DedupScope::Global => true,
-            };
+        let stored = store
+            .find(session.server_id, &b.hash, session.limits.dedup)?
+            .is_some();
         if stored || !session.claim(&b.hash, b.tag)? {
             // Recorded while the index is held: a garbage collection either
             // sees this reference among the session's pins or has already
@@ -368,7 +364,7 @@ fn apply_one(
         }
         check_room(
             session,
-            owners.used(session.server_id),
+            store.owners().used(session.server_id),
             b.payload.len() as u64,
         )?;
     }

@@ -34,7 +34,7 @@ use pilotlight_protocol::clock::now_ms;
 use pilotlight_protocol::Frame;
 
 use crate::catalog::{volumes_signature, NewCheckpoint};
-use crate::commit::{lock_catalog, settle, sync_packs};
+use crate::commit::{authorize, check_quota, pack_lens, settle, sync_packs};
 use crate::session::{AttachedSync, PendingPoint, Session};
 use crate::store::{blocking, Store};
 use crate::ReceiveError;
@@ -144,10 +144,10 @@ async fn take_received(
 
 /// Step 2 of the checkpoint order. Blocking.
 fn record(
-    store: &Store,
-    s: &Session,
+    store: &Arc<Store>,
+    s: &Arc<Session>,
     req: CheckpointRequest,
-    part: &PendingPoint,
+    part: &Arc<PendingPoint>,
 ) -> Result<(u64, u64), ReceiveError> {
     keep(store, s, req, part, false)
 }
@@ -158,10 +158,10 @@ fn record(
 /// the agent's progress figures of its last checkpoint, if it had one.
 /// Blocking.
 pub(crate) fn spill(
-    store: &Store,
-    s: &Session,
+    store: &Arc<Store>,
+    s: &Arc<Session>,
     tag: u64,
-    part: &PendingPoint,
+    part: &Arc<PendingPoint>,
 ) -> Result<(), ReceiveError> {
     sync_packs(store, part)?;
     let progress = store.catalog()?.sync_of(s.server_id)?;
@@ -183,41 +183,49 @@ pub(crate) fn spill(
 
 /// Record `part` in the server's in-progress sync (the one attached to the
 /// session, or a new one) and attach it to point `req.tag`; `spilled`: the
-/// receiver's own checkpoint, which the agent is not told of. Blocking.
+/// receiver's own checkpoint, which the agent is not told of. Its rows go
+/// in the catalog's next group commit. Blocking.
 fn keep(
-    store: &Store,
-    s: &Session,
+    store: &Arc<Store>,
+    s: &Arc<Session>,
     req: CheckpointRequest,
-    part: &PendingPoint,
+    part: &Arc<PendingPoint>,
     spilled: bool,
 ) -> Result<(u64, u64), ReceiveError> {
-    let (mut cat, packs) = lock_catalog(store, s, part)?;
-    let attached = s.state()?.sync;
-    let base_seq = cat.latest_seq(s.server_id)?;
+    let packs = pack_lens(part);
     let volumes = signature(s);
     let sizes: Vec<(u32, u64)> = s.volumes.iter().map(|v| (v.block_size, v.size)).collect();
-    let (id, generation) = cat.checkpoint(&NewCheckpoint {
-        server_id: s.server_id,
-        continues: attached.map(|a| a.id),
-        new_id: rand::random::<u64>().max(1),
-        base_seq,
-        now_ms: now_ms(),
-        done_bytes: req.done,
-        total_bytes: req.total,
-        volumes: &volumes,
-        blocks: &part.refs,
-        zero_runs: &part.zero_runs,
-        sizes: &sizes,
-        new_blocks: &part.new_blocks,
-        packs: &packs,
-    })?;
-    let mut st = settle(store, s, part, &packs, cat)?;
-    st.sync = Some(AttachedSync {
-        id,
-        tag: req.tag,
-        spilled,
-    });
-    Ok((id, generation))
+    let (store, s, part) = (store.clone(), s.clone(), part.clone());
+    store.clone().write(move |cat| {
+        authorize(cat, &s)?;
+        let attached = s.state()?.sync;
+        let base_seq = cat.latest_seq(s.server_id)?;
+        let (id, generation, charged) = cat.checkpoint_charged(&NewCheckpoint {
+            server_id: s.server_id,
+            continues: attached.map(|a| a.id),
+            new_id: rand::random::<u64>().max(1),
+            base_seq,
+            now_ms: now_ms(),
+            done_bytes: req.done,
+            total_bytes: req.total,
+            volumes: &volumes,
+            blocks: &part.refs,
+            zero_runs: &part.zero_runs,
+            sizes: &sizes,
+            new_blocks: &part.new_blocks,
+            packs: &packs,
+        })?;
+        check_quota(&store, &s, charged)?;
+        Ok(move || {
+            let mut st = settle(&store, &s, &part, &packs, charged)?;
+            st.sync = Some(AttachedSync {
+                id,
+                tag: req.tag,
+                spilled,
+            });
+            Ok((id, generation))
+        })
+    })?
 }
 
 /// The session's volumes as a sync records them.

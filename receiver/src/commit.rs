@@ -13,12 +13,16 @@
 //! 2. **directory fsync**: the `packs/` directory entry of each new pack,
 //!    which `PackWriter` fsyncs when it creates the pack, before any record
 //!    that a point could reference is written to it;
-//! 3. **SQLite commit**: the identity is re-checked (a revoked or
+//! 3. **SQLite commit**: in the catalog's next group commit
+//!    ([`crate::catalog::Group`]: the points of other servers waiting at
+//!    the same time share its transaction and its WAL fsync, each in a
+//!    savepoint of its own), the identity is re-checked (a revoked or
 //!    superseded identity commits nothing more), and so is the server's
-//!    quota (a point that would pass it commits nothing), then the catalog
-//!    transaction records the point and that its server has stored each of
-//!    its blocks (`server_blocks`), and the committed blocks enter the
-//!    in-memory index and the server's owned blocks ([`record_point`]);
+//!    quota (a point that would pass it commits nothing), then the point's
+//!    rows are written, with that its server has stored each of its blocks
+//!    (`server_blocks`); once that transaction is durable, the committed
+//!    blocks enter the in-memory index and the server's owned blocks
+//!    ([`record_point`]);
 //! 4. **`DURABLE` ack**: sent by the connection once [`Committer::commit`]
 //!    returns;
 //! 5. **staging**: the connection then asks the staging task
@@ -36,7 +40,6 @@
 //! in `EndPoint` is kept beside it as the point's `source_ms`, and a skew
 //! over `max_clock_skew_secs` is logged once per session.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
@@ -44,7 +47,6 @@ use std::time::{Duration, Instant};
 use pilotlight_protocol::clock::now_ms;
 
 use pilotlight_protocol::frame::{CommitMode, Consistency};
-use pilotlight_protocol::BlockHash;
 
 use crate::catalog::{Catalog, NewPoint};
 use crate::handshake::still_authorized;
@@ -217,96 +219,103 @@ pub(crate) fn sync_packs(store: &Store, pending: &PendingPoint) -> Result<(), Re
     crate::objstore::seal_packs(store.dir(), &lens)
 }
 
-/// Step 3: re-check the identity, commit the catalog transaction (dated by
-/// the receiver's clock), index the new blocks and close the point in the
-/// session; returns the point and its time. Blocking.
+/// Step 3: in the catalog's next group commit, re-check the identity and
+/// the quota and write the point (dated by the receiver's clock); once that
+/// transaction is durable, index the new blocks and close the point in the
+/// session. Returns the point and its time. Blocking.
 fn record_point(
-    store: &Store,
-    s: &Session,
+    store: &Arc<Store>,
+    s: &Arc<Session>,
     end: EndPoint,
-    pending: &PendingPoint,
+    pending: &Arc<PendingPoint>,
 ) -> Result<(Committed, i64), ReceiveError> {
-    let volumes: Vec<(&str, u32, u64)> = s
+    let volumes: Vec<(String, u32, u64)> = s
         .volumes
         .iter()
-        .map(|v| (v.name.as_str(), v.block_size, v.size))
+        .map(|v| (v.name.clone(), v.block_size, v.size))
         .collect();
-    let (mut cat, packs) = lock_catalog(store, s, pending)?;
+    let packs = pack_lens(pending);
     // The point completes the in-progress sync its session checkpointed
     // (or resumed); any other sync of the server is dropped by the commit.
+    // (Only this session attaches a sync, and not while its point commits.)
     let merge_sync = s.state()?.sync.is_some_and(|a| a.tag == end.tag);
-    let created_ms = now_ms();
-    let key = cat.commit_point(&NewPoint {
-        server_id: s.server_id,
-        created_ms,
-        source_ms: end.created_ms,
-        consistency: end.consistency.label(),
-        commit: end.commit.label(),
-        volumes: &volumes,
-        blocks: &pending.refs,
-        zero_runs: &pending.zero_runs,
-        new_blocks: &pending.new_blocks,
-        packs: &packs,
-        merge_sync,
-    })?;
-    let point = Committed {
-        key,
-        seq: cat.point_seq(key)?,
-    };
-    let mut st = settle(store, s, pending, &packs, cat)?;
-    st.committed_tag = end.tag;
-    st.committing.remove(&end.tag);
-    st.sync = None;
-    Ok((point, created_ms))
+    let (store, s, pending) = (store.clone(), s.clone(), pending.clone());
+    store.clone().write(move |cat| {
+        authorize(cat, &s)?;
+        let created_ms = now_ms();
+        let volumes: Vec<(&str, u32, u64)> = volumes
+            .iter()
+            .map(|(n, b, z)| (n.as_str(), *b, *z))
+            .collect();
+        let (key, charged) = cat.commit_point_charged(&NewPoint {
+            server_id: s.server_id,
+            created_ms,
+            source_ms: end.created_ms,
+            consistency: end.consistency.label(),
+            commit: end.commit.label(),
+            volumes: &volumes,
+            blocks: &pending.refs,
+            zero_runs: &pending.zero_runs,
+            new_blocks: &pending.new_blocks,
+            packs: &packs,
+            merge_sync,
+        })?;
+        // Past the quota: the job fails, and its savepoint takes the rows back.
+        check_quota(&store, &s, charged)?;
+        let point = Committed {
+            key,
+            seq: cat.point_seq(key)?,
+        };
+        Ok(move || {
+            let mut st = settle(&store, &s, &pending, &packs, charged)?;
+            st.committed_tag = end.tag;
+            st.committing.remove(&end.tag);
+            st.sync = None;
+            Ok((point, created_ms))
+        })
+    })?
 }
 
-/// The catalog, locked for a commit, and the packs' durable lengths.
-pub(crate) type Locked<'a> = (MutexGuard<'a, Catalog>, Vec<(u64, u64)>);
-
-/// Before a catalog transaction that records what a session received (a
-/// point's or a checkpoint's): the packs' durable lengths, and the catalog
-/// locked once the identity is still good (one revoked or superseded while
-/// the session ran records nothing more) and the blocks fit the quota.
-pub(crate) fn lock_catalog<'a>(
-    store: &'a Store,
-    s: &Session,
-    pending: &PendingPoint,
-) -> Result<Locked<'a>, ReceiveError> {
-    let packs: Vec<(u64, u64)> = pending
+/// `(pack id, durable length)` of the packs a session's blocks went to.
+pub(crate) fn pack_lens(pending: &PendingPoint) -> Vec<(u64, u64)> {
+    pending
         .packs
         .iter()
         .map(|(id, (_, end))| (*id, *end))
-        .collect();
-    let cat = store.catalog()?;
+        .collect()
+}
+
+/// Inside the transaction that records what a session received (a point's
+/// or a checkpoint's): the identity must still be good (one revoked or
+/// superseded while the session ran records nothing more).
+pub(crate) fn authorize(cat: &Catalog, s: &Session) -> Result<(), ReceiveError> {
     if !still_authorized(cat.server(&s.server)?.as_ref(), &s.serial) {
         return Err(ReceiveError::Unauthorized(format!(
             "the identity of server {} was revoked or superseded",
             s.server
         )));
     }
-    check_quota(store, s, pending)?;
-    Ok((cat, packs))
+    Ok(())
 }
 
-/// After that transaction: index the new blocks, add their owners, note the
-/// packs' committed lengths, release the catalog, give back the session's
-/// uncommitted bytes and forget the hashes it held pending. Returns the
-/// session's state for the caller's own bookkeeping.
+/// Once that transaction is durable (the catalog still held by the group
+/// commit): the new blocks' locations and the server's ownership into the
+/// index's cache, what the transaction `charged` into the server's usage,
+/// note the packs' committed lengths, give back the session's uncommitted
+/// bytes and forget the hashes it held pending. Returns the session's state
+/// for the caller's own bookkeeping.
 pub(crate) fn settle<'a>(
     store: &Store,
     s: &'a Session,
     pending: &PendingPoint,
     packs: &[(u64, u64)],
-    cat: MutexGuard<'_, Catalog>,
+    charged: u64,
 ) -> Result<MutexGuard<'a, SessionState>, ReceiveError> {
     store.index_blocks(&pending.new_blocks)?;
-    {
-        let index = store.index_read()?;
-        let hashes = pending.refs.iter().filter_map(|r| r.hash.as_ref());
-        store.owners_write()?.add(s.server_id, hashes, &index);
-    }
+    let hashes = pending.refs.iter().filter_map(|r| r.hash.as_ref());
+    store.index().owned(s.server_id, hashes)?;
+    store.owners().charge(s.server_id, charged)?;
     store.note_committed(packs)?;
-    drop(cat);
     let written: u64 = pending
         .new_blocks
         .iter()
@@ -324,33 +333,21 @@ pub(crate) fn settle<'a>(
     Ok(st)
 }
 
-/// Refuse the point if what it adds to its server's stored blocks would
-/// pass the server's quota (blocks it shares with other servers count too,
-/// under `dedup = "global"`). Called with the catalog locked, so that the
-/// usage cannot change under it. Blocking.
-pub(crate) fn check_quota(
-    store: &Store,
-    s: &Session,
-    pending: &PendingPoint,
-) -> Result<(), ReceiveError> {
+/// Refuse the point if what it adds to its server's stored blocks
+/// (`charged`: counted by its own transaction, blocks it shares with other
+/// servers too) would pass the server's quota. Called inside that
+/// transaction (the group commit holds the catalog, so that the usage
+/// cannot change under it), which an error rolls back. Blocking.
+pub(crate) fn check_quota(store: &Store, s: &Session, charged: u64) -> Result<(), ReceiveError> {
     let Some(quota) = s.limits.quota else {
         return Ok(());
     };
-    let fresh: HashMap<BlockHash, u64> = pending
-        .new_blocks
-        .iter()
-        .map(|(h, l)| (*h, u64::from(l.stored_len)))
-        .collect();
-    let index = store.index_read()?;
-    let owners = store.owners_read()?;
-    let hashes = pending.refs.iter().filter_map(|r| r.hash.as_ref());
-    let needed = owners.charge(s.server_id, hashes, &index, &fresh);
-    let used = owners.used(s.server_id);
-    if used.saturating_add(needed) > quota {
+    let used = store.owners().used(s.server_id);
+    if used.saturating_add(charged) > quota {
         return Err(ReceiveError::QuotaExceeded {
             server: s.server.clone(),
             used,
-            needed,
+            needed: charged,
             quota,
         });
     }

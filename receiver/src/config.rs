@@ -82,6 +82,10 @@ pub struct ReceiverConfig {
     pub prune_interval_secs: u64,
     /// Garbage collection rewrites a pack once this percentage of it is dead.
     pub gc_min_dead_percent: u8,
+    /// Entries of the block index's cache (locations and ownerships of
+    /// blocks found, about 100 bytes each); the index itself is the
+    /// catalog, so this bounds memory, not the store.
+    pub index_cache_entries: usize,
     /// An agent's clock may be off the receiver's by this many seconds
     /// before the receiver warns (points are dated by the receiver's clock
     /// either way; `status` shows each server's skew).
@@ -163,6 +167,7 @@ impl Default for ReceiverConfig {
             metrics: None,
             prune_interval_secs: 600,
             gc_min_dead_percent: 20,
+            index_cache_entries: crate::catalog::DEFAULT_CACHE_ENTRIES,
             max_clock_skew_secs: 300,
             dedup: DedupScope::Server,
             quota: Size::UNLIMITED,

@@ -18,15 +18,20 @@
 //! A collection also drops the `server_blocks` rows of blocks a server's
 //! points no longer reference (its quota usage goes down with them).
 //!
-//! Concurrent replication (inside `serve`) is coordinated through the block
-//! index: a data stream holds the index for reading from looking a hash up
-//! until the reference is recorded in its session. The collection takes the
-//! index for writing once, collects the sessions' pins (hashes their pending
-//! points refer to, packs they write to) and removes the unreferenced,
-//! unpinned blocks from the index; from then on nobody can start referring
-//! to them (a stream writes a fresh copy instead, and the catalog keeps the
-//! newest location of a hash). Only blocks removed from the index that are
-//! still unreferenced after that are deleted.
+//! Concurrent replication (inside `serve`) is coordinated through the
+//! store's gate: a data stream holds it for reading from looking a hash up
+//! until the reference is recorded in its session. The collection works out
+//! by SQL which blocks no point or sync refers to (`catalog::gc`: temporary
+//! tables on a connection of its own, so memory holds one pack's rows at a
+//! time), then takes the gate for writing once, collects the sessions' pins
+//! (hashes their pending points refer to, packs they write to) and moves
+//! the rows of the unreferenced, unpinned blocks out of the block index
+//! into `gc_doomed`; from then on nobody can start referring to them (a
+//! stream writes a fresh copy instead, and the catalog keeps the newest
+//! location of a hash). Doomed blocks that a point committed meanwhile
+//! refers to go back, and so do those of packs left as they are; only the
+//! rest are deleted. A kill leaves `gc_doomed` rows, put back into the
+//! index when the store next opens to serve.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -35,11 +40,11 @@ use std::sync::Arc;
 use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::BlockHash;
 
-use crate::owners::Owners;
+use crate::catalog::{Catalog, PackBlocks};
 use crate::pack::{
     pack_path, BlockLoc, PackReader, PackWriter, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
-use crate::store::{sync_dir, Store};
+use crate::store::{sync_dir, Store, CATALOG_FILE};
 use crate::ReceiveError;
 
 /// What uncommitted points of live sessions hold on to.
@@ -89,105 +94,78 @@ pub struct GcReport {
 
 /// Collect garbage in `store`. `pins` is asked, with the index held for
 /// writing, for what live sessions hold on to (nothing, outside `serve`).
+///
+/// What is live and what is dead is worked out by SQL over the catalog, on
+/// a connection of the collection's own (its temporary tables on disk):
+/// memory holds one pack's rows at a time and the sessions' pins, not sets
+/// of the store's blocks.
 pub fn collect(
     store: &Store,
     pins: &dyn Fn() -> Result<Pins, ReceiveError>,
     opts: GcOptions,
 ) -> Result<GcReport, ReceiveError> {
     store.close_pooled_writers();
-    let referenced = store.catalog()?.referenced_hashes()?;
-    let blocks = store.catalog()?.all_blocks()?;
-    let packs = store.catalog()?.packs()?;
-
-    let (mut removed, busy, pinned) = unindex_garbage(store, pins, &blocks, &referenced)?;
-    forget_unreferenced_owners(store, &pinned)?;
-    // Points committed before the index was taken may have referred to
-    // some of those blocks; they are not garbage.
-    let referenced = store.catalog()?.referenced_hashes()?;
-    let mut resurrect: Vec<(BlockHash, BlockLoc)> = Vec::new();
-    removed.retain(|h, loc| {
-        let dead = !referenced.contains(h);
-        if !dead {
-            resurrect.push((*h, *loc));
-        }
-        dead
-    });
-
-    let mut by_pack: HashMap<u64, Vec<(BlockHash, BlockLoc)>> = HashMap::new();
-    for (h, loc) in blocks {
-        by_pack.entry(loc.pack).or_default().push((h, loc));
-    }
-    let mut collector = Collector::new(store, resurrect)?;
-    let mut sorted: Vec<(u64, u64)> = packs;
-    sorted.sort_unstable();
-    for (pack, committed_len) in sorted {
-        if busy.contains(&pack) {
-            continue;
-        }
-        let records = by_pack.remove(&pack).unwrap_or_default();
-        collector.pack(pack, committed_len, records, &removed, opts)?;
-    }
-    let report = collector.finish()?;
+    let mut gc = Catalog::open(&store.dir().join(CATALOG_FILE))?;
+    let result = collect_with(store, &mut gc, pins, opts);
+    // Whatever happened, blocks still doomed go back into the index.
+    let undoomed = gc.undoom_all();
+    let report = result?;
+    undoomed?;
     crate::objstore::after_gc(store.dir())?;
     Ok(report)
 }
 
-/// What [`unindex_garbage`] finds: the blocks taken out of the index, the
-/// busy packs, and the hashes live sessions pin.
-type Unindexed = (
-    HashMap<BlockHash, BlockLoc>,
-    HashSet<u64>,
-    HashSet<BlockHash>,
-);
-
-/// Take the unreferenced, unpinned blocks out of the index, with the index
-/// held for writing while `pins` answers. Returns them, the packs that are
-/// busy (open for writing, or written by pending points) and the pinned
-/// hashes.
-fn unindex_garbage(
+fn collect_with(
     store: &Store,
+    gc: &mut Catalog,
     pins: &dyn Fn() -> Result<Pins, ReceiveError>,
-    blocks: &[(BlockHash, BlockLoc)],
-    referenced: &HashSet<BlockHash>,
-) -> Result<Unindexed, ReceiveError> {
-    let mut removed: HashMap<BlockHash, BlockLoc> = HashMap::new();
-    let mut index = store.index_write()?;
-    let pins = pins()?;
-    let mut busy = store.open_packs();
-    busy.extend(pins.packs.iter().copied());
-    for (h, loc) in blocks {
-        if referenced.contains(h) || pins.hashes.contains(h) || busy.contains(&loc.pack) {
-            continue;
-        }
-        if index.get(h) == Some(loc) {
-            index.remove(h);
-            removed.insert(*h, *loc);
-        }
-    }
-    Ok((removed, busy, pins.hashes))
-}
-
-/// Drop the `server_blocks` rows of blocks no point of their server
-/// references any more (but not of `pinned` ones), and reload the store's
-/// record of who stored what: the quota usage of a server whose points were
-/// pruned goes down here. The catalog is taken before the index, as commits
-/// do.
-fn forget_unreferenced_owners(
-    store: &Store,
-    pinned: &HashSet<BlockHash>,
-) -> Result<(), ReceiveError> {
-    let mut cat = store.catalog()?;
-    let dropped = cat.drop_unreferenced_server_blocks(pinned)?;
-    let index = store.index_read()?;
-    let owners = Owners::load(&cat, &index)?;
-    *store.owners_write()? = owners;
+    opts: GcOptions,
+) -> Result<GcReport, ReceiveError> {
+    // The packs committed before the collection: later ones may still be
+    // written to.
+    let mut sorted = store.catalog()?.packs()?;
+    sorted.sort_unstable();
+    let mark = gc.gc_mark()?;
+    let busy = doom_garbage(store, gc, pins)?;
+    let dropped = gc.gc_settle(mark)?;
+    store.index().forget_owners()?;
+    store.owners().reload(gc)?;
     if dropped > 0 {
         tracing::info!(
             rows = dropped,
             "servers no longer charged for blocks they dropped"
         );
     }
-    Ok(())
+    let mut collector = Collector::new(store)?;
+    for (pack, committed_len) in sorted {
+        if busy.contains(&pack) {
+            continue;
+        }
+        let blocks = gc.gc_pack_blocks(pack)?;
+        collector.pack(pack, committed_len, blocks, opts)?;
+    }
+    Ok(collector.finish())
+}
+
+/// Take the unreferenced, unpinned blocks out of the index (into
+/// `gc_doomed`), with the gate held for writing while `pins` answers.
+/// Returns the packs that are busy (open for writing, or written by
+/// pending points).
+fn doom_garbage(
+    store: &Store,
+    gc: &mut Catalog,
+    pins: &dyn Fn() -> Result<Pins, ReceiveError>,
+) -> Result<HashSet<u64>, ReceiveError> {
+    let _gate = store.index_write()?;
+    let pins = pins()?;
+    let mut busy = store.open_packs();
+    busy.extend(pins.packs.iter().copied());
+    let pinned: Vec<BlockHash> = pins.hashes.into_iter().collect();
+    let busy_list: Vec<u64> = busy.iter().copied().collect();
+    let doomed = gc.gc_doom(&pinned, &busy_list)?;
+    store.index().forget_all()?;
+    tracing::debug!(doomed, "blocks taken out of the index");
+    Ok(busy)
 }
 
 /// One collection's pass over the packs, one pack at a time.
@@ -200,13 +178,11 @@ struct Collector<'a> {
     written: HashMap<u64, (Arc<File>, u64)>,
     payload: Vec<u8>,
     scratch: Vec<u8>,
-    /// Blocks taken out of the index that stay: put back at the end.
-    resurrect: Vec<(BlockHash, BlockLoc)>,
     report: GcReport,
 }
 
 impl<'a> Collector<'a> {
-    fn new(store: &'a Store, resurrect: Vec<(BlockHash, BlockLoc)>) -> Result<Self, ReceiveError> {
+    fn new(store: &'a Store) -> Result<Self, ReceiveError> {
         let reader = PackReader::new(store.dir());
         let decoder = Decoder::new().map_err(|e| ReceiveError::storage(store.dir(), e))?;
         Ok(Self {
@@ -217,25 +193,23 @@ impl<'a> Collector<'a> {
             written: HashMap::new(),
             payload: Vec::new(),
             scratch: Vec::new(),
-            resurrect,
             report: GcReport::default(),
         })
     }
 
-    /// Drop or rewrite `pack` (its catalog `records`), or leave it as it is
-    /// when it is mostly live or a live block in it is damaged.
+    /// Drop or rewrite `pack` (its catalog rows: live, and dead ones taken
+    /// out of the index), or leave it as it is when it is mostly live or a
+    /// live block in it is damaged (its dead blocks then go back into the
+    /// index when the collection ends, and so stay findable).
     fn pack(
         &mut self,
         pack: u64,
         committed_len: u64,
-        records: Vec<(BlockHash, BlockLoc)>,
-        removed: &HashMap<BlockHash, BlockLoc>,
+        blocks: PackBlocks,
         opts: GcOptions,
     ) -> Result<(), ReceiveError> {
         self.report.packs_examined += 1;
-        let (dead, live): (Vec<_>, Vec<_>) = records
-            .into_iter()
-            .partition(|(h, loc)| removed.get(h) == Some(loc));
+        let PackBlocks { live, dead } = blocks;
         // Dead: the blocks found dead, and records no row names any more
         // (a newer copy won, or a copy that never committed).
         let total = committed_len.saturating_sub(PACK_HEADER_LEN);
@@ -243,13 +217,10 @@ impl<'a> Collector<'a> {
         let dead_bytes = total.saturating_sub(live_bytes);
         let keep = dead_bytes == 0 || dead_bytes * 100 < u64::from(opts.min_dead_percent) * total;
         if !live.is_empty() && keep {
-            // Mostly live: its dead blocks stay, and so stay findable.
-            self.resurrect.extend(dead.iter().copied());
             return Ok(());
         }
         let Some(moved) = self.copy_live(pack, &live)? else {
             self.report.packs_damaged.push(pack);
-            self.resurrect.extend(dead.iter().copied());
             return Ok(());
         };
         self.commit(pack, committed_len, &moved, &dead)
@@ -316,13 +287,9 @@ impl<'a> Collector<'a> {
         let emptied = {
             let mut cat = store.catalog()?;
             let emptied = cat.collect_pack(pack, moved, &dead_hashes, &new_packs)?;
-            // With the catalog still held, as commits do: the index follows it.
-            let mut index = store.index_write()?;
-            for (h, new) in moved {
-                if index.get(h).is_none_or(|l| l.pack == pack) {
-                    index.insert(*h, *new);
-                }
-            }
+            // With the catalog still held, as commits do: the index's
+            // cache follows it.
+            store.index().moved(pack, moved)?;
             emptied
         };
         store.note_committed(&new_packs)?;
@@ -356,20 +323,13 @@ impl<'a> Collector<'a> {
         Ok(())
     }
 
-    /// Put the blocks that stay back into the index; the report.
-    fn finish(self) -> Result<GcReport, ReceiveError> {
+    /// The report: what the new packs take is not freed.
+    fn finish(self) -> GcReport {
         let mut report = self.report;
         // What the new packs take: the live records and their own headers.
         let new_pack_bytes = report.bytes_copied + PACK_HEADER_LEN * self.written.len() as u64;
         report.bytes_freed = report.bytes_freed.saturating_sub(new_pack_bytes);
-        if !self.resurrect.is_empty() {
-            let _cat = self.store.catalog()?;
-            let mut index = self.store.index_write()?;
-            for (h, loc) in self.resurrect {
-                index.entry(h).or_insert(loc);
-            }
-        }
-        Ok(report)
+        report
     }
 }
 

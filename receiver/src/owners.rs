@@ -1,118 +1,62 @@
-//! In memory, which server has stored which block (the catalog's
-//! `server_blocks`), and what that charges each server: the scope of
-//! deduplication and the committed part of a server's quota usage.
+//! What each server's stored blocks take (the catalog's `server_blocks`
+//! joined with `blocks`): the committed part of a server's quota usage,
+//! kept in memory per server (a number each, not a set of blocks).
 //!
-//! The store keeps one [`Owners`] beside its block index. Lock order: the
-//! index first, then the owners. A commit adds the point's blocks right
-//! after its catalog transaction; garbage collection reloads the whole of
-//! it from the catalog after it dropped the rows of unreferenced blocks.
+//! Which server has stored which block (the scope of deduplication) is
+//! looked up in the catalog through the store's block index
+//! ([`crate::catalog::BlockIndex::owns`]). The usage is loaded once when the
+//! store opens to serve, grows by what each commit charges (the stored
+//! bytes of the blocks its server had not stored, counted by the commit's
+//! own transaction), and is loaded again by garbage collection after it
+//! dropped the rows of blocks a server no longer references.
 
-use std::collections::{HashMap, HashSet};
-
-use pilotlight_protocol::BlockHash;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use crate::catalog::Catalog;
-use crate::store::BlockIndex;
 use crate::ReceiveError;
 
-/// Which server has stored which block, and the stored bytes of them.
+/// The stored bytes each server is charged for.
 #[derive(Debug, Default)]
 pub struct Owners {
-    blocks: HashMap<i64, HashSet<BlockHash>>,
-    used: HashMap<i64, u64>,
+    used: Mutex<HashMap<i64, u64>>,
 }
 
 impl Owners {
-    /// Load from the catalog; sizes come from `index` (committed blocks).
-    pub fn load(cat: &Catalog, index: &BlockIndex) -> Result<Self, ReceiveError> {
-        let blocks = cat.all_server_blocks()?;
-        let used = blocks
-            .iter()
-            .map(|(server, hashes)| {
-                let bytes = hashes
-                    .iter()
-                    .filter_map(|h| index.get(h))
-                    .map(|l| u64::from(l.stored_len))
-                    .sum();
-                (*server, bytes)
-            })
-            .collect();
-        Ok(Self { blocks, used })
+    /// Load from the catalog (one pass over `server_blocks`).
+    pub fn load(cat: &Catalog) -> Result<Self, ReceiveError> {
+        Ok(Self {
+            used: Mutex::new(cat.usage_by_server()?),
+        })
     }
 
-    /// Whether `server` has stored the block `hash`.
-    pub fn owns(&self, server: i64, hash: &BlockHash) -> bool {
-        self.blocks.get(&server).is_some_and(|s| s.contains(hash))
+    /// Load again from the catalog.
+    pub fn reload(&self, cat: &Catalog) -> Result<(), ReceiveError> {
+        let fresh = cat.usage_by_server()?;
+        *self.lock()? = fresh;
+        Ok(())
     }
 
     /// Stored bytes of the blocks `server` has stored.
     pub fn used(&self, server: i64) -> u64 {
-        self.used.get(&server).copied().unwrap_or(0)
+        self.used
+            .lock()
+            .ok()
+            .and_then(|u| u.get(&server).copied())
+            .unwrap_or(0)
     }
 
-    /// What committing `hashes` for `server` adds to its usage: the stored
-    /// bytes (per `index`) of those it has not stored yet, each counted once.
-    pub fn charge<'a>(
-        &self,
-        server: i64,
-        hashes: impl Iterator<Item = &'a BlockHash>,
-        index: &BlockIndex,
-        pending: &HashMap<BlockHash, u64>,
-    ) -> u64 {
-        let mut seen = HashSet::new();
-        hashes
-            .filter(|h| !self.owns(server, h) && seen.insert(**h))
-            .map(|h| {
-                pending
-                    .get(h)
-                    .copied()
-                    .or_else(|| index.get(h).map(|l| u64::from(l.stored_len)))
-                    .unwrap_or(0)
-            })
-            .sum()
+    /// A commit of `server` charged it `bytes` more.
+    pub fn charge(&self, server: i64, bytes: u64) -> Result<(), ReceiveError> {
+        let mut u = self.lock()?;
+        let e = u.entry(server).or_insert(0);
+        *e = e.saturating_add(bytes);
+        Ok(())
     }
 
-    /// `server` has stored `hashes` (committed, so in `index`).
-    pub fn add<'a>(
-        &mut self,
-        server: i64,
-        hashes: impl Iterator<Item = &'a BlockHash>,
-        index: &BlockIndex,
-    ) {
-        let set = self.blocks.entry(server).or_default();
-        let used = self.used.entry(server).or_insert(0);
-        for h in hashes {
-            if set.insert(*h) {
-                *used += index.get(h).map_or(0, |l| u64::from(l.stored_len));
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pack::BlockLoc;
-
-    #[test]
-    fn each_server_is_charged_once_per_block_it_stored_shared_or_not() {
-        let (a, b) = (BlockHash([1; 32]), BlockHash([2; 32]));
-        let loc = |stored_len| BlockLoc {
-            pack: 1,
-            offset: 16,
-            stored_len,
-            raw_len: 4096,
-            encoding: pilotlight_protocol::Encoding::Zstd,
-        };
-        let index: BlockIndex = [(a, loc(100)), (b, loc(7))].into_iter().collect();
-        let mut owners = Owners::default();
-        let none = HashMap::new();
-        assert_eq!(owners.charge(1, [a, a, b].iter(), &index, &none), 107);
-        owners.add(1, [a, a].iter(), &index);
-        assert!(owners.owns(1, &a) && !owners.owns(2, &a));
-        assert_eq!(owners.used(1), 100);
-        assert_eq!(owners.charge(1, [a, b].iter(), &index, &none), 7);
-        owners.add(2, [a, b].iter(), &index);
-        assert_eq!((owners.used(1), owners.used(2)), (100, 107));
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<i64, u64>>, ReceiveError> {
+        self.used
+            .lock()
+            .map_err(|_| ReceiveError::poisoned("owners"))
     }
 }

@@ -19,7 +19,6 @@ use pilotlight_protocol::frame::{BlockFrame, PartialAppliedFrame};
 use pilotlight_protocol::limits::{block_count, block_len};
 use pilotlight_protocol::{BlockHash, PartialBlockFrame};
 
-use crate::quota::DedupScope;
 use crate::session::Session;
 use crate::store::{BlockFetcher, Store};
 use crate::ReceiveError;
@@ -104,16 +103,10 @@ impl Merger {
             self.block.resize(len, 0);
             return Ok(());
         }
-        let readable = {
-            let index = store.index_read()?;
-            let owners = store.owners_read()?;
-            index.contains_key(&p.base_hash)
-                && match session.limits.dedup {
-                    DedupScope::Server => owners.owns(session.server_id, &p.base_hash),
-                    DedupScope::Global => true,
-                }
+        let loc = {
+            let _gate = store.index_read()?;
+            store.find(session.server_id, &p.base_hash, session.limits.dedup)?
         };
-        let loc = readable.then(|| store.lookup(&p.base_hash)).flatten();
         let Some(loc) = loc.filter(|l| l.raw_len == p.raw_len) else {
             return Err(ReceiveError::Protocol(format!(
                 "partial block {}: its base {} is not a stored block of this server",

@@ -59,7 +59,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ReceiveError> {
     let open_dir = dir.clone();
-    let store = Arc::new(blocking(move || Store::open_for_serve(&open_dir)).await?);
+    let cache = cfg.index_cache_entries;
+    let store = Arc::new(
+        blocking(move || Store::open_for_serve(&open_dir).map(|s| s.with_index_cache(cache)))
+            .await?,
+    );
     let offsite_dir = dir.clone();
     let offsite = blocking(move || crate::objstore::for_serve(&offsite_dir)).await?;
     let tls = TlsAcceptor::from(pki::server_config(&dir)?);

@@ -394,7 +394,7 @@ impl Session {
     /// the receiver's own (not one an agent checkpoints and may resume).
     /// Called by a data stream after each block, holding no store lock.
     /// Blocking.
-    pub fn spill(&self) -> Result<(), ReceiveError> {
+    pub fn spill(self: &Arc<Self>) -> Result<(), ReceiveError> {
         if !self
             .spill_due
             .swap(false, std::sync::atomic::Ordering::Relaxed)

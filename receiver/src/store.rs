@@ -1,5 +1,6 @@
-//! The point store: catalog + packs + the in-memory block index, and the
-//! staging images derived from them.
+//! The point store: catalog + packs + the block index (in the catalog,
+//! behind a bounded cache: [`BlockIndex`]), and the staging images derived
+//! from them.
 //!
 //! Commit order (the durability contract, carried out by `commit.rs`): pack
 //! data fsynced → catalog transaction committed → `DURABLE` sent → staging
@@ -18,9 +19,11 @@ use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use pilotlight_protocol::block::Decoder;
 use pilotlight_protocol::{BlockHash, Encoding};
 
-use crate::catalog::Catalog;
+pub use crate::catalog::BlockIndex;
+use crate::catalog::{Catalog, Group, DEFAULT_CACHE_ENTRIES};
 use crate::owners::Owners;
 use crate::pack::{pack_path, parse_pack_name, BlockLoc, OpenPacks, PackReader, PackWriter};
+use crate::quota::DedupScope;
 use crate::ReceiveError;
 
 /// Name of the catalog file in the receiver directory.
@@ -37,16 +40,20 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 /// `packs/`, `staging/` and one per server in it).
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
-/// The in-memory block index: where each committed block is.
-pub type BlockIndex = HashMap<BlockHash, BlockLoc>;
-
 /// The store of one receiver directory.
 pub struct Store {
     dir: PathBuf,
     catalog: Mutex<Catalog>,
-    index: RwLock<BlockIndex>,
-    /// Which server has stored which block (after `index` in lock order).
-    owners: RwLock<Owners>,
+    /// Commits waiting for the catalog, batched into one transaction.
+    group: Group,
+    /// Held for reading by a data stream from looking a block up until
+    /// its reference is recorded in the session, for writing by garbage
+    /// collection while it takes blocks out of the index.
+    gate: RwLock<()>,
+    /// Where each committed block is, and who stored it.
+    index: BlockIndex,
+    /// What each server's stored blocks take.
+    owners: Owners,
     next_pack: AtomicU64,
     store_id: [u8; 16],
     writers: Mutex<Vec<PackWriter>>,
@@ -68,11 +75,14 @@ impl Store {
         }
         let mut catalog = Catalog::open(&db)?;
         let store_id = catalog.store_id()?;
+        catalog.checkpoint_in_background(&db)?;
         Ok(Self {
             dir: dir.to_owned(),
             catalog: Mutex::new(catalog),
-            index: RwLock::new(HashMap::new()),
-            owners: RwLock::new(Owners::default()),
+            group: Group::default(),
+            gate: RwLock::new(()),
+            index: BlockIndex::new(&db, DEFAULT_CACHE_ENTRIES),
+            owners: Owners::default(),
             next_pack: AtomicU64::new(1),
             store_id,
             writers: Mutex::new(Vec::new()),
@@ -142,14 +152,20 @@ impl Store {
         sync_dir(&packs_dir)?;
         store.next_pack.store(max_id + 1, Ordering::SeqCst);
         *store.committed.lock().map_err(|_| poisoned())? = committed;
-        let blocks = store.catalog()?.all_blocks()?;
         {
-            let mut index = store.index.write().map_err(|_| poisoned())?;
-            index.extend(blocks);
-            let owners = Owners::load(&*store.catalog()?, &index)?;
-            *store.owners.write().map_err(|_| poisoned())? = owners;
+            let mut cat = store.catalog()?;
+            // A collection killed before it finished: its blocks stay.
+            cat.undoom_all()?;
+            store.owners.reload(&cat)?;
         }
         Ok(store)
+    }
+
+    /// The same store with a block index cache of `entries` (see
+    /// `index_cache_entries` in the receiver's configuration).
+    pub fn with_index_cache(mut self, entries: usize) -> Self {
+        self.index = BlockIndex::new(&self.dir.join(CATALOG_FILE), entries);
+        self
     }
 
     /// The receiver directory.
@@ -167,42 +183,71 @@ impl Store {
         self.catalog.lock().map_err(|_| poisoned())
     }
 
+    /// Run `job` in the catalog's next group commit (see
+    /// [`crate::catalog::Group`]): its writes share one transaction and one
+    /// WAL fsync with those of the commits waiting beside it, and its
+    /// `after` step runs once that transaction is durable, the catalog
+    /// still held (the in-memory index follows the catalog). Blocking.
+    pub fn write<T, A, F>(&self, job: F) -> Result<T, ReceiveError>
+    where
+        T: Send + 'static,
+        A: FnOnce() -> T + Send + 'static,
+        F: FnOnce(&mut Catalog) -> Result<A, ReceiveError> + Send + 'static,
+    {
+        self.group.write(&self.catalog, job)
+    }
+
     /// Where a committed block with `hash` is, if it is stored.
     pub fn lookup(&self, hash: &BlockHash) -> Option<BlockLoc> {
-        self.index.read().ok().and_then(|i| i.get(hash).copied())
+        self.index.loc(hash).ok().flatten()
     }
 
-    /// Add committed blocks to the index. Called with the catalog locked,
-    /// right after the commit that wrote them (the catalog keeps the newest
-    /// location of a hash, and so does the index).
+    /// Where the block `hash` is, if it is stored and `server` may refer
+    /// to it: under [`DedupScope::Server`] only a block that server stored.
+    /// A data stream asks this holding [`Store::index_read`].
+    pub fn find(
+        &self,
+        server: i64,
+        hash: &BlockHash,
+        scope: DedupScope,
+    ) -> Result<Option<BlockLoc>, ReceiveError> {
+        let Some(loc) = self.index.loc(hash)? else {
+            return Ok(None);
+        };
+        let visible = match scope {
+            DedupScope::Server => self.index.owns(server, hash)?,
+            DedupScope::Global => true,
+        };
+        Ok(visible.then_some(loc))
+    }
+
+    /// The block index (its cache is updated with the catalog held).
+    pub fn index(&self) -> &BlockIndex {
+        &self.index
+    }
+
+    /// Committed blocks at these locations: into the index's cache. Called
+    /// with the catalog held, right after the commit that wrote them (the
+    /// catalog keeps the newest location of a hash, and so does the cache).
     pub fn index_blocks(&self, blocks: &[(BlockHash, BlockLoc)]) -> Result<(), ReceiveError> {
-        let mut index = self.index.write().map_err(|_| poisoned())?;
-        for (h, loc) in blocks {
-            index.insert(*h, *loc);
-        }
-        Ok(())
+        self.index.located(blocks)
     }
 
-    /// Read access to the index. A data stream holds it from looking a hash
+    /// The gate, for reading. A data stream holds it from looking a hash
     /// up until the reference is recorded in its session, so that garbage
     /// collection (which takes it for writing) sees every such reference.
-    pub fn index_read(&self) -> Result<RwLockReadGuard<'_, BlockIndex>, ReceiveError> {
-        self.index.read().map_err(|_| poisoned())
+    pub fn index_read(&self) -> Result<RwLockReadGuard<'_, ()>, ReceiveError> {
+        self.gate.read().map_err(|_| poisoned())
     }
 
-    /// Read access to who stored which block. Take it after the index.
-    pub fn owners_read(&self) -> Result<RwLockReadGuard<'_, Owners>, ReceiveError> {
-        self.owners.read().map_err(|_| poisoned())
+    /// The gate, for writing, for garbage collection.
+    pub fn index_write(&self) -> Result<RwLockWriteGuard<'_, ()>, ReceiveError> {
+        self.gate.write().map_err(|_| poisoned())
     }
 
-    /// Write access to who stored which block. Take it after the index.
-    pub fn owners_write(&self) -> Result<RwLockWriteGuard<'_, Owners>, ReceiveError> {
-        self.owners.write().map_err(|_| poisoned())
-    }
-
-    /// Write access to the index, for garbage collection.
-    pub fn index_write(&self) -> Result<RwLockWriteGuard<'_, BlockIndex>, ReceiveError> {
-        self.index.write().map_err(|_| poisoned())
+    /// What each server's stored blocks take.
+    pub fn owners(&self) -> &Owners {
+        &self.owners
     }
 
     /// Ids of packs a writer may still append to.

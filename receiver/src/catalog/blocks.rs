@@ -36,7 +36,12 @@ impl Catalog {
         let row = self
             .conn
             .prepare_cached(
-                "SELECT pack_id, offset, stored_len, raw_len, encoding FROM blocks WHERE hash=?1",
+                // A block a garbage collection is deciding on is still
+                // where it was.
+                "SELECT pack_id, offset, stored_len, raw_len, encoding FROM blocks WHERE hash=?1
+                 UNION ALL
+                 SELECT pack_id, offset, stored_len, raw_len, encoding FROM gc_doomed WHERE hash=?1
+                 LIMIT 1",
             )?
             .query_row(params![&hash.0[..]], |r| {
                 Ok((
@@ -79,7 +84,8 @@ impl Catalog {
 
     /// Block contents of a volume at point `point`: `(index, hash)` in index
     /// order for every block that has a row (absent blocks are zeros; `None`
-    /// hashes are zero blocks).
+    /// hashes are zero blocks). Only the rows of points after `after` count
+    /// (0: all of them).
     pub fn block_map(
         &self,
         volume_id: i64,
@@ -89,19 +95,22 @@ impl Catalog {
         let mut st = self.conn.prepare_cached(
             "SELECT block_index, hash FROM point_blocks
              WHERE volume_id=?1 AND point_id<=?2 AND point_id>?3
-             ORDER BY block_index ASC, point_id ASC",
+             ORDER BY point_id ASC, block_index ASC",
         )?;
-        // Primary-key order, so no sort: the last row of each index wins.
+        // Primary-key order (schema version 8: by point, then index), so no
+        // sort in SQLite: each point's rows are a run sorted by index.
         let mut rows = st.query(params![volume_id, point, after])?;
         let mut out: Vec<(u64, Option<BlockHash>)> = Vec::new();
         while let Some(r) = rows.next()? {
             let index = r.get::<_, i64>(0)? as u64;
-            let hash = hash_from_ref(r.get_ref(1)?)?;
-            match out.last_mut() {
-                Some((i, h)) if *i == index => *h = hash,
-                _ => out.push((index, hash)),
-            }
+            out.push((index, hash_from_ref(r.get_ref(1)?)?));
         }
+        // A stable sort merges the runs and keeps, within an index, the
+        // order of the points: the last row of each index is the newest.
+        out.sort_by_key(|(i, _)| *i);
+        out.reverse();
+        out.dedup_by_key(|(i, _)| *i);
+        out.reverse();
         Ok(out)
     }
 }
@@ -136,7 +145,9 @@ pub(super) fn hash_from_blob(blob: Option<Vec<u8>>) -> Result<Option<BlockHash>,
 }
 
 /// A hash column read in place (no copy of the blob per row).
-fn hash_from_ref(v: rusqlite::types::ValueRef<'_>) -> Result<Option<BlockHash>, rusqlite::Error> {
+pub(super) fn hash_from_ref(
+    v: rusqlite::types::ValueRef<'_>,
+) -> Result<Option<BlockHash>, rusqlite::Error> {
     match v {
         rusqlite::types::ValueRef::Null => Ok(None),
         rusqlite::types::ValueRef::Blob(b) => {
@@ -164,7 +175,7 @@ fn encoding_from_i64(v: i64) -> Result<Encoding, ReceiveError> {
         .ok_or_else(|| ReceiveError::Corrupt(format!("unknown block encoding {v} in catalog")))
 }
 
-fn block_loc(
+pub(super) fn block_loc(
     pack: i64,
     offset: i64,
     stored_len: u32,

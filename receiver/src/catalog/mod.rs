@@ -14,7 +14,13 @@
 //! restore_grants(server_id, from_server_id, granted_ms)  who may restore whose volumes
 //! syncs(server_id, sync_id, generation, ..) a server's in-progress full sync
 //! sync_blocks(server_id, volume, block_index, hash, raw_len)   its blocks
+//! gc_doomed(pack_id, hash, ..)             blocks a collection took out of the index
 //! ```
+//!
+//! The block index is `blocks` (by hash) and `server_blocks` itself, looked
+//! up through [`BlockIndex`] (its own reader connections, a bounded cache);
+//! commits go through [`Group`] (one transaction for the commits waiting
+//! at the same time).
 //!
 //! The schema version is SQLite's `PRAGMA user_version`: see
 //! [`SCHEMA_VERSION`].
@@ -26,8 +32,9 @@
 //!
 //! [`Catalog`] is one connection. Its methods live beside the tables they
 //! touch: `schema.rs` (tables and version), `identities.rs` (servers),
-//! `volumes.rs`, `points.rs` (a point's commit), `blocks.rs` (block index,
-//! packs, block maps), `gc.rs` (moving blocks between packs), `prune.rs`
+//! `volumes.rs`, `points.rs` (a point's commit), `group.rs` (group
+//! commit), `wal.rs` (WAL checkpoints off the commit path), `index.rs` (block lookups and their cache), `blocks.rs` (block
+//! rows, packs, block maps), `gc.rs` (garbage collection by SQL), `prune.rs`
 //! (deleting a point), `server_blocks.rs` (what each server has stored: the
 //! scope of deduplication and of quotas), `grants.rs` (who may restore whose
 //! volumes) and `report.rs` (listing points).
@@ -41,7 +48,9 @@ use crate::ReceiveError;
 mod blocks;
 mod gc;
 mod grants;
+mod group;
 mod identities;
+mod index;
 mod points;
 mod prune;
 mod report;
@@ -49,9 +58,13 @@ mod schema;
 mod server_blocks;
 mod syncs;
 mod volumes;
+mod wal;
 
+pub use gc::PackBlocks;
 pub use grants::RestoreGrant;
+pub use group::Group;
 pub use identities::{no_such_server, ServerRow};
+pub use index::{BlockIndex, DEFAULT_CACHE_ENTRIES};
 pub use points::{BlockRef, NewPoint, ZeroRun};
 pub use report::{PointInfo, PointVolumeInfo};
 pub use schema::SCHEMA_VERSION;
@@ -61,6 +74,9 @@ pub use volumes::VolumeRow;
 /// The catalog connection.
 pub struct Catalog {
     conn: Connection,
+    /// The checkpoint thread, when this connection leaves checkpoints to
+    /// it (see `wal.rs`).
+    wal: Option<wal::Nudge>,
 }
 
 /// SQLite page cache per connection, KiB.
@@ -89,7 +105,7 @@ impl Catalog {
         // blocks.
         conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
         schema::create(&conn)?;
-        Ok(Self { conn })
+        Ok(Self { conn, wal: None })
     }
 
     /// The store id, created on first use.
@@ -125,6 +141,31 @@ impl Catalog {
                 .ok_or_else(|| ReceiveError::Corrupt("store id in catalog is malformed".into()))?;
         }
         Ok(out)
+    }
+}
+
+impl Catalog {
+    /// Run `f` as one atomic write: its own `IMMEDIATE` transaction, or a
+    /// savepoint inside the transaction already open (a group commit's,
+    /// see [`Group`]). An error rolls back what `f` wrote.
+    pub(crate) fn atomically<T>(
+        &mut self,
+        f: impl FnOnce(&Connection) -> Result<T, ReceiveError>,
+    ) -> Result<T, ReceiveError> {
+        if self.conn.is_autocommit() {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let v = f(&tx)?;
+            tx.commit()?;
+            self.nudge_checkpoint();
+            Ok(v)
+        } else {
+            let sp = self.conn.savepoint()?;
+            let v = f(&sp)?;
+            sp.commit()?;
+            Ok(v)
+        }
     }
 }
 

@@ -120,44 +120,54 @@ impl Catalog {
 
     /// Record a point atomically; returns its id.
     pub fn commit_point(&mut self, p: &NewPoint<'_>) -> Result<i64, ReceiveError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // The server's next number: the newest point is never pruned, so a
-        // number is never given twice.
-        tx.execute(
-            "INSERT INTO points(server_id, created_ms, consistency, commit_mode, source_ms, seq)
-             VALUES(?1, ?2, ?3, ?4, ?5,
-                    (SELECT coalesce(max(seq), 0) + 1 FROM points WHERE server_id=?1))",
-            params![
-                p.server_id,
-                p.created_ms,
-                p.consistency,
-                p.commit,
-                p.source_ms
-            ],
-        )?;
-        let point_id = tx.last_insert_rowid();
-        let ids = volume_ids(&tx, p)?;
-        let merged = if p.merge_sync {
-            super::syncs::merge_sync(&tx, p.server_id, point_id, &ids)?
-        } else {
-            super::syncs::drop_sync(&tx, p.server_id)?;
-            Vec::new()
-        };
-        let mut counts = record_point_blocks(&tx, p, point_id, &ids)?;
-        for (c, m) in counts.iter_mut().zip(&merged) {
-            c.0 += m.0;
-            c.1 += m.1;
-        }
-        super::volumes::end_rows_beyond_resizes(&tx, point_id, p.volumes, &ids)?;
-        record_point_volumes(&tx, point_id, &ids, &counts)?;
-        record_new_blocks(&tx, p.new_blocks)?;
-        super::server_blocks::record_server_blocks(&tx, p.server_id, p.blocks)?;
-        record_packs(&tx, p.packs)?;
-        tx.commit()?;
-        Ok(point_id)
+        self.commit_point_charged(p).map(|(id, _)| id)
     }
+
+    /// [`commit_point`](Self::commit_point), and what the point adds to
+    /// its server's usage: the stored bytes of the blocks the server had
+    /// not stored before.
+    pub fn commit_point_charged(&mut self, p: &NewPoint<'_>) -> Result<(i64, u64), ReceiveError> {
+        self.atomically(|tx| commit_rows(tx, p))
+    }
+}
+
+/// The rows of a point, inside the caller's transaction; returns its id and
+/// what it charges its server.
+fn commit_rows(tx: &Connection, p: &NewPoint<'_>) -> Result<(i64, u64), ReceiveError> {
+    // The server's next number: the newest point is never pruned, so a
+    // number is never given twice.
+    tx.execute(
+        "INSERT INTO points(server_id, created_ms, consistency, commit_mode, source_ms, seq)
+         VALUES(?1, ?2, ?3, ?4, ?5,
+                (SELECT coalesce(max(seq), 0) + 1 FROM points WHERE server_id=?1))",
+        params![
+            p.server_id,
+            p.created_ms,
+            p.consistency,
+            p.commit,
+            p.source_ms
+        ],
+    )?;
+    let point_id = tx.last_insert_rowid();
+    let ids = volume_ids(tx, p)?;
+    let merged = if p.merge_sync {
+        super::syncs::merge_sync(tx, p.server_id, point_id, &ids)?
+    } else {
+        super::syncs::drop_sync(tx, p.server_id)?;
+        Vec::new()
+    };
+    let mut counts = record_point_blocks(tx, p, point_id, &ids)?;
+    for (c, m) in counts.iter_mut().zip(&merged) {
+        c.0 += m.0;
+        c.1 += m.1;
+    }
+    super::volumes::end_rows_beyond_resizes(tx, point_id, p.volumes, &ids)?;
+    record_point_volumes(tx, point_id, &ids, &counts)?;
+    record_new_blocks(tx, p.new_blocks)?;
+    let charged =
+        super::server_blocks::record_server_blocks(tx, p.server_id, p.blocks, p.new_blocks)?;
+    record_packs(tx, p.packs)?;
+    Ok((point_id, charged))
 }
 
 /// The row of each session volume, created where the catalog has none.

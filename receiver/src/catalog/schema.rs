@@ -15,15 +15,16 @@
 //! | 4 | `points.seq`: each server numbers its own points 1, 2, 3, ... (what agents and operators see as the point's id, so that no server learns another's commit rate from the ids); old rows are numbered in commit order |
 //! | 5 | new table `restore_grants(server_id, from_server_id, granted_ms)`: which server may restore which other server's volumes over the network (`grant --restore-from`); created empty |
 //! | 6 | new tables `syncs` and `sync_blocks`: a server's in-progress full sync, durable at each checkpoint, not a point (see `syncs.rs`); created empty |
+//! | 8 | `point_blocks` keyed by `(volume_id, point_id, block_index)` (was `(volume_id, block_index, point_id)`): a point's rows are one run, written in a few pages, instead of a page per changed block among its volume's rows (the table is rebuilt); new table `gc_doomed`: blocks a garbage collection took out of the block index until it decides (created empty; a receiver that starts to serve puts any left back); new index `blocks_by_pack` (a pack's blocks without a scan of `blocks`) |
 
-use rusqlite::{Connection, Transaction, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::ReceiveError;
 
 /// The schema version this receiver reads and writes. Raise it with every
 /// change to the tables below, and teach `create` to upgrade the older
 /// versions.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,7 +62,7 @@ CREATE TABLE IF NOT EXISTS point_blocks(
     block_index INTEGER NOT NULL,
     point_id INTEGER NOT NULL,
     hash BLOB,
-    PRIMARY KEY(volume_id, block_index, point_id)) WITHOUT ROWID;
+    PRIMARY KEY(volume_id, point_id, block_index)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS point_blocks_by_point ON point_blocks(point_id);
 CREATE TABLE IF NOT EXISTS blocks(
     hash BLOB PRIMARY KEY,
@@ -99,6 +100,15 @@ CREATE TABLE IF NOT EXISTS sync_blocks(
     hash BLOB,
     raw_len INTEGER NOT NULL,
     PRIMARY KEY(server_id, volume, block_index)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gc_doomed(
+    pack_id INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    offset INTEGER NOT NULL,
+    stored_len INTEGER NOT NULL,
+    raw_len INTEGER NOT NULL,
+    encoding INTEGER NOT NULL,
+    PRIMARY KEY(pack_id, hash)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blocks_by_pack ON blocks(pack_id);
 ";
 
 /// The version recorded in the file (0 when none is).
@@ -143,8 +153,13 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
         if from < 4 {
             upgrade_to_4(&tx)?;
         }
-        // Version 5 adds `restore_grants` and version 6 (resumable syncs)
-        // `syncs` and `sync_blocks`: tables of `SCHEMA`, created empty above.
+        if from < 8 {
+            upgrade_to_8(&tx)?;
+        }
+        // Version 5 adds `restore_grants`, version 6 (resumable syncs)
+        // `syncs` and `sync_blocks`, version 8 `gc_doomed` and the index
+        // `blocks_by_pack`: all of `SCHEMA`, created above (the index over
+        // the existing rows).
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
@@ -199,6 +214,35 @@ fn upgrade_to_4(conn: &Connection) -> Result<(), ReceiveError> {
                                   WHERE q.server_id = points.server_id AND q.id <= points.id)
            WHERE seq = 0;
          CREATE UNIQUE INDEX IF NOT EXISTS points_by_seq ON points(server_id, seq);",
+    )?;
+    Ok(())
+}
+
+/// Version 7 to 8: `point_blocks` keyed by point before block index, the
+/// rows copied over. (A fresh file has the new key already.)
+fn upgrade_to_8(conn: &Connection) -> Result<(), ReceiveError> {
+    let second: Option<String> = conn
+        .query_row(
+            "SELECT name FROM pragma_index_info('sqlite_autoindex_point_blocks_1') WHERE seqno = 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if second.as_deref() != Some("block_index") {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "CREATE TABLE point_blocks_v8(
+             volume_id INTEGER NOT NULL,
+             block_index INTEGER NOT NULL,
+             point_id INTEGER NOT NULL,
+             hash BLOB,
+             PRIMARY KEY(volume_id, point_id, block_index)) WITHOUT ROWID;
+         INSERT INTO point_blocks_v8(volume_id, block_index, point_id, hash)
+             SELECT volume_id, block_index, point_id, hash FROM point_blocks;
+         DROP TABLE point_blocks;
+         ALTER TABLE point_blocks_v8 RENAME TO point_blocks;
+         CREATE INDEX point_blocks_by_point ON point_blocks(point_id);",
     )?;
     Ok(())
 }
@@ -421,6 +465,45 @@ mod tests {
         drop(cat);
         Catalog::open(&path).unwrap();
         assert_eq!(user_version(&path), SCHEMA_VERSION);
+    }
+
+    /// Version 8: `point_blocks` of an older catalog is rebuilt keyed by
+    /// point first, and block maps read the same as before.
+    #[test]
+    fn an_older_catalog_gets_point_blocks_keyed_by_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(VERSION_2)
+            .unwrap();
+        let cat = Catalog::open(&path).unwrap();
+        let key: Vec<String> = Connection::open(&path)
+            .unwrap()
+            .prepare("SELECT name FROM pragma_index_info('sqlite_autoindex_point_blocks_1') ORDER BY seqno")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(key, ["volume_id", "point_id", "block_index"]);
+        let hash = |b: u8| {
+            let mut h = [0u8; 32];
+            h[0] = b;
+            Some(BlockHash(h))
+        };
+        assert_eq!(
+            cat.block_map(1, 3, 0).unwrap(),
+            vec![(0, hash(0xbb)), (1, hash(0xaa)), (2, None)]
+        );
+        assert_eq!(
+            cat.block_map(1, 1, 0).unwrap(),
+            vec![(0, hash(0)), (1, hash(0xaa))]
+        );
+        assert_eq!(
+            cat.block_map(1, 3, 1).unwrap(),
+            vec![(0, hash(0xbb)), (2, None)]
+        );
     }
 
     #[test]

@@ -8,16 +8,17 @@
 //!
 //! Rows are added by each commit for every block of the point, and go when
 //! garbage collection finds that no point of the server references the
-//! block any more ([`Catalog::drop_unreferenced_server_blocks`]).
+//! block any more ([`Catalog::gc_settle`]).
 
 use std::collections::{HashMap, HashSet};
 
 use pilotlight_protocol::BlockHash;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::blocks::hash_from_blob;
 use super::points::BlockRef;
 use super::Catalog;
+use crate::pack::BlockLoc;
 use crate::ReceiveError;
 
 impl Catalog {
@@ -36,18 +37,20 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Every server's stored blocks, by server id.
-    pub fn all_server_blocks(&self) -> Result<HashMap<i64, HashSet<BlockHash>>, ReceiveError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT server_id, hash FROM server_blocks")?;
-        let mut rows = st.query([])?;
-        let mut out: HashMap<i64, HashSet<BlockHash>> = HashMap::new();
-        while let Some(r) = rows.next()? {
-            let server: i64 = r.get(0)?;
-            if let Some(h) = hash_from_blob(Some(r.get(1)?))? {
-                out.entry(server).or_default().insert(h);
-            }
+    /// What each server is charged for (see [`Catalog::server_usage`]), by
+    /// server id: one pass over `server_blocks`.
+    pub fn usage_by_server(&self) -> Result<HashMap<i64, u64>, ReceiveError> {
+        let mut st = self.conn.prepare(
+            "SELECT s.server_id, sum(b.stored_len) FROM server_blocks s
+             JOIN blocks b ON b.hash = s.hash GROUP BY s.server_id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (server, bytes) = row?;
+            out.insert(server, bytes.unwrap_or(0).max(0) as u64);
         }
         Ok(out)
     }
@@ -63,70 +66,36 @@ impl Catalog {
         )?;
         Ok(n.unwrap_or(0).max(0) as u64)
     }
-
-    /// Delete the rows of blocks no point of their server references any
-    /// more (pruned away), except `pinned` ones (uncommitted points of live
-    /// sessions refer to them; their commit adds the row again anyway).
-    /// Returns how many rows went.
-    pub fn drop_unreferenced_server_blocks(
-        &mut self,
-        pinned: &HashSet<BlockHash>,
-    ) -> Result<u64, ReceiveError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut referenced: HashSet<(i64, BlockHash)> = HashSet::new();
-        {
-            let mut st = tx.prepare(
-                "SELECT DISTINCT v.server_id, pb.hash
-                 FROM point_blocks pb JOIN volumes v ON v.id = pb.volume_id
-                 WHERE pb.hash IS NOT NULL
-                 UNION SELECT server_id, hash FROM sync_blocks WHERE hash IS NOT NULL",
-            )?;
-            let mut rows = st.query([])?;
-            while let Some(r) = rows.next()? {
-                if let Some(h) = hash_from_blob(Some(r.get(1)?))? {
-                    referenced.insert((r.get(0)?, h));
-                }
-            }
-        }
-        let mut gone = Vec::new();
-        {
-            let mut st = tx.prepare("SELECT server_id, hash FROM server_blocks")?;
-            let mut rows = st.query([])?;
-            while let Some(r) = rows.next()? {
-                let server: i64 = r.get(0)?;
-                let Some(h) = hash_from_blob(Some(r.get(1)?))? else {
-                    continue;
-                };
-                if !pinned.contains(&h) && !referenced.contains(&(server, h)) {
-                    gone.push((server, h));
-                }
-            }
-        }
-        {
-            let mut del =
-                tx.prepare_cached("DELETE FROM server_blocks WHERE server_id=?1 AND hash=?2")?;
-            for (server, h) in &gone {
-                del.execute(params![server, &h.0[..]])?;
-            }
-        }
-        tx.commit()?;
-        Ok(gone.len() as u64)
-    }
 }
 
-/// Record, inside a point's commit transaction, that server `server_id`
-/// has stored every (non-zero) block of the point.
+/// Record, inside a point's (or a checkpoint's) transaction, that server
+/// `server_id` has stored every (non-zero) block of `blocks`; returns what
+/// that adds to its usage: the stored bytes of the blocks it had not
+/// stored yet, each once (`fresh`: the locations of the blocks first
+/// stored by the same transaction; any other is looked up).
 pub(super) fn record_server_blocks(
     tx: &Connection,
     server_id: i64,
     blocks: &[BlockRef],
-) -> Result<(), ReceiveError> {
+    fresh: &[(BlockHash, BlockLoc)],
+) -> Result<u64, ReceiveError> {
+    let sizes: HashMap<&BlockHash, u32> = fresh.iter().map(|(h, l)| (h, l.stored_len)).collect();
     let mut ins =
         tx.prepare_cached("INSERT OR IGNORE INTO server_blocks(server_id, hash) VALUES(?1, ?2)")?;
+    let mut size = tx.prepare_cached("SELECT stored_len FROM blocks WHERE hash=?1")?;
+    let mut charged = 0u64;
     for h in blocks.iter().filter_map(|b| b.hash.as_ref()) {
-        ins.execute(params![server_id, &h.0[..]])?;
+        if ins.execute(params![server_id, &h.0[..]])? == 0 {
+            continue;
+        }
+        let len = match sizes.get(h) {
+            Some(&l) => l,
+            None => size
+                .query_row(params![&h.0[..]], |r| r.get::<_, u32>(0))
+                .optional()?
+                .unwrap_or(0),
+        };
+        charged += u64::from(len);
     }
-    Ok(())
+    Ok(charged)
 }

@@ -115,61 +115,16 @@ impl Catalog {
 
     /// Record a checkpoint atomically; returns the sync's id and generation.
     pub fn checkpoint(&mut self, c: &NewCheckpoint<'_>) -> Result<(u64, u64), ReceiveError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let current: Option<(i64, i64)> = tx
-            .query_row(
-                "SELECT sync_id, generation FROM syncs WHERE server_id=?1",
-                params![c.server_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let (id, generation) = match (c.continues, current) {
-            (Some(id), Some((cur, g))) if cur as u64 == id => {
-                tx.execute(
-                    "UPDATE syncs SET generation=?2, updated_ms=?3, done_bytes=?4, total_bytes=?5
-                     WHERE server_id=?1",
-                    params![
-                        c.server_id,
-                        g + 1,
-                        c.now_ms,
-                        c.done_bytes as i64,
-                        c.total_bytes as i64
-                    ],
-                )?;
-                (id, g as u64 + 1)
-            }
-            (Some(id), _) => {
-                return Err(ReceiveError::Protocol(format!(
-                    "checkpoint of sync {id:016x}, which the catalog no longer holds"
-                )))
-            }
-            (None, _) => {
-                drop_sync(&tx, c.server_id)?;
-                tx.execute(
-                    "INSERT INTO syncs(server_id, sync_id, generation, base_seq, started_ms,
-                                       updated_ms, done_bytes, total_bytes, volumes)
-                     VALUES(?1, ?2, 1, ?3, ?4, ?4, ?5, ?6, ?7)",
-                    params![
-                        c.server_id,
-                        c.new_id as i64,
-                        c.base_seq,
-                        c.now_ms,
-                        c.done_bytes as i64,
-                        c.total_bytes as i64,
-                        c.volumes
-                    ],
-                )?;
-                (c.new_id, 1)
-            }
-        };
-        record_sync_blocks(&tx, c)?;
-        record_new_blocks(&tx, c.new_blocks)?;
-        record_server_blocks(&tx, c.server_id, c.blocks)?;
-        record_packs(&tx, c.packs)?;
-        tx.commit()?;
-        Ok((id, generation))
+        self.checkpoint_charged(c).map(|(id, g, _)| (id, g))
+    }
+
+    /// [`checkpoint`](Self::checkpoint), and what it adds to its server's
+    /// usage (see [`Catalog::commit_point_charged`]).
+    pub fn checkpoint_charged(
+        &mut self,
+        c: &NewCheckpoint<'_>,
+    ) -> Result<(u64, u64, u64), ReceiveError> {
+        self.atomically(|tx| checkpoint_rows(tx, c))
     }
 
     /// The number an in-progress sync of `server` is shown with (the one
@@ -210,6 +165,65 @@ impl Catalog {
         }
         Ok(out)
     }
+}
+
+/// The rows of a checkpoint, inside the caller's transaction; returns the
+/// sync's id and generation, and what it charges its server.
+fn checkpoint_rows(
+    tx: &Connection,
+    c: &NewCheckpoint<'_>,
+) -> Result<(u64, u64, u64), ReceiveError> {
+    let current: Option<(i64, i64)> = tx
+        .query_row(
+            "SELECT sync_id, generation FROM syncs WHERE server_id=?1",
+            params![c.server_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (id, generation) = match (c.continues, current) {
+        (Some(id), Some((cur, g))) if cur as u64 == id => {
+            tx.execute(
+                "UPDATE syncs SET generation=?2, updated_ms=?3, done_bytes=?4, total_bytes=?5
+                 WHERE server_id=?1",
+                params![
+                    c.server_id,
+                    g + 1,
+                    c.now_ms,
+                    c.done_bytes as i64,
+                    c.total_bytes as i64
+                ],
+            )?;
+            (id, g as u64 + 1)
+        }
+        (Some(id), _) => {
+            return Err(ReceiveError::Protocol(format!(
+                "checkpoint of sync {id:016x}, which the catalog no longer holds"
+            )))
+        }
+        (None, _) => {
+            drop_sync(tx, c.server_id)?;
+            tx.execute(
+                "INSERT INTO syncs(server_id, sync_id, generation, base_seq, started_ms,
+                                   updated_ms, done_bytes, total_bytes, volumes)
+                 VALUES(?1, ?2, 1, ?3, ?4, ?4, ?5, ?6, ?7)",
+                params![
+                    c.server_id,
+                    c.new_id as i64,
+                    c.base_seq,
+                    c.now_ms,
+                    c.done_bytes as i64,
+                    c.total_bytes as i64,
+                    c.volumes
+                ],
+            )?;
+            (c.new_id, 1)
+        }
+    };
+    record_sync_blocks(tx, c)?;
+    record_new_blocks(tx, c.new_blocks)?;
+    let charged = record_server_blocks(tx, c.server_id, c.blocks, c.new_blocks)?;
+    record_packs(tx, c.packs)?;
+    Ok((id, generation, charged))
 }
 
 /// The blocks of a checkpoint in `sync_blocks`, zero runs expanded in
