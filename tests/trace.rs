@@ -204,6 +204,18 @@ fn ext4(root: &Path, size: u64) -> SmallFs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: loop devices, tracefs, mkfs.ext4, e2fsck, fsfreeze and fio"]
 async fn fio_on_ext4_points_are_consistent() {
+    fio_on_ext4("4096").await;
+}
+
+/// The same with the default 64 KiB blocks: fio's 4 KiB writes go as
+/// partial blocks, through pre-copy rounds and the frozen capture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs, mkfs.ext4, e2fsck, fsfreeze and fio"]
+async fn fio_on_ext4_points_of_partial_blocks_are_consistent() {
+    fio_on_ext4("65536").await;
+}
+
+async fn fio_on_ext4(block_size: &str) {
     require_tracing();
     require_tools(&["fio", "e2fsck", "fsfreeze"]);
     let tmp = tempfile::tempdir().unwrap();
@@ -223,7 +235,14 @@ async fn fio_on_ext4_points_are_consistent() {
         &id,
         &root.join("state"),
         fs.device(),
-        &["--consistency", &freeze, "--interval", "1s"],
+        &[
+            "--consistency",
+            &freeze,
+            "--interval",
+            "1s",
+            "--block-size",
+            block_size,
+        ],
     );
     agent.initial_sync().await;
 
@@ -275,9 +294,19 @@ async fn fio_on_ext4_points_are_consistent() {
     let st = agent.status().unwrap();
     let tracking = st.tracking.clone().unwrap();
     eprintln!(
-        "freeze: last {:?} ms, longest {:?} ms; rescans {}",
-        tracking.last_freeze_ms, tracking.max_freeze_ms, tracking.rescans
+        "freeze: last {:?} ms, longest {:?} ms; rescans {}; {} partial blocks, {:?} read per written",
+        tracking.last_freeze_ms,
+        tracking.max_freeze_ms,
+        tracking.rescans,
+        tracking.partial_blocks_total,
+        tracking.read_per_written
     );
+    if block_size != "4096" {
+        assert!(
+            tracking.partial_blocks_total > 0,
+            "no partial block was sent"
+        );
+    }
     assert!(tracking.max_freeze_ms.is_some(), "no freeze was reported");
     for line in agent.log().lines().filter(|l| l.contains("thawed")) {
         eprintln!("{line}");

@@ -277,9 +277,15 @@ impl Overlay {
     }
 
     /// Point `tag` sent block `index` as a partial block whose new hash is
-    /// now known: record it, unless a later point sent the block again.
+    /// now known: record it, unless the block was sent again since (whole,
+    /// later in the same point, or by a later point).
     pub(crate) fn resolve(&mut self, tag: u64, index: u64, hash: BlockHash) {
-        if let Some(e) = self.sent.get_mut(&index).filter(|e| e.1 == tag) {
+        let placeholder = crate::scan::MERGED_LATER;
+        if let Some(e) = self
+            .sent
+            .get_mut(&index)
+            .filter(|e| e.1 == tag && e.0 == placeholder)
+        {
             e.0 = hash;
         }
     }
@@ -382,6 +388,27 @@ mod tests {
         f.write(&[(3, z)]).unwrap();
         f.read(3, 1, &mut out).unwrap();
         assert_eq!(out, [z]);
+    }
+
+    #[test]
+    fn a_partial_blocks_hash_is_resolved_only_if_not_sent_again() {
+        use crate::scan::MERGED_LATER;
+        let mut o = Overlay::default();
+        let (m, h) = (BlockHash([1; 32]), BlockHash([2; 32]));
+        // Sent as pages, then whole later in the same point: the whole
+        // block's hash stays.
+        o.record(3, &[(5, MERGED_LATER)]);
+        o.record(3, &[(5, h)]);
+        o.resolve(3, 5, m);
+        assert_eq!(o.sent(5), Some((h, 3)));
+        // Sent as pages alone: resolved.
+        o.record(3, &[(6, MERGED_LATER)]);
+        o.resolve(3, 6, m);
+        assert_eq!(o.sent(6), Some((m, 3)));
+        // By another point: untouched.
+        o.record(4, &[(7, MERGED_LATER)]);
+        o.resolve(3, 7, m);
+        assert_eq!(o.sent(7), Some((MERGED_LATER, 4)));
     }
 
     #[test]

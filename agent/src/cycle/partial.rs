@@ -16,10 +16,10 @@
 //! [`MERGED_LATER`](crate::scan::MERGED_LATER); the receiver answers each
 //! `PartialBlock` with `PartialApplied` (kept by the link) before the
 //! `Received` that covers it, so once every frame sent is acknowledged
-//! (a barrier) every answer is in. A point's `DURABLE` resolves its
-//! partial blocks' hashes before they reach the durable hashes; one the
-//! receiver never answered is a protocol error (the next session then
-//! fetches the receiver's own hashes).
+//! (a barrier) every answer is in. A point's `DURABLE` waits for that
+//! barrier, then resolves its partial blocks' hashes before they reach the
+//! durable hashes; one the receiver never answered is a protocol error (the
+//! next session then fetches the receiver's own hashes).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -139,10 +139,12 @@ impl Session<'_> {
     }
 
     /// Before `p`'s `DURABLE` is taken: the new hashes of its partial
-    /// blocks, from the receiver's answers (after a barrier if some are not
-    /// in yet).
+    /// blocks, from the receiver's answers. Every frame sent is
+    /// acknowledged first (a barrier): `DURABLE` may overtake the answers
+    /// on their data streams, and a block sent as pages twice in the point
+    /// must take the later answer, never an earlier one already in.
     pub(crate) async fn resolve_partial(&mut self, p: &mut Pending) -> Result<(), AgentError> {
-        if p.partial == 0 || self.try_resolve(p) {
+        if p.partial == 0 {
             return Ok(());
         }
         self.link.barrier().await?;
