@@ -76,7 +76,7 @@ pub struct Catalog {
     conn: Connection,
     /// The checkpoint thread, when this connection leaves checkpoints to
     /// it (see `wal.rs`).
-    wal: Option<wal::Nudge>,
+    wal: Option<wal::Wal>,
 }
 
 /// SQLite page cache per connection, KiB.

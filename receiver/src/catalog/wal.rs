@@ -14,14 +14,30 @@
 
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
 
 use rusqlite::Connection;
 
 use super::Catalog;
 use crate::ReceiveError;
 
-/// Nudges the checkpoint thread.
-pub(super) type Nudge = SyncSender<()>;
+/// The checkpoint thread: nudged after commits, stopped and joined when
+/// the catalog is dropped, so that nothing holds the catalog's files open
+/// once its `Catalog` is gone (a store on a filesystem being unmounted,
+/// a directory being removed).
+pub(super) struct Wal {
+    nudge: Option<SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.nudge.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 impl Catalog {
     /// Stop checkpointing in the committing thread; start a thread that
@@ -31,25 +47,28 @@ impl Catalog {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         let (tx, rx) = sync_channel(1);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("catalog-wal".into())
             .spawn(move || checkpoints(&conn, &rx))
             .map_err(|e| ReceiveError::storage(path, e))?;
         self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        self.wal = Some(tx);
+        self.wal = Some(Wal {
+            nudge: Some(tx),
+            thread: Some(thread),
+        });
         Ok(())
     }
 
     /// After a commit: let the checkpoint thread copy the WAL back.
     pub(super) fn nudge_checkpoint(&self) {
-        if let Some(tx) = &self.wal {
+        if let Some(tx) = self.wal.as_ref().and_then(|w| w.nudge.as_ref()) {
             let _ = tx.try_send(());
         }
     }
 }
 
 /// The checkpoint thread: one `PASSIVE` checkpoint per nudge, until the
-/// writer connection is gone.
+/// catalog is dropped.
 fn checkpoints(conn: &Connection, nudges: &Receiver<()>) {
     while nudges.recv().is_ok() {
         let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -112,5 +131,31 @@ mod tests {
             );
             std::thread::yield_now();
         }
+    }
+
+    /// Once the catalog is dropped, no handle on its files is left open
+    /// (the checkpoint thread's connection included): the power-loss test
+    /// unmounts the store's filesystem right after.
+    #[test]
+    fn dropping_the_catalog_closes_the_checkpoint_threads_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let open_on_dir = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|t| t.starts_with(dir.path()))
+                .count()
+        };
+        let mut cat = Catalog::open(&path).unwrap();
+        cat.checkpoint_in_background(&path).unwrap();
+        cat.atomically(|tx| {
+            tx.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")?;
+            Ok(())
+        })
+        .unwrap();
+        assert!(open_on_dir() > 0);
+        drop(cat);
+        assert_eq!(open_on_dir(), 0, "a file of the catalog is still open");
     }
 }
