@@ -389,11 +389,12 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Rebuild { dir, store, key } => {
             let r = pilotlight_receiver::objstore::rebuild::rebuild(&dir, &store, key.as_deref())?;
             println!(
-                "rebuilt {} from {store}: {} points of {} servers (catalog snapshot of {}); packs come back on first read, staging images when serve starts",
+                "rebuilt {} from {store}: {} points of {} servers (catalog snapshot of {} and {} journal records after it); packs come back on first read, staging images when serve starts",
                 dir.display(),
                 r.points,
                 r.servers,
-                pilotlight_protocol::clock::rfc3339(r.snapshot_ms)
+                pilotlight_protocol::clock::rfc3339(r.snapshot_ms),
+                r.journal_records
             );
         }
         Cmd::Enroll {

@@ -14,6 +14,7 @@
 //! restore_grants(server_id, from_server_id, granted_ms)  who may restore whose volumes
 //! syncs(server_id, sync_id, generation, ..) a server's in-progress full sync
 //! sync_blocks(server_id, volume, block_index, hash, raw_len)   its blocks
+//! journal(id, tbl, k1..k4)                 rows changed since the object store last had them
 //! ```
 //!
 //! The schema version is SQLite's `PRAGMA user_version`: see

@@ -15,6 +15,7 @@
 //! | 4 | `points.seq`: each server numbers its own points 1, 2, 3, ... (what agents and operators see as the point's id, so that no server learns another's commit rate from the ids); old rows are numbered in commit order |
 //! | 5 | new table `restore_grants(server_id, from_server_id, granted_ms)`: which server may restore which other server's volumes over the network (`grant --restore-from`); created empty |
 //! | 6 | new tables `syncs` and `sync_blocks`: a server's in-progress full sync, durable at each checkpoint, not a point (see `syncs.rs`); created empty |
+//! | 7 | new table `journal(id, tbl, k1..k4)`: the keys of catalog rows changed since they last went to the object store, written by triggers that `objstore::journal` installs only in a directory with a `[store]` (see there); created empty |
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
@@ -23,7 +24,7 @@ use crate::ReceiveError;
 /// The schema version this receiver reads and writes. Raise it with every
 /// change to the tables below, and teach `create` to upgrade the older
 /// versions.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -99,6 +100,10 @@ CREATE TABLE IF NOT EXISTS sync_blocks(
     hash BLOB,
     raw_len INTEGER NOT NULL,
     PRIMARY KEY(server_id, volume, block_index)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    k1, k2, k3, k4);
 ";
 
 /// The version recorded in the file (0 when none is).
@@ -143,8 +148,9 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
         if from < 4 {
             upgrade_to_4(&tx)?;
         }
-        // Version 5 adds `restore_grants` and version 6 (resumable syncs)
-        // `syncs` and `sync_blocks`: tables of `SCHEMA`, created empty above.
+        // Version 5 adds `restore_grants`, version 6 (resumable syncs)
+        // `syncs` and `sync_blocks` and version 7 `journal`: tables of
+        // `SCHEMA`, created empty above.
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;
