@@ -98,6 +98,7 @@ pub fn collect(
     let referenced = store.catalog()?.referenced_hashes()?;
     let blocks = store.catalog()?.all_blocks()?;
     let packs = store.catalog()?.packs()?;
+    crate::objstore::cache::reachable_for(store.dir(), packs.iter().map(|(p, _)| *p))?;
 
     let (mut removed, busy, pinned) = unindex_garbage(store, pins, &blocks, &referenced)?;
     forget_unreferenced_owners(store, &pinned)?;

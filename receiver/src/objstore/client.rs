@@ -90,6 +90,10 @@ pub fn parse_segment_name(name: &str) -> Option<(u64, u64, u64)> {
     Some((pack.parse().ok()?, start, end))
 }
 
+/// Segments the streamer uploaded: (pack, start) → (end, BLAKE3 of the
+/// bytes).
+pub(super) type Streamed = std::collections::HashMap<(u64, u64), (u64, [u8; 32])>;
+
 /// How a blocking caller runs the client's futures: on the runtime it was
 /// made in (`serve`, from its blocking threads), or on a small runtime of
 /// its own (the commands).
@@ -113,7 +117,7 @@ pub struct Offsite {
     /// One upload at a time: commits that share a pack upload in order.
     pub(super) upload: Mutex<()>,
     /// Segments the streamer uploaded: (pack, start) → (end, BLAKE3).
-    pub(super) early: Mutex<std::collections::HashMap<(u64, u64), (u64, [u8; 32])>>,
+    pub(super) early: Mutex<Streamed>,
     /// One cache fill at a time.
     pub(super) fill: Mutex<()>,
     /// Commits since the last snapshot.

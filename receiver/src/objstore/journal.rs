@@ -209,6 +209,22 @@ impl Offsite {
     /// unreachable (until `serve` stops, or a command's patience ends).
     /// Nothing to do when the journal is empty. Blocking.
     pub(crate) fn ship(&self) -> Result<(), OffsiteError> {
+        let conn = self.open_journal()?;
+        let Some(c) = conn.as_ref() else {
+            return Ok(());
+        };
+        if let Some(to) = self.ship_record(c)? {
+            c.execute("DELETE FROM journal WHERE id <= ?1", [to as i64])
+                .map_err(sql_err)?;
+        }
+        Ok(())
+    }
+
+    /// The journal's connection to the catalog, opened (and the triggers
+    /// installed) on first use; held, it keeps other ships waiting.
+    pub(crate) fn open_journal(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, Option<Connection>>, OffsiteError> {
         let mut conn = self.journal.lock().map_err(|_| OffsiteError::Cancelled)?;
         if conn.is_none() {
             let path = self.dir.join(CATALOG_FILE);
@@ -218,14 +234,7 @@ impl Offsite {
             install(&c)?;
             *conn = Some(c);
         }
-        let Some(c) = conn.as_ref() else {
-            return Ok(());
-        };
-        if let Some(to) = self.ship_record(c)? {
-            c.execute("DELETE FROM journal WHERE id <= ?1", [to as i64])
-                .map_err(sql_err)?;
-        }
-        Ok(())
+        Ok(conn)
     }
 
     /// Read and upload one record; the last journal id it covers.

@@ -271,9 +271,10 @@ pub fn for_serve(dir: &Path) -> Result<Option<Arc<Offsite>>, ReceiveError> {
             .into_iter()
             .collect();
     o.reconcile(&committed)?;
-    // Commits a crash kept from the journal (never acknowledged).
-    o.ship()?;
-    o.snapshot_known()?;
+    // Every change from here on is journaled (what a crash kept from the
+    // bucket, never acknowledged, goes with the next ship).
+    drop(o.open_journal()?);
+    o.snapshot_known();
     o.state.update(&o.url.to_string(), |_| {});
     Ok(Some(o))
 }

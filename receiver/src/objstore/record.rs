@@ -167,6 +167,12 @@ impl PartWriter {
         self.buf.extend_from_slice(&seq.to_le_bytes());
     }
 
+    /// The plain bytes of the part under way (the golden test).
+    #[cfg(test)]
+    fn plain(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Whether the part under way should be cut.
     pub(crate) fn full(&self) -> bool {
         self.buf.len() >= PART_TARGET
@@ -312,6 +318,44 @@ mod tests {
         let (n, packed) = w.take().unwrap();
         let p = read_part(&packed).unwrap();
         assert_eq!((n, p.part, p.tables.len()), (1, 1, 1));
+    }
+
+    #[test]
+    fn the_part_format_is_pinned() {
+        let t = TableShape {
+            name: "t".into(),
+            keys: vec!["a".into()],
+            cols: vec!["a".into(), "b".into()],
+        };
+        let mut w = PartWriter::new(1, 2);
+        w.row(&t, &[Value::Integer(7), Value::Blob(vec![0xAB])]);
+        w.gone(&t, &[Value::Text("k".into())]);
+        w.seq("t", 9);
+        let hex: String = w.plain().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            concat!(
+                "504c4a524e4c3031", // magic PLJRNL01
+                "0100000000000000", // from 1
+                "0200000000000000", // to 2
+                "00000000",         // part 0
+                "01",
+                "010074",
+                "0100",
+                "010061", // table t, key a
+                "0200",
+                "010061",
+                "010062", // columns a, b
+                "03",
+                "010700000000000000",
+                "0401000000ab", // row (7, x'ab')
+                "02",
+                "03010000006b", // gone: key 'k'
+                "04",
+                "010074",
+                "0900000000000000", // seq t = 9
+            )
+        );
     }
 
     #[test]

@@ -103,19 +103,16 @@ impl Offsite {
     }
 
     /// When `serve` starts: learn when the bucket's newest snapshot was
-    /// taken (the next is due `snapshot_every` after it). Blocking.
-    pub(crate) fn snapshot_known(&self) -> Result<(), OffsiteError> {
+    /// taken (the next is due `snapshot_every` after it); when there is
+    /// none, one is due now. Not knowing (the store went away) only makes
+    /// the first commit take one. Blocking.
+    pub(crate) fn snapshot_known(&self) {
         match self.block_on(self.manifest()) {
-            Ok(m) => {
-                self.last_snapshot_ms.store(m.created_ms, Ordering::SeqCst);
-                Ok(())
+            Ok(m) => self.last_snapshot_ms.store(m.created_ms, Ordering::SeqCst),
+            Err(OffsiteError::Missing(_)) => self.snapshot_due(),
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot read the catalog manifest; the first commit takes a snapshot")
             }
-            Err(OffsiteError::Missing(_)) => {
-                // None yet: the first commit takes one.
-                self.snapshot_due();
-                Ok(())
-            }
-            Err(e) => Err(e),
         }
     }
 

@@ -169,7 +169,13 @@ impl Offsite {
                     return Err(e);
                 }
                 Err(e) => {
-                    tracing::warn!(cause = %e, retry_in_ms = wait.as_millis() as u64, "object store: upload failed; the point waits");
+                    let retry_in_ms = wait.as_millis() as u64;
+                    if serving {
+                        tracing::warn!(cause = %e, retry_in_ms, "object store: upload failed; the point waits");
+                    } else {
+                        // A command says it once, when it gives up.
+                        tracing::debug!(cause = %e, retry_in_ms, "object store unreachable; waiting");
+                    }
                     let cause = e.to_string();
                     if serving {
                         self.state.update(&url, |s| {
