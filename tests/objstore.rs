@@ -35,11 +35,17 @@ fn receiver(moto: &Moto, args: &[&str]) -> Output {
 
 /// `serve` with moto's environment; returns it and its address.
 fn serve(moto: &Moto, dir: &Path) -> (ChildGuard, String) {
+    serve_with(moto, dir, &[])
+}
+
+/// `serve` with moto's environment and `env`.
+fn serve_with(moto: &Moto, dir: &Path, env: &[(&str, &str)]) -> (ChildGuard, String) {
     use std::io::BufRead;
     let mut child = Command::new(bin("pilotlight-receiver"))
         .args(["serve", "--listen", "127.0.0.1:0", "--print-addr", "--dir"])
         .arg(dir)
         .envs(moto.env())
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -540,4 +546,298 @@ fn gc_deletes_the_objects_of_the_packs_it_removes_and_what_stays_restores_cold()
     let v = ok(&receiver(&moto, &["verify", "--dir", s(&new), "--json"]));
     let v: serde_json::Value = serde_json::from_str(&v).unwrap();
     assert_eq!(v["ok"], true, "{v}");
+}
+
+/// Set `[section] key = value` in the receiver.toml of `dir`.
+fn set_config(dir: &Path, section: &str, key: &str, value: toml::Value) {
+    let path = dir.join("receiver.toml");
+    let mut cfg: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    cfg.entry(section)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .unwrap()
+        .insert(key.into(), value);
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+}
+
+/// The point ids `points --json` lists in `dir`.
+fn point_ids(moto: &Moto, dir: &Path) -> Vec<i64> {
+    let text = ok(&receiver(moto, &["points", "--dir", s(dir), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_i64().unwrap())
+        .collect()
+}
+
+/// Restore point `id` of web1's `root` from `dir` to `out`.
+fn restore(moto: &Moto, dir: &Path, id: i64, out: &Path) {
+    let id = id.to_string();
+    ok(&receiver(
+        moto,
+        &[
+            "restore",
+            "--dir",
+            s(dir),
+            "--server",
+            "web1",
+            "--volume",
+            "root",
+            "--point",
+            &id,
+            "--to",
+            s(out),
+        ],
+    ));
+}
+
+/// `rebuild` of `new` from `prefix` with the key `key`; its output.
+fn rebuild(moto: &Moto, new: &Path, prefix: &str, key: &Path) -> String {
+    let url = format!("s3://{BUCKET}/{prefix}");
+    ok(&receiver(
+        moto,
+        &["rebuild", "--dir", s(new), "--store", &url, "--key", s(key)],
+    ))
+}
+
+#[test]
+#[ignore = "needs moto_server"]
+fn points_and_prunes_after_the_last_snapshot_are_in_a_rebuild() {
+    require_tools(&["moto_server"]);
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (dir, id) = init(&moto, root, "site-j");
+    // Snapshots are rare: one when serve first commits (and at shutdown),
+    // then none for an hour.
+    set_config(&dir, "store", "snapshot_secs", toml::Value::Integer(3600));
+    set_config(
+        &dir,
+        "retention",
+        "min_keep",
+        toml::Value::String("0s".into()),
+    );
+    let key = root.join("offline.key");
+    std::fs::copy(dir.join("store.key"), &key).unwrap();
+    let img = root.join("web1.img");
+    let state = root.join("state");
+    sample_image(&img, 4 << 20, 41);
+    let (rx, addr) = serve(&moto, &dir);
+    let p1: i64 = ok(&agent(&addr, &id, &state, &img).output().unwrap())
+        .trim()
+        .parse()
+        .unwrap();
+    stop(rx); // the shutdown snapshot has point 1
+
+    let (rx, addr) = serve(&moto, &dir);
+    // Every block differs: point 1's blocks are garbage once it is pruned.
+    sample_image(&img, 4 << 20, 42);
+    let p2: i64 = ok(&agent(&addr, &id, &state, &img).output().unwrap())
+        .trim()
+        .parse()
+        .unwrap();
+    let v2 = root.join("v2.img");
+    std::fs::copy(&img, &v2).unwrap();
+    overwrite_random_4k(&img, 10, 43);
+    let p3: i64 = ok(&agent(&addr, &id, &state, &img).output().unwrap())
+        .trim()
+        .parse()
+        .unwrap();
+    drop(rx); // kill -9: no snapshot after point 1's
+    let before = packs_in_bucket(&moto, "site-j");
+    ok(&receiver(
+        &moto,
+        &[
+            "prune",
+            "--dir",
+            s(&dir),
+            "--server",
+            "web1",
+            "--keep-last",
+            "2",
+        ],
+    ));
+    let after = packs_in_bucket(&moto, "site-j");
+    assert!(
+        before.difference(&after).next().is_some(),
+        "gc deleted the objects of point 1's packs: {before:?} -> {after:?}"
+    );
+    assert_eq!(point_ids(&moto, &dir), vec![p2, p3]);
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    let new = root.join("rcv2");
+    let out = rebuild(&moto, &new, "site-j", &key);
+    assert!(out.contains("2 points"), "{out}");
+    assert!(!out.contains(" 0 journal records"), "{out}");
+    assert_eq!(
+        point_ids(&moto, &new),
+        vec![p2, p3],
+        "point {p1} was pruned"
+    );
+    for (p, want) in [(p2, &v2), (p3, &img)] {
+        let got = root.join(format!("r{p}.img"));
+        restore(&moto, &new, p, &got);
+        assert_same_bytes(&got, want, file_len(want));
+    }
+    let v = ok(&receiver(&moto, &["verify", "--dir", s(&new), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+#[ignore = "needs moto_server"]
+fn a_kill_after_the_journal_record_and_before_the_ack_leaves_a_rebuild_that_opens() {
+    require_tools(&["moto_server"]);
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (dir, id) = init(&moto, root, "site-k");
+    let img = root.join("web1.img");
+    let state = root.join("state");
+    sample_image(&img, 4 << 20, 51);
+    let (rx, addr) = serve(&moto, &dir);
+    let p1: i64 = ok(&agent(&addr, &id, &state, &img).output().unwrap())
+        .trim()
+        .parse()
+        .unwrap();
+    stop(rx);
+    let v1 = root.join("v1.img");
+    std::fs::copy(&img, &v1).unwrap();
+
+    overwrite_random_4k(&img, 20, 52);
+    let (mut rx, addr) = serve_with(&moto, &dir, &[("PILOTLIGHT_TEST_KILL_AFTER_JOURNAL", "1")]);
+    let _agent = ChildGuard(
+        agent(&addr, &id, &state, &img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Deadline::after(Duration::from_secs(120)).every(Duration::from_millis(100));
+    let status = loop {
+        if let Some(st) = rx.0.try_wait().unwrap() {
+            break st;
+        }
+        deadline.next_blocking(|| "the receiver never reached the crash point".into());
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "killed at the crash point");
+    drop(_agent);
+
+    let new = root.join("rcv2");
+    let out = rebuild(&moto, &new, "site-k", &dir.join("store.key"));
+    assert!(
+        out.contains("2 points"),
+        "the unacknowledged point is there too: {out}"
+    );
+    let ids = point_ids(&moto, &new);
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], p1);
+    for (p, want) in [(ids[0], &v1), (ids[1], &img)] {
+        let got = root.join(format!("r{p}.img"));
+        restore(&moto, &new, p, &got);
+        assert_same_bytes(&got, want, file_len(want));
+    }
+    // The old directory serves again, and its next commits journal on.
+    let (rx, addr) = serve(&moto, &dir);
+    ok(&agent(&addr, &id, &state, &img).output().unwrap());
+    stop(rx);
+}
+
+#[test]
+#[ignore = "needs moto_server"]
+fn commands_that_need_the_store_give_up_in_bounded_time_with_one_sentence() {
+    require_tools(&["moto_server"]);
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (dir, id) = init(&moto, root, "site-d");
+    set_config(&dir, "store", "command_wait_secs", toml::Value::Integer(3));
+    set_config(
+        &dir,
+        "retention",
+        "min_keep",
+        toml::Value::String("0s".into()),
+    );
+    let img = root.join("web1.img");
+    let state = root.join("state");
+    sample_image(&img, 2 << 20, 61);
+    let (rx, addr) = serve(&moto, &dir);
+    ok(&agent(&addr, &id, &state, &img).output().unwrap());
+    sample_image(&img, 2 << 20, 62);
+    let p2 = ok(&agent(&addr, &id, &state, &img).output().unwrap())
+        .trim()
+        .to_owned();
+    stop(rx);
+    // A cold cache: every read needs the bucket.
+    for e in std::fs::read_dir(dir.join("packs")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    moto.stop();
+    let out = root.join("p2.img");
+    let key = dir.join("store.key");
+    let url = format!("s3://{BUCKET}/site-d");
+    let new = root.join("rcv2");
+    // prune's own work is local: it prunes, and says the space waits.
+    let started = std::time::Instant::now();
+    let o = receiver(
+        &moto,
+        &[
+            "prune",
+            "--dir",
+            s(&dir),
+            "--server",
+            "web1",
+            "--keep-last",
+            "1",
+        ],
+    );
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("space not collected now: cannot reach the object store"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let commands: [Vec<&str>; 4] = [
+        vec![
+            "restore",
+            "--dir",
+            s(&dir),
+            "--server",
+            "web1",
+            "--volume",
+            "root",
+            "--point",
+            &p2,
+            "--to",
+            s(&out),
+        ],
+        vec!["verify", "--dir", s(&dir)],
+        // The prune's catalog changes wait in the journal: gc ships them.
+        vec!["gc", "--dir", s(&dir)],
+        vec![
+            "rebuild",
+            "--dir",
+            s(&new),
+            "--store",
+            &url,
+            "--key",
+            s(&key),
+        ],
+    ];
+    for args in &commands {
+        let started = std::time::Instant::now();
+        let o = receiver(&moto, args);
+        let took = started.elapsed();
+        fails(&o, "cannot reach the object store");
+        assert!(took < Duration::from_secs(60), "{args:?} took {took:?}");
+    }
+    // status reads the directory only.
+    let text = ok(&receiver(&moto, &["status", "--dir", s(&dir)]));
+    assert!(text.contains("object store"), "{text}");
 }

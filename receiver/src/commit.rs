@@ -23,6 +23,9 @@
 //!    (`server_blocks`); once that transaction is durable, the committed
 //!    blocks enter the in-memory index and the server's owned blocks
 //!    ([`record_point`]);
+//!    With an object store, what the transaction changed in the catalog
+//!    then goes to the bucket's journal ([`crate::objstore::committed`]),
+//!    so that a rebuild has the point;
 //! 4. **`DURABLE` ack**: sent by the connection once [`Committer::commit`]
 //!    returns;
 //! 5. **staging**: the connection then asks the staging task
@@ -130,7 +133,7 @@ impl Committer {
         let (point, created_ms) = blocking(move || {
             sync_packs(&store, &pending)?;
             let done = record_point(&store, &s, end, &pending)?;
-            crate::objstore::committed(store.dir(), &store.open_packs());
+            crate::objstore::committed(store.dir(), &store.open_packs())?;
             Ok(done)
         })
         .await

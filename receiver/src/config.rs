@@ -132,6 +132,13 @@ pub struct StoreConfig {
     /// Most bytes of packs kept in the local directory: packs already in
     /// the bucket are evicted past it and downloaded again on a miss.
     pub cache: Size,
+    /// Least seconds between two catalog snapshots (each commit's changes
+    /// are in the bucket's journal before `DURABLE` in any case; a
+    /// snapshot trims the journal).
+    pub snapshot_secs: u64,
+    /// How long a command (`gc`, `prune`, `verify`, `restore`, `rebuild`)
+    /// waits for an unreachable store before it fails.
+    pub command_wait_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -139,6 +146,8 @@ impl Default for StoreConfig {
         Self {
             url: String::new(),
             cache: Size(Some(8 << 30)),
+            snapshot_secs: 300,
+            command_wait_secs: 60,
         }
     }
 }

@@ -125,6 +125,9 @@ fn collect_with(
     // written to.
     let mut sorted = store.catalog()?.packs()?;
     sorted.sort_unstable();
+    // With an object store, it must answer before anything is doomed (one
+    // clear error, not every pack found missing).
+    crate::objstore::cache::reachable_for(store.dir(), sorted.iter().map(|(p, _)| *p))?;
     let mark = gc.gc_mark()?;
     let busy = doom_garbage(store, gc, pins)?;
     let dropped = gc.gc_settle(mark)?;

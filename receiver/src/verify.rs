@@ -90,6 +90,7 @@ pub fn verify(
         }
     }
     let list: Vec<(BlockHash, BlockLoc)> = distinct.into_iter().collect();
+    crate::objstore::cache::reachable_for(dir, list.iter().map(|(_, l)| l.pack))?;
     let bad: Mutex<HashMap<BlockHash, String>> = Mutex::new(HashMap::new());
     let next = AtomicUsize::new(0);
     let bar = crate::restore::progress_bar(progress, list.len() as u64);

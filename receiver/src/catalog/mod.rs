@@ -15,6 +15,7 @@
 //! syncs(server_id, sync_id, generation, ..) a server's in-progress full sync
 //! sync_blocks(server_id, volume, block_index, hash, raw_len)   its blocks
 //! gc_doomed(pack_id, hash, ..)             blocks a collection took out of the index
+//! journal(id, tbl, k1..k4)                 rows changed since the object store last had them
 //! ```
 //!
 //! The block index is `blocks` (by hash) and `server_blocks` itself, looked

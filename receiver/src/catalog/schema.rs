@@ -15,6 +15,7 @@
 //! | 4 | `points.seq`: each server numbers its own points 1, 2, 3, ... (what agents and operators see as the point's id, so that no server learns another's commit rate from the ids); old rows are numbered in commit order |
 //! | 5 | new table `restore_grants(server_id, from_server_id, granted_ms)`: which server may restore which other server's volumes over the network (`grant --restore-from`); created empty |
 //! | 6 | new tables `syncs` and `sync_blocks`: a server's in-progress full sync, durable at each checkpoint, not a point (see `syncs.rs`); created empty |
+//! | 7 | new table `journal(id, tbl, k1..k4)`: the keys of catalog rows changed since they last went to the object store, written by triggers that `objstore::journal` installs only in a directory with a `[store]` (see there); created empty |
 //! | 8 | `point_blocks` keyed by `(volume_id, point_id, block_index)` (was `(volume_id, block_index, point_id)`): a point's rows are one run, written in a few pages, instead of a page per changed block among its volume's rows (the table is rebuilt); new table `gc_doomed`: blocks a garbage collection took out of the block index until it decides (created empty; a receiver that starts to serve puts any left back); new index `blocks_by_pack` (a pack's blocks without a scan of `blocks`) |
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -100,6 +101,10 @@ CREATE TABLE IF NOT EXISTS sync_blocks(
     hash BLOB,
     raw_len INTEGER NOT NULL,
     PRIMARY KEY(server_id, volume, block_index)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    k1, k2, k3, k4);
 CREATE TABLE IF NOT EXISTS gc_doomed(
     pack_id INTEGER NOT NULL,
     hash BLOB NOT NULL,
@@ -157,9 +162,9 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
             upgrade_to_8(&tx)?;
         }
         // Version 5 adds `restore_grants`, version 6 (resumable syncs)
-        // `syncs` and `sync_blocks`, version 8 `gc_doomed` and the index
-        // `blocks_by_pack`: all of `SCHEMA`, created above (the index over
-        // the existing rows).
+        // `syncs` and `sync_blocks`, version 7 `journal`, version 8
+        // `gc_doomed` and the index `blocks_by_pack`: all of `SCHEMA`,
+        // created above (the index over the existing rows).
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;

@@ -1,19 +1,23 @@
 //! The local packs as a bounded cache of the bucket: packs already uploaded
 //! are evicted past the budget (`[store] cache`), and a read that finds no
 //! local pack (restore, export, verify, failback, GC) downloads and opens
-//! its segments into the pack file first.
+//! its segments into the pack file first, each by ranged reads in parallel.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::Path;
 
 use futures_util::StreamExt;
 use object_store::ObjectStoreExt;
 
 use super::client::{classify, segment_name};
-use super::crypto::Opener;
+use super::crypto::{Opener, SealHeader, SEAL_HEADER_LEN, TAG_LEN};
 use super::{Offsite, OffsiteError};
 use crate::pack::{pack_path, parse_pack_name};
+
+/// Bytes of a segment one ranged read asks for.
+const FETCH_RANGE: u64 = 8 << 20;
+/// Ranged reads of one segment in flight at once.
+const RANGES_IN_FLIGHT: usize = 4;
 
 impl Offsite {
     /// Bring pack `pack` back from the bucket into the local directory.
@@ -55,23 +59,86 @@ impl Offsite {
         segs: &std::collections::BTreeMap<u64, u64>,
         tmp: &Path,
     ) -> Result<u64, OffsiteError> {
-        let mut file = std::fs::File::create(tmp).map_err(|e| OffsiteError::local(tmp, e))?;
+        let file = std::fs::File::create(tmp).map_err(|e| OffsiteError::local(tmp, e))?;
         let mut at = 0;
         while let Some(&end) = segs.get(&at) {
             let name = segment_name(pack, at, end);
-            let plain = self.block_on(self.download(&name))?;
-            if plain.len() as u64 != end - at {
-                return Err(OffsiteError::Damaged {
-                    object: name,
-                    why: "its length differs from its name",
-                });
-            }
-            file.write_all(&plain)
-                .map_err(|e| OffsiteError::local(tmp, e))?;
+            self.block_on(self.fetch_segment(&name, end - at, &file, at, tmp))?;
             at = end;
         }
         file.sync_all().map_err(|e| OffsiteError::local(tmp, e))?;
         Ok(at)
+    }
+
+    /// Download the segment `name` (`plain_len` bytes once opened) by
+    /// ranges of about [`FETCH_RANGE`], [`RANGES_IN_FLIGHT`] at a time,
+    /// open each chunk and write it at `base` + its offset in `file`. The
+    /// caller is a blocking thread (the writes are `pwrite`s).
+    async fn fetch_segment(
+        &self,
+        name: &str,
+        plain_len: u64,
+        file: &std::fs::File,
+        base: u64,
+        tmp: &Path,
+    ) -> Result<(), OffsiteError> {
+        use futures_util::TryStreamExt;
+        use std::os::unix::fs::FileExt;
+        let path = self.url.path(name);
+        let err = |e| classify(&self.url, name, e);
+        let head = self
+            .client
+            .get_range(&path, 0..SEAL_HEADER_LEN as u64)
+            .await
+            .map_err(err)?;
+        let header = SealHeader::parse(name, &head)?;
+        let chunk = header.chunk_len as u64;
+        let chunks = plain_len.div_ceil(chunk).max(1);
+        let per = (FETCH_RANGE / chunk).max(1);
+        // Sealed offset of chunk `i` (every chunk before it is whole).
+        let at = |i: u64| SEAL_HEADER_LEN as u64 + i * (chunk + TAG_LEN as u64);
+        let plain_of = |i: u64| chunk.min(plain_len - i * chunk);
+        let ranges = (0..chunks).step_by(per as usize).map(|first| {
+            let end = (first + per).min(chunks);
+            let sealed_end = at(end - 1) + plain_of(end - 1) + TAG_LEN as u64;
+            let path = &path;
+            async move {
+                let bytes = self
+                    .client
+                    .get_range(path, at(first)..sealed_end)
+                    .await
+                    .map_err(err)?;
+                if bytes.len() as u64 != sealed_end - at(first) {
+                    return Err(OffsiteError::Damaged {
+                        object: name.to_owned(),
+                        why: "it is shorter than its name says",
+                    });
+                }
+                let mut plain = Vec::with_capacity((end - first) as usize * chunk as usize);
+                let mut off = 0usize;
+                for i in first..end {
+                    let n = (plain_of(i) + TAG_LEN as u64) as usize;
+                    let sealed = bytes.get(off..off + n).unwrap_or_default();
+                    let index = u32::try_from(i).map_err(|_| OffsiteError::TooLarge)?;
+                    header.open_chunk(
+                        &self.key,
+                        name,
+                        index,
+                        i + 1 == chunks,
+                        sealed,
+                        &mut plain,
+                    )?;
+                    off += n;
+                }
+                file.write_all_at(&plain, base + first * chunk)
+                    .map_err(|e| OffsiteError::local(tmp, e))
+            }
+        });
+        futures_util::stream::iter(ranges)
+            .buffer_unordered(RANGES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
     }
 
     /// Download and open the object `name`.
@@ -140,4 +207,22 @@ pub fn fetch_missing(dir: &Path, pack: u64) -> Result<bool, crate::ReceiveError>
         }
         None => Ok(false),
     }
+}
+
+/// Before a command reads many blocks (`verify`): if one of `packs` is not
+/// in the local cache, the store of `dir` must answer, within the
+/// command's patience; an unreachable store is then one sentence, not
+/// every block reported damaged. Nothing without a store. Blocking.
+pub fn reachable_for(
+    dir: &Path,
+    packs: impl IntoIterator<Item = u64>,
+) -> Result<(), crate::ReceiveError> {
+    let Some(o) = super::for_dir(dir)? else {
+        return Ok(());
+    };
+    if packs.into_iter().all(|p| pack_path(dir, p).exists()) {
+        return Ok(());
+    }
+    o.block_on(o.retrying(&o.stop, || o.segments_listed()))?;
+    Ok(())
 }

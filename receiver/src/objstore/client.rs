@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,6 +90,10 @@ pub fn parse_segment_name(name: &str) -> Option<(u64, u64, u64)> {
     Some((pack.parse().ok()?, start, end))
 }
 
+/// Segments the streamer uploaded: (pack, start) → (end, BLAKE3 of the
+/// bytes).
+pub(super) type Streamed = std::collections::HashMap<(u64, u64), (u64, [u8; 32])>;
+
 /// How a blocking caller runs the client's futures: on the runtime it was
 /// made in (`serve`, from its blocking threads), or on a small runtime of
 /// its own (the commands).
@@ -112,6 +116,8 @@ pub struct Offsite {
     pub(super) segments: Mutex<Option<BTreeMap<u64, BTreeMap<u64, u64>>>>,
     /// One upload at a time: commits that share a pack upload in order.
     pub(super) upload: Mutex<()>,
+    /// Segments the streamer uploaded: (pack, start) → (end, BLAKE3).
+    pub(super) early: Mutex<Streamed>,
     /// One cache fill at a time.
     pub(super) fill: Mutex<()>,
     /// Commits since the last snapshot.
@@ -123,7 +129,20 @@ pub struct Offsite {
     pub(super) doomed: Mutex<Vec<u64>>,
     /// Cancelled when `serve` stops: uploads stop waiting for the store.
     pub(super) stop: tokio_util::sync::CancellationToken,
+    /// How long a command (not `serve`) waits for an unreachable store
+    /// before it gives up; `None`: until `stop`.
+    pub(super) patience: Option<Duration>,
+    /// The catalog connection that ships the journal; one ship at a time.
+    pub(super) journal: Mutex<Option<rusqlite::Connection>>,
+    /// Least time between two catalog snapshots.
+    pub(super) snapshot_every: Duration,
+    /// When the newest snapshot in the bucket was taken (ms since the
+    /// epoch; 0: none known).
+    pub(super) last_snapshot_ms: AtomicI64,
 }
+
+/// How long a command waits for an unreachable store by default.
+pub const COMMAND_WAIT: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Offsite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,7 +227,12 @@ impl Offsite {
     pub fn new(dir: &Path, cfg: &StoreConfig, key: StoreKey) -> Result<Self, ReceiveError> {
         let url = StoreUrl::parse(&cfg.url)?;
         let client = client_for(&url)?;
-        Self::with_client(dir, url, client, key, cfg.cache.0.unwrap_or(u64::MAX))
+        let mut o = Self::with_client(dir, url, client, key, cfg.cache.0.unwrap_or(u64::MAX))?;
+        o.snapshot_every = Duration::from_secs(cfg.snapshot_secs);
+        if o.patience.is_some() {
+            o.patience = Some(Duration::from_secs(cfg.command_wait_secs));
+        }
+        Ok(o)
     }
 
     /// The store of `dir` through `client` (tests: an in-memory store).
@@ -219,14 +243,17 @@ impl Offsite {
         key: StoreKey,
         cache_budget: u64,
     ) -> Result<Self, ReceiveError> {
-        let exec = match tokio::runtime::Handle::try_current() {
-            Ok(h) => Exec::Handle(h),
-            Err(_) => Exec::Own(
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .map_err(|e| ReceiveError::storage(dir, e))?,
+        let (exec, patience) = match tokio::runtime::Handle::try_current() {
+            Ok(h) => (Exec::Handle(h), None),
+            Err(_) => (
+                Exec::Own(
+                    tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()
+                        .map_err(|e| ReceiveError::storage(dir, e))?,
+                ),
+                Some(COMMAND_WAIT),
             ),
         };
         Ok(Self {
@@ -238,12 +265,17 @@ impl Offsite {
             exec,
             segments: Mutex::new(None),
             upload: Mutex::new(()),
+            early: Mutex::default(),
             fill: Mutex::new(()),
             dirty: AtomicU64::new(0),
             snapshot_wanted: Notify::new(),
             state: Arc::new(StateFile::new(dir)),
             doomed: Mutex::new(Vec::new()),
             stop: tokio_util::sync::CancellationToken::new(),
+            patience,
+            journal: Mutex::new(None),
+            snapshot_every: Duration::ZERO,
+            last_snapshot_ms: AtomicI64::new(0),
         })
     }
 

@@ -244,26 +244,13 @@ impl<'a> Opener<'a> {
         last: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), OffsiteError> {
-        let Some((prefix, _)) = self.header else {
+        let Some((prefix, chunk_len)) = self.header else {
             return Err(self.damaged("it is shorter than its header"));
         };
         let index = self.next;
         self.next = self.next.checked_add(1).ok_or(OffsiteError::TooLarge)?;
-        let plain = self
-            .key
-            .0
-            .decrypt(
-                GenericArray::from_slice(&nonce(&prefix, index)),
-                Payload {
-                    msg: sealed,
-                    aad: &aad(self.name, index, last),
-                },
-            )
-            .map_err(|_| OffsiteError::Unsealed {
-                object: self.name.to_owned(),
-            })?;
-        out.extend_from_slice(&plain);
-        Ok(())
+        let header = SealHeader { chunk_len, prefix };
+        header.open_chunk(self.key, self.name, index, last, sealed, out)
     }
 
     /// The end of the object: open its last chunk.
@@ -276,6 +263,67 @@ impl<'a> Opener<'a> {
         }
         let sealed = std::mem::take(&mut self.buf);
         self.open_chunk(&sealed, true, out)
+    }
+}
+
+/// What a sealed object's header says: enough to open any one chunk of
+/// it (ranged reads open chunks out of order).
+#[derive(Debug, Clone, Copy)]
+pub struct SealHeader {
+    /// Plaintext bytes per chunk.
+    pub chunk_len: usize,
+    prefix: [u8; 8],
+}
+
+impl SealHeader {
+    /// Read the first [`SEAL_HEADER_LEN`] bytes of the object `name`.
+    pub fn parse(name: &str, bytes: &[u8]) -> Result<Self, OffsiteError> {
+        let damaged = |why| OffsiteError::Damaged {
+            object: name.to_owned(),
+            why,
+        };
+        let head = bytes
+            .get(..SEAL_HEADER_LEN)
+            .ok_or_else(|| damaged("it is shorter than its header"))?;
+        if head[..8] != SEAL_MAGIC {
+            return Err(damaged("it is not a sealed object (bad magic)"));
+        }
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&head[8..12]);
+        let chunk_len = u32::from_le_bytes(len) as usize;
+        if chunk_len == 0 || chunk_len > 64 << 20 {
+            return Err(damaged("its chunk length is out of range"));
+        }
+        let mut prefix = [0u8; 8];
+        prefix.copy_from_slice(&head[12..20]);
+        Ok(Self { chunk_len, prefix })
+    }
+
+    /// Open chunk `index` of the object `name` (`last`: it is the final
+    /// one) and append its plaintext to `out`.
+    pub fn open_chunk(
+        &self,
+        key: &StoreKey,
+        name: &str,
+        index: u32,
+        last: bool,
+        sealed: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), OffsiteError> {
+        let plain = key
+            .0
+            .decrypt(
+                GenericArray::from_slice(&nonce(&self.prefix, index)),
+                Payload {
+                    msg: sealed,
+                    aad: &aad(name, index, last),
+                },
+            )
+            .map_err(|_| OffsiteError::Unsealed {
+                object: name.to_owned(),
+            })?;
+        out.extend_from_slice(&plain);
+        Ok(())
     }
 }
 

@@ -12,23 +12,32 @@
 //! catalog/MS.db              a snapshot of the catalog (`VACUUM INTO`)
 //! catalog/files              receiver.toml and the PKI files
 //! catalog/manifest           JSON naming the newest snapshot
+//! journal/TO-FROM/PART       the catalog's changes since the snapshot
 //! ```
 //!
-//! The commit order gains one step between the pack fsync and the catalog
-//! transaction: the point's packs are uploaded (`seal_packs`), retried
-//! with backoff for as long as the store is unreachable (the point waits,
-//! unacknowledged; `status` and `pilotlight_receiver_store_waiting` show
-//! it). The catalog is snapshotted after commits ([`snapshot`]); local packs
-//! are a bounded cache ([`cache`]); `rebuild` recreates a directory from
-//! the bucket ([`rebuild`]).
+//! The commit order gains two steps: between the pack fsync and the
+//! catalog transaction, the point's packs are uploaded (`seal_packs`);
+//! between the transaction and `DURABLE`, what it changed in the catalog
+//! goes up as a journal record ([`committed`], [`journal`]). Both are
+//! retried with backoff for as long as the store is unreachable (the point
+//! waits, unacknowledged; `status` and `pilotlight_receiver_store_waiting`
+//! show it). The catalog is snapshotted after commits, at most every
+//! `[store] snapshot_secs` ([`snapshot`]), which trims the journal; local
+//! packs are a bounded cache ([`cache`]); `rebuild` recreates a directory
+//! from the bucket: the snapshot, then the journal ([`rebuild`],
+//! [`replay`]).
 
 pub mod cache;
 pub mod client;
 pub mod crypto;
+pub mod journal;
 pub mod rebuild;
+mod record;
+pub mod replay;
 pub mod setup;
 pub mod snapshot;
 mod state;
+mod stream;
 mod upload;
 
 #[cfg(test)]
@@ -187,19 +196,39 @@ pub(crate) fn seal_packs(dir: &Path, packs: &[(u64, u64, u64)]) -> Result<(), Re
     Ok(())
 }
 
-/// After a commit: a new catalog snapshot is due, and the cache may be over
-/// its budget (`open`: packs a writer may still append to).
-pub(crate) fn committed(dir: &Path, open: &std::collections::HashSet<u64>) {
-    if let Ok(Some(o)) = for_dir(dir) {
-        o.snapshot_due();
-        if let Err(e) = o.evict(open) {
-            tracing::warn!(cause = %e, "cannot evict packs from the local cache");
-        }
+/// Commit order, between the catalog transaction and `DURABLE`: what the
+/// commit changed in the catalog goes to the bucket's journal (waiting, as
+/// uploads do, while the store is unreachable). Then a catalog snapshot is
+/// due, and the cache may be over its budget (`open`: packs a writer may
+/// still append to). Nothing without a store. Blocking.
+pub(crate) fn committed(
+    dir: &Path,
+    open: &std::collections::HashSet<u64>,
+) -> Result<(), ReceiveError> {
+    let Some(o) = for_dir(dir)? else {
+        return Ok(());
+    };
+    o.ship()?;
+    crash_point();
+    o.snapshot_due();
+    if let Err(e) = o.evict(open) {
+        tracing::warn!(cause = %e, "cannot evict packs from the local cache");
+    }
+    Ok(())
+}
+
+/// Crash tests only: with `PILOTLIGHT_TEST_KILL_AFTER_JOURNAL` set in its
+/// environment, the process kills itself (SIGKILL) once a commit's journal
+/// record is in the bucket, before `DURABLE` is sent.
+fn crash_point() {
+    if std::env::var_os("PILOTLIGHT_TEST_KILL_AFTER_JOURNAL").is_some() {
+        tracing::error!("PILOTLIGHT_TEST_KILL_AFTER_JOURNAL: killing this process");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }
 
 /// Garbage collection removed `pack` from the catalog: its objects are
-/// deleted by [`after_gc`], once a snapshot no longer names them.
+/// deleted by [`after_gc`], once the bucket's journal no longer names them.
 pub(crate) fn pack_removed(dir: &Path, pack: u64) -> Result<(), ReceiveError> {
     if let Some(o) = for_dir(dir)? {
         if let Ok(mut d) = o.doomed.lock() {
@@ -209,22 +238,20 @@ pub(crate) fn pack_removed(dir: &Path, pack: u64) -> Result<(), ReceiveError> {
     Ok(())
 }
 
-/// After garbage collection: a catalog snapshot without the removed packs,
-/// then their objects deleted (a crash between leaves objects that the
-/// next `serve` deletes). Blocking.
+/// After garbage collection: its catalog changes in the journal (a
+/// rebuild no longer names the removed packs), then their objects deleted
+/// (a crash between leaves objects that the next `serve` deletes).
+/// Blocking.
 pub(crate) fn after_gc(dir: &Path) -> Result<(), ReceiveError> {
     let Some(o) = for_dir(dir)? else {
         return Ok(());
     };
+    o.ship()?;
     let doomed: Vec<u64> = o
         .doomed
         .lock()
         .map(|mut d| std::mem::take(&mut *d))
         .unwrap_or_default();
-    if doomed.is_empty() {
-        return Ok(());
-    }
-    o.block_on(o.snapshot())?;
     for pack in doomed {
         o.delete_pack(pack)?;
     }
@@ -244,6 +271,10 @@ pub fn for_serve(dir: &Path) -> Result<Option<Arc<Offsite>>, ReceiveError> {
             .into_iter()
             .collect();
     o.reconcile(&committed)?;
+    // Every change from here on is journaled (what a crash kept from the
+    // bucket, never acknowledged, goes with the next ship).
+    drop(o.open_journal()?);
+    o.snapshot_known();
     o.state.update(&o.url.to_string(), |_| {});
     Ok(Some(o))
 }

@@ -1,6 +1,8 @@
 //! `rebuild --dir NEWDIR --store s3://BUCKET/PREFIX --key FILE`: a new
 //! staging host recovers a receiver directory from the bucket: the newest
-//! catalog snapshot (opened with the key, then checked), the directory's
+//! catalog snapshot (opened with the key, then checked) and the journal
+//! records after it ([`super::replay`]: every point acknowledged `DURABLE`
+//! is in them, every prune and collection too), the directory's
 //! files (receiver.toml, the PKI, so enrolled agents keep their
 //! identities), the key itself and empty `packs/` and `staging/`. Packs
 //! come back on first read ([`super::cache`]); `serve` rebuilds the staging
@@ -21,6 +23,8 @@ use crate::ReceiveError;
 pub struct RebuildReport {
     /// When the snapshot it recovered was taken (ms since the epoch).
     pub snapshot_ms: i64,
+    /// Journal records applied after the snapshot.
+    pub journal_records: usize,
     /// Points in it.
     pub points: usize,
     /// Servers with points in it.
@@ -74,6 +78,7 @@ pub fn rebuild(dir: &Path, url: &str, key: Option<&Path>) -> Result<RebuildRepor
             },
         )?;
     write_dir(dir, url, &db, &files, &key_bytes)?;
+    let replayed = offsite.replay(&dir.join(CATALOG_FILE))?;
     let store = Store::open(dir)?;
     let cat = store.catalog()?;
     let points = cat.points(None)?;
@@ -81,6 +86,7 @@ pub fn rebuild(dir: &Path, url: &str, key: Option<&Path>) -> Result<RebuildRepor
         points.iter().map(|p| p.server.as_str()).collect();
     Ok(RebuildReport {
         snapshot_ms: manifest.created_ms,
+        journal_records: replayed.records,
         points: points.len(),
         servers: servers.len(),
     })

@@ -43,6 +43,10 @@ pub fn record(dir: &Path, url: &StoreUrl) -> Result<std::path::PathBuf, ReceiveE
         Access::Umask,
     )
     .map_err(|(p, e)| ReceiveError::storage(p, e))?;
+    // From now on every change to the catalog is journaled.
+    let db = dir.join(crate::store::CATALOG_FILE);
+    let conn = rusqlite::Connection::open(&db).map_err(ReceiveError::Catalog)?;
+    super::journal::install(&conn)?;
     let key = dir.join(KEY_FILE);
     StoreKey::create(&key)?;
     Ok(key)

@@ -1,12 +1,15 @@
-//! Catalog snapshots: after commits, `serve` copies the catalog with
-//! `VACUUM INTO` (a consistent copy while commits go on), seals it and puts
-//! it in the bucket with the directory's small files, then the manifest
-//! that names them. Commits made during one snapshot are taken by the next
-//! (they coalesce); at shutdown the last one is taken.
+//! Catalog snapshots: after commits, at most every `[store] snapshot_secs`,
+//! `serve` copies the catalog with `VACUUM INTO` (a consistent copy while
+//! commits go on), seals it and puts it in the bucket with the directory's
+//! small files, then the manifest that names them, then deletes the
+//! journal records the copy includes ([`super::journal`]: every commit's
+//! changes are in the bucket before `DURABLE` anyway, so snapshots can be
+//! rare). Commits made during one snapshot are taken by the next (they
+//! coalesce); at shutdown the last one is taken.
 //!
 //! ```text
 //! catalog/manifest     sealed JSON: {"format": 1, "snapshot": NAME,
-//!                      "files": NAME, "created_ms": MS}
+//!                      "files": NAME, "created_ms": MS, "journal_to": ID}
 //! catalog/MS.db        the sealed SQLite snapshot
 //! catalog/MS.files     sealed JSON: file name -> text (receiver.toml, the
 //!                      PKI files)
@@ -49,6 +52,9 @@ pub struct Manifest {
     pub files: String,
     /// When it was taken (ms since the epoch).
     pub created_ms: i64,
+    /// The last journal id the snapshot includes (0 before the journal).
+    #[serde(default)]
+    pub journal_to: u64,
 }
 
 impl Offsite {
@@ -58,14 +64,30 @@ impl Offsite {
         self.snapshot_wanted.notify_one();
     }
 
-    /// `serve`'s snapshot task: one snapshot after commits (coalesced),
-    /// and one at shutdown if commits are not in the bucket's yet.
+    /// `serve`'s snapshot task: one snapshot after commits (coalesced, at
+    /// most every `snapshot_every`), and one at shutdown if commits are not
+    /// in the bucket's newest snapshot yet.
+    /// The pack streamer ([`super::stream`]) runs beside it.
     pub async fn snapshots(self: Arc<Self>, shutdown: CancellationToken) {
+        let streamer = self.clone().stream(shutdown.clone());
+        tokio::join!(streamer, self.snapshot_loop(shutdown));
+    }
+
+    async fn snapshot_loop(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
-            let stop = tokio::select! {
+            let mut stop = tokio::select! {
                 () = self.snapshot_wanted.notified() => false,
                 () = shutdown.cancelled() => true,
             };
+            if !stop {
+                let due = self.last_snapshot_ms.load(Ordering::SeqCst)
+                    + i64::try_from(self.snapshot_every.as_millis()).unwrap_or(i64::MAX);
+                let wait = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
+                    () = shutdown.cancelled() => stop = true,
+                }
+            }
             if self.dirty.swap(0, Ordering::SeqCst) > 0 {
                 if let Err(e) = self.snapshot().await {
                     // The next commit (or shutdown) tries again.
@@ -80,6 +102,20 @@ impl Offsite {
         }
     }
 
+    /// When `serve` starts: learn when the bucket's newest snapshot was
+    /// taken (the next is due `snapshot_every` after it); when there is
+    /// none, one is due now. Not knowing (the store went away) only makes
+    /// the first commit take one. Blocking.
+    pub(crate) fn snapshot_known(&self) {
+        match self.block_on(self.manifest()) {
+            Ok(m) => self.last_snapshot_ms.store(m.created_ms, Ordering::SeqCst),
+            Err(OffsiteError::Missing(_)) => self.snapshot_due(),
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot read the catalog manifest; the first commit takes a snapshot")
+            }
+        }
+    }
+
     /// Take one snapshot and name it in the manifest.
     pub async fn snapshot(&self) -> Result<(), OffsiteError> {
         let ms = now_ms();
@@ -88,10 +124,10 @@ impl Offsite {
         let (key, dir, db) = (self.key.clone(), self.dir.clone(), db_name.clone());
         let files = files_name.clone();
         let sealed = tokio::task::spawn_blocking(move || -> Result<_, OffsiteError> {
-            let plain = vacuum_into(&dir)?;
+            let (plain, covered) = vacuum_into(&dir)?;
             let sealed_db = seal_all(&key, &db, &plain)?;
             let bundle = serde_json::to_vec(&dir_files(&dir)).unwrap_or_default();
-            Ok((sealed_db, seal_all(&key, &files, &bundle)?))
+            Ok((sealed_db, seal_all(&key, &files, &bundle)?, covered))
         })
         .await
         .map_err(|_| OffsiteError::Cancelled)??;
@@ -102,11 +138,14 @@ impl Offsite {
             snapshot: db_name,
             files: files_name,
             created_ms: ms,
+            journal_to: sealed.2,
         };
         let text = serde_json::to_vec(&manifest).unwrap_or_default();
         self.put(MANIFEST, seal_all(&self.key, MANIFEST, &text)?)
             .await?;
+        self.last_snapshot_ms.store(ms, Ordering::SeqCst);
         self.prune_snapshots().await?;
+        self.trim_journal(manifest.journal_to).await?;
         let url = self.url.to_string();
         let state = self.state.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -151,8 +190,9 @@ impl Offsite {
     }
 }
 
-/// A consistent copy of the catalog of `dir`, read into memory. Blocking.
-fn vacuum_into(dir: &Path) -> Result<Vec<u8>, OffsiteError> {
+/// A consistent copy of the catalog of `dir`, read into memory, and the
+/// last journal id it includes. Blocking.
+pub(super) fn vacuum_into(dir: &Path) -> Result<(Vec<u8>, u64), OffsiteError> {
     let tmp = dir.join("catalog.snapshot.tmp");
     let _ = std::fs::remove_file(&tmp);
     let db = dir.join(CATALOG_FILE);
@@ -167,9 +207,20 @@ fn vacuum_into(dir: &Path) -> Result<Vec<u8>, OffsiteError> {
     conn.execute("VACUUM INTO ?1", [tmp.to_string_lossy()])
         .map_err(err)?;
     drop(conn);
+    let covered: Option<i64> = rusqlite::Connection::open(&tmp)
+        .and_then(|c| {
+            use rusqlite::OptionalExtension;
+            c.query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'journal'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .map_err(err)?;
     let bytes = std::fs::read(&tmp).map_err(|e| OffsiteError::local(&tmp, e))?;
     let _ = std::fs::remove_file(&tmp);
-    Ok(bytes)
+    Ok((bytes, covered.unwrap_or(0).max(0) as u64))
 }
 
 /// The small files of `dir` that go with a snapshot.

@@ -21,47 +21,123 @@ pub(crate) const MULTIPART_ABOVE: u64 = 16 << 20;
 const PART_LEN: usize = 8 << 20;
 /// Parts in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
+/// Packs of one commit uploaded at once.
+const UPLOADS_IN_FLIGHT: usize = 4;
 /// First and longest wait between two tries of an upload.
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl Offsite {
     /// Upload what `packs` (id, committed length, durable length) hold past
-    /// what the bucket has of them; wait until it is there. What the bucket
-    /// holds past the committed length was uploaded for a point that then
-    /// failed to commit (its bytes were cut and written anew): it is
-    /// replaced. Blocking.
+    /// what the bucket has of them, the packs in parallel; wait until it is
+    /// there. What the bucket holds past the committed length stays only
+    /// if this process streamed it early ([`super::stream`]) and the file
+    /// still holds those very bytes; anything else there was uploaded for
+    /// a point that then failed to commit (its bytes were cut and written
+    /// anew) and is replaced. Blocking.
     pub(crate) fn upload_packs(&self, packs: &[(u64, u64, u64)]) -> Result<(), OffsiteError> {
+        use futures_util::{StreamExt, TryStreamExt};
         let cancel = &self.stop;
         let _one = self.upload.lock().map_err(|_| OffsiteError::Cancelled)?;
+        let started = std::time::Instant::now();
         self.block_on(async {
             self.retrying(cancel, || self.segments_listed()).await?;
+            let mut work = Vec::new();
             for &(pack, committed, end) in packs {
-                let start = self.uploaded_to(pack).min(committed);
-                if end <= start {
-                    continue;
-                }
-                self.retrying(cancel, || self.drop_stale(pack, start))
-                    .await?;
-                self.retrying(cancel, || self.upload_segment(pack, start, end))
-                    .await?;
-                if let Ok(mut s) = self.segments.lock() {
-                    if let Some(m) = s.as_mut() {
-                        m.entry(pack).or_default().insert(start, end);
-                    }
+                let start = self.keep_to(pack, committed);
+                if end > start {
+                    work.push((pack, start, end));
                 }
             }
-            Ok(())
+            let uploads = work.iter().map(|&(pack, start, end)| async move {
+                self.retrying(cancel, || self.drop_stale(pack, start))
+                    .await?;
+                self.retrying(cancel, || async {
+                    self.upload_segment(pack, start, end).await.map(|_| ())
+                })
+                .await?;
+                self.note_segment(pack, start, end, None);
+                Ok::<_, OffsiteError>(())
+            });
+            futures_util::stream::iter(uploads)
+                .buffer_unordered(UPLOADS_IN_FLIGHT)
+                .try_collect::<Vec<()>>()
+                .await?;
+            let bytes: u64 = work.iter().map(|(_, s, e)| e - s).sum();
+            tracing::debug!(
+                bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "packs uploaded at commit"
+            );
+            Ok::<_, OffsiteError>(())
         })?;
         self.state
             .update(&self.url.to_string(), |s| s.last_upload_ms = Some(now_ms()));
         Ok(())
     }
 
+    /// Where the bucket's chain of segments of `pack` can be kept to: the
+    /// segments wholly within `committed`, then those this process
+    /// streamed whose bytes the file still holds (their BLAKE3 checked).
+    /// Blocking (reads the file).
+    pub(super) fn keep_to(&self, pack: u64, committed: u64) -> u64 {
+        let segs = self.segments_of(pack);
+        let mut at = 0;
+        while let Some(&end) = segs.get(&at) {
+            if end > committed {
+                let early = self
+                    .early
+                    .lock()
+                    .ok()
+                    .and_then(|e| e.get(&(pack, at)).copied());
+                match early {
+                    // A file cut shorter holds other bytes by definition.
+                    Some((e, hash))
+                        if e == end && self.hash_range(pack, at, end).ok() == Some(hash) => {}
+                    _ => return at,
+                }
+            }
+            at = end;
+        }
+        at
+    }
+
+    /// The BLAKE3 of bytes `start..end` of the local pack `pack`.
+    fn hash_range(&self, pack: u64, start: u64, end: u64) -> Result<[u8; 32], OffsiteError> {
+        let path = pack_path(&self.dir, pack);
+        let file = File::open(&path).map_err(|e| OffsiteError::local(&path, e))?;
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK_LEN];
+        let mut at = start;
+        while at < end {
+            let n = usize::try_from((end - at).min(CHUNK_LEN as u64)).unwrap_or(CHUNK_LEN);
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| OffsiteError::local(&path, e))?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+
+    /// The bucket now holds segment `start..end` of `pack` (`early`: the
+    /// BLAKE3 of its bytes when the streamer uploaded it).
+    pub(super) fn note_segment(&self, pack: u64, start: u64, end: u64, early: Option<[u8; 32]>) {
+        if let Ok(mut s) = self.segments.lock() {
+            if let Some(m) = s.as_mut() {
+                m.entry(pack).or_default().insert(start, end);
+            }
+        }
+        if let (Some(hash), Ok(mut e)) = (early, self.early.lock()) {
+            e.insert((pack, start), (end, hash));
+        }
+    }
+
     /// Run `op` until it succeeds, waiting longer each time (up to
     /// [`BACKOFF_MAX`]); while it fails, the state says the store is
-    /// unreachable. Only `cancel` ends the wait.
-    async fn retrying<F, Fut>(
+    /// unreachable. `cancel` ends the wait, and so does the end of a
+    /// command's patience (its last error is returned; an error no retry
+    /// can mend, such as credentials, at once).
+    pub(super) async fn retrying<F, Fut>(
         &self,
         cancel: &CancellationToken,
         mut op: F,
@@ -72,22 +148,41 @@ impl Offsite {
     {
         let mut wait = BACKOFF_FIRST;
         let url = self.url.to_string();
+        let started = tokio::time::Instant::now();
         loop {
+            // `status` shows serve's waits, not a command's.
+            let serving = self.patience.is_none();
             match op().await {
                 Ok(()) => {
-                    self.state.update(&url, |s| {
-                        s.waiting_since_ms = None;
-                        s.cause = None;
-                    });
+                    if serving {
+                        self.state.update(&url, |s| {
+                            s.waiting_since_ms = None;
+                            s.cause = None;
+                        });
+                    }
                     return Ok(());
                 }
+                // serve waits out anything (a bucket re-created, a disk
+                // freed); a command only what may pass.
+                Err(e) if self.patience.is_some() && !e.is_retryable() => return Err(e),
+                Err(e) if self.patience.is_some_and(|p| started.elapsed() >= p) => {
+                    return Err(e);
+                }
                 Err(e) => {
-                    tracing::warn!(cause = %e, retry_in_ms = wait.as_millis() as u64, "object store: upload failed; the point waits");
+                    let retry_in_ms = wait.as_millis() as u64;
+                    if serving {
+                        tracing::warn!(cause = %e, retry_in_ms, "object store: upload failed; the point waits");
+                    } else {
+                        // A command says it once, when it gives up.
+                        tracing::debug!(cause = %e, retry_in_ms, "object store unreachable; waiting");
+                    }
                     let cause = e.to_string();
-                    self.state.update(&url, |s| {
-                        s.waiting_since_ms.get_or_insert_with(now_ms);
-                        s.cause = Some(cause);
-                    });
+                    if serving {
+                        self.state.update(&url, |s| {
+                            s.waiting_since_ms.get_or_insert_with(now_ms);
+                            s.cause = Some(cause);
+                        });
+                    }
                 }
             }
             tokio::select! {
@@ -118,8 +213,14 @@ impl Offsite {
         Ok(())
     }
 
-    /// Seal bytes `start..end` of pack `pack` and put them in the bucket.
-    async fn upload_segment(&self, pack: u64, start: u64, end: u64) -> Result<(), OffsiteError> {
+    /// Seal bytes `start..end` of pack `pack` and put them in the bucket;
+    /// returns the BLAKE3 of the bytes it read.
+    pub(super) async fn upload_segment(
+        &self,
+        pack: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<[u8; 32], OffsiteError> {
         let path = pack_path(&self.dir, pack);
         let file = File::open(&path).map_err(|e| OffsiteError::local(&path, e))?;
         let name = segment_name(pack, start, end);
@@ -127,12 +228,14 @@ impl Offsite {
         let mut plain = vec![0u8; CHUNK_LEN];
         let mut sealed = header;
         let mut at = start;
+        let hasher = std::cell::RefCell::new(blake3::Hasher::new());
         let read = |at: u64, buf: &mut Vec<u8>| -> Result<usize, OffsiteError> {
             let n = usize::try_from((end - at).min(CHUNK_LEN as u64)).unwrap_or(CHUNK_LEN);
             buf.resize(n, 0);
             // The caller is a blocking thread (the commit's), not a worker.
             file.read_exact_at(buf, at)
                 .map_err(|e| OffsiteError::local(&path, e))?;
+            hasher.borrow_mut().update(buf);
             Ok(n)
         };
         if end - start <= MULTIPART_ABOVE {
@@ -141,7 +244,8 @@ impl Offsite {
                 at += n as u64;
                 sealer.seal(&plain, at == end, &mut sealed)?;
             }
-            return self.put(&name, sealed).await;
+            self.put(&name, sealed).await?;
+            return Ok(*hasher.borrow().finalize().as_bytes());
         }
         let target = self.url.path(&name);
         let upload = self
@@ -171,8 +275,9 @@ impl Offsite {
         }
         w.finish()
             .await
-            .map(|_| ())
-            .map_err(|e| classify(&self.url, &name, e))
+            .map_err(|e| classify(&self.url, &name, e))?;
+        let hash = *hasher.borrow().finalize().as_bytes();
+        Ok(hash)
     }
 
     /// Delete every object of pack `pack` (garbage collection removed it).

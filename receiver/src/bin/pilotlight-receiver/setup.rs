@@ -29,11 +29,12 @@ pub(crate) fn init(dir: &Path, listen: Option<&str>, store: Option<&str>) -> any
 pub(crate) fn rebuild(dir: &Path, store: &str, key: Option<&Path>) -> anyhow::Result<()> {
     let r = pilotlight_receiver::objstore::rebuild::rebuild(dir, store, key)?;
     println!(
-        "rebuilt {} from {store}: {} points of {} servers (catalog snapshot of {}); packs come back on first read, staging images when serve starts",
+        "rebuilt {} from {store}: {} points of {} servers (catalog snapshot of {} and {} journal records after it); packs come back on first read, staging images when serve starts",
         dir.display(),
         r.points,
         r.servers,
-        pilotlight_protocol::clock::rfc3339(r.snapshot_ms)
+        pilotlight_protocol::clock::rfc3339(r.snapshot_ms),
+        r.journal_records
     );
     Ok(())
 }
