@@ -34,7 +34,7 @@ use crate::ReceiveError;
 /// Cache entries (locations and ownerships together) by default: about
 /// 30 MiB (some 117 bytes an entry, `benches/receiver_scale.rs`),
 /// whatever the size of the store. With the writer's page cache (64 MiB),
-/// the readers' ([`READERS`] x 8 MiB) and garbage collection's (16 MiB),
+/// the readers' (`READERS` x 8 MiB) and garbage collection's (16 MiB),
 /// the catalog's share of a receiver stays near 150 MiB.
 pub const DEFAULT_CACHE_ENTRIES: usize = 1 << 18;
 

@@ -3,16 +3,16 @@
 //! acknowledged `DURABLE`.
 //!
 //! **Capture.** When the directory has a store, triggers on every catalog
-//! table ([`install`]: any table, so one a later schema adds is followed
+//! table (`install`: any table, so one a later schema adds is followed
 //! too) append the key of each row an `INSERT`, `UPDATE` or `DELETE`
 //! touches to `journal(id, tbl, k1..k4)` (schema version 7), in the very
 //! transaction that touches it.
 //!
-//! **Ship** ([`Offsite::ship`]). In one read transaction: the journal's ids
+//! **Ship** (`Offsite::ship`). In one read transaction: the journal's ids
 //! `FROM..=TO` and, for every key they name, the row as it is now or that
 //! no row has it (a tombstone: pruned points, blocks GC dropped). They go
 //! up as one record, tombstones first, then rows, then `sqlite_sequence`,
-//! in sealed parts ([`super::record`]); then ids `..=TO` leave the journal.
+//! in sealed parts (`record`); then ids `..=TO` leave the journal.
 //! A record is the catalog as it was at its read, for every row changed
 //! since the previous record.
 //!

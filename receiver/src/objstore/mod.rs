@@ -18,7 +18,7 @@
 //! The commit order gains two steps: between the pack fsync and the
 //! catalog transaction, the point's packs are uploaded (`seal_packs`);
 //! between the transaction and `DURABLE`, what it changed in the catalog
-//! goes up as a journal record ([`committed`], [`journal`]). Both are
+//! goes up as a journal record (`committed`, [`journal`]). Both are
 //! retried with backoff for as long as the store is unreachable (the point
 //! waits, unacknowledged; `status` and `pilotlight_receiver_store_waiting`
 //! show it). The catalog is snapshotted after commits, at most every

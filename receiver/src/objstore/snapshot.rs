@@ -67,7 +67,7 @@ impl Offsite {
     /// `serve`'s snapshot task: one snapshot after commits (coalesced, at
     /// most every `snapshot_every`), and one at shutdown if commits are not
     /// in the bucket's newest snapshot yet.
-    /// The pack streamer ([`super::stream`]) runs beside it.
+    /// The pack streamer (`stream`) runs beside it.
     pub async fn snapshots(self: Arc<Self>, shutdown: CancellationToken) {
         let streamer = self.clone().stream(shutdown.clone());
         tokio::join!(streamer, self.snapshot_loop(shutdown));
