@@ -16,7 +16,8 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use pilotlight::tracing_agent::{require_tracing, TracingAgent as Agent};
 use pilotlight::{
-    assert_same_bytes, require_tools, run_bin, spawn_receiver, ChildGuard, LoopDevice,
+    assert_same_bytes, require_tools, restore_point_cli, run_bin, spawn_receiver, ChildGuard,
+    LoopDevice,
 };
 use pilotlight_agent::status::Status;
 use pilotlight_protocol::clock::now_ms;
@@ -103,28 +104,7 @@ impl Rig {
     /// Restore `point` into a new image file.
     fn restore(&self, point: u64) -> PathBuf {
         let out = self.tmp.path().join(format!("restored-{point}.img"));
-        let o = run_bin(
-            "pilotlight-receiver",
-            &[
-                "restore",
-                "--dir",
-                self.dir.to_str().unwrap(),
-                "--server",
-                "src",
-                "--volume",
-                "root",
-                "--point",
-                &point.to_string(),
-                "--to",
-                out.to_str().unwrap(),
-                "--force",
-            ],
-        );
-        assert!(
-            o.status.success(),
-            "restore of point {point}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        restore_point_cli(&self.dir, "src", "root", point, &out);
         out
     }
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use pilotlight::tracing_agent::{require_tracing, TracingAgent as Agent};
 use pilotlight::{
-    assert_same_bytes, require_tools, run_bin, spawn_receiver, ChildGuard, Deadline, LoopDevice,
-    SmallFs,
+    assert_same_bytes, require_tools, restore_point_cli, run_bin, spawn_receiver, ChildGuard,
+    Deadline, LoopDevice, SmallFs,
 };
 use pilotlight_agent::status::State;
 use pilotlight_protocol::clock::now_ms;
@@ -54,31 +54,6 @@ fn receiver(root: &Path) -> (PathBuf, ChildGuard, String) {
     assert!(o.status.success());
     let (child, addr) = spawn_receiver(&dir);
     (dir, child, addr.to_string())
-}
-
-fn restore(dir: &Path, server: &str, point: u64, to: &Path) {
-    let o = run_bin(
-        "pilotlight-receiver",
-        &[
-            "restore",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--server",
-            server,
-            "--volume",
-            "root",
-            "--point",
-            &point.to_string(),
-            "--to",
-            to.to_str().unwrap(),
-            "--force",
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "restore of point {point}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn point_consistency(dir: &Path, point: u64) -> String {
@@ -155,7 +130,7 @@ impl RawDisk {
     /// Restore `point` of this disk and compare it with the device.
     fn assert_point_is_device(&self, point: u64) {
         let out = self.tmp.path().join("restored.img");
-        restore(&self.dir, &self.server, point, &out);
+        restore_point_cli(&self.dir, &self.server, "root", point, &out);
         assert_device_equals(&out, &self.dev.path, self.size);
     }
 }
@@ -316,7 +291,7 @@ async fn fio_on_ext4(block_size: &str) {
     assert_eq!(point_consistency(&dir, mid_point), "crash-consistent");
     assert_eq!(point_consistency(&dir, last), "crash-consistent");
     let check = |point: u64, verify: bool| {
-        restore(&dir, "fs1", point, &target.path);
+        restore_point_cli(&dir, "fs1", "root", point, &target.path);
         let fsck = Command::new("e2fsck")
             .arg("-fy")
             .arg(&target.path)

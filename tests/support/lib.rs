@@ -140,6 +140,29 @@ pub fn restore_point(dir: &Path, server: &str, volume: &str, point: u64, to: &Pa
     pilotlight_receiver::restore::restore(dir, &req).expect("restore");
 }
 
+/// Restore `volume` of `point` of `server` as an operator does, with
+/// `pilotlight-receiver restore --force` (beside a running `serve`),
+/// failing the test with its stderr.
+pub fn restore_point_cli(dir: &Path, server: &str, volume: &str, point: u64, to: &Path) {
+    let (dir, to, point_s) = (
+        dir.to_str().expect("utf-8 path"),
+        to.to_str().expect("utf-8 path"),
+        point.to_string(),
+    );
+    let o = run_bin(
+        "pilotlight-receiver",
+        &[
+            "restore", "--dir", dir, "--server", server, "--volume", volume, "--point", &point_s,
+            "--to", to, "--force",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "restore of point {point}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// Bytes of all pack files of the receiver directory `dir`.
 pub fn pack_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir.join("packs"))

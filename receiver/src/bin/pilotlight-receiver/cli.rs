@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use pilotlight_receiver::restore::PointSel;
 
 /// Receive block-level replication from pilotlight agents, keep recovery
 /// points, and restore them.
@@ -251,15 +253,8 @@ pub(crate) struct RestoreArgs {
     /// Volume name.
     #[arg(long)]
     pub(crate) volume: String,
-    /// Point id.
-    #[arg(long, group = "which")]
-    pub(crate) point: Option<i64>,
-    /// The latest point at or before this time (RFC 3339).
-    #[arg(long, group = "which")]
-    pub(crate) at: Option<String>,
-    /// The newest point.
-    #[arg(long, group = "which")]
-    pub(crate) latest: bool,
+    #[command(flatten)]
+    pub(crate) which: PointArgs,
     /// Target file or block device.
     #[arg(long)]
     pub(crate) to: PathBuf,
@@ -280,15 +275,8 @@ pub(crate) struct ExportArgs {
     /// Volume name.
     #[arg(long)]
     pub(crate) volume: String,
-    /// Point id.
-    #[arg(long, group = "which")]
-    pub(crate) point: Option<i64>,
-    /// The latest point at or before this time (RFC 3339).
-    #[arg(long, group = "which")]
-    pub(crate) at: Option<String>,
-    /// The newest point.
-    #[arg(long, group = "which")]
-    pub(crate) latest: bool,
+    #[command(flatten)]
+    pub(crate) which: PointArgs,
     /// Listen on this loopback address (default 127.0.0.1:10809).
     #[arg(long, conflicts_with = "socket")]
     pub(crate) listen: Option<String>,
@@ -319,15 +307,8 @@ pub(crate) struct DrillArgs {
     /// Server name.
     #[arg(long)]
     pub(crate) server: String,
-    /// Point id.
-    #[arg(long, group = "which")]
-    pub(crate) point: Option<i64>,
-    /// The latest point at or before this time (RFC 3339).
-    #[arg(long, group = "which")]
-    pub(crate) at: Option<String>,
-    /// The newest point.
-    #[arg(long, group = "which")]
-    pub(crate) latest: bool,
+    #[command(flatten)]
+    pub(crate) which: PointArgs,
     /// Folder for the sockets (VOLUME.sock); default DIR/exports/drill-PID.
     #[arg(long)]
     pub(crate) socket_dir: Option<PathBuf>,
@@ -348,4 +329,37 @@ pub(crate) struct VerifyArgs {
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+// Which point (restore, export, drill); no doc comment, as for the
+// subcommands' Args structs.
+#[derive(Args)]
+pub(crate) struct PointArgs {
+    /// Point id.
+    #[arg(long, group = "which")]
+    pub(crate) point: Option<i64>,
+    /// The latest point at or before this time (RFC 3339).
+    #[arg(long, group = "which")]
+    pub(crate) at: Option<String>,
+    /// The newest point.
+    #[arg(long, group = "which")]
+    pub(crate) latest: bool,
+}
+
+impl PointArgs {
+    /// The point asked for: exactly one of `--point`, `--at`, `--latest`.
+    pub(crate) fn sel(self) -> anyhow::Result<PointSel> {
+        Ok(match (self.point, self.at, self.latest) {
+            (Some(id), None, false) => PointSel::Id(id),
+            (None, Some(t), false) => PointSel::At(
+                pilotlight_protocol::clock::parse_rfc3339(&t).with_context(|| {
+                    format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z")
+                })?,
+            ),
+            (None, None, true) => PointSel::Latest,
+            _ => anyhow::bail!(
+                "say which point to restore: one of --point ID, --at RFC3339 or --latest"
+            ),
+        })
+    }
 }

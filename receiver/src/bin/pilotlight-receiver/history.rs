@@ -4,9 +4,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use pilotlight_receiver::catalog::PointInfo;
-use pilotlight_receiver::restore::{PointSel, RestoreRequest};
+use pilotlight_receiver::restore::RestoreRequest;
 use pilotlight_receiver::retention::Policy;
 use pilotlight_receiver::{admin, restore, verify, ReceiveError, ReceiverConfig};
 
@@ -27,7 +26,7 @@ pub(crate) fn restore(a: RestoreArgs) -> anyhow::Result<()> {
     let req = RestoreRequest {
         server: a.server,
         volume: a.volume,
-        point: point_sel(a.point, a.at, a.latest)?,
+        point: a.which.sel()?,
         to: a.to,
         force: a.force,
         progress: true,
@@ -184,27 +183,6 @@ fn prune_by(
         anyhow::bail!("{failed} point(s) could not be removed (see above); the others were pruned");
     }
     Ok(())
-}
-
-/// The point `restore` was asked for: exactly one of `--point`, `--at`,
-/// `--latest`.
-pub(crate) fn point_sel(
-    point: Option<i64>,
-    at: Option<String>,
-    latest: bool,
-) -> anyhow::Result<PointSel> {
-    Ok(match (point, at, latest) {
-        (Some(id), None, false) => PointSel::Id(id),
-        (None, Some(t), false) => PointSel::At(
-            pilotlight_protocol::clock::parse_rfc3339(&t).with_context(|| {
-                format!("--at {t:?} is not an RFC 3339 time such as 2026-11-22T03:00:00Z")
-            })?,
-        ),
-        (None, None, true) => PointSel::Latest,
-        _ => {
-            anyhow::bail!("say which point to restore: one of --point ID, --at RFC3339 or --latest")
-        }
-    })
 }
 
 fn print_points(points: &[PointInfo], json: bool) -> anyhow::Result<()> {

@@ -10,7 +10,6 @@ use pilotlight_receiver::{export, server, ReceiverConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DrillArgs, ExportArgs, ServeArgs};
-use crate::history::point_sel;
 
 /// `serve`.
 pub(crate) fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -27,7 +26,7 @@ pub(crate) fn export(a: ExportArgs) -> anyhow::Result<()> {
     let req = export::ExportRequest {
         server: a.server,
         volume: a.volume,
-        point: point_sel(a.point, a.at, a.latest)?,
+        point: a.which.sel()?,
         listen,
         writable: a.writable,
         keep_overlay: a.keep_overlay,
@@ -45,7 +44,7 @@ pub(crate) fn drill(a: DrillArgs) -> anyhow::Result<()> {
     });
     let req = export::DrillRequest {
         server: a.server,
-        point: point_sel(a.point, a.at, a.latest)?,
+        point: a.which.sel()?,
         socket_dir,
     };
     run_drill(a.dir, req)
