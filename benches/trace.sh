@@ -5,7 +5,8 @@
 #
 #   1. steady fio random 4 KiB writes (O_DIRECT) at 5 and 20 MB/s for
 #      RUNTIME s each with the agent: its lag (age of the oldest write not
-#      yet durable), sampled from status.json every 100 ms, p50/p99; freeze
+#      yet durable), sampled from status.json every 100 ms (plus the age of
+#      the status when sampled), p50/p99; freeze
 #      durations (p50/p99/max); bytes the agent read per byte the tracer saw
 #      written. Once with partial blocks (the default), then with
 #      --partial-blocks off (whole blocks), adjacent;
@@ -111,7 +112,9 @@ measure() { # RATE -> "p50 p99 samples" of lag (s) while fio runs at RATE
     fio_job "$1" >/dev/null &
     local fpid=$!
     while kill -0 "$fpid" 2>/dev/null; do
-        status | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s.get("lag_seconds", ""))' >>"$samples"
+        # The lag as of now: a status written a while ago (a long cycle
+        # rewrites it only between rounds) is older by its age.
+        status | python3 -c 'import json,sys,time,datetime as d; s=json.load(sys.stdin); l=s.get("lag_seconds"); u=s.get("updated"); age=max(0.0, time.time()-d.datetime.fromisoformat(u.replace("Z","+00:00")).timestamp()) if u else 0.0; print("" if l is None else l+age)' >>"$samples"
         sleep 0.1
     done
     wait "$fpid"

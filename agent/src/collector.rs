@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::reporter::Reporter;
+use crate::saturation::DiskLoad;
 use crate::status::State;
 use crate::trace::Tracking;
 use crate::AgentError;
@@ -15,17 +16,40 @@ use crate::AgentError;
 /// How often live tracking reads the trace buffer while the agent waits.
 const COLLECT_EVERY: Duration = Duration::from_millis(100);
 
-/// Live tracking (if any) and its collection ticker.
+/// Live tracking (if any), its collection ticker and the load of the
+/// tracked volumes' disks.
 pub(crate) struct Collector {
     tracking: Option<Tracking>,
     ticker: Interval,
+    load: DiskLoad,
 }
 
 impl Collector {
     pub(crate) fn new(tracking: Option<Tracking>) -> Self {
         let mut ticker = tokio::time::interval(COLLECT_EVERY);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        Self { tracking, ticker }
+        let load = DiskLoad::new(
+            &tracking
+                .as_ref()
+                .map(Tracking::own_devices)
+                .unwrap_or_default(),
+        );
+        Self {
+            tracking,
+            ticker,
+            load,
+        }
+    }
+
+    /// The load of the tracked volumes' disks (no signal without live
+    /// tracking).
+    pub(crate) fn load_mut(&mut self) -> &mut DiskLoad {
+        &mut self.load
+    }
+
+    /// Whether the tracked volumes' disks are saturated by their workload.
+    pub(crate) fn saturated(&self) -> bool {
+        self.load.saturated()
     }
 
     /// The tracking, for the final save of the dirty set.

@@ -106,15 +106,6 @@ impl Session<'_> {
                 return Ok(Outcome::Stopped);
             }
         }
-        let barrier_start = Instant::now();
-        if point.precopied && !self.barrier().await? {
-            // Every block sent so far is recorded by the receiver before any
-            // block of the frozen delta is sent: where a point carries a
-            // block twice, the receiver keeps the one recorded last, and
-            // that must be the one read last.
-            return Ok(Outcome::Stopped);
-        }
-        point.barrier = barrier_start.elapsed();
         // A freeze counts from the FIFREEZE call: writers block while it
         // flushes, too.
         let frozen_at = Instant::now();
@@ -159,6 +150,16 @@ impl Session<'_> {
         let captured = self
             .read_frozen(&mut snapshot, plans.as_deref(), &mut point, freeze_call)
             .await?;
+        // Thawed (the barrier is no part of the freeze): every block of this
+        // point sent before and read again is recorded by the receiver
+        // before the frozen delta's copy is sent. Where a point carries a
+        // block twice, the receiver keeps the one recorded last, and that
+        // must be the one read last.
+        let barrier_start = Instant::now();
+        if self.resends(plans.as_deref(), &point) && !self.barrier().await? {
+            return Ok(Outcome::Stopped);
+        }
+        point.barrier = barrier_start.elapsed();
         let sources: Vec<ReadFrom> = self
             .vols
             .iter()
@@ -204,7 +205,27 @@ impl Session<'_> {
             .iter()
             .map(|v| pilotlight_protocol::limits::block_count(v.size, v.block_size))
             .fold(0u64, u64::saturating_add);
+        let mut previous = None;
         for round in 0.. {
+            let lag = self
+                .agent
+                .collector
+                .get()
+                .map_or(0, |t| u64::try_from(t.lag_ms()).unwrap_or(0));
+            if round > 0
+                && policy::lag_budget_spent(
+                    std::time::Duration::from_millis(lag),
+                    self.agent.cfg.max_lag,
+                )
+            {
+                tracing::info!(
+                    tag = point.tag,
+                    round,
+                    lag_ms = lag,
+                    "pre-copy rounds used three quarters of --max-lag; freezing"
+                );
+                break;
+            }
             if policy::precopy_budget_spent(point.report.blocks_sent, volume_blocks) {
                 tracing::info!(
                     tag = point.tag,
@@ -221,10 +242,16 @@ impl Session<'_> {
                 .map_err(|e| AgentError::task("syncfs", e))??;
             let synced = round_start.elapsed();
             self.agent.collector.collect()?;
-            let Some(mut unsent) = self.agent.collector.get().map(|t| t.unsent_bytes()) else {
+            // Rounds may chase writers for long: keep the status's lag
+            // current meanwhile.
+            let state = self.live_state();
+            self.agent
+                .collector
+                .report(self.agent.reporter, |_| Some(state));
+            let Some(mut unsent) = self.agent.collector.get().map(|t| t.unsent_read_bytes()) else {
                 break;
             };
-            match policy::precopy(round, unsent, start.elapsed(), interval) {
+            match policy::precopy(round, unsent, previous, start.elapsed(), interval) {
                 Precopy::Freeze => break,
                 Precopy::Round => {}
                 Precopy::PaceThenRound => {
@@ -235,9 +262,14 @@ impl Session<'_> {
                         return Ok(false);
                     }
                     self.agent.collector.collect()?;
-                    unsent = self.agent.collector.get().map_or(0, |t| t.unsent_bytes());
+                    unsent = self
+                        .agent
+                        .collector
+                        .get()
+                        .map_or(0, |t| t.unsent_read_bytes());
                 }
             }
+            previous = Some(unsent);
             let precopied = point.precopied;
             let Some(t) = self.agent.collector.get_mut() else {
                 break;
@@ -245,9 +277,9 @@ impl Session<'_> {
             let mut pre = if precopied { t.plan_more() } else { t.plan() };
             self.keep_pages(&mut pre, point);
             let barrier_start = Instant::now();
-            // A block may be sent again by this round (see the barrier
-            // before the freeze).
-            if precopied && !self.barrier().await? {
+            // A block sent again by this round (see the barrier after the
+            // thaw).
+            if self.resends(Some(&pre), point) && !self.barrier().await? {
                 return Ok(false);
             }
             let barrier = barrier_start.elapsed();
@@ -274,6 +306,23 @@ impl Session<'_> {
             );
         }
         Ok(true)
+    }
+
+    /// Whether `plans` read a block that `point` sent already.
+    fn resends(&self, plans: Option<&[Plan]>, point: &Point) -> bool {
+        if !point.precopied {
+            return false;
+        }
+        let Some(plans) = plans else {
+            return true;
+        };
+        plans.iter().enumerate().any(|(i, plan)| match plan {
+            Plan::Blocks(list, _) => self.view.get(i).is_none_or(|view| {
+                list.iter()
+                    .any(|&b| view.sent(b).is_some_and(|(_, tag)| tag == point.tag))
+            }),
+            Plan::Full(_) => true,
+        })
     }
 
     /// Wait until the receiver has recorded every block sent; false if

@@ -21,6 +21,7 @@ mod replicate;
 mod reporter;
 pub mod restore;
 mod resync;
+mod saturation;
 pub mod scan;
 mod session;
 mod sparse;
@@ -108,6 +109,12 @@ pub struct AgentConfig {
     /// pages (`PartialBlock`) to a receiver that merges them (true;
     /// `--partial-blocks off` sends whole blocks).
     pub partial_blocks: bool,
+    /// Live tracking: the lag (age of the oldest write not yet durable)
+    /// the agent may let build while the disk is saturated by its
+    /// workload, deferring points so that writes coalesce (`--max-lag`,
+    /// 30 s; see [`policy`](crate) and `saturation`). It also ends a
+    /// point's pre-copy rounds at three quarters of it.
+    pub max_lag: Duration,
 }
 
 impl AgentConfig {
@@ -143,6 +150,7 @@ impl AgentConfig {
             checkpoints: checkpoint::CheckpointPolicy::default(),
             freeze: freeze::FreezeOptions::default(),
             partial_blocks: true,
+            max_lag: Duration::from_secs(30),
         }
     }
 }

@@ -56,14 +56,27 @@ pub(crate) enum Precopy {
 }
 
 /// The next step of pre-copy round `round` (0 first) with `unsent` dirty
-/// bytes, `elapsed` since the point's pre-copy started.
-pub(crate) fn precopy(round: usize, unsent: u64, elapsed: Duration, interval: Duration) -> Precopy {
+/// bytes to read (pages where kept), `previous` of them at the round
+/// before, `elapsed` since the point's pre-copy started.
+pub(crate) fn precopy(
+    round: usize,
+    unsent: u64,
+    previous: Option<u64>,
+    elapsed: Duration,
+    interval: Duration,
+) -> Precopy {
     let min = if round == 0 {
         PRECOPY_MIN_BYTES
     } else {
         PRECOPY_MIN_BYTES / 4
     };
     if unsent < min {
+        return Precopy::Freeze;
+    }
+    // Rounds that no longer shrink the delta (writers dirty as much during
+    // a round as it reads) only add to the lag: freeze with what fits.
+    let stalled = previous.is_some_and(|p| unsent.saturating_mul(4) >= p.saturating_mul(3));
+    if stalled && unsent <= FREEZE_DELTA_MAX {
         return Precopy::Freeze;
     }
     if round < PRECOPY_ROUNDS {
@@ -80,6 +93,26 @@ pub(crate) fn precopy(round: usize, unsent: u64, elapsed: Duration, interval: Du
 /// whatever the delta: bounds the time between points.
 pub(crate) fn precopy_patience(interval: Duration) -> Duration {
     (interval * 10).max(Duration::from_secs(30))
+}
+
+/// Whether a point that is due waits one more interval: the disk is
+/// saturated by its workload (see [`crate::saturation`]) and the lag, an
+/// interval later, stays within half of `max_lag` (the other half is for
+/// the point itself). Writes meanwhile coalesce into fewer reads.
+pub(crate) fn defer_point(
+    saturated: bool,
+    lag: Duration,
+    interval: Duration,
+    max_lag: Duration,
+) -> bool {
+    saturated && lag + interval < max_lag / 2
+}
+
+/// Whether pre-copy rounds must stop and freeze because the lag has used
+/// three quarters of `max_lag` (the last quarter reads and sends the
+/// frozen delta).
+pub(crate) fn lag_budget_spent(lag: Duration, max_lag: Duration) -> bool {
+    lag >= max_lag / 4 * 3
 }
 
 /// Whether live tracking starts the next point before the interval is up:
@@ -202,31 +235,38 @@ mod tests {
     #[test]
     fn precopy_steps() {
         use Precopy::{Freeze, PaceThenRound, Round};
-        // (round, unsent, elapsed, interval) -> step
+        // (round, unsent, previous round's, elapsed, interval) -> step
         let table = [
             // First round: at least 1 MiB dirty, else freeze at once.
-            (0, MIB - 1, S(0), S(1), Freeze),
-            (0, MIB, S(0), S(1), Round),
+            (0, MIB - 1, None, S(0), S(1), Freeze),
+            (0, MIB, None, S(0), S(1), Round),
             // Later rounds: at least a quarter of that.
-            (1, MIB / 4 - 1, S(0), S(1), Freeze),
-            (1, MIB / 4, S(0), S(1), Round),
+            (1, MIB / 4 - 1, Some(MIB), S(0), S(1), Freeze),
+            (1, MIB / 4, Some(MIB), S(0), S(1), Round),
+            // A round that shrank the delta by less than a quarter: freeze
+            // once it fits in 16 MiB...
+            (1, 3 * MIB, Some(4 * MIB), S(0), S(1), Freeze),
+            (1, 3 * MIB - 1, Some(4 * MIB), S(0), S(1), Round),
+            (2, 16 * MIB, Some(16 * MIB), S(0), S(1), Freeze),
+            // ...else keep going as below.
+            (2, 16 * MIB + 1, Some(16 * MIB), S(0), S(1), Round),
             // Back to back up to five rounds, however much is dirty.
-            (4, 1 << 30, S(100), S(1), Round),
+            (4, 1 << 30, Some(1 << 31), S(100), S(1), Round),
             // Then freeze once the delta fits in 16 MiB...
-            (5, 16 * MIB, S(0), S(1), Freeze),
+            (5, 16 * MIB, Some(1 << 30), S(0), S(1), Freeze),
             // ...else pace one round per interval...
-            (5, 16 * MIB + 1, S(29), S(1), PaceThenRound),
-            (9, 1 << 30, S(29), S(1), PaceThenRound),
+            (5, 16 * MIB + 1, Some(1 << 30), S(29), S(1), PaceThenRound),
+            (9, 1 << 30, Some(1 << 31), S(29), S(1), PaceThenRound),
             // ...until patience (10 intervals, at least 30 s) runs out.
-            (9, 1 << 30, S(30), S(1), Freeze),
-            (9, 1 << 30, S(49), S(5), PaceThenRound),
-            (9, 1 << 30, S(50), S(5), Freeze),
+            (9, 1 << 30, Some(1 << 31), S(30), S(1), Freeze),
+            (9, 1 << 30, Some(1 << 31), S(49), S(5), PaceThenRound),
+            (9, 1 << 30, Some(1 << 31), S(50), S(5), Freeze),
         ];
-        for (round, unsent, elapsed, interval, want) in table {
+        for (round, unsent, previous, elapsed, interval, want) in table {
             assert_eq!(
-                precopy(round, unsent, elapsed, interval),
+                precopy(round, unsent, previous, elapsed, interval),
                 want,
-                "round {round}, unsent {unsent}, elapsed {elapsed:?}, interval {interval:?}"
+                "round {round}, unsent {unsent}, previous {previous:?}, elapsed {elapsed:?}, interval {interval:?}"
             );
         }
     }
@@ -236,6 +276,30 @@ mod tests {
         assert_eq!(precopy_patience(S(1)), S(30));
         assert_eq!(precopy_patience(S(3)), S(30));
         assert_eq!(precopy_patience(S(60)), S(600));
+    }
+
+    #[test]
+    fn points_wait_on_a_saturated_disk_within_half_the_lag_budget() {
+        // (saturated, lag, interval, max lag) -> defer
+        let table = [
+            (false, S(0), S(1), S(30), false),
+            (true, S(0), S(1), S(30), true),
+            (true, S(13), S(1), S(30), true),
+            (true, S(14), S(1), S(30), false),
+            (true, S(20), S(1), S(30), false),
+            (true, S(0), S(1), S(0), false),
+            (true, S(0), S(15), S(30), false),
+        ];
+        for (saturated, lag, interval, max, want) in table {
+            assert_eq!(
+                defer_point(saturated, lag, interval, max),
+                want,
+                "{saturated} {lag:?} {interval:?} {max:?}"
+            );
+        }
+        assert!(!lag_budget_spent(Duration::from_millis(22_499), S(30)));
+        assert!(lag_budget_spent(Duration::from_millis(22_500), S(30)));
+        assert!(lag_budget_spent(S(0), S(0)));
     }
 
     #[test]

@@ -225,6 +225,10 @@ impl<'a> Session<'a> {
                     self.wait(Wait::Interval { early: true }).await?;
                     continue;
                 }
+                if self.defer_point() {
+                    self.wait(Wait::Interval { early: false }).await?;
+                    continue;
+                }
             }
             tag += 1;
             match self.cycle(tag, &mut wire_before).await? {
@@ -246,6 +250,27 @@ impl<'a> Session<'a> {
             }
             self.wait(Wait::Interval { early: true }).await?;
         }
+    }
+
+    /// Whether the point that is due waits one more interval: the disk is
+    /// saturated by its workload and the lag allows it (`--max-lag`).
+    fn defer_point(&mut self) -> bool {
+        let saturated = self.agent.collector.saturated();
+        let cfg = self.agent.cfg;
+        let Some(t) = self.agent.collector.get_mut() else {
+            return false;
+        };
+        let lag = std::time::Duration::from_millis(u64::try_from(t.lag_ms()).unwrap_or(0));
+        let defer = policy::defer_point(saturated, lag, cfg.interval, cfg.max_lag);
+        if defer {
+            t.stats.deferred_intervals_total += 1;
+            tracing::debug!(
+                lag_ms = lag.as_millis() as u64,
+                queue = t.stats.disk_queue,
+                "disk saturated: the point waits an interval"
+            );
+        }
+        defer
     }
 
     /// Stopped mid-cycle: give this point's dirty blocks back, finish the
@@ -293,6 +318,9 @@ impl<'a> Session<'a> {
     pub(crate) async fn wait(&mut self, until: Wait) -> Result<(), AgentError> {
         let interval = tokio::time::sleep(self.agent.cfg.interval);
         tokio::pin!(interval);
+        // The agent reads nothing while it waits: what the disks have in
+        // flight meanwhile is their workload's.
+        self.agent.collector.load_mut().restart();
         loop {
             let stopping = self.agent.shutdown.is_cancelled();
             match until {
@@ -317,9 +345,17 @@ impl<'a> Session<'a> {
                 f = self.link.recv() => self.on_frame(f?).await?,
                 () = self.agent.collector.tick() => {
                     self.agent.collector.collect()?;
+                    let queue = self.agent.collector.load_mut().sample();
+                    let saturated = self.agent.collector.saturated();
+                    if let Some(t) = self.agent.collector.get_mut() {
+                        t.stats.disk_queue = queue;
+                    }
                     if let (Wait::Interval { early: true }, Some(t)) = (until, self.agent.collector.get()) {
                         let rescan = (0..self.vols.len()).any(|i| t.needs_rescan(i).is_some());
-                        if policy::early_point(t.unsent_bytes(), self.agent.cfg.early_point_bytes, rescan) {
+                        // On a saturated disk, a point waits for its interval
+                        // (or longer: see `defer_point`) whatever is dirty.
+                        let early = policy::early_point(t.unsent_bytes(), self.agent.cfg.early_point_bytes, rescan);
+                        if early && (!saturated || rescan) {
                             return Ok(());
                         }
                     }

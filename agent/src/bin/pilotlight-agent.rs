@@ -117,6 +117,12 @@ struct RunArgs {
     /// point is labelled fuzzy), e.g. 500ms [default: 2s].
     #[arg(long, value_parser = humantime::parse_duration)]
     freeze_limit: Option<Duration>,
+    /// Live tracking: while the disk is saturated by its own workload,
+    /// defer points so that writes coalesce, letting the lag grow to half
+    /// of this; pre-copy rounds also stop at three quarters of it, e.g.
+    /// 1m [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_lag: Option<Duration>,
     /// A full sync checkpoints after this many MiB sent [default: 1024].
     #[arg(long)]
     checkpoint_mib: Option<u64>,
@@ -200,6 +206,7 @@ struct FileConfig {
     block_size: Option<u32>,
     limit_mbps: Option<u32>,
     freeze_limit: Option<String>,
+    max_lag: Option<String>,
     checkpoint_mib: Option<u64>,
     checkpoint_secs: Option<u64>,
     metrics: Option<String>,
@@ -375,6 +382,11 @@ fn config(a: RunArgs, f: FileConfig) -> anyhow::Result<(AgentConfig, Option<Stri
         !cfg.freeze.limit.is_zero(),
         "--freeze-limit must be longer than 0s"
     );
+    if let Some(l) = a.max_lag {
+        cfg.max_lag = l;
+    } else if let Some(l) = f.max_lag {
+        cfg.max_lag = humantime::parse_duration(&l).with_context(|| format!("max_lag {l:?}"))?;
+    }
     cfg.freeze.guard_program = std::env::current_exe().ok();
     if let Some(m) = a.checkpoint_mib.or(f.checkpoint_mib) {
         anyhow::ensure!(m > 0, "checkpoint-mib must be at least 1");

@@ -38,6 +38,19 @@ impl Session<'_> {
             })
             .collect();
         let delta = capture::delta_bytes(&sources, plans);
+        if let Some(plans) = plans {
+            let (blocks, paged) = plans.iter().fold((0, 0), |(b, p), plan| match plan {
+                Plan::Blocks(list, pages) => (b + list.len(), p + pages.len()),
+                Plan::Full(_) => (b, p),
+            });
+            tracing::debug!(
+                tag = point.tag,
+                blocks,
+                paged,
+                delta,
+                "frozen delta planned"
+            );
+        }
         let budget = self.agent.freezer.options().memory;
         let fits = crate::freeze::fits_in_memory(delta, budget);
         let plans = plans.map(<[Plan]>::to_vec);

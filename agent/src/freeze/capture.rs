@@ -22,6 +22,10 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 
 /// Largest single read.
 const READ_BYTES: u64 = 2 << 20;
+/// Most threads reading a volume's delta side by side.
+const READERS: usize = 8;
+/// Runs from which one more reader is worth its thread.
+const RUNS_PER_READER: usize = 16;
 
 /// One volume as the capture sees it.
 pub(crate) struct Source {
@@ -165,24 +169,62 @@ fn capture_all(vols: &[Source], plans: Option<&[Plan]>) -> Result<Captured, Fail
         }
         .map_err(src_err)?;
         let mem = memory_file(v.size).map_err(Failed::Memory)?;
-        let mut buf = AlignedBuf::new(per_read as usize);
-        for (offset, len) in runs {
-            let data = buf
-                .get_mut(len as usize)
-                .filter(|d| d.len() as u64 == len)
-                .ok_or_else(|| {
-                    Failed::Source(AgentError::Internal(
-                        "capture larger than its buffer".into(),
-                    ))
-                })?;
-            src.read_exact_at(data, offset).map_err(src_err)?;
-            mem.write_all_at(data, offset).map_err(Failed::Memory)?;
-            out.bytes += len;
-        }
+        out.bytes += copy_runs(&src, &mem, &runs, per_read).map_err(|e| match e {
+            Copy::Read(e) => src_err(e),
+            Copy::Write(e) => Failed::Memory(e),
+            Copy::Internal(m) => Failed::Source(AgentError::Internal(m)),
+        })?;
         out.files.push(Some(mem));
     }
     metrics::counter!("pilotlight_agent_bytes_read_total").increment(out.bytes);
     Ok(out)
+}
+
+/// Why copying runs failed.
+enum Copy {
+    Read(std::io::Error),
+    Write(std::io::Error),
+    Internal(String),
+}
+
+/// Copy `runs` (each at most `per_read` bytes) from `src` to the same
+/// offsets of `mem`, with up to [`READERS`] threads: a frozen delta of
+/// written pages is many small reads, and the device serves them faster
+/// side by side than one at a time. Returns the bytes copied.
+fn copy_runs(src: &File, mem: &File, runs: &[(u64, u64)], per_read: u64) -> Result<u64, Copy> {
+    let threads = runs.len().div_ceil(RUNS_PER_READER).clamp(1, READERS);
+    let copy = |share: usize| -> Result<u64, Copy> {
+        let mut buf = AlignedBuf::new(per_read as usize);
+        let mut bytes = 0;
+        for &(offset, len) in runs.iter().skip(share).step_by(threads) {
+            let data = buf
+                .get_mut(len as usize)
+                .filter(|d| d.len() as u64 == len)
+                .ok_or_else(|| Copy::Internal("capture larger than its buffer".into()))?;
+            src.read_exact_at(data, offset).map_err(Copy::Read)?;
+            mem.write_all_at(data, offset).map_err(Copy::Write)?;
+            bytes += len;
+        }
+        Ok(bytes)
+    };
+    if threads == 1 {
+        return copy(0);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|i| s.spawn(move || copy(i))).collect();
+        let mut total = 0;
+        let mut failed = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(n)) => total += n,
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => {
+                    failed = failed.or(Some(Copy::Internal("capture reader panicked".into())))
+                }
+            }
+        }
+        failed.map_or(Ok(total), Err)
+    })
 }
 
 /// An anonymous memory file of `size` bytes, all holes.

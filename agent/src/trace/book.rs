@@ -74,6 +74,14 @@ pub struct TrackStats {
     /// Blocks sent as their written pages (`PartialBlock`).
     #[serde(default)]
     pub partial_blocks_total: u64,
+    /// Requests the volumes' disks had in flight on average while the
+    /// agent waited (smoothed; from 2 the disk counts as saturated).
+    #[serde(default)]
+    pub disk_queue: Option<f64>,
+    /// Intervals a due point waited because the disk was saturated
+    /// (`--max-lag`).
+    #[serde(default)]
+    pub deferred_intervals_total: u64,
 }
 
 /// One volume's bookkeeping.
@@ -469,9 +477,21 @@ impl<S: EventSource> Tracking<S> {
         oldest.map_or(0, |o| (now_ms - o).max(0))
     }
 
+    /// The volumes' own devices `(major, minor)`, for their load.
+    pub fn own_devices(&self) -> Vec<(u32, u32)> {
+        self.vols.iter().map(|v| v.device.own).collect()
+    }
+
     /// Bytes of blocks dirty and not yet in a point.
     pub fn unsent_bytes(&self) -> u64 {
         self.vols.iter().map(VolumeTrack::unsent_bytes).sum()
+    }
+
+    /// Bytes the next point would read for the dirty blocks not yet in a
+    /// point: their written pages where kept, else whole blocks (see
+    /// [`Dirty::read_bytes`]).
+    pub fn unsent_read_bytes(&self) -> u64 {
+        self.vols.iter().map(|v| v.unsent.read_bytes()).sum()
     }
 
     /// Bytes not yet durable: dirty blocks, and the whole of a volume that

@@ -149,6 +149,15 @@ impl Dirty {
         self.blocks.is_empty()
     }
 
+    /// Bytes a point reads of these blocks: whole blocks, and the written
+    /// pages of those kept as pages (an estimate: a point may still read
+    /// such a block whole, see `cycle::partial`).
+    pub fn read_bytes(&self) -> u64 {
+        let ranged = self.pages.len() as u64;
+        let pages: u64 = self.pages.values().map(Pages::count).sum();
+        self.blocks.len().saturating_sub(ranged) * self.block_size + pages * PAGE
+    }
+
     /// Bytes `start..end` of the volume were written.
     pub fn mark(&mut self, start: u64, end: u64) {
         if end <= start || self.block_size == 0 {
@@ -311,6 +320,20 @@ mod tests {
         d.mark(9 * bs, 10 * bs);
         assert_eq!(d.blocks.iter().collect::<Vec<_>>(), [9]);
         assert!(d.pages.is_empty());
+    }
+
+    #[test]
+    fn read_bytes_count_whole_blocks_and_kept_pages() {
+        let mut d = Dirty::new(BS);
+        assert_eq!(d.read_bytes(), 0);
+        // Block 0: one page; block 1: pages 2-3; blocks 3-4 whole.
+        d.mark(0, 100);
+        d.mark(u64::from(BS) + 2 * PAGE, u64::from(BS) + 4 * PAGE);
+        d.mark(3 * u64::from(BS), 5 * u64::from(BS));
+        assert_eq!(d.read_bytes(), 3 * PAGE + 2 * u64::from(BS));
+        // Half of block 0 and more: read whole.
+        d.mark(PAGE, 9 * PAGE);
+        assert_eq!(d.read_bytes(), 2 * PAGE + 3 * u64::from(BS));
     }
 
     #[test]
