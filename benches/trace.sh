@@ -11,8 +11,11 @@
 #      written. Once with partial blocks (the default), then with
 #      --partial-blocks off (whole blocks), adjacent;
 #   2. PAIRS (default 3) pairs of unthrottled fio runs of RUNTIME s, the
-#      agent stopped (SIGSTOP) then replicating: foreground IOPS ratio per
-#      pair and their median (aim >= 0.97).
+#      agent stopped (SIGSTOP) then replicating (default --max-lag 30s):
+#      foreground IOPS ratio per pair and their median (aim >= 0.9), the
+#      lag and the intervals the agent deferred points;
+#   3. PAIRS pairs at a steady half of the disk's IOPS (half the median
+#      of step 2 with the agent stopped): IOPS ratio (aim >= 0.97).
 #
 #   benches/trace.sh [RUNTIME_SECS]    (default 20; needs root, fio)
 #
@@ -66,9 +69,13 @@ RPID=$!
 for _ in $(seq 100); do [ -s "$WORK/addr" ] && break; sleep 0.1; done
 ADDR=$(cat "$WORK/addr")
 
-fio_job() { # RATE (empty = unthrottled) -> IOPS
+fio_job() { # RATE (empty = unthrottled; NNNiops = that many IOPS) -> IOPS
     local rate=()
-    [ -n "$1" ] && rate=(--rate="$1")
+    case "$1" in
+    "") ;;
+    *iops) rate=(--rate_iops="${1%iops}") ;;
+    *) rate=(--rate="$1") ;;
+    esac
     sync
     fio --name=steady --directory="$WORK/mnt" --rw=randwrite --bs=4k --size=512M \
         --direct=1 --ioengine=libaio --iodepth=4 --time_based --runtime="$RUNTIME" \
@@ -106,10 +113,10 @@ caught_up() { # wait (at most 5 min) until everything written before now is dura
         sleep 0.2
     done
 }
-measure() { # RATE -> "p50 p99 samples" of lag (s) while fio runs at RATE
+measure() { # RATE -> "p50 p99 samples max" of lag (s) while fio runs at RATE (its IOPS in $WORK/iops)
     local samples="$WORK/lag-$1"
     : >"$samples"
-    fio_job "$1" >/dev/null &
+    fio_job "$1" >"$WORK/iops" &
     local fpid=$!
     while kill -0 "$fpid" 2>/dev/null; do
         # The lag as of now: a status written a while ago (a long cycle
@@ -122,7 +129,7 @@ measure() { # RATE -> "p50 p99 samples" of lag (s) while fio runs at RATE
 import sys
 v = sorted(float(x) for x in open(sys.argv[1]) if x.strip())
 q = lambda p: v[min(len(v) - 1, int(p * len(v)))] if v else float("nan")
-print(f"{q(0.5):.2f} {q(0.99):.2f} {len(v)}")
+print(f"{q(0.5):.2f} {q(0.99):.2f} {len(v)} {q(1.0):.2f}")
 EOF
 }
 FREEZE_PY=$(cat <<'EOF'
@@ -140,7 +147,7 @@ steady() { # MODE RATE: one steady run, as a row of the table
     local m0 m1 r0 w0 r1 w1 l50 l99 n f50 f99 fmax fn ratio
     read -r r0 w0 < <(counters)
     m0=$(wc -l <"$WORK/agent.log")
-    read -r l50 l99 n < <(measure "$2")
+    read -r l50 l99 n _ < <(measure "$2")
     caught_up
     m1=$(wc -l <"$WORK/agent.log")
     read -r r1 w1 < <(counters)
@@ -168,21 +175,44 @@ caught_up
 # runs, the agent stopped (SIGSTOP: it takes no CPU and reads nothing; the
 # kernel still records the writes for it) and then replicating; the median
 # of the pairs' ratios.
-ROWS=""; RATIOS=""
+deferred() { status | python3 -c 'import json,sys; t=json.load(sys.stdin).get("tracking") or {}; print(t.get("deferred_intervals_total",0))'; }
+ROWS=""; RATIOS=""; STOPPED=""
 for i in $(seq "$PAIRS"); do
     echo "== pair $i: fio with the agent stopped, then replicating"
     kill -STOP "$APID"
     w0=$(fio_job "")
     kill -CONT "$APID"
     caught_up
-    w1=$(fio_job "")
+    d0=$(deferred)
+    read -r _ l99 _ lmax < <(measure "")
+    w1=$(cat "$WORK/iops")
+    d1=$(deferred)
     caught_up
     r=$(python3 -c "print(f'{$w1 / $w0:.3f}')")
-    ROWS+="| $i | $w0 | $w1 | $r |"$'\n'
+    ROWS+="| $i | $w0 | $w1 | $r | ${l99} s | ${lmax} s | $((d1 - d0)) |"$'\n'
     RATIOS+="$r "
+    STOPPED+="$w0 "
+done
+RATIO=$(python3 -c "import statistics,sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.3f}')" $RATIOS)
+# A steady half of the disk's IOPS (half the median with the agent stopped):
+# what fio achieves with the agent replicating against the agent stopped.
+HALF=$(python3 -c "import statistics,sys; print(int(statistics.median(float(x) for x in sys.argv[1:]) / 2))" $STOPPED)
+HROWS=""; HRATIOS=""
+for i in $(seq "$PAIRS"); do
+    echo "== half pair $i: fio at $HALF IOPS with the agent stopped, then replicating"
+    kill -STOP "$APID"
+    w0=$(fio_job "${HALF}iops")
+    kill -CONT "$APID"
+    caught_up
+    read -r _ l99 _ lmax < <(measure "${HALF}iops")
+    w1=$(cat "$WORK/iops")
+    caught_up
+    r=$(python3 -c "print(f'{$w1 / $w0:.3f}')")
+    HROWS+="| $i | $w0 | $w1 | $r | ${l99} s | ${lmax} s |"$'\n'
+    HRATIOS+="$r "
 done
 stop_agent
-RATIO=$(python3 -c "import statistics,sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.3f}')" $RATIOS)
+HRATIO=$(python3 -c "import statistics,sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.3f}')" $HRATIOS)
 
 UPDATE=$(cat <<EOF
 
@@ -199,10 +229,19 @@ journal included). "off" is \`--partial-blocks off\` (whole blocks), run right a
 | partial blocks | workload | lag p50 | lag p99 | freeze p50 | freeze p99 | freeze max | points | read/written |
 |---|---|---|---|---|---|---|---|---|
 ${STEADY}
-| foreground fio (unthrottled), pair | IOPS, agent stopped | IOPS, agent replicating | ratio |
-|---|---|---|---|
+At saturation (default \`--max-lag 30s\`; lag and deferred intervals of the replicating run):
+
+| foreground fio (unthrottled), pair | IOPS, agent stopped | IOPS, agent replicating | ratio | lag p99 | lag max | intervals deferred |
+|---|---|---|---|---|---|---|
 ${ROWS}
-Median ratio: **${RATIO}** (aim ≥ 0.97).
+Median ratio: **${RATIO}** (aim ≥ 0.9 with lag ≤ 30 s).
+
+At a steady half of the disk's IOPS (${HALF} IOPS, half the median above with the agent stopped):
+
+| foreground fio at ${HALF} IOPS, pair | IOPS, agent stopped | IOPS, agent replicating | ratio | lag p99 | lag max |
+|---|---|---|---|---|---|
+${HROWS}
+Median ratio: **${HRATIO}** (aim ≥ 0.97).
 EOF
 )
 python3 - "$UPDATE" <<'EOF'

@@ -4,7 +4,8 @@
 //! restore byte for byte and pass fio's verify; the agent reads about what
 //! was written; a kill -9 right after a partial point loses nothing; and a
 //! receiver without `FEATURE_PARTIAL` (an older one, stood in for by a
-//! proxy that hides the bit) gets whole blocks only. They need root, loop
+//! proxy that hides the bit) gets whole blocks only; a base the receiver
+//! refuses ends in whole blocks. They need root, loop
 //! devices, tracefs and fio, so they are `#[ignore]`d with that reason.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -275,6 +276,55 @@ async fn a_receiver_without_the_feature_gets_whole_blocks() {
     );
     let img = rig.assert_point_is_device(last);
     fio_verify(&img, 4, 21);
+    agent.stop().await;
+}
+
+/// A base the receiver never committed (the agent's record of a block is
+/// not what the receiver holds; stood in for by overwriting that record in
+/// the stopped agent's hash file): the receiver refuses the partial block
+/// and ends the session, and the agent reconnects, sends the block whole,
+/// and the point restores byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: loop devices, tracefs and fio"]
+async fn a_refused_base_falls_back_to_whole_blocks() {
+    use std::os::unix::fs::FileExt;
+    let rig = Rig::new();
+    let state = rig.tmp.path().join("state");
+    let mut agent = rig.agent(&rig.addr);
+    agent.initial_sync().await;
+    // A clean stop keeps the dirty set: the restarted agent tracks on
+    // without a rescan, trusting its hash file.
+    agent.stop().await;
+    let block = 5u64;
+    let hashes = state.join(pilotlight_agent::hashfile::file_name("root"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&hashes)
+        .unwrap_or_else(|e| panic!("{}: {e}", hashes.display()));
+    f.write_all_at(&[0x5a; 32], block * 32).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let mut agent = rig.agent(&rig.addr);
+    agent
+        .wait(60, "the restarted agent tracking", |s| {
+            s.state == pilotlight_agent::status::State::Continuous
+        })
+        .await;
+    // One page of that block.
+    let dev = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rig.dev.path)
+        .unwrap();
+    dev.write_all_at(&[0xc3; 4096], block * 65536 + 4096).unwrap();
+    dev.sync_all().unwrap();
+    drop(dev);
+    let last = agent.caught_up(now_ms()).await;
+    let log = agent.log();
+    assert!(
+        log.contains("partial blocks were in flight"),
+        "the receiver did not refuse the partial block; log:\n{log}"
+    );
+    rig.assert_point_is_device(last);
     agent.stop().await;
 }
 
