@@ -315,7 +315,8 @@ async fn a_refused_base_falls_back_to_whole_blocks() {
         .write(true)
         .open(&rig.dev.path)
         .unwrap();
-    dev.write_all_at(&[0xc3; 4096], block * 65536 + 4096).unwrap();
+    dev.write_all_at(&[0xc3; 4096], block * 65536 + 4096)
+        .unwrap();
     dev.sync_all().unwrap();
     drop(dev);
     let last = agent.caught_up(now_ms()).await;

@@ -207,6 +207,15 @@ impl Session<'_> {
             .fold(0u64, u64::saturating_add);
         let mut previous = None;
         for round in 0.. {
+            // On a disk saturated by its workload rounds cannot catch up
+            // with it, and each takes a share of its operations: one round
+            // (of writes coalesced while the point waited: see
+            // `defer_point`), then the freeze.
+            self.agent.collector.load_mut().sample();
+            if round > 0 && self.agent.collector.saturated() {
+                tracing::info!(tag = point.tag, round, "disk saturated: freezing");
+                break;
+            }
             let lag = self
                 .agent
                 .collector

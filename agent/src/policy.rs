@@ -18,6 +18,9 @@ pub(crate) const PRECOPY_ROUNDS: usize = 5;
 /// interval (sparing the foreground a long freeze and a busy agent) until
 /// the delta fits or [`precopy_patience`] has passed.
 pub(crate) const FREEZE_DELTA_MAX: u64 = 16 << 20;
+/// Most dirty bytes read while frozen when rounds stopped shrinking the
+/// delta: about a thousand pages, read in tens of milliseconds.
+pub(crate) const STALLED_DELTA_MAX: u64 = 4 << 20;
 /// Pre-copy rounds of one point send at most this many times the blocks
 /// of its volumes; then the freeze is taken whatever the delta. With the
 /// frozen delta (at most the volumes once more) a point carries at most 3x
@@ -74,9 +77,9 @@ pub(crate) fn precopy(
         return Precopy::Freeze;
     }
     // Rounds that no longer shrink the delta (writers dirty as much during
-    // a round as it reads) only add to the lag: freeze with what fits.
+    // a round as it reads) only add to the lag: freeze once it is small.
     let stalled = previous.is_some_and(|p| unsent.saturating_mul(4) >= p.saturating_mul(3));
-    if stalled && unsent <= FREEZE_DELTA_MAX {
+    if stalled && unsent <= STALLED_DELTA_MAX {
         return Precopy::Freeze;
     }
     if round < PRECOPY_ROUNDS {
@@ -244,12 +247,12 @@ mod tests {
             (1, MIB / 4 - 1, Some(MIB), S(0), S(1), Freeze),
             (1, MIB / 4, Some(MIB), S(0), S(1), Round),
             // A round that shrank the delta by less than a quarter: freeze
-            // once it fits in 16 MiB...
+            // once it fits in 4 MiB...
             (1, 3 * MIB, Some(4 * MIB), S(0), S(1), Freeze),
             (1, 3 * MIB - 1, Some(4 * MIB), S(0), S(1), Round),
-            (2, 16 * MIB, Some(16 * MIB), S(0), S(1), Freeze),
+            (2, 4 * MIB, Some(4 * MIB), S(0), S(1), Freeze),
             // ...else keep going as below.
-            (2, 16 * MIB + 1, Some(16 * MIB), S(0), S(1), Round),
+            (2, 4 * MIB + 1, Some(4 * MIB), S(0), S(1), Round),
             // Back to back up to five rounds, however much is dirty.
             (4, 1 << 30, Some(1 << 31), S(100), S(1), Round),
             // Then freeze once the delta fits in 16 MiB...

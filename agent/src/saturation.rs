@@ -1,13 +1,15 @@
 //! Whether the disks under the traced volumes are saturated by their own
 //! workload (`--max-lag`, issue 19).
 //!
-//! The signal is the number of requests the disk had in flight on average
-//! (the kernel's `time_in_queue`, field 11 of `/sys/dev/block/M:m/stat`,
-//! over wall time), sampled only while the agent waits between points, so
-//! that its own reads are not counted. A workload that keeps the disk busy
-//! keeps requests queued whatever the disk's speed; %util says only that
-//! one request was in flight, which a disk serving many at once reaches
-//! long before it is saturated. The average is smoothed over about a
+//! The signal is the number of writes the disk had in flight on average
+//! (the kernel's write ticks, field 8 of `/sys/dev/block/M:m/stat`: the
+//! time each write spent in flight, summed, over wall time). The agent
+//! writes nothing to its volumes, so its own reads do not count, and it
+//! can sample while it reads. A workload that keeps the disk busy keeps
+//! requests queued whatever the disk's speed; %util says only that one
+//! request was in flight, which a disk serving many at once reaches long
+//! before it is saturated. Writes are what the agent must read back: a
+//! workload of reads leaves little to replicate. The average is smoothed over about a
 //! second ([`SMOOTHING`]) and the disk counts as saturated from
 //! [`SATURATED_QUEUE`] requests.
 //!
@@ -19,7 +21,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Average requests in flight from which a disk counts as saturated.
+/// Average writes in flight from which a disk counts as saturated.
 pub(crate) const SATURATED_QUEUE: f64 = 2.0;
 /// Time constant of the smoothing.
 const SMOOTHING: Duration = Duration::from_secs(1);
@@ -30,9 +32,9 @@ const MIN_WINDOW: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub(crate) struct DiskLoad {
     stats: Vec<PathBuf>,
-    /// The last sample: when, and the summed `time_in_queue` (ms).
+    /// The last sample: when, and the summed write ticks (ms).
     last: Option<(Instant, u64)>,
-    /// Smoothed average of requests in flight.
+    /// Smoothed average of writes in flight.
     queue: Option<f64>,
 }
 
@@ -51,12 +53,6 @@ impl DiskLoad {
             last: None,
             queue: None,
         }
-    }
-
-    /// Start a new window (the agent is about to wait: what it read
-    /// before is not the workload's).
-    pub(crate) fn restart(&mut self) {
-        self.last = self.read().map(|q| (Instant::now(), q));
     }
 
     /// Take a sample at the end of the window; the smoothed queue.
@@ -83,7 +79,7 @@ impl DiskLoad {
         self.queue.is_some_and(|q| q >= SATURATED_QUEUE)
     }
 
-    /// The summed `time_in_queue` of the devices; `None` if one cannot be
+    /// The summed write ticks of the devices; `None` if one cannot be
     /// read (no signal: never saturated).
     fn read(&self) -> Option<u64> {
         if self.stats.is_empty() {
@@ -92,20 +88,20 @@ impl DiskLoad {
         let mut total = 0u64;
         for p in &self.stats {
             let text = std::fs::read_to_string(p).ok()?;
-            total = total.saturating_add(time_in_queue(&text)?);
+            total = total.saturating_add(write_ticks(&text)?);
         }
         Some(total)
     }
 }
 
-/// Field 11 of a block device's `stat` (ms spent by requests in flight,
-/// summed over them).
-fn time_in_queue(stat: &str) -> Option<u64> {
-    stat.split_whitespace().nth(10)?.parse().ok()
+/// Field 8 of a block device's `stat`: ms spent by writes in flight,
+/// summed over them.
+fn write_ticks(stat: &str) -> Option<u64> {
+    stat.split_whitespace().nth(7)?.parse().ok()
 }
 
-/// Average requests in flight over `dt`, from two `time_in_queue`
-/// readings (a counter that went back, as after a device reset, is 0).
+/// Average writes in flight over `dt`, from two write-ticks readings (a
+/// counter that went back, as after a device reset, is 0).
 fn in_flight(before: u64, now: u64, dt: Duration) -> f64 {
     let ms = dt.as_secs_f64() * 1000.0;
     if ms <= 0.0 {
@@ -128,11 +124,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn time_in_queue_is_the_eleventh_field() {
+    fn write_ticks_are_the_eighth_field() {
         let stat = "  3142  12 98765  421  27182  31 271828 5000  0  9000 12345 0 0 0 0 7 12\n";
-        assert_eq!(time_in_queue(stat), Some(12345));
-        assert_eq!(time_in_queue("1 2 3"), None);
-        assert_eq!(time_in_queue("1 2 3 4 5 6 7 8 9 10 x"), None);
+        assert_eq!(write_ticks(stat), Some(5000));
+        assert_eq!(write_ticks("1 2 3"), None);
+        assert_eq!(write_ticks("1 2 3 4 5 6 7 x"), None);
     }
 
     #[test]
@@ -163,11 +159,10 @@ mod tests {
     #[test]
     fn missing_devices_give_no_signal() {
         let mut load = DiskLoad::new(&[(u32::MAX, u32::MAX)]);
-        load.restart();
+        assert_eq!(load.sample(), None);
         assert_eq!(load.sample(), None);
         assert!(!load.saturated());
         let mut none = DiskLoad::new(&[]);
-        none.restart();
         assert_eq!(none.sample(), None);
     }
 

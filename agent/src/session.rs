@@ -318,9 +318,6 @@ impl<'a> Session<'a> {
     pub(crate) async fn wait(&mut self, until: Wait) -> Result<(), AgentError> {
         let interval = tokio::time::sleep(self.agent.cfg.interval);
         tokio::pin!(interval);
-        // The agent reads nothing while it waits: what the disks have in
-        // flight meanwhile is their workload's.
-        self.agent.collector.load_mut().restart();
         loop {
             let stopping = self.agent.shutdown.is_cancelled();
             match until {

@@ -74,8 +74,8 @@ pub struct TrackStats {
     /// Blocks sent as their written pages (`PartialBlock`).
     #[serde(default)]
     pub partial_blocks_total: u64,
-    /// Requests the volumes' disks had in flight on average while the
-    /// agent waited (smoothed; from 2 the disk counts as saturated).
+    /// Writes the volumes' disks had in flight on average (smoothed over
+    /// about a second; from 2 the disk counts as saturated).
     #[serde(default)]
     pub disk_queue: Option<f64>,
     /// Intervals a due point waited because the disk was saturated
