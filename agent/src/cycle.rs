@@ -33,6 +33,17 @@ pub(crate) enum Outcome {
     Stopped,
 }
 
+/// How a point's pre-copy rounds ended.
+enum Precopied {
+    /// Stopped before the point was complete.
+    Stopped,
+    /// Take the freeze.
+    Freeze,
+    /// The disk is saturated by its workload and `unsent` bytes are left:
+    /// no freeze.
+    Saturated { unsent: u64 },
+}
+
 /// What one point has read and sent so far.
 pub(crate) struct Point {
     pub(crate) tag: u64,
@@ -69,7 +80,7 @@ impl Session<'_> {
         // A full scan in trace mode is not frozen (it may take long); its
         // point is fuzzy and the next, frozen one is consistent.
         let full = self.any_rescan();
-        let mode = if full {
+        let mut mode = if full {
             ConsistencyMode::None
         } else {
             cfg.consistency.clone()
@@ -102,8 +113,19 @@ impl Session<'_> {
             _ => None,
         };
         if let Some(mount) = freeze_mount {
-            if !self.precopy(&mut point, &mount).await? {
-                return Ok(Outcome::Stopped);
+            match self.precopy(&mut point, &mount).await? {
+                Precopied::Stopped => return Ok(Outcome::Stopped),
+                Precopied::Freeze => {}
+                Precopied::Saturated { unsent } => {
+                    // Reading that much frozen would block the workload
+                    // for long on a disk it already saturates.
+                    tracing::warn!(
+                        tag = point.tag,
+                        unsent,
+                        "disk saturated by its workload with more than the freeze's delta left: no freeze, the point is fuzzy"
+                    );
+                    mode = ConsistencyMode::None;
+                }
             }
         }
         // A freeze counts from the FIFREEZE call: writers block while it
@@ -192,12 +214,12 @@ impl Session<'_> {
     /// With a freeze ahead, send the dirty blocks unfrozen first, in rounds
     /// (each after a syncfs, so that the page cache's writes reach the
     /// device and the tracer): the freeze then covers only what was
-    /// written during the last one. Returns false if stopped.
+    /// written during the last one.
     async fn precopy(
         &mut self,
         point: &mut Point,
         mount: &std::path::Path,
-    ) -> Result<bool, AgentError> {
+    ) -> Result<Precopied, AgentError> {
         let interval = self.agent.cfg.interval;
         let start = Instant::now();
         let volume_blocks = self
@@ -206,16 +228,8 @@ impl Session<'_> {
             .map(|v| pilotlight_protocol::limits::block_count(v.size, v.block_size))
             .fold(0u64, u64::saturating_add);
         let mut previous = None;
+        let saturated = self.agent.collector.saturated();
         for round in 0.. {
-            // On a disk saturated by its workload rounds cannot catch up
-            // with it, and each takes a share of its operations: one round
-            // (of writes coalesced while the point waited: see
-            // `defer_point`), then the freeze.
-            self.agent.collector.load_mut().sample();
-            if round > 0 && self.agent.collector.saturated() {
-                tracing::info!(tag = point.tag, round, "disk saturated: freezing");
-                break;
-            }
             let lag = self
                 .agent
                 .collector
@@ -260,6 +274,18 @@ impl Session<'_> {
             let Some(mut unsent) = self.agent.collector.get().map(|t| t.unsent_read_bytes()) else {
                 break;
             };
+            // On a disk saturated by its workload (as the wait before the
+            // point found it) rounds cannot catch up with it, and each takes
+            // a share of its operations: one round (of the writes coalesced
+            // while the point waited: see `defer_point`), then the freeze,
+            // or no freeze if much is left.
+            if round > 0 && saturated {
+                if unsent > policy::FREEZE_DELTA_MAX {
+                    return Ok(Precopied::Saturated { unsent });
+                }
+                tracing::info!(tag = point.tag, round, unsent, "disk saturated: freezing");
+                break;
+            }
             match policy::precopy(round, unsent, previous, start.elapsed(), interval) {
                 Precopy::Freeze => break,
                 Precopy::Round => {}
@@ -268,7 +294,7 @@ impl Session<'_> {
                     // the status's state and lag current).
                     self.wait(Wait::Interval { early: false }).await?;
                     if self.agent.shutdown.is_cancelled() {
-                        return Ok(false);
+                        return Ok(Precopied::Stopped);
                     }
                     self.agent.collector.collect()?;
                     unsent = self
@@ -289,7 +315,7 @@ impl Session<'_> {
             // A block sent again by this round (see the barrier after the
             // thaw).
             if self.resends(Some(&pre), point) && !self.barrier().await? {
-                return Ok(false);
+                return Ok(Precopied::Stopped);
             }
             let barrier = barrier_start.elapsed();
             point.precopied = true;
@@ -302,7 +328,7 @@ impl Session<'_> {
                 })
                 .collect();
             if !self.send_volumes(&live, Some(&pre), point).await? {
-                return Ok(false);
+                return Ok(Precopied::Stopped);
             }
             tracing::debug!(
                 tag = point.tag,
@@ -314,7 +340,7 @@ impl Session<'_> {
                 "pre-copy round sent"
             );
         }
-        Ok(true)
+        Ok(Precopied::Freeze)
     }
 
     /// Whether `plans` read a block that `point` sent already.

@@ -3,15 +3,15 @@
 //!
 //! The signal is the number of writes the disk had in flight on average
 //! (the kernel's write ticks, field 8 of `/sys/dev/block/M:m/stat`: the
-//! time each write spent in flight, summed, over wall time). The agent
-//! writes nothing to its volumes, so its own reads do not count, and it
-//! can sample while it reads. A workload that keeps the disk busy keeps
-//! requests queued whatever the disk's speed; %util says only that one
-//! request was in flight, which a disk serving many at once reaches long
-//! before it is saturated. Writes are what the agent must read back: a
-//! workload of reads leaves little to replicate. The average is smoothed over about a
-//! second ([`SMOOTHING`]) and the disk counts as saturated from
-//! [`SATURATED_QUEUE`] requests.
+//! time each write spent in flight, summed, over wall time). A workload
+//! that keeps the disk busy keeps requests queued whatever the disk's
+//! speed; %util says only that one request was in flight, which a disk
+//! serving many at once reaches long before it is saturated. Writes are
+//! what the agent must read back: a workload of reads leaves little to
+//! replicate. The agent writes nothing to its volumes, but its reads slow
+//! the workload's writes, so it samples only while it waits between
+//! points. The average is smoothed over about a second ([`SMOOTHING`]) and
+//! the disk counts as saturated from [`SATURATED_QUEUE`] writes.
 //!
 //! While saturated, the agent defers points within half of `--max-lag`:
 //! writes to the same blocks coalesce, and one larger, more sequential
@@ -53,6 +53,12 @@ impl DiskLoad {
             last: None,
             queue: None,
         }
+    }
+
+    /// Start a new window: what came before (the agent reading, which
+    /// slows the workload's writes) is not counted.
+    pub(crate) fn restart(&mut self) {
+        self.last = self.read().map(|q| (Instant::now(), q));
     }
 
     /// Take a sample at the end of the window; the smoothed queue.

@@ -318,6 +318,10 @@ impl<'a> Session<'a> {
     pub(crate) async fn wait(&mut self, until: Wait) -> Result<(), AgentError> {
         let interval = tokio::time::sleep(self.agent.cfg.interval);
         tokio::pin!(interval);
+        // The agent reads nothing while it waits: the disks' load
+        // meanwhile is their workload's (its reads before would slow the
+        // workload's writes and count).
+        self.agent.collector.load_mut().restart();
         loop {
             let stopping = self.agent.shutdown.is_cancelled();
             match until {
