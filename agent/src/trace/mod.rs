@@ -36,22 +36,30 @@
 
 mod book;
 mod device;
+mod format;
 mod pages;
 mod parse;
 mod plan;
+mod raw;
+mod ring;
 pub(crate) mod saved;
 mod source;
+mod text;
 mod tracer;
 
 pub use book::{TrackStats, TrackedVolume, Tracking, ECHO_HOLD};
 pub use device::{Device, Target};
 pub use pages::{Dirty, Pages, MAX_RANGED_BLOCKS, MAX_RUNS, PAGE};
 pub use plan::{Plan, RescanReason};
+pub use raw::RawStats;
 pub use saved::DIRTY_FILE;
 pub use source::{EventSource, Writes};
-pub use tracer::Tracer;
+pub use tracer::{ReaderKind, Tracer, FORCE_TEXT_ENV};
 
 use crate::AgentError;
+
+/// How long a sync marker may take to come back.
+const SYNC_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn trace_err(what: impl std::fmt::Display) -> AgentError {
     AgentError::Trace(what.to_string())

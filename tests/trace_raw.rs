@@ -1,0 +1,150 @@
+//! The tracer's raw reader (`per_cpu/cpuN/trace_pipe_raw`) on a real loop
+//! device: under fio's 4 KiB random writes it reports exactly the blocks
+//! fio wrote, as the text reader of another instance does for the same
+//! writes, and a buffer too small for a burst is reported as lost, through
+//! the kernel's flag in the raw pages. They need root, loop devices, tracefs
+//! and fio, so they are `#[ignore]`d with that reason.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use pilotlight::tracing_agent::require_tracing;
+use pilotlight::{require_tools, Deadline, LoopDevice};
+use pilotlight_agent::trace::{Device, EventSource, ReaderKind, Target, Tracer};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u32 = 4096;
+
+fn target(dev: &LoopDevice, size: u64) -> Target {
+    Target {
+        device: Device::of("vol", &dev.path).unwrap(),
+        size,
+        block_size: BLOCK,
+    }
+}
+
+/// fio writing `io_mib` MiB of 4 KiB random writes (O_DIRECT) over the
+/// first `span_mib` MiB of `dev`, logging each I/O to `log`.
+fn fio(dev: &Path, span_mib: u64, io_mib: u64, log: &Path) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=raw",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=psync",
+            "--randrepeat=0",
+            &format!("--filename={}", dev.display()),
+            &format!("--size={span_mib}M"),
+            &format!("--io_size={io_mib}M"),
+            &format!("--write_iolog={}", log.display()),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The 4 KiB blocks fio's I/O log says it wrote.
+fn logged_blocks(log: &Path) -> BTreeSet<u64> {
+    let text = std::fs::read_to_string(log).unwrap();
+    let mut blocks = BTreeSet::new();
+    for line in text.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        let Some(i) = t.iter().position(|w| *w == "write") else {
+            continue;
+        };
+        let off: u64 = t[i + 1].parse().unwrap();
+        let len: u64 = t[i + 2].parse().unwrap();
+        let b = u64::from(BLOCK);
+        blocks.extend(off / b..(off + len).div_ceil(b));
+    }
+    blocks
+}
+
+/// Sync `t` and add what it took to `into`; panics on lost events.
+fn collect(t: &mut Tracer, into: &mut BTreeSet<u64>) {
+    assert!(!t.sync().unwrap(), "events lost ({:?})", t.reader_kind());
+    into.extend(t.take(0).dirty.blocks.iter());
+}
+
+#[test]
+#[ignore = "needs root, loop devices, tracefs and fio"]
+fn the_raw_reader_reports_every_block_fio_wrote_as_the_text_reader_does() {
+    require_tracing();
+    require_tools(&["fio"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    let size = 256 * MIB;
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    let dev = LoopDevice::attach(&img);
+    let mut raw = Tracer::start_with(vec![target(&dev, size)], 4096, ReaderKind::Raw).unwrap();
+    assert_eq!(
+        raw.reader_kind(),
+        ReaderKind::Raw,
+        "the raw files are there"
+    );
+    let mut text = Tracer::start_with(vec![target(&dev, size)], 4096, ReaderKind::Text).unwrap();
+    assert_eq!(text.reader_kind(), ReaderKind::Text);
+
+    let log = tmp.path().join("fio.log");
+    let mut child = fio(&dev.path, 128, 24, &log);
+    let (mut by_raw, mut by_text) = (BTreeSet::new(), BTreeSet::new());
+    // Sync both while fio writes: pages the kernel is still filling are
+    // read, then read on from where the last read stopped.
+    let deadline = Deadline::after(Duration::from_secs(300)).every(Duration::from_millis(20));
+    let mut syncs = 0;
+    while child.try_wait().unwrap().is_none() {
+        collect(&mut raw, &mut by_raw);
+        collect(&mut text, &mut by_text);
+        syncs += 1;
+        deadline.next_blocking(|| "fio did not finish within 300 s".into());
+    }
+    assert!(child.wait().unwrap().success());
+    collect(&mut raw, &mut by_raw);
+    collect(&mut text, &mut by_text);
+
+    let wrote = logged_blocks(&log);
+    assert!(wrote.len() > 4000, "fio wrote {} blocks", wrote.len());
+    assert!(syncs > 3, "only {syncs} syncs during the writes");
+    assert_eq!(by_raw.len(), wrote.len());
+    assert!(by_raw == wrote, "the raw reader's blocks differ from fio's");
+    assert!(by_raw == by_text, "the raw and text readers differ");
+    let stats = raw.raw_stats().unwrap();
+    assert!(stats.pages > 0);
+    assert_eq!((stats.missed_pages, stats.malformed_pages), (0, 0));
+}
+
+#[test]
+#[ignore = "needs root, loop devices, tracefs and fio"]
+fn an_overflow_of_the_raw_buffer_is_reported_as_lost() {
+    require_tracing();
+    require_tools(&["fio"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    let size = 64 * MIB;
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    let dev = LoopDevice::attach(&img);
+    // The smallest buffer (a page or two per CPU), then a burst of writes
+    // with no sync between.
+    let mut raw = Tracer::start_with(vec![target(&dev, size)], 1, ReaderKind::Raw).unwrap();
+    assert_eq!(raw.reader_kind(), ReaderKind::Raw);
+    assert!(!raw.sync().unwrap());
+    let log = tmp.path().join("fio.log");
+    assert!(fio(&dev.path, 64, 8, &log).wait().unwrap().success());
+    assert!(
+        raw.sync().unwrap(),
+        "a burst of 2048 writes into one page was not reported as lost"
+    );
+    let stats = raw.raw_stats().unwrap();
+    assert!(
+        stats.missed_pages > 0,
+        "the raw pages did not carry the kernel's missed-events flag: {stats:?}"
+    );
+    assert_eq!(stats.malformed_pages, 0);
+    // Reported once: the next sync, with nothing written, is clean.
+    let again = raw.sync().unwrap();
+    assert!(!again, "lost again: {:?} then {:?}", stats, raw.raw_stats());
+}
