@@ -238,3 +238,29 @@ fn a_page_of_records_reads_as_lines_and_its_flag_as_lost() {
     assert_eq!(missed, Err(PageError::ShortRecord { id: 2107, len: 20 }));
     assert_eq!(lines.len(), 3);
 }
+
+proptest::proptest! {
+    /// Arbitrary bytes as a page, its records decoded with a real kernel's
+    /// formats, never panic; records made of arbitrary bytes behind a valid
+    /// type id never panic either.
+    #[test]
+    fn arbitrary_pages_and_records_never_panic(
+        bytes in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..600),
+        size in 0u64..600,
+        pick in 0usize..3,
+    ) {
+        use crate::trace::raw::read_page;
+        let d = decoder();
+        let _ = read_page(&bytes, &PageLayout::X86_64, &d, &mut |_| {});
+        let mut page = vec![0u8; 16];
+        page[8..16].copy_from_slice(&size.to_le_bytes());
+        page.extend_from_slice(&bytes);
+        let _ = read_page(&page, &PageLayout::X86_64, &d, &mut |_| {});
+        let mut rec = bytes;
+        let id: u16 = [2107, 2100, 5][pick];
+        if rec.len() >= 2 {
+            rec[..2].copy_from_slice(&id.to_le_bytes());
+        }
+        let _ = d.decode(&rec);
+    }
+}
