@@ -148,3 +148,88 @@ fn an_overflow_of_the_raw_buffer_is_reported_as_lost() {
     let again = raw.sync().unwrap();
     assert!(!again, "lost again: {:?} then {:?}", stats, raw.raw_stats());
 }
+
+/// CPU time (user + system, in clock ticks) of the calling thread: a
+/// reader's `read` calls (the kernel formatting text, or copying pages)
+/// and its parsing both land there.
+fn thread_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5), counted from the state (field 3).
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Not a check but a measurement (`--nocapture` prints it): the text and
+/// the raw reader on two instances recording the same fio writes (`RATE`
+/// MB/s, default 20, for `SECS` s, default 20), each synced every 100 ms
+/// on a thread of its own; each thread's CPU time per MB written. A speed
+/// target lives in BENCHMARKS.md, never here.
+#[test]
+#[ignore = "a measurement: needs root, loop devices, tracefs and fio"]
+fn measure_reader_cpu_per_mb() {
+    require_tracing();
+    require_tools(&["fio"]);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rate, secs) = (env("RATE", 20), env("SECS", 20));
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    let size = 512 * MIB;
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    let dev = LoopDevice::attach(&img);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = [ReaderKind::Text, ReaderKind::Raw]
+        .into_iter()
+        .map(|kind| {
+            let mut t = Tracer::start_with(vec![target(&dev, size)], 4096, kind).unwrap();
+            assert_eq!(t.reader_kind(), kind);
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let c0 = thread_cpu_ticks();
+                let mut blocks = BTreeSet::new();
+                let pace =
+                    Deadline::after(Duration::from_secs(3600)).every(Duration::from_millis(100));
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    collect(&mut t, &mut blocks);
+                    pace.next_blocking(|| "an hour".into());
+                }
+                collect(&mut t, &mut blocks);
+                (kind, thread_cpu_ticks() - c0, blocks.len())
+            })
+        })
+        .collect();
+    let out = Command::new("fio")
+        .args([
+            "--name=measure",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=4",
+            "--time_based",
+            &format!("--runtime={secs}"),
+            &format!("--rate={rate}m"),
+            &format!("--filename={}", dev.path.display()),
+            "--size=256M",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(out.success());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let tick = 10.0; // ms per clock tick (USER_HZ 100)
+    let mb = (rate * secs) as f64;
+    for r in readers {
+        let (kind, ticks, blocks) = r.join().unwrap();
+        println!(
+            "{kind:?}: {:.0} ms CPU for ~{mb:.0} MB written ({blocks} blocks): {:.2} ms per MB",
+            ticks as f64 * tick,
+            ticks as f64 * tick / mb
+        );
+    }
+}
