@@ -224,4 +224,4 @@ pub(super) fn read_format(path: &Path) -> Option<String> {
 
 #[cfg(test)]
 #[path = "format_tests.rs"]
-mod tests;
+pub(super) mod tests;

@@ -2,7 +2,7 @@
 
 use super::*;
 
-const RQ: &str = "name: block_rq_complete
+pub(in crate::trace) const RQ: &str = "name: block_rq_complete
 ID: 2107
 format:
 \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
@@ -21,7 +21,7 @@ format:
 print fmt: \"%d,%d %s (%s) %llu + %u\", REC->dev
 ";
 
-const BIO: &str = "name: block_bio_complete
+pub(in crate::trace) const BIO: &str = "name: block_bio_complete
 ID: 2100
 format:
 \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
@@ -36,7 +36,7 @@ format:
 \tfield:char rwbs[10];\toffset:32;\tsize:10;\tsigned:0;
 ";
 
-const PRINT: &str = "name: print
+pub(in crate::trace) const PRINT: &str = "name: print
 ID: 5
 format:
 \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
@@ -48,7 +48,8 @@ format:
 \tfield:char buf[];\toffset:16;\tsize:0;\tsigned:0;
 ";
 
-const HEADER_PAGE: &str = "\tfield: u64 timestamp;\toffset:0;\tsize:8;\tsigned:0;
+pub(in crate::trace) const HEADER_PAGE: &str =
+    "\tfield: u64 timestamp;\toffset:0;\tsize:8;\tsigned:0;
 \tfield: local_t commit;\toffset:8;\tsize:8;\tsigned:1;
 \tfield: int overwrite;\toffset:8;\tsize:1;\tsigned:1;
 \tfield: char data;\toffset:16;\tsize:4080;\tsigned:0;

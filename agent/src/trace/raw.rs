@@ -273,15 +273,5 @@ fn cpu_listed(list: &str, n: u32) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_cpu_lists() {
-        assert!(cpu_listed("0-3,5\n", 2));
-        assert!(cpu_listed("0-3,5\n", 5));
-        assert!(!cpu_listed("0-3,5\n", 4));
-        assert!(cpu_listed("0\n", 0));
-        assert!(!cpu_listed("", 0));
-    }
-}
+#[path = "raw_tests.rs"]
+mod tests;

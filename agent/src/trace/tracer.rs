@@ -229,7 +229,7 @@ fn open_reader(dir: &Path, want: ReaderKind) -> Result<Reader, AgentError> {
     if want == ReaderKind::Raw {
         match RawReader::open(dir, &EVENTS) {
             Ok(r) => {
-                tracing::debug!("reading trace events from the raw per-CPU buffers");
+                tracing::info!("reading trace events from the raw per-CPU buffers");
                 return Ok(Reader::Raw(r));
             }
             Err(why) => {
@@ -361,4 +361,25 @@ fn write_file(path: &Path, text: &str) -> Result<(), AgentError> {
         .map_err(|e| trace_err(format!("{}: {e}", path.display())))?;
     f.write_all(text.as_bytes())
         .map_err(|e| trace_err(format!("writing {text:?} to {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn falls_back_to_the_text_pipe_where_the_raw_files_cannot_be_used() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("trace_pipe"), "").unwrap();
+        assert!(matches!(
+            open_reader(dir.path(), ReaderKind::Raw),
+            Ok(Reader::Text(_))
+        ));
+        assert!(matches!(
+            open_reader(dir.path(), ReaderKind::Text),
+            Ok(Reader::Text(_))
+        ));
+        std::fs::remove_file(dir.path().join("trace_pipe")).unwrap();
+        assert!(open_reader(dir.path(), ReaderKind::Raw).is_err());
+    }
 }
