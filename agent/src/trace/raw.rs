@@ -31,7 +31,9 @@
 //!   written on the same CPU shows up when that write commits
 //!   (microseconds later, preemption off).
 //! - A CPU brought online after the start: its file is opened at the next
-//!   sync, and its buffer is read from its beginning.
+//!   sync, and its buffer is read from its beginning. One taken offline
+//!   whose file refuses reads is dropped and opened again when it is back
+//!   (its buffer keeps what it recorded).
 //!
 //! Lost events: the kernel flags a page read after events were overwritten
 //! or dropped (`MISSED_EVENTS` in the commit word); that is
@@ -66,6 +68,7 @@ pub struct RawStats {
 
 /// One CPU's buffer.
 struct Cpu {
+    n: u32,
     path: PathBuf,
     /// `None` while the CPU is offline (retried at each drain).
     file: Option<File>,
@@ -176,10 +179,19 @@ impl RawReader {
                 continue;
             };
             let r = self.drain_cpu(&mut file, &mut line);
-            if let Some(cpu) = self.cpus.get_mut(i) {
-                cpu.file = Some(file);
+            let Some(cpu) = self.cpus.get_mut(i) else {
+                continue;
+            };
+            match r {
+                Ok(()) => cpu.file = Some(file),
+                // A CPU taken offline may refuse reads: its file is opened
+                // again once it is back.
+                Err(_) if !cpu_listed(&online_list(), cpu.n) => {}
+                Err(e) => {
+                    cpu.file = Some(file);
+                    return Err(e);
+                }
             }
-            r?;
         }
         Ok(())
     }
@@ -231,7 +243,7 @@ pub(super) fn read_page(
 fn online_cpus(dir: &Path) -> Result<Vec<Cpu>, String> {
     let per_cpu = dir.join("per_cpu");
     let entries = std::fs::read_dir(&per_cpu).map_err(|e| format!("{}: {e}", per_cpu.display()))?;
-    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let online = online_list();
     let mut cpus = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -246,7 +258,7 @@ fn online_cpus(dir: &Path) -> Result<Vec<Cpu>, String> {
             }
             Err(_) => None,
         };
-        cpus.push(Cpu { path, file });
+        cpus.push(Cpu { n, path, file });
     }
     if cpus.iter().all(|c| c.file.is_none()) {
         return Err(format!("no trace_pipe_raw under {}", per_cpu.display()));
@@ -259,6 +271,11 @@ fn open_raw(path: &Path) -> std::io::Result<File> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
+}
+
+/// The CPUs online now, as the kernel lists them (`0-3,5`).
+fn online_list() -> String {
+    std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default()
 }
 
 /// Whether CPU `n` is in a list like `0-3,5,7-8`.
