@@ -120,6 +120,9 @@ fn the_raw_reader_reports_every_block_fio_wrote_as_the_text_reader_does() {
     assert_eq!(by_raw.len(), wrote.len());
     assert!(by_raw == wrote, "the raw reader's blocks differ from fio's");
     assert!(by_raw == by_text, "the raw and text readers differ");
+    // Every event once: as many read through the pages as through the text.
+    assert_eq!(raw.write_events(), text.write_events());
+    assert!(raw.write_events() >= wrote.len() as u64);
     let stats = raw.raw_stats().unwrap();
     assert!(stats.pages > 0);
     assert_eq!((stats.missed_pages, stats.malformed_pages), (0, 0));

@@ -51,6 +51,8 @@ pub struct Tracer {
     seq: u64,
     /// The kernel's lost-event counters at the last sync.
     lost_seen: u64,
+    /// Completion events read, of any device.
+    write_events: u64,
 }
 
 /// One volume as the tracer sees it.
@@ -139,6 +141,7 @@ impl Tracer {
             dir,
             reader: Some(reader),
             volumes,
+            write_events: 0,
             seq: 0,
         };
         t.lost_seen = lost_counter(&t.dir)?;
@@ -151,6 +154,12 @@ impl Tracer {
             Some(Reader::Text(_)) => ReaderKind::Text,
             _ => ReaderKind::Raw,
         }
+    }
+
+    /// Completion events (not reads) read so far: two readers of the same
+    /// writes read as many, none twice, none skipped.
+    pub fn write_events(&self) -> u64 {
+        self.write_events
     }
 
     /// The raw reader's counters (`None` with the text pipe).
@@ -185,6 +194,7 @@ impl Tracer {
         let mut on_line = |line: Line| match line {
             Line::Write { dev, sector, nr } => {
                 mark(&mut self.volumes, dev, sector, nr, now);
+                self.write_events += 1;
                 false
             }
             Line::Marker(m) => m == marker,
