@@ -1,14 +1,15 @@
 //! The tracefs side: a private tracing instance recording the volumes'
-//! completed writes, read through `trace_pipe` up to a marker on each sync,
-//! and removed on drop (with the instances agents that were killed left).
+//! completed writes, read up to a marker on each sync (through the raw
+//! per-CPU pages, or the text pipe when those cannot be used), and removed
+//! on drop (with the instances agents that were killed left).
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use super::parse::{parse_line, Line};
+use super::parse::Line;
+use super::raw::{RawReader, RawStats};
+use super::text::TextPipe;
 use pilotlight_protocol::clock::now_ms;
 
 use crate::blocking::off_async;
@@ -20,22 +21,38 @@ use crate::AgentError;
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 /// The events recorded.
 const EVENTS: [&str; 2] = ["block/block_rq_complete", "block/block_bio_complete"];
-/// How long a marker may take to come back through the pipe.
-const SYNC_DEADLINE: Duration = Duration::from_secs(10);
+/// Set to `1` to read the text `trace_pipe` even where the raw pages work.
+pub const FORCE_TEXT_ENV: &str = "PILOTLIGHT_TRACE_TEXT";
+
+/// How the tracer reads its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaderKind {
+    /// `per_cpu/cpuN/trace_pipe_raw`, decoded with the format files.
+    Raw,
+    /// The text of `trace_pipe`.
+    Text,
+}
+
+/// The open reader.
+enum Reader {
+    Raw(RawReader),
+    Text(TextPipe),
+}
 
 /// A private tracing instance recording the volumes' completed writes.
 /// Removed on drop.
 pub struct Tracer {
     dir: PathBuf,
-    /// `None` only while dropping (an open pipe keeps the instance busy).
-    pipe: Option<File>,
-    /// The end of the pipe's text not yet parsed (a line cut by a read).
-    partial: Vec<u8>,
+    /// `None` only while syncing or dropping (an open pipe keeps the
+    /// instance busy).
+    reader: Option<Reader>,
     volumes: Vec<Traced>,
     /// Number of the last sync marker written.
     seq: u64,
     /// The kernel's lost-event counters at the last sync.
     lost_seen: u64,
+    /// Completion events read, of any device.
+    write_events: u64,
 }
 
 /// One volume as the tracer sees it.
@@ -47,8 +64,23 @@ struct Traced {
 
 impl Tracer {
     /// Start recording for `targets`, with `buffer_kb` of trace buffer per
-    /// CPU.
+    /// CPU, read through the raw pages unless they cannot be used or
+    /// [`FORCE_TEXT_ENV`] is `1`.
     pub fn start(targets: Vec<Target>, buffer_kb: u32) -> Result<Self, AgentError> {
+        let want = match std::env::var(FORCE_TEXT_ENV).as_deref() {
+            Ok("1") => ReaderKind::Text,
+            _ => ReaderKind::Raw,
+        };
+        Self::start_with(targets, buffer_kb, want)
+    }
+
+    /// Like [`start`](Self::start), reading with `want` (the text pipe if
+    /// the raw pages cannot be used).
+    pub fn start_with(
+        targets: Vec<Target>,
+        buffer_kb: u32,
+        want: ReaderKind,
+    ) -> Result<Self, AgentError> {
         let root = tracefs()?;
         let instances = root.join("instances");
         remove_stale(&instances);
@@ -91,11 +123,7 @@ impl Tracer {
                 dir.join("events/block").display()
             )));
         }
-        let pipe = File::options()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(dir.join("trace_pipe"))
-            .map_err(|e| trace_err(format!("cannot open trace_pipe: {e}")))?;
+        let reader = open_reader(&dir, want)?;
         std::mem::forget(guard);
         let volumes = targets
             .into_iter()
@@ -111,40 +139,40 @@ impl Tracer {
         let mut t = Self {
             lost_seen: 0,
             dir,
-            pipe: Some(pipe),
-            partial: Vec::new(),
+            reader: Some(reader),
             volumes,
+            write_events: 0,
             seq: 0,
         };
-        t.lost_seen = t.lost_counter()?;
+        t.lost_seen = lost_counter(&t.dir)?;
         Ok(t)
+    }
+
+    /// How this tracer reads its instance.
+    pub fn reader_kind(&self) -> ReaderKind {
+        match self.reader {
+            Some(Reader::Text(_)) => ReaderKind::Text,
+            _ => ReaderKind::Raw,
+        }
+    }
+
+    /// Completion events (not reads) read so far: two readers of the same
+    /// writes read as many, none twice, none skipped.
+    pub fn write_events(&self) -> u64 {
+        self.write_events
+    }
+
+    /// The raw reader's counters (`None` with the text pipe).
+    pub fn raw_stats(&self) -> Option<RawStats> {
+        match &self.reader {
+            Some(Reader::Raw(r)) => Some(r.stats),
+            _ => None,
+        }
     }
 
     /// The instance's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// Sum of events the kernel dropped or overwrote, over all CPUs.
-    fn lost_counter(&self) -> Result<u64, AgentError> {
-        let per_cpu = self.dir.join("per_cpu");
-        let entries = std::fs::read_dir(&per_cpu)
-            .map_err(|e| trace_err(format!("{}: {e}", per_cpu.display())))?;
-        let mut sum = 0u64;
-        for e in entries.flatten() {
-            let Ok(text) = std::fs::read_to_string(e.path().join("stats")) else {
-                continue;
-            };
-            for line in text.lines() {
-                let Some((k, v)) = line.split_once(':') else {
-                    continue;
-                };
-                if matches!(k.trim(), "overrun" | "dropped events" | "commit overrun") {
-                    sum += v.trim().parse::<u64>().unwrap_or(0);
-                }
-            }
-        }
-        Ok(sum)
     }
 
     /// Read every event recorded up to now into the dirty sets (blocking).
@@ -156,100 +184,94 @@ impl Tracer {
             &self.dir.join("trace_marker"),
             &format!("pilotlight-sync-{marker}"),
         )?;
-        let Some(mut pipe) = self.pipe.take() else {
-            return Err(trace_err("the trace pipe is closed"));
+        let Some(mut reader) = self.reader.take() else {
+            return Err(trace_err("the trace reader is closed"));
         };
-        let r = self.read_to_marker(&mut pipe, marker);
-        self.pipe = Some(pipe);
-        let lost = r?;
-        let counter = self.lost_counter()?;
+        let now = now_ms();
+        let (dir, seen) = (&self.dir, self.lost_seen);
+        let lost_now = || Ok(lost_counter(dir)? != seen);
+        let mut lost = false;
+        let mut on_line = |line: Line| match line {
+            Line::Write { dev, sector, nr } => {
+                mark(&mut self.volumes, dev, sector, nr, now);
+                self.write_events += 1;
+                false
+            }
+            Line::Marker(m) => m == marker,
+            Line::Lost => {
+                lost = true;
+                false
+            }
+            Line::Other => false,
+        };
+        let r = match &mut reader {
+            Reader::Raw(raw) => raw.read_to_marker(&mut on_line, lost_now),
+            Reader::Text(text) => text.read_to_marker(&mut on_line, lost_now),
+        };
+        self.reader = Some(reader);
+        let lost = r? | lost;
+        let counter = lost_counter(&self.dir)?;
         if counter != self.lost_seen {
             self.lost_seen = counter;
             return Ok(true);
         }
         Ok(lost)
     }
+}
 
-    /// Read the pipe until `marker` comes back. Returns whether the pipe
-    /// reported lost events.
-    fn read_to_marker(&mut self, pipe: &mut File, marker: u64) -> Result<bool, AgentError> {
-        let deadline = Instant::now() + SYNC_DEADLINE;
-        let mut lost = false;
-        let mut buf = vec![0u8; 64 << 10];
-        let mut seen = false;
-        while !seen {
-            match pipe.read(&mut buf) {
-                Ok(0) => {}
-                Ok(n) => {
-                    self.partial
-                        .extend_from_slice(buf.get(..n).unwrap_or_default());
-                    let (s, l) = self.consume(marker);
-                    seen |= s;
-                    lost |= l;
-                    continue;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // The marker itself may be among the events a full
-                    // buffer dropped: then stop waiting, everything is
-                    // rescanned anyway.
-                    if self.lost_counter()? != self.lost_seen {
-                        return Ok(true);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(trace_err(format!("reading trace_pipe: {e}"))),
-            }
-            if Instant::now() > deadline {
-                return Err(trace_err(
-                    "the trace marker did not come back within 10 s; tracing stopped working",
-                ));
-            }
-            let mut fds = [nix::poll::PollFd::new(
-                std::os::fd::AsFd::as_fd(&*pipe),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u8));
+/// Mark `nr` sectors at `sector` of device `dev` written, in every volume
+/// on it.
+fn mark(volumes: &mut [Traced], dev: u32, sector: u64, nr: u64, now: i64) {
+    tracing::trace!(dev, sector, nr, "write completed");
+    for v in volumes.iter_mut().filter(|v| v.target.device.dev == dev) {
+        let w = &mut v.writes;
+        let bytes = v.target.mark(&mut w.dirty, sector, nr);
+        if bytes > 0 {
+            w.bytes += bytes;
+            w.first_ms.get_or_insert(now);
         }
-        Ok(lost)
     }
+}
 
-    /// Parse the complete lines in `partial`. Returns (marker seen, lost).
-    fn consume(&mut self, marker: u64) -> (bool, bool) {
-        let (mut seen, mut lost) = (false, false);
-        let now = now_ms();
-        let mut start = 0;
-        while let Some(nl) = self
-            .partial
-            .get(start..)
-            .and_then(|p| p.iter().position(|&b| b == b'\n'))
-        {
-            let line =
-                String::from_utf8_lossy(self.partial.get(start..start + nl).unwrap_or_default());
-            start += nl + 1;
-            match parse_line(&line) {
-                Line::Write { dev, sector, nr } => {
-                    tracing::trace!(dev, sector, nr, "write completed");
-                    for v in self
-                        .volumes
-                        .iter_mut()
-                        .filter(|v| v.target.device.dev == dev)
-                    {
-                        let w = &mut v.writes;
-                        let bytes = v.target.mark(&mut w.dirty, sector, nr);
-                        if bytes > 0 {
-                            w.bytes += bytes;
-                            w.first_ms.get_or_insert(now);
-                        }
-                    }
-                }
-                Line::Marker(m) if m == marker => seen = true,
-                Line::Lost => lost = true,
-                Line::Marker(_) | Line::Other => {}
+/// Open the reader `want`, or the text pipe if the raw pages cannot be
+/// used (said once, here).
+fn open_reader(dir: &Path, want: ReaderKind) -> Result<Reader, AgentError> {
+    if want == ReaderKind::Raw {
+        match RawReader::open(dir, &EVENTS) {
+            Ok(r) => {
+                tracing::info!("reading trace events from the raw per-CPU buffers");
+                return Ok(Reader::Raw(r));
+            }
+            Err(why) => {
+                tracing::warn!(cause = %why, "cannot read the raw trace buffers; parsing the text trace_pipe instead");
             }
         }
-        self.partial.drain(..start);
-        (seen, lost)
+    } else {
+        tracing::info!("reading trace events from the text trace_pipe ({FORCE_TEXT_ENV}=1)");
     }
+    TextPipe::open(dir).map(Reader::Text)
+}
+
+/// Sum of events the kernel dropped or overwrote, over all CPUs.
+fn lost_counter(dir: &Path) -> Result<u64, AgentError> {
+    let per_cpu = dir.join("per_cpu");
+    let entries = std::fs::read_dir(&per_cpu)
+        .map_err(|e| trace_err(format!("{}: {e}", per_cpu.display())))?;
+    let mut sum = 0u64;
+    for e in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path().join("stats")) else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            if matches!(k.trim(), "overrun" | "dropped events" | "commit overrun") {
+                sum += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(sum)
 }
 
 impl EventSource for Tracer {
@@ -275,7 +297,7 @@ impl Drop for Tracer {
         for ev in EVENTS {
             let _ = write_file(&self.dir.join("events").join(ev).join("enable"), "0");
         }
-        drop(self.pipe.take());
+        drop(self.reader.take());
         remove_instance(&self.dir);
     }
 }
@@ -349,4 +371,25 @@ fn write_file(path: &Path, text: &str) -> Result<(), AgentError> {
         .map_err(|e| trace_err(format!("{}: {e}", path.display())))?;
     f.write_all(text.as_bytes())
         .map_err(|e| trace_err(format!("writing {text:?} to {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn falls_back_to_the_text_pipe_where_the_raw_files_cannot_be_used() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("trace_pipe"), "").unwrap();
+        assert!(matches!(
+            open_reader(dir.path(), ReaderKind::Raw),
+            Ok(Reader::Text(_))
+        ));
+        assert!(matches!(
+            open_reader(dir.path(), ReaderKind::Text),
+            Ok(Reader::Text(_))
+        ));
+        std::fs::remove_file(dir.path().join("trace_pipe")).unwrap();
+        assert!(open_reader(dir.path(), ReaderKind::Raw).is_err());
+    }
 }
