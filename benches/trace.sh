@@ -139,21 +139,22 @@ q = lambda p: v[min(len(v) - 1, int(p * len(v)))] if v else float("nan")
 print(f"{q(0.5):.0f} {q(0.99):.0f} {q(1.0):.0f} {len(v)}")
 EOF
 )
-freeze_stats() { # log lines -> "p50 p99 max count"
-    sed 's/\x1b\[[0-9;]*m//g' | grep -o 'frozen_ms=[0-9.]*' | cut -d= -f2 | python3 -c "$FREEZE_PY"
+freeze_stats() { # FIELD < log lines -> "p50 p99 max count" of FIELD (frozen_ms, fifreeze_ms)
+    sed 's/\x1b\[[0-9;]*m//g' | grep -o " $1=[0-9.]*" | cut -d= -f2 | python3 -c "$FREEZE_PY"
 }
 STEADY=""
 steady() { # MODE RATE: one steady run, as a row of the table
-    local m0 m1 r0 w0 r1 w1 l50 l99 n f50 f99 fmax fn ratio
+    local m0 m1 r0 w0 r1 w1 l50 l99 n f50 f99 fmax fn i99 ratio
     read -r r0 w0 < <(counters)
     m0=$(wc -l <"$WORK/agent.log")
     read -r l50 l99 n _ < <(measure "$2")
     caught_up
     m1=$(wc -l <"$WORK/agent.log")
     read -r r1 w1 < <(counters)
-    read -r f50 f99 fmax fn < <(sed -n "$((m0 + 1)),${m1}p" "$WORK/agent.log" | freeze_stats)
+    read -r f50 f99 fmax fn < <(sed -n "$((m0 + 1)),${m1}p" "$WORK/agent.log" | freeze_stats frozen_ms)
+    read -r _ i99 _ _ < <(sed -n "$((m0 + 1)),${m1}p" "$WORK/agent.log" | freeze_stats fifreeze_ms)
     ratio=$(python3 -c "print(f'{($r1 - $r0) / max(1, $w1 - $w0):.2f}')")
-    STEADY+="| $1 | steady ${2%m} MB/s | ${l50} s | ${l99} s | ${f50} ms | ${f99} ms | ${fmax} ms | ${fn} | ${ratio} |"$'\n'
+    STEADY+="| $1 | steady ${2%m} MB/s | ${l50} s | ${l99} s | ${f50} ms | ${f99} ms | ${fmax} ms | ${i99} ms | ${fn} | ${ratio} |"$'\n'
 }
 
 echo "== starting the agent"
@@ -224,10 +225,11 @@ on 127.0.0.1 (nice 19, store in /dev/shm); fio random 4 KiB O_DIRECT writes (lib
 to a 512 MiB file, ${RUNTIME} s per run. Load average before the run: ${LOAD}. "read/written" is
 the change of the agent's \`tracked_read_bytes_total\` over that of \`traced_write_bytes_total\`
 across the run (bytes read, the frozen delta included, per byte the tracer saw written, ext4's
-journal included). "off" is \`--partial-blocks off\` (whole blocks), run right after "on".
+journal included). "FIFREEZE call" is the kernel's freeze call alone (ext4 commits and
+checkpoints its journal and flushes the disk's cache), part of each freeze. "off" is \`--partial-blocks off\` (whole blocks), run right after "on".
 
-| partial blocks | workload | lag p50 | lag p99 | freeze p50 | freeze p99 | freeze max | points | read/written |
-|---|---|---|---|---|---|---|---|---|
+| partial blocks | workload | lag p50 | lag p99 | freeze p50 | freeze p99 | freeze max | FIFREEZE call p99 | points | read/written |
+|---|---|---|---|---|---|---|---|---|---|
 ${STEADY}
 At saturation (default \`--max-lag 30s\`; lag and deferred intervals of the replicating run):
 
