@@ -228,7 +228,6 @@ impl Session<'_> {
             .map(|v| pilotlight_protocol::limits::block_count(v.size, v.block_size))
             .fold(0u64, u64::saturating_add);
         let mut previous = None;
-        let saturated = self.agent.collector.saturated();
         for round in 0.. {
             let lag = self
                 .agent
@@ -274,12 +273,12 @@ impl Session<'_> {
             let Some(mut unsent) = self.agent.collector.get().map(|t| t.unsent_read_bytes()) else {
                 break;
             };
-            // On a disk saturated by its workload (as the wait before the
-            // point found it) rounds cannot catch up with it, and each takes
-            // a share of its operations: one round (of the writes coalesced
-            // while the point waited: see `defer_point`), then the freeze,
-            // or no freeze if much is left.
-            if round > 0 && saturated {
+            // On a disk saturated by its workload (as the last wait found
+            // it: before the point, or pacing its rounds) rounds cannot
+            // catch up with it, and each takes a share of its operations:
+            // one round (of the writes coalesced while the point waited: see
+            // `defer_point`), then the freeze, or no freeze if much is left.
+            if round > 0 && self.agent.collector.saturated() {
                 if unsent > policy::FREEZE_DELTA_MAX {
                     return Ok(Precopied::Saturated { unsent });
                 }
