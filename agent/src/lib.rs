@@ -65,7 +65,8 @@ pub struct AgentConfig {
     pub track: Track,
     /// Commit mode.
     pub commit: CommitMode,
-    /// Time between points in continuous mode.
+    /// Time between the starts of points in continuous mode (a point that
+    /// took longer is followed at once, after its acks).
     pub interval: Duration,
     /// Live tracking: how long points may wait for their ack before the
     /// status says `stalled`.

@@ -86,6 +86,9 @@ pub(crate) struct Session<'a> {
     pub(crate) progressed: bool,
     /// When the stop began, while the last acks are awaited.
     stop_deadline: Option<tokio::time::Instant>,
+    /// When the next interval wait ends, if not an interval from its start:
+    /// points start an interval apart (a cycle's own time counts).
+    next_point_at: Option<tokio::time::Instant>,
     /// Whether the session's first point continues a sync checkpointed
     /// before a restart.
     pub(crate) resumed: bool,
@@ -203,6 +206,7 @@ impl<'a> Session<'a> {
             wire,
             progressed: false,
             stop_deadline: None,
+            next_point_at: None,
             partial_tag: 0,
             durable_tag: 0,
         })
@@ -231,6 +235,7 @@ impl<'a> Session<'a> {
                 }
             }
             tag += 1;
+            self.next_point_at = Some(tokio::time::Instant::now() + self.agent.cfg.interval);
             match self.cycle(tag, &mut wire_before).await? {
                 crate::cycle::Outcome::Sent => {}
                 crate::cycle::Outcome::Nothing => {
@@ -316,7 +321,12 @@ impl<'a> Session<'a> {
     /// trace events (so that the trace buffer never fills between points)
     /// and keep the status's state and lag current.
     pub(crate) async fn wait(&mut self, until: Wait) -> Result<(), AgentError> {
-        let interval = tokio::time::sleep(self.agent.cfg.interval);
+        let full = tokio::time::Instant::now() + self.agent.cfg.interval;
+        let interval_end = match until {
+            Wait::Interval { early: true } => self.next_point_at.take().unwrap_or(full),
+            _ => full,
+        };
+        let interval = tokio::time::sleep_until(interval_end);
         tokio::pin!(interval);
         // The agent reads nothing while it waits: the disks' load
         // meanwhile is their workload's (its reads before would slow the

@@ -87,7 +87,8 @@ struct RunArgs {
     /// sync: wait for each point to be durable; async: pipeline points [default: sync].
     #[arg(long, value_enum)]
     commit: Option<CommitArg>,
-    /// Time between points, e.g. 30s, 5m [default: 60s; 1s with --track trace].
+    /// Time between the starts of points (a longer point starts the next
+    /// at once), e.g. 30s, 5m [default: 60s; 1s with --track trace].
     #[arg(long, value_parser = humantime::parse_duration)]
     interval: Option<Duration>,
     /// Live tracking: status says `stalled` once points have waited this
