@@ -101,7 +101,8 @@ fn reconcile_drops_uploads_past_the_committed_length_and_of_unknown_packs() {
     write_pack(dir, 2, &[2; 100]);
     o.upload_packs(&[(1, 0, 400), (2, 0, 100)]).unwrap();
     o.upload_packs(&[(1, 400, 900)]).unwrap();
-    o.reconcile(&HashMap::from([(1, 400)])).unwrap();
+    o.reconcile(&HashMap::from([(1, 400)]), &Default::default())
+        .unwrap();
     assert_eq!(names(&o), vec![format!("site/{}", segment_name(1, 0, 400))]);
 }
 

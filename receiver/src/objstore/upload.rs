@@ -127,6 +127,7 @@ impl Offsite {
                 m.entry(pack).or_default().insert(start, end);
             }
         }
+        self.note_upload_time(pack, pilotlight_protocol::clock::now_ms());
         if let (Some(hash), Ok(mut e)) = (early, self.early.lock()) {
             e.insert((pack, start), (end, hash));
         }
@@ -280,8 +281,8 @@ impl Offsite {
         Ok(hash)
     }
 
-    /// Delete every object of pack `pack` (garbage collection removed it).
-    /// Blocking.
+    /// Delete every object of pack `pack` (garbage collection removed it,
+    /// and its retention is over: [`super::lock`]). Blocking.
     pub(crate) fn delete_pack(&self, pack: u64) -> Result<(), OffsiteError> {
         self.block_on(async {
             self.segments_listed().await?;
@@ -305,6 +306,7 @@ impl Offsite {
     pub(crate) fn reconcile(
         &self,
         committed: &std::collections::HashMap<u64, u64>,
+        deferred: &std::collections::HashSet<u64>,
     ) -> Result<(), OffsiteError> {
         self.block_on(async {
             self.segments_listed().await?;
@@ -314,7 +316,9 @@ impl Offsite {
                 .ok()
                 .and_then(|s| s.as_ref().map(|m| m.keys().copied().collect()))
                 .unwrap_or_default();
-            for pack in packs {
+            // Packs garbage collection removed wait for their retention
+            // ([`super::lock`]), not for this.
+            for pack in packs.into_iter().filter(|p| !deferred.contains(p)) {
                 let len = committed.get(&pack).copied().unwrap_or(0);
                 let mut keep_to = 0;
                 let segs = self.segments_of(pack);
