@@ -782,8 +782,9 @@ impl Moto {
         );
     }
 
-    /// One HTTP request with `headers` and `body`: the status line and the
-    /// body, or `None` if nobody answers.
+    /// One HTTP request with `headers` and `body`: the status line with the
+    /// response's headers, and the body (as text, lossily), or `None` if
+    /// nobody answers.
     pub fn call(
         &self,
         method: &str,
@@ -806,14 +807,11 @@ impl Moto {
         head.push_str("\r\n");
         tcp.write_all(head.as_bytes()).ok()?;
         tcp.write_all(body).ok()?;
-        let mut out = String::new();
-        tcp.read_to_string(&mut out).ok()?;
-        let (status, rest) = out.split_once("\r\n")?;
-        let body = rest
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-        Some((status.to_owned(), body.to_owned()))
+        let mut out = Vec::new();
+        tcp.read_to_end(&mut out).ok()?;
+        let out = String::from_utf8_lossy(&out);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (!head.is_empty()).then(|| (head.to_owned(), body.to_owned()))
     }
 
     /// One plain HTTP request; the status line, or `None` if nobody answers.
