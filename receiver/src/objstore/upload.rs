@@ -1,5 +1,6 @@
 //! Uploading packs: what a commit added to each of its packs goes to the
-//! bucket as one sealed segment, multipart above [`MULTIPART_ABOVE`], and
+//! bucket as sealed segments of at most [`SEGMENT_MAX`], several at once
+//! (multipart above [`MULTIPART_ABOVE`], which no segment of ours now is), and
 //! is retried with backoff for as long as the store does not take it.
 
 use std::fs::File;
@@ -17,15 +18,28 @@ use crate::pack::pack_path;
 
 /// Segments larger than this go up in parts.
 pub(crate) const MULTIPART_ABOVE: u64 = 16 << 20;
+/// Most bytes of one segment: what a commit (or the streamer) uploads of
+/// a pack is cut at multiples of this from where the bucket's chain ends,
+/// and the pieces go up side by side as single puts (no multipart
+/// assembly at the store).
+pub(crate) const SEGMENT_MAX: u64 = MULTIPART_ABOVE;
 /// Size of one part of a multipart upload.
 const PART_LEN: usize = 8 << 20;
 /// Parts in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
-/// Packs of one commit uploaded at once.
-const UPLOADS_IN_FLIGHT: usize = 4;
+/// Segments uploaded at once.
+pub(super) const UPLOADS_IN_FLIGHT: usize = 4;
 /// First and longest wait between two tries of an upload.
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// `start..end` cut into segments of at most [`SEGMENT_MAX`], from
+/// `start`.
+pub(super) fn pieces(start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    (start..end)
+        .step_by(usize::try_from(SEGMENT_MAX).unwrap_or(usize::MAX))
+        .map(move |s| (s, end.min(s.saturating_add(SEGMENT_MAX))))
+}
 
 impl Offsite {
     /// Upload what `packs` (id, committed length, durable length) hold past
@@ -46,12 +60,12 @@ impl Offsite {
             for &(pack, committed, end) in packs {
                 let start = self.keep_to(pack, committed);
                 if end > start {
-                    work.push((pack, start, end));
+                    self.retrying(cancel, || self.drop_stale(pack, start))
+                        .await?;
+                    work.extend(pieces(start, end).map(|(s, e)| (pack, s, e)));
                 }
             }
             let uploads = work.iter().map(|&(pack, start, end)| async move {
-                self.retrying(cancel, || self.drop_stale(pack, start))
-                    .await?;
                 self.retrying(cancel, || async {
                     self.upload_segment(pack, start, end).await.map(|_| ())
                 })
