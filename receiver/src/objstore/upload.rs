@@ -1,32 +1,24 @@
 //! Uploading packs: what a commit added to each of its packs goes to the
-//! bucket as sealed segments of at most [`SEGMENT_MAX`], several at once
-//! (multipart above [`MULTIPART_ABOVE`], which no segment of ours now is), and
+//! bucket as sealed segments of at most [`SEGMENT_MAX`], several at once, and
 //! is retried with backoff for as long as the store does not take it.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use object_store::{ObjectStoreExt, WriteMultipart};
 use pilotlight_protocol::clock::now_ms;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{classify, segment_name};
+use super::client::segment_name;
 use super::crypto::{Sealer, CHUNK_LEN};
 use super::{Offsite, OffsiteError};
 use crate::pack::pack_path;
 
-/// Segments larger than this go up in parts.
-pub(crate) const MULTIPART_ABOVE: u64 = 16 << 20;
 /// Most bytes of one segment: what a commit (or the streamer) uploads of
 /// a pack is cut at multiples of this from where the bucket's chain ends,
-/// and the pieces go up side by side as single puts (no multipart
-/// assembly at the store).
-pub(crate) const SEGMENT_MAX: u64 = MULTIPART_ABOVE;
-/// Size of one part of a multipart upload.
-const PART_LEN: usize = 8 << 20;
-/// Parts in flight at once.
-const PARTS_IN_FLIGHT: usize = 4;
+/// and the pieces go up side by side as single puts (what multipart parts
+/// would give, without the store assembling them).
+pub(crate) const SEGMENT_MAX: u64 = 16 << 20;
 /// Segments uploaded at once.
 pub(super) const UPLOADS_IN_FLIGHT: usize = 4;
 /// First and longest wait between two tries of an upload.
@@ -253,44 +245,14 @@ impl Offsite {
             hasher.borrow_mut().update(buf);
             Ok(n)
         };
-        if end - start <= MULTIPART_ABOVE {
-            while at < end {
-                let n = read(at, &mut plain)?;
-                at += n as u64;
-                sealer.seal(&plain, at == end, &mut sealed)?;
-            }
-            self.put(&name, sealed).await?;
-            return Ok(*hasher.borrow().finalize().as_bytes());
+        // At most SEGMENT_MAX (plus the seal) in memory: one put, no
+        // multipart upload (several segments go side by side instead).
+        while at < end {
+            let n = read(at, &mut plain)?;
+            at += n as u64;
+            sealer.seal(&plain, at == end, &mut sealed)?;
         }
-        let target = self.url.path(&name);
-        let upload = self
-            .client
-            .put_multipart(&target)
-            .await
-            .map_err(|e| classify(&self.url, &name, e))?;
-        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_LEN);
-        let parts = async {
-            while at < end {
-                let n = read(at, &mut plain)?;
-                at += n as u64;
-                sealer.seal(&plain, at == end, &mut sealed)?;
-                w.write(&sealed);
-                sealed.clear();
-                w.wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(|e| classify(&self.url, &name, e))?;
-            }
-            Ok::<_, OffsiteError>(())
-        }
-        .await;
-        if let Err(e) = parts {
-            // No half-made upload left behind in the bucket.
-            let _ = w.abort().await;
-            return Err(e);
-        }
-        w.finish()
-            .await
-            .map_err(|e| classify(&self.url, &name, e))?;
+        self.put(&name, sealed).await?;
         let hash = *hasher.borrow().finalize().as_bytes();
         Ok(hash)
     }
