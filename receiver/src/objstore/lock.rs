@@ -370,4 +370,52 @@ mod tests {
         let before = now_ms();
         assert!(o.due_ms(8, day) >= before + DAY_MS, "unknown: from now");
     }
+
+    #[test]
+    fn gc_deletes_a_removed_packs_objects_only_once_its_retention_ends() {
+        use futures_util::StreamExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir_all(dir.join("packs")).unwrap();
+        drop(crate::catalog::Catalog::open(&dir.join(crate::store::CATALOG_FILE)).unwrap());
+        let url = StoreUrl::parse("s3://b/p").unwrap();
+        let mem = std::sync::Arc::new(object_store::memory::InMemory::new());
+        let key = super::super::StoreKey::from_bytes(&[5; 32]);
+        let mut o = Offsite::with_client(dir, url, mem, key, u64::MAX).unwrap();
+        o.lock_days = Some(1);
+        *o.lock_period.lock().unwrap() = Some(Duration::from_millis(DAY_MS as u64));
+        for pack in [1, 2] {
+            std::fs::write(crate::pack::pack_path(dir, pack), vec![pack as u8; 1000]).unwrap();
+        }
+        o.upload_packs(&[(1, 0, 1000), (2, 0, 1000)]).unwrap();
+        // Pack 1 went up two days ago, pack 2 just now; GC removes both.
+        o.newest.lock().unwrap().insert(1, now_ms() - 2 * DAY_MS);
+        o.doomed.lock().unwrap().extend([1, 2]);
+        o.collect_objects().unwrap();
+        let segs: Vec<String> = o.block_on(async {
+            o.client
+                .list(None)
+                .map(|m| m.unwrap().location.to_string())
+                .filter(|n| std::future::ready(n.ends_with(".seg")))
+                .collect()
+                .await
+        });
+        assert_eq!(
+            segs,
+            vec![format!(
+                "p/{}",
+                super::super::client::segment_name(2, 0, 1000)
+            )],
+            "pack 1 is due and deleted, pack 2 is locked for a day"
+        );
+        let conn = Connection::open(dir.join(crate::store::CATALOG_FILE)).unwrap();
+        assert_eq!(deferred_packs(&conn).unwrap(), HashSet::from([2]));
+        let due: i64 = conn
+            .query_row("SELECT due_ms FROM store_deferred", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            due >= now_ms() + DAY_MS - 60_000,
+            "due a day from its upload"
+        );
+    }
 }
