@@ -193,6 +193,22 @@ pub(crate) fn deferred_packs(conn: &Connection) -> Result<HashSet<u64>, OffsiteE
     Ok(packs)
 }
 
+/// The highest pack id in `store_deferred` of the receiver directory
+/// `dir` (0 for none): a new pack never takes the id of one whose objects
+/// still wait in the bucket (their names would mix). Blocking.
+pub(crate) fn highest_deferred_pack(dir: &std::path::Path) -> Result<u64, crate::ReceiveError> {
+    let conn = Connection::open(dir.join(crate::store::CATALOG_FILE))
+        .map_err(crate::ReceiveError::Catalog)?;
+    let max: i64 = conn
+        .query_row(
+            "SELECT coalesce(max(pack), 0) FROM store_deferred",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(crate::ReceiveError::Catalog)?;
+    Ok(u64::try_from(max).unwrap_or(0))
+}
+
 impl Offsite {
     /// The bucket's default retention when `object_lock_days` is set
     /// (checked to cover it, asked once per process); zero otherwise.
@@ -410,6 +426,11 @@ mod tests {
         );
         let conn = Connection::open(dir.join(crate::store::CATALOG_FILE)).unwrap();
         assert_eq!(deferred_packs(&conn).unwrap(), HashSet::from([2]));
+        assert_eq!(
+            highest_deferred_pack(dir).unwrap(),
+            2,
+            "id 2 is not for reuse"
+        );
         let due: i64 = conn
             .query_row("SELECT due_ms FROM store_deferred", [], |r| r.get(0))
             .unwrap();
