@@ -14,10 +14,12 @@
 //! a locked bucket.
 //!
 //! **Garbage collection waits.** A pack GC removed is written to
-//! `store_deferred(pack, due_ms)` (catalog schema version 9) with the end
-//! of the retention of its newest segment: its upload time (the store's
-//! `LastModified`, or this process's clock once the upload returned) plus
-//! the bucket's default retention. Every collection (`gc`, `prune`,
+//! `store_deferred(pack, due_ms)` (catalog schema version 9) at once, as
+//! never due, then given the end of the retention of its newest segment:
+//! its upload time (the store's `LastModified`, or this process's clock
+//! once the upload returned) plus the bucket's default retention (a store
+//! that does not answer leaves that to the next collection). Its id is
+//! never given to a new pack while the row is there. Every collection (`gc`, `prune`,
 //! `serve`'s maintenance) ships that table in the journal, then deletes
 //! the objects of the packs that are due, and their rows; a pack not yet
 //! due is left alone, and `serve`'s start does not treat its objects as
@@ -43,6 +45,10 @@ use rusqlite::Connection;
 
 use super::client::StoreUrl;
 use super::{Offsite, OffsiteError};
+
+/// `store_deferred.due_ms` of a pack whose retention is not worked out yet
+/// (the store did not answer): never due.
+const UNRESOLVED: i64 = i64::MAX;
 
 /// The default retention of a bucket with Object Lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,83 +249,105 @@ impl Offsite {
     }
 
     /// Garbage collection's end (see the module doc): the packs it
-    /// removed into `store_deferred` with the end of their retention, the
-    /// journal shipped, then the objects of every pack that is due
-    /// deleted. Blocking.
+    /// removed into `store_deferred` (at once, locally; the end of their
+    /// retention is worked out from the bucket next, and again by a later
+    /// collection if the store does not answer now), the journal shipped,
+    /// then the objects of every pack that is due deleted. Blocking.
     pub(crate) fn collect_objects(&self) -> Result<(), OffsiteError> {
         let doomed: Vec<u64> = self
             .doomed
             .lock()
             .map(|mut d| std::mem::take(&mut *d))
             .unwrap_or_default();
-        if let Err(e) = self.defer(&doomed) {
-            if let Ok(mut d) = self.doomed.lock() {
-                d.extend(doomed);
+        self.with_catalog(|c| {
+            for &pack in &doomed {
+                c.execute(
+                    "INSERT INTO store_deferred(pack, due_ms) VALUES(?1, ?2)
+                     ON CONFLICT(pack) DO NOTHING",
+                    [pack as i64, UNRESOLVED],
+                )
+                .map_err(sql_err)?;
             }
-            return Err(e);
-        }
+            Ok(())
+        })?;
+        self.resolve_due()?;
         self.ship()?;
         let now = now_ms();
-        let due: Vec<u64> = {
-            let conn = self.open_journal()?;
-            let Some(c) = conn.as_ref() else {
-                return Ok(());
-            };
+        let due: Vec<u64> = self.with_catalog(|c| {
             let mut stmt = c
                 .prepare("SELECT pack FROM store_deferred WHERE due_ms <= ?1 ORDER BY pack")
                 .map_err(sql_err)?;
             let rows = stmt
                 .query_map([now], |r| r.get::<_, i64>(0))
                 .and_then(|rows| rows.map(|p| p.map(|p| p as u64)).collect());
-            rows.map_err(sql_err)?
-        };
+            rows.map_err(sql_err)
+        })?;
         if due.is_empty() {
             return Ok(());
         }
         for &pack in &due {
             self.delete_pack(pack)?;
-            let conn = self.open_journal()?;
-            if let Some(c) = conn.as_ref() {
+            self.with_catalog(|c| {
                 c.execute("DELETE FROM store_deferred WHERE pack = ?1", [pack as i64])
-                    .map_err(sql_err)?;
-            }
+                    .map(|_| ())
+                    .map_err(sql_err)
+            })?;
         }
         // The bucket's journal learns the rows are gone (a rebuild that
         // missed it deletes objects that are gone already: no harm).
         self.ship()
     }
 
-    /// Record `packs` (removed by garbage collection) in `store_deferred`
-    /// with the end of their retention.
-    fn defer(&self, packs: &[u64]) -> Result<(), OffsiteError> {
-        if packs.is_empty() {
-            return Ok(());
-        }
-        let period = self.block_on(async {
-            self.segments_listed().await?;
-            self.lock_period().await
-        })?;
+    /// `f` on the journal's catalog connection (nothing without one).
+    fn with_catalog<T: Default>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, OffsiteError>,
+    ) -> Result<T, OffsiteError> {
         let conn = self.open_journal()?;
-        let Some(c) = conn.as_ref() else {
-            return Ok(());
-        };
-        for &pack in packs {
-            let due = self.due_ms(pack, period);
-            if due > now_ms() {
-                tracing::info!(
-                    pack,
-                    due = %pilotlight_protocol::clock::rfc3339(due),
-                    "the objects of a removed pack are under Object Lock: deleted once due"
-                );
-            }
-            c.execute(
-                "INSERT INTO store_deferred(pack, due_ms) VALUES(?1, ?2)
-                 ON CONFLICT(pack) DO UPDATE SET due_ms = max(due_ms, excluded.due_ms)",
-                [pack as i64, due],
-            )
-            .map_err(sql_err)?;
+        match conn.as_ref() {
+            Some(c) => f(c),
+            None => Ok(T::default()),
         }
-        Ok(())
+    }
+
+    /// Give every row of `store_deferred` not yet resolved the end of its
+    /// pack's retention: its newest upload (as the bucket lists it) plus
+    /// the bucket's default retention.
+    fn resolve_due(&self) -> Result<(), OffsiteError> {
+        let open: Vec<u64> = self.with_catalog(|c| {
+            let mut stmt = c
+                .prepare("SELECT pack FROM store_deferred WHERE due_ms = ?1")
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map([UNRESOLVED], |r| r.get::<_, i64>(0))
+                .and_then(|rows| rows.map(|p| p.map(|p| p as u64)).collect());
+            rows.map_err(sql_err)
+        })?;
+        if open.is_empty() {
+            return Ok(());
+        }
+        let period = self.block_on(self.lock_period())?;
+        if !period.is_zero() {
+            self.block_on(self.segments_listed())?;
+        }
+        self.with_catalog(|c| {
+            for &pack in &open {
+                let due = self.due_ms(pack, period);
+                if due > now_ms() {
+                    tracing::info!(
+                        pack,
+                        due = %pilotlight_protocol::clock::rfc3339(due),
+                        "the objects of a removed pack are under Object Lock: deleted once due"
+                    );
+                }
+                c.execute(
+                    "UPDATE store_deferred SET due_ms = ?2 WHERE pack = ?1",
+                    [pack as i64, due],
+                )
+                .map_err(sql_err)?;
+            }
+            Ok(())
+        })
     }
 
     /// Note that the bucket holds an upload of `pack` made at `ms`.
