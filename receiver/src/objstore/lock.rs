@@ -106,6 +106,7 @@ pub(crate) async fn bucket_lock(url: &StoreUrl) -> Result<LockConfig, OffsiteErr
     let mut b = AmazonS3Builder::from_env().with_bucket_name(&url.bucket);
     let region = b
         .get_config_value(&AmazonS3ConfigKey::Region)
+        .or_else(|| b.get_config_value(&AmazonS3ConfigKey::DefaultRegion))
         .unwrap_or_else(|| "us-east-1".into());
     b = b.with_region(&region);
     let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
