@@ -24,8 +24,9 @@ use crate::pack::parse_pack_name;
 
 /// How often the streamer looks at the local packs.
 const STREAM_TICK: Duration = Duration::from_millis(100);
-/// Most segments one look uploads (side by side).
-const STREAM_BATCH: usize = 2 * UPLOADS_IN_FLIGHT;
+/// Most segments one look uploads (side by side): a commit that comes
+/// meanwhile waits for them.
+const STREAM_BATCH: usize = UPLOADS_IN_FLIGHT;
 
 impl Offsite {
     /// `serve`'s streamer task, until `shutdown`.
@@ -89,6 +90,7 @@ impl Offsite {
         };
         // Again under the lock: the commit may have taken some.
         let work = wanted(&packs);
+        let started = std::time::Instant::now();
         self.block_on(async {
             use futures_util::{StreamExt, TryStreamExt};
             let uploads = work.iter().map(|&(pack, start, end)| async move {
@@ -103,6 +105,11 @@ impl Offsite {
                 .try_collect::<Vec<()>>()
                 .await
         })?;
+        tracing::debug!(
+            segments = work.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "segments streamed"
+        );
         Ok(())
     }
 }
