@@ -5,6 +5,8 @@
 #
 #   benches/objstore.sh [SIZE_MIB] [PROFILE]     (default: 512 debug)
 #
+# BENCH_LOG=FILTER keeps the receivers' logs (RUST_LOG) in BENCH_LOG_DIR.
+#
 #   initial sync into the object store   vs  into a local store
 #   restore with a cold cache (every pack downloaded and opened)  vs  a local one
 # Targets: sync >= 0.7x the local speed, cold restore >= 0.5x.
@@ -43,7 +45,8 @@ run() { # NAME [init args...]: sync the image into a new receiver; prints second
     local name=$1; shift
     "$BIN/pilotlight-receiver" init --dir "$WORK/$name" --listen 127.0.0.1:0 "$@" >/dev/null
     "$BIN/pilotlight-receiver" enroll --dir "$WORK/$name" --server b --out "$WORK/$name.pem" >/dev/null
-    RUST_LOG=warn "$BIN/pilotlight-receiver" serve --dir "$WORK/$name" --listen 127.0.0.1:0 --print-addr >"$WORK/$name.addr" &
+    RUST_LOG=${BENCH_LOG:-warn} "$BIN/pilotlight-receiver" serve --dir "$WORK/$name" --listen 127.0.0.1:0 --print-addr \
+        >"$WORK/$name.addr" 2>"${BENCH_LOG_DIR:-$WORK}/$name.log" &
     echo $! >"$WORK/$name.pid"
     wait_for "[ -s $WORK/$name.addr ]"
     local t0; t0=$(now)

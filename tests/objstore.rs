@@ -841,3 +841,303 @@ fn commands_that_need_the_store_give_up_in_bounded_time_with_one_sentence() {
     let text = ok(&receiver(&moto, &["status", "--dir", s(&dir)]));
     assert!(text.contains("object store"), "{text}");
 }
+
+/// The bucket with S3 Object Lock (a default retention of one day).
+const LOCKED: &str = "dr-locked";
+
+/// A request to moto signed with the receiver's credentials (moto's AWS
+/// environment): its status line and body.
+fn signed(moto: &Moto, method: &str, path: &str) -> (String, String) {
+    use object_store::aws::{AwsAuthorizer, AwsCredential};
+    use object_store::client::{HttpRequest, HttpRequestBody};
+    let mut req = HttpRequest::new(HttpRequestBody::empty());
+    *req.method_mut() = method.parse().unwrap();
+    *req.uri_mut() = format!("{}{path}", moto.endpoint()).parse().unwrap();
+    let cred = AwsCredential {
+        key_id: "testing".into(),
+        secret_key: "testing".into(),
+        token: None,
+    };
+    AwsAuthorizer::new(&cred, "s3", "us-east-1")
+        .try_authorize(&mut req, None)
+        .unwrap();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+        .collect();
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    moto.call(method, path, &headers, b"")
+        .expect("moto answers")
+}
+
+/// The text of the first `<tag>` in `xml`.
+fn xml_tag<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+    let open = format!("<{tag}>");
+    let start = xml.find(&open)? + open.len();
+    let len = xml[start..].find(&format!("</{tag}>"))?;
+    Some(&xml[start..start + len])
+}
+
+/// The names of the objects in `bucket` under `prefix`.
+fn names_in(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
+    let store = AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_endpoint(moto.endpoint())
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .with_virtual_hosted_style_request(false)
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let p = object_store::path::Path::from(prefix);
+    let mut names: Vec<String> = rt
+        .block_on(store.list(Some(&p)).collect::<Vec<_>>())
+        .into_iter()
+        .map(|m| m.unwrap().location.to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The packs that have segments in `bucket` under `prefix`.
+fn packs_of(moto: &Moto, bucket: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    names_in(moto, bucket, prefix)
+        .into_iter()
+        .filter(|n| n.ends_with(".seg"))
+        .map(|n| n.split('/').nth(2).unwrap().to_owned())
+        .collect()
+}
+
+/// `init --store s3://BUCKET/site-l --object-lock-days DAYS` of `dir`.
+fn init_locked(moto: &Moto, dir: &Path, bucket: &str, days: u32) -> Output {
+    let url = format!("s3://{bucket}/site-l");
+    let days = days.to_string();
+    receiver(
+        moto,
+        &[
+            "init",
+            "--dir",
+            s(dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &url,
+            "--object-lock-days",
+            &days,
+        ],
+    )
+}
+
+/// Rows of `store_deferred` in the catalog of `dir`.
+fn deferred_rows(dir: &Path) -> i64 {
+    let db = rusqlite::Connection::open(dir.join("catalog.db")).unwrap();
+    db.query_row("SELECT count(*) FROM store_deferred", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs moto_server and faketime"]
+fn object_lock_keeps_what_gc_removed_until_its_retention_ends() {
+    require_tools(&["moto_server", "faketime"]);
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    moto.create_locked_bucket(LOCKED, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // A bucket whose lock does not cover the days, or that has none: one
+    // sentence, and no directory.
+    let short = root.join("short");
+    fails(
+        &init_locked(&moto, &short, LOCKED, 2),
+        "has a default retention of only 1 days, but [store] object_lock_days = 2 needs S3 Object Lock",
+    );
+    let unlocked = root.join("unlocked");
+    fails(
+        &init_locked(&moto, &unlocked, BUCKET, 1),
+        "has no Object Lock, but [store] object_lock_days = 1 needs",
+    );
+    assert!(!short.exists() && !unlocked.exists());
+
+    let dir = root.join("rcv");
+    ok(&init_locked(&moto, &dir, LOCKED, 1));
+    let id = root.join("web1.pem");
+    ok(&receiver(
+        &moto,
+        &[
+            "enroll",
+            "--dir",
+            s(&dir),
+            "--server",
+            "web1",
+            "--out",
+            s(&id),
+        ],
+    ));
+    set_config(
+        &dir,
+        "retention",
+        "min_keep",
+        toml::Value::String("0s".into()),
+    );
+    let img = root.join("web1.img");
+    let state = root.join("state");
+    sample_image(&img, 4 << 20, 71);
+    let (rx, addr) = serve(&moto, &dir);
+    ok(&agent(&addr, &id, &state, &img).output().unwrap());
+    // Every block differs in point 2: point 1's packs are all garbage.
+    sample_image(&img, 4 << 20, 72);
+    let p2 = ok(&agent(&addr, &id, &state, &img).output().unwrap())
+        .trim()
+        .to_owned();
+    stop(rx);
+
+    // Every object the receiver wrote is locked for the bucket's day.
+    let names = names_in(&moto, LOCKED, "site-l");
+    assert!(names.iter().any(|n| n.ends_with(".seg")), "{names:?}");
+    let in_23h = pilotlight_protocol::clock::now_ms() + 23 * 3_600_000;
+    for n in &names {
+        // HeadObject: ObjectLockMode and ObjectLockRetainUntilDate.
+        let (head, _) = signed(&moto, "HEAD", &format!("/{LOCKED}/{n}"));
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                })
+                .unwrap_or_else(|| panic!("{n}: no {name}: {head}"))
+        };
+        assert!(head.starts_with("HTTP/1.1 200"), "{n}: {head}");
+        assert_eq!(header("x-amz-object-lock-mode"), "COMPLIANCE", "{n}");
+        let until = header("x-amz-object-lock-retain-until-date");
+        let until = pilotlight_protocol::clock::parse_rfc3339(&until)
+            .unwrap_or_else(|| panic!("{n}: {until}"));
+        assert!(until > in_23h, "{n} is locked for a day: {head}");
+    }
+
+    // Prune and collect: the removed packs' objects stay while locked, and
+    // the point left restores from a cold cache.
+    let before = packs_of(&moto, LOCKED, "site-l");
+    ok(&receiver(
+        &moto,
+        &[
+            "prune",
+            "--dir",
+            s(&dir),
+            "--server",
+            "web1",
+            "--keep-last",
+            "1",
+        ],
+    ));
+    assert!(deferred_rows(&dir) > 0, "gc removed packs, and waits");
+    // (A pack it rewrote may have added one.)
+    let kept = packs_of(&moto, LOCKED, "site-l");
+    assert!(
+        before.is_subset(&kept),
+        "no locked object deleted: {before:?} -> {kept:?}"
+    );
+    for e in std::fs::read_dir(dir.join("packs")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let out = root.join("p2.img");
+    restore(&moto, &dir, p2.parse().unwrap(), &out);
+    assert_same_bytes(&out, &img, file_len(&img));
+
+    // The receiver's own credentials cannot delete a locked version.
+    let (_, versions) = signed(
+        &moto,
+        "GET",
+        &format!("/{LOCKED}?versions&prefix=site-l/packs/"),
+    );
+    let first = xml_tag(&versions, "Version").unwrap_or_else(|| panic!("{versions}"));
+    let (key, version) = (
+        xml_tag(first, "Key").unwrap(),
+        xml_tag(first, "VersionId").unwrap(),
+    );
+    let (status, body) = signed(
+        &moto,
+        "DELETE",
+        &format!("/{LOCKED}/{key}?versionId={version}"),
+    );
+    assert!(
+        status.starts_with("HTTP/1.1 403") && body.contains("AccessDenied"),
+        "{status} {body}"
+    );
+    let (head, _) = signed(&moto, "HEAD", &format!("/{LOCKED}/{key}"));
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "{key} is still there: {head}"
+    );
+
+    // A rebuilt directory knows what is still locked.
+    let new = root.join("rcv2");
+    let url = format!("s3://{LOCKED}/site-l");
+    let key = dir.join("store.key");
+    let text = ok(&receiver(
+        &moto,
+        &[
+            "rebuild",
+            "--dir",
+            s(&new),
+            "--store",
+            &url,
+            "--key",
+            s(&key),
+        ],
+    ));
+    assert!(text.contains("1 points"), "{text}");
+    assert_eq!(deferred_rows(&new), deferred_rows(&dir));
+
+    // Two days on (the receiver's clock, by faketime), they are due: its
+    // next collection deletes them.
+    let o = Command::new("faketime")
+        .args(["-f", "+2d"])
+        .arg(bin("pilotlight-receiver"))
+        .args(["gc", "--dir", s(&new)])
+        .envs(moto.env())
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    ok(&o);
+    let after = packs_of(&moto, LOCKED, "site-l");
+    assert!(
+        after.len() < kept.len() && after.is_subset(&kept),
+        "due objects deleted: {kept:?} -> {after:?}"
+    );
+    assert_eq!(deferred_rows(&new), 0);
+    let out = root.join("p2-new.img");
+    restore(&moto, &new, p2.parse().unwrap(), &out);
+    assert_same_bytes(&out, &img, file_len(&img));
+    let v = ok(&receiver(&moto, &["verify", "--dir", s(&new), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+#[ignore = "needs moto_server"]
+fn serve_refuses_object_lock_days_on_a_bucket_without_object_lock() {
+    require_tools(&["moto_server"]);
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = init(&moto, tmp.path(), "site-m");
+    set_config(&dir, "store", "object_lock_days", toml::Value::Integer(7));
+    let o = receiver(
+        &moto,
+        &["serve", "--listen", "127.0.0.1:0", "--dir", s(&dir)],
+    );
+    fails(
+        &o,
+        "the bucket dr-history has no Object Lock, but [store] object_lock_days = 7 needs S3 Object Lock",
+    );
+}

@@ -139,6 +139,12 @@ pub struct StoreConfig {
     /// How long a command (`gc`, `prune`, `verify`, `restore`, `rebuild`)
     /// waits for an unreachable store before it fails.
     pub command_wait_secs: u64,
+    /// Immutable history: the bucket must have S3 Object Lock enabled with
+    /// a default retention of at least this many days (checked at `init`
+    /// and when `serve` starts), so every object is locked that long from
+    /// its upload and garbage collection deletes none before its
+    /// retention ends. Not set: no lock.
+    pub object_lock_days: Option<u32>,
 }
 
 impl Default for StoreConfig {
@@ -148,6 +154,7 @@ impl Default for StoreConfig {
             cache: Size(Some(8 << 30)),
             snapshot_secs: 300,
             command_wait_secs: 60,
+            object_lock_days: None,
         }
     }
 }

@@ -107,6 +107,8 @@ impl Store {
         create_private_dir(&dir.join("packs"))?;
         let committed: HashMap<u64, u64> = store.catalog()?.packs()?.into_iter().collect();
         let mut max_id = committed.keys().copied().max().unwrap_or(0);
+        // Nor an id whose objects wait for their Object Lock retention.
+        max_id = max_id.max(crate::objstore::lock::highest_deferred_pack(dir)?);
         let packs_dir = dir.join("packs");
         let entries =
             std::fs::read_dir(&packs_dir).map_err(|e| ReceiveError::storage(&packs_dir, e))?;

@@ -745,6 +745,75 @@ impl Moto {
         );
     }
 
+    /// Create `bucket` with S3 Object Lock enabled and a default retention
+    /// of `days` in COMPLIANCE mode: every object put into it is locked
+    /// that long.
+    pub fn create_locked_bucket(&self, bucket: &str, days: u32) {
+        let path = format!("/{bucket}");
+        let (status, body) = self
+            .call(
+                "PUT",
+                &path,
+                &[("x-amz-bucket-object-lock-enabled", "true")],
+                b"",
+            )
+            .expect("moto answers");
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "create bucket {bucket}: {status} {body}"
+        );
+        let config = format!(
+            "<ObjectLockConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <ObjectLockEnabled>Enabled</ObjectLockEnabled><Rule><DefaultRetention>\
+             <Mode>COMPLIANCE</Mode><Days>{days}</Days></DefaultRetention></Rule>\
+             </ObjectLockConfiguration>"
+        );
+        let (status, body) = self
+            .call(
+                "PUT",
+                &format!("{path}?object-lock"),
+                &[],
+                config.as_bytes(),
+            )
+            .expect("moto answers");
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "lock bucket {bucket}: {status} {body}"
+        );
+    }
+
+    /// One HTTP request with `headers` and `body`: the status line with the
+    /// response's headers, and the body (as text, lossily), or `None` if
+    /// nobody answers.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Option<(String, String)> {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.port,
+            body.len()
+        );
+        for (k, v) in headers {
+            if !k.eq_ignore_ascii_case("host") {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+        }
+        head.push_str("\r\n");
+        tcp.write_all(head.as_bytes()).ok()?;
+        tcp.write_all(body).ok()?;
+        let mut out = Vec::new();
+        tcp.read_to_end(&mut out).ok()?;
+        let out = String::from_utf8_lossy(&out);
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (!head.is_empty()).then(|| (head.to_owned(), body.to_owned()))
+    }
+
     /// One plain HTTP request; the status line, or `None` if nobody answers.
     fn request(&self, method: &str, path: &str) -> Option<String> {
         use std::io::{BufRead, Write};

@@ -17,6 +17,7 @@
 //! | 6 | new tables `syncs` and `sync_blocks`: a server's in-progress full sync, durable at each checkpoint, not a point (see `syncs.rs`); created empty |
 //! | 7 | new table `journal(id, tbl, k1..k4)`: the keys of catalog rows changed since they last went to the object store, written by triggers that `objstore::journal` installs only in a directory with a `[store]` (see there); created empty |
 //! | 8 | `point_blocks` keyed by `(volume_id, point_id, block_index)` (was `(volume_id, block_index, point_id)`): a point's rows are one run, written in a few pages, instead of a page per changed block among its volume's rows (the table is rebuilt); new table `gc_doomed`: blocks a garbage collection took out of the block index until it decides (created empty; a receiver that starts to serve puts any left back); new index `blocks_by_pack` (a pack's blocks without a scan of `blocks`) |
+//! | 9 | new table `store_deferred(pack, due_ms)`: packs garbage collection removed whose objects in the bucket are still under S3 Object Lock retention (`[store] object_lock_days`) until `due_ms`; deleted from the bucket, and from the table, once due (see `objstore::lock`); created empty |
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 
@@ -25,7 +26,7 @@ use crate::ReceiveError;
 /// The schema version this receiver reads and writes. Raise it with every
 /// change to the tables below, and teach `create` to upgrade the older
 /// versions.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -114,6 +115,9 @@ CREATE TABLE IF NOT EXISTS gc_doomed(
     encoding INTEGER NOT NULL,
     PRIMARY KEY(pack_id, hash)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blocks_by_pack ON blocks(pack_id);
+CREATE TABLE IF NOT EXISTS store_deferred(
+    pack INTEGER PRIMARY KEY,
+    due_ms INTEGER NOT NULL);
 ";
 
 /// The version recorded in the file (0 when none is).
@@ -163,8 +167,9 @@ pub(super) fn create(conn: &Connection) -> Result<(), ReceiveError> {
         }
         // Version 5 adds `restore_grants`, version 6 (resumable syncs)
         // `syncs` and `sync_blocks`, version 7 `journal`, version 8
-        // `gc_doomed` and the index `blocks_by_pack`: all of `SCHEMA`,
-        // created above (the index over the existing rows).
+        // `gc_doomed` and the index `blocks_by_pack`, version 9
+        // `store_deferred`: all of `SCHEMA`, created above (the index over
+        // the existing rows).
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     tx.commit()?;

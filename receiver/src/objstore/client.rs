@@ -139,6 +139,13 @@ pub struct Offsite {
     /// When the newest snapshot in the bucket was taken (ms since the
     /// epoch; 0: none known).
     pub(super) last_snapshot_ms: AtomicI64,
+    /// `[store] object_lock_days` ([`super::lock`]).
+    pub(super) lock_days: Option<u32>,
+    /// The bucket's default retention, once asked.
+    pub(super) lock_period: Mutex<Option<Duration>>,
+    /// The newest upload of each pack this process knows of (ms since
+    /// the epoch): where its retention runs from.
+    pub(super) newest: Mutex<std::collections::HashMap<u64, i64>>,
 }
 
 /// How long a command waits for an unreachable store by default.
@@ -150,17 +157,26 @@ impl std::fmt::Debug for Offsite {
     }
 }
 
-/// The client for `url`, configured from the AWS environment.
-pub fn client_for(url: &StoreUrl) -> Result<Arc<dyn ObjectStore>, OffsiteError> {
+/// The client for `url`, configured from the AWS environment. `locked`:
+/// the bucket has Object Lock, which wants a checksum with every upload
+/// (SHA-256, the digest the signature computes anyway).
+pub fn client_for(url: &StoreUrl, locked: bool) -> Result<Arc<dyn ObjectStore>, OffsiteError> {
     let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+    let mut options = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(120))
+        .with_allow_http(endpoint.starts_with("http://"));
+    if locked {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "x-amz-sdk-checksum-algorithm",
+            http::HeaderValue::from_static("SHA256"),
+        );
+        options = options.with_default_headers(headers);
+    }
     let mut b = AmazonS3Builder::from_env()
         .with_bucket_name(&url.bucket)
-        .with_client_options(
-            ClientOptions::new()
-                .with_connect_timeout(Duration::from_secs(5))
-                .with_timeout(Duration::from_secs(120))
-                .with_allow_http(endpoint.starts_with("http://")),
-        )
+        .with_client_options(options)
         .with_retry(RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(100),
@@ -170,6 +186,14 @@ pub fn client_for(url: &StoreUrl) -> Result<Arc<dyn ObjectStore>, OffsiteError> 
             max_retries: 3,
             retry_timeout: Duration::from_secs(20),
         });
+    if locked {
+        b = b.with_checksum_algorithm(object_store::aws::Checksum::SHA256);
+    }
+    // No SHA-256 of every payload for the signature (a third of the
+    // receiver's CPU while it uploads): each object is sealed with
+    // AES-256-GCM, which a changed byte fails on read, and HTTPS guards
+    // the transfer. (With Object Lock, the checksum S3 wants is SHA-256.)
+    b = b.with_unsigned_payload(true);
     if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
     {
         b = b.with_region("us-east-1");
@@ -226,12 +250,13 @@ impl Offsite {
     /// The store of the receiver directory `dir`.
     pub fn new(dir: &Path, cfg: &StoreConfig, key: StoreKey) -> Result<Self, ReceiveError> {
         let url = StoreUrl::parse(&cfg.url)?;
-        let client = client_for(&url)?;
+        let client = client_for(&url, cfg.object_lock_days.is_some())?;
         let mut o = Self::with_client(dir, url, client, key, cfg.cache.0.unwrap_or(u64::MAX))?;
         o.snapshot_every = Duration::from_secs(cfg.snapshot_secs);
         if o.patience.is_some() {
             o.patience = Some(Duration::from_secs(cfg.command_wait_secs));
         }
+        o.lock_days = cfg.object_lock_days;
         Ok(o)
     }
 
@@ -276,6 +301,9 @@ impl Offsite {
             journal: Mutex::new(None),
             snapshot_every: Duration::ZERO,
             last_snapshot_ms: AtomicI64::new(0),
+            lock_days: None,
+            lock_period: Mutex::new(None),
+            newest: Mutex::default(),
         })
     }
 
@@ -318,6 +346,7 @@ impl Offsite {
             let full = meta.location.to_string();
             if let Some((pack, start, end)) = parse_segment_name(self.url.name_of(&full)) {
                 map.entry(pack).or_default().insert(start, end);
+                self.note_upload_time(pack, meta.last_modified.timestamp_millis());
             }
         }
         if let Ok(mut s) = self.segments.lock() {

@@ -31,6 +31,7 @@ pub mod cache;
 pub mod client;
 pub mod crypto;
 pub mod journal;
+pub mod lock;
 pub mod rebuild;
 mod record;
 pub mod replay;
@@ -127,6 +128,17 @@ pub enum OffsiteError {
         path: PathBuf,
         /// The error.
         cause: std::io::Error,
+    },
+    /// `object_lock_days` is set, and the bucket's Object Lock does not
+    /// cover it.
+    #[error("the bucket {bucket} has {found}, but [store] object_lock_days = {days} needs S3 Object Lock with a default retention of at least {days} days (create the bucket with Object Lock enabled and give it that default retention, or remove object_lock_days)")]
+    NoLock {
+        /// The bucket.
+        bucket: String,
+        /// The retention asked for.
+        days: u32,
+        /// What the bucket has.
+        found: String,
     },
     /// Stopped while waiting for the store.
     #[error("stopped while waiting for the object store")]
@@ -239,22 +251,15 @@ pub(crate) fn pack_removed(dir: &Path, pack: u64) -> Result<(), ReceiveError> {
 }
 
 /// After garbage collection: its catalog changes in the journal (a
-/// rebuild no longer names the removed packs), then their objects deleted
-/// (a crash between leaves objects that the next `serve` deletes).
-/// Blocking.
+/// rebuild no longer names the removed packs), then the objects of removed
+/// packs deleted once their Object Lock retention is over ([`lock`]: the
+/// packs wait in the catalog, so a crash between leaves the next
+/// collection the work). Blocking.
 pub(crate) fn after_gc(dir: &Path) -> Result<(), ReceiveError> {
     let Some(o) = for_dir(dir)? else {
         return Ok(());
     };
-    o.ship()?;
-    let doomed: Vec<u64> = o
-        .doomed
-        .lock()
-        .map(|mut d| std::mem::take(&mut *d))
-        .unwrap_or_default();
-    for pack in doomed {
-        o.delete_pack(pack)?;
-    }
+    o.collect_objects()?;
     Ok(())
 }
 
@@ -265,15 +270,28 @@ pub fn for_serve(dir: &Path) -> Result<Option<Arc<Offsite>>, ReceiveError> {
         return Ok(None);
     };
     o.probe_blocking()?;
+    if let Some(days) = o.lock_days {
+        let r = o.block_on(lock::require(&o.url, days))?;
+        tracing::info!(mode = %r.mode, days = r.period.as_secs() / 86_400, "the bucket locks every object (S3 Object Lock)");
+        if let Ok(mut p) = o.lock_period.lock() {
+            *p = Some(r.period);
+        }
+    }
     let committed: HashMap<u64, u64> =
         crate::catalog::Catalog::open(&dir.join(crate::store::CATALOG_FILE))?
             .packs()?
             .into_iter()
             .collect();
-    o.reconcile(&committed)?;
     // Every change from here on is journaled (what a crash kept from the
     // bucket, never acknowledged, goes with the next ship).
-    drop(o.open_journal()?);
+    let deferred = {
+        let conn = o.open_journal()?;
+        match conn.as_ref() {
+            Some(c) => lock::deferred_packs(c)?,
+            None => Default::default(),
+        }
+    };
+    o.reconcile(&committed, &deferred)?;
     o.snapshot_known();
     o.state.update(&o.url.to_string(), |_| {});
     Ok(Some(o))

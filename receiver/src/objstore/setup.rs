@@ -12,24 +12,38 @@ use crate::config::{ReceiverConfig, StoreConfig, CONFIG_FILE};
 use crate::ReceiveError;
 
 /// Check that the store at `url` is reachable and writable (from the AWS
-/// environment), without a receiver directory.
-pub fn check(url: &str) -> Result<StoreUrl, OffsiteError> {
+/// environment), without a receiver directory; with `object_lock_days`,
+/// that the bucket's Object Lock default retention covers it.
+pub fn check(url: &str, object_lock_days: Option<u32>) -> Result<StoreUrl, OffsiteError> {
     let url = StoreUrl::parse(url)?;
-    let client = client_for(&url)?;
+    let client = client_for(&url, object_lock_days.is_some())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| OffsiteError::local(Path::new("."), e))?;
-    rt.block_on(probe(&url, &*client))?;
+    rt.block_on(async {
+        if let Some(days) = object_lock_days {
+            // Before the probe: a put into a bucket without Object Lock
+            // would succeed, and say nothing.
+            super::lock::require(&url, days).await?;
+        }
+        probe(&url, &*client).await
+    })?;
     Ok(url)
 }
 
 /// Record the store in the new receiver directory `dir` and write its key
-/// (`DIR/store.key`, 0600). Returns the key file's path.
-pub fn record(dir: &Path, url: &StoreUrl) -> Result<std::path::PathBuf, ReceiveError> {
+/// (`DIR/store.key`, 0600), with `object_lock_days` as `init` was given
+/// it. Returns the key file's path.
+pub fn record(
+    dir: &Path,
+    url: &StoreUrl,
+    object_lock_days: Option<u32>,
+) -> Result<std::path::PathBuf, ReceiveError> {
     let mut cfg = ReceiverConfig::load(dir)?;
     cfg.store = Some(StoreConfig {
         url: url.to_string(),
+        object_lock_days,
         ..StoreConfig::default()
     });
     let text = toml::to_string_pretty(&cfg)

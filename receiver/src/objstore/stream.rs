@@ -1,7 +1,7 @@
 //! Packs go up while they fill: beside the snapshots, `serve` runs a
 //! streamer that, every [`STREAM_TICK`], uploads what a local pack holds
-//! past the bucket's chain of its segments once that is at least
-//! [`STREAM_MIN`] (at most [`STREAM_MAX`] per segment), so that a commit
+//! past the bucket's chain of its segments in whole segments of
+//! [`SEGMENT_MAX`], several side by side, so that a commit
 //! has only the rest to upload (an initial sync's commit no longer uploads
 //! the whole disk at once).
 //!
@@ -18,15 +18,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::upload::{pieces, SEGMENT_MAX, UPLOADS_IN_FLIGHT};
 use super::{Offsite, OffsiteError};
 use crate::pack::parse_pack_name;
 
 /// How often the streamer looks at the local packs.
-const STREAM_TICK: Duration = Duration::from_millis(250);
-/// Fewer new bytes than this wait for the next tick (or the commit).
-const STREAM_MIN: u64 = 8 << 20;
-/// Most bytes one streamed segment takes.
-const STREAM_MAX: u64 = 64 << 20;
+const STREAM_TICK: Duration = Duration::from_millis(100);
+/// Most segments one look uploads (side by side): a commit that comes
+/// meanwhile waits for them.
+const STREAM_BATCH: usize = UPLOADS_IN_FLIGHT;
 
 impl Offsite {
     /// `serve`'s streamer task, until `shutdown`.
@@ -66,25 +66,50 @@ impl Offsite {
             })
             .collect();
         packs.sort_unstable();
-        for (pack, len) in packs {
-            let from = self.uploaded_to(pack);
-            if len < from.saturating_add(STREAM_MIN) {
-                continue;
-            }
-            // A commit uploading now goes first; the next tick comes back.
-            let Ok(_one) = self.upload.try_lock() else {
-                return Ok(());
-            };
-            // Checked again under the lock: the commit may have taken it.
-            let from = self.uploaded_to(pack);
-            if len < from.saturating_add(STREAM_MIN) {
-                continue;
-            }
-            let end = len.min(from + STREAM_MAX);
-            let hash = self.block_on(self.upload_segment(pack, from, end))?;
-            self.note_segment(pack, from, end, Some(hash));
-            metrics::counter!("pilotlight_receiver_streamed_bytes_total").increment(end - from);
+        // Only whole segments: their bounds are those the commit would cut
+        // (multiples of SEGMENT_MAX from the chain's end), so a look that
+        // fails halfway uploads the very same segments the next time.
+        let wanted = |packs: &[(u64, u64)]| -> Vec<(u64, u64, u64)> {
+            packs
+                .iter()
+                .flat_map(|&(pack, len)| {
+                    let from = self.uploaded_to(pack);
+                    pieces(from, len)
+                        .filter(|(s, e)| e - s == SEGMENT_MAX)
+                        .map(move |(s, e)| (pack, s, e))
+                })
+                .take(STREAM_BATCH)
+                .collect()
+        };
+        if wanted(&packs).is_empty() {
+            return Ok(());
         }
+        // A commit uploading now goes first; the next tick comes back.
+        let Ok(_one) = self.upload.try_lock() else {
+            return Ok(());
+        };
+        // Again under the lock: the commit may have taken some.
+        let work = wanted(&packs);
+        let started = std::time::Instant::now();
+        self.block_on(async {
+            use futures_util::{StreamExt, TryStreamExt};
+            let uploads = work.iter().map(|&(pack, start, end)| async move {
+                let hash = self.upload_segment(pack, start, end).await?;
+                self.note_segment(pack, start, end, Some(hash));
+                metrics::counter!("pilotlight_receiver_streamed_bytes_total")
+                    .increment(end - start);
+                Ok::<_, OffsiteError>(())
+            });
+            futures_util::stream::iter(uploads)
+                .buffer_unordered(UPLOADS_IN_FLIGHT)
+                .try_collect::<Vec<()>>()
+                .await
+        })?;
+        tracing::debug!(
+            segments = work.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "segments streamed"
+        );
         Ok(())
     }
 }

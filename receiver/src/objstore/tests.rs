@@ -101,7 +101,8 @@ fn reconcile_drops_uploads_past_the_committed_length_and_of_unknown_packs() {
     write_pack(dir, 2, &[2; 100]);
     o.upload_packs(&[(1, 0, 400), (2, 0, 100)]).unwrap();
     o.upload_packs(&[(1, 400, 900)]).unwrap();
-    o.reconcile(&HashMap::from([(1, 400)])).unwrap();
+    o.reconcile(&HashMap::from([(1, 400)]), &Default::default())
+        .unwrap();
     assert_eq!(names(&o), vec![format!("site/{}", segment_name(1, 0, 400))]);
 }
 
@@ -300,33 +301,36 @@ fn streamed_segments_stay_only_while_the_file_holds_their_bytes() {
     let o = offsite(dir, u64::MAX);
     o.upload_packs(&[]).unwrap(); // lists the bucket, as serve's start does
     let mib = 1 << 20;
-    let a: Vec<u8> = (0..9 * mib).map(|i| (i % 253) as u8).collect();
+    // Only whole segments stream: 16 MiB of the 17.
+    let a: Vec<u8> = (0..17 * mib).map(|i| (i % 253) as u8).collect();
     write_pack(dir, 1, &a);
     write_pack(dir, 2, &a);
     o.stream_once().unwrap();
-    assert_eq!(o.uploaded_to(1), 9 * mib as u64);
-    assert_eq!(o.uploaded_to(2), 9 * mib as u64);
+    assert_eq!(o.uploaded_to(1), 16 * mib as u64);
+    assert_eq!(o.uploaded_to(2), 16 * mib as u64);
     // Pack 1: the point grows on and commits; only the rest goes up.
     let mut a1 = a.clone();
     a1.extend(std::iter::repeat_n(1u8, mib));
     write_pack(dir, 1, &a1);
-    o.upload_packs(&[(1, 0, 10 * mib as u64)]).unwrap();
+    o.upload_packs(&[(1, 0, 18 * mib as u64)]).unwrap();
     // Pack 2: its streamed bytes were cut and written anew before the commit.
     let mut a2 = a.clone();
     a2[5 * mib] ^= 0xFF;
     write_pack(dir, 2, &a2);
-    o.upload_packs(&[(2, 0, 9 * mib as u64)]).unwrap();
+    o.upload_packs(&[(2, 0, 17 * mib as u64)]).unwrap();
     let segs: Vec<String> = names(&o)
         .into_iter()
         .filter(|n| n.ends_with(".seg"))
         .collect();
+    let seg = |pack, s: usize, e: usize| {
+        format!(
+            "site/{}",
+            segment_name(pack, (s * mib) as u64, (e * mib) as u64)
+        )
+    };
     assert_eq!(
         segs,
-        vec![
-            format!("site/{}", segment_name(1, 0, 9 * mib as u64)),
-            format!("site/{}", segment_name(1, 9 * mib as u64, 10 * mib as u64)),
-            format!("site/{}", segment_name(2, 0, 9 * mib as u64)),
-        ]
+        vec![seg(1, 0, 16), seg(1, 16, 18), seg(2, 0, 16), seg(2, 16, 17)]
     );
     for (id, want) in [(1, &a1), (2, &a2)] {
         std::fs::remove_file(pack_path(dir, id)).unwrap();
@@ -336,4 +340,16 @@ fn streamed_segments_stay_only_while_the_file_holds_their_bytes() {
             "pack {id}"
         );
     }
+}
+
+#[test]
+fn uploads_are_cut_into_segments_of_at_most_segment_max() {
+    use super::upload::{pieces, SEGMENT_MAX};
+    let m = SEGMENT_MAX;
+    let got: Vec<(u64, u64)> = pieces(7, 7 + 2 * m + 5).collect();
+    assert_eq!(
+        got,
+        vec![(7, 7 + m), (7 + m, 7 + 2 * m), (7 + 2 * m, 7 + 2 * m + 5)]
+    );
+    assert_eq!(pieces(9, 9).count(), 0);
 }

@@ -1,31 +1,37 @@
 //! Uploading packs: what a commit added to each of its packs goes to the
-//! bucket as one sealed segment, multipart above [`MULTIPART_ABOVE`], and
+//! bucket as sealed segments of at most [`SEGMENT_MAX`], several at once, and
 //! is retried with backoff for as long as the store does not take it.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use object_store::{ObjectStoreExt, WriteMultipart};
 use pilotlight_protocol::clock::now_ms;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{classify, segment_name};
+use super::client::segment_name;
 use super::crypto::{Sealer, CHUNK_LEN};
 use super::{Offsite, OffsiteError};
 use crate::pack::pack_path;
 
-/// Segments larger than this go up in parts.
-pub(crate) const MULTIPART_ABOVE: u64 = 16 << 20;
-/// Size of one part of a multipart upload.
-const PART_LEN: usize = 8 << 20;
-/// Parts in flight at once.
-const PARTS_IN_FLIGHT: usize = 4;
-/// Packs of one commit uploaded at once.
-const UPLOADS_IN_FLIGHT: usize = 4;
+/// Most bytes of one segment: what a commit (or the streamer) uploads of
+/// a pack is cut at multiples of this from where the bucket's chain ends,
+/// and the pieces go up side by side as single puts (what multipart parts
+/// would give, without the store assembling them).
+pub(crate) const SEGMENT_MAX: u64 = 16 << 20;
+/// Segments uploaded at once.
+pub(super) const UPLOADS_IN_FLIGHT: usize = 4;
 /// First and longest wait between two tries of an upload.
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// `start..end` cut into segments of at most [`SEGMENT_MAX`], from
+/// `start`.
+pub(super) fn pieces(start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    (start..end)
+        .step_by(usize::try_from(SEGMENT_MAX).unwrap_or(usize::MAX))
+        .map(move |s| (s, end.min(s.saturating_add(SEGMENT_MAX))))
+}
 
 impl Offsite {
     /// Upload what `packs` (id, committed length, durable length) hold past
@@ -46,12 +52,12 @@ impl Offsite {
             for &(pack, committed, end) in packs {
                 let start = self.keep_to(pack, committed);
                 if end > start {
-                    work.push((pack, start, end));
+                    self.retrying(cancel, || self.drop_stale(pack, start))
+                        .await?;
+                    work.extend(pieces(start, end).map(|(s, e)| (pack, s, e)));
                 }
             }
             let uploads = work.iter().map(|&(pack, start, end)| async move {
-                self.retrying(cancel, || self.drop_stale(pack, start))
-                    .await?;
                 self.retrying(cancel, || async {
                     self.upload_segment(pack, start, end).await.map(|_| ())
                 })
@@ -127,6 +133,7 @@ impl Offsite {
                 m.entry(pack).or_default().insert(start, end);
             }
         }
+        self.note_upload_time(pack, pilotlight_protocol::clock::now_ms());
         if let (Some(hash), Ok(mut e)) = (early, self.early.lock()) {
             e.insert((pack, start), (end, hash));
         }
@@ -238,50 +245,20 @@ impl Offsite {
             hasher.borrow_mut().update(buf);
             Ok(n)
         };
-        if end - start <= MULTIPART_ABOVE {
-            while at < end {
-                let n = read(at, &mut plain)?;
-                at += n as u64;
-                sealer.seal(&plain, at == end, &mut sealed)?;
-            }
-            self.put(&name, sealed).await?;
-            return Ok(*hasher.borrow().finalize().as_bytes());
+        // At most SEGMENT_MAX (plus the seal) in memory: one put, no
+        // multipart upload (several segments go side by side instead).
+        while at < end {
+            let n = read(at, &mut plain)?;
+            at += n as u64;
+            sealer.seal(&plain, at == end, &mut sealed)?;
         }
-        let target = self.url.path(&name);
-        let upload = self
-            .client
-            .put_multipart(&target)
-            .await
-            .map_err(|e| classify(&self.url, &name, e))?;
-        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_LEN);
-        let parts = async {
-            while at < end {
-                let n = read(at, &mut plain)?;
-                at += n as u64;
-                sealer.seal(&plain, at == end, &mut sealed)?;
-                w.write(&sealed);
-                sealed.clear();
-                w.wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(|e| classify(&self.url, &name, e))?;
-            }
-            Ok::<_, OffsiteError>(())
-        }
-        .await;
-        if let Err(e) = parts {
-            // No half-made upload left behind in the bucket.
-            let _ = w.abort().await;
-            return Err(e);
-        }
-        w.finish()
-            .await
-            .map_err(|e| classify(&self.url, &name, e))?;
+        self.put(&name, sealed).await?;
         let hash = *hasher.borrow().finalize().as_bytes();
         Ok(hash)
     }
 
-    /// Delete every object of pack `pack` (garbage collection removed it).
-    /// Blocking.
+    /// Delete every object of pack `pack` (garbage collection removed it,
+    /// and its retention is over: [`super::lock`]). Blocking.
     pub(crate) fn delete_pack(&self, pack: u64) -> Result<(), OffsiteError> {
         self.block_on(async {
             self.segments_listed().await?;
@@ -305,6 +282,7 @@ impl Offsite {
     pub(crate) fn reconcile(
         &self,
         committed: &std::collections::HashMap<u64, u64>,
+        deferred: &std::collections::HashSet<u64>,
     ) -> Result<(), OffsiteError> {
         self.block_on(async {
             self.segments_listed().await?;
@@ -314,7 +292,9 @@ impl Offsite {
                 .ok()
                 .and_then(|s| s.as_ref().map(|m| m.keys().copied().collect()))
                 .unwrap_or_default();
-            for pack in packs {
+            // Packs garbage collection removed wait for their retention
+            // ([`super::lock`]), not for this.
+            for pack in packs.into_iter().filter(|p| !deferred.contains(p)) {
                 let len = committed.get(&pack).copied().unwrap_or(0);
                 let mut keep_to = 0;
                 let segs = self.segments_of(pack);

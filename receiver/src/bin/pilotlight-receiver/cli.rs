@@ -39,6 +39,12 @@ pub(crate) enum Cmd {
         /// environment); writes the key that seals it to DIR/store.key.
         #[arg(long)]
         store: Option<String>,
+        /// With --store: immutable history. The bucket must have S3 Object
+        /// Lock with a default retention of at least DAYS (checked now and
+        /// whenever serve starts); garbage collection deletes no object
+        /// before its retention ends.
+        #[arg(long, value_name = "DAYS", requires = "store")]
+        object_lock_days: Option<u32>,
     },
     /// Recreate a receiver directory on a new host from its object store:
     /// the newest catalog snapshot, the PKI and receiver.toml; packs come

@@ -31,8 +31,13 @@ fn main() -> ExitCode {
 
 fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Init { dir, listen, store } => {
-            setup::init(&dir, listen.as_deref(), store.as_deref())?;
+        Cmd::Init {
+            dir,
+            listen,
+            store,
+            object_lock_days,
+        } => {
+            setup::init(&dir, listen.as_deref(), store.as_deref(), object_lock_days)?;
         }
         Cmd::Rebuild { dir, store, key } => setup::rebuild(&dir, &store, key.as_deref())?,
         Cmd::Enroll {

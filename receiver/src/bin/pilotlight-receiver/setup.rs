@@ -9,14 +9,19 @@ use crate::cli::GrantArgs;
 
 /// `init`: the bucket, when one is given, is checked before anything is
 /// written.
-pub(crate) fn init(dir: &Path, listen: Option<&str>, store: Option<&str>) -> anyhow::Result<()> {
+pub(crate) fn init(
+    dir: &Path,
+    listen: Option<&str>,
+    store: Option<&str>,
+    object_lock_days: Option<u32>,
+) -> anyhow::Result<()> {
     let url = store
-        .map(pilotlight_receiver::objstore::setup::check)
+        .map(|s| pilotlight_receiver::objstore::setup::check(s, object_lock_days))
         .transpose()?;
     admin::init(dir, listen)?;
     println!("initialized receiver directory {}", dir.display());
     if let Some(url) = url {
-        let key = pilotlight_receiver::objstore::setup::record(dir, &url)?;
+        let key = pilotlight_receiver::objstore::setup::record(dir, &url, object_lock_days)?;
         println!(
             "history goes to {url}, sealed with the key {}: keep a copy of that file offline, away from this host, since without it the bucket cannot be read to rebuild this receiver",
             key.display()
