@@ -14,7 +14,7 @@
 //! refused ranges that overlap, descend, leave the block or do not match
 //! the data.
 
-use pilotlight_protocol::block::{zero_hash, Encoder};
+use pilotlight_protocol::block::{zero_hash, Encoder, Encoding};
 use pilotlight_protocol::frame::{BlockFrame, PartialAppliedFrame};
 use pilotlight_protocol::limits::{block_count, block_len};
 use pilotlight_protocol::{BlockHash, PartialBlockFrame};
@@ -61,7 +61,7 @@ impl Merger {
                 p.index, p.raw_len, v.name
             )));
         }
-        self.base(session, store, p)?;
+        let base_encoding = self.base(session, store, p)?;
         if !p.apply(&mut self.block) {
             return Err(ReceiveError::Protocol(format!(
                 "partial block {} of volume {}: ranges do not fit the block",
@@ -69,7 +69,14 @@ impl Merger {
             )));
         }
         let hash = BlockHash::of(&self.block);
-        let (encoding, payload) = self.encoder.encode(&self.block);
+        // A base stored raw did not compress; a few pages over it will not
+        // either (compressing them took most of the receiver's CPU under
+        // 4 KiB random writes of such data).
+        let (encoding, payload) = if base_encoding == Encoding::Raw {
+            (Encoding::Raw, self.block.as_slice())
+        } else {
+            self.encoder.encode(&self.block)
+        };
         let payload = bytes::Bytes::copy_from_slice(payload);
         metrics::counter!("pilotlight_receiver_partial_blocks_total").increment(1);
         let block = BlockFrame {
@@ -90,18 +97,19 @@ impl Merger {
         Ok((block, applied))
     }
 
-    /// Read the base block of `p` into the buffer, verified.
+    /// Read the base block of `p` into the buffer, verified; how the base
+    /// is stored.
     fn base(
         &mut self,
         session: &Session,
         store: &Store,
         p: &PartialBlockFrame,
-    ) -> Result<(), ReceiveError> {
+    ) -> Result<Encoding, ReceiveError> {
         let len = p.raw_len as usize;
         if p.base_hash == zero_hash(len) {
             self.block.clear();
             self.block.resize(len, 0);
-            return Ok(());
+            return Ok(Encoding::Zero);
         }
         let loc = {
             let _gate = store.index_read()?;
@@ -115,6 +123,7 @@ impl Merger {
             )));
         };
         self.fetcher
-            .fetch_current(store, &loc, &p.base_hash, &mut self.block)
+            .fetch_current(store, &loc, &p.base_hash, &mut self.block)?;
+        Ok(loc.encoding)
     }
 }
