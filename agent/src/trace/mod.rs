@@ -67,9 +67,47 @@ pub use source::{EventSource, Writes};
 pub use tracer::{ReaderKind, Tracer, FORCE_TEXT_ENV};
 
 use crate::AgentError;
+use parse::Line;
 
 /// How long a sync marker may take to come back.
 const SYNC_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A reader of a tracing instance's events (the raw per-CPU pages or the
+/// text pipe), as [`read_to_marker`] drives it.
+trait MarkerSource {
+    /// Read what is there now, giving each line to `line` (which says
+    /// whether it was the awaited marker); whether the marker was among
+    /// them.
+    fn read_now(&mut self, line: &mut impl FnMut(Line) -> bool) -> Result<bool, AgentError>;
+
+    /// Wait a little for more.
+    fn wait(&self);
+}
+
+/// Read `source` until the sync marker comes back. While it has not,
+/// `lost_now` says whether events were lost (the marker may be among
+/// them): then it stops and returns `true`. Fails after [`SYNC_DEADLINE`].
+fn read_to_marker(
+    source: &mut impl MarkerSource,
+    line: &mut impl FnMut(Line) -> bool,
+    mut lost_now: impl FnMut() -> Result<bool, AgentError>,
+) -> Result<bool, AgentError> {
+    let deadline = std::time::Instant::now() + SYNC_DEADLINE;
+    loop {
+        if source.read_now(line)? {
+            return Ok(false);
+        }
+        if lost_now()? {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(trace_err(
+                "the trace marker did not come back within 10 s; tracing stopped working",
+            ));
+        }
+        source.wait();
+    }
+}
 
 fn trace_err(what: impl std::fmt::Display) -> AgentError {
     AgentError::Trace(what.to_string())

@@ -46,12 +46,11 @@ use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use super::format::{page_layout, read_format, Decoder};
 use super::parse::Line;
 use super::ring::{walk_page, PageError, PageLayout};
-use super::{trace_err, SYNC_DEADLINE};
+use super::{trace_err, MarkerSource};
 use crate::AgentError;
 
 /// Counters of the raw reader, for tests and status.
@@ -124,43 +123,6 @@ impl RawReader {
             decoder,
             stats: RawStats::default(),
         })
-    }
-
-    /// Drain every CPU, giving each line to `line` (which says whether it
-    /// was the awaited marker), until the marker came back. While it has
-    /// not, `lost_now` says whether events were lost (the marker may be
-    /// among them): then it stops and returns `true`.
-    pub(super) fn read_to_marker(
-        &mut self,
-        line: &mut impl FnMut(Line) -> bool,
-        mut lost_now: impl FnMut() -> Result<bool, AgentError>,
-    ) -> Result<bool, AgentError> {
-        let deadline = Instant::now() + SYNC_DEADLINE;
-        let mut seen = false;
-        loop {
-            self.drain(|l| seen |= line(l))
-                .map_err(|e| trace_err(format!("reading trace_pipe_raw: {e}")))?;
-            if seen {
-                return Ok(false);
-            }
-            if lost_now()? {
-                return Ok(true);
-            }
-            if Instant::now() > deadline {
-                return Err(trace_err(
-                    "the trace marker did not come back within 10 s; tracing stopped working",
-                ));
-            }
-            // Wait a little (poll on these files wakes at buffer_percent,
-            // so it is only a timed wait).
-            let mut fds: Vec<_> = self
-                .cpus
-                .iter()
-                .filter_map(|c| c.file.as_ref())
-                .map(|f| nix::poll::PollFd::new(f.as_fd(), nix::poll::PollFlags::POLLIN))
-                .collect();
-            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u8));
-        }
     }
 
     /// Read every CPU's buffer until it has nothing committed left, giving
@@ -287,6 +249,28 @@ fn cpu_listed(list: &str, n: u32) -> bool {
             _ => false,
         }
     })
+}
+
+impl MarkerSource for RawReader {
+    /// Drain every CPU.
+    fn read_now(&mut self, line: &mut impl FnMut(Line) -> bool) -> Result<bool, AgentError> {
+        let mut seen = false;
+        self.drain(|l| seen |= line(l))
+            .map_err(|e| trace_err(format!("reading trace_pipe_raw: {e}")))?;
+        Ok(seen)
+    }
+
+    /// Poll on these files wakes at `buffer_percent`, so it is only a
+    /// timed wait.
+    fn wait(&self) {
+        let mut fds: Vec<_> = self
+            .cpus
+            .iter()
+            .filter_map(|c| c.file.as_ref())
+            .map(|f| nix::poll::PollFd::new(f.as_fd(), nix::poll::PollFlags::POLLIN))
+            .collect();
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u8));
+    }
 }
 
 #[cfg(test)]

@@ -35,16 +35,16 @@ fn drains_a_cpu_buffer_into_lines() {
     let dir = fake_instance(&b.page());
     let mut r = RawReader::open(dir.path(), &EVENTS).unwrap();
     let mut lines = Vec::new();
-    let lost = r
-        .read_to_marker(
-            &mut |l| {
-                let m = l == Line::Marker(1);
-                lines.push(l);
-                m
-            },
-            || Ok(false),
-        )
-        .unwrap();
+    let lost = crate::trace::read_to_marker(
+        &mut r,
+        &mut |l| {
+            let m = l == Line::Marker(1);
+            lines.push(l);
+            m
+        },
+        || Ok(false),
+    )
+    .unwrap();
     assert!(!lost);
     assert_eq!(
         lines,

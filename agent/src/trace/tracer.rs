@@ -205,8 +205,8 @@ impl Tracer {
             Line::Other => false,
         };
         let r = match &mut reader {
-            Reader::Raw(raw) => raw.read_to_marker(&mut on_line, lost_now),
-            Reader::Text(text) => text.read_to_marker(&mut on_line, lost_now),
+            Reader::Raw(raw) => super::read_to_marker(raw, &mut on_line, lost_now),
+            Reader::Text(text) => super::read_to_marker(text, &mut on_line, lost_now),
         };
         self.reader = Some(reader);
         let lost = r? | lost;
