@@ -15,7 +15,7 @@ use crate::policy::{self, Precopy};
 use crate::replicate::PointReport;
 use crate::scan::{scan, PartialRead, ScanJob, Sink};
 use crate::session::{Pending, Session, Wait};
-use crate::trace::{Plan, RescanReason};
+use crate::trace::{Plan, RescanReason, Tracking};
 use crate::{AgentError, ConsistencyMode};
 use pilotlight_protocol::clock::now_ms;
 
@@ -233,17 +233,12 @@ impl Session<'_> {
                 .agent
                 .collector
                 .get()
-                .map_or(0, |t| u64::try_from(t.lag_ms()).unwrap_or(0));
-            if round > 0
-                && policy::lag_budget_spent(
-                    std::time::Duration::from_millis(lag),
-                    self.agent.cfg.max_lag,
-                )
-            {
+                .map_or(std::time::Duration::ZERO, Tracking::lag);
+            if round > 0 && policy::lag_budget_spent(lag, self.agent.cfg.max_lag) {
                 tracing::info!(
                     tag = point.tag,
                     round,
-                    lag_ms = lag,
+                    lag_ms = lag.as_millis() as u64,
                     "pre-copy rounds used three quarters of --max-lag; freezing"
                 );
                 break;

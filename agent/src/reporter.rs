@@ -79,7 +79,7 @@ impl Reporter {
         let Some(t) = t else {
             return State::Continuous;
         };
-        let lag = Duration::from_millis(u64::try_from(t.lag_ms()).unwrap_or(0));
+        let lag = t.lag();
         policy::live_state(ack_wait, self.stall_after, lag, self.interval)
     }
 

@@ -265,7 +265,7 @@ impl<'a> Session<'a> {
         let Some(t) = self.agent.collector.get_mut() else {
             return false;
         };
-        let lag = std::time::Duration::from_millis(u64::try_from(t.lag_ms()).unwrap_or(0));
+        let lag = t.lag();
         let defer = policy::defer_point(saturated, lag, cfg.interval, cfg.max_lag);
         if defer {
             t.stats.deferred_intervals_total += 1;

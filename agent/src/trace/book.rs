@@ -460,6 +460,11 @@ impl<S: EventSource> Tracking<S> {
         self.lag_ms_at(now_ms(), Instant::now())
     }
 
+    /// [`lag_ms`](Self::lag_ms) as a duration.
+    pub fn lag(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.lag_ms()).unwrap_or(0))
+    }
+
     fn lag_ms_at(&self, now_ms: i64, now: Instant) -> i64 {
         let echo = self.only_echo(now);
         let oldest = self
